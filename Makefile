@@ -1,0 +1,71 @@
+# moerail: every target does its own set-up into .venv on a fresh machine.
+#   make demo    build, install and run the example MoE training
+#   make test    build, then cargo test and pytest (against Megatron-Core 0.16 and 0.19)
+#   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
+#   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Rust build products live outside the clone so fresh clones reuse them.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/moerail/target
+# Megatron-Core >= 0.17 (5-tuple permute) declares Python >= 3.12 but its moe_utils runs on
+# 3.11: it is unpacked beside the venv so the tests compare against both APIs.
+MCORE_NEXT_VERSION ?= 0.19.2
+MCORE_NEXT := $(VENV)/megatron-core-$(MCORE_NEXT_VERSION)
+
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
+
+.PHONY: all setup build demo test test-rust test-python bench lint fmt clean
+
+all: test
+
+$(DEPS_STAMP): requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+$(MCORE_NEXT)/.stamp: $(DEPS_STAMP)
+	@rm -rf $(MCORE_NEXT)
+	$(PIP) install -q --disable-pip-version-check --no-deps --ignore-requires-python \
+		--target $(MCORE_NEXT) megatron-core==$(MCORE_NEXT_VERSION)
+	@touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(RUST_SOURCES)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+	@touch $@
+
+setup: $(BUILD_STAMP) $(MCORE_NEXT)/.stamp
+
+build: $(BUILD_STAMP)
+
+demo: $(BUILD_STAMP)
+	$(PY) examples/train_moe.py
+
+test-rust:
+	cargo test --workspace -q
+
+test-python: setup
+	$(PY) -m pytest -q
+	MOERAIL_MEGATRON_PATH=$(abspath $(MCORE_NEXT)) $(PY) -m pytest -q -m megatron
+
+test: test-rust test-python
+
+bench: $(BUILD_STAMP)
+	$(PY) benches/bench_ops.py --out benches/BENCHMARKS.md
+
+lint: $(DEPS_STAMP)
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
+	$(VENV)/bin/ruff check python tests examples benches
+
+fmt: $(DEPS_STAMP)
+	cargo fmt --all
+	$(VENV)/bin/ruff check --fix python tests examples benches
+
+clean:
+	rm -rf $(VENV) $(CARGO_TARGET_DIR)

@@ -1,0 +1,72 @@
+"""moerail: faster Mixture-of-Experts training that drops into Megatron-Core and MindSpeed.
+
+The ops take and return torch tensors and are registered as torch custom ops
+(``torch.ops.moerail.*``) with autograd, so they work under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch  # noqa: F401  (the custom ops need torch loaded first)
+
+from . import _native
+from .dispatch import permute, permute_by_indices, sort_chunks_by_idxs, unpermute
+from .router import (
+    apply_token_dropping,
+    expert_bias_update,
+    get_capacity,
+    routing_scores_for_aux_loss,
+    sequence_load_balancing_loss,
+    switch_load_balancing_loss,
+    topk_route,
+    z_loss,
+)
+
+__version__ = _native.__version__
+
+__all__ = [
+    "__version__",
+    "apply_token_dropping",
+    "expert_bias_update",
+    "get_capacity",
+    "get_num_threads",
+    "permute",
+    "permute_by_indices",
+    "routing_scores_for_aux_loss",
+    "sequence_load_balancing_loss",
+    "set_num_threads",
+    "sort_chunks_by_idxs",
+    "switch_load_balancing_loss",
+    "topk_route",
+    "unpermute",
+    "z_loss",
+]
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Sets the number of threads moerail's CPU ops use (results do not depend on it)."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
+    _native.set_num_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    """The number of threads moerail's CPU ops use."""
+    return _native.get_num_threads()
+
+
+def _default_num_threads() -> int:
+    env = os.environ.get("MOERAIL_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+            if n >= 1:
+                return n
+        except ValueError:
+            pass
+        raise ValueError(f"MOERAIL_NUM_THREADS: expected a positive integer, got {env!r}")
+    return max(1, torch.get_num_threads())
+
+
+_native.set_num_threads(_default_num_threads())

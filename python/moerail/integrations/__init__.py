@@ -1,0 +1,1 @@
+"""Framework glue: Megatron-Core (``megatron``), MindSpeed, MindSpore."""

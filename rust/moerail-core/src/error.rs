@@ -1,0 +1,39 @@
+//! One error type for the whole core. Bindings map `InvalidArgument` to `ValueError`
+//! (naming the argument) and `Internal` to `RuntimeError`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// An argument has the wrong shape or value; `arg` is its public name.
+    #[error("{arg}: {msg}")]
+    InvalidArgument { arg: String, msg: String },
+    /// A broken invariant inside moerail (a bug): never the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `Error::InvalidArgument` for argument `arg`.
+pub fn invalid(arg: impl Into<String>, msg: impl fmt::Display) -> Error {
+    Error::InvalidArgument {
+        arg: arg.into(),
+        msg: msg.to_string(),
+    }
+}
+
+/// Returns `Err(invalid(arg, msg))` unless `cond` holds.
+pub fn ensure(cond: bool, arg: &str, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(invalid(arg, msg()))
+    }
+}
+
+/// `a * b` for sizes, or an error naming `arg` when it overflows.
+pub fn checked_mul(a: usize, b: usize, arg: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| invalid(arg, format!("size {a} x {b} overflows")))
+}

@@ -1,0 +1,292 @@
+//! Tensors crossing from Python: (data pointer, shape, strides, dtype, device), checked here.
+//! Python allocates every output with torch; Rust only writes into it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use moerail_core::Error;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+    Bool,
+    I64,
+    I32,
+    Other,
+}
+
+impl DType {
+    fn parse(s: &str) -> Self {
+        match s {
+            "torch.float32" => Self::F32,
+            "torch.float64" => Self::F64,
+            "torch.bfloat16" => Self::BF16,
+            "torch.float16" => Self::F16,
+            "torch.bool" => Self::Bool,
+            "torch.int64" => Self::I64,
+            "torch.int32" => Self::I32,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::F64 | Self::I64 => 8,
+            Self::F32 | Self::I32 => 4,
+            Self::BF16 | Self::F16 => 2,
+            Self::Bool => 1,
+            Self::Other => 0,
+        }
+    }
+}
+
+/// A checked view of a contiguous CPU tensor.
+pub struct Tensor {
+    pub name: &'static str,
+    pub ptr: usize,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub dtype_name: String,
+    pub numel: usize,
+}
+
+impl Tensor {
+    /// Reads and checks a `torch.Tensor` argument named `name`.
+    pub fn from_py(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Self> {
+        let is_tensor =
+            obj.hasattr("data_ptr")? && obj.hasattr("stride")? && obj.hasattr("dtype")?;
+        if !is_tensor {
+            return Err(PyTypeError::new_err(format!(
+                "{name}: expected a torch.Tensor, got {}",
+                obj.get_type().name()?
+            )));
+        }
+        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
+        if device != "cpu" {
+            return Err(PyValueError::new_err(format!(
+                "{name}: expected a CPU tensor, got one on '{device}' (this build runs moerail's ops on CPU; `moerail doctor` shows the backends)"
+            )));
+        }
+        let dtype_name: String = obj.getattr("dtype")?.str()?.extract()?;
+        let dtype = DType::parse(&dtype_name);
+        let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
+        let strides: Vec<isize> = obj.call_method0("stride")?.extract()?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: shape {shape:?} overflows")))?;
+        // Contiguous: row-major strides, ignoring dimensions of size 1.
+        let mut expect = 1isize;
+        for (d, s) in shape.iter().zip(&strides).rev() {
+            if *d != 1 && *s != expect {
+                return Err(PyValueError::new_err(format!(
+                    "{name}: expected a contiguous tensor (shape {shape:?}, strides {strides:?})"
+                )));
+            }
+            expect = expect.saturating_mul(*d as isize);
+        }
+        let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
+        if numel > 0 && (ptr == 0 || ptr % dtype.size().max(1) != 0) {
+            return Err(PyValueError::new_err(format!(
+                "{name}: data pointer {ptr:#x} is null or misaligned"
+            )));
+        }
+        Ok(Self {
+            name,
+            ptr,
+            shape,
+            dtype,
+            dtype_name,
+            numel,
+        })
+    }
+
+    pub fn optional(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Option<Self>> {
+        match obj {
+            Some(o) if !o.is_none() => Ok(Some(Self::from_py(o, name)?)),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn expect_dtype(&self, allowed: &[DType], what: &str) -> PyResult<()> {
+        if allowed.contains(&self.dtype) {
+            Ok(())
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "{}: expected {what}, got {}",
+                self.name, self.dtype_name
+            )))
+        }
+    }
+
+    pub fn expect_same_dtype(&self, other: &Tensor) -> PyResult<()> {
+        if self.dtype == other.dtype {
+            Ok(())
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "{}: expected dtype {} (the dtype of {}), got {}",
+                self.name, other.dtype_name, other.name, self.dtype_name
+            )))
+        }
+    }
+
+    pub fn expect_ndim(&self, ndim: usize, what: &str) -> PyResult<()> {
+        if self.shape.len() == ndim {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!(
+                "{}: expected a {ndim}-D tensor {what}, got shape {:?}",
+                self.name, self.shape
+            )))
+        }
+    }
+
+    pub fn expect_shape(&self, shape: &[usize]) -> PyResult<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!(
+                "{}: expected shape {shape:?}, got {:?}",
+                self.name, self.shape
+            )))
+        }
+    }
+
+    fn byte_range(&self) -> (usize, usize) {
+        (self.ptr, self.ptr + self.numel * self.dtype.size())
+    }
+
+    /// # Safety
+    /// The Python tensor outlives the returned slice and `T` matches the dtype's size.
+    pub unsafe fn slice<'a, T>(&self) -> &'a [T] {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        if self.numel == 0 {
+            return &[];
+        }
+        std::slice::from_raw_parts(self.ptr as *const T, self.numel)
+    }
+
+    /// # Safety
+    /// As [`Tensor::slice`], and nothing else reads or writes the tensor meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut<'a, T>(&self) -> &'a mut [T] {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        if self.numel == 0 {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(self.ptr as *mut T, self.numel)
+    }
+}
+
+/// Outputs must not share memory with inputs or with each other.
+pub fn check_disjoint(outputs: &[&Tensor], inputs: &[&Tensor]) -> PyResult<()> {
+    for (i, o) in outputs.iter().enumerate() {
+        let (a0, a1) = o.byte_range();
+        for other in inputs.iter().chain(outputs[i + 1..].iter()) {
+            let (b0, b1) = other.byte_range();
+            if a0 < b1 && b0 < a1 {
+                return Err(PyValueError::new_err(format!(
+                    "{}: output memory overlaps {}",
+                    o.name, other.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn to_py_err(e: Error) -> PyErr {
+    match e {
+        Error::InvalidArgument { .. } => PyValueError::new_err(e.to_string()),
+        Error::Internal(_) => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// Runs `f` without the GIL; a panic becomes a RuntimeError instead of crossing into Python.
+pub fn run<R: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> moerail_core::Result<R> + Send,
+) -> PyResult<R> {
+    let out = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+    match out {
+        Ok(r) => r.map_err(to_py_err),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!(
+                "moerail internal error (please report): {msg}"
+            )))
+        }
+    }
+}
+
+/// Binds `$T` to the Rust element type of a float dtype and evaluates `$body`.
+#[macro_export]
+macro_rules! with_float {
+    ($tensor:expr, |$T:ident| $body:expr) => {{
+        let t: &$crate::tensor::Tensor = &$tensor;
+        match t.dtype {
+            $crate::tensor::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::tensor::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            $crate::tensor::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            $crate::tensor::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            _ => {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "{}: expected a floating-point tensor (float32, float64, bfloat16 or float16), got {}",
+                    t.name, t.dtype_name
+                )))
+            }
+        }
+    }};
+}
+
+/// Binds `$T` to an unsigned type of the tensor's element size (for pure data movement).
+#[macro_export]
+macro_rules! with_bits {
+    ($tensor:expr, |$T:ident| $body:expr) => {{
+        let t: &$crate::tensor::Tensor = &$tensor;
+        match t.dtype.size() {
+            8 => {
+                type $T = u64;
+                $body
+            }
+            4 => {
+                type $T = u32;
+                $body
+            }
+            2 => {
+                type $T = u16;
+                $body
+            }
+            1 => {
+                type $T = u8;
+                $body
+            }
+            _ => {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "{}: unsupported dtype {}",
+                    t.name, t.dtype_name
+                )))
+            }
+        }
+    }};
+}
