@@ -56,7 +56,7 @@ test-python: setup
 test: test-rust test-python
 
 bench: $(BUILD_STAMP)
-	$(PY) benches/bench_ops.py --out benches/BENCHMARKS.md
+	$(PY) benches/run_all.py --out benches/BENCHMARKS.md
 
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check

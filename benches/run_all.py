@@ -1,0 +1,60 @@
+"""`make bench`: runs each ``benches/bench_*.py`` and writes ``benches/BENCHMARKS.md``.
+
+Each bench module defines ``TITLE`` and ``run(quick: bool) -> str`` returning a Markdown section
+(its method, sizes, the reference it is measured against in the same run, and the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _common  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(HERE / "BENCHMARKS.md"))
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument("--only", default=None, help="run only bench_<ONLY>.py")
+    args = ap.parse_args()
+
+    import torch
+
+    import moerail
+
+    parts = [
+        "# moerail benchmarks",
+        "",
+        f"Written by `make bench` ({'quick' if args.quick else 'full'} run) on "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        f"- Machine: {_common.machine()}",
+        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), moerail {moerail.__version__} "
+        f"({moerail.get_num_threads()} threads)",
+        "",
+    ]
+    for path in sorted(HERE.glob("bench_*.py")):
+        if args.only and path.stem != f"bench_{args.only}":
+            continue
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        t0 = time.perf_counter()
+        print(f"[bench] {path.name} ...", flush=True)
+        section = mod.run(quick=args.quick)
+        print(f"[bench] {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        parts += [f"## {mod.TITLE}", "", f"Source: `benches/{path.name}`.", "", section.strip(), ""]
+    pathlib.Path(args.out).write_text("\n".join(parts))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
