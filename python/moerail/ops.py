@@ -149,21 +149,21 @@ topk_route_compact.register_autograd(_route_backward, setup_context=_route_setup
 
 @torch.library.custom_op("moerail::aux_loss_scores", mutates_args=())
 def aux_loss_scores(logits: Tensor, topk: int, score_function: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(routing_map [T, E], scores [T, E] in fp32/fp64, tokens_per_expert [E])."""
+    """(scores [T, E] in fp32/fp64, routing_map [T, E], tokens_per_expert [E])."""
     t, e = logits.shape
     scores = _empty((t, e), acc_dtype(logits.dtype), logits)
     routing_map = _empty((t, e), torch.bool, logits)
     tpe = _empty((e,), torch.int64, logits)
     _native.aux_scores_forward(logits.contiguous(), topk, score_function, scores, routing_map, tpe)
-    return routing_map, scores, tpe
+    return scores, routing_map, tpe
 
 
 @aux_loss_scores.register_fake
 def _(logits, topk, score_function):
     t, e = logits.shape
     return (
-        logits.new_empty((t, e), dtype=torch.bool),
         logits.new_empty((t, e), dtype=acc_dtype(logits.dtype)),
+        logits.new_empty((t, e), dtype=torch.bool),
         logits.new_empty((e,), dtype=torch.int64),
     )
 
@@ -188,7 +188,7 @@ def _aux_scores_setup(ctx, inputs, output):
     ctx.score_function = score_function
 
 
-def _aux_scores_backward(ctx, _grad_map, grad_scores, _grad_tpe):
+def _aux_scores_backward(ctx, grad_scores, _grad_map, _grad_tpe):
     (logits,) = ctx.saved_tensors
     if grad_scores is None or not ctx.needs_input_grad[0]:
         return None, None, None

@@ -134,7 +134,7 @@ def routing_scores_for_aux_loss(
     logits = _logits(logits)
     topk = _checks.integer(topk, "topk", minimum=1, maximum=max(logits.shape[1], 1))
     _checks.one_of(score_function, "score_function", SCORE_FUNCTIONS)
-    routing_map, scores, tpe = torch.ops.moerail.aux_loss_scores(logits, topk, score_function)
+    scores, routing_map, tpe = torch.ops.moerail.aux_loss_scores(logits, topk, score_function)
     return (routing_map, scores, tpe) if return_tokens_per_expert else (routing_map, scores)
 
 
