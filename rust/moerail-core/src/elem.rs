@@ -17,6 +17,21 @@ pub mod prelude {
 pub trait Real: Float + Default + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static {
     fn of_f64(v: f64) -> Self;
     fn into_f64(self) -> f64;
+    /// `v[i] = exp(v[i])`: vectorised for f32 (see `fastmath`), libm for f64.
+    fn exp_in_place(v: &mut [Self]);
+    /// Index of the first maximum (no NaN, non-empty).
+    fn argmax_first(v: &[Self]) -> usize;
+    /// Maximum (no NaN, non-empty).
+    fn max_of(v: &[Self]) -> Self;
+    /// Top-`k` (descending, ties to the lower index) by block argmax; see `fastmath`.
+    fn topk_blocks(
+        scores: &[Self],
+        k: usize,
+        work: &mut Vec<Self>,
+        block_max: &mut Vec<Self>,
+        vals: &mut [Self],
+        idx: &mut [usize],
+    );
 }
 
 impl Real for f32 {
@@ -28,6 +43,29 @@ impl Real for f32 {
     fn into_f64(self) -> f64 {
         self as f64
     }
+    #[inline]
+    fn exp_in_place(v: &mut [f32]) {
+        crate::fastmath::exp_in_place_f32(v);
+    }
+    #[inline]
+    fn argmax_first(v: &[f32]) -> usize {
+        crate::fastmath::argmax_first_f32(v)
+    }
+    #[inline]
+    fn max_of(v: &[f32]) -> f32 {
+        crate::fastmath::max_f32(v)
+    }
+    #[inline]
+    fn topk_blocks(
+        scores: &[f32],
+        k: usize,
+        work: &mut Vec<f32>,
+        block_max: &mut Vec<f32>,
+        vals: &mut [f32],
+        idx: &mut [usize],
+    ) {
+        crate::fastmath::topk_blocks_f32(scores, k, work, block_max, vals, idx)
+    }
 }
 
 impl Real for f64 {
@@ -38,6 +76,29 @@ impl Real for f64 {
     #[inline(always)]
     fn into_f64(self) -> f64 {
         self
+    }
+    #[inline]
+    fn exp_in_place(v: &mut [f64]) {
+        v.iter_mut().for_each(|x| *x = x.exp());
+    }
+    #[inline]
+    fn argmax_first(v: &[f64]) -> usize {
+        crate::fastmath::argmax_first_scalar(v)
+    }
+    #[inline]
+    fn max_of(v: &[f64]) -> f64 {
+        crate::fastmath::max_scalar(v)
+    }
+    #[inline]
+    fn topk_blocks(
+        scores: &[f64],
+        k: usize,
+        work: &mut Vec<f64>,
+        block_max: &mut Vec<f64>,
+        vals: &mut [f64],
+        idx: &mut [usize],
+    ) {
+        crate::fastmath::topk_blocks_scalar(scores, k, work, block_max, vals, idx)
     }
 }
 

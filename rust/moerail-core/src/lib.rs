@@ -13,6 +13,7 @@ pub mod aux_loss;
 pub mod capacity;
 pub mod elem;
 pub mod error;
+pub mod fastmath;
 pub mod permute;
 pub mod pool;
 pub mod router;
