@@ -14,6 +14,7 @@ pub mod capacity;
 pub mod elem;
 pub mod error;
 pub mod fastmath;
+pub mod mem;
 pub mod permute;
 pub mod pool;
 pub mod router;

@@ -368,6 +368,7 @@ pub fn gather_rows<T: Copy + Default + Send + Sync>(
         return Ok(());
     }
     check_sorted_indices(sorted_indices, num_tokens)?;
+    crate::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .zip(sorted_indices.par_chunks(ROW_BLOCK))
@@ -450,6 +451,7 @@ pub fn unpermute<T: Element>(
         return Ok(());
     }
     let tr = token_rows(sorted_indices, num_tokens)?;
+    crate::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .enumerate()
@@ -518,6 +520,7 @@ pub fn unpermute_backward<T: Element>(
         }
         return Ok(());
     }
+    crate::mem::prefer_huge_pages(grad_x);
     pool::install(|| {
         grad_x
             .par_chunks_mut(ROW_BLOCK * hidden)
@@ -749,6 +752,7 @@ pub fn sort_chunks<T: Copy + Send + Sync>(
             o += l;
         }
     }
+    crate::mem::prefer_huge_pages(out);
     let out_ptr = SharedMut(out.as_mut_ptr());
     pool::install(|| {
         pieces.par_iter().for_each(|&(src, dst, len)| {
