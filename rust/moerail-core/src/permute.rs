@@ -460,13 +460,17 @@ pub fn unpermute<T: Element>(
                 |acc, (b, dst)| {
                     for (i, d) in dst.chunks_exact_mut(hidden).enumerate() {
                         let t = b * ROW_BLOCK + i;
-                        acc.fill(T::Acc::zero());
-                        for &r in &tr.rows[tr.start[t]..tr.start[t + 1]] {
-                            let r = r as usize;
-                            let row = &x[r * hidden..(r + 1) * hidden];
+                        let rows = &tr.rows[tr.start[t]..tr.start[t + 1]];
+                        let Some((&first, rest)) = rows.split_first() else {
+                            d.fill(T::default());
+                            continue;
+                        };
+                        let row = |r: u32| &x[r as usize * hidden..(r as usize + 1) * hidden];
+                        T::start_sum(acc, row(first), weights.map(|w| w[first as usize]));
+                        for &r in rest {
                             match weights {
-                                Some(w) => T::accumulate_scaled(acc, row, w[r]),
-                                None => T::accumulate(acc, row),
+                                Some(w) => T::accumulate_scaled(acc, row(r), w[r as usize]),
+                                None => T::accumulate(acc, row(r)),
                             }
                         }
                         T::store_row(acc, d);
