@@ -438,7 +438,7 @@ mod tests {
             let mut acc2 = acc.clone();
             bf16::accumulate_scaled(&mut acc, &slow, 0.3);
             for (a, &x) in acc2.iter_mut().zip(&slow) {
-                *a = *a + bf16_to_f32(x) * 0.3;
+                *a += bf16_to_f32(x) * 0.3;
             }
             assert_eq!(
                 acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
