@@ -18,6 +18,8 @@ pub mod mem;
 pub mod permute;
 pub mod pool;
 pub mod router;
+pub mod sim;
+pub mod topology;
 
 pub use elem::Element;
 pub use error::{Error, Result};
