@@ -22,6 +22,7 @@ from .router import (
     topk_route,
     z_loss,
 )
+from .sim import rank_groups
 
 __version__ = _native.__version__
 
@@ -33,6 +34,7 @@ __all__ = [
     "get_num_threads",
     "permute",
     "permute_by_indices",
+    "rank_groups",
     "routing_scores_for_aux_loss",
     "sequence_load_balancing_loss",
     "set_num_threads",

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod permute;
 mod router;
+mod sim;
 pub mod tensor;
 
 /// Sets the size of moerail's thread pool.
@@ -26,5 +27,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     router::register(m)?;
     permute::register(m)?;
+    sim::register(m)?;
     Ok(())
 }

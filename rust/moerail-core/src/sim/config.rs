@@ -619,8 +619,9 @@ pub struct Training {
     pub num_distributed_optimizer_instances: usize,
     /// Default true (Megatron: false).
     pub overlap_grad_reduce: bool,
-    /// Default true (Megatron: false).
-    pub overlap_param_gather: bool,
+    /// Default: on with the distributed optimizer and overlapped gradient reduce (Megatron:
+    /// off; it needs both).
+    pub overlap_param_gather: Option<bool>,
     pub tp_comm_overlap: bool,
     pub moe_shared_expert_overlap: bool,
     pub overlap_moe_expert_parallel_comm: bool,
@@ -661,7 +662,7 @@ impl Default for Training {
             use_distributed_optimizer: true,
             num_distributed_optimizer_instances: 1,
             overlap_grad_reduce: true,
-            overlap_param_gather: true,
+            overlap_param_gather: None,
             tp_comm_overlap: false,
             moe_shared_expert_overlap: false,
             overlap_moe_expert_parallel_comm: false,
@@ -823,7 +824,7 @@ impl Training {
                 self.num_distributed_optimizer_instances = v.positive(arg)?
             }
             "overlap_grad_reduce" => self.overlap_grad_reduce = v.bool(arg)?,
-            "overlap_param_gather" => self.overlap_param_gather = v.bool(arg)?,
+            "overlap_param_gather" => self.overlap_param_gather = Some(v.bool(arg)?),
             "tp_comm_overlap" => self.tp_comm_overlap = v.bool(arg)?,
             "moe_shared_expert_overlap" => self.moe_shared_expert_overlap = v.bool(arg)?,
             "overlap_moe_expert_parallel_comm" => {
@@ -853,6 +854,12 @@ impl Training {
         } else {
             12.0
         }
+    }
+
+    /// Whether the parameter all-gather overlaps the forward pass.
+    pub fn param_gather_overlapped(&self) -> bool {
+        self.overlap_param_gather
+            .unwrap_or(self.use_distributed_optimizer && self.overlap_grad_reduce)
     }
 
     pub fn grad_bytes(&self) -> f64 {
@@ -1411,7 +1418,7 @@ impl SimConfig {
                 || "is required with recompute_granularity 'full'".into(),
             )?;
         }
-        if t.overlap_param_gather {
+        if t.overlap_param_gather == Some(true) {
             ensure(
                 t.use_distributed_optimizer && t.overlap_grad_reduce,
                 "overlap_param_gather",
@@ -1451,9 +1458,12 @@ impl SimConfig {
         let v = match (p.vpp, p.num_layers_per_virtual_pipeline_stage) {
             (Some(v), _) => Some(v),
             (None, Some(n)) => {
-                let per_stage = self.model.num_layers / p.pp.max(1);
+                let layers = self.model.num_layers
+                    + usize::from(p.account_for_embedding_in_pipeline_split)
+                    + usize::from(p.account_for_loss_in_pipeline_split);
+                let per_stage = layers / p.pp.max(1);
                 ensure(
-                    per_stage % n == 0 && self.model.num_layers % p.pp == 0,
+                    per_stage % n == 0 && layers % p.pp == 0,
                     "num_layers_per_virtual_pipeline_stage",
                     || format!("{n} does not divide the {per_stage} layers of a pipeline stage"),
                 )?;

@@ -154,13 +154,17 @@ impl<'a> Engine<'a> {
         let stages = model::stage_layers(&cfg.model, p)?;
         if vpp > 1 {
             for (i, st) in stages.iter().enumerate() {
+                // An embedding / loss counted in the split is a layer of its first / last chunk.
+                let extra =
+                    usize::from(st.has_embedding && p.account_for_embedding_in_pipeline_split)
+                        + usize::from(st.has_output && p.account_for_loss_in_pipeline_split);
                 crate::error::ensure(
-                    st.layers() % vpp == 0,
+                    (st.layers() + extra) % vpp == 0,
                     "virtual_pipeline_model_parallel_size",
                     || {
                         format!(
                             "{vpp} does not divide the {} layers of pipeline stage {i}",
-                            st.layers()
+                            st.layers() + extra
                         )
                     },
                 )?;
@@ -1034,7 +1038,7 @@ impl Engine<'_> {
             } else {
                 rs
             };
-            let ag_exposed = if t.overlap_param_gather {
+            let ag_exposed = if t.param_gather_overlapped() {
                 (ag - sc.fwd_time * e.overlap_efficiency).max(ag * tail)
             } else {
                 ag

@@ -256,6 +256,11 @@ impl Evaluation {
                     .with("moe_layers", mo)
                     .with("time_per_microbatch_s", s.per_mb.time() + s.offload_time)
                     .with("memory_gib", gib(s.total_memory(reserved)))
+                    .with("weights_gib", gib(s.weights))
+                    .with("gradients_gib", gib(s.grads))
+                    .with("optimizer_gib", gib(s.optimizer))
+                    .with("activations_gib", gib(s.activations()))
+                    .with("parameters", s.params.per_device(p.tp, self.etp, p.ep))
             })
             .collect();
         // Coupled layouts take ETP = TP and EP inside DP; anything else folds the experts

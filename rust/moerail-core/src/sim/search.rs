@@ -90,6 +90,8 @@ pub struct Candidate {
     /// Uneven pipeline: layers on the first and last stage (0 = even split).
     pub first: usize,
     pub last: usize,
+    /// Count the embedding and the loss as one layer each in the pipeline split.
+    pub account: bool,
 }
 
 impl Candidate {
@@ -106,6 +108,8 @@ impl Candidate {
         p.etp = Some(self.etp);
         p.decoder_first_pipeline_num_layers = (self.first > 0).then_some(self.first);
         p.decoder_last_pipeline_num_layers = (self.last > 0).then_some(self.last);
+        p.account_for_embedding_in_pipeline_split = self.account;
+        p.account_for_loss_in_pipeline_split = self.account;
         c.training.micro_batch_size = self.mbs;
         self.recompute.apply(&mut c);
         c
@@ -215,15 +219,23 @@ pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
                     continue;
                 }
                 let dp = world / model_par;
-                let (first, last) = if m.num_layers % pp == 0 {
-                    (0, 0)
+                // Even split; else count embedding and loss as layers when that evens it
+                // out (Megatron's account_for_*_in_pipeline_split); else lighter end stages.
+                let (first, last, account) = if m.num_layers % pp == 0 {
+                    (0, 0, false)
+                } else if pp > 1 && (m.num_layers + 2) % pp == 0 && (m.num_layers + 2) / pp > 1 {
+                    (0, 0, true)
                 } else {
                     match uneven_split(m.num_layers, pp) {
-                        Some(s) => s,
+                        Some((f, l)) => (f, l, false),
                         None => continue,
                     }
                 };
-                let per_stage = if first == 0 { m.num_layers / pp } else { 0 };
+                let per_stage = if first > 0 {
+                    0
+                } else {
+                    (m.num_layers + 2 * usize::from(account)) / pp
+                };
                 let vpps: Vec<usize> = if !space.vpp.is_empty() {
                     space.vpp.clone()
                 } else if pp > 1 && per_stage > 1 {
@@ -264,6 +276,7 @@ pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
                                         recompute,
                                         first,
                                         last,
+                                        account,
                                     });
                                 }
                             }

@@ -1,0 +1,261 @@
+"""The ``moerail`` command.
+
+Subcommands (one function each, registered on an argparse subparser):
+
+* ``moerail plan``: simulate a training step for a layout, or search the layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+# ----------------------------------------------------------------------------- plan
+
+_LAYOUT_FLAGS = {
+    "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size",
+    "vpp": "virtual_pipeline_model_parallel_size",
+    "cp": "context_parallel_size",
+    "ep": "expert_model_parallel_size",
+    "etp": "expert_tensor_parallel_size",
+}
+_LAYOUT_KEYS = set(_LAYOUT_FLAGS.values())
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _kv_list(items: Optional[List[str]], flag: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt_tokens(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+
+
+def _layout_line(lay: Dict[str, Any]) -> str:
+    s = (
+        f"TP{lay['tp']} CP{lay['cp']} PP{lay['pp']}"
+        + (f" VPP{lay['vpp']}" if lay.get("vpp", 1) > 1 else "")
+        + f" EP{lay['ep']} ETP{lay['etp']} | DP{lay['dp']} EDP{lay['edp']}"
+    )
+    if lay.get("folded"):
+        s += " (folded)"
+    return s
+
+
+def _print_report(rep: Dict[str, Any], cluster: str) -> None:
+    m, lay, t, b, mem = rep["model"], rep["layout"], rep["time"], rep["breakdown_s"], rep["memory_gib"]
+    name = m.get("name") or "model"
+    print(f"{name} on {lay['world_size']} x {cluster or 'devices'}: {_layout_line(lay)}")
+    rc = lay.get("recompute") or "none"
+    print(
+        f"  micro-batch {lay['micro_batch_size']} x {lay['num_microbatches']} per step, recompute {rc}, "
+        f"stage layers {lay['stage_layers']}"
+    )
+    print(
+        f"  parameters {m['parameters'] / 1e9:.1f}B ({m['active_parameters'] / 1e9:.1f}B active); "
+        f"FLOPs/token {m['flops_per_token'] / 1e9:.1f} GF causal, {m['flops_per_token_noncausal'] / 1e9:.1f} GF non-causal"
+    )
+    print(
+        f"  step {_fmt_s(t['step_s'])}, {_fmt_tokens(t['tokens_per_s'])} tokens/s, "
+        f"{t['tflops_per_device']:.0f} TFLOPS/device, MFU {100 * t['mfu']:.1f}% "
+        f"(non-causal {100 * t['mfu_noncausal']:.1f}%)"
+    )
+    comp = ", ".join(f"{k} {_fmt_s(v)}" for k, v in b["compute"].items() if v > 0 and k != "recompute")
+    print(f"  compute (stage {b['critical_stage']}, per step): {comp}")
+    if b["compute"].get("recompute", 0) > 0:
+        print(f"    of which recompute {_fmt_s(b['compute']['recompute'])}")
+    comm = ", ".join(
+        f"{k} {_fmt_s(v['exposed'])} exposed / {_fmt_s(v['total'])}" for k, v in b["communication"].items() if v["total"] > 0
+    )
+    if comm:
+        print(f"  communication: {comm}")
+    print(f"  pipeline bubble {_fmt_s(b['pipeline_bubble'])}, optimizer {_fmt_s(b['optimizer'])}")
+    act = mem["activations"]
+    print(
+        f"  memory (stage {mem['stage']}, GiB): weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, "
+        f"optimizer {mem['optimizer']:.1f} (without distributed optimizer {mem['optimizer_without_distributed_optimizer']:.1f}), "
+        f"activations {act['total']:.1f} (attention {act['attention']:.1f}, mlp {act['mlp']:.1f}, "
+        f"embedding/logits {act['embedding_and_logits']:.1f}; {mem['inflight_microbatches']:.0f} micro-batches in flight), "
+        f"dispatch/transient {mem['moe_dispatch_and_transient']:.1f}, reserved {mem['reserved']:.1f}"
+    )
+    saved = []
+    if mem["recompute_savings"] > 0:
+        saved.append(f"recompute saves {mem['recompute_savings']:.1f}")
+    if mem["offload_savings"] > 0:
+        saved.append(f"offload saves {mem['offload_savings']:.1f}")
+    verdict = "fits" if rep["fits"] else "DOES NOT FIT"
+    print(
+        f"  total {mem['total']:.1f} of {mem['capacity']:.1f} GiB: {verdict}" + (f" ({', '.join(saved)})" if saved else "")
+    )
+
+
+def _print_search(out: Dict[str, Any], cluster: str) -> None:
+    st = out["stats"]
+    rate = st["evaluated"] / st["seconds"] if st["seconds"] > 0 else float("inf")
+    print(
+        f"searched {st['evaluated']} layouts in {st['seconds']:.2f} s ({rate:,.0f}/s): "
+        f"{st['fit']} fit in memory, {st['invalid']} invalid"
+    )
+    if not out["results"]:
+        print("no layout fits: try more devices, --include-oom, or a smaller micro-batch / more recomputation")
+        return
+    header = f"{'#':>3}  {'layout':<44} {'mbs':>3} {'recompute':<9} {'MFU':>6} {'tokens/s':>9} {'step':>9} {'mem GiB':>8}"
+    print(header)
+    for i, r in enumerate(out["results"], 1):
+        lay, rep = r["layout"], r["report"]
+        lo = rep["layout"]
+        text = _layout_line(lo)
+        if lay.get("decoder_first_pipeline_num_layers"):
+            text += f" [{lay['decoder_first_pipeline_num_layers']}..{lay['decoder_last_pipeline_num_layers']}]"
+        mark = "" if rep["fits"] else " OOM"
+        print(
+            f"{i:>3}  {text:<44} {lay['micro_batch_size']:>3} {lay['recompute']:<9} "
+            f"{100 * rep['time']['mfu']:>5.1f}% {_fmt_tokens(rep['time']['tokens_per_s']):>9} "
+            f"{_fmt_s(rep['time']['step_s']):>9} {rep['memory_gib']['total']:>8.1f}{mark}"
+        )
+    print(f"(cluster {cluster}; MFU with causal attention FLOPs, Megatron's current formula)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import sim
+
+    if args.list_presets:
+        print("models:  " + ", ".join(sorted(sim.model_presets())))
+        print("clusters: " + ", ".join(sorted(sim.cluster_presets())))
+        return 0
+    overrides: Dict[str, Any] = {k: _parse_value(v) for k, v in _kv_list(args.set, "--set").items()}
+    if args.gbs is not None:
+        overrides["training.global_batch_size"] = args.gbs
+    if args.seq is not None:
+        overrides["training.seq_length"] = args.seq
+    if args.mbs is not None:
+        overrides["training.micro_batch_size"] = args.mbs
+    for flag, key in _LAYOUT_FLAGS.items():
+        v = getattr(args, flag)
+        if v is not None:
+            overrides[f"layout.{key}"] = v
+    cfg = sim.resolve_config(
+        args.config,
+        model=args.model,
+        cluster=args.cluster,
+        devices=args.devices,
+        megatron_args=args.megatron_args,
+        **overrides,
+    )
+    ignored: List[str] = []
+    if args.megatron_args is not None:
+        _, ignored = sim.parse_megatron_args(args.megatron_args)
+        if ignored and not args.json and not args.quiet:
+            print(f"(not modelled, ignored: {' '.join(ignored)})", file=sys.stderr)
+    if not cfg["training"].get("seq_length"):
+        cfg["training"]["seq_length"] = 4096
+    cluster_name = cfg["cluster"].get("name", "")
+    has_layout = any(k in cfg["layout"] for k in _LAYOUT_KEYS)
+    searching = args.search or args.top is not None or not has_layout
+    if searching:
+        space: Dict[str, List[Any]] = {}
+        for k, v in _kv_list(args.space, "--space").items():
+            items = [x.strip() for x in v.split(",") if x.strip()]
+            space[k] = items if k == "recompute" else [int(x) for x in items]
+        out = sim.search(
+            cfg,
+            top=args.top or 10,
+            space=space or None,
+            include_oom=args.include_oom,
+            progress=not (args.quiet or args.json) or args.progress,
+        )
+        if args.json:
+            print(json.dumps(out))
+        else:
+            _print_search(out, cluster_name)
+        return 0
+    rep = sim.simulate(cfg)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _print_report(rep, cluster_name)
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="simulate a training step for a layout, or search the layouts",
+        description=(
+            "Predicts step time, MFU and per-device memory of a MoE training run, or searches the "
+            "parallel layouts (TP/CP/PP/VPP/EP/ETP, micro-batch, recomputation) and prints the fastest "
+            "that fit. With a layout (a config's [layout] section, --megatron-args with parallel sizes, "
+            "or --tp/--pp/...) it simulates; otherwise, or with --top/--search, it searches."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON with sections model, training, layout, cluster")
+    p.add_argument("--megatron-args", metavar="ARGS", help="a Megatron-LM command line (quoted)")
+    p.add_argument("--model", help="model preset (see --list-presets)")
+    p.add_argument("--cluster", help="cluster preset (see --list-presets)")
+    p.add_argument("--devices", type=int, help="number of devices (GPUs / NPUs)")
+    p.add_argument("--gbs", type=int, help="global batch size (sequences)")
+    p.add_argument("--seq", type=int, help="sequence length (default 4096)")
+    p.add_argument("--mbs", type=int, help="micro-batch size")
+    for flag in _LAYOUT_FLAGS:
+        p.add_argument(f"--{flag}", type=int, help=f"{_LAYOUT_FLAGS[flag]}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="set any config key (repeatable)")
+    p.add_argument("--search", action="store_true", help="search layouts even if a layout is given")
+    p.add_argument("--top", type=int, help="how many layouts to print (search; default 10)")
+    p.add_argument(
+        "--space", action="append", metavar="DIM=V1,V2", help="restrict a search dimension: tp, cp, pp, vpp, ep, etp, mbs, recompute"
+    )
+    p.add_argument("--include-oom", action="store_true", help="rank layouts that do not fit in memory too")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    p.add_argument("--progress", action="store_true", help="progress bar even with --json")
+    p.add_argument("--list-presets", action="store_true", help="list model and cluster presets")
+    p.set_defaults(func=cmd_plan)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moerail", description="moerail: faster Mixture-of-Experts training")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_plan(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as e:
+        print(f"moerail {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moerail {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
