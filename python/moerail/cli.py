@@ -118,7 +118,7 @@ def _print_search(out: Dict[str, Any], cluster: str) -> None:
     if not out["results"]:
         print("no layout fits: try more devices, --include-oom, or a smaller micro-batch / more recomputation")
         return
-    header = f"{'#':>3}  {'layout':<44} {'mbs':>3} {'recompute':<9} {'MFU':>6} {'tokens/s':>9} {'step':>9} {'mem GiB':>8}"
+    header = f"{'#':>3}  {'layout':<56} {'mbs':>3} {'recompute':<9} {'MFU':>6} {'tokens/s':>9} {'step':>9} {'mem GiB':>8}"
     print(header)
     for i, r in enumerate(out["results"], 1):
         lay, rep = r["layout"], r["report"]
@@ -126,9 +126,11 @@ def _print_search(out: Dict[str, Any], cluster: str) -> None:
         text = _layout_line(lo)
         if lay.get("decoder_first_pipeline_num_layers"):
             text += f" [{lay['decoder_first_pipeline_num_layers']}..{lay['decoder_last_pipeline_num_layers']}]"
+        elif lay.get("account_for_embedding_and_loss_in_pipeline_split"):
+            text += " [emb+loss]"
         mark = "" if rep["fits"] else " OOM"
         print(
-            f"{i:>3}  {text:<44} {lay['micro_batch_size']:>3} {lay['recompute']:<9} "
+            f"{i:>3}  {text:<56} {lay['micro_batch_size']:>3} {lay['recompute']:<9} "
             f"{100 * rep['time']['mfu']:>5.1f}% {_fmt_tokens(rep['time']['tokens_per_s']):>9} "
             f"{_fmt_s(rep['time']['step_s']):>9} {rep['memory_gib']['total']:>8.1f}{mark}"
         )
