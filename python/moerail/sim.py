@@ -10,6 +10,33 @@
   ``layout``, ``cluster``), from TOML, JSON, a dict, presets, or a Megatron command line
   (:func:`parse_megatron_args`). :func:`config_keys` lists the keys.
 
+A configuration file (TOML; JSON takes the same structure)::
+
+    [model]
+    preset = "Mixtral-8x22B"        # or every key: num_layers, hidden_size, ...
+
+    [training]
+    seq_length = 4096
+    global_batch_size = 256
+    micro_batch_size = 1
+    moe_expert_capacity_factor = 1.0
+    moe_pad_expert_input_to_capacity = true
+    recompute_granularity = "selective"
+    recompute_modules = ["layernorm", "moe_act"]
+
+    [layout]
+    tensor_model_parallel_size = 2
+    pipeline_model_parallel_size = 8
+    expert_model_parallel_size = 8
+    expert_tensor_parallel_size = 1   # folded: experts use their own TP size
+
+    [cluster]
+    preset = "H100"
+    devices = 128
+
+``moerail plan --config plan.toml`` prints the prediction (``--json``: one JSON object);
+without a ``[layout]`` (or with ``--top``) it searches the layouts instead.
+
 The cost model itself lives in Rust (``moerail_core::sim``; its module documentation describes
 it). Its efficiency parameters are per device type and were fitted once, by
 :func:`calibrate`, on the four published MoE Parallel Folding runs on H100 (arXiv 2504.14960,
