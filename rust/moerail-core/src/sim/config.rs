@@ -1392,7 +1392,7 @@ impl SimConfig {
         let nmb = t.global_batch_size / per_iter;
         // Pipeline split and interleaving.
         crate::sim::model::stage_layers(m, p)?;
-        if let Some(v) = self.vpp()? {
+        if self.vpp()?.is_some() {
             ensure(p.pp > 1, "virtual_pipeline_model_parallel_size", || {
                 "needs pipeline_model_parallel_size > 1".into()
             })?;
@@ -1402,7 +1402,6 @@ impl SimConfig {
                     p.pp
                 )
             })?;
-            let _ = v;
         }
         if let Some(cf) = t.moe_expert_capacity_factor {
             ensure(

@@ -385,7 +385,7 @@ impl<'a> Engine<'a> {
         if selective && rm.layernorm {
             rc.c(ATTN, ln);
         }
-        let (d_qk, d_v, kv_heads, gemms_fwd, up_gemms, entry_width);
+        let (d_qk, d_v, kv_heads, up_gemms, entry_width);
         let mut act = nl * h * BF16; // layer input (residual stream)
         let mut act_dropped = 0.0;
         // Norm output (input of the projections), sharded under SP.
@@ -417,7 +417,6 @@ impl<'a> Engine<'a> {
             f.c(ATTN, q_down + kv_down + norms);
             bw.c(ATTN, 2.0 * (q_down + kv_down + norms));
             up_gemms = q_up + kv_up;
-            gemms_fwd = q_down + kv_down + up_gemms;
             entry_width = q_width.max(if m.q_lora_rank.is_none() { h } else { 0.0 }) + kvl + rope;
             act += nl * (2.0 * q_width + 2.0 * kvl + rope) * BF16;
             let qkv = nf * heads * (d_qk + d_qk + d_v) / tp * BF16;
@@ -438,7 +437,6 @@ impl<'a> Engine<'a> {
             let qkv = self.gemm(nf, (heads + 2.0 * g) * d / tp, h);
             f.c(ATTN, qkv);
             bw.c(ATTN, 2.0 * qkv);
-            gemms_fwd = qkv;
             up_gemms = qkv;
             entry_width = h;
             let qkv_bytes = nf * (heads + 2.0 * g) * d / tp * BF16;
@@ -468,9 +466,7 @@ impl<'a> Engine<'a> {
         } else {
             act += out + lse;
         }
-        if m.attention_dropout > 0.0 {
-            // Dropout inside flash attention keeps only the RNG state.
-        }
+        // Attention dropout inside flash attention keeps only its RNG state: nothing to store.
         if p.cp > 1 {
             // Ring exchange of K and V chunks, overlapped with the attention chunks.
             let kv = self.b * (self.s / p.cp as f64) * kv_heads / tp * (d_qk + d_v) * BF16;
@@ -494,7 +490,6 @@ impl<'a> Engine<'a> {
         f.c(ATTN, proj);
         bw.c(ATTN, 2.0 * proj);
         self.tp_exit(&mut f, &mut bw, h, proj);
-        let _ = gemms_fwd;
         // Residual add (and dropout mask when hidden_dropout > 0).
         let resid = self.mem(3.0 * nl * h * BF16);
         f.c(ATTN, resid);
@@ -524,7 +519,6 @@ impl<'a> Engine<'a> {
     ) -> (Pass, f64, f64) {
         let m = &self.cfg.model;
         let p = &self.cfg.parallel;
-        let t = &self.cfg.training;
         let tp = p.tp as f64;
         let h = m.hidden_size as f64;
         let gate = if m.swiglu { 2.0 } else { 1.0 };
@@ -547,7 +541,6 @@ impl<'a> Engine<'a> {
         let ko = self.cfg.cluster.efficiency.kernel_overhead_us * 1e-6;
         f.c(OVERHEAD, 5.0 * ko);
         bw.c(OVERHEAD, 10.0 * ko);
-        let _ = t;
         lc.fwd.add(&f, 1.0);
         lc.bwd.add(&bw, 1.0);
         lc.full_fwd.add(&f, 1.0);
@@ -638,12 +631,10 @@ impl<'a> Engine<'a> {
         bw.c(OVERHEAD, (28.0 + 2.0 * expert_kernels) * ko);
         // Shared experts: a TP-sharded dense MLP beside the routed experts.
         let mut shared = Pass::default();
-        let mut shared_act = 0.0;
         if m.shared_ffn() > 0 {
             let mut tmp = LayerCost::default();
             let (sf, sa, _) = self.dense_mlp(&mut tmp, m.shared_ffn() as f64, SHARED, false);
             shared = sf;
-            shared_act = sa;
             f.add(&tmp.fwd, 1.0);
             bw.add(&tmp.bwd, 1.0);
             if selective && rm.shared_experts {
@@ -675,8 +666,7 @@ impl<'a> Engine<'a> {
         bw.x(EP, exch, exp_b);
         f.x(ETP, etp_comm, etp_comm);
         bw.x(ETP, etp_comm, etp_comm);
-        let mut full = f;
-        full.compute[OVERHEAD] += 0.0;
+        let full = f;
         if selective && rm.moe {
             // Recompute the whole MoE block (with its exchange) in the backward pass.
             rc = full;
@@ -693,7 +683,6 @@ impl<'a> Engine<'a> {
         lc.full_fwd.add(&full, 1.0);
         lc.act_mlp += act;
         lc.act_mlp_no_recompute += act + act_dropped;
-        let _ = shared_act;
     }
 
     /// One transformer layer (dense or MoE MLP) for one micro-batch.
@@ -962,7 +951,6 @@ impl Engine<'_> {
                 let xfer = 2.0 * offloaded / host;
                 let window = per.time() * off_layers / nlayers.max(1.0);
                 sc.offload_time = self.overlap(xfer, window, e.overlap_efficiency);
-                per.c(OVERHEAD, 0.0);
             }
             sc.per_mb = per;
             sc.recompute = rec;

@@ -55,7 +55,7 @@ pub mod search;
 
 use crate::error::Result;
 use config::{Recompute, SimConfig};
-use engine::{Engine, Pass, StageCost, COMMS, PARTS};
+use engine::{Engine, StageCost, COMMS, PARTS};
 use json::Json;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -365,11 +365,6 @@ impl Evaluation {
             )
             .with("fits", self.fits)
     }
-}
-
-/// Sum of a pass (for callers outside the engine).
-pub fn pass_time(p: &Pass) -> f64 {
-    p.time()
 }
 
 #[cfg(test)]
