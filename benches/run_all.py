@@ -46,6 +46,7 @@ def main() -> None:
             continue
         spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses and pickling look modules up by name
         spec.loader.exec_module(mod)
         t0 = time.perf_counter()
         print(f"[bench] {path.name} ...", flush=True)

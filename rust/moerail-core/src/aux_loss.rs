@@ -140,11 +140,15 @@ fn check_loss_args(
     Ok(())
 }
 
-/// `logsumexp` of one row.
+/// `logsumexp` of one row; `tmp` is scratch of the row's length (vectorised `exp`).
 #[inline]
-fn logsumexp<A: Real>(x: &[A]) -> A {
+fn logsumexp<A: Real>(x: &[A], tmp: &mut [A]) -> A {
     let m = x.iter().copied().fold(A::neg_infinity(), A::max);
-    let s = x.iter().fold(A::zero(), |a, &v| a + (v - m).exp());
+    for (t, &v) in tmp.iter_mut().zip(x) {
+        *t = v - m;
+    }
+    A::exp_in_place(tmp);
+    let s = tmp.iter().fold(A::zero(), |a, &v| a + v);
     m + s.ln()
 }
 
@@ -160,6 +164,7 @@ pub fn z_loss<T: Element>(logits: &[T], num_tokens: usize, num_experts: usize) -
             .enumerate()
             .map(|(c, block)| {
                 let mut x = vec![T::Acc::zero(); e_n];
+                let mut tmp = vec![T::Acc::zero(); e_n];
                 let mut acc = T::Acc::zero();
                 for (i, row) in block.chunks(e_n).enumerate() {
                     T::load_row(row, &mut x);
@@ -173,7 +178,7 @@ pub fn z_loss<T: Element>(logits: &[T], num_tokens: usize, num_experts: usize) -
                             ),
                         ));
                     }
-                    let l = logsumexp(&x);
+                    let l = logsumexp(&x, &mut tmp);
                     acc = acc + l * l;
                 }
                 Ok(acc)
@@ -215,10 +220,15 @@ pub fn z_loss_backward<T: Element>(
                 || (vec![T::Acc::zero(); e_n], vec![T::Acc::zero(); e_n]),
                 |(x, d), (out, row)| {
                     T::load_row(row, x);
-                    let l = logsumexp(x);
-                    let c = g * two * l;
+                    let l = logsumexp(x, d);
+                    // d/dx lse^2 = 2 lse softmax(x), softmax = exp(x - lse).
                     for (dv, &xv) in d.iter_mut().zip(x.iter()) {
-                        *dv = c * (xv - l).exp();
+                        *dv = xv - l;
+                    }
+                    T::Acc::exp_in_place(d);
+                    let c = g * two * l;
+                    for dv in d.iter_mut() {
+                        *dv = c * *dv;
                     }
                     T::store_row(d, out);
                 },
