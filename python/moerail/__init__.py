@@ -11,6 +11,25 @@ import os
 import torch  # noqa: F401  (the custom ops need torch loaded first)
 
 from . import _native
+from .balance import (
+    LinkModel,
+    LoadTracker,
+    MigrationDecision,
+    MigrationPlan,
+    allreduce_replica_grads,
+    default_placement,
+    expert_seconds_per_token,
+    expert_slot_tensors,
+    log2phy_from_phy2log,
+    lower_bound,
+    migrate_experts,
+    placement_metrics,
+    plan_migration,
+    rebalance_experts,
+    select_replicas,
+    select_replicas_map,
+    should_migrate,
+)
 from .dispatch import permute, permute_by_indices, sort_chunks_by_idxs, unpermute
 from .router import (
     apply_token_dropping,
@@ -27,6 +46,23 @@ __version__ = _native.__version__
 
 __all__ = [
     "__version__",
+    "LinkModel",
+    "LoadTracker",
+    "MigrationDecision",
+    "MigrationPlan",
+    "allreduce_replica_grads",
+    "default_placement",
+    "expert_seconds_per_token",
+    "expert_slot_tensors",
+    "log2phy_from_phy2log",
+    "lower_bound",
+    "migrate_experts",
+    "placement_metrics",
+    "plan_migration",
+    "rebalance_experts",
+    "select_replicas",
+    "select_replicas_map",
+    "should_migrate",
     "apply_token_dropping",
     "expert_bias_update",
     "get_capacity",

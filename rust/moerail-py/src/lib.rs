@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod balance;
 mod permute;
 mod router;
 pub mod tensor;
@@ -26,5 +27,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     router::register(m)?;
     permute::register(m)?;
+    balance::register(m)?;
     Ok(())
 }
