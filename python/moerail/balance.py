@@ -921,8 +921,18 @@ def _dist():
     return dist
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+_ALIGN = 16  # bytes: every tensor starts aligned inside a packed buffer
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _as_bytes(t: torch.Tensor) -> List[torch.Tensor]:
+    """The tensor's bytes, padded to a multiple of ``_ALIGN``."""
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    pad = _aligned(b.numel()) - b.numel()
+    return [b, torch.zeros(pad, dtype=torch.uint8, device=b.device)] if pad else [b]
 
 
 def migrate_experts(
@@ -951,11 +961,13 @@ def migrate_experts(
     device = get(0, 0)[0].device if len(tr) else torch.device("cpu")
 
     def pack(rows) -> Optional[torch.Tensor]:
-        parts = [_as_bytes(t).to(device) for (layer, _, _, s_slot, _, _) in rows for t in get(layer, s_slot)]
+        parts = [b.to(device) for (layer, _, _, s_slot, _, _) in rows for t in get(layer, s_slot) for b in _as_bytes(t)]
         return torch.cat(parts) if parts else None
 
     def nbytes(rows) -> int:
-        return sum(t.numel() * t.element_size() for (layer, _, _, _, _, d_slot) in rows for t in get(layer, d_slot))
+        return sum(
+            _aligned(t.numel() * t.element_size()) for (layer, _, _, _, _, d_slot) in rows for t in get(layer, d_slot)
+        )
 
     local = [r for r in tr if r[2] == rank and r[4] == rank]
     sends: Dict[int, list] = {}
@@ -989,7 +1001,7 @@ def migrate_experts(
                 for t in get(layer, d_slot):
                     n = t.numel() * t.element_size()
                     t.copy_(buf[off : off + n].view(t.dtype).view(t.shape))
-                    off += n
+                    off += _aligned(n)
 
     if local_buf is not None:
         unpack(local, local_buf)
