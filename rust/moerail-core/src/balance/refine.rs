@@ -33,6 +33,8 @@ struct NodeSol {
     cnt: Vec<usize>,
     /// Node-local expert of each slot, GPU-major.
     slots: Vec<usize>,
+    /// Load of the replica in each slot (`w / cnt` of its expert).
+    item: Vec<f64>,
     /// Load of each GPU.
     loads: Vec<f64>,
     per_gpu: usize,
@@ -47,6 +49,7 @@ impl NodeSol {
             w,
             cnt,
             slots,
+            item: vec![0.0; num_slots],
             loads: vec![0.0; gpus],
             per_gpu: num_slots / gpus,
         };
@@ -54,21 +57,18 @@ impl NodeSol {
         s
     }
 
-    #[inline]
-    fn replica_load(&self, slot: usize) -> f64 {
-        let e = self.slots[slot];
-        self.w[e] / self.cnt[e] as f64
-    }
-
     fn recompute(&mut self, g: usize) {
-        let mut acc = 0.0;
-        for s in g * self.per_gpu..(g + 1) * self.per_gpu {
-            acc += self.replica_load(s);
-        }
-        self.loads[g] = acc;
+        let pg = self.per_gpu;
+        self.loads[g] = self.item[g * pg..(g + 1) * pg]
+            .iter()
+            .fold(0.0, |a, &x| a + x);
     }
 
+    /// Recomputes the replica loads (after a change of counts) and the GPU loads.
     fn recompute_all(&mut self) {
+        for (it, &e) in self.item.iter_mut().zip(&self.slots) {
+            *it = self.w[e] / self.cnt[e] as f64;
+        }
         for g in 0..self.loads.len() {
             self.recompute(g);
         }
@@ -89,81 +89,98 @@ impl NodeSol {
         self.busiest().1
     }
 
-    /// Pairwise swaps out of the busiest GPU while one helps.
+    /// Pairwise swaps out of the busiest GPU while one helps: the swap that leaves the lower
+    /// maximum of the pair (the first such on ties).
     fn swap_search(&mut self) {
+        self.swap_search_capped(64 * self.loads.len() + 64);
+    }
+
+    /// [`Self::swap_search`] with at most `cap` swaps.
+    fn swap_search_capped(&mut self, cap: usize) {
         let gpus = self.loads.len();
         if gpus < 2 {
             return;
         }
         let pg = self.per_gpu;
-        let cap = 64 * gpus + 64;
+        let mut mine = vec![0.0f64; pg];
         for _ in 0..cap {
             let (a, la) = self.busiest();
             let limit = la - TOL * la.abs();
+            mine.copy_from_slice(&self.item[a * pg..(a + 1) * pg]);
             // (resulting pair max, b, slot in a, slot in b)
-            let mut best: Option<(f64, usize, usize, usize)> = None;
+            let mut bar = limit;
+            let mut best: Option<(usize, usize, usize)> = None;
             for b in 0..gpus {
                 let lb = self.loads[b];
-                if b == a || lb >= limit {
+                // A swap leaves the pair's max at (la + lb) / 2 or more.
+                if b == a || lb >= limit || 0.5 * (la + lb) >= bar {
                     continue;
                 }
-                for sa in a * pg..(a + 1) * pg {
-                    let pa = self.replica_load(sa);
-                    for sb in b * pg..(b + 1) * pg {
-                        let d = pa - self.replica_load(sb);
+                let theirs = &self.item[b * pg..(b + 1) * pg];
+                for (x, &pa) in mine.iter().enumerate() {
+                    for (y, &pb) in theirs.iter().enumerate() {
+                        let d = pa - pb;
                         if d <= 0.0 {
                             continue;
                         }
                         let cand = (la - d).max(lb + d);
-                        if cand < limit && best.is_none_or(|(c, ..)| cand < c) {
-                            best = Some((cand, b, sa, sb));
+                        if cand < bar {
+                            bar = cand;
+                            best = Some((b, a * pg + x, b * pg + y));
                         }
                     }
                 }
             }
-            let Some((_, b, sa, sb)) = best else { break };
+            let Some((b, sa, sb)) = best else { break };
             self.slots.swap(sa, sb);
+            self.item.swap(sa, sb);
             self.recompute(a);
             self.recompute(b);
         }
     }
 
-    /// Moves one replica of a cheap expert to an expert of the busiest GPU while that helps.
+    /// The trial of turning `slot` (a replica of `d`) into a replica of `r`, screened with a
+    /// few swaps.
+    fn trial(&self, slot: usize, r: usize) -> NodeSol {
+        let d = self.slots[slot];
+        let mut t = self.clone();
+        t.slots[slot] = r;
+        t.cnt[r] += 1;
+        t.cnt[d] -= 1;
+        t.recompute_all();
+        t.swap_search_capped(2 * self.loads.len() + 8);
+        t
+    }
+
+    /// Changes replica counts while that lowers the busiest GPU: (A) a replica of a cheap expert
+    /// becomes one of an expert on the busiest GPU; (B) a replica on the busiest GPU of an expert
+    /// with several replicas becomes one of a light expert. The best screened trial is kept.
     fn rereplicate(&mut self) {
         let n = self.w.len();
         let pg = self.per_gpu;
+        let by = |key: &dyn Fn(usize) -> f64, v: &mut Vec<usize>| {
+            v.sort_by(|&x, &y| {
+                key(x)
+                    .partial_cmp(&key(y))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(x.cmp(&y))
+            })
+        };
         for _ in 0..16 {
             let (a, la) = self.busiest();
             let limit = la - TOL * la.abs();
-            // Receivers: distinct experts on the busiest GPU, largest per-replica load first.
-            let mut recv: Vec<usize> = (a * pg..(a + 1) * pg).map(|s| self.slots[s]).collect();
-            recv.sort_unstable();
-            recv.dedup();
-            recv.sort_by(|&x, &y| {
-                let (px, py) = (
-                    self.w[x] / self.cnt[x] as f64,
-                    self.w[y] / self.cnt[y] as f64,
-                );
-                py.partial_cmp(&px)
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(x.cmp(&y))
-            });
-            recv.truncate(2);
-            // Donors: experts with spare replicas, smallest load per replica after giving one.
+            let per = |e: usize| self.w[e] / self.cnt[e] as f64;
+            let mut on_a: Vec<usize> = (a * pg..(a + 1) * pg).map(|s| self.slots[s]).collect();
+            on_a.sort_unstable();
+            on_a.dedup();
+            by(&|e| -per(e), &mut on_a);
+            let mut trials: Vec<(usize, usize)> = Vec::new();
+            // (A) receivers on the busiest GPU, donors whose replicas are cheapest to lose.
             let mut donors: Vec<usize> = (0..n).filter(|&e| self.cnt[e] >= 2).collect();
-            donors.sort_by(|&x, &y| {
-                let (px, py) = (
-                    self.w[x] / (self.cnt[x] - 1) as f64,
-                    self.w[y] / (self.cnt[y] - 1) as f64,
-                );
-                px.partial_cmp(&py)
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(x.cmp(&y))
-            });
-            let mut best: Option<NodeSol> = None;
-            for &r in &recv {
+            by(&|e| self.w[e] / (self.cnt[e] - 1) as f64, &mut donors);
+            for &r in on_a.iter().take(2) {
                 for &d in donors.iter().filter(|&&d| d != r).take(3) {
-                    // The donor's replica on its least loaded GPU becomes a replica of r.
+                    // the donor's replica on its least loaded GPU
                     let slot = (0..self.slots.len())
                         .filter(|&s| self.slots[s] == d)
                         .min_by(|&x, &y| {
@@ -173,21 +190,32 @@ impl NodeSol {
                                 .then(x.cmp(&y))
                         })
                         .expect("a donor has replicas");
-                    let mut t = self.clone();
-                    t.slots[slot] = r;
-                    t.cnt[r] += 1;
-                    t.cnt[d] -= 1;
-                    t.recompute_all();
-                    t.swap_search();
-                    let m = t.max_load();
-                    let bar = best.as_ref().map_or(limit, |b| b.max_load());
-                    if m < bar {
-                        best = Some(t);
-                    }
+                    trials.push((slot, r));
+                }
+            }
+            // (B) a replicated expert's slot on the busiest GPU goes to a light expert.
+            let mut light: Vec<usize> = (0..n).collect();
+            by(&|e| self.w[e] / (self.cnt[e] + 1) as f64, &mut light);
+            for &d in on_a.iter().filter(|&&d| self.cnt[d] >= 2).take(2) {
+                let slot = (a * pg..(a + 1) * pg)
+                    .find(|&s| self.slots[s] == d)
+                    .expect("d is on the busiest GPU");
+                for &r in light.iter().filter(|&&r| r != d).take(3) {
+                    trials.push((slot, r));
+                }
+            }
+            let mut best: Option<NodeSol> = None;
+            for (slot, r) in trials {
+                let t = self.trial(slot, r);
+                if t.max_load() < best.as_ref().map_or(limit, |b| b.max_load()) {
+                    best = Some(t);
                 }
             }
             match best {
-                Some(t) => *self = t,
+                Some(mut t) => {
+                    t.swap_search();
+                    *self = t;
+                }
                 None => break,
             }
         }
@@ -211,6 +239,54 @@ fn device_max(w: &[f64], phy2log: &[i64], logcnt: &[i64], gpus: usize) -> f64 {
         .fold(f64::NEG_INFINITY, f64::max)
 }
 
+/// Pairwise swaps of groups between the heaviest node and another while they lower the heaviest
+/// node's total load. `nodes[n]` lists the groups of node `n`.
+fn balance_group_sums(group_w: &[f64], nodes: &mut [Vec<usize>]) {
+    let sum = |gs: &Vec<usize>| gs.iter().fold(0.0, |a, &g| a + group_w[g]);
+    for _ in 0..64 * nodes.len() {
+        let loads: Vec<f64> = nodes.iter().map(sum).collect();
+        let a = (0..loads.len()).fold(0, |b, i| if loads[i] > loads[b] { i } else { b });
+        let la = loads[a];
+        let limit = la - TOL * la.abs();
+        let mut best: Option<(f64, usize, usize, usize)> = None;
+        for b in (0..nodes.len()).filter(|&b| b != a) {
+            for (ia, &ga) in nodes[a].iter().enumerate() {
+                for (ib, &gb) in nodes[b].iter().enumerate() {
+                    let d = group_w[ga] - group_w[gb];
+                    if d <= 0.0 {
+                        continue;
+                    }
+                    let cand = (la - d).max(loads[b] + d);
+                    if cand < limit && best.is_none_or(|(c, ..)| cand < c) {
+                        best = Some((cand, b, ia, ib));
+                    }
+                }
+            }
+        }
+        let Some((_, b, ia, ib)) = best else { break };
+        let ga = nodes[a][ia];
+        nodes[a][ia] = nodes[b][ib];
+        nodes[b][ib] = ga;
+    }
+}
+
+/// Node-local expert lists (whole groups, ascending) of a group partition.
+fn experts_of(groups: &[usize], gs: usize) -> Vec<usize> {
+    let mut g = groups.to_vec();
+    g.sort_unstable();
+    g.iter().flat_map(|&g| g * gs..(g + 1) * gs).collect()
+}
+
+fn layer_max(sols: &[NodeSol]) -> (usize, f64) {
+    sols.iter()
+        .enumerate()
+        .map(|(i, s)| (i, s.max_load()))
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |acc, x| if x.1 > acc.1 { x } else { acc },
+        )
+}
+
 /// Refined placement of one layer (see the module documentation).
 pub fn rebalance_layer(w: &[f64], topo: &Topology, out: &mut LayerOut<'_>) {
     let (groups, nodes) = topo.effective();
@@ -220,70 +296,74 @@ pub fn rebalance_layer(w: &[f64], topo: &Topology, out: &mut LayerOut<'_>) {
     let spn = topo.num_replicas / nodes;
     let gpus = topo.num_gpus / nodes;
 
+    let solve = |node_experts: &[Vec<usize>]| -> Vec<NodeSol> {
+        node_experts
+            .iter()
+            .map(|ex| {
+                let mut s = NodeSol::from_eplb(ex.clone(), w, spn, gpus);
+                s.improve();
+                s
+            })
+            .collect()
+    };
+    // Start 1: EPLB's groups-to-nodes packing.
     let mlog2log = eplb::groups_to_nodes(w, groups, nodes);
-    let mut node_experts: Vec<Vec<usize>> = (0..nodes)
+    let eplb_nodes: Vec<Vec<usize>> = (0..nodes)
         .map(|n| mlog2log[n * epn..(n + 1) * epn].to_vec())
         .collect();
-    let mut sols: Vec<NodeSol> = node_experts
-        .iter()
-        .map(|ex| {
-            let mut s = NodeSol::from_eplb(ex.clone(), w, spn, gpus);
-            s.improve();
-            s
-        })
-        .collect();
+    let mut sols = solve(&eplb_nodes);
 
     if nodes > 1 {
-        let group_load = |g: usize| w[g * gs..(g + 1) * gs].iter().fold(0.0, |a, &x| a + x);
-        let groups_of =
-            |ex: &Vec<usize>| -> Vec<usize> { ex.chunks(gs).map(|c| c[0] / gs).collect() };
+        let group_w: Vec<f64> = (0..groups)
+            .map(|g| w[g * gs..(g + 1) * gs].iter().fold(0.0, |a, &x| a + x))
+            .collect();
+        let groups_of = |ex: &[usize]| -> Vec<usize> { ex.chunks(gs).map(|c| c[0] / gs).collect() };
+        // Start 2: the group partition with the lighter heaviest node (swap search on sums).
+        let mut part: Vec<Vec<usize>> = eplb_nodes.iter().map(|ex| groups_of(ex)).collect();
+        balance_group_sums(&group_w, &mut part);
+        let part_nodes: Vec<Vec<usize>> = part.iter().map(|g| experts_of(g, gs)).collect();
+        if part_nodes
+            .iter()
+            .zip(&eplb_nodes)
+            .any(|(a, b)| experts_of(&groups_of(a), gs) != experts_of(&groups_of(b), gs))
+        {
+            let other = solve(&part_nodes);
+            if layer_max(&other).1 < layer_max(&sols).1 {
+                sols = other;
+            }
+        }
+        // Polish: swap a group of the busiest node with a lighter one of another node when both
+        // nodes then place below the old maximum. A node's busiest device carries at least the
+        // node's mean, which prunes most candidates without solving them.
         for _ in 0..4 * nodes {
-            let (a, va) = sols
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, s.max_load()))
-                .fold(
-                    (0, f64::NEG_INFINITY),
-                    |acc, x| if x.1 > acc.1 { x } else { acc },
-                );
+            let (a, va) = layer_max(&sols);
             let limit = va - TOL * va.abs();
-            let mut ga_list = groups_of(&node_experts[a]);
-            ga_list.sort_by(|&x, &y| {
-                group_load(y)
-                    .partial_cmp(&group_load(x))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(x.cmp(&y))
-            });
-            ga_list.truncate(4);
+            let ga_list = groups_of(&sols[a].experts);
+            let sum_a: f64 = ga_list.iter().map(|&g| group_w[g]).sum();
             let mut best: Option<(f64, usize, NodeSol, NodeSol)> = None;
             for b in (0..nodes).filter(|&b| b != a) {
-                let mut gb_list = groups_of(&node_experts[b]);
-                gb_list.sort_by(|&x, &y| {
-                    group_load(x)
-                        .partial_cmp(&group_load(y))
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                        .then(x.cmp(&y))
-                });
-                gb_list.truncate(4);
+                let gb_list = groups_of(&sols[b].experts);
+                let sum_b: f64 = gb_list.iter().map(|&g| group_w[g]).sum();
                 for &ga in &ga_list {
                     for &gb in &gb_list {
-                        if group_load(gb) >= group_load(ga) {
+                        let d = group_w[ga] - group_w[gb];
+                        if d <= 0.0 || (sum_a - d).max(sum_b + d) / gpus as f64 >= limit {
                             continue;
                         }
-                        let swap = |ex: &Vec<usize>, from: usize, to: usize| -> Vec<usize> {
-                            ex.iter()
-                                .map(|&e| if e / gs == from { to * gs + e % gs } else { e })
-                                .collect()
+                        let swap = |gl: &[usize], from: usize, to: usize| -> Vec<usize> {
+                            let v: Vec<usize> =
+                                gl.iter().map(|&g| if g == from { to } else { g }).collect();
+                            experts_of(&v, gs)
                         };
-                        let mut sa =
-                            NodeSol::from_eplb(swap(&node_experts[a], ga, gb), w, spn, gpus);
+                        let mut sa = NodeSol::from_eplb(swap(&ga_list, ga, gb), w, spn, gpus);
                         sa.swap_search();
-                        let mut sb =
-                            NodeSol::from_eplb(swap(&node_experts[b], gb, ga), w, spn, gpus);
+                        if sa.max_load() >= best.as_ref().map_or(limit, |x| x.0) {
+                            continue;
+                        }
+                        let mut sb = NodeSol::from_eplb(swap(&gb_list, gb, ga), w, spn, gpus);
                         sb.swap_search();
                         let cand = sa.max_load().max(sb.max_load());
-                        let bar = best.as_ref().map_or(limit, |x| x.0);
-                        if cand < bar {
+                        if cand < best.as_ref().map_or(limit, |x| x.0) {
                             best = Some((cand, b, sa, sb));
                         }
                     }
@@ -294,8 +374,6 @@ pub fn rebalance_layer(w: &[f64], topo: &Topology, out: &mut LayerOut<'_>) {
             };
             sa.rereplicate();
             sb.rereplicate();
-            node_experts[a] = sa.experts.clone();
-            node_experts[b] = sb.experts.clone();
             sols[a] = sa;
             sols[b] = sb;
         }
