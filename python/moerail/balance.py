@@ -145,13 +145,10 @@ def rebalance_experts(
     return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
 
 
-def _log2phy(phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    num_layers, num_replicas = phy2log.shape
+def _log2phy(phy2log: torch.Tensor, phyrank: Optional[torch.Tensor], logcnt: torch.Tensor) -> torch.Tensor:
     x = max(int(logcnt.max()) if logcnt.numel() else 1, 1)
-    out = torch.full((num_layers, logcnt.shape[1], x), -1, dtype=torch.int64)
-    out.view(num_layers, -1).scatter_(
-        -1, phy2log * x + phyrank, torch.arange(num_replicas, dtype=torch.int64).expand(num_layers, -1)
-    )
+    out = torch.empty(phy2log.shape[0], logcnt.shape[1], x, dtype=torch.int64)
+    _native.fill_log2phy(phy2log, out, phyrank)
     return out
 
 
@@ -168,10 +165,7 @@ def log2phy_from_phy2log(phy2log, num_experts: int) -> Tuple[torch.Tensor, torch
     if bool((logcnt == 0).any()):
         layer, expert = (logcnt == 0).nonzero()[0].tolist()
         raise ValueError(f"phy2log: layer {layer} has no slot for expert {expert}: every expert needs a replica")
-    # replica rank = number of earlier slots holding the same expert
-    onehot = torch.nn.functional.one_hot(p, num_experts)
-    rank = (onehot.cumsum(1) - 1).gather(2, p.unsqueeze(-1)).squeeze(-1)
-    return _log2phy(p, rank, logcnt), logcnt
+    return _log2phy(p, None, logcnt), logcnt
 
 
 def default_placement(num_layers: int, num_experts: int, num_gpus: int) -> torch.Tensor:

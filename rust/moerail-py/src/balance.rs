@@ -67,6 +67,45 @@ pub fn rebalance_experts(
     })
 }
 
+/// `log2phy [L, E, X]` of `phy2log [L, R]` with replica ranks from `phyrank` (or ascending slot
+/// order without it); -1 past each count.
+#[pyfunction]
+#[pyo3(signature = (phy2log, log2phy, phyrank=None))]
+pub fn fill_log2phy(
+    py: Python<'_>,
+    phy2log: &Bound<'_, PyAny>,
+    log2phy: &Bound<'_, PyAny>,
+    phyrank: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let p = Tensor::from_py(phy2log, "phy2log")?;
+    p.expect_dtype(&[DType::I64], "int64")?;
+    p.expect_ndim(2, "[num_layers, num_replicas]")?;
+    let o = Tensor::from_py(log2phy, "log2phy")?;
+    o.expect_dtype(&[DType::I64], "int64")?;
+    o.expect_ndim(3, "[num_layers, num_experts, max_replicas]")?;
+    if o.shape[0] != p.shape[0] {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "log2phy: expected {} layers (the rows of phy2log), got {}",
+            p.shape[0], o.shape[0]
+        )));
+    }
+    let r = Tensor::optional(phyrank, "phyrank")?;
+    if let Some(r) = &r {
+        r.expect_dtype(&[DType::I64], "int64")?;
+        r.expect_shape(&p.shape.clone())?;
+    }
+    let mut ins = vec![&p];
+    if let Some(r) = &r {
+        ins.push(r);
+    }
+    check_disjoint(&[&o], &ins)?;
+    let (l_n, e_n, x) = (o.shape[0], o.shape[1], o.shape[2]);
+    // SAFETY: checked above.
+    let (ps, os) = unsafe { (p.slice::<i64>(), o.slice_mut::<i64>()) };
+    let rs = r.as_ref().map(|r| unsafe { r.slice::<i64>() });
+    run(py, || balance::fill_log2phy(ps, rs, l_n, e_n, x, os))
+}
+
 /// Metrics of `phy2log [L, R]` for `load [L, E]`: writes `device_load [L, G]`,
 /// `node_load [L, N]` and `scalars [L, 6]` = (max/mean device, max/mean node, CV of devices,
 /// lower bound of max/mean, dropped tokens, total tokens).
@@ -462,6 +501,7 @@ pub fn select_replicas_map(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rebalance_experts, m)?)?;
+    m.add_function(wrap_pyfunction!(fill_log2phy, m)?)?;
     m.add_function(wrap_pyfunction!(placement_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(predict_load, m)?)?;
     m.add_function(wrap_pyfunction!(backtest_predictor, m)?)?;

@@ -31,8 +31,11 @@ pub struct LayerOut<'a> {
 #[derive(Default)]
 pub struct Scratch {
     keys: Vec<u128>,
+    pack_keys: Vec<u64>,
+    block_min: Vec<(u64, usize)>,
+    order: Vec<usize>,
+    extra_keys: Vec<u128>,
     loads: Vec<f64>,
-    pack_keys: Vec<f64>,
     items: Vec<usize>,
     values: Vec<f64>,
     phy: Vec<usize>,
@@ -79,6 +82,31 @@ fn balanced_packing_with(
 ) {
     let n = w.len();
     debug_assert!(num_packs > 0 && n % num_packs == 0);
+    if n == num_packs {
+        for i in 0..n {
+            pack[i] = i;
+            rank[i] = 0;
+        }
+        return;
+    }
+    fill_desc_keys(w, &mut sc.keys);
+    let mut order = std::mem::take(&mut sc.order);
+    order.clear();
+    order.extend(sc.keys.iter().map(|&k| (k as u64) as usize));
+    pack_sorted(w, &order, num_packs, pack, rank, sc);
+    sc.order = order;
+}
+
+/// Balanced packing given the items in packing order (heaviest first, lower index on ties).
+fn pack_sorted(
+    w: &[f64],
+    order: &[usize],
+    num_packs: usize,
+    pack: &mut [usize],
+    rank: &mut [usize],
+    sc: &mut Scratch,
+) {
+    let n = w.len();
     let per_pack = n / num_packs;
     if per_pack == 1 {
         for i in 0..n {
@@ -87,18 +115,18 @@ fn balanced_packing_with(
         }
         return;
     }
-    fill_desc_keys(w, &mut sc.keys);
+    // Pack keys are the bits of the pack loads (non-negative finite f64 order like their bits);
+    // a full pack's key is +inf, above every finite load.
+    const FULL: u64 = 0x7ff0_0000_0000_0000;
     reset(&mut sc.items, num_packs, 0);
     reset(&mut sc.loads, num_packs, 0.0);
+    let loads = &mut sc.loads[..num_packs];
+    let items = &mut sc.items[..num_packs];
     if num_packs <= 16 {
-        // Few packs: a scan beats a tree. A full pack's key is +inf (never the strict minimum
-        // while a pack with room exists, since pack loads are finite).
-        reset(&mut sc.pack_keys, num_packs, 0.0);
-        let keys = &mut sc.pack_keys[..num_packs];
-        let loads = &mut sc.loads[..num_packs];
-        let items = &mut sc.items[..num_packs];
-        for &k in &sc.keys {
-            let item = (k as u64) as usize;
+        // Few packs: a scan (the first minimum is the lower index).
+        let mut keys = [0u64; 16];
+        let keys = &mut keys[..num_packs];
+        for &item in order {
             let mut p = 0;
             let mut best = keys[0];
             for (q, &x) in keys.iter().enumerate().skip(1) {
@@ -112,49 +140,51 @@ fn balanced_packing_with(
             items[p] += 1;
             loads[p] += w[item];
             keys[p] = if items[p] < per_pack {
-                loads[p]
+                (loads[p] + 0.0).to_bits()
             } else {
-                f64::INFINITY
+                FULL
             };
         }
         return;
     }
-    // Many packs: a tournament tree over (pack key, pack index), full packs at +inf.
-    let size = num_packs.next_power_of_two();
-    reset(&mut sc.pack_keys, size, f64::INFINITY);
-    sc.pack_keys[..num_packs].fill(0.0);
+    // Many packs: blocks of about sqrt(packs) packs, each with its lightest pack (the first on
+    // ties); a query scans the block minima, an update rescans one block.
+    let bsz = (num_packs as f64).sqrt().ceil() as usize;
+    let nb = num_packs.div_ceil(bsz);
     let keys = &mut sc.pack_keys;
-    // tree[i] (1 <= i < size) holds the winning leaf of its subtree; leaves are size..2 size.
-    let mut tree = std::mem::take(&mut sc.items);
-    reset(&mut tree, 2 * size, 0);
-    let better = |keys: &[f64], a: usize, b: usize| if keys[b] < keys[a] { b } else { a };
-    for i in 0..size {
-        tree[size + i] = i;
-    }
-    for i in (1..size).rev() {
-        tree[i] = better(keys, tree[2 * i], tree[2 * i + 1]);
-    }
-    let mut counts = vec![0usize; num_packs];
-    let mut loads = vec![0.0f64; num_packs];
-    for &k in &sc.keys {
-        let item = (k as u64) as usize;
-        let p = tree[1];
-        pack[item] = p;
-        rank[item] = counts[p];
-        counts[p] += 1;
-        loads[p] += w[item];
-        keys[p] = if counts[p] < per_pack {
-            loads[p]
-        } else {
-            f64::INFINITY
-        };
-        let mut i = (size + p) / 2;
-        while i >= 1 {
-            tree[i] = better(keys, tree[2 * i], tree[2 * i + 1]);
-            i /= 2;
+    keys.clear();
+    keys.resize(num_packs, 0);
+    let bmin = &mut sc.block_min;
+    bmin.clear();
+    bmin.extend((0..nb).map(|b| (0u64, b * bsz)));
+    for &item in order {
+        let mut best = bmin[0];
+        for &m in bmin.iter().skip(1) {
+            if m.0 < best.0 {
+                best = m;
+            }
         }
+        let p = best.1;
+        pack[item] = p;
+        rank[item] = items[p];
+        items[p] += 1;
+        loads[p] += w[item];
+        keys[p] = if items[p] < per_pack {
+            (loads[p] + 0.0).to_bits()
+        } else {
+            FULL
+        };
+        let b = p / bsz;
+        let lo = b * bsz;
+        let block = &keys[lo..(lo + bsz).min(num_packs)];
+        let mut m = (block[0], lo);
+        for (j, &k) in block.iter().enumerate().skip(1) {
+            if k < m.0 {
+                m = (k, lo + j);
+            }
+        }
+        bmin[b] = m;
     }
-    sc.items = tree;
 }
 
 /// Replicates `w.len()` experts onto `phy2log.len()` slots (greedy by largest per-replica load).
@@ -170,19 +200,11 @@ fn replicate_with(
     values: &mut Vec<f64>,
 ) {
     let n = w.len();
-    for e in 0..n {
-        phy2log[e] = e;
-        rank[e] = 0;
-        cnt[e] = 1;
-    }
     let extra = phy2log.len() - n;
-    if extra == 0 {
-        return;
-    }
     // Only the `extra` heaviest experts (heaviest first, lower index on ties) can receive an
     // extra replica: any other expert is beaten by all of them while one still has a single
     // replica, and that holds until the last extra replica is placed.
-    let mut cand: Vec<usize> = if extra < n {
+    let cand: Vec<usize> = if extra > 0 && extra < n {
         let mut keys: Vec<u128> = w
             .iter()
             .enumerate()
@@ -194,6 +216,27 @@ fn replicate_with(
     } else {
         (0..n).collect()
     };
+    replicate_candidates(w, cand, phy2log, rank, cnt, values);
+}
+
+/// Greedy replication where only `cand` can receive extra replicas.
+fn replicate_candidates(
+    w: &[f64],
+    mut cand: Vec<usize>,
+    phy2log: &mut [usize],
+    rank: &mut [usize],
+    cnt: &mut [usize],
+    values: &mut Vec<f64>,
+) {
+    let n = w.len();
+    for e in 0..n {
+        phy2log[e] = e;
+        rank[e] = 0;
+        cnt[e] = 1;
+    }
+    if phy2log.len() == n {
+        return;
+    }
     cand.sort_unstable();
     if cand.len() <= 64 {
         // Scan the candidates (ascending index, so the first maximum is the lower index).
@@ -252,20 +295,60 @@ fn place_node_with(
     cnt: &mut [usize],
     sc: &mut Scratch,
 ) {
+    let n = w.len();
     let slots = out_e.len();
+    let extra = slots - n;
     let mut phy = std::mem::take(&mut sc.phy);
     let mut rank = std::mem::take(&mut sc.rank);
     let mut per_replica = std::mem::take(&mut sc.per_replica);
     let mut pack = std::mem::take(&mut sc.pack);
     let mut rip = std::mem::take(&mut sc.rip);
+    let mut order = std::mem::take(&mut sc.order);
     reset(&mut phy, slots, 0);
     reset(&mut rank, slots, 0);
-    replicate_with(w, &mut phy, &mut rank, cnt, &mut sc.values);
-    per_replica.clear();
-    per_replica.extend(phy.iter().map(|&e| w[e] / cnt[e] as f64));
     reset(&mut pack, slots, 0);
     reset(&mut rip, slots, 0);
-    balanced_packing_with(&per_replica, gpus, &mut pack, &mut rip, sc);
+    // The experts heaviest first (lower index on ties), once: the first `extra` are the
+    // replication candidates, and the rest keeps its order among the replicas to pack.
+    fill_desc_keys(w, &mut sc.keys);
+    let cand: Vec<usize> = sc.keys[..extra.min(n)]
+        .iter()
+        .map(|&k| (k as u64) as usize)
+        .collect();
+    replicate_candidates(w, cand, &mut phy, &mut rank, cnt, &mut sc.values);
+    per_replica.clear();
+    per_replica.extend(phy.iter().map(|&e| w[e] / cnt[e] as f64));
+    if gpus < slots {
+        // Packing order of the replicas: experts with one replica keep the sorted order (their
+        // slot is their index); the replicas of replicated experts are sorted apart and merged.
+        sc.extra_keys.clear();
+        sc.extra_keys.extend(
+            (0..slots)
+                .filter(|&p| cnt[phy[p]] > 1)
+                .map(|p| ((!(per_replica[p] + 0.0).to_bits() as u128) << 64) | p as u128),
+        );
+        sc.extra_keys.sort_unstable();
+        order.clear();
+        let mut b = sc.extra_keys.iter().peekable();
+        for &k in &sc.keys {
+            let e = (k as u64) as usize;
+            if cnt[e] > 1 {
+                continue;
+            }
+            let ka = ((!(w[e] + 0.0).to_bits() as u128) << 64) | e as u128;
+            while let Some(&&kb) = b.peek() {
+                if kb < ka {
+                    order.push((kb as u64) as usize);
+                    b.next();
+                } else {
+                    break;
+                }
+            }
+            order.push(e);
+        }
+        order.extend(b.map(|&k| (k as u64) as usize));
+    }
+    pack_sorted(&per_replica, &order, gpus, &mut pack, &mut rip, sc);
     let per_gpu = slots / gpus;
     for p in 0..slots {
         let s = pack[p] * per_gpu + rip[p];
@@ -277,6 +360,7 @@ fn place_node_with(
     sc.per_replica = per_replica;
     sc.pack = pack;
     sc.rip = rip;
+    sc.order = order;
 }
 
 /// [`place_node_with`] returning `(expert of each slot, replica rank, counts)`.

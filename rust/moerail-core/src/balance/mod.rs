@@ -159,17 +159,95 @@ impl Placement {
     /// `log2phy [L, E, max_replicas]`: slot of replica rank r of expert e, -1 past its count.
     pub fn log2phy(&self) -> Vec<i64> {
         let x = self.max_replicas();
-        let (e_n, r_n) = (self.num_experts, self.num_replicas);
-        let mut out = vec![-1i64; self.num_layers * e_n * x];
-        for l in 0..self.num_layers {
-            for s in 0..r_n {
-                let e = self.phy2log[l * r_n + s] as usize;
-                let r = self.phyrank[l * r_n + s] as usize;
-                out[(l * e_n + e) * x + r] = s as i64;
-            }
-        }
+        let mut out = vec![0i64; self.num_layers * self.num_experts * x];
+        fill_log2phy(
+            &self.phy2log,
+            Some(&self.phyrank),
+            self.num_layers,
+            self.num_experts,
+            x,
+            &mut out,
+        )
+        .expect("a placement from rebalance_experts is consistent");
         out
     }
+}
+
+/// Writes `log2phy [layers, E, x]` of `phy2log [layers, R]`: the slot of replica rank `r` of
+/// expert `e`, -1 past its count. Replica ranks come from `phyrank` or, without it, ascending slot
+/// order. Every (expert, rank) must be unique and `rank < x`.
+pub fn fill_log2phy(
+    phy2log: &[i64],
+    phyrank: Option<&[i64]>,
+    layers: usize,
+    num_experts: usize,
+    x: usize,
+    out: &mut [i64],
+) -> Result<()> {
+    ensure(out.len() == layers * num_experts * x, "log2phy", || {
+        format!(
+            "expected {layers} x {num_experts} x {x} values, got {}",
+            out.len()
+        )
+    })?;
+    if layers == 0 {
+        return Ok(());
+    }
+    let r_n = phy2log.len() / layers;
+    ensure(phy2log.len() == layers * r_n, "phy2log", || {
+        format!("expected {layers} rows, got {} values", phy2log.len())
+    })?;
+    if let Some(r) = phyrank {
+        ensure(r.len() == phy2log.len(), "phyrank", || {
+            format!("expected {} values (the shape of phy2log)", phy2log.len())
+        })?;
+    }
+    let chunk = (num_experts * x).max(1);
+    let fill_layer = |l: usize, o: &mut [i64], next: &mut Vec<usize>| -> Result<()> {
+        o.fill(-1);
+        next.clear();
+        next.resize(num_experts, 0);
+        for s in 0..r_n {
+            let e = phy2log[l * r_n + s];
+            if e < 0 || e as usize >= num_experts {
+                return Err(invalid(
+                    "phy2log",
+                    format!("expert id {e} at [{l}, {s}] is outside [0, {num_experts})"),
+                ));
+            }
+            let e = e as usize;
+            let r = match phyrank {
+                Some(pr) => pr[l * r_n + s],
+                None => next[e] as i64,
+            };
+            next[e] += 1;
+            if r < 0 || r as usize >= x || o[e * x + r as usize] != -1 {
+                return Err(invalid(
+                    "phyrank",
+                    format!(
+                        "replica rank {r} of expert {e} in layer {l} is out of range or repeated"
+                    ),
+                ));
+            }
+            o[e * x + r as usize] = s as i64;
+        }
+        Ok(())
+    };
+    // A memory-bound pass: threads only pay off on large placements.
+    if out.len() < (1 << 20) {
+        let mut next = Vec::new();
+        return out
+            .chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(l, o)| fill_layer(l, o, &mut next));
+    }
+    let results: Vec<Result<()>> = pool::install(|| {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .map_init(Vec::new, |next, (l, o)| fill_layer(l, o, next))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// Checks a `[layers, experts]` load matrix: finite and non-negative.
@@ -181,6 +259,13 @@ pub fn check_loads(weight: &[f64], layers: usize, experts: usize, arg: &str) -> 
             weight.len()
         )
     })?;
+    // Branch-free scan first (vectorises); locate the culprit only on failure.
+    let bad = weight
+        .iter()
+        .fold(false, |b, &w| b | !(w.is_finite() & (w >= 0.0)));
+    if !bad {
+        return Ok(());
+    }
     if let Some(i) = weight.iter().position(|w| !(w.is_finite() && *w >= 0.0)) {
         return Err(invalid(
             arg,
