@@ -638,3 +638,19 @@ def test_cli_balance(tmp_path):
     bad_cmd = cmd[:6] + ["--gpus", "7", "--nodes", "1", "--replicas", "40"]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "num_replicas: must be a multiple of num_gpus" in bad.stderr
+
+
+def test_example_zipf_training_shows_before_and_after(tmp_path):
+    """examples/balance_zipf.py: Zipf-skewed routing, rebalanced mid-training; the measured busiest
+    device (tokens the replicas really receive) gets closer to the mean."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(moerail.__path__[0]), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, os.path.join(root, "examples", "balance_zipf.py"), "--steps", "8", "--rebalance-at", "4",
+           "--tokens", "256", "--plot", str(tmp_path / "z.png")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    mean_row = [line for line in r.stdout.splitlines() if line.strip().startswith("mean")][-1].split()
+    before, after = float(mean_row[1]), float(mean_row[2])
+    assert after < before
+    assert "migrate:" in r.stdout + r.stderr
+    assert (tmp_path / "z.png").read_bytes()[:4] == b"\x89PNG"

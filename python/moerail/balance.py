@@ -505,16 +505,18 @@ class LoadTracker:
         else:
             raise ValueError(f"path: expected a .json or .csv file, got {path!r}")
 
-    def plot_heatmap(self, path: str, phy2log=None, num_gpus: Optional[int] = None, num_nodes: int = 1, load=None) -> None:
+    def plot_heatmap(
+        self, path: str, phy2log=None, num_gpus: Optional[int] = None, num_nodes: int = 1, load=None, before=None
+    ) -> None:
         """Writes a PNG: load per (layer, expert) and, with a placement (or ``num_gpus`` dividing
         the number of experts, for Megatron's default layout), per (layer, device), each as a
-        multiple of the layer's mean."""
+        multiple of the layer's mean; ``before`` adds the device panel of another placement."""
         if load is None:
             h = self.history
             if h.shape[0] == 0:
                 raise ValueError("history: no step recorded yet (call step() first)")
             load = h.mean(0)
-        plot_heatmap(path, load, phy2log, num_gpus, num_nodes)
+        plot_heatmap(path, load, phy2log, num_gpus, num_nodes, before=before)
 
     def state_dict(self) -> Dict[str, object]:
         return {"history": self.history, "steps": self._steps}
@@ -543,6 +545,7 @@ def plot_heatmap(
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("plot_heatmap needs matplotlib (pip install matplotlib)") from e
     w = _loads(load, "load")
@@ -570,6 +573,8 @@ def plot_heatmap(
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
