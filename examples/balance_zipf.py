@@ -104,7 +104,6 @@ def main() -> None:
     tracker = moerail.LoadTracker(L, E, window=64)
 
     phy2log = moerail.default_placement(L, E, G)
-    slots_now = E
     log2phy, logcnt = moerail.log2phy_from_phy2log(phy2log, E)
     tracker.set_placement(phy2log, G, N)
     measured = {"before": [], "after": []}
@@ -120,8 +119,8 @@ def main() -> None:
             )
             new, _, _ = moerail.rebalance_experts(predicted, R, args.groups, N, G, mode=args.mode)
             expert_bytes = 2 * args.hidden * args.ffn * 4 * 3  # fp32 weights + Adam's two moments
-            # the current layout has E slots; plan from it padded with the replica slots it lacks
-            old = phy2log if slots_now == R else _pad_to(phy2log, R, G)
+            # the current layout has E slots: its devices first fill their new slots locally
+            old = moerail.balance.expand_placement(phy2log, R, G)
             plan = moerail.plan_migration(old, new, G, N, expert_bytes=expert_bytes)
             spt = moerail.expert_seconds_per_token(args.hidden, args.ffn, flops_per_second=50e9, efficiency=0.5)
             decision = moerail.should_migrate(
@@ -131,7 +130,7 @@ def main() -> None:
                 # One process holds every expert here, so "moving" an expert is adopting the new
                 # table; with real ranks migrate_experts(plan, expert_slot_tensors(...)) moves
                 # the weights and the Adam state (tests/test_migration_gloo.py).
-                phy2log, slots_now = plan.phy2log, R
+                phy2log = plan.phy2log
                 log2phy, logcnt = moerail.log2phy_from_phy2log(phy2log, E)
                 tracker.set_placement(phy2log, G, N)
                 print(f"migrated: {len(plan.transfers)} copies, {plan.num_network_transfers} over the network")
@@ -173,19 +172,6 @@ def main() -> None:
     if args.plot:
         tracker.plot_heatmap(args.plot, phy2log, G, N, before=moerail.default_placement(L, E, G))
         print(f"wrote {args.plot}")
-
-
-def _pad_to(phy2log: torch.Tensor, num_replicas: int, gpus: int) -> torch.Tensor:
-    """Megatron's layout on ``num_replicas`` slots: each device's experts, then its empty slots
-    filled with copies of its own experts (devices keep exactly their experts)."""
-    L, E = phy2log.shape
-    per_old, per_new = E // gpus, num_replicas // gpus
-    rows = []
-    for g in range(gpus):
-        own = phy2log[:, g * per_old : (g + 1) * per_old]
-        reps = own.repeat(1, -(-per_new // per_old))[:, :per_new]
-        rows.append(reps)
-    return torch.cat(rows, dim=1)
 
 
 if __name__ == "__main__":

@@ -298,6 +298,10 @@ def test_metrics_against_numpy():
     d = moerail.default_placement(layers, experts, gpus)
     md = moerail.placement_metrics(w, d, gpus)
     np.testing.assert_allclose(md["device_load"].numpy(), w.reshape(layers, gpus, -1).sum(-1), rtol=1e-12)
+    # a layout spread over more slots per device keeps every device's load
+    wide = moerail.expand_placement(d, 2 * experts, gpus)
+    assert wide.shape == (layers, 2 * experts)
+    np.testing.assert_allclose(moerail.placement_metrics(w, wide, gpus)["device_load"].numpy(), md["device_load"].numpy())
     # log2phy of an arbitrary placement
     l2p, lc = moerail.log2phy_from_phy2log(p, experts)
     np.testing.assert_array_equal(lc.numpy(), cnt)
@@ -635,6 +639,14 @@ def test_cli_balance(tmp_path):
     before = moerail.placement_metrics(w, moerail.default_placement(4, 32, 8), 8, 2)["summary"]["max_mean_device"]
     assert f"{before:.3f}" in out
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # with a migration plan and decision, and the placement saved
+    r = subprocess.run(cmd + ["--expert-bytes", "1e8", "--seconds-per-token", "1e-7", "--save", str(tmp_path / "p.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "migration before" in r.stdout and "busiest-device load" in r.stdout
+    saved = torch.load(tmp_path / "p.pt")
+    l2p, cnt = moerail.log2phy_from_phy2log(saved["phy2log"], 32)
+    assert torch.equal(l2p, saved["log2phy"]) and torch.equal(cnt, saved["logcnt"])
     bad_cmd = cmd[:6] + ["--gpus", "7", "--nodes", "1", "--replicas", "40"]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "num_replicas: must be a multiple of num_gpus" in bad.stderr

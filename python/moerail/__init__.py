@@ -18,6 +18,7 @@ from .balance import (
     MigrationPlan,
     allreduce_replica_grads,
     default_placement,
+    expand_placement,
     expert_seconds_per_token,
     expert_slot_tensors,
     log2phy_from_phy2log,
@@ -41,6 +42,7 @@ from .router import (
     topk_route,
     z_loss,
 )
+from .sim import rank_groups
 
 __version__ = _native.__version__
 
@@ -52,6 +54,7 @@ __all__ = [
     "MigrationPlan",
     "allreduce_replica_grads",
     "default_placement",
+    "expand_placement",
     "expert_seconds_per_token",
     "expert_slot_tensors",
     "log2phy_from_phy2log",
@@ -69,6 +72,7 @@ __all__ = [
     "get_num_threads",
     "permute",
     "permute_by_indices",
+    "rank_groups",
     "routing_scores_for_aux_loss",
     "sequence_load_balancing_loss",
     "set_num_threads",

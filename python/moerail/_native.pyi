@@ -1,7 +1,7 @@
 """Type stubs of moerail._native (the PyO3 extension). Use the public API in ``moerail``;
 these low-level functions write into tensors the caller allocated."""
 
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -93,3 +93,15 @@ def select_replicas_map(
     routing_map: Tensor, log2phy: Tensor, logcnt: Tensor, num_replicas: int, offset: int, out_map: Tensor,
     probs: Optional[Tensor] = None, out_probs: Optional[Tensor] = None,
 ) -> None: ...
+
+# sim.rs (rank groups and the training-step simulator; use moerail.rank_groups / moerail.sim)
+def rank_groups(
+    world_size: int, tp: int, cp: int, pp: int, ep: int, etp: Optional[int], order: str,
+    num_distributed_optimizer_instances: int = 1, hierarchical_context_parallel_sizes: Optional[List[int]] = None,
+) -> List[Tuple[str, List[List[int]]]]: ...
+def sim_simulate(entries: Sequence[Tuple[str, Any]]) -> str: ...
+def sim_keys() -> List[Tuple[str, List[str]]]: ...
+def sim_search(
+    entries: Sequence[Tuple[str, Any]], space: Optional[Dict[str, List[Any]]] = None, top: int = 10,
+    include_oom: bool = False, progress: Optional[Callable[[int, int], Any]] = None,
+) -> str: ...

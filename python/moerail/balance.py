@@ -46,6 +46,7 @@ __all__ = [
     "MigrationPlan",
     "allreduce_replica_grads",
     "default_placement",
+    "expand_placement",
     "expert_seconds_per_token",
     "expert_slot_tensors",
     "load_loads",
@@ -177,6 +178,28 @@ def default_placement(num_layers: int, num_experts: int, num_gpus: int) -> torch
     if num_experts % num_gpus:
         raise ValueError(f"num_gpus: must divide num_experts ({num_experts}) for the default layout, got {num_gpus}")
     return torch.arange(num_experts, dtype=torch.int64).repeat(num_layers, 1)
+
+
+def expand_placement(phy2log, num_replicas: int, num_gpus: int) -> torch.Tensor:
+    """A placement on more slots per device without moving anything: each device keeps its
+    experts and fills its new slots with copies of them, in turn (the state right after a device
+    allocates its new slots locally). ``phy2log [L, R0]`` -> ``[L, num_replicas]``; a placement
+    that already has ``num_replicas`` slots is returned as is."""
+    p = _placement(phy2log, "phy2log")
+    num_replicas = _int(num_replicas, "num_replicas")
+    num_gpus = _int(num_gpus, "num_gpus")
+    num_layers, r0 = p.shape
+    if r0 == num_replicas:
+        return p
+    if r0 % num_gpus or num_replicas % num_gpus or num_replicas < r0:
+        raise ValueError(
+            f"num_replicas: expected a multiple of num_gpus ({num_gpus}) no smaller than the current {r0} slots, "
+            f"got {num_replicas}"
+        )
+    old, new = r0 // num_gpus, num_replicas // num_gpus
+    per_device = p.view(num_layers, num_gpus, old)
+    idx = torch.arange(new) % old
+    return per_device[:, :, idx].reshape(num_layers, num_replicas).contiguous()
 
 
 def placement_metrics(

@@ -1,20 +1,244 @@
-"""The ``moerail`` command: ``python -m moerail.cli <subcommand> ...`` (or ``moerail ...``).
+"""The ``moerail`` command.
 
-Subcommands:
+Subcommands (one function each, registered on an argparse subparser):
 
-* ``balance``: expert placement for recorded loads - the before/after table (max/mean device
-  load, node load, CV, the lower bound), optionally a heatmap, the placement file and the
-  migration plan from the current placement.
+* ``moerail plan``: simulate a training step for a layout, or search the layouts.
+* ``moerail balance``: expert placement for recorded loads: the before/after balance table (max/mean
+  device and node load, CV, the lower bound), a heatmap, the placement and its migration plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+# ----------------------------------------------------------------------------- plan
+
+_LAYOUT_FLAGS = {
+    "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size",
+    "vpp": "virtual_pipeline_model_parallel_size",
+    "cp": "context_parallel_size",
+    "ep": "expert_model_parallel_size",
+    "etp": "expert_tensor_parallel_size",
+}
+_LAYOUT_KEYS = set(_LAYOUT_FLAGS.values())
 
 
-def _table(header, rows) -> str:
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _kv_list(items: Optional[List[str]], flag: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt_tokens(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+
+
+def _layout_line(lay: Dict[str, Any]) -> str:
+    s = (
+        f"TP{lay['tp']} CP{lay['cp']} PP{lay['pp']}"
+        + (f" VPP{lay['vpp']}" if lay.get("vpp", 1) > 1 else "")
+        + f" EP{lay['ep']} ETP{lay['etp']} | DP{lay['dp']} EDP{lay['edp']}"
+    )
+    if lay.get("folded"):
+        s += " (folded)"
+    return s
+
+
+def _print_report(rep: Dict[str, Any], cluster: str) -> None:
+    m, lay, t, b, mem = rep["model"], rep["layout"], rep["time"], rep["breakdown_s"], rep["memory_gib"]
+    name = m.get("name") or "model"
+    print(f"{name} on {lay['world_size']} x {cluster or 'devices'}: {_layout_line(lay)}")
+    rc = lay.get("recompute") or "none"
+    print(
+        f"  micro-batch {lay['micro_batch_size']} x {lay['num_microbatches']} per step, recompute {rc}, "
+        f"stage layers {lay['stage_layers']}"
+    )
+    print(
+        f"  parameters {m['parameters'] / 1e9:.1f}B ({m['active_parameters'] / 1e9:.1f}B active); "
+        f"FLOPs/token {m['flops_per_token'] / 1e9:.1f} GF causal, {m['flops_per_token_noncausal'] / 1e9:.1f} GF non-causal"
+    )
+    print(
+        f"  step {_fmt_s(t['step_s'])}, {_fmt_tokens(t['tokens_per_s'])} tokens/s, "
+        f"{t['tflops_per_device']:.0f} TFLOPS/device, MFU {100 * t['mfu']:.1f}% "
+        f"(non-causal {100 * t['mfu_noncausal']:.1f}%)"
+    )
+    comp = ", ".join(f"{k} {_fmt_s(v)}" for k, v in b["compute"].items() if v > 0 and k != "recompute")
+    print(f"  compute (stage {b['critical_stage']}, per step): {comp}")
+    if b["compute"].get("recompute", 0) > 0:
+        print(f"    of which recompute {_fmt_s(b['compute']['recompute'])}")
+    comm = ", ".join(
+        f"{k} {_fmt_s(v['exposed'])} exposed / {_fmt_s(v['total'])}" for k, v in b["communication"].items() if v["total"] > 0
+    )
+    if comm:
+        print(f"  communication: {comm}")
+    print(f"  pipeline bubble {_fmt_s(b['pipeline_bubble'])}, optimizer {_fmt_s(b['optimizer'])}")
+    act = mem["activations"]
+    print(
+        f"  memory (stage {mem['stage']}, GiB): weights {mem['weights']:.1f}, gradients {mem['gradients']:.1f}, "
+        f"optimizer {mem['optimizer']:.1f} (without distributed optimizer {mem['optimizer_without_distributed_optimizer']:.1f}), "
+        f"activations {act['total']:.1f} (attention {act['attention']:.1f}, mlp {act['mlp']:.1f}, "
+        f"embedding/logits {act['embedding_and_logits']:.1f}; {mem['inflight_microbatches']:.0f} micro-batches in flight), "
+        f"dispatch/transient {mem['moe_dispatch_and_transient']:.1f}, reserved {mem['reserved']:.1f}"
+    )
+    saved = []
+    if mem["recompute_savings"] > 0:
+        saved.append(f"recompute saves {mem['recompute_savings']:.1f}")
+    if mem["offload_savings"] > 0:
+        saved.append(f"offload saves {mem['offload_savings']:.1f}")
+    verdict = "fits" if rep["fits"] else "DOES NOT FIT"
+    print(
+        f"  total {mem['total']:.1f} of {mem['capacity']:.1f} GiB: {verdict}" + (f" ({', '.join(saved)})" if saved else "")
+    )
+
+
+def _print_search(out: Dict[str, Any], cluster: str) -> None:
+    st = out["stats"]
+    rate = st["evaluated"] / st["seconds"] if st["seconds"] > 0 else float("inf")
+    print(
+        f"searched {st['evaluated']} layouts in {st['seconds']:.2f} s ({rate:,.0f}/s): "
+        f"{st['fit']} fit in memory, {st['invalid']} invalid"
+    )
+    if not out["results"]:
+        print("no layout fits: try more devices, --include-oom, or a smaller micro-batch / more recomputation")
+        return
+    header = f"{'#':>3}  {'layout':<56} {'mbs':>3} {'recompute':<9} {'MFU':>6} {'tokens/s':>9} {'step':>9} {'mem GiB':>8}"
+    print(header)
+    for i, r in enumerate(out["results"], 1):
+        lay, rep = r["layout"], r["report"]
+        lo = rep["layout"]
+        text = _layout_line(lo)
+        if lay.get("decoder_first_pipeline_num_layers"):
+            text += f" [{lay['decoder_first_pipeline_num_layers']}..{lay['decoder_last_pipeline_num_layers']}]"
+        elif lay.get("account_for_embedding_and_loss_in_pipeline_split"):
+            text += " [emb+loss]"
+        mark = "" if rep["fits"] else " OOM"
+        print(
+            f"{i:>3}  {text:<56} {lay['micro_batch_size']:>3} {lay['recompute']:<9} "
+            f"{100 * rep['time']['mfu']:>5.1f}% {_fmt_tokens(rep['time']['tokens_per_s']):>9} "
+            f"{_fmt_s(rep['time']['step_s']):>9} {rep['memory_gib']['total']:>8.1f}{mark}"
+        )
+    print(f"(cluster {cluster}; MFU with causal attention FLOPs, Megatron's current formula)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import sim
+
+    if args.list_presets:
+        print("models:  " + ", ".join(sorted(sim.model_presets())))
+        print("clusters: " + ", ".join(sorted(sim.cluster_presets())))
+        return 0
+    overrides: Dict[str, Any] = {k: _parse_value(v) for k, v in _kv_list(args.set, "--set").items()}
+    if args.gbs is not None:
+        overrides["training.global_batch_size"] = args.gbs
+    if args.seq is not None:
+        overrides["training.seq_length"] = args.seq
+    if args.mbs is not None:
+        overrides["training.micro_batch_size"] = args.mbs
+    for flag, key in _LAYOUT_FLAGS.items():
+        v = getattr(args, flag)
+        if v is not None:
+            overrides[f"layout.{key}"] = v
+    cfg = sim.resolve_config(
+        args.config,
+        model=args.model,
+        cluster=args.cluster,
+        devices=args.devices,
+        megatron_args=args.megatron_args,
+        **overrides,
+    )
+    ignored: List[str] = []
+    if args.megatron_args is not None:
+        _, ignored = sim.parse_megatron_args(args.megatron_args)
+        if ignored and not args.json and not args.quiet:
+            print(f"(not modelled, ignored: {' '.join(ignored)})", file=sys.stderr)
+    if not cfg["training"].get("seq_length"):
+        cfg["training"]["seq_length"] = 4096
+    cluster_name = cfg["cluster"].get("name", "")
+    has_layout = any(k in cfg["layout"] for k in _LAYOUT_KEYS)
+    searching = args.search or args.top is not None or not has_layout
+    if searching:
+        space: Dict[str, List[Any]] = {}
+        for k, v in _kv_list(args.space, "--space").items():
+            items = [x.strip() for x in v.split(",") if x.strip()]
+            space[k] = items if k == "recompute" else [int(x) for x in items]
+        out = sim.search(
+            cfg,
+            top=args.top or 10,
+            space=space or None,
+            include_oom=args.include_oom,
+            progress=not (args.quiet or args.json) or args.progress,
+        )
+        if args.json:
+            print(json.dumps(out))
+        else:
+            _print_search(out, cluster_name)
+        return 0
+    rep = sim.simulate(cfg)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _print_report(rep, cluster_name)
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="simulate a training step for a layout, or search the layouts",
+        description=(
+            "Predicts step time, MFU and per-device memory of a MoE training run, or searches the "
+            "parallel layouts (TP/CP/PP/VPP/EP/ETP, micro-batch, recomputation) and prints the fastest "
+            "that fit. With a layout (a config's [layout] section, --megatron-args with parallel sizes, "
+            "or --tp/--pp/...) it simulates; otherwise, or with --top/--search, it searches."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON with sections model, training, layout, cluster")
+    p.add_argument("--megatron-args", metavar="ARGS", help="a Megatron-LM command line (quoted)")
+    p.add_argument("--model", help="model preset (see --list-presets)")
+    p.add_argument("--cluster", help="cluster preset (see --list-presets)")
+    p.add_argument("--devices", type=int, help="number of devices (GPUs / NPUs)")
+    p.add_argument("--gbs", type=int, help="global batch size (sequences)")
+    p.add_argument("--seq", type=int, help="sequence length (default 4096)")
+    p.add_argument("--mbs", type=int, help="micro-batch size")
+    for flag in _LAYOUT_FLAGS:
+        p.add_argument(f"--{flag}", type=int, help=f"{_LAYOUT_FLAGS[flag]}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="set any config key (repeatable)")
+    p.add_argument("--search", action="store_true", help="search layouts even if a layout is given")
+    p.add_argument("--top", type=int, help="how many layouts to print (search; default 10)")
+    p.add_argument(
+        "--space", action="append", metavar="DIM=V1,V2", help="restrict a search dimension: tp, cp, pp, vpp, ep, etp, mbs, recompute"
+    )
+    p.add_argument("--include-oom", action="store_true", help="rank layouts that do not fit in memory too")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    p.add_argument("--progress", action="store_true", help="progress bar even with --json")
+    p.add_argument("--list-presets", action="store_true", help="list model and cluster presets")
+    p.set_defaults(func=cmd_plan)
+
+
+# ----------------------------------------------------------------------------- balance
+
+
+def _balance_table(header, rows) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -25,7 +249,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
     from . import balance
 
-    load = balance.load_loads(args.loads)
+    try:
+        load = balance.load_loads(args.loads)
+    except OSError as e:
+        raise ValueError(f"--loads: {e}") from None
     num_layers, num_experts = load.shape
     replicas = args.replicas if args.replicas is not None else num_experts
     groups = args.groups if args.groups is not None else 1
@@ -60,7 +287,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
         return m
 
     if before is not None:
-        bm = row(before_name, before)
+        row(before_name, before)
     modes = ["eplb", "refine"] if args.mode == "both" else [args.mode]
     for mode in modes:
         p, l2p, c = balance.rebalance_experts(load, replicas, groups, args.nodes, args.gpus, mode=mode)
@@ -72,12 +299,14 @@ def cmd_balance(args: argparse.Namespace) -> int:
     header = ["placement", "max/mean dev", "worst layer", "step max/mean", "max/mean node", "CV dev"]
     if args.capacity is not None:
         header.append("dropped")
-    print(_table(header, rows))
+    print(_balance_table(header, rows))
     print("(max/mean dev: mean over layers of busiest / mean device load; step: sum over layers of the busiest "
           "load / sum of the mean)")  # fmt: skip
     best = placements[modes[-1]]
     if before is not None and args.expert_bytes is not None:
-        plan = balance.plan_migration(before, best[0], args.gpus, args.nodes, expert_bytes=args.expert_bytes,
+        # a layout with fewer slots first gets its new slots filled locally
+        current = balance.expand_placement(before, replicas, args.gpus)
+        plan = balance.plan_migration(current, best[0], args.gpus, args.nodes, expert_bytes=args.expert_bytes,
                                       keep_nodes=groups % args.nodes == 0 and args.nodes > 1)  # fmt: skip
         print(
             f"migration {before_name} -> {modes[-1]}: {len(plan.transfers)} copies "
@@ -86,7 +315,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
         )
         best = (plan.phy2log, *balance.log2phy_from_phy2log(plan.phy2log, num_experts))
         if args.seconds_per_token is not None:
-            d = balance.should_migrate(load, before, plan, args.gpus, args.nodes, seconds_per_token=args.seconds_per_token,
+            d = balance.should_migrate(load, current, plan, args.gpus, args.nodes, seconds_per_token=args.seconds_per_token,
                                        horizon_steps=args.horizon, log=False)  # fmt: skip
             print(str(d))
     if args.save:
@@ -95,13 +324,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
     if args.plot:
         balance.plot_heatmap(args.plot, load, best[0], args.gpus, args.nodes, before=before)
         print(f"wrote {args.plot}")
-    _ = bm if before is not None else None
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moerail", description="moerail: faster Mixture-of-Experts training")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _add_balance(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "balance",
         help="expert placement for recorded loads: the before/after table",
@@ -122,18 +348,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--save", default=None, help="write the new placement (phy2log, log2phy, logcnt) to this .pt file")
     b.add_argument("--plot", default=None, help="write a heatmap PNG (layers x experts, layers x devices before/after)")
     b.set_defaults(func=cmd_balance)
-    return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moerail", description="moerail: faster Mixture-of-Experts training")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_plan(sub)
+    _add_balance(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
     try:
-        return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as e:
         print(f"moerail {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"moerail {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

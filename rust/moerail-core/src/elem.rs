@@ -17,6 +17,21 @@ pub mod prelude {
 pub trait Real: Float + Default + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static {
     fn of_f64(v: f64) -> Self;
     fn into_f64(self) -> f64;
+    /// `v[i] = exp(v[i])`: vectorised for f32 (see `fastmath`), libm for f64.
+    fn exp_in_place(v: &mut [Self]);
+    /// Index of the first maximum (no NaN, non-empty).
+    fn argmax_first(v: &[Self]) -> usize;
+    /// Maximum (no NaN, non-empty).
+    fn max_of(v: &[Self]) -> Self;
+    /// Top-`k` (descending, ties to the lower index) by block argmax; see `fastmath`.
+    fn topk_blocks(
+        scores: &[Self],
+        k: usize,
+        work: &mut Vec<Self>,
+        block_max: &mut Vec<Self>,
+        vals: &mut [Self],
+        idx: &mut [usize],
+    );
 }
 
 impl Real for f32 {
@@ -28,6 +43,29 @@ impl Real for f32 {
     fn into_f64(self) -> f64 {
         self as f64
     }
+    #[inline]
+    fn exp_in_place(v: &mut [f32]) {
+        crate::fastmath::exp_in_place_f32(v);
+    }
+    #[inline]
+    fn argmax_first(v: &[f32]) -> usize {
+        crate::fastmath::argmax_first_f32(v)
+    }
+    #[inline]
+    fn max_of(v: &[f32]) -> f32 {
+        crate::fastmath::max_f32(v)
+    }
+    #[inline]
+    fn topk_blocks(
+        scores: &[f32],
+        k: usize,
+        work: &mut Vec<f32>,
+        block_max: &mut Vec<f32>,
+        vals: &mut [f32],
+        idx: &mut [usize],
+    ) {
+        crate::fastmath::topk_blocks_f32(scores, k, work, block_max, vals, idx)
+    }
 }
 
 impl Real for f64 {
@@ -38,6 +76,29 @@ impl Real for f64 {
     #[inline(always)]
     fn into_f64(self) -> f64 {
         self
+    }
+    #[inline]
+    fn exp_in_place(v: &mut [f64]) {
+        v.iter_mut().for_each(|x| *x = x.exp());
+    }
+    #[inline]
+    fn argmax_first(v: &[f64]) -> usize {
+        crate::fastmath::argmax_first_scalar(v)
+    }
+    #[inline]
+    fn max_of(v: &[f64]) -> f64 {
+        crate::fastmath::max_scalar(v)
+    }
+    #[inline]
+    fn topk_blocks(
+        scores: &[f64],
+        k: usize,
+        work: &mut Vec<f64>,
+        block_max: &mut Vec<f64>,
+        vals: &mut [f64],
+        idx: &mut [usize],
+    ) {
+        crate::fastmath::topk_blocks_scalar(scores, k, work, block_max, vals, idx)
     }
 }
 
@@ -61,6 +122,17 @@ pub trait Element: Copy + Default + Send + Sync + 'static {
     fn store_row(src: &[Self::Acc], dst: &mut [Self]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = Self::from_acc(*s);
+        }
+    }
+
+    /// `acc[i] = 0 + row[i] * w` (`w = None`: `0 + row[i]`): the first term of a sum that
+    /// starts from +0.0, as a scatter-add into zeros does (so -0.0 becomes +0.0).
+    #[inline]
+    fn start_sum(acc: &mut [Self::Acc], row: &[Self], w: Option<Self::Acc>) {
+        acc.fill(<Self::Acc as num_traits::Zero>::zero());
+        match w {
+            Some(w) => Self::accumulate_scaled(acc, row, w),
+            None => Self::accumulate(acc, row),
         }
     }
 
@@ -152,6 +224,145 @@ impl Element for bf16 {
     fn from_acc(v: f32) -> Self {
         bf16_from_f32(v)
     }
+    #[inline]
+    fn load_row(src: &[bf16], dst: &mut [f32]) {
+        bf16_rows::combine(dst, src, bf16_rows::Op::Load);
+    }
+    #[inline]
+    fn start_sum(acc: &mut [f32], row: &[bf16], w: Option<f32>) {
+        let op = match w {
+            Some(w) => bf16_rows::Op::StartScaled(w),
+            None => bf16_rows::Op::Start,
+        };
+        bf16_rows::combine(acc, row, op);
+    }
+    #[inline]
+    fn accumulate(acc: &mut [f32], row: &[bf16]) {
+        bf16_rows::combine(acc, row, bf16_rows::Op::Add);
+    }
+    #[inline]
+    fn accumulate_scaled(acc: &mut [f32], row: &[bf16], w: f32) {
+        bf16_rows::combine(acc, row, bf16_rows::Op::AddScaled(w));
+    }
+    #[inline]
+    fn store_row(src: &[f32], dst: &mut [bf16]) {
+        bf16_rows::store(src, dst);
+    }
+}
+
+/// bf16 row kernels with SSE2 (part of x86-64): the compiler does not vectorise the
+/// widening and the rounding well. Same integer and IEEE operations as the scalar
+/// `bf16_to_f32` / `bf16_from_f32`, so the same bits.
+mod bf16_rows {
+    use super::{bf16_from_f32, bf16_to_f32};
+    use half::bf16;
+
+    #[derive(Clone, Copy)]
+    pub enum Op {
+        Load,
+        /// `0 + x`
+        Start,
+        /// `0 + x * w`
+        StartScaled(f32),
+        Add,
+        AddScaled(f32),
+    }
+
+    #[inline(always)]
+    fn scalar(a: &mut f32, x: bf16, op: Op) {
+        let v = bf16_to_f32(x);
+        *a = match op {
+            Op::Load => v,
+            Op::Start => 0.0 + v,
+            Op::StartScaled(w) => 0.0 + v * w,
+            Op::Add => *a + v,
+            Op::AddScaled(w) => *a + v * w,
+        };
+    }
+
+    /// `acc[i] (op) row[i]`; equal lengths.
+    #[inline]
+    pub fn combine(acc: &mut [f32], row: &[bf16], op: Op) {
+        let n = acc.len().min(row.len());
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: 8 elements are read/written at i with i + 8 <= n, in both slices.
+        unsafe {
+            use std::arch::x86_64::*;
+            let z = _mm_setzero_si128();
+            let (a, r) = (acc.as_mut_ptr(), row.as_ptr() as *const u16);
+            while i + 8 <= n {
+                let v = _mm_loadu_si128(r.add(i) as *const __m128i);
+                let lo = _mm_castsi128_ps(_mm_unpacklo_epi16(z, v));
+                let hi = _mm_castsi128_ps(_mm_unpackhi_epi16(z, v));
+                let (lo, hi) = match op {
+                    Op::Load => (lo, hi),
+                    Op::Start => {
+                        let zero = _mm_setzero_ps();
+                        (_mm_add_ps(zero, lo), _mm_add_ps(zero, hi))
+                    }
+                    Op::StartScaled(w) => {
+                        let (zero, w) = (_mm_setzero_ps(), _mm_set1_ps(w));
+                        (
+                            _mm_add_ps(zero, _mm_mul_ps(lo, w)),
+                            _mm_add_ps(zero, _mm_mul_ps(hi, w)),
+                        )
+                    }
+                    Op::Add => (
+                        _mm_add_ps(_mm_loadu_ps(a.add(i)), lo),
+                        _mm_add_ps(_mm_loadu_ps(a.add(i + 4)), hi),
+                    ),
+                    Op::AddScaled(w) => {
+                        let w = _mm_set1_ps(w);
+                        (
+                            _mm_add_ps(_mm_loadu_ps(a.add(i)), _mm_mul_ps(lo, w)),
+                            _mm_add_ps(_mm_loadu_ps(a.add(i + 4)), _mm_mul_ps(hi, w)),
+                        )
+                    }
+                };
+                _mm_storeu_ps(a.add(i), lo);
+                _mm_storeu_ps(a.add(i + 4), hi);
+                i += 8;
+            }
+        }
+        for j in i..n {
+            scalar(&mut acc[j], row[j], op);
+        }
+    }
+
+    /// `dst[i] = round_to_bf16(src[i])`; equal lengths.
+    #[inline]
+    pub fn store(src: &[f32], dst: &mut [bf16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: 8 elements are read/written at i with i + 8 <= n, in both slices.
+        unsafe {
+            use std::arch::x86_64::*;
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr() as *mut u16);
+            let round = _mm_set1_epi32(0x7FFF);
+            let one = _mm_set1_epi32(1);
+            let qnan = _mm_set1_epi32(0x7FC0);
+            #[inline(always)]
+            unsafe fn half(x: __m128, round: __m128i, one: __m128i, qnan: __m128i) -> __m128i {
+                let bits = _mm_castps_si128(x);
+                let lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), one);
+                // Sign-extending shift so that the signed pack below keeps the low 16 bits.
+                let r = _mm_srai_epi32(_mm_add_epi32(bits, _mm_add_epi32(round, lsb)), 16);
+                let nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+                _mm_or_si128(_mm_and_si128(nan, qnan), _mm_andnot_si128(nan, r))
+            }
+            while i + 8 <= n {
+                let a = half(_mm_loadu_ps(s.add(i)), round, one, qnan);
+                let b = half(_mm_loadu_ps(s.add(i + 4)), round, one, qnan);
+                _mm_storeu_si128(d.add(i) as *mut __m128i, _mm_packs_epi32(a, b));
+                i += 8;
+            }
+        }
+        for j in i..n {
+            dst[j] = bf16_from_f32(src[j]);
+        }
+    }
 }
 
 impl Element for f16 {
@@ -201,6 +412,40 @@ impl Element for f16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_row_kernels_match_scalar() {
+        let vals: Vec<f32> = (0..1000)
+            .map(|i| match i % 7 {
+                0 => f32::NAN,
+                1 => -((i as f32) * 1.37e-3),
+                2 => f32::INFINITY,
+                3 => f32::from_bits(0x3F80_8000), // a rounding tie
+                4 => -0.0,
+                _ => (i as f32).sin() * 1e4,
+            })
+            .collect();
+        for n in [0usize, 1, 7, 8, 9, 33, 1000] {
+            let src = &vals[..n];
+            let mut fast = vec![bf16::ZERO; n];
+            bf16::store_row(src, &mut fast);
+            let slow: Vec<bf16> = src.iter().map(|&v| bf16_from_f32(v)).collect();
+            assert_eq!(
+                fast.iter().map(|b| b.to_bits()).collect::<Vec<_>>(),
+                slow.iter().map(|b| b.to_bits()).collect::<Vec<_>>()
+            );
+            let mut acc: Vec<f32> = (0..n).map(|i| i as f32 * 0.25).collect();
+            let mut acc2 = acc.clone();
+            bf16::accumulate_scaled(&mut acc, &slow, 0.3);
+            for (a, &x) in acc2.iter_mut().zip(&slow) {
+                *a += bf16_to_f32(x) * 0.3;
+            }
+            assert_eq!(
+                acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                acc2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
 
     #[test]
     fn bf16_rounding_matches_torch_rule() {

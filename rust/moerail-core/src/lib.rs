@@ -14,9 +14,13 @@ pub mod balance;
 pub mod capacity;
 pub mod elem;
 pub mod error;
+pub mod fastmath;
+pub mod mem;
 pub mod permute;
 pub mod pool;
 pub mod router;
+pub mod sim;
+pub mod topology;
 
 pub use elem::Element;
 pub use error::{Error, Result};

@@ -368,6 +368,7 @@ pub fn gather_rows<T: Copy + Default + Send + Sync>(
         return Ok(());
     }
     check_sorted_indices(sorted_indices, num_tokens)?;
+    crate::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .zip(sorted_indices.par_chunks(ROW_BLOCK))
@@ -450,6 +451,7 @@ pub fn unpermute<T: Element>(
         return Ok(());
     }
     let tr = token_rows(sorted_indices, num_tokens)?;
+    crate::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .enumerate()
@@ -458,13 +460,17 @@ pub fn unpermute<T: Element>(
                 |acc, (b, dst)| {
                     for (i, d) in dst.chunks_exact_mut(hidden).enumerate() {
                         let t = b * ROW_BLOCK + i;
-                        acc.fill(T::Acc::zero());
-                        for &r in &tr.rows[tr.start[t]..tr.start[t + 1]] {
-                            let r = r as usize;
-                            let row = &x[r * hidden..(r + 1) * hidden];
+                        let rows = &tr.rows[tr.start[t]..tr.start[t + 1]];
+                        let Some((&first, rest)) = rows.split_first() else {
+                            d.fill(T::default());
+                            continue;
+                        };
+                        let row = |r: u32| &x[r as usize * hidden..(r as usize + 1) * hidden];
+                        T::start_sum(acc, row(first), weights.map(|w| w[first as usize]));
+                        for &r in rest {
                             match weights {
-                                Some(w) => T::accumulate_scaled(acc, row, w[r]),
-                                None => T::accumulate(acc, row),
+                                Some(w) => T::accumulate_scaled(acc, row(r), w[r as usize]),
+                                None => T::accumulate(acc, row(r)),
                             }
                         }
                         T::store_row(acc, d);
@@ -518,6 +524,7 @@ pub fn unpermute_backward<T: Element>(
         }
         return Ok(());
     }
+    crate::mem::prefer_huge_pages(grad_x);
     pool::install(|| {
         grad_x
             .par_chunks_mut(ROW_BLOCK * hidden)
@@ -749,6 +756,7 @@ pub fn sort_chunks<T: Copy + Send + Sync>(
             o += l;
         }
     }
+    crate::mem::prefer_huge_pages(out);
     let out_ptr = SharedMut(out.as_mut_ptr());
     pool::install(|| {
         pieces.par_iter().for_each(|&(src, dst, len)| {

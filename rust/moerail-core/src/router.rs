@@ -42,12 +42,27 @@ impl ScoreFunction {
         }
     }
 
-    /// The elementwise score of a logit (sigmoid / sqrtsoftplus only).
+    /// `out[i] = score(x[i])` for a row (sigmoid / sqrtsoftplus), with the vectorised `exp`.
     #[inline]
-    fn elementwise<A: Real>(self, x: A) -> A {
+    fn scores_into<A: Real>(self, x: &[A], out: &mut [A]) {
         match self {
-            Self::Sigmoid => sigmoid(x),
-            Self::SqrtSoftplus => softplus(x).sqrt(),
+            Self::Sigmoid => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = -v;
+                }
+                A::exp_in_place(out);
+                for o in out.iter_mut() {
+                    *o = A::one() / (A::one() + *o);
+                }
+            }
+            Self::SqrtSoftplus => {
+                out.copy_from_slice(x);
+                A::exp_in_place(out);
+                let th = A::of_f64(SOFTPLUS_THRESHOLD);
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = if v > th { v } else { o.ln_1p() }.sqrt();
+                }
+            }
             Self::Softmax => unreachable!("softmax is not elementwise"),
         }
     }
@@ -76,30 +91,15 @@ const SOFTPLUS_THRESHOLD: f64 = 20.0;
 /// Megatron adds this to the sum of the selected sigmoid scores before normalising.
 const NORM_EPS: f64 = 1e-20;
 
-#[inline]
-pub(crate) fn sigmoid<A: Real>(x: A) -> A {
-    A::one() / (A::one() + (-x).exp())
-}
-
-/// torch.nn.functional.softplus with beta=1, threshold=20.
-#[inline]
-pub(crate) fn softplus<A: Real>(x: A) -> A {
-    if x > A::of_f64(SOFTPLUS_THRESHOLD) {
-        x
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-/// `out = softmax(x)`; returns nothing, `out.len() == x.len()`.
+/// `out = softmax(x)` (`out.len() == x.len()`).
 #[inline]
 pub(crate) fn softmax_into<A: Real>(x: &[A], out: &mut [A]) {
     let m = x.iter().copied().fold(A::neg_infinity(), A::max);
-    let mut sum = A::zero();
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-        sum = sum + *o;
+        *o = v - m;
     }
+    A::exp_in_place(out);
+    let sum = out.iter().fold(A::zero(), |a, &v| a + v);
     for o in out.iter_mut() {
         *o = *o / sum;
     }
@@ -178,20 +178,69 @@ impl RouterConfig {
     }
 }
 
-/// Inserts expert `e` with score `v` into `sel` (kept in descending score order, at most `k`
-/// long). Equal scores stay behind earlier (lower-index) entries.
-#[inline]
-fn push_topk<A: Real>(scores: &[A], sel: &mut Vec<usize>, k: usize, e: usize) {
-    let v = scores[e];
-    if sel.len() == k {
-        // Scores are finite (checked on load), so `<=` is the negation of `>`.
-        if v <= scores[sel[k - 1]] {
-            return;
+/// The best `k` of a stream of scores, in descending order; equal scores keep the earlier
+/// (lower-index) entry first. Scores are finite (checked on load).
+pub(crate) struct TopK<A> {
+    vals: Vec<A>,
+    idx: Vec<usize>,
+    len: usize,
+    k: usize,
+}
+
+impl<A: Real> TopK<A> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            vals: vec![A::zero(); capacity.max(1)],
+            idx: vec![0; capacity.max(1)],
+            len: 0,
+            k: 0,
         }
-        sel.pop();
     }
-    let pos = sel.iter().position(|&s| scores[s] < v).unwrap_or(sel.len());
-    sel.insert(pos, e);
+
+    #[inline(always)]
+    pub(crate) fn reset(&mut self, k: usize) {
+        debug_assert!(k <= self.vals.len());
+        self.len = 0;
+        self.k = k;
+    }
+
+    #[inline(always)]
+    pub(crate) fn push(&mut self, v: A, i: usize) {
+        let k = self.k;
+        if self.len == k {
+            // Most candidates stop here: one well-predicted comparison.
+            if k == 0 || v <= self.vals[k - 1] {
+                return;
+            }
+            self.len -= 1;
+        }
+        let mut j = self.len;
+        while j > 0 && self.vals[j - 1] < v {
+            self.vals[j] = self.vals[j - 1];
+            self.idx[j] = self.idx[j - 1];
+            j -= 1;
+        }
+        self.vals[j] = v;
+        self.idx[j] = i;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    pub(crate) fn indices(&self) -> &[usize] {
+        &self.idx[..self.len]
+    }
+
+    #[inline(always)]
+    pub(crate) fn map_indices(&mut self, f: impl Fn(usize) -> usize) {
+        for i in &mut self.idx[..self.len] {
+            *i = f(*i);
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn values(&self) -> &[A] {
+        &self.vals[..self.len]
+    }
 }
 
 /// Scratch space reused across the tokens of one task.
@@ -199,10 +248,13 @@ struct Scratch<A> {
     x: Vec<A>,
     s: Vec<A>,
     r: Vec<A>,
+    top: TopK<A>,
+    inner: TopK<A>,
+    groups: TopK<A>,
     group_scores: Vec<A>,
-    sel: Vec<usize>,
-    tmp: Vec<usize>,
-    groups: Vec<usize>,
+    chosen: Vec<usize>,
+    gathered: Vec<A>,
+    selector: Selector<A>,
     p: Vec<A>,
 }
 
@@ -212,46 +264,140 @@ impl<A: Real> Scratch<A> {
             x: vec![A::zero(); e],
             s: vec![A::zero(); e],
             r: vec![A::zero(); e],
-            group_scores: Vec::new(),
-            sel: Vec::with_capacity(k + 1),
-            tmp: Vec::with_capacity(e),
-            groups: Vec::with_capacity(e),
+            top: TopK::new(k),
+            inner: TopK::new(e),
+            groups: TopK::new(e),
+            group_scores: Vec::with_capacity(e),
+            chosen: Vec::with_capacity(e),
+            gathered: vec![A::zero(); e],
+            selector: Selector::new(e),
             p: vec![A::zero(); k],
         }
     }
 }
 
-/// Selects the top `k` of `scores` into `sel`, restricted to the best groups if grouped.
+/// Beyond this many picks, selection inserts into a sorted list instead.
+const ROUNDS_MAX: usize = 32;
+
+/// Top-k selection with reusable scratch.
+///
+/// Why this shape: on random scores a sorted-insertion top-k mispredicts about `k ln(E/k)`
+/// times per token. Here the scores are cut into blocks of 4 and each block's maximum kept;
+/// each of the k rounds takes the first block holding the largest maximum, the first
+/// element equal to it inside the block (so ties go to the lower index), masks it and
+/// recomputes that one block's maximum (`Real::topk_blocks`, SSE2 for f32). Picks come out
+/// in descending order.
+struct Selector<A> {
+    work: Vec<A>,
+    block_max: Vec<A>,
+}
+
+impl<A: Real> Selector<A> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            work: Vec::with_capacity(capacity + 4),
+            block_max: Vec::with_capacity(capacity / 4 + 8),
+        }
+    }
+
+    /// The `k` best of `scores` (finite) into `top`, descending, ties to the lower index.
+    fn topk(&mut self, scores: &[A], k: usize, top: &mut TopK<A>) {
+        top.reset(k);
+        let e = scores.len();
+        if k == 0 || e == 0 {
+            return;
+        }
+        if k > ROUNDS_MAX {
+            for (i, &v) in scores.iter().enumerate() {
+                top.push(v, i);
+            }
+            return;
+        }
+        A::topk_blocks(
+            scores,
+            k,
+            &mut self.work,
+            &mut self.block_max,
+            &mut top.vals,
+            &mut top.idx,
+        );
+        top.len = k;
+    }
+}
+
+/// `a + b` for the two largest values of `v` (`len >= 2`), with four lanes each keeping a
+/// largest and a second largest (vectorisable).
+#[inline]
+fn top2_sum<A: Real>(v: &[A]) -> A {
+    let mut m1 = [A::neg_infinity(); 4];
+    let mut m2 = [A::neg_infinity(); 4];
+    let mut chunks = v.chunks_exact(4);
+    for c in &mut chunks {
+        for l in 0..4 {
+            let x = c[l];
+            let lo = if x < m1[l] { x } else { m1[l] };
+            m1[l] = if x > m1[l] { x } else { m1[l] };
+            m2[l] = if lo > m2[l] { lo } else { m2[l] };
+        }
+    }
+    let (mut a, mut b) = (A::neg_infinity(), A::neg_infinity());
+    for &x in m1.iter().chain(m2.iter()).chain(chunks.remainder()) {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a + b
+}
+
+/// Selects the top `k` of `scores` into `top`, restricted to the best groups if grouped.
+#[allow(clippy::too_many_arguments)]
 fn select<A: Real>(
     scores: &[A],
     k: usize,
     grouping: Option<(usize, usize)>,
-    sel: &mut Vec<usize>,
-    tmp: &mut Vec<usize>,
+    top: &mut TopK<A>,
+    inner: &mut TopK<A>,
+    groups: &mut TopK<A>,
     group_scores: &mut Vec<A>,
-    groups: &mut Vec<usize>,
+    chosen: &mut Vec<usize>,
+    gathered: &mut [A],
+    selector: &mut Selector<A>,
 ) {
-    sel.clear();
-    let e = scores.len();
     match grouping {
-        None => (0..e).for_each(|i| push_topk(scores, sel, k, i)),
+        None => selector.topk(scores, k, top),
         Some((g, gk)) => {
-            let per = e / g;
+            let per = scores.len() / g;
             let m = k / gk;
             group_scores.clear();
             for gi in 0..g {
-                tmp.clear();
-                (gi * per..(gi + 1) * per).for_each(|i| push_topk(scores, tmp, m, i));
+                let v = &scores[gi * per..(gi + 1) * per];
                 // Summed in descending order, as torch sums the sorted top-m values.
-                let sum = tmp.iter().fold(A::zero(), |acc, &i| acc + scores[i]);
-                group_scores.push(sum);
+                let score = match m {
+                    1 => A::max_of(v),
+                    2 => top2_sum(v),
+                    _ => {
+                        selector.topk(v, m, inner);
+                        inner.values().iter().fold(A::zero(), |a, &x| a + x)
+                    }
+                };
+                group_scores.push(score);
             }
-            groups.clear();
-            (0..g).for_each(|gi| push_topk(group_scores, groups, gk, gi));
-            groups.sort_unstable();
-            for &gi in groups.iter() {
-                (gi * per..(gi + 1) * per).for_each(|i| push_topk(scores, sel, k, i));
+            selector.topk(group_scores, gk, groups);
+            // Gather the chosen groups' experts in ascending order (ties to the lower expert),
+            // as Megatron's masked_fill(-inf) of the others, then pick among them.
+            chosen.clear();
+            chosen.extend_from_slice(groups.indices());
+            chosen.sort_unstable();
+            let gathered = &mut gathered[..chosen.len() * per];
+            for (c, &gi) in chosen.iter().enumerate() {
+                gathered[c * per..(c + 1) * per].copy_from_slice(&scores[gi * per..(gi + 1) * per]);
             }
+            selector.topk(gathered, k, top);
+            // Positions among the chosen groups back to expert ids (the order is preserved).
+            top.map_indices(|c| chosen[c / per] * per + c % per);
         }
     }
 }
@@ -260,7 +406,9 @@ fn select<A: Real>(
 #[inline]
 fn load_logits<T: Element>(row: &[T], x: &mut [T::Acc], token: usize) -> Result<()> {
     T::load_row(row, x);
-    if let Some(e) = x.iter().position(|v| !v.is_finite()) {
+    // A branch-free scan first (vectorises); locate the culprit only on failure.
+    if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+        let e = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
         return Err(invalid(
             "logits",
             format!(
@@ -408,16 +556,24 @@ fn route_task<T: Element>(
         mut dense,
     } = task;
     let n = logits.len() / e_n.max(1);
+    if let Some((dp, dm)) = dense.as_mut() {
+        // Zeroed once per task rather than row by row.
+        dp.fill(T::default());
+        dm.fill(false);
+    }
     for i in 0..n {
         let t = t0 + i;
         let Scratch {
             x,
             s,
             r,
-            group_scores,
-            sel,
-            tmp,
+            top,
+            inner,
             groups,
+            group_scores,
+            chosen,
+            gathered,
+            selector,
             p,
         } = &mut sc;
         load_logits(&logits[i * e_n..(i + 1) * e_n], x, t)?;
@@ -425,32 +581,74 @@ fn route_task<T: Element>(
             ScoreFunction::Softmax => {
                 if cfg.use_pre_softmax {
                     softmax_into(x, s);
-                    select(s, k, grouping, sel, tmp, group_scores, groups);
-                    for (pj, &e) in p.iter_mut().zip(sel.iter()) {
+                    select(
+                        s,
+                        k,
+                        grouping,
+                        top,
+                        inner,
+                        groups,
+                        group_scores,
+                        chosen,
+                        gathered,
+                        selector,
+                    );
+                    for (pj, &e) in p.iter_mut().zip(top.indices()) {
                         *pj = s[e];
                     }
                 } else {
-                    select(x, k, grouping, sel, tmp, group_scores, groups);
-                    for (rj, &e) in r.iter_mut().zip(sel.iter()) {
+                    select(
+                        x,
+                        k,
+                        grouping,
+                        top,
+                        inner,
+                        groups,
+                        group_scores,
+                        chosen,
+                        gathered,
+                        selector,
+                    );
+                    for (rj, &e) in r.iter_mut().zip(top.indices()) {
                         *rj = x[e];
                     }
                     softmax_into(&r[..k], p);
                 }
             }
             f => {
-                for (sv, &xv) in s.iter_mut().zip(x.iter()) {
-                    *sv = f.elementwise(xv);
-                }
+                f.scores_into(x, s);
                 match bias {
                     Some(b) => {
                         for ((rv, &sv), &bv) in r.iter_mut().zip(s.iter()).zip(b) {
                             *rv = sv + bv;
                         }
-                        select(r, k, grouping, sel, tmp, group_scores, groups);
+                        select(
+                            r,
+                            k,
+                            grouping,
+                            top,
+                            inner,
+                            groups,
+                            group_scores,
+                            chosen,
+                            gathered,
+                            selector,
+                        );
                     }
-                    None => select(s, k, grouping, sel, tmp, group_scores, groups),
+                    None => select(
+                        s,
+                        k,
+                        grouping,
+                        top,
+                        inner,
+                        groups,
+                        group_scores,
+                        chosen,
+                        gathered,
+                        selector,
+                    ),
                 }
-                for (pj, &e) in p.iter_mut().zip(sel.iter()) {
+                for (pj, &e) in p.iter_mut().zip(top.indices()) {
                     *pj = s[e];
                 }
                 if k > 1 {
@@ -462,6 +660,7 @@ fn route_task<T: Element>(
         if let Some(sf) = scale {
             p.iter_mut().for_each(|v| *v = *v * sf);
         }
+        let sel = top.indices();
         for j in 0..k {
             let e = sel[j];
             probs_k[i * k + j] = T::from_acc(p[j]);
@@ -471,8 +670,6 @@ fn route_task<T: Element>(
         if let Some((dp, dm)) = dense.as_mut() {
             let prow = &mut dp[i * e_n..(i + 1) * e_n];
             let mrow = &mut dm[i * e_n..(i + 1) * e_n];
-            prow.fill(T::default());
-            mrow.fill(false);
             for j in 0..k {
                 prow[sel[j]] = probs_k[i * k + j];
                 mrow[sel[j]] = true;
@@ -584,8 +781,10 @@ pub fn topk_route_backward<T: Element>(
                         }
                         f => {
                             for j in 0..k {
-                                v[j] = f.elementwise(x[sel[j] as usize]);
+                                xs[j] = x[sel[j] as usize];
                             }
+                            // The same score arithmetic as the forward pass.
+                            f.scores_into(&xs, &mut v);
                             let dv: Vec<A<T>> = if k > 1 {
                                 let denom = v.iter().fold(A::<T>::zero(), |a, &w| a + w) + eps;
                                 let dot =
@@ -646,7 +845,8 @@ pub fn aux_loss_scores_forward<T: Element>(
             .enumerate()
             .map(|(c, ((lg, sc), mp))| {
                 let mut x = vec![T::Acc::zero(); e_n];
-                let mut sel = Vec::with_capacity(topk + 1);
+                let mut sel = TopK::<T::Acc>::new(topk);
+                let mut selector = Selector::<T::Acc>::new(e_n);
                 let mut counts = vec![0i64; e_n];
                 for i in 0..lg.len() / e_n {
                     let row = i * e_n..(i + 1) * e_n;
@@ -655,18 +855,15 @@ pub fn aux_loss_scores_forward<T: Element>(
                     match score_function {
                         ScoreFunction::Softmax => softmax_into(&x, s),
                         f => {
-                            for (sv, &xv) in s.iter_mut().zip(x.iter()) {
-                                *sv = f.elementwise(xv);
-                            }
+                            f.scores_into(&x, s);
                             let denom = s.iter().fold(T::Acc::zero(), |a, &v| a + v) + eps;
                             s.iter_mut().for_each(|v| *v = *v / denom);
                         }
                     }
-                    sel.clear();
-                    (0..e_n).for_each(|e| push_topk(s, &mut sel, topk, e));
+                    selector.topk(s, topk, &mut sel);
                     let m = &mut mp[row];
                     m.fill(false);
-                    for &e in sel.iter() {
+                    for &e in sel.indices() {
                         m[e] = true;
                         counts[e] += 1;
                     }
@@ -728,9 +925,7 @@ pub fn aux_loss_scores_backward<T: Element>(
                             }
                         }
                         f => {
-                            for (sv, &xv) in s.iter_mut().zip(x.iter()) {
-                                *sv = f.elementwise(xv);
-                            }
+                            f.scores_into(&x, &mut s);
                             let denom = s.iter().fold(T::Acc::zero(), |a, &v| a + v) + eps;
                             let dot = s
                                 .iter()
@@ -821,7 +1016,8 @@ mod tests {
         let bias = [2.0f32, 0.0, 0.0, 0.0];
         let (p, ix, _) = route(&logits, 4, &cfg(2, ScoreFunction::Sigmoid), Some(&bias));
         assert_eq!(ix, vec![0, 2]);
-        let (s0, s2) = (sigmoid(0.0f32), sigmoid(1.0f32));
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let (s0, s2) = (sig(0.0), sig(1.0));
         assert!((p[0] - s0 / (s0 + s2 + 1e-20)).abs() < 1e-6);
     }
 
@@ -834,6 +1030,16 @@ mod tests {
         c.group_topk = Some(1);
         let (_, ix, _) = route(&logits, 6, &c, None);
         assert_eq!(ix, vec![3, 4]);
+    }
+
+    #[test]
+    fn top2_sum_matches_sorting() {
+        for n in 2..40usize {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 29) % 13) as f32 * 0.5 - 2.0).collect();
+            let mut s = v.clone();
+            s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            assert_eq!(top2_sum(&v), s[0] + s[1], "n={n}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod balance;
 mod permute;
 mod router;
+mod sim;
 pub mod tensor;
 
 /// Sets the size of moerail's thread pool.
@@ -28,5 +29,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     router::register(m)?;
     permute::register(m)?;
     balance::register(m)?;
+    sim::register(m)?;
     Ok(())
 }

@@ -5,7 +5,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use moerail_core::Error;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -19,17 +21,41 @@ pub enum DType {
     Other,
 }
 
+/// torch's dtype objects, looked up once.
+static DTYPES: PyOnceLock<Vec<(Py<PyAny>, DType)>> = PyOnceLock::new();
+
+fn dtypes(py: Python<'_>) -> PyResult<&'static Vec<(Py<PyAny>, DType)>> {
+    DTYPES.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        [
+            DType::F32,
+            DType::F64,
+            DType::BF16,
+            DType::F16,
+            DType::Bool,
+            DType::I64,
+            DType::I32,
+        ]
+        .into_iter()
+        .map(|d| {
+            let attr = d.torch_name().trim_start_matches("torch.");
+            Ok((torch.getattr(attr)?.unbind(), d))
+        })
+        .collect()
+    })
+}
+
 impl DType {
-    fn parse(s: &str) -> Self {
-        match s {
-            "torch.float32" => Self::F32,
-            "torch.float64" => Self::F64,
-            "torch.bfloat16" => Self::BF16,
-            "torch.float16" => Self::F16,
-            "torch.bool" => Self::Bool,
-            "torch.int64" => Self::I64,
-            "torch.int32" => Self::I32,
-            _ => Self::Other,
+    fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "torch.float32",
+            Self::F64 => "torch.float64",
+            Self::BF16 => "torch.bfloat16",
+            Self::F16 => "torch.float16",
+            Self::Bool => "torch.bool",
+            Self::I64 => "torch.int64",
+            Self::I32 => "torch.int32",
+            Self::Other => "other",
         }
     }
 
@@ -57,24 +83,36 @@ pub struct Tensor {
 impl Tensor {
     /// Reads and checks a `torch.Tensor` argument named `name`.
     pub fn from_py(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Self> {
-        let is_tensor =
-            obj.hasattr("data_ptr")? && obj.hasattr("stride")? && obj.hasattr("dtype")?;
-        if !is_tensor {
-            return Err(PyTypeError::new_err(format!(
-                "{name}: expected a torch.Tensor, got {}",
-                obj.get_type().name()?
-            )));
-        }
-        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
-        if device != "cpu" {
+        let py = obj.py();
+        let not_a_tensor = || {
+            let ty = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".into());
+            PyTypeError::new_err(format!("{name}: expected a torch.Tensor, got {ty}"))
+        };
+        // Identity against the cached torch dtypes: no string per call.
+        let dtype_obj = obj
+            .getattr(intern!(py, "dtype"))
+            .map_err(|_| not_a_tensor())?;
+        let known = dtypes(py)?;
+        let dtype = known
+            .iter()
+            .find(|(d, _)| d.bind(py).is(&dtype_obj))
+            .map_or(DType::Other, |(_, t)| *t);
+        let is_cpu: bool = obj
+            .getattr(intern!(py, "is_cpu"))
+            .map_err(|_| not_a_tensor())?
+            .extract()?;
+        if !is_cpu {
+            let device: String = obj.getattr("device")?.str()?.extract()?;
             return Err(PyValueError::new_err(format!(
                 "{name}: expected a CPU tensor, got one on '{device}' (this build runs moerail's ops on CPU; `moerail doctor` shows the backends)"
             )));
         }
-        let dtype_name: String = obj.getattr("dtype")?.str()?.extract()?;
-        let dtype = DType::parse(&dtype_name);
-        let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
-        let strides: Vec<isize> = obj.call_method0("stride")?.extract()?;
+        let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
+        let strides: Vec<isize> = obj.call_method0(intern!(py, "stride"))?.extract()?;
         let numel = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -89,12 +127,17 @@ impl Tensor {
             }
             expect = expect.saturating_mul(*d as isize);
         }
-        let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
+        let ptr: usize = obj.call_method0(intern!(py, "data_ptr"))?.extract()?;
         if numel > 0 && (ptr == 0 || ptr % dtype.size().max(1) != 0) {
             return Err(PyValueError::new_err(format!(
                 "{name}: data pointer {ptr:#x} is null or misaligned"
             )));
         }
+        let dtype_name = if dtype == DType::Other {
+            dtype_obj.str()?.extract()?
+        } else {
+            dtype.torch_name().to_string()
+        };
         Ok(Self {
             name,
             ptr,

@@ -1,0 +1,473 @@
+//! Training-step simulator: step time, MFU and per-device memory of a MoE model on a cluster
+//! under a parallel layout, and a search over layouts.
+//!
+//! # Model
+//!
+//! * **FLOPs** are Megatron-LM's `num_floating_point_operations` ([`model::megatron_flops`]),
+//!   reported with causal attention (the current formula) and without (the earlier one).
+//! * **Compute** of every layer is a list of kernels on one device, per micro-batch: GEMMs at
+//!   `gemm_efficiency * prod_d d / (d + gemm_dim_knee)` of the precision's dense peak (and
+//!   never faster than their memory traffic), flash attention at `attention_efficiency` of the
+//!   16-bit peak on the causal half of the scores (backward 2.5x forward), memory-bound
+//!   kernels (norms, RoPE, activations, router, permutation, cross entropy) at
+//!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel.
+//!   Backward GEMMs cost twice the forward ones (data and weight gradients).
+//! * **Communication** uses the rank groups of [`crate::topology`] and where they sit on the
+//!   nodes: all-gather / reduce-scatter are hierarchical (inside the node over NVLink/HCCS,
+//!   then across nodes over the NICs), all-reduce is twice that, all-to-all sends each peer's
+//!   share over the link it sits behind (intra- and inter-node in parallel), DeepEP-style
+//!   `flex` dispatch crosses the network once per destination node. Bandwidths are the
+//!   cluster's times `intra/inter_node_comm_efficiency`, plus a latency per collective.
+//!   Sequence-parallel TP all-gathers / reduce-scatters surround every column / row parallel
+//!   block (hidden behind GEMMs at `tp_overlap_efficiency` with `tp_comm_overlap`); CP ring
+//!   exchanges hide behind attention; the EP exchange (dispatch + combine, each direction)
+//!   is exposed unless shared-expert or 1F1B overlap is on; expert-TP adds an all-gather and
+//!   a reduce-scatter of the expert rows; DP reduce-scatter / all-gather (or all-reduce)
+//!   hide behind the last / first micro-batch at `overlap_efficiency`, except the last
+//!   bucket, and later pipeline stages have slack.
+//! * **Pipeline**: 1F1B takes `(m - 1) * max_s t_s + sum_s t_s`; interleaved with `v`
+//!   chunks `m * max_s t_s + (p - 1) / v * mean_s t_s`; p2p transfers are exposed in the
+//!   fill/drain (and per micro-batch without `overlap_p2p_comm`).
+//! * **Memory** per stage: bf16 weights (plus an fp8 copy in fp8), fp32 gradients, fp32
+//!   master weights and Adam moments (sharded over DP x CP, experts over EDP, with the
+//!   distributed optimizer) — Megatron's `theoretical_memory_usage` accounting; activations
+//!   tensor by tensor (what each kernel saves for backward, minus what recomputation drops),
+//!   times the micro-batches in flight (1F1B: `p - stage`; interleaved: Megatron's warm-up
+//!   count), the MoE dispatch buffers and gradients of one layer as transient, and a reserve.
+//!
+//! # Calibration
+//!
+//! The efficiency parameters are per device type, never per case. Their priors come from
+//! public microbenchmarks (H100 BF16 GEMMs reach ~0.75 of peak, flash attention ~0.55,
+//! element-wise kernels ~0.7 of HBM bandwidth, NCCL ~0.75-0.8 of link bandwidth). The H100
+//! values in `python/moerail/presets/clusters/h100-sxm.json` were then fitted by
+//! `moerail.sim.calibrate` (maximum a posteriori: the squared log-error of predicted MFU on
+//! the calibration runs plus a Gaussian penalty of width 0.15 in log space around each
+//! prior, minimised by Nelder-Mead) on the four published MoE Parallel Folding runs (Mixtral
+//! 8x22B on 128 H100, Qwen2-57B-A14B on 64 H100, folded and coupled layouts). The fitted
+//! values and residuals are listed in that module's docstring and in `benches/BENCHMARKS.md`.
+
+pub mod config;
+pub mod engine;
+pub mod json;
+pub mod model;
+pub mod search;
+
+use crate::error::Result;
+use config::{Recompute, SimConfig};
+use engine::{Engine, StageCost, COMMS, PARTS};
+use json::Json;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// The result of one simulation.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub step_time: f64,
+    pub tokens_per_s: f64,
+    pub mfu: f64,
+    pub mfu_noncausal: f64,
+    /// Peak per-device memory over the stages, bytes.
+    pub memory_peak: f64,
+    pub memory_capacity: f64,
+    pub fits: bool,
+    pub flops_per_step: f64,
+    pub flops_per_step_noncausal: f64,
+    pub world: usize,
+    pub dp: usize,
+    pub edp: usize,
+    pub etp: usize,
+    pub vpp: usize,
+    pub num_microbatches: usize,
+    pub critical_stage: usize,
+    pub pipeline_total: f64,
+    pub bubble: f64,
+    pub pp_exposed: f64,
+    pub pp_total: f64,
+    pub dp_exposed: f64,
+    pub dp_total: f64,
+    pub optimizer_time: f64,
+    pub offload_time: f64,
+    pub stages: Vec<StageCost>,
+    pub stage_layers: Vec<(usize, usize)>,
+}
+
+/// Simulates one training step.
+pub fn simulate(cfg: &SimConfig) -> Result<Evaluation> {
+    let eng = Engine::new(cfg)?;
+    let stages = eng.stages();
+    let times: Vec<f64> = stages
+        .iter()
+        .map(|s| s.per_mb.time() + s.offload_time)
+        .collect();
+    let (pipeline_total, bubble, pp_exposed, pp_total) = eng.pipeline(&times);
+    let critical_stage = times
+        .iter()
+        .enumerate()
+        .fold((0, f64::MIN), |a, (i, &t)| if t > a.1 { (i, t) } else { a })
+        .0;
+    let dp_exposed = stages.iter().map(|s| s.dp_exposed).fold(0.0, f64::max);
+    let dp_total = stages.iter().map(|s| s.dp_comm).fold(0.0, f64::max);
+    let optimizer_time = stages.iter().map(|s| s.optimizer_time).fold(0.0, f64::max);
+    let offload_time = stages[critical_stage].offload_time * eng.nmb as f64;
+    let step_time = pipeline_total + pp_exposed + dp_exposed + optimizer_time;
+    let m = &cfg.model;
+    let t = &cfg.training;
+    let pv = m.padded_vocab(cfg.parallel.tp) as f64;
+    let gbs = t.global_batch_size as f64;
+    let seq = t.seq_length as f64;
+    let flops = model::megatron_flops(m, gbs, seq, pv, true);
+    let flops_nc = model::megatron_flops(m, gbs, seq, pv, false);
+    let world = eng.world;
+    let peak = cfg.cluster.peak16() * world as f64;
+    let reserved = cfg.cluster.memory_reserved_gib * GIB;
+    let memory_peak = stages
+        .iter()
+        .map(|s| s.total_memory(reserved))
+        .fold(0.0, f64::max);
+    let memory_capacity = cfg.cluster.memory_gib * GIB;
+    Ok(Evaluation {
+        step_time,
+        tokens_per_s: gbs * seq / step_time,
+        mfu: flops / (step_time * peak),
+        mfu_noncausal: flops_nc / (step_time * peak),
+        memory_peak,
+        memory_capacity,
+        fits: memory_peak <= memory_capacity,
+        flops_per_step: flops,
+        flops_per_step_noncausal: flops_nc,
+        world,
+        dp: eng.dp,
+        edp: eng.edp,
+        etp: eng.etp,
+        vpp: eng.vpp,
+        num_microbatches: eng.nmb,
+        critical_stage,
+        pipeline_total,
+        bubble,
+        pp_exposed,
+        pp_total,
+        dp_exposed,
+        dp_total,
+        optimizer_time,
+        offload_time,
+        stage_layers: eng
+            .stages
+            .iter()
+            .map(|s| (s.dense_layers, s.moe_layers))
+            .collect(),
+        stages,
+    })
+}
+
+fn gib(b: f64) -> f64 {
+    b / GIB
+}
+
+fn memory_json(s: &StageCost, reserved: f64, capacity: f64, per_device_params: f64) -> Json {
+    let act = s.activations();
+    let total = s.total_memory(reserved);
+    Json::obj()
+        .with("weights", gib(s.weights))
+        .with("gradients", gib(s.grads))
+        .with("optimizer", gib(s.optimizer))
+        .with(
+            "optimizer_without_distributed_optimizer",
+            gib(s.optimizer_no_distopt),
+        )
+        .with(
+            "activations",
+            Json::obj()
+                .with("attention", gib(s.act_attn))
+                .with("mlp", gib(s.act_mlp))
+                .with("embedding_and_logits", gib(s.act_embed))
+                .with("total", gib(act)),
+        )
+        .with("moe_dispatch_and_transient", gib(s.transient))
+        .with("inflight_microbatches", s.inflight)
+        .with(
+            "recompute_savings",
+            gib((s.act_no_recompute - s.act_attn - s.act_mlp - s.offload_saved).max(0.0)),
+        )
+        .with("offload_savings", gib(s.offload_saved))
+        .with("reserved", gib(reserved))
+        .with("total", gib(total))
+        .with("capacity", gib(capacity))
+        .with("fits", total <= capacity)
+        .with("parameters", per_device_params)
+}
+
+impl Evaluation {
+    /// The report as JSON (the schema of `moerail plan --json`).
+    pub fn to_json(&self, cfg: &SimConfig) -> Json {
+        let m = &cfg.model;
+        let p = &cfg.parallel;
+        let t = &cfg.training;
+        let gbs = t.global_batch_size as f64;
+        let seq = t.seq_length as f64;
+        let tokens = gbs * seq;
+        let (total, active) = model::param_totals(m);
+        let nmb = self.num_microbatches as f64;
+        let crit = &self.stages[self.critical_stage];
+        let mut compute = Json::obj();
+        for (i, name) in PARTS.iter().enumerate() {
+            compute = compute.with(name, nmb * crit.per_mb.compute[i]);
+        }
+        compute = compute.with(
+            "recompute",
+            nmb * crit.recompute.compute.iter().sum::<f64>(),
+        );
+        let mut comm = Json::obj();
+        for (i, name) in COMMS.iter().enumerate() {
+            let (tot, exp) = match *name {
+                "pp" => (self.pp_total, self.pp_exposed),
+                "dp" => (self.dp_total, self.dp_exposed),
+                _ => (nmb * crit.per_mb.comm[i], nmb * crit.per_mb.exposed[i]),
+            };
+            comm = comm.with(
+                name,
+                Json::obj()
+                    .with("total", tot)
+                    .with("exposed", exp)
+                    .with("overlapped", (tot - exp).max(0.0)),
+            );
+        }
+        let reserved = cfg.cluster.memory_reserved_gib * GIB;
+        let mem_stage = self
+            .stages
+            .iter()
+            .enumerate()
+            .fold((0, f64::MIN), |a, (i, s)| {
+                let v = s.total_memory(reserved);
+                if v > a.1 {
+                    (i, v)
+                } else {
+                    a
+                }
+            })
+            .0;
+        let per_stage: Vec<Json> = self
+            .stages
+            .iter()
+            .zip(&self.stage_layers)
+            .map(|(s, &(d, mo))| {
+                Json::obj()
+                    .with("dense_layers", d)
+                    .with("moe_layers", mo)
+                    .with("time_per_microbatch_s", s.per_mb.time() + s.offload_time)
+                    .with("memory_gib", gib(s.total_memory(reserved)))
+                    .with("weights_gib", gib(s.weights))
+                    .with("gradients_gib", gib(s.grads))
+                    .with("optimizer_gib", gib(s.optimizer))
+                    .with("activations_gib", gib(s.activations()))
+                    .with("parameters", s.params.per_device(p.tp, self.etp, p.ep))
+            })
+            .collect();
+        // Coupled layouts take ETP = TP and EP inside DP; anything else folds the experts
+        // over other dimensions.
+        let folded = self.etp != p.tp || (p.ep > 1 && p.cp > 1);
+        let recompute = match t.recompute_granularity {
+            Recompute::None => Json::Null,
+            Recompute::Full => Json::from(format!(
+                "full/{}/{}",
+                match t.recompute_method {
+                    config::RecomputeMethod::Uniform => "uniform",
+                    config::RecomputeMethod::Block => "block",
+                },
+                t.recompute_num_layers.unwrap_or(1)
+            )),
+            Recompute::Selective => Json::from(format!(
+                "selective/{}",
+                t.recompute_modules.names().join(",")
+            )),
+        };
+        Json::obj()
+            .with(
+                "model",
+                Json::obj()
+                    .with("name", m.name.clone())
+                    .with("parameters", total)
+                    .with("active_parameters", active)
+                    .with("flops_per_token", self.flops_per_step / tokens)
+                    .with(
+                        "flops_per_token_noncausal",
+                        self.flops_per_step_noncausal / tokens,
+                    )
+                    .with("flops_per_step", self.flops_per_step)
+                    .with("flops_per_step_noncausal", self.flops_per_step_noncausal),
+            )
+            .with(
+                "layout",
+                Json::obj()
+                    .with("world_size", self.world)
+                    .with("tp", p.tp)
+                    .with("cp", p.cp)
+                    .with("pp", p.pp)
+                    .with("vpp", self.vpp)
+                    .with("ep", p.ep)
+                    .with("etp", self.etp)
+                    .with("dp", self.dp)
+                    .with("edp", self.edp)
+                    .with("folded", folded)
+                    .with("micro_batch_size", t.micro_batch_size)
+                    .with("num_microbatches", self.num_microbatches)
+                    .with("recompute", recompute)
+                    .with(
+                        "stage_layers",
+                        self.stage_layers
+                            .iter()
+                            .map(|&(d, m)| d + m)
+                            .collect::<Vec<_>>(),
+                    ),
+            )
+            .with(
+                "time",
+                Json::obj()
+                    .with("step_s", self.step_time)
+                    .with("tokens_per_s", self.tokens_per_s)
+                    .with(
+                        "tokens_per_s_per_device",
+                        self.tokens_per_s / self.world as f64,
+                    )
+                    .with(
+                        "tflops_per_device",
+                        self.flops_per_step / self.step_time / self.world as f64 / 1e12,
+                    )
+                    .with(
+                        "tflops_per_device_noncausal",
+                        self.flops_per_step_noncausal / self.step_time / self.world as f64 / 1e12,
+                    )
+                    .with("mfu", self.mfu)
+                    .with("mfu_noncausal", self.mfu_noncausal),
+            )
+            .with(
+                "breakdown_s",
+                Json::obj()
+                    .with("critical_stage", self.critical_stage)
+                    .with("compute", compute)
+                    .with("communication", comm)
+                    .with("pipeline_bubble", self.bubble)
+                    .with("optimizer", self.optimizer_time)
+                    .with("offload", self.offload_time)
+                    .with("per_stage", per_stage),
+            )
+            .with(
+                "memory_gib",
+                memory_json(
+                    &self.stages[mem_stage],
+                    reserved,
+                    self.memory_capacity,
+                    self.stages[mem_stage]
+                        .params
+                        .per_device(p.tp, self.etp, p.ep),
+                )
+                .with("stage", mem_stage),
+            )
+            .with("fits", self.fits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config::Value;
+    use super::*;
+
+    pub(crate) fn mixtral_8x22b(tp: usize, pp: usize, ep: usize, etp: usize) -> SimConfig {
+        let mut c = SimConfig::default();
+        let set = |c: &mut SimConfig, k: &str, v: Value| c.set(k, &v).unwrap();
+        for (k, v) in [
+            ("num_layers", 56),
+            ("hidden_size", 6144),
+            ("num_attention_heads", 48),
+            ("num_query_groups", 8),
+            ("ffn_hidden_size", 16384),
+            ("vocab_size", 32768),
+            ("num_moe_experts", 8),
+            ("moe_router_topk", 2),
+            ("seq_length", 4096),
+            ("global_batch_size", 256),
+            ("devices", 128),
+            ("tensor_model_parallel_size", tp as i64),
+            ("pipeline_model_parallel_size", pp as i64),
+            ("expert_model_parallel_size", ep as i64),
+            ("expert_tensor_parallel_size", etp as i64),
+        ] {
+            set(&mut c, k, Value::Int(v));
+        }
+        set(&mut c, "swiglu", Value::Bool(true));
+        set(&mut c, "disable_bias_linear", Value::Bool(true));
+        set(
+            &mut c,
+            "untie_embeddings_and_output_weights",
+            Value::Bool(true),
+        );
+        set(&mut c, "normalization", Value::Str("RMSNorm".into()));
+        set(&mut c, "moe_expert_capacity_factor", Value::Float(1.0));
+        set(
+            &mut c,
+            "moe_pad_expert_input_to_capacity",
+            Value::Bool(true),
+        );
+        for (k, v) in [
+            ("peak_tflops_bf16", 989.5),
+            ("memory_gib", 80.0),
+            ("memory_bandwidth_gb_s", 3350.0),
+            ("intra_node_bandwidth_gb_s", 450.0),
+            ("inter_node_bandwidth_gb_s", 50.0),
+        ] {
+            set(&mut c, k, Value::Float(v));
+        }
+        c
+    }
+
+    #[test]
+    fn folding_report_is_consistent() {
+        let c = mixtral_8x22b(2, 8, 8, 1);
+        let e = simulate(&c).unwrap();
+        assert!(e.mfu > 0.2 && e.mfu < 0.8, "{}", e.mfu);
+        let j = e.to_json(&c);
+        // Breakdown adds up to the step time.
+        let b = j.get("breakdown_s").unwrap();
+        let num = |j: &Json| match j {
+            Json::Num(x) => *x,
+            Json::Int(i) => *i as f64,
+            _ => 0.0,
+        };
+        let mut sum = 0.0;
+        if let Some(Json::Obj(parts)) = b.get("compute") {
+            for (k, v) in parts {
+                if k != "recompute" {
+                    sum += num(v);
+                }
+            }
+        }
+        if let Some(Json::Obj(kinds)) = b.get("communication") {
+            for (_, v) in kinds {
+                sum += num(v.get("exposed").unwrap());
+            }
+        }
+        sum += num(b.get("pipeline_bubble").unwrap()) + num(b.get("optimizer").unwrap());
+        assert!(
+            (sum - e.step_time).abs() < 1e-9 * e.step_time,
+            "{sum} vs {}",
+            e.step_time
+        );
+        assert_eq!(
+            j.get("layout").unwrap().get("folded"),
+            Some(&Json::Bool(true))
+        );
+    }
+
+    #[test]
+    fn bad_layouts_name_the_argument() {
+        let c = mixtral_8x22b(2, 7, 8, 1);
+        let e = simulate(&c).unwrap_err().to_string();
+        assert!(e.starts_with("world_size:"), "{e}");
+        let c = mixtral_8x22b(2, 8, 3, 1);
+        let e = simulate(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("world_size:") || e.starts_with("expert_model_parallel_size:"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,408 @@
+//! Layout search: enumerate the valid layouts of a model on a number of devices (attention
+//! TP x CP x DP x PP folded with expert ETP x EP x EDP x PP, virtual pipeline, micro-batch
+//! size, recomputation), simulate each, keep the fastest that fit.
+
+use rayon::prelude::*;
+
+use crate::error::{ensure, Result};
+use crate::pool;
+use crate::sim::config::{Recompute, RecomputeMethod, RecomputeModules, SimConfig};
+use crate::sim::{simulate, Evaluation};
+
+/// Recomputation choices the search tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecomputeChoice {
+    None,
+    /// Norms and expert activations (plus MLA up-projections on MLA models).
+    Light,
+    /// Also core attention and shared experts.
+    Heavy,
+    /// Full, uniform, one layer per checkpoint.
+    Full,
+}
+
+impl RecomputeChoice {
+    pub const ALL: [RecomputeChoice; 4] = [
+        RecomputeChoice::None,
+        RecomputeChoice::Light,
+        RecomputeChoice::Heavy,
+        RecomputeChoice::Full,
+    ];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "light" | "selective" => Ok(Self::Light),
+            "heavy" => Ok(Self::Heavy),
+            "full" => Ok(Self::Full),
+            other => Err(crate::error::invalid(
+                "recompute",
+                format!("unknown choice '{other}' (expected none, light, heavy or full)"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Light => "light",
+            Self::Heavy => "heavy",
+            Self::Full => "full",
+        }
+    }
+
+    fn apply(self, cfg: &mut SimConfig) {
+        let t = &mut cfg.training;
+        let mla = cfg.model.multi_latent_attention;
+        match self {
+            Self::None => t.recompute_granularity = Recompute::None,
+            Self::Light | Self::Heavy => {
+                t.recompute_granularity = Recompute::Selective;
+                t.recompute_modules = RecomputeModules {
+                    layernorm: true,
+                    moe_act: true,
+                    mla_up_proj: mla,
+                    core_attn: self == Self::Heavy,
+                    shared_experts: self == Self::Heavy,
+                    ..Default::default()
+                };
+            }
+            Self::Full => {
+                t.recompute_granularity = Recompute::Full;
+                t.recompute_method = RecomputeMethod::Uniform;
+                t.recompute_num_layers = Some(1);
+            }
+        }
+    }
+}
+
+/// One point of the search space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub tp: usize,
+    pub cp: usize,
+    pub pp: usize,
+    pub vpp: usize,
+    pub ep: usize,
+    pub etp: usize,
+    pub mbs: usize,
+    pub recompute: RecomputeChoice,
+    /// Uneven pipeline: layers on the first and last stage (0 = even split).
+    pub first: usize,
+    pub last: usize,
+    /// Count the embedding and the loss as one layer each in the pipeline split.
+    pub account: bool,
+}
+
+impl Candidate {
+    /// `base` with this layout applied.
+    pub fn apply(&self, base: &SimConfig) -> SimConfig {
+        let mut c = base.clone();
+        let p = &mut c.parallel;
+        p.tp = self.tp;
+        p.cp = self.cp;
+        p.pp = self.pp;
+        p.vpp = if self.vpp > 1 { Some(self.vpp) } else { None };
+        p.num_layers_per_virtual_pipeline_stage = None;
+        p.ep = self.ep;
+        p.etp = Some(self.etp);
+        p.decoder_first_pipeline_num_layers = (self.first > 0).then_some(self.first);
+        p.decoder_last_pipeline_num_layers = (self.last > 0).then_some(self.last);
+        p.account_for_embedding_in_pipeline_split = self.account;
+        p.account_for_loss_in_pipeline_split = self.account;
+        c.training.micro_batch_size = self.mbs;
+        self.recompute.apply(&mut c);
+        c
+    }
+}
+
+/// Which values each dimension may take (empty = moerail's defaults).
+#[derive(Clone, Debug, Default)]
+pub struct Space {
+    pub tp: Vec<usize>,
+    pub cp: Vec<usize>,
+    pub pp: Vec<usize>,
+    pub vpp: Vec<usize>,
+    pub ep: Vec<usize>,
+    pub etp: Vec<usize>,
+    pub mbs: Vec<usize>,
+    pub recompute: Vec<RecomputeChoice>,
+}
+
+fn pow2_upto(n: usize) -> Vec<usize> {
+    let mut v = vec![1];
+    while v.last().unwrap() * 2 <= n {
+        v.push(v.last().unwrap() * 2);
+    }
+    v
+}
+
+fn divisors(n: usize) -> Vec<usize> {
+    (1..=n).filter(|d| n % d == 0).collect()
+}
+
+/// `(first, last)` layer counts of an uneven split of `layers` over `pp` stages whose middle
+/// stages carry `ceil(layers / pp)` or more layers, lighter ends (Megatron's
+/// `decoder_first/last_pipeline_num_layers`); `None` when no such split exists.
+pub fn uneven_split(layers: usize, pp: usize) -> Option<(usize, usize)> {
+    if pp == 2 && layers >= 2 {
+        return Some((layers - layers / 2, layers / 2));
+    }
+    if pp < 3 {
+        return None;
+    }
+    let mid = pp - 2;
+    (layers.div_ceil(pp)..=layers / mid).find_map(|q| {
+        let rest = layers.checked_sub(q * mid)?;
+        let last = rest / 2;
+        let first = rest - last;
+        (last >= 1 && first <= q).then_some((first, last))
+    })
+}
+
+/// Every candidate of `space` that passes the cheap divisibility checks.
+pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
+    let world = base.world_size()?;
+    let m = &base.model;
+    let t = &base.training;
+    let dpn = base.cluster.devices_per_node;
+    let or = |v: &Vec<usize>, d: Vec<usize>| if v.is_empty() { d } else { v.clone() };
+    let tps = or(&space.tp, pow2_upto(dpn.min(world)));
+    let cps = or(&space.cp, pow2_upto((t.seq_length / 2048).clamp(1, 32)));
+    let pps = or(
+        &space.pp,
+        divisors(world)
+            .into_iter()
+            .filter(|&p| p <= m.num_layers)
+            .collect(),
+    );
+    let eps = if m.is_moe() {
+        or(
+            &space.ep,
+            divisors(m.experts())
+                .into_iter()
+                .filter(|e| world % e == 0)
+                .collect(),
+        )
+    } else {
+        vec![1]
+    };
+    let etps = if m.is_moe() {
+        or(&space.etp, pow2_upto(dpn.min(world)))
+    } else {
+        vec![0]
+    };
+    let mbss = or(&space.mbs, vec![1, 2, 4]);
+    let recs = if space.recompute.is_empty() {
+        RecomputeChoice::ALL.to_vec()
+    } else {
+        space.recompute.clone()
+    };
+    let heads = m.num_attention_heads;
+    let groups = if m.multi_latent_attention {
+        heads
+    } else {
+        m.query_groups()
+    };
+    let mut out = Vec::new();
+    for &tp in &tps {
+        if world % tp != 0 || heads % tp != 0 || groups % tp != 0 || m.ffn() % tp != 0 {
+            continue;
+        }
+        for &cp in &cps {
+            if cp > 1 && t.seq_length % (2 * cp * tp) != 0 {
+                continue;
+            }
+            for &pp in &pps {
+                let model_par = tp * cp * pp;
+                if world % model_par != 0 {
+                    continue;
+                }
+                let dp = world / model_par;
+                // Even split; else count embedding and loss as layers when that evens it
+                // out (Megatron's account_for_*_in_pipeline_split); else lighter end stages.
+                let (first, last, account) = if m.num_layers % pp == 0 {
+                    (0, 0, false)
+                } else if pp > 1 && (m.num_layers + 2) % pp == 0 && (m.num_layers + 2) / pp > 1 {
+                    (0, 0, true)
+                } else {
+                    match uneven_split(m.num_layers, pp) {
+                        Some((f, l)) => (f, l, false),
+                        None => continue,
+                    }
+                };
+                let per_stage = if first > 0 {
+                    0
+                } else {
+                    (m.num_layers + 2 * usize::from(account)) / pp
+                };
+                let vpps: Vec<usize> = if !space.vpp.is_empty() {
+                    space.vpp.clone()
+                } else if pp > 1 && per_stage > 1 {
+                    divisors(per_stage)
+                } else {
+                    vec![1]
+                };
+                for &vpp in &vpps {
+                    if vpp > 1 && (pp == 1 || per_stage == 0 || per_stage % vpp != 0) {
+                        continue;
+                    }
+                    for &ep in &eps {
+                        for &etp in &etps {
+                            let etp = if m.is_moe() { etp } else { tp };
+                            if m.is_moe() && (m.moe_ffn() % etp != 0) {
+                                continue;
+                            }
+                            if world % (etp * ep * pp) != 0 {
+                                continue;
+                            }
+                            for &mbs in &mbss {
+                                if t.global_batch_size % (mbs * dp) != 0 {
+                                    continue;
+                                }
+                                let nmb = t.global_batch_size / (mbs * dp);
+                                if vpp > 1 && nmb % pp != 0 {
+                                    continue;
+                                }
+                                for &recompute in &recs {
+                                    out.push(Candidate {
+                                        tp,
+                                        cp,
+                                        pp,
+                                        vpp,
+                                        ep,
+                                        etp,
+                                        mbs,
+                                        recompute,
+                                        first,
+                                        last,
+                                        account,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A ranked result.
+#[derive(Clone, Debug)]
+pub struct Ranked {
+    pub candidate: Candidate,
+    pub evaluation: Evaluation,
+}
+
+/// Counts of a search.
+#[derive(Clone, Debug, Default)]
+pub struct SearchStats {
+    pub candidates: usize,
+    pub evaluated: usize,
+    pub invalid: usize,
+    pub fit: usize,
+    pub seconds: f64,
+}
+
+/// Simulates every candidate (in parallel) and returns the `top` fastest that fit in memory
+/// (or, with `include_oom`, the fastest regardless). `progress(done, total)` is called
+/// between chunks; returning `false` stops the search early.
+pub fn search(
+    base: &SimConfig,
+    candidates: &[Candidate],
+    top: usize,
+    include_oom: bool,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<(Vec<Ranked>, SearchStats)> {
+    ensure(top >= 1, "top", || "must be >= 1".into())?;
+    let start = std::time::Instant::now();
+    let mut stats = SearchStats {
+        candidates: candidates.len(),
+        ..Default::default()
+    };
+    let mut best: Vec<Ranked> = Vec::new();
+    let chunk = 4096;
+    for (ci, part) in candidates.chunks(chunk).enumerate() {
+        let results: Vec<Option<(Candidate, Evaluation)>> = pool::install(|| {
+            part.par_iter()
+                .map(|c| simulate(&c.apply(base)).ok().map(|e| (*c, e)))
+                .collect()
+        });
+        for r in results {
+            stats.evaluated += 1;
+            match r {
+                None => stats.invalid += 1,
+                Some((c, e)) => {
+                    if e.fits {
+                        stats.fit += 1;
+                    }
+                    if e.fits || include_oom {
+                        best.push(Ranked {
+                            candidate: c,
+                            evaluation: e,
+                        });
+                    }
+                }
+            }
+        }
+        best.sort_by(|a, b| {
+            b.evaluation
+                .tokens_per_s
+                .total_cmp(&a.evaluation.tokens_per_s)
+                .then(
+                    a.evaluation
+                        .memory_peak
+                        .total_cmp(&b.evaluation.memory_peak),
+                )
+        });
+        best.truncate(top);
+        if !progress(((ci + 1) * chunk).min(candidates.len()), candidates.len()) {
+            break;
+        }
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok((best, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::tests::mixtral_8x22b;
+
+    #[test]
+    fn uneven_splits() {
+        assert_eq!(uneven_split(61, 16), Some((3, 2)));
+        let (f, l) = uneven_split(61, 8).unwrap();
+        assert_eq!((61 - f - l) % 6, 0);
+        assert!(f <= (61 - f - l) / 6 && l >= 1);
+        assert_eq!(uneven_split(11, 2), Some((6, 5)));
+        assert_eq!(uneven_split(3, 4), None);
+    }
+
+    #[test]
+    fn search_finds_fitting_layouts() {
+        let base = mixtral_8x22b(1, 1, 1, 1);
+        let space = Space {
+            mbs: vec![1],
+            recompute: vec![RecomputeChoice::None, RecomputeChoice::Full],
+            ..Default::default()
+        };
+        let cands = enumerate(&base, &space).unwrap();
+        assert!(cands.len() > 50, "{}", cands.len());
+        let mut calls = 0;
+        let (best, stats) = search(&base, &cands, 5, false, &mut |_, _| {
+            calls += 1;
+            true
+        })
+        .unwrap();
+        assert!(calls >= 1);
+        assert_eq!(stats.evaluated, cands.len());
+        assert!(!best.is_empty() && best.len() <= 5);
+        assert!(best.iter().all(|r| r.evaluation.fits));
+        for w in best.windows(2) {
+            assert!(w[0].evaluation.tokens_per_s >= w[1].evaluation.tokens_per_s);
+        }
+    }
+}
