@@ -389,6 +389,40 @@ def test_tracker_accumulates_per_step_and_keeps_a_window():
     assert t.trace[-1]["max_mean_expert"][1] == 1.0
 
 
+def test_tracker_hooks_routers():
+    """Megatron-style routers (probs, routing_map) and moerail-style ones (with counts) alike."""
+
+    class MapRouter(torch.nn.Module):  # like Megatron's TopKRouter
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 6))
+
+        def forward(self, x):
+            probs, idx = torch.softmax(x @ self.w, -1).topk(2, dim=-1)
+            routing_map = torch.zeros(x.shape[0], 6, dtype=torch.bool).scatter(1, idx, True)
+            return torch.zeros_like(routing_map, dtype=x.dtype).scatter(1, idx, probs), routing_map
+
+    class CountRouter(MapRouter):  # moerail.topk_route(..., return_tokens_per_expert=True)
+        def forward(self, x):
+            return moerail.topk_route(x @ self.w, 2, dense_output=True, return_tokens_per_expert=True)
+
+    routers = [MapRouter(), CountRouter()]
+    t = moerail.LoadTracker(2, 6)
+    handles = t.hook_routers(routers)
+    x = torch.randn(50, 8)
+    expect = [routers[0](x)[1].sum(0).double(), torch.bincount(routers[1](x)[1].flatten(), minlength=6).double()]
+    t._acc.zero_()  # the two calls above were counted too
+    for _ in range(3):
+        for r in routers:
+            r(x)
+    with torch.no_grad():  # recomputation / evaluation: not counted
+        routers[0](x)
+    t.step()
+    assert torch.equal(t.history[-1], torch.stack(expect) * 3)
+    for h in handles:
+        h.remove()
+
+
 def test_trace_files_and_heatmap(tmp_path):
     rng = np.random.default_rng(4)
     t = moerail.LoadTracker(3, 16)

@@ -393,6 +393,35 @@ class LoadTracker:
         for layer in range(self.num_layers):
             self.record(layer, t[layer])
 
+    def hook_routers(self, routers: Sequence[torch.nn.Module]) -> list:
+        """Records router ``i``'s counts as layer ``i`` on each of its forward passes; returns the
+        hook handles (``handle.remove()`` detaches).
+
+        A router's output is ``(probs, routing_map [T, E])`` (Megatron's ``TopKRouter``: the count
+        is one column sum of the boolean map, not a pass over the hidden states), or a tuple whose
+        third value is ``tokens_per_expert`` (``moerail.topk_route(...,
+        return_tokens_per_expert=True)`` wrapped in a module: counted in the routing pass itself).
+        Forward passes without grad (evaluation, activation recomputation) are not counted, as
+        Megatron's own expert-bias counts are not."""
+        if len(routers) != self.num_layers:
+            raise ValueError(f"routers: expected {self.num_layers} (one per MoE layer), got {len(routers)}")
+
+        def make(layer: int):
+            def hook(module, inputs, output):
+                if not torch.is_grad_enabled():
+                    return
+                if not isinstance(output, (tuple, list)) or len(output) < 2:
+                    raise TypeError("routers: expected a router returning (probs, routing_map[, tokens_per_expert])")
+                if len(output) >= 3 and isinstance(output[2], torch.Tensor) and output[2].dim() == 1:
+                    counts = output[2]
+                else:
+                    counts = output[1].reshape(-1, self.num_experts).sum(0)
+                self.record(layer, counts)
+
+            return hook
+
+        return [r.register_forward_hook(make(i)) for i, r in enumerate(routers)]
+
     def set_placement(self, phy2log, num_gpus: int, num_nodes: int = 1, capacity: Optional[float] = None) -> None:
         """The placement the per-step records measure (device and node balance)."""
         p = _placement(phy2log, "phy2log", self.num_layers)
