@@ -185,15 +185,25 @@ def test_refine_gets_closer_to_the_bound_on_zipf():
 def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(3)
     w = torch.from_numpy(zipf_loads(rng, 20, 64))
+    old, _, _ = moerail.rebalance_experts(torch.from_numpy(zipf_loads(rng, 20, 64)), 80, 8, 4, 16)
+    hist = torch.from_numpy(rng.poisson(50, size=(40, 20 * 64)).astype(np.float64))
+    idx = torch.from_numpy(rng.integers(0, 64, size=(20000, 4)))
     n = moerail.get_num_threads()
     try:
         outs = []
         for t in (1, 3):
             moerail.set_num_threads(t)
-            outs.append([moerail.rebalance_experts(w, 80, 8, 4, 16, mode=m) for m in ("eplb", "refine")])
-        for a, b in zip(*outs):
-            for x, y in zip(a, b):
-                assert torch.equal(x, y)
+            res = [x for m in ("eplb", "refine") for x in moerail.rebalance_experts(w, 80, 8, 4, 16, mode=m)]
+            plan = moerail.plan_migration(old, res[0], 16, 4, expert_bytes=1e6)
+            res += [plan.phy2log, plan.transfers, torch.tensor(plan.seconds)]
+            res += [moerail.placement_metrics(w, res[0], 16, 4, capacity=10.0)[k] for k in ("device_load", "dropped")]
+            pred = torch.empty(hist.shape[1], dtype=torch.float64)
+            moerail._native.predict_load(hist, "trend", 0.2, 8, 3, pred)
+            res += [pred, torch.tensor(moerail._native.backtest_predictor(hist, "trend", 0.2, 8, 3, 4))]
+            res.append(moerail.select_replicas(idx, res[1][0], res[2][0], 80, offset=2))
+            outs.append(res)
+        for x, y in zip(*outs):
+            assert torch.equal(x, y)
     finally:
         moerail.set_num_threads(n)
 
