@@ -95,29 +95,53 @@ def _quality(quick: bool) -> str:
     )
 
 
+def _new_placement(label, w1, old, topo):
+    replicas, groups, nodes, gpus = topo
+    if label == "keep the placement":
+        return old
+    if label.endswith("from scratch"):
+        return moerail.rebalance_experts(w1, *topo, mode=label.split()[0])[0]
+    max_moves = 16 if "max_moves" in label else None
+    return moerail.improve_placement(w1, old, gpus, nodes, max_moves=max_moves)[0]
+
+
 def _migration(quick: bool) -> str:
     rng = np.random.default_rng(2)
     rows = []
+    expert_bytes = 3 * 7168 * 2048 * (2 + 4 + 4 + 4)  # bf16 weights, fp32 main copy, Adam m and v
     for name, layers, experts, replicas, groups, nodes, gpus in SIZES:
         if quick:
             layers = 8
+        short = name.split(":")[0].split(" (")[0]
         w0 = zipf_loads(rng, layers, experts, 1.2)
         # the next interval: the same experts stay hot, with 20% noise
         w1 = w0 * rng.uniform(0.8, 1.2, size=w0.shape)
         old, _, _ = moerail.rebalance_experts(w0, replicas, groups, nodes, gpus)
-        new, _, _ = moerail.rebalance_experts(w1, replicas, groups, nodes, gpus)
-        expert_bytes = 3 * 7168 * 2048 * (2 + 4 + 4 + 4)  # bf16 weights, fp32 main copy, Adam m and v
-        t0 = time.perf_counter()
-        plan = moerail.plan_migration(old, new, gpus, nodes, expert_bytes=expert_bytes)
-        t_plan = time.perf_counter() - t0
-        naive = int((old != new).sum())
-        rows.append(
-            [name.split(":")[0].split(" (")[0], _common.ms(t_plan), naive, len(plan.transfers),
-             plan.num_network_transfers, f"{plan.inter_node_bytes / 1e9:.1f}", f"{plan.seconds:.3f}"]
-        )  # fmt: skip
+        keep = groups % nodes == 0 and nodes > 1
+        topo = (replicas, groups, nodes, gpus)
+        candidates = [
+            "keep the placement",
+            "eplb from scratch",
+            "refine from scratch",
+            "improve_placement",
+            "improve_placement, max_moves=16",
+        ]
+        for label in candidates:
+            t0 = time.perf_counter()
+            new = _new_placement(label, w1, old, topo)
+            t_place = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            plan = moerail.plan_migration(old, new, gpus, nodes, expert_bytes=expert_bytes, keep_nodes=keep)
+            t_plan = time.perf_counter() - t0
+            ratio = moerail.placement_metrics(w1, plan.phy2log, gpus, nodes)["summary"]["max_mean_device"]
+            rows.append(
+                [short, label, f"{ratio:.3f}", _common.ms(t_place), _common.ms(t_plan), int((old != new).sum()),
+                 len(plan.transfers), plan.num_network_transfers, f"{plan.inter_node_bytes / 1e9:.1f}",
+                 f"{plan.seconds:.3f}"]
+            )  # fmt: skip
     return _common.table(
-        ["size", "plan (ms)", "slots changed (unmatched)", "copies after matching", "over the network",
-         "inter-node GB", "migration s (link model)"],
+        ["size", "new placement", "max/mean (next loads)", "place (ms)", "plan (ms)", "slots changed (unmatched)",
+         "copies after matching", "over the network", "inter-node GB", "migration s (link model)"],
         rows,
     )  # fmt: skip
 
@@ -143,10 +167,12 @@ def run(quick: bool) -> str:
             "",
             _quality(quick),
             "",
-            "Migration planning: from the placement for one interval's loads to the next (same hot experts, 20% "
-            "noise). Devices and slots of the new placement are renumbered (Hungarian matching) so experts stay "
-            "put; an expert = 3 x 7168 x 2048 parameters with bf16 weights, fp32 main copy and Adam moments; link "
-            "model: 150 GB/s inside a node, 45 GB/s between nodes, 20 us a message.",
+            "Migration: the placement made for one interval's loads, then the next interval (same hot experts, "
+            "20% noise): keep it, re-place from scratch, or improve it in place (`improve_placement`: refine's "
+            "moves starting from the current placement, optionally at most 16 changed slots a layer). Devices and "
+            "slots of the new placement are renumbered (Hungarian matching) so experts stay put; an expert = 3 x "
+            "7168 x 2048 parameters with bf16 weights, fp32 main copy and Adam moments; link model: 150 GB/s "
+            "inside a node, 45 GB/s between nodes, 20 us a message.",
             "",
             _migration(quick),
         ]

@@ -578,6 +578,51 @@ def test_transfer_cost_follows_the_link_model():
             assert sr // per_node == dr // per_node
 
 
+@pytest.mark.parametrize("cfg", [(64, 80, 8, 4, 16), (64, 72, 4, 3, 6), (256, 288, 8, 18, 144)], ids=str)
+@pytest.mark.parametrize("max_moves", [None, 0, 3, 10])
+def test_improve_placement_is_incremental(cfg, max_moves):
+    experts, replicas, groups, nodes, gpus = cfg
+    rng = np.random.default_rng(zlib.crc32(repr((cfg, max_moves)).encode()))
+    layers = 4
+    w0 = zipf_loads(rng, layers, experts)
+    w1 = w0 * rng.uniform(0.7, 1.3, size=w0.shape)  # the next interval
+    cur, _, _ = moerail.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    phy2log, log2phy, logcnt = moerail.improve_placement(w1, cur, gpus, nodes, max_moves=max_moves)
+    check_consistent(phy2log, log2phy, logcnt, (experts, replicas, 1, 1, gpus), "improve")
+    mean = w1.sum(1) / gpus
+    before = ref.device_loads(w1, cur.numpy(), gpus).max(1) / mean
+    after = ref.device_loads(w1, phy2log.numpy(), gpus).max(1) / mean
+    assert (after <= before * (1 + 1e-12)).all()
+    changed = (phy2log != cur).sum(1)
+    if max_moves is not None:
+        assert (changed <= max_moves).all()
+    if max_moves == 0:
+        assert torch.equal(phy2log, cur)
+    if max_moves is None:
+        assert (after < before).any()
+    keep = is_hierarchical(cfg)  # EPLB's hierarchical placements keep experts inside nodes
+    if keep:
+        spn = replicas // nodes
+        for layer in range(layers):
+            for n in range(nodes):
+                a = set(cur[layer, n * spn : (n + 1) * spn].tolist())
+                b = set(phy2log[layer, n * spn : (n + 1) * spn].tolist())
+                assert a == b, "every expert stays in its node"
+    # the migration moves at most the changed slots (matching may renumber devices to move fewer)
+    plan = moerail.plan_migration(cur, phy2log, gpus, nodes, expert_bytes=1.0, keep_nodes=keep)
+    assert len(plan.transfers) <= int(changed.sum())
+
+
+def test_improve_placement_rejects_experts_split_over_nodes():
+    cur = torch.tensor([[0, 1, 2, 3, 0, 4, 5, 6]])  # expert 0 in both nodes
+    with pytest.raises(ValueError, match=r"^current_phy2log: expert 0 of layer 0 has replicas in nodes 0 and 1"):
+        moerail.improve_placement(torch.ones(1, 7), cur, 4, 2, keep_nodes=True)
+    p, _, _ = moerail.improve_placement(torch.ones(1, 7), cur, 4, 2)  # detected: global moves
+    assert p.shape == (1, 8)
+    with pytest.raises(ValueError, match=r"^max_moves: must be >= 0"):
+        moerail.improve_placement(torch.ones(1, 7), cur, 4, 2, max_moves=-1)
+
+
 def test_should_migrate_weighs_gain_against_cost(caplog):
     rng = np.random.default_rng(13)
     layers, experts, gpus = 4, 32, 8
@@ -678,7 +723,7 @@ def test_cli_balance(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for row in ("before", "eplb", "refine", "lower bound"):
+    for row in ("before", "eplb", "refine", "improve (from before)", "lower bound"):
         assert row in out
     before = moerail.placement_metrics(w, moerail.default_placement(4, 32, 8), 8, 2)["summary"]["max_mean_device"]
     assert f"{before:.3f}" in out

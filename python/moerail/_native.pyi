@@ -68,6 +68,10 @@ def rebalance_experts(
     weight: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, mode: str,
     phy2log: Tensor, phyrank: Tensor, logcnt: Tensor,
 ) -> None: ...
+def improve_placement(
+    weight: Tensor, current_phy2log: Tensor, num_gpus: int, num_nodes: int, keep_nodes: bool, max_moves: Optional[int],
+    phy2log: Tensor, phyrank: Tensor, logcnt: Tensor,
+) -> None: ...
 def fill_log2phy(phy2log: Tensor, log2phy: Tensor, phyrank: Optional[Tensor] = None) -> None: ...
 def placement_metrics(
     load: Tensor, phy2log: Tensor, num_gpus: int, num_nodes: int, capacity: Optional[float],

@@ -49,6 +49,7 @@ __all__ = [
     "expand_placement",
     "expert_seconds_per_token",
     "expert_slot_tensors",
+    "improve_placement",
     "load_loads",
     "log2phy_from_phy2log",
     "lower_bound",
@@ -144,6 +145,50 @@ def rebalance_experts(
     logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
     _native.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, mode, phy2log, phyrank, logcnt)
     return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
+
+
+def improve_placement(
+    weight,
+    current_phy2log,
+    num_gpus: int,
+    num_nodes: int = 1,
+    *,
+    keep_nodes: Optional[bool] = None,
+    max_moves: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rebalances incrementally: improves ``current_phy2log [L, R]`` for the loads ``weight [L, E]``
+    with ``mode="refine"``'s moves (swapping replicas between devices, giving a replica to another
+    expert) instead of placing from scratch, so the migration stays small. At most ``max_moves``
+    slots change per layer (default: no limit); the busiest device is never busier than with
+    ``current_phy2log``; unchanged slots keep their expert, so ``plan_migration`` moves at most the
+    changed slots. ``keep_nodes`` (default: when ``num_nodes > 1`` and every expert's replicas are
+    in one node, as in EPLB's hierarchical placements) keeps each expert's replicas in its node.
+    Returns ``(phy2log, log2phy, logcnt)`` like :func:`rebalance_experts`."""
+    w = _loads(weight, "weight")
+    cur = _placement(current_phy2log, "current_phy2log", w.shape[0])
+    num_gpus = _int(num_gpus, "num_gpus")
+    num_nodes = _int(num_nodes, "num_nodes")
+    if max_moves is not None:
+        max_moves = _int(max_moves, "max_moves", minimum=0)
+    if keep_nodes is None:
+        keep_nodes = num_nodes > 1 and cur.shape[1] % num_nodes == 0 and _within_nodes(cur, num_nodes)
+    num_layers, num_experts = w.shape
+    phy2log = torch.empty_like(cur)
+    phyrank = torch.empty_like(cur)
+    logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
+    _native.improve_placement(w, cur, num_gpus, num_nodes, bool(keep_nodes), max_moves, phy2log, phyrank, logcnt)
+    return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
+
+
+def _within_nodes(p: torch.Tensor, num_nodes: int) -> bool:
+    """Whether every expert's replicas sit in one node."""
+    num_layers, num_replicas = p.shape
+    node = (torch.arange(num_replicas) // (num_replicas // num_nodes)).expand(num_layers, -1)
+    e_max = int(p.max()) + 1 if p.numel() else 1
+    lo = torch.full((num_layers, e_max), num_nodes, dtype=torch.int64).scatter_reduce(1, p, node, "amin")
+    hi = torch.full((num_layers, e_max), -1, dtype=torch.int64).scatter_reduce(1, p, node, "amax")
+    present = hi >= 0
+    return bool((lo[present] == hi[present]).all())
 
 
 def _log2phy(phy2log: torch.Tensor, phyrank: Optional[torch.Tensor], logcnt: torch.Tensor) -> torch.Tensor:

@@ -288,11 +288,21 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
     if before is not None:
         row(before_name, before)
-    modes = ["eplb", "refine"] if args.mode == "both" else [args.mode]
+    modes = ["eplb", "refine", "improve"] if args.mode == "all" else [args.mode]
+    current = None if before is None else balance.expand_placement(before, replicas, args.gpus)
     for mode in modes:
-        p, l2p, c = balance.rebalance_experts(load, replicas, groups, args.nodes, args.gpus, mode=mode)
+        if mode == "improve":
+            if current is None:
+                if args.mode == "improve":
+                    raise ValueError("--mode improve: needs the current placement (--current, or E divisible by --gpus)")
+                continue
+            p, l2p, c = balance.improve_placement(load, current, args.gpus, args.nodes, max_moves=args.max_moves)
+            name = "improve (from " + ("current)" if args.current else "before)")
+        else:
+            p, l2p, c = balance.rebalance_experts(load, replicas, groups, args.nodes, args.gpus, mode=mode)
+            name = mode
         placements[mode] = (p, l2p, c)
-        m = row(mode, p)
+        m = row(name, p)
     bound = m["lower_bound"]
     rows.append(["lower bound", f"{float(bound.mean()):.3f}", f"{float(bound.max()):.3f}", "", "", ""]
                 + ([""] if args.capacity is not None else []))  # fmt: skip
@@ -302,14 +312,14 @@ def cmd_balance(args: argparse.Namespace) -> int:
     print(_balance_table(header, rows))
     print("(max/mean dev: mean over layers of busiest / mean device load; step: sum over layers of the busiest "
           "load / sum of the mean)")  # fmt: skip
-    best = placements[modes[-1]]
-    if before is not None and args.expert_bytes is not None:
-        # a layout with fewer slots first gets its new slots filled locally
-        current = balance.expand_placement(before, replicas, args.gpus)
+    use = args.use if args.use in placements else list(placements)[-1]
+    best = placements[use]
+    if current is not None and args.expert_bytes is not None:
+        # (a layout with fewer slots first fills its new slots locally: expand_placement)
         plan = balance.plan_migration(current, best[0], args.gpus, args.nodes, expert_bytes=args.expert_bytes,
                                       keep_nodes=groups % args.nodes == 0 and args.nodes > 1)  # fmt: skip
         print(
-            f"migration {before_name} -> {modes[-1]}: {len(plan.transfers)} copies "
+            f"migration {before_name} -> {use}: {len(plan.transfers)} copies "
             f"({plan.num_network_transfers} over the network, {plan.inter_node_bytes / 1e9:.2f} GB between nodes, "
             f"{plan.intra_node_bytes / 1e9:.2f} GB inside nodes), {plan.seconds * 1e3:.1f} ms on the link model"
         )
@@ -339,7 +349,11 @@ def _add_balance(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     b.add_argument("--replicas", type=int, default=None, help="physical slots per layer (default: the number of experts)")
     b.add_argument("--groups", type=int, default=None, help="expert groups (default 1)")
-    b.add_argument("--mode", choices=["eplb", "refine", "both"], default="both")
+    b.add_argument("--mode", choices=["eplb", "refine", "improve", "all"], default="all",
+                   help="placements to compute (improve: incremental from the current one; default all)")
+    b.add_argument("--use", choices=["eplb", "refine", "improve"], default="refine",
+                   help="the placement to plan, save and plot (default refine)")
+    b.add_argument("--max-moves", type=int, default=None, help="improve: at most this many changed slots a layer")
     b.add_argument("--capacity", type=float, default=None, help="tokens per slot (reports dropped tokens)")
     b.add_argument("--current", default=None, help="the current phy2log (.pt/.npy/.csv) instead of the E/G-a-device layout")
     b.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert with its optimizer state: plan the migration")

@@ -67,6 +67,60 @@ pub fn rebalance_experts(
     })
 }
 
+/// Improves `current_phy2log [L, R]` for `weight [L, E]` in place (see
+/// moerail_core::balance::improve_placement): writes `phy2log`, `phyrank` `[L, R]`, `logcnt`.
+#[pyfunction]
+#[pyo3(signature = (weight, current_phy2log, num_gpus, num_nodes, keep_nodes, max_moves, phy2log, phyrank, logcnt))]
+#[allow(clippy::too_many_arguments)]
+pub fn improve_placement(
+    py: Python<'_>,
+    weight: &Bound<'_, PyAny>,
+    current_phy2log: &Bound<'_, PyAny>,
+    num_gpus: usize,
+    num_nodes: usize,
+    keep_nodes: bool,
+    max_moves: Option<usize>,
+    phy2log: &Bound<'_, PyAny>,
+    phyrank: &Bound<'_, PyAny>,
+    logcnt: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let w = f64_2d(weight, "weight", "[num_layers, num_experts]")?;
+    let (l_n, e_n) = (w.shape[0], w.shape[1]);
+    let c = Tensor::from_py(current_phy2log, "current_phy2log")?;
+    c.expect_dtype(&[DType::I64], "int64")?;
+    c.expect_ndim(2, "[num_layers, num_replicas]")?;
+    if c.shape[0] != l_n {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "current_phy2log: expected {l_n} layers (the rows of weight), got {}",
+            c.shape[0]
+        )));
+    }
+    let r_n = c.shape[1];
+    let p = i64_t(phy2log, "phy2log", &[l_n, r_n])?;
+    let r = i64_t(phyrank, "phyrank", &[l_n, r_n])?;
+    let k = i64_t(logcnt, "logcnt", &[l_n, e_n])?;
+    check_disjoint(&[&p, &r, &k], &[&w, &c])?;
+    // SAFETY: checked above.
+    let (ws, cs, ps, rs, ks) = unsafe {
+        (
+            w.slice::<f64>(),
+            c.slice::<i64>(),
+            p.slice_mut::<i64>(),
+            r.slice_mut::<i64>(),
+            k.slice_mut::<i64>(),
+        )
+    };
+    run(py, || {
+        let out = balance::improve_placement(
+            ws, l_n, e_n, cs, r_n, num_gpus, num_nodes, keep_nodes, max_moves,
+        )?;
+        ps.copy_from_slice(&out.phy2log);
+        rs.copy_from_slice(&out.phyrank);
+        ks.copy_from_slice(&out.logcnt);
+        Ok(())
+    })
+}
+
 /// `log2phy [L, E, X]` of `phy2log [L, R]` with replica ranks from `phyrank` (or ascending slot
 /// order without it); -1 past each count.
 #[pyfunction]
@@ -501,6 +555,7 @@ pub fn select_replicas_map(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rebalance_experts, m)?)?;
+    m.add_function(wrap_pyfunction!(improve_placement, m)?)?;
     m.add_function(wrap_pyfunction!(fill_log2phy, m)?)?;
     m.add_function(wrap_pyfunction!(placement_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(predict_load, m)?)?;

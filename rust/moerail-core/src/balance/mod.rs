@@ -390,6 +390,85 @@ pub fn rebalance_experts_into(
     Ok(())
 }
 
+/// Improves the `current` placement `[layers, R]` for loads `weight [layers, E]` in place,
+/// without re-placing from scratch: the refine moves (swaps between devices, moving a replica to
+/// another expert) starting from `current`, at most `max_moves` changed slots per layer, never a
+/// busier device than `current`. With `keep_nodes` every expert's replicas stay in their node
+/// (which `current` must already satisfy); unchanged slots keep their expert, so a migration
+/// moves at most the changed slots.
+#[allow(clippy::too_many_arguments)]
+pub fn improve_placement(
+    weight: &[f64],
+    layers: usize,
+    num_experts: usize,
+    current: &[i64],
+    num_replicas: usize,
+    num_gpus: usize,
+    num_nodes: usize,
+    keep_nodes: bool,
+    max_moves: Option<usize>,
+) -> Result<Placement> {
+    let (e_n, r_n) = (num_experts, num_replicas);
+    let topo = Topology::new(e_n, r_n, 1, num_nodes, num_gpus)?;
+    check_loads(weight, layers, e_n, "weight")?;
+    check_placement(current, layers, &topo, "current_phy2log")?;
+    if keep_nodes && num_nodes > 1 {
+        let spn = r_n / num_nodes;
+        for l in 0..layers {
+            let mut node_of = vec![usize::MAX; e_n];
+            for s in 0..r_n {
+                let e = current[l * r_n + s] as usize;
+                let n = s / spn;
+                if node_of[e] != usize::MAX && node_of[e] != n {
+                    return Err(invalid(
+                        "current_phy2log",
+                        format!(
+                            "expert {e} of layer {l} has replicas in nodes {} and {n}; pass keep_nodes=False",
+                            node_of[e]
+                        ),
+                    ));
+                }
+                node_of[e] = n;
+            }
+        }
+    }
+    let mut p = Placement {
+        num_layers: layers,
+        num_experts: e_n,
+        num_replicas: r_n,
+        phy2log: vec![0; layers * r_n],
+        phyrank: vec![0; layers * r_n],
+        logcnt: vec![0; layers * e_n],
+    };
+    if layers == 0 {
+        return Ok(p);
+    }
+    pool::install(|| {
+        weight
+            .par_chunks(e_n)
+            .zip(current.par_chunks(r_n))
+            .zip(p.phy2log.par_chunks_mut(r_n))
+            .zip(p.phyrank.par_chunks_mut(r_n))
+            .zip(p.logcnt.par_chunks_mut(e_n))
+            .for_each(|((((w, cur), p2l), rank), cnt)| {
+                refine::improve_layer(
+                    w,
+                    cur,
+                    num_gpus,
+                    num_nodes,
+                    keep_nodes && num_nodes > 1,
+                    max_moves,
+                    &mut eplb::LayerOut {
+                        phy2log: p2l,
+                        phyrank: rank,
+                        logcnt: cnt,
+                    },
+                )
+            })
+    });
+    Ok(p)
+}
+
 /// The smallest possible `max device load / mean device load` of any placement of `weight`
 /// (one layer) on `num_replicas` slots and `num_gpus` devices: the busiest device carries at
 /// least the mean, and at least the largest per-replica load `w_e / c_e` of the best replica

@@ -38,6 +38,9 @@ struct NodeSol {
     /// Load of each GPU.
     loads: Vec<f64>,
     per_gpu: usize,
+    /// With a move budget: the starting slots, the budget, and the slots changed so far.
+    budget: Option<(Vec<usize>, usize)>,
+    changed: usize,
 }
 
 impl NodeSol {
@@ -52,9 +55,58 @@ impl NodeSol {
             item: vec![0.0; num_slots],
             loads: vec![0.0; gpus],
             per_gpu: num_slots / gpus,
+            budget: None,
+            changed: 0,
         };
         s.recompute_all();
         s
+    }
+
+    /// A node's current placement: `slots` holds logical ids (all replicas of these experts are
+    /// here); `max_moves` bounds the slots that may change.
+    fn from_current(slots: &[i64], layer_w: &[f64], gpus: usize, max_moves: Option<usize>) -> Self {
+        let mut experts: Vec<usize> = slots.iter().map(|&e| e as usize).collect();
+        experts.sort_unstable();
+        experts.dedup();
+        let local = |e: usize| experts.binary_search(&e).expect("listed above");
+        let local_slots: Vec<usize> = slots.iter().map(|&e| local(e as usize)).collect();
+        let mut cnt = vec![0usize; experts.len()];
+        for &l in &local_slots {
+            cnt[l] += 1;
+        }
+        let w: Vec<f64> = experts.iter().map(|&e| layer_w[e]).collect();
+        let mut s = Self {
+            experts,
+            w,
+            cnt,
+            budget: max_moves.map(|m| (local_slots.clone(), m)),
+            slots: local_slots,
+            item: vec![0.0; slots.len()],
+            loads: vec![0.0; gpus],
+            per_gpu: slots.len() / gpus,
+            changed: 0,
+        };
+        s.recompute_all();
+        s
+    }
+
+    /// The change of `changed` if `slot` held `e`.
+    #[inline]
+    fn delta(&self, slot: usize, e: usize) -> isize {
+        match &self.budget {
+            None => 0,
+            Some((orig, _)) => {
+                isize::from(e != orig[slot]) - isize::from(self.slots[slot] != orig[slot])
+            }
+        }
+    }
+
+    #[inline]
+    fn within_budget(&self, delta: isize) -> bool {
+        match &self.budget {
+            None => true,
+            Some((_, max)) => self.changed as isize + delta <= *max as isize,
+        }
     }
 
     fn recompute(&mut self, g: usize) {
@@ -125,13 +177,23 @@ impl NodeSol {
                         }
                         let cand = (la - d).max(lb + d);
                         if cand < bar {
+                            let (sa, sb) = (a * pg + x, b * pg + y);
+                            if self.budget.is_some() {
+                                let dl =
+                                    self.delta(sa, self.slots[sb]) + self.delta(sb, self.slots[sa]);
+                                if !self.within_budget(dl) {
+                                    continue;
+                                }
+                            }
                             bar = cand;
-                            best = Some((b, a * pg + x, b * pg + y));
+                            best = Some((b, sa, sb));
                         }
                     }
                 }
             }
             let Some((b, sa, sb)) = best else { break };
+            let dl = self.delta(sa, self.slots[sb]) + self.delta(sb, self.slots[sa]);
+            self.changed = (self.changed as isize + dl) as usize;
             self.slots.swap(sa, sb);
             self.item.swap(sa, sb);
             self.recompute(a);
@@ -141,15 +203,20 @@ impl NodeSol {
 
     /// The trial of turning `slot` (a replica of `d`) into a replica of `r`, screened with a
     /// few swaps.
-    fn trial(&self, slot: usize, r: usize) -> NodeSol {
+    fn trial(&self, slot: usize, r: usize) -> Option<NodeSol> {
+        let dl = self.delta(slot, r);
+        if !self.within_budget(dl) {
+            return None;
+        }
         let d = self.slots[slot];
         let mut t = self.clone();
+        t.changed = (t.changed as isize + dl) as usize;
         t.slots[slot] = r;
         t.cnt[r] += 1;
         t.cnt[d] -= 1;
         t.recompute_all();
         t.swap_search_capped(2 * self.loads.len() + 8);
-        t
+        Some(t)
     }
 
     /// Changes replica counts while that lowers the busiest GPU: (A) a replica of a cheap expert
@@ -206,7 +273,9 @@ impl NodeSol {
             }
             let mut best: Option<NodeSol> = None;
             for (slot, r) in trials {
-                let t = self.trial(slot, r);
+                let Some(t) = self.trial(slot, r) else {
+                    continue;
+                };
                 if t.max_load() < best.as_ref().map_or(limit, |b| b.max_load()) {
                     best = Some(t);
                 }
@@ -410,6 +479,54 @@ pub fn rebalance_layer(w: &[f64], topo: &Topology, out: &mut LayerOut<'_>) {
         out.phyrank.copy_from_slice(&rank);
         out.logcnt.copy_from_slice(&cnt);
     }
+}
+
+/// Improves one layer's `current` placement in place (`keep_nodes`: every expert's replicas stay
+/// in their node): the same improving moves as [`rebalance_layer`] from `current` instead of
+/// EPLB's placement, changing at most `max_moves` slots. Never busier than `current`.
+pub fn improve_layer(
+    w: &[f64],
+    current: &[i64],
+    num_gpus: usize,
+    num_nodes: usize,
+    keep_nodes: bool,
+    max_moves: Option<usize>,
+    out: &mut LayerOut<'_>,
+) {
+    let nodes = if keep_nodes { num_nodes } else { 1 };
+    let spn = current.len() / nodes;
+    let gpus = num_gpus / nodes;
+    let mut sols: Vec<NodeSol> = (0..nodes)
+        .map(|n| NodeSol::from_current(&current[n * spn..(n + 1) * spn], w, gpus, None))
+        .collect();
+    // Busiest node first, each with what is left of the budget.
+    let mut order: Vec<usize> = (0..nodes).collect();
+    order.sort_by(|&a, &b| {
+        sols[b]
+            .max_load()
+            .partial_cmp(&sols[a].max_load())
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let mut left = max_moves;
+    for n in order {
+        let mut sol = NodeSol::from_current(&current[n * spn..(n + 1) * spn], w, gpus, left);
+        sol.improve();
+        if let Some(l) = left.as_mut() {
+            *l -= sol.changed.min(*l);
+        }
+        sols[n] = sol;
+    }
+    let mut next_rank = vec![0i64; w.len()];
+    for (n, sol) in sols.iter().enumerate() {
+        for (s, &le) in sol.slots.iter().enumerate() {
+            let e = sol.experts[le];
+            out.phy2log[n * spn + s] = e as i64;
+            out.phyrank[n * spn + s] = next_rank[e];
+            next_rank[e] += 1;
+        }
+    }
+    out.logcnt.copy_from_slice(&next_rank);
 }
 
 #[cfg(test)]
