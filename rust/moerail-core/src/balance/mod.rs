@@ -5,7 +5,8 @@
 //!   per-replica load, hierarchical and global policies).
 //! * [`refine`]: a placement that starts from EPLB's and only accepts improving moves (swaps of
 //!   replicas between devices, moves of a redundant replica to another expert, swaps of whole
-//!   groups between nodes): never worse than EPLB on the busiest device.
+//!   groups between nodes): never worse than EPLB on the busiest device. [`improve_placement`]
+//!   runs the same moves from the current placement instead (incremental, within a move budget).
 //! * [`stats`]: load predictors (EMA, window mean, linear trend), their backtest, and the metrics
 //!   of a placement (max/mean per device and node, CV, lower bound, dropped tokens).
 //! * [`migration`]: slot matching between two placements, the transfer list, its time from a

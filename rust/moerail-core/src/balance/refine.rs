@@ -12,6 +12,9 @@
 //! 3. **group swap** (hierarchical): exchange a group of the busiest node with a lighter group
 //!    of another node when both nodes then place below the old maximum.
 //!
+//! [`improve_layer`] runs moves 1 and 2 from a given placement (incremental rebalancing), counting
+//! changed slots against an optional budget.
+//!
 //! Each accepted move strictly lowers the maximum or the number of devices at it, so the search
 //! ends; iteration caps bound its time. Everything is sequential inside a layer, so the result is
 //! a pure function of the loads.
