@@ -363,7 +363,7 @@ fn place_node_with(
     sc.order = order;
 }
 
-/// [`place_node_with`] returning `(expert of each slot, replica rank, counts)`.
+/// EPLB steps 2 and 3 on one node: `(expert of each slot, replica rank, counts)`, slots GPU-major.
 pub fn place_node(w: &[f64], slots: usize, gpus: usize) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let mut e = vec![0; slots];
     let mut r = vec![0; slots];
