@@ -11,6 +11,27 @@ import os
 import torch  # noqa: F401  (the custom ops need torch loaded first)
 
 from . import _native
+from .balance import (
+    LinkModel,
+    LoadTracker,
+    MigrationDecision,
+    MigrationPlan,
+    allreduce_replica_grads,
+    default_placement,
+    expand_placement,
+    expert_seconds_per_token,
+    expert_slot_tensors,
+    improve_placement,
+    log2phy_from_phy2log,
+    lower_bound,
+    migrate_experts,
+    placement_metrics,
+    plan_migration,
+    rebalance_experts,
+    select_replicas,
+    select_replicas_map,
+    should_migrate,
+)
 from .dispatch import permute, permute_by_indices, sort_chunks_by_idxs, unpermute
 from .router import (
     apply_token_dropping,
@@ -28,6 +49,25 @@ __version__ = _native.__version__
 
 __all__ = [
     "__version__",
+    "LinkModel",
+    "LoadTracker",
+    "MigrationDecision",
+    "MigrationPlan",
+    "allreduce_replica_grads",
+    "default_placement",
+    "expand_placement",
+    "expert_seconds_per_token",
+    "expert_slot_tensors",
+    "improve_placement",
+    "log2phy_from_phy2log",
+    "lower_bound",
+    "migrate_experts",
+    "placement_metrics",
+    "plan_migration",
+    "rebalance_experts",
+    "select_replicas",
+    "select_replicas_map",
+    "should_migrate",
     "apply_token_dropping",
     "expert_bias_update",
     "get_capacity",

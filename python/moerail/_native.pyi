@@ -63,6 +63,41 @@ def unpermute_backward(
 def scatter_rows_to_dense(values: Tensor, sorted_indices: Tensor, row_counts: Tensor, out: Tensor) -> None: ...
 def sort_chunks(input: Tensor, split_sizes: Tensor, sorted_idxs: Tensor, out: Tensor) -> None: ...
 
+# balance.rs
+def rebalance_experts(
+    weight: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, mode: str,
+    phy2log: Tensor, phyrank: Tensor, logcnt: Tensor,
+) -> None: ...
+def improve_placement(
+    weight: Tensor, current_phy2log: Tensor, num_gpus: int, num_nodes: int, keep_nodes: bool, max_moves: Optional[int],
+    phy2log: Tensor, phyrank: Tensor, logcnt: Tensor,
+) -> None: ...
+def fill_log2phy(phy2log: Tensor, log2phy: Tensor, phyrank: Optional[Tensor] = None) -> None: ...
+def placement_metrics(
+    load: Tensor, phy2log: Tensor, num_gpus: int, num_nodes: int, capacity: Optional[float],
+    device_load: Tensor, node_load: Tensor, scalars: Tensor,
+) -> None: ...
+def predict_load(history: Tensor, method: str, alpha: float, window: int, horizon: int, out: Tensor) -> None: ...
+def backtest_predictor(
+    history: Tensor, method: str, alpha: float, window: int, horizon: int, warmup: int
+) -> tuple[float, float, float, int]: ...
+def plan_migration(
+    old_phy2log: Tensor, new_phy2log: Tensor, num_experts: int, num_gpus: int, num_nodes: int, keep_nodes: bool,
+    expert_bytes: Tensor, intra_node_bw: float, inter_node_bw: float, latency: float, local_bw: float,
+    matched: Tensor, transfers: Tensor, rank_bytes: Tensor,
+) -> tuple[int, float, float, float, float]: ...
+def decide_migration(
+    predicted_load: Tensor, current_phy2log: Tensor, new_phy2log: Tensor, num_gpus: int, num_nodes: int,
+    seconds_per_token: float, horizon_steps: float, migration_seconds: float, overhead_seconds: float,
+) -> tuple[bool, float, float, float, float, float]: ...
+def select_replicas(
+    indices: Tensor, log2phy: Tensor, logcnt: Tensor, num_replicas: int, offset: int, out: Tensor
+) -> None: ...
+def select_replicas_map(
+    routing_map: Tensor, log2phy: Tensor, logcnt: Tensor, num_replicas: int, offset: int, out_map: Tensor,
+    probs: Optional[Tensor] = None, out_probs: Optional[Tensor] = None,
+) -> None: ...
+
 # sim.rs (rank groups and the training-step simulator; use moerail.rank_groups / moerail.sim)
 def rank_groups(
     world_size: int, tp: int, cp: int, pp: int, ep: int, etp: Optional[int], order: str,

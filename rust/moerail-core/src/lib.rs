@@ -10,6 +10,7 @@
 //! argument instead of panicking; outputs are written only after the checks pass.
 
 pub mod aux_loss;
+pub mod balance;
 pub mod capacity;
 pub mod elem;
 pub mod error;
