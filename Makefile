@@ -56,7 +56,9 @@ test-python: setup
 test: test-rust test-python
 
 bench: $(BUILD_STAMP)
-	$(PY) benches/run_all.py --out benches/BENCHMARKS.md
+	# torch's OpenMP workers spin for milliseconds after each parallel region by default and take
+	# the cores from any other thread pool in the process (moerail's included); see BENCHMARKS.md.
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benches/run_all.py --out benches/BENCHMARKS.md
 
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check

@@ -27,7 +27,7 @@ def _samples():
         (ops.aux_loss_scores, (logits, K, "sigmoid")),
         (ops.aux_loss_scores_backward, (torch.randn(T, E), logits.detach(), "softmax")),
         (ops.load_balancing_loss, (probs.detach().requires_grad_(), tpe, 1, 0.01)),
-        (ops.z_loss, (logits, 0.01)),
+        (ops.z_loss, (logits.detach().requires_grad_(), 0.01)),
         (ops.expert_bias_update, (tpe, torch.zeros(E), 0.001)),
         (ops.apply_token_dropping, (probs.detach().requires_grad_(), rmap, K, 0.5, "probs", True)),
         (ops.permute, (x.requires_grad_(), rmap, probs.detach().requires_grad_(), T * K, False, 0)),

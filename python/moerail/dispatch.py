@@ -84,7 +84,7 @@ def permute(
         drop_and_pad = False  # Megatron: drop_and_pad without num_out_tokens is the dropless path.
     if tokens_per_expert is not None:
         tokens_per_expert = _counts_arg(tokens_per_expert, num_experts)
-    out, pp, sorted_indices, row_counts = torch.ops.moerail.permute(
+    out, pp, sorted_indices, row_counts = _ops.permute(
         tokens, routing_map, probs, n_out, bool(drop_and_pad), align_size
     )
     pad_offsets = None
@@ -119,7 +119,7 @@ def permute_by_indices(
         if probs.shape != indices.shape:
             raise ValueError(f"probs: expected shape {tuple(indices.shape)} (the shape of indices), got {tuple(probs.shape)}")
     align_size = _checks.integer(align_size, "align_size", minimum=0)
-    out, pp, sorted_indices, row_counts = torch.ops.moerail.permute_by_indices(
+    out, pp, sorted_indices, row_counts = _ops.permute_by_indices(
         tokens, indices.to(torch.int64), num_experts, probs, align_size
     )
     pad_offsets = None
@@ -182,13 +182,13 @@ def unpermute(
                 f"got {tuple(probs.shape)} with routing_map {tuple(routing_map.shape)}"
             )
         row_counts = _row_counts(routing_map, sorted_indices.shape[0], drop_and_pad, pad_offsets)
-        weights = torch.ops.moerail.row_weights(probs, sorted_indices, row_counts, _ops.acc_dtype(x.dtype))
+        weights = _ops.row_weights(probs, sorted_indices, row_counts, _ops.acc_dtype(x.dtype))
     elif permuted_probs is not None:
         permuted_probs = _checks.tensor(permuted_probs, "permuted_probs", ndim=1, dtypes=_checks.FLOAT_DTYPES)
         if permuted_probs.shape[0] != x.shape[0]:
             raise ValueError(f"permuted_probs: expected {x.shape[0]} entries, got {permuted_probs.shape[0]}")
         weights = permuted_probs
-    return torch.ops.moerail.unpermute(x, sorted_indices, num_tokens, weights)
+    return _ops.unpermute(x, sorted_indices, num_tokens, weights)
 
 
 def _row_counts(routing_map: torch.Tensor, num_rows: int, drop_and_pad: bool, pad_offsets) -> torch.Tensor:
@@ -224,12 +224,12 @@ def sort_chunks_by_idxs(
         raise ValueError("input: expected at least one dimension")
     split_sizes = _index_list(split_sizes, "split_sizes")
     sorted_idxs = _index_list(sorted_idxs, "sorted_idxs")
-    out = torch.ops.moerail.sort_chunks(input, split_sizes, sorted_idxs)
+    out = _ops.sort_chunks(input, split_sizes, sorted_idxs)
     permuted_probs = None
     if probs is not None:
         probs = _checks.tensor(probs, "probs")
         _checks.same_rows(input, "input", probs, "probs")
-        permuted_probs = torch.ops.moerail.sort_chunks(probs, split_sizes, sorted_idxs)
+        permuted_probs = _ops.sort_chunks(probs, split_sizes, sorted_idxs)
     return out, permuted_probs
 
 

@@ -1,4 +1,4 @@
-"""moerail's torch custom ops (``torch.ops.moerail.*``): real kernels in Rust, fake kernels for
+"""moerail's torch custom ops (``*``): real kernels in Rust, fake kernels for
 tracing (``torch.compile``, meta tensors), and autograd formulas.
 
 Every op allocates its outputs with torch and lets ``moerail._native`` write into them.
@@ -31,12 +31,94 @@ def _empty(shape, dtype, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def _dispatch_mode_active() -> bool:
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - older or newer torch without the helper
+        return True
+    return _get_current_dispatch_mode() is not None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(args) -> bool:
+    """True when the arguments are ordinary tensors outside any tracing: the kernel can run
+    directly. Anything else (torch.compile, fake or functional tensors, vmap, dispatch modes,
+    tensor subclasses) goes through the registered custom op."""
+    if torch.compiler.is_compiling() or _dispatch_mode_active():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return False
+            if torch._C._functorch.is_functorch_wrapped_tensor(a):
+                return False
+    return True
+
+
+class _Op:
+    """One moerail op: a torch custom op ``<name>`` (schema, fake kernel,
+    autograd — what torch.compile, tracing and opcheck see) and, for eager calls on ordinary
+    tensors, the same kernel, setup and backward behind a plain ``torch.autograd.Function``.
+
+    Why both: an eager call through ``torch.library.custom_op`` takes several Python/C++ hops
+    (about 50 us a call, 200 us a forward + backward), more than the whole computation of the
+    small ops (router, losses); ``autograd.Function`` costs a fraction of that. The results
+    are the same: both paths run the same functions.
+    """
+
+    def __init__(self, name: str, fn):
+        self.name = name
+        self.kernel = fn
+        self.custom_op = torch.library.custom_op(f"moerail::{name}", fn, mutates_args=())
+        self._function = None
+        self.__doc__ = fn.__doc__
+
+    def register_fake(self, fake):
+        self.custom_op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward, *, setup_context):
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+        kernel = self.kernel
+
+        class _Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out = kernel(*args)
+                setup_context(ctx, args, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        _Function.__name__ = _Function.__qualname__ = f"moerail_{self.name}"
+        self._function = _Function
+
+    def __call__(self, *args):
+        if not _eager(args):
+            return self.custom_op(*args)
+        if (
+            self._function is not None
+            and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        ):
+            return self._function.apply(*args)
+        return self.kernel(*args)
+
+
+def _op(name: str):
+    return lambda fn: _Op(name, fn)
+
+
 # ----------------------------------------------------------------------------------------------
 # Router
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moerail::topk_route", mutates_args=())
+@_op("topk_route")
 def topk_route(
     logits: Tensor,
     topk: int,
@@ -72,7 +154,7 @@ def _(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor, sco
     )
 
 
-@torch.library.custom_op("moerail::topk_route_compact", mutates_args=())
+@_op("topk_route_compact")
 def topk_route_compact(
     logits: Tensor,
     topk: int,
@@ -105,7 +187,7 @@ def _(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor, sco
     )
 
 
-@torch.library.custom_op("moerail::topk_route_backward", mutates_args=())
+@_op("topk_route_backward")
 def topk_route_backward(
     grad_probs: Tensor,
     logits: Tensor,
@@ -139,7 +221,7 @@ def _route_backward(ctx, grad_probs, *_unused):
     logits, indices = ctx.saved_tensors
     if grad_probs is None or not ctx.needs_input_grad[0]:
         return (None,) * 8
-    grad = torch.ops.moerail.topk_route_backward(grad_probs, logits, indices, *ctx.args)
+    grad = topk_route_backward(grad_probs, logits, indices, *ctx.args)
     return (grad,) + (None,) * 7
 
 
@@ -147,7 +229,7 @@ topk_route.register_autograd(_route_backward, setup_context=_route_setup)
 topk_route_compact.register_autograd(_route_backward, setup_context=_route_setup)
 
 
-@torch.library.custom_op("moerail::aux_loss_scores", mutates_args=())
+@_op("aux_loss_scores")
 def aux_loss_scores(logits: Tensor, topk: int, score_function: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(scores [T, E] in fp32/fp64, routing_map [T, E], tokens_per_expert [E])."""
     t, e = logits.shape
@@ -168,7 +250,7 @@ def _(logits, topk, score_function):
     )
 
 
-@torch.library.custom_op("moerail::aux_loss_scores_backward", mutates_args=())
+@_op("aux_loss_scores_backward")
 def aux_loss_scores_backward(grad_scores: Tensor, logits: Tensor, score_function: str) -> Tensor:
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     _native.aux_scores_backward(
@@ -192,13 +274,13 @@ def _aux_scores_backward(ctx, grad_scores, _grad_map, _grad_tpe):
     (logits,) = ctx.saved_tensors
     if grad_scores is None or not ctx.needs_input_grad[0]:
         return None, None, None
-    return torch.ops.moerail.aux_loss_scores_backward(grad_scores, logits, ctx.score_function), None, None
+    return aux_loss_scores_backward(grad_scores, logits, ctx.score_function), None, None
 
 
 aux_loss_scores.register_autograd(_aux_scores_backward, setup_context=_aux_scores_setup)
 
 
-@torch.library.custom_op("moerail::load_balancing_loss", mutates_args=())
+@_op("load_balancing_loss")
 def load_balancing_loss(probs: Tensor, tokens_per_expert: Tensor, num_seqs: int, scale: float) -> Tensor:
     """scale * sum_{b,e} (sum of probs[t, e] over the tokens t of sequence b) * tokens_per_expert[b, e]."""
     value = _native.load_balancing_loss_forward(
@@ -212,7 +294,7 @@ def _(probs, tokens_per_expert, num_seqs, scale):
     return probs.new_empty(())
 
 
-@torch.library.custom_op("moerail::load_balancing_loss_backward", mutates_args=())
+@_op("load_balancing_loss_backward")
 def load_balancing_loss_backward(
     grad: Tensor, probs: Tensor, tokens_per_expert: Tensor, num_seqs: int, scale: float
 ) -> Tensor:
@@ -238,53 +320,54 @@ def _lbl_backward(ctx, grad):
     probs, tpe = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    return torch.ops.moerail.load_balancing_loss_backward(grad, probs, tpe, *ctx.args), None, None, None
+    return load_balancing_loss_backward(grad, probs, tpe, *ctx.args), None, None, None
 
 
 load_balancing_loss.register_autograd(_lbl_backward, setup_context=_lbl_setup)
 
 
-@torch.library.custom_op("moerail::z_loss", mutates_args=())
-def z_loss(logits: Tensor, coeff: float) -> Tensor:
-    """coeff * mean_t logsumexp(logits[t])^2."""
-    value = _native.z_loss_forward(logits.contiguous())
-    return torch.tensor(value * coeff, dtype=logits.dtype, device=logits.device)
+@_op("z_loss")
+def z_loss(logits: Tensor, coeff: float) -> Tuple[Tensor, Tensor]:
+    """(coeff * mean_t logsumexp(logits[t])^2, logsumexp per token [T] kept for the backward)."""
+    lse = _empty((logits.shape[0],), acc_dtype(logits.dtype), logits)
+    value = _native.z_loss_forward(logits.contiguous(), lse)
+    return torch.tensor(value * coeff, dtype=logits.dtype, device=logits.device), lse
 
 
 @z_loss.register_fake
 def _(logits, coeff):
-    return logits.new_empty(())
+    return logits.new_empty(()), logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))
 
 
-@torch.library.custom_op("moerail::z_loss_backward", mutates_args=())
-def z_loss_backward(grad: Tensor, logits: Tensor, coeff: float) -> Tensor:
+@_op("z_loss_backward")
+def z_loss_backward(grad: Tensor, logits: Tensor, lse: Tensor, coeff: float) -> Tensor:
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.z_loss_backward(float(grad.item()) * coeff, logits.contiguous(), grad_logits)
+    _native.z_loss_backward(float(grad.item()) * coeff, logits.contiguous(), lse.contiguous(), grad_logits)
     return grad_logits
 
 
 @z_loss_backward.register_fake
-def _(grad, logits, coeff):
+def _(grad, logits, lse, coeff):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _z_setup(ctx, inputs, output):
     logits, coeff = inputs
-    ctx.save_for_backward(logits)
+    ctx.save_for_backward(logits, output[1])
     ctx.coeff = coeff
 
 
-def _z_backward(ctx, grad):
-    (logits,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+def _z_backward(ctx, grad, _grad_lse):
+    logits, lse = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or grad is None:
         return None, None
-    return torch.ops.moerail.z_loss_backward(grad, logits, ctx.coeff), None
+    return z_loss_backward(grad, logits, lse, ctx.coeff), None
 
 
 z_loss.register_autograd(_z_backward, setup_context=_z_setup)
 
 
-@torch.library.custom_op("moerail::expert_bias_update", mutates_args=())
+@_op("expert_bias_update")
 def expert_bias_update(tokens_per_expert: Tensor, expert_bias: Tensor, rate: float) -> Tensor:
     out = torch.empty_like(expert_bias, dtype=torch.float32, memory_format=torch.contiguous_format)
     _native.expert_bias_update(
@@ -298,7 +381,7 @@ def _(tokens_per_expert, expert_bias, rate):
     return torch.empty_like(expert_bias, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("moerail::apply_token_dropping", mutates_args=())
+@_op("apply_token_dropping")
 def apply_token_dropping(
     probs: Tensor, routing_map: Tensor, topk: int, capacity_factor: float, drop_policy: str, pad_to_capacity: bool
 ) -> Tuple[Tensor, Tensor]:
@@ -337,7 +420,7 @@ apply_token_dropping.register_autograd(_drop_backward, setup_context=_drop_setup
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moerail::permute", mutates_args=())
+@_op("permute")
 def permute(
     tokens: Tensor,
     routing_map: Tensor,
@@ -412,9 +495,9 @@ def _permute_backward(ctx, grad_out, grad_pp, _gs, _gc):
     sorted_indices, row_counts = ctx.saved_tensors
     grad_tokens = grad_probs = None
     if ctx.needs_input_grad[0] and grad_out is not None:
-        grad_tokens = torch.ops.moerail.unpermute(grad_out, sorted_indices, ctx.num_tokens, None)
+        grad_tokens = unpermute(grad_out, sorted_indices, ctx.num_tokens, None)
     if ctx.probs_dtype is not None and ctx.needs_input_grad[2] and grad_pp is not None:
-        grad_probs = torch.ops.moerail.scatter_rows(
+        grad_probs = scatter_rows(
             grad_pp.to(ctx.probs_dtype), sorted_indices, row_counts, ctx.num_tokens, ctx.num_experts
         )
     return grad_tokens, None, grad_probs, None, None, None
@@ -423,7 +506,7 @@ def _permute_backward(ctx, grad_out, grad_pp, _gs, _gc):
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
-@torch.library.custom_op("moerail::permute_by_indices", mutates_args=())
+@_op("permute_by_indices")
 def permute_by_indices(
     tokens: Tensor, indices: Tensor, num_experts: int, probs: Optional[Tensor], align_size: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -472,7 +555,7 @@ def _permute_idx_backward(ctx, grad_out, grad_pp, _gs, _gc):
     indices, sorted_indices, row_counts = ctx.saved_tensors
     grad_tokens = grad_probs = None
     if ctx.needs_input_grad[0] and grad_out is not None:
-        grad_tokens = torch.ops.moerail.unpermute(grad_out, sorted_indices, ctx.num_tokens, None)
+        grad_tokens = unpermute(grad_out, sorted_indices, ctx.num_tokens, None)
     if ctx.probs_dtype is not None and ctx.needs_input_grad[3] and grad_pp is not None:
         # Row r holds (token sorted_indices[r], expert expert_of_row[r]): find its top-k slot.
         experts = torch.repeat_interleave(torch.arange(row_counts.numel(), device=row_counts.device), row_counts)
@@ -487,7 +570,7 @@ def _permute_idx_backward(ctx, grad_out, grad_pp, _gs, _gc):
 permute_by_indices.register_autograd(_permute_idx_backward, setup_context=_permute_idx_setup)
 
 
-@torch.library.custom_op("moerail::unpermute", mutates_args=())
+@_op("unpermute")
 def unpermute(
     permuted_tokens: Tensor, sorted_indices: Tensor, num_tokens: int, row_weights: Optional[Tensor]
 ) -> Tensor:
@@ -503,7 +586,7 @@ def _(permuted_tokens, sorted_indices, num_tokens, row_weights):
     return permuted_tokens.new_empty((num_tokens, permuted_tokens.shape[1]))
 
 
-@torch.library.custom_op("moerail::unpermute_backward", mutates_args=())
+@_op("unpermute_backward")
 def unpermute_backward(
     grad_out: Tensor,
     permuted_tokens: Optional[Tensor],
@@ -541,7 +624,7 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad_out):
     sorted_indices, row_weights, permuted_tokens = ctx.saved_tensors
-    grad_x, grad_w = torch.ops.moerail.unpermute_backward(grad_out, permuted_tokens, sorted_indices, row_weights)
+    grad_x, grad_w = unpermute_backward(grad_out, permuted_tokens, sorted_indices, row_weights)
     gx = grad_x if ctx.needs_input_grad[0] else None
     gw = grad_w.to(ctx.weights_dtype) if permuted_tokens is not None else None
     return gx, None, None, gw
@@ -550,7 +633,7 @@ def _unpermute_backward(ctx, grad_out):
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
-@torch.library.custom_op("moerail::row_weights", mutates_args=())
+@_op("row_weights")
 def row_weights(probs: Tensor, sorted_indices: Tensor, row_counts: Tensor, acc: torch.dtype) -> Tensor:
     """w[r] = probs[sorted_indices[r], expert(r)] (0 for padding rows), in dtype ``acc``."""
     w = _empty((sorted_indices.shape[0],), acc, probs)
@@ -574,14 +657,14 @@ def _row_weights_backward(ctx, grad_w):
     sorted_indices, row_counts = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or grad_w is None:
         return None, None, None, None
-    grad = torch.ops.moerail.scatter_rows(grad_w.to(ctx.probs_dtype), sorted_indices, row_counts, *ctx.shape)
+    grad = scatter_rows(grad_w.to(ctx.probs_dtype), sorted_indices, row_counts, *ctx.shape)
     return grad, None, None, None
 
 
 row_weights.register_autograd(_row_weights_backward, setup_context=_row_weights_setup)
 
 
-@torch.library.custom_op("moerail::scatter_rows", mutates_args=())
+@_op("scatter_rows")
 def scatter_rows(values: Tensor, sorted_indices: Tensor, row_counts: Tensor, num_tokens: int, num_experts: int) -> Tensor:
     """Dense [T, E]: values[r] at (sorted_indices[r], expert(r)), zeros elsewhere."""
     out = _empty((num_tokens, num_experts), values.dtype, values)
@@ -594,7 +677,7 @@ def _(values, sorted_indices, row_counts, num_tokens, num_experts):
     return values.new_empty((num_tokens, num_experts))
 
 
-@torch.library.custom_op("moerail::sort_chunks", mutates_args=())
+@_op("sort_chunks")
 def sort_chunks(input: Tensor, split_sizes: Tensor, sorted_idxs: Tensor) -> Tensor:
     """Rows split into chunks of ``split_sizes``, written in the chunk order ``sorted_idxs``."""
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -617,7 +700,7 @@ def _sort_chunks_backward(ctx, grad):
     # The backward is the inverse chunk order over the output's chunk sizes.
     out_sizes = split_sizes[sorted_idxs]
     inverse = torch.argsort(sorted_idxs)
-    return torch.ops.moerail.sort_chunks(grad, out_sizes, inverse), None, None
+    return sort_chunks(grad, out_sizes, inverse), None, None
 
 
 sort_chunks.register_autograd(_sort_chunks_backward, setup_context=_sort_chunks_setup)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _checks, _native
-from . import ops as _ops  # noqa: F401  (registers torch.ops.moerail.*)
+from . import ops as _ops
 
 __all__ = [
     "topk_route",
@@ -80,9 +80,9 @@ def topk_route(
         expert_bias = expert_bias.detach().to(torch.float32).contiguous()
     args = (logits, topk, bool(use_pre_softmax), num_groups, group_topk, sf, score_function, expert_bias)
     if dense_output:
-        probs, indices, tpe = torch.ops.moerail.topk_route_compact(*args)
+        probs, indices, tpe = _ops.topk_route_compact(*args)
         return (probs, indices, tpe) if return_tokens_per_expert else (probs, indices)
-    probs, routing_map, _, tpe = torch.ops.moerail.topk_route(*args)
+    probs, routing_map, _, tpe = _ops.topk_route(*args)
     return (probs, routing_map, tpe) if return_tokens_per_expert else (probs, routing_map)
 
 
@@ -119,7 +119,7 @@ def apply_token_dropping(
     topk = _checks.integer(topk, "topk", minimum=1, maximum=max(probs.shape[1], 1))
     capacity_factor = _checks.real(capacity_factor, "capacity_factor", positive=True)
     _checks.one_of(drop_policy, "drop_policy", ("probs", "position"))
-    return torch.ops.moerail.apply_token_dropping(probs, routing_map, topk, capacity_factor, drop_policy, bool(pad_to_capacity))
+    return _ops.apply_token_dropping(probs, routing_map, topk, capacity_factor, drop_policy, bool(pad_to_capacity))
 
 
 def routing_scores_for_aux_loss(
@@ -134,7 +134,7 @@ def routing_scores_for_aux_loss(
     logits = _logits(logits)
     topk = _checks.integer(topk, "topk", minimum=1, maximum=max(logits.shape[1], 1))
     _checks.one_of(score_function, "score_function", SCORE_FUNCTIONS)
-    scores, routing_map, tpe = torch.ops.moerail.aux_loss_scores(logits, topk, score_function)
+    scores, routing_map, tpe = _ops.aux_loss_scores(logits, topk, score_function)
     return (routing_map, scores, tpe) if return_tokens_per_expert else (routing_map, scores)
 
 
@@ -169,7 +169,7 @@ def switch_load_balancing_loss(
     topk = _checks.integer(topk, "topk", minimum=1)
     coeff = _checks.real(coeff, "coeff")
     scale = num_experts * coeff / (topk * total * total)
-    return torch.ops.moerail.load_balancing_loss(probs, tpe, 1, scale)
+    return _ops.load_balancing_loss(probs, tpe, 1, scale)
 
 
 def sequence_load_balancing_loss(
@@ -213,14 +213,14 @@ def sequence_load_balancing_loss(
         tpe = _counts(tokens_per_expert, "tokens_per_expert", (batch_size, num_experts))
     total = seq_length if total_num_tokens is None else _checks.integer(total_num_tokens, "total_num_tokens", minimum=1)
     scale = num_experts * coeff / (topk * total * total) / batch_size
-    return torch.ops.moerail.load_balancing_loss(probs, tpe, batch_size, scale)
+    return _ops.load_balancing_loss(probs, tpe, batch_size, scale)
 
 
 def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
     """ST-MoE router z-loss: ``coeff * mean_t logsumexp(logits[t])^2``. Differentiable."""
     logits = _logits(logits)
     coeff = _checks.real(coeff, "coeff")
-    return torch.ops.moerail.z_loss(logits, coeff)
+    return _ops.z_loss(logits, coeff)[0]
 
 
 def expert_bias_update(
@@ -237,4 +237,4 @@ def expert_bias_update(
     tpe = _counts(tokens_per_expert, "tokens_per_expert", tuple(expert_bias.shape))
     rate = _checks.real(expert_bias_update_rate, "expert_bias_update_rate")
     with torch.no_grad():
-        return torch.ops.moerail.expert_bias_update(tpe, expert_bias.detach(), rate)
+        return _ops.expert_bias_update(tpe, expert_bias.detach(), rate)

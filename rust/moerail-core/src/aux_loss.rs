@@ -143,32 +143,42 @@ fn check_loss_args(
 /// `logsumexp` of one row; `tmp` is scratch of the row's length (vectorised `exp`).
 #[inline]
 fn logsumexp<A: Real>(x: &[A], tmp: &mut [A]) -> A {
-    let m = x.iter().copied().fold(A::neg_infinity(), A::max);
+    let m = A::max_of(x);
     for (t, &v) in tmp.iter_mut().zip(x) {
         *t = v - m;
     }
     A::exp_in_place(tmp);
-    let s = tmp.iter().fold(A::zero(), |a, &v| a + v);
-    m + s.ln()
+    m + A::sum_lanes(tmp).ln()
 }
 
-/// `mean_t logsumexp(logits[t])^2` (multiply by the coefficient outside).
-pub fn z_loss<T: Element>(logits: &[T], num_tokens: usize, num_experts: usize) -> Result<T::Acc> {
+/// `mean_t logsumexp(logits[t])^2` (multiply by the coefficient outside); writes each token's
+/// logsumexp to `lse` for the backward.
+pub fn z_loss<T: Element>(
+    logits: &[T],
+    num_tokens: usize,
+    num_experts: usize,
+    lse: &mut [T::Acc],
+) -> Result<T::Acc> {
     let (t_n, e_n) = (num_tokens, num_experts);
     ensure(e_n >= 1 && logits.len() == t_n * e_n, "logits", || {
         "must be [num_tokens, num_experts] with num_experts >= 1".into()
     })?;
+    ensure(lse.len() == t_n, "lse", || {
+        format!("must have num_tokens={t_n} entries")
+    })?;
     let partials: Vec<Result<T::Acc>> = pool::install(|| {
         logits
             .par_chunks(BLOCK * e_n)
+            .zip(lse.par_chunks_mut(BLOCK))
             .enumerate()
-            .map(|(c, block)| {
+            .map(|(c, (block, lse))| {
                 let mut x = vec![T::Acc::zero(); e_n];
                 let mut tmp = vec![T::Acc::zero(); e_n];
                 let mut acc = T::Acc::zero();
-                for (i, row) in block.chunks(e_n).enumerate() {
+                for (i, (row, l_out)) in block.chunks(e_n).zip(lse.iter_mut()).enumerate() {
                     T::load_row(row, &mut x);
-                    if let Some(e) = x.iter().position(|v| !v.is_finite()) {
+                    if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+                        let e = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
                         return Err(invalid(
                             "logits",
                             format!(
@@ -179,6 +189,7 @@ pub fn z_loss<T: Element>(logits: &[T], num_tokens: usize, num_experts: usize) -
                         ));
                     }
                     let l = logsumexp(&x, &mut tmp);
+                    *l_out = l;
                     acc = acc + l * l;
                 }
                 Ok(acc)
@@ -196,10 +207,12 @@ pub fn z_loss<T: Element>(logits: &[T], num_tokens: usize, num_experts: usize) -
     })
 }
 
-/// Gradient of `grad * mean_t logsumexp(logits[t])^2`: `2 grad lse_t softmax(logits[t]) / T`.
+/// Gradient of `grad * mean_t logsumexp(logits[t])^2`: `2 grad lse_t softmax(logits[t]) / T`,
+/// with `lse` from [`z_loss`].
 pub fn z_loss_backward<T: Element>(
     grad: f64,
     logits: &[T],
+    lse: &[T::Acc],
     num_tokens: usize,
     num_experts: usize,
     grad_logits: &mut [T],
@@ -210,17 +223,20 @@ pub fn z_loss_backward<T: Element>(
         "logits",
         || "logits and grad_logits must be [num_tokens, num_experts]".into(),
     )?;
+    ensure(lse.len() == t_n, "lse", || {
+        format!("must have num_tokens={t_n} entries")
+    })?;
     let g = T::Acc::of_f64(grad) / T::Acc::of_f64(t_n.max(1) as f64);
     let two = T::Acc::of_f64(2.0);
     pool::install(|| {
         grad_logits
             .par_chunks_mut(e_n)
             .zip(logits.par_chunks(e_n))
+            .zip(lse.par_iter())
             .for_each_init(
                 || (vec![T::Acc::zero(); e_n], vec![T::Acc::zero(); e_n]),
-                |(x, d), (out, row)| {
+                |(x, d), ((out, row), &l)| {
                     T::load_row(row, x);
-                    let l = logsumexp(x, d);
                     // d/dx lse^2 = 2 lse softmax(x), softmax = exp(x - lse).
                     for (dv, &xv) in d.iter_mut().zip(x.iter()) {
                         *dv = xv - l;
@@ -326,7 +342,8 @@ mod tests {
 
     #[test]
     fn z_loss_and_bias_update() {
-        let z = z_loss(&[0.0f64, 0.0], 1, 2).unwrap();
+        let mut lse = [0.0f64];
+        let z = z_loss(&[0.0f64, 0.0], 1, 2, &mut lse).unwrap();
         assert!((z - 2f64.ln().powi(2)).abs() < 1e-12);
         let mut out = [0f32; 3];
         expert_bias_update(&[1.0, 2.0, 3.0], &[0.0, 0.0, 0.5], 3, 0.01, &mut out).unwrap();

@@ -118,37 +118,11 @@ pub fn apply_token_dropping<T: Element>(
         return Ok(capacity);
     }
 
-    // The kept set of each expert, as a column of flags.
-    let keep_columns: Vec<Vec<bool>> = pool::install(|| {
-        (0..e_n)
-            .into_par_iter()
-            .map(|e| {
-                let routed = |t: usize| routing_map[t * e_n + e];
-                let mut keep = vec![false; t_n];
-                let n_routed = (0..t_n).filter(|&t| routed(t)).count();
-                if n_routed <= capacity && !pad_to_capacity {
-                    (0..t_n).filter(|&t| routed(t)).for_each(|t| keep[t] = true);
-                    return keep;
-                }
-                let mut order: Vec<usize> = (0..t_n).collect();
-                // Total order: best first, ties to the lower token index.
-                let better = |a: &usize, b: &usize| match policy {
-                    DropPolicy::Probs => {
-                        let (pa, pb) = (probs[a * e_n + e].to_acc(), probs[b * e_n + e].to_acc());
-                        pb.partial_cmp(&pa).unwrap().then(a.cmp(b))
-                    }
-                    DropPolicy::Position => routed(*b).cmp(&routed(*a)).then(a.cmp(b)),
-                };
-                if capacity < t_n {
-                    order.select_nth_unstable_by(capacity, better);
-                }
-                for &t in &order[..capacity] {
-                    keep[t] = true;
-                }
-                keep
-            })
-            .collect()
-    });
+    // The kept set of each expert, as a dense [T, E] mask.
+    let keep = match policy {
+        DropPolicy::Probs => keep_by_probs(probs, routing_map, t_n, e_n, capacity, pad_to_capacity),
+        DropPolicy::Position => keep_by_position(routing_map, t_n, e_n, capacity, pad_to_capacity),
+    };
 
     pool::install(|| {
         out_probs
@@ -157,14 +131,14 @@ pub fn apply_token_dropping<T: Element>(
             .enumerate()
             .for_each(|(t, (op, om))| {
                 for e in 0..e_n {
-                    let kept = keep_columns[e][t];
+                    let i = t * e_n + e;
                     let m = if pad_to_capacity {
-                        kept
+                        keep[i]
                     } else {
-                        kept && routing_map[t * e_n + e]
+                        keep[i] && routing_map[i]
                     };
                     om[e] = m;
-                    let p = probs[t * e_n + e];
+                    let p = probs[i];
                     // probs * mask, as Megatron multiplies (keeps the sign of zero).
                     op[e] = if m {
                         p
@@ -175,6 +149,139 @@ pub fn apply_token_dropping<T: Element>(
             })
     });
     Ok(capacity)
+}
+
+/// Sort key for "higher probability first, then lower token": ascending keys.
+#[inline]
+fn prob_key(p: f64, t: usize) -> (u64, u32) {
+    let u = p.to_bits();
+    // Order-preserving map of f64 to u64, then reversed for descending probability.
+    let ordered = if u >> 63 == 1 { !u } else { u | (1 << 63) };
+    (!ordered, t as u32)
+}
+
+/// Probs policy: each expert keeps its `capacity` best tokens by (probability desc, token asc)
+/// over all tokens (Megatron's top-k over the column, with a defined tie order).
+///
+/// Why not a selection over every token: tokens with probability > 0 outrank all others, and
+/// are only a few per expert (about T*k/E), so they are gathered in one row-major pass and
+/// selected among; the rest of the column is looked at only when an expert has fewer such
+/// tokens than its capacity and padding (or a routed token of probability <= 0) needs them.
+fn keep_by_probs<T: Element>(
+    probs: &[T],
+    routing_map: &[bool],
+    t_n: usize,
+    e_n: usize,
+    capacity: usize,
+    pad_to_capacity: bool,
+) -> Vec<bool> {
+    // Candidates with p > 0, per expert, in token order (blocks gathered in parallel, then
+    // concatenated in order: the result does not depend on the thread count).
+    const BLOCK: usize = 1024;
+    // Also counted: routed tokens of probability <= 0, which need the fill below.
+    type Block = (Vec<Vec<(u64, u32)>>, Vec<u32>);
+    let blocks: Vec<Block> = pool::install(|| {
+        (0..t_n.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|b| {
+                let mut per: Vec<Vec<(u64, u32)>> = vec![Vec::new(); e_n];
+                let mut routed_nonpositive = vec![0u32; e_n];
+                for t in b * BLOCK..((b + 1) * BLOCK).min(t_n) {
+                    for (e, list) in per.iter_mut().enumerate() {
+                        let p = probs[t * e_n + e].to_acc().into_f64();
+                        if p > 0.0 {
+                            list.push(prob_key(p, t));
+                        } else if routing_map[t * e_n + e] {
+                            routed_nonpositive[e] += 1;
+                        }
+                    }
+                }
+                (per, routed_nonpositive)
+            })
+            .collect()
+    });
+    let columns: Vec<(usize, Vec<u32>)> = pool::install(|| {
+        (0..e_n)
+            .into_par_iter()
+            .map(|e| {
+                let mut cand: Vec<(u64, u32)> =
+                    blocks.iter().flat_map(|b| b.0[e].iter().copied()).collect();
+                let mut kept: Vec<u32> = Vec::with_capacity(capacity);
+                if cand.len() > capacity {
+                    if capacity > 0 {
+                        cand.select_nth_unstable(capacity - 1);
+                    }
+                    kept.extend(cand[..capacity].iter().map(|c| c.1));
+                    return (e, kept);
+                }
+                kept.extend(cand.iter().map(|c| c.1));
+                let rest = capacity - kept.len();
+                let routed_nonpositive = blocks.iter().any(|b| b.1[e] > 0);
+                if rest == 0 || !(pad_to_capacity || routed_nonpositive) {
+                    return (e, kept);
+                }
+                // Fill from the tokens with p <= 0, best first (ties to the lower token).
+                let mut others: Vec<(u64, u32)> = (0..t_n)
+                    .filter_map(|t| {
+                        let p = probs[t * e_n + e].to_acc().into_f64();
+                        (p <= 0.0).then(|| prob_key(p, t))
+                    })
+                    .collect();
+                if others.len() > rest {
+                    others.select_nth_unstable(rest - 1);
+                }
+                kept.extend(others[..rest.min(others.len())].iter().map(|c| c.1));
+                (e, kept)
+            })
+            .collect()
+    });
+    let mut keep = vec![false; t_n * e_n];
+    for (e, kept) in columns {
+        for t in kept {
+            keep[t as usize * e_n + e] = true;
+        }
+    }
+    keep
+}
+
+/// Position policy: each expert keeps its first `capacity` routed tokens; with padding, then
+/// its earliest unrouted tokens.
+fn keep_by_position(
+    routing_map: &[bool],
+    t_n: usize,
+    e_n: usize,
+    capacity: usize,
+    pad_to_capacity: bool,
+) -> Vec<bool> {
+    let columns: Vec<Vec<u32>> = pool::install(|| {
+        (0..e_n)
+            .into_par_iter()
+            .map(|e| {
+                let mut kept = Vec::with_capacity(capacity);
+                for want in [true, false] {
+                    if !want && !pad_to_capacity {
+                        break;
+                    }
+                    for t in 0..t_n {
+                        if kept.len() == capacity {
+                            break;
+                        }
+                        if routing_map[t * e_n + e] == want {
+                            kept.push(t as u32);
+                        }
+                    }
+                }
+                kept
+            })
+            .collect()
+    });
+    let mut keep = vec![false; t_n * e_n];
+    for (e, kept) in columns.into_iter().enumerate() {
+        for t in kept {
+            keep[t as usize * e_n + e] = true;
+        }
+    }
+    keep
 }
 
 #[cfg(test)]

@@ -23,6 +23,42 @@ pub trait Real: Float + Default + Send + Sync + std::iter::Sum + std::fmt::Debug
     fn argmax_first(v: &[Self]) -> usize;
     /// Maximum (no NaN, non-empty).
     fn max_of(v: &[Self]) -> Self;
+
+    /// Sum of `v` in eight fixed lanes, combined pairwise: vectorisable, and the same bits on
+    /// every machine and thread count (the lane count does not depend on the instruction set).
+    #[inline]
+    fn sum_lanes(v: &[Self]) -> Self {
+        let mut lanes = [Self::zero(); 8];
+        let mut chunks = v.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                lanes[l] = lanes[l] + c[l];
+            }
+        }
+        for (l, &x) in chunks.remainder().iter().enumerate() {
+            lanes[l] = lanes[l] + x;
+        }
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    }
+
+    /// `sum_i a[i] * b[i]` with the lanes of [`Real::sum_lanes`].
+    #[inline]
+    fn dot_lanes(a: &[Self], b: &[Self]) -> Self {
+        let mut lanes = [Self::zero(); 8];
+        let mut ca = a.chunks_exact(8);
+        let mut cb = b.chunks_exact(8);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..8 {
+                lanes[l] = lanes[l] + x[l] * y[l];
+            }
+        }
+        for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+            lanes[l] = lanes[l] + x * y;
+        }
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    }
     /// Top-`k` (descending, ties to the lower index) by block argmax; see `fastmath`.
     fn topk_blocks(
         scores: &[Self],

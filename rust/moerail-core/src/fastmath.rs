@@ -51,12 +51,17 @@ fn exp_one(x: f32) -> f32 {
     }
 }
 
-/// `v[i] = exp(v[i])` in place. Four lanes at a time with SSE2 on x86-64: the same
-/// operations in the same order as [`exp_one`], so every element gets the same bits whichever
-/// path computes it.
+/// `v[i] = exp(v[i])` in place: eight lanes at a time with AVX2 where the CPU has it, else
+/// four with SSE2 (x86-64), else one. The same operations in the same order as [`exp_one`]
+/// (no FMA), so every element gets the same bits whichever path computes it.
 #[inline]
 pub fn exp_in_place_f32(v: &mut [f32]) {
     let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        done = unsafe { exp_avx2(v) };
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
@@ -70,8 +75,9 @@ pub fn exp_in_place_f32(v: &mut [f32]) {
             let one = _mm_set1_ps(1.0);
             let bias = _mm_set1_epi32(127);
             let inf = _mm_set1_ps(f32::INFINITY);
-            while done + 4 <= n {
-                let x = _mm_loadu_ps(p.add(done));
+            let mut i = done;
+            while i + 4 <= n {
+                let x = _mm_loadu_ps(p.add(i));
                 let xc = _mm_min_ps(_mm_max_ps(x, lo), hi);
                 let nf = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(xc, log2e), round), round);
                 let r = _mm_sub_ps(
@@ -94,14 +100,60 @@ pub fn exp_in_place_f32(v: &mut [f32]) {
                 let val = _mm_andnot_ps(_mm_cmplt_ps(x, lo), val);
                 let over = _mm_cmpgt_ps(x, hi);
                 let val = _mm_or_ps(_mm_and_ps(over, inf), _mm_andnot_ps(over, val));
-                _mm_storeu_ps(p.add(done), val);
-                done += 4;
+                _mm_storeu_ps(p.add(i), val);
+                i += 4;
             }
+            done = i;
         }
     }
     for x in v[done..].iter_mut() {
         *x = exp_one(*x);
     }
+}
+
+/// The AVX2 form of the loop in [`exp_in_place_f32`] (8 lanes; the same operations, no FMA,
+/// so the same bits). Returns how many leading elements it computed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_avx2(v: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = v.len();
+    let p = v.as_mut_ptr();
+    let (lo, hi) = (_mm256_set1_ps(MIN_X), _mm256_set1_ps(MAX_X));
+    let (round, log2e) = (_mm256_set1_ps(ROUND), _mm256_set1_ps(LOG2E));
+    let (ln2_hi, ln2_lo) = (_mm256_set1_ps(LN2_HI), _mm256_set1_ps(LN2_LO));
+    let one = _mm256_set1_ps(1.0);
+    let bias = _mm256_set1_epi32(127);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(p.add(i));
+        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let nf = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xc, log2e), round), round);
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(xc, _mm256_mul_ps(nf, ln2_hi)),
+            _mm256_mul_ps(nf, ln2_lo),
+        );
+        let mut q = _mm256_set1_ps(P[0]);
+        for &c in &P[1..] {
+            q = _mm256_add_ps(_mm256_mul_ps(q, r), _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_mul_ps(r, r)), r), one);
+        let ni = _mm256_cvttps_epi32(nf);
+        let half = _mm256_srai_epi32(ni, 1);
+        let s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+        let s2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_sub_epi32(ni, half), bias),
+            23,
+        ));
+        let val = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
+        let val = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), val);
+        let over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+        let val = _mm256_blendv_ps(val, inf, over);
+        _mm256_storeu_ps(p.add(i), val);
+        i += 8;
+    }
+    i
 }
 
 #[cfg(test)]

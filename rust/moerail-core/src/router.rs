@@ -94,12 +94,15 @@ const NORM_EPS: f64 = 1e-20;
 /// `out = softmax(x)` (`out.len() == x.len()`).
 #[inline]
 pub(crate) fn softmax_into<A: Real>(x: &[A], out: &mut [A]) {
-    let m = x.iter().copied().fold(A::neg_infinity(), A::max);
+    if x.is_empty() {
+        return;
+    }
+    let m = A::max_of(x);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v - m;
     }
     A::exp_in_place(out);
-    let sum = out.iter().fold(A::zero(), |a, &v| a + v);
+    let sum = A::sum_lanes(out);
     for o in out.iter_mut() {
         *o = *o / sum;
     }
@@ -737,69 +740,73 @@ pub fn topk_route_backward<T: Element>(
             .par_chunks_mut(per * e_n)
             .enumerate()
             .for_each(|(c, out)| {
-                let mut x = vec![A::<T>::zero(); e_n];
-                let mut s = vec![A::<T>::zero(); e_n];
+                let pre = cfg.use_pre_softmax && cfg.score_function == ScoreFunction::Softmax;
+                let mut x = vec![A::<T>::zero(); if pre { e_n } else { 0 }];
+                let mut s = vec![A::<T>::zero(); if pre { e_n } else { 0 }];
                 let mut g = vec![A::<T>::zero(); k];
                 let mut v = vec![A::<T>::zero(); k];
                 let mut xs = vec![A::<T>::zero(); k];
-                let mut dx = vec![A::<T>::zero(); e_n];
+                let mut dv = vec![A::<T>::zero(); k];
+                if !pre {
+                    // Only the k selected logits get a gradient: zero the rows once, then
+                    // read and write just those entries.
+                    out.fill(T::default());
+                }
                 let n = out.len() / e_n;
                 for i in 0..n {
                     let t = c * per + i;
                     let sel = &indices[t * k..(t + 1) * k];
-                    T::load_row(&logits[t * e_n..(t + 1) * e_n], &mut x);
+                    let lrow = &logits[t * e_n..(t + 1) * e_n];
                     for j in 0..k {
                         let raw = match grad {
                             ProbsGrad::Dense(d) => d[t * e_n + sel[j] as usize],
                             ProbsGrad::Compact(d) => d[t * k + j],
                         };
                         g[j] = raw.to_acc() * scale;
+                        xs[j] = lrow[sel[j] as usize].to_acc();
                     }
-                    dx.fill(A::<T>::zero());
+                    let orow = &mut out[i * e_n..(i + 1) * e_n];
                     match cfg.score_function {
-                        ScoreFunction::Softmax if cfg.use_pre_softmax => {
+                        ScoreFunction::Softmax if pre => {
+                            T::load_row(lrow, &mut x);
                             softmax_into(&x, &mut s);
                             let dot =
                                 (0..k).fold(A::<T>::zero(), |a, j| a + s[sel[j] as usize] * g[j]);
                             for e in 0..e_n {
-                                dx[e] = -(s[e] * dot);
+                                x[e] = -(s[e] * dot);
                             }
                             for j in 0..k {
                                 let e = sel[j] as usize;
-                                dx[e] = s[e] * (g[j] - dot);
+                                x[e] = s[e] * (g[j] - dot);
                             }
+                            T::store_row(&x, orow);
                         }
                         ScoreFunction::Softmax => {
-                            for j in 0..k {
-                                xs[j] = x[sel[j] as usize];
-                            }
                             softmax_into(&xs, &mut v);
                             let dot = (0..k).fold(A::<T>::zero(), |a, j| a + v[j] * g[j]);
                             for j in 0..k {
-                                dx[sel[j] as usize] = v[j] * (g[j] - dot);
+                                orow[sel[j] as usize] = T::from_acc(v[j] * (g[j] - dot));
                             }
                         }
                         f => {
-                            for j in 0..k {
-                                xs[j] = x[sel[j] as usize];
-                            }
                             // The same score arithmetic as the forward pass.
                             f.scores_into(&xs, &mut v);
-                            let dv: Vec<A<T>> = if k > 1 {
+                            if k > 1 {
                                 let denom = v.iter().fold(A::<T>::zero(), |a, &w| a + w) + eps;
                                 let dot =
                                     (0..k).fold(A::<T>::zero(), |a, j| a + g[j] * (v[j] / denom));
-                                (0..k).map(|j| (g[j] - dot) / denom).collect()
+                                for j in 0..k {
+                                    dv[j] = (g[j] - dot) / denom;
+                                }
                             } else {
-                                g.clone()
-                            };
+                                dv.copy_from_slice(&g);
+                            }
                             for j in 0..k {
-                                let e = sel[j] as usize;
-                                dx[e] = dv[j] * f.elementwise_grad(x[e], v[j]);
+                                let d = dv[j] * f.elementwise_grad(xs[j], v[j]);
+                                orow[sel[j] as usize] = T::from_acc(d);
                             }
                         }
                     }
-                    T::store_row(&dx, &mut out[i * e_n..(i + 1) * e_n]);
                 }
             })
     });
@@ -856,7 +863,7 @@ pub fn aux_loss_scores_forward<T: Element>(
                         ScoreFunction::Softmax => softmax_into(&x, s),
                         f => {
                             f.scores_into(&x, s);
-                            let denom = s.iter().fold(T::Acc::zero(), |a, &v| a + v) + eps;
+                            let denom = T::Acc::sum_lanes(s) + eps;
                             s.iter_mut().for_each(|v| *v = *v / denom);
                         }
                     }
@@ -916,21 +923,16 @@ pub fn aux_loss_scores_backward<T: Element>(
                     match score_function {
                         ScoreFunction::Softmax => {
                             softmax_into(&x, &mut s);
-                            let dot = s
-                                .iter()
-                                .zip(g)
-                                .fold(T::Acc::zero(), |a, (&sv, &gv)| a + sv * gv);
+                            let dot = T::Acc::dot_lanes(&s, g);
                             for e in 0..e_n {
                                 dx[e] = s[e] * (g[e] - dot);
                             }
                         }
                         f => {
                             f.scores_into(&x, &mut s);
-                            let denom = s.iter().fold(T::Acc::zero(), |a, &v| a + v) + eps;
-                            let dot = s
-                                .iter()
-                                .zip(g)
-                                .fold(T::Acc::zero(), |a, (&sv, &gv)| a + gv * (sv / denom));
+                            let denom = T::Acc::sum_lanes(&s) + eps;
+                            // sum_j g_j s_j / denom
+                            let dot = T::Acc::dot_lanes(g, &s) / denom;
                             for e in 0..e_n {
                                 dx[e] = (g[e] - dot) / denom * f.elementwise_grad(x[e], s[e]);
                             }

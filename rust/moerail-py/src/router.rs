@@ -330,17 +330,30 @@ pub fn load_balancing_loss_backward(
     })
 }
 
-/// `mean_t logsumexp(logits[t])^2`.
+/// `mean_t logsumexp(logits[t])^2`; writes each token's logsumexp to `lse` (accumulation dtype).
 #[pyfunction]
-pub fn z_loss_forward(py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<f64> {
+pub fn z_loss_forward(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+) -> PyResult<f64> {
     let lg = Tensor::from_py(logits, "logits")?;
     lg.expect_ndim(2, "[num_tokens, num_experts]")?;
     let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
+    let l = Tensor::from_py(lse, "lse")?;
+    l.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
+    l.expect_shape(&[t_n])?;
+    check_disjoint(&[&l], &[&lg])?;
     with_float!(lg, |T| {
         // SAFETY: checked above.
-        let l = unsafe { lg.slice::<T>() };
+        let (x, ls) = unsafe {
+            (
+                lg.slice::<T>(),
+                l.slice_mut::<<T as moerail_core::Element>::Acc>(),
+            )
+        };
         run(py, || {
-            aux_loss::z_loss(l, t_n, e_n).map(moerail_core::elem::Real::into_f64)
+            aux_loss::z_loss(x, t_n, e_n, ls).map(moerail_core::elem::Real::into_f64)
         })
     })
 }
@@ -350,19 +363,29 @@ pub fn z_loss_backward(
     py: Python<'_>,
     grad: f64,
     logits: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let lg = Tensor::from_py(logits, "logits")?;
     lg.expect_ndim(2, "[num_tokens, num_experts]")?;
     let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
+    let l = Tensor::from_py(lse, "lse")?;
+    l.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
+    l.expect_shape(&[t_n])?;
     let out = Tensor::from_py(grad_logits, "grad_logits")?;
     out.expect_same_dtype(&lg)?;
     out.expect_shape(&[t_n, e_n])?;
-    check_disjoint(&[&out], &[&lg])?;
+    check_disjoint(&[&out], &[&lg, &l])?;
     with_float!(lg, |T| {
         // SAFETY: checked above.
-        let (l, o) = unsafe { (lg.slice::<T>(), out.slice_mut::<T>()) };
-        run(py, || aux_loss::z_loss_backward(grad, l, t_n, e_n, o))
+        let (x, ls, o) = unsafe {
+            (
+                lg.slice::<T>(),
+                l.slice::<<T as moerail_core::Element>::Acc>(),
+                out.slice_mut::<T>(),
+            )
+        };
+        run(py, || aux_loss::z_loss_backward(grad, x, ls, t_n, e_n, o))
     })
 }
 
