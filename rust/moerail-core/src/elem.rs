@@ -322,6 +322,11 @@ mod bf16_rows {
         let n = acc.len().min(row.len());
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
+        if n >= 16 && std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            i = unsafe { combine_avx2(&mut acc[..n], &row[..n], op) };
+        }
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: 8 elements are read/written at i with i + 8 <= n, in both slices.
         unsafe {
             use std::arch::x86_64::*;
@@ -372,6 +377,11 @@ mod bf16_rows {
         let n = src.len().min(dst.len());
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
+        if n >= 16 && std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            i = unsafe { store_avx2(&src[..n], &mut dst[..n]) };
+        }
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: 8 elements are read/written at i with i + 8 <= n, in both slices.
         unsafe {
             use std::arch::x86_64::*;
@@ -398,6 +408,62 @@ mod bf16_rows {
         for j in i..n {
             dst[j] = bf16_from_f32(src[j]);
         }
+    }
+
+    /// The AVX2 form of [`combine`] (8 lanes a step); returns how many elements it did.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn combine_avx2(acc: &mut [f32], row: &[bf16], op: Op) -> usize {
+        use std::arch::x86_64::*;
+        let n = acc.len();
+        let (a, r) = (acc.as_mut_ptr(), row.as_ptr() as *const u16);
+        let mut i = 0;
+        while i + 8 <= n {
+            // Zero-extend 8 u16 to u32 and shift into the high half: the f32 of each bf16.
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(r.add(i) as *const __m128i));
+            let x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            let y = match op {
+                Op::Load => x,
+                Op::Start => _mm256_add_ps(_mm256_setzero_ps(), x),
+                Op::StartScaled(w) => {
+                    _mm256_add_ps(_mm256_setzero_ps(), _mm256_mul_ps(x, _mm256_set1_ps(w)))
+                }
+                Op::Add => _mm256_add_ps(_mm256_loadu_ps(a.add(i)), x),
+                Op::AddScaled(w) => _mm256_add_ps(
+                    _mm256_loadu_ps(a.add(i)),
+                    _mm256_mul_ps(x, _mm256_set1_ps(w)),
+                ),
+            };
+            _mm256_storeu_ps(a.add(i), y);
+            i += 8;
+        }
+        i
+    }
+
+    /// The AVX2 form of [`store`]; returns how many elements it did.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_avx2(src: &[f32], dst: &mut [bf16]) -> usize {
+        use std::arch::x86_64::*;
+        let n = src.len();
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr() as *mut u16);
+        let round = _mm256_set1_epi32(0x7FFF);
+        let one = _mm256_set1_epi32(1);
+        let qnan = _mm256_set1_epi32(0x7FC0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(s.add(i));
+            let bits = _mm256_castps_si256(x);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+            let r = _mm256_srai_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(round, lsb)), 16);
+            let nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            let r = _mm256_blendv_epi8(r, qnan, nan);
+            // Pack the two 128-bit halves in order (a 256-bit pack would interleave them).
+            let packed = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+            _mm_storeu_si128(d.add(i) as *mut __m128i, packed);
+            i += 8;
+        }
+        i
     }
 }
 
