@@ -19,8 +19,6 @@ pub trait Real: Float + Default + Send + Sync + std::iter::Sum + std::fmt::Debug
     fn into_f64(self) -> f64;
     /// `v[i] = exp(v[i])`: vectorised for f32 (see `fastmath`), libm for f64.
     fn exp_in_place(v: &mut [Self]);
-    /// Index of the first maximum (no NaN, non-empty).
-    fn argmax_first(v: &[Self]) -> usize;
     /// Maximum (no NaN, non-empty).
     fn max_of(v: &[Self]) -> Self;
 
@@ -84,10 +82,6 @@ impl Real for f32 {
         crate::fastmath::exp_in_place_f32(v);
     }
     #[inline]
-    fn argmax_first(v: &[f32]) -> usize {
-        crate::fastmath::argmax_first_f32(v)
-    }
-    #[inline]
     fn max_of(v: &[f32]) -> f32 {
         crate::fastmath::max_f32(v)
     }
@@ -116,10 +110,6 @@ impl Real for f64 {
     #[inline]
     fn exp_in_place(v: &mut [f64]) {
         v.iter_mut().for_each(|x| *x = x.exp());
-    }
-    #[inline]
-    fn argmax_first(v: &[f64]) -> usize {
-        crate::fastmath::argmax_first_scalar(v)
     }
     #[inline]
     fn max_of(v: &[f64]) -> f64 {

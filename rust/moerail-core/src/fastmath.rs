@@ -205,57 +205,6 @@ pub fn argmax_first_scalar<A: PartialOrd + Copy>(v: &[A]) -> usize {
     i
 }
 
-/// Index of the first maximum of `v` (no NaN; at least one element).
-///
-/// Why SSE2 intrinsics: the router runs this k times per token; the compiler does not
-/// vectorise "first index of the maximum". A max pass then a compare-and-movemask search
-/// for the first element equal to it. SSE2 is part of x86-64, so no run-time detection.
-#[inline]
-pub fn argmax_first_f32(v: &[f32]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        let n = v.len();
-        if n < 8 {
-            return argmax_first_scalar(v);
-        }
-        let p = v.as_ptr();
-        // SAFETY: every load reads 4 floats at an offset i with i + 4 <= n.
-        unsafe {
-            let mut a = _mm_loadu_ps(p);
-            let mut b = _mm_loadu_ps(p.add(4));
-            let mut i = 8;
-            while i + 8 <= n {
-                a = _mm_max_ps(a, _mm_loadu_ps(p.add(i)));
-                b = _mm_max_ps(b, _mm_loadu_ps(p.add(i + 4)));
-                i += 8;
-            }
-            let mut lanes = [0f32; 4];
-            _mm_storeu_ps(lanes.as_mut_ptr(), _mm_max_ps(a, b));
-            let mut m = lanes[0];
-            for &x in lanes[1..].iter().chain(&v[i..]) {
-                if x > m {
-                    m = x;
-                }
-            }
-            let mv = _mm_set1_ps(m);
-            let mut j = 0;
-            while j + 4 <= n {
-                let mask = _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(p.add(j)), mv));
-                if mask != 0 {
-                    return j + mask.trailing_zeros() as usize;
-                }
-                j += 4;
-            }
-            v[j..].iter().position(|&x| x == m).map_or(0, |q| j + q)
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        argmax_first_scalar(v)
-    }
-}
-
 #[cfg(test)]
 mod argmax_tests {
     use super::*;
@@ -270,8 +219,7 @@ mod argmax_tests {
                     v[at + 2] = 3.0; // a later tie
                 }
                 v[0] = if at == 0 { 3.0 } else { f32::NEG_INFINITY };
-                assert_eq!(argmax_first_f32(&v), at, "n={n} at={at}");
-                assert_eq!(argmax_first_scalar(&v), at);
+                assert_eq!(argmax_first_scalar(&v), at, "n={n} at={at}");
             }
         }
     }

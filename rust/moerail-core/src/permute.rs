@@ -558,32 +558,13 @@ pub fn unpermute_backward<T: Element>(
                             T::load_row(grow, g);
                             T::load_row(&xs[r * hidden..(r + 1) * hidden], xv);
                             // SAFETY: row r belongs to this task alone.
-                            unsafe { p.write(r, dot_fixed_lanes(g, xv)) };
+                            unsafe { p.write(r, T::Acc::dot_lanes(g, xv)) };
                         }
                     }
                 },
             )
     });
     Ok(())
-}
-
-/// Dot product with 8 fixed partial sums: the same bits on every machine and thread count.
-#[inline]
-fn dot_fixed_lanes<A: Real>(a: &[A], b: &[A]) -> A {
-    let mut lanes = [A::zero(); 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..8 {
-            lanes[l] = lanes[l] + x[l] * y[l];
-        }
-    }
-    for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        lanes[l] = lanes[l] + x * y;
-    }
-    let s0 = (lanes[0] + lanes[4]) + (lanes[1] + lanes[5]);
-    let s1 = (lanes[2] + lanes[6]) + (lanes[3] + lanes[7]);
-    s0 + s1
 }
 
 /// The expert of each row, from the rows each expert owns (`row_counts [E]`).

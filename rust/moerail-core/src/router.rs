@@ -251,14 +251,8 @@ struct Scratch<A> {
     x: Vec<A>,
     s: Vec<A>,
     r: Vec<A>,
-    top: TopK<A>,
-    inner: TopK<A>,
-    groups: TopK<A>,
-    group_scores: Vec<A>,
-    chosen: Vec<usize>,
-    gathered: Vec<A>,
-    selector: Selector<A>,
     p: Vec<A>,
+    sel: Selection<A>,
 }
 
 impl<A: Real> Scratch<A> {
@@ -267,14 +261,8 @@ impl<A: Real> Scratch<A> {
             x: vec![A::zero(); e],
             s: vec![A::zero(); e],
             r: vec![A::zero(); e],
-            top: TopK::new(k),
-            inner: TopK::new(e),
-            groups: TopK::new(e),
-            group_scores: Vec::with_capacity(e),
-            chosen: Vec::with_capacity(e),
-            gathered: vec![A::zero(); e],
-            selector: Selector::new(e),
             p: vec![A::zero(); k],
+            sel: Selection::new(e, k),
         }
     }
 }
@@ -355,53 +343,78 @@ fn top2_sum<A: Real>(v: &[A]) -> A {
     a + b
 }
 
-/// Selects the top `k` of `scores` into `top`, restricted to the best groups if grouped.
-#[allow(clippy::too_many_arguments)]
-fn select<A: Real>(
-    scores: &[A],
-    k: usize,
-    grouping: Option<(usize, usize)>,
-    top: &mut TopK<A>,
-    inner: &mut TopK<A>,
-    groups: &mut TopK<A>,
-    group_scores: &mut Vec<A>,
-    chosen: &mut Vec<usize>,
-    gathered: &mut [A],
-    selector: &mut Selector<A>,
-) {
-    match grouping {
-        None => selector.topk(scores, k, top),
-        Some((g, gk)) => {
-            let per = scores.len() / g;
-            let m = k / gk;
-            group_scores.clear();
-            for gi in 0..g {
-                let v = &scores[gi * per..(gi + 1) * per];
-                // Summed in descending order, as torch sums the sorted top-m values.
-                let score = match m {
-                    1 => A::max_of(v),
-                    2 => top2_sum(v),
-                    _ => {
-                        selector.topk(v, m, inner);
-                        inner.values().iter().fold(A::zero(), |a, &x| a + x)
-                    }
-                };
-                group_scores.push(score);
-            }
-            selector.topk(group_scores, gk, groups);
-            // Gather the chosen groups' experts in ascending order (ties to the lower expert),
-            // as Megatron's masked_fill(-inf) of the others, then pick among them.
-            chosen.clear();
-            chosen.extend_from_slice(groups.indices());
-            chosen.sort_unstable();
-            let gathered = &mut gathered[..chosen.len() * per];
-            for (c, &gi) in chosen.iter().enumerate() {
-                gathered[c * per..(c + 1) * per].copy_from_slice(&scores[gi * per..(gi + 1) * per]);
-            }
-            selector.topk(gathered, k, top);
-            // Positions among the chosen groups back to expert ids (the order is preserved).
-            top.map_indices(|c| chosen[c / per] * per + c % per);
+/// (Group-limited) top-k selection of one token's scores, with its scratch.
+struct Selection<A> {
+    /// The picks: experts in descending score order.
+    top: TopK<A>,
+    inner: TopK<A>,
+    groups: TopK<A>,
+    group_scores: Vec<A>,
+    chosen: Vec<usize>,
+    gathered: Vec<A>,
+    selector: Selector<A>,
+}
+
+impl<A: Real> Selection<A> {
+    fn new(e: usize, k: usize) -> Self {
+        Self {
+            top: TopK::new(k),
+            inner: TopK::new(e),
+            groups: TopK::new(e),
+            group_scores: Vec::with_capacity(e),
+            chosen: Vec::with_capacity(e),
+            gathered: vec![A::zero(); e],
+            selector: Selector::new(e),
         }
+    }
+
+    /// Selects the top `k` of `scores`, restricted to the best groups if grouped.
+    fn select(&mut self, scores: &[A], k: usize, grouping: Option<(usize, usize)>) -> &[usize] {
+        let Self {
+            top,
+            inner,
+            groups,
+            group_scores,
+            chosen,
+            gathered,
+            selector,
+        } = self;
+        match grouping {
+            None => selector.topk(scores, k, top),
+            Some((g, gk)) => {
+                let per = scores.len() / g;
+                let m = k / gk;
+                group_scores.clear();
+                for gi in 0..g {
+                    let v = &scores[gi * per..(gi + 1) * per];
+                    // Summed in descending order, as torch sums the sorted top-m values.
+                    let score = match m {
+                        1 => A::max_of(v),
+                        2 => top2_sum(v),
+                        _ => {
+                            selector.topk(v, m, inner);
+                            inner.values().iter().fold(A::zero(), |a, &x| a + x)
+                        }
+                    };
+                    group_scores.push(score);
+                }
+                selector.topk(group_scores, gk, groups);
+                // Gather the chosen groups' experts in ascending order (ties to the lower
+                // expert), as Megatron's masked_fill(-inf) of the others, then pick among them.
+                chosen.clear();
+                chosen.extend_from_slice(groups.indices());
+                chosen.sort_unstable();
+                let gathered = &mut gathered[..chosen.len() * per];
+                for (c, &gi) in chosen.iter().enumerate() {
+                    gathered[c * per..(c + 1) * per]
+                        .copy_from_slice(&scores[gi * per..(gi + 1) * per]);
+                }
+                selector.topk(gathered, k, top);
+                // Positions among the chosen groups back to expert ids (the order is kept).
+                top.map_indices(|c| chosen[c / per] * per + c % per);
+            }
+        }
+        top.indices()
     }
 }
 
@@ -566,92 +579,33 @@ fn route_task<T: Element>(
     }
     for i in 0..n {
         let t = t0 + i;
-        let Scratch {
-            x,
-            s,
-            r,
-            top,
-            inner,
-            groups,
-            group_scores,
-            chosen,
-            gathered,
-            selector,
-            p,
-        } = &mut sc;
+        let Scratch { x, s, r, p, sel } = &mut sc;
         load_logits(&logits[i * e_n..(i + 1) * e_n], x, t)?;
         match cfg.score_function {
-            ScoreFunction::Softmax => {
-                if cfg.use_pre_softmax {
-                    softmax_into(x, s);
-                    select(
-                        s,
-                        k,
-                        grouping,
-                        top,
-                        inner,
-                        groups,
-                        group_scores,
-                        chosen,
-                        gathered,
-                        selector,
-                    );
-                    for (pj, &e) in p.iter_mut().zip(top.indices()) {
-                        *pj = s[e];
-                    }
-                } else {
-                    select(
-                        x,
-                        k,
-                        grouping,
-                        top,
-                        inner,
-                        groups,
-                        group_scores,
-                        chosen,
-                        gathered,
-                        selector,
-                    );
-                    for (rj, &e) in r.iter_mut().zip(top.indices()) {
-                        *rj = x[e];
-                    }
-                    softmax_into(&r[..k], p);
+            ScoreFunction::Softmax if cfg.use_pre_softmax => {
+                softmax_into(x, s);
+                for (pj, &e) in p.iter_mut().zip(sel.select(s, k, grouping)) {
+                    *pj = s[e];
                 }
+            }
+            ScoreFunction::Softmax => {
+                for (rj, &e) in r.iter_mut().zip(sel.select(x, k, grouping)) {
+                    *rj = x[e];
+                }
+                softmax_into(&r[..k], p);
             }
             f => {
                 f.scores_into(x, s);
-                match bias {
+                let picks = match bias {
                     Some(b) => {
                         for ((rv, &sv), &bv) in r.iter_mut().zip(s.iter()).zip(b) {
                             *rv = sv + bv;
                         }
-                        select(
-                            r,
-                            k,
-                            grouping,
-                            top,
-                            inner,
-                            groups,
-                            group_scores,
-                            chosen,
-                            gathered,
-                            selector,
-                        );
+                        sel.select(r, k, grouping)
                     }
-                    None => select(
-                        s,
-                        k,
-                        grouping,
-                        top,
-                        inner,
-                        groups,
-                        group_scores,
-                        chosen,
-                        gathered,
-                        selector,
-                    ),
-                }
-                for (pj, &e) in p.iter_mut().zip(top.indices()) {
+                    None => sel.select(s, k, grouping),
+                };
+                for (pj, &e) in p.iter_mut().zip(picks) {
                     *pj = s[e];
                 }
                 if k > 1 {
@@ -663,7 +617,7 @@ fn route_task<T: Element>(
         if let Some(sf) = scale {
             p.iter_mut().for_each(|v| *v = *v * sf);
         }
-        let sel = top.indices();
+        let sel = sel.top.indices();
         for j in 0..k {
             let e = sel[j];
             probs_k[i * k + j] = T::from_acc(p[j]);

@@ -30,6 +30,25 @@ fn f64_t(obj: &Bound<'_, PyAny>, name: &'static str, shape: &[usize]) -> PyResul
 
 /// Placement of `weight [L, E]` (float64): writes `phy2log [L, R]`, `phyrank [L, R]`,
 /// `logcnt [L, E]` (int64).
+/// An int64 placement `[num_layers, num_replicas]` whose rows match `l_n` (the rows of `of`).
+fn placement_arg(
+    obj: &Bound<'_, PyAny>,
+    name: &'static str,
+    l_n: usize,
+    of: &str,
+) -> PyResult<Tensor> {
+    let t = Tensor::from_py(obj, name)?;
+    t.expect_dtype(&[DType::I64], "int64")?;
+    t.expect_ndim(2, "[num_layers, num_replicas]")?;
+    if t.shape[0] != l_n {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{name}: expected {l_n} layers (the rows of {of}), got {}",
+            t.shape[0]
+        )));
+    }
+    Ok(t)
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 pub fn rebalance_experts(
@@ -86,15 +105,7 @@ pub fn improve_placement(
 ) -> PyResult<()> {
     let w = f64_2d(weight, "weight", "[num_layers, num_experts]")?;
     let (l_n, e_n) = (w.shape[0], w.shape[1]);
-    let c = Tensor::from_py(current_phy2log, "current_phy2log")?;
-    c.expect_dtype(&[DType::I64], "int64")?;
-    c.expect_ndim(2, "[num_layers, num_replicas]")?;
-    if c.shape[0] != l_n {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "current_phy2log: expected {l_n} layers (the rows of weight), got {}",
-            c.shape[0]
-        )));
-    }
+    let c = placement_arg(current_phy2log, "current_phy2log", l_n, "weight")?;
     let r_n = c.shape[1];
     let p = i64_t(phy2log, "phy2log", &[l_n, r_n])?;
     let r = i64_t(phyrank, "phyrank", &[l_n, r_n])?;
@@ -179,15 +190,7 @@ pub fn placement_metrics(
 ) -> PyResult<()> {
     let w = f64_2d(load, "load", "[num_layers, num_experts]")?;
     let (l_n, e_n) = (w.shape[0], w.shape[1]);
-    let p = Tensor::from_py(phy2log, "phy2log")?;
-    p.expect_dtype(&[DType::I64], "int64")?;
-    p.expect_ndim(2, "[num_layers, num_replicas]")?;
-    if p.shape[0] != l_n {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "phy2log: expected {l_n} layers (the rows of load), got {}",
-            p.shape[0]
-        )));
-    }
+    let p = placement_arg(phy2log, "phy2log", l_n, "load")?;
     let r_n = p.shape[1];
     let d = f64_t(device_load, "device_load", &[l_n, num_gpus])?;
     let n = f64_t(node_load, "node_load", &[l_n, num_nodes])?;
@@ -365,15 +368,7 @@ pub fn decide_migration(
         "[num_layers, num_experts]",
     )?;
     let (l_n, e_n) = (w.shape[0], w.shape[1]);
-    let c = Tensor::from_py(current_phy2log, "current_phy2log")?;
-    c.expect_dtype(&[DType::I64], "int64")?;
-    c.expect_ndim(2, "[num_layers, num_replicas]")?;
-    if c.shape[0] != l_n {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "current_phy2log: expected {l_n} layers (the rows of predicted_load), got {}",
-            c.shape[0]
-        )));
-    }
+    let c = placement_arg(current_phy2log, "current_phy2log", l_n, "predicted_load")?;
     let r_n = c.shape[1];
     let n = i64_t(new_phy2log, "new_phy2log", &[l_n, r_n])?;
     let topo = Topology::new(e_n, r_n, 1, num_nodes, num_gpus).map_err(crate::tensor::to_py_err)?;
