@@ -11,6 +11,7 @@ import os
 import torch  # noqa: F401  (the custom ops need torch loaded first)
 
 from . import _native
+from .a2a import AllToAllDispatcher, AllToAllPlan, plan_all_to_all
 from .balance import (
     LinkModel,
     LoadTracker,
@@ -49,6 +50,9 @@ __version__ = _native.__version__
 
 __all__ = [
     "__version__",
+    "AllToAllDispatcher",
+    "AllToAllPlan",
+    "plan_all_to_all",
     "LinkModel",
     "LoadTracker",
     "MigrationDecision",

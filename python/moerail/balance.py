@@ -694,6 +694,12 @@ class LinkModel:
     inter_node_bw: float = 45e9
     latency: float = 20e-6
     local_bw: float = 1.0e12
+    #: Latency of a message between nodes (None: ``latency``).
+    inter_node_latency: Optional[float] = None
+    #: Bytes/s a node can send between nodes in all (all its NICs); inf: no shared limit.
+    node_bw: float = float("inf")
+    #: Fixed seconds a stage of an exchange costs (launch, synchronisation).
+    stage_overhead: float = 0.0
 
 
 @dataclass

@@ -9,6 +9,7 @@
 //! Every function validates its arguments and returns [`Error::InvalidArgument`] naming the
 //! argument instead of panicking; outputs are written only after the checks pass.
 
+pub mod a2a;
 pub mod aux_loss;
 pub mod balance;
 pub mod capacity;

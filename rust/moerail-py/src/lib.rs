@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod a2a;
 mod balance;
 mod permute;
 mod router;
@@ -27,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     router::register(m)?;
+    a2a::register(m)?;
     permute::register(m)?;
     balance::register(m)?;
     sim::register(m)?;

@@ -18,6 +18,7 @@ pub enum DType {
     Bool,
     I64,
     I32,
+    U8,
     Other,
 }
 
@@ -35,6 +36,7 @@ fn dtypes(py: Python<'_>) -> PyResult<&'static Vec<(Py<PyAny>, DType)>> {
             DType::Bool,
             DType::I64,
             DType::I32,
+            DType::U8,
         ]
         .into_iter()
         .map(|d| {
@@ -55,6 +57,7 @@ impl DType {
             Self::Bool => "torch.bool",
             Self::I64 => "torch.int64",
             Self::I32 => "torch.int32",
+            Self::U8 => "torch.uint8",
             Self::Other => "other",
         }
     }
@@ -64,7 +67,7 @@ impl DType {
             Self::F64 | Self::I64 => 8,
             Self::F32 | Self::I32 => 4,
             Self::BF16 | Self::F16 => 2,
-            Self::Bool => 1,
+            Self::Bool | Self::U8 => 1,
             Self::Other => 0,
         }
     }
@@ -120,7 +123,8 @@ impl Tensor {
         // Contiguous: row-major strides, ignoring dimensions of size 1.
         let mut expect = 1isize;
         for (d, s) in shape.iter().zip(&strides).rev() {
-            if *d != 1 && *s != expect {
+            // An empty tensor has no layout to get wrong (torch gives it any strides).
+            if numel != 0 && *d != 1 && *s != expect {
                 return Err(PyValueError::new_err(format!(
                     "{name}: expected a contiguous tensor (shape {shape:?}, strides {strides:?})"
                 )));

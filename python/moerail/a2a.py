@@ -1,0 +1,736 @@
+"""The expert-parallel token exchange: ``plan_all_to_all`` and ``AllToAllDispatcher``.
+
+Expert parallelism moves every routed token to the ranks holding its experts and the expert
+outputs back. The EP group has ``W`` ranks, ``ranks_per_node`` to a node (rank ``r`` on node
+``r // ranks_per_node``); each rank holds ``L`` expert *slots* (slot ``s`` on rank ``s // L``),
+filled by a placement ``phy2log [W * L]`` (slot -> expert; replicas allowed). Each (token,
+expert) pair picks one replica of its expert (:func:`moerail.select_replicas`: deterministic,
+even), so tokens address slots.
+
+Strategies (the planner in ``moerail-core/src/a2a`` has the exact per-stage row matrices):
+
+1. ``flat``: one all-to-all-v, one row per (token, slot) copy. Its splits are Megatron-Core's
+   ``MoEAlltoAllTokenDispatcher`` numbers (``input_splits``, ``output_splits``,
+   ``num_global_tokens_per_local_expert``).
+2. ``2dh`` (Tutel): copies regroup inside the node by the destination's local rank, then cross
+   the network between ranks of the same local rank: the same inter-node bytes in fewer, larger
+   messages.
+3. ``dedup`` (DeepEP's two hops): a token crosses the network once per destination *node*, to
+   the rank of its own local rank there, which forwards it once per destination rank inside the
+   node; the combine sums a rank's copies, then a node's partial sums, before the trip back.
+4. ``allgather`` (MindSpeed's hierarchical all-to-all-v): every token goes to every node, each
+   node keeps what its slots need and forwards it inside the node as ``dedup`` does.
+
+Rows travel packed, ``[rows, row_bytes]`` uint8, in the planner's row format (hidden state, then
+fp32 routing weights, then int32 slot ids for the token strategies), so the bytes the planner
+reports are the bytes sent. The cost model is alpha-beta per stage:
+``t_stage = max over ranks of sum over its messages (latency + bytes / bandwidth)`` with the
+link class (inside a node, between nodes) of each message; ``auto`` takes the cheapest plan.
+
+Every strategy returns the same rows in the same order (grouped by local slot, then source
+rank, then token: Megatron's order), so its outputs are the same as ``flat``'s; sums (combine,
+gradients) accumulate in fp32 in a fixed order and round once per hop.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _checks, _native
+from .balance import LinkModel, log2phy_from_phy2log, select_replicas
+
+__all__ = ["STRATEGIES", "AllToAllPlan", "plan_all_to_all", "AllToAllDispatcher"]
+
+STRATEGIES = ("flat", "2dh", "dedup", "allgather")
+_PASSES = ("dispatch", "dispatch_backward", "combine", "combine_backward")
+
+
+def _links(link: Optional[LinkModel]) -> Tuple[float, ...]:
+    lk = link if link is not None else LinkModel()
+    inter_lat = lk.latency if lk.inter_node_latency is None else lk.inter_node_latency
+    return (
+        float(lk.intra_node_bw),
+        float(lk.inter_node_bw),
+        float(lk.node_bw),
+        float(lk.latency),
+        float(inter_lat),
+        float(lk.local_bw),
+        float(lk.stage_overhead),
+    )
+
+
+def _strategies(strategy: str) -> List[str]:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES + ("auto",):
+        raise ValueError(f"strategy: expected 'auto', 'flat', '2dh', 'dedup' or 'allgather', got {strategy!r}")
+    return list(STRATEGIES) if strategy == "auto" else [strategy]
+
+
+@dataclass
+class AllToAllPlan:
+    """Plans of one exchange for every candidate strategy, and the chosen one.
+
+    ``stages[s]`` lists strategy ``s``'s stages in dispatch order as ``(name, rows [W, W])``
+    (rows source rank -> destination rank; the diagonal is a local copy); ``traffic[s][pass]``
+    the exact bytes and estimated seconds of each of the four passes (``dispatch``,
+    ``dispatch_backward``, ``combine``, ``combine_backward``): ``inter_node_bytes``,
+    ``intra_node_bytes``, ``inter_node_rows`` (token copies crossing node boundaries),
+    ``messages``, ``row_bytes``, ``stage_seconds``, ``seconds``."""
+
+    strategy: str
+    estimates: Dict[str, float]
+    stages: Dict[str, List[Tuple[str, torch.Tensor]]]
+    traffic: Dict[str, Dict[str, dict]]
+    slot_counts: torch.Tensor  # [W, R] copies per (source rank, slot)
+    rank_tokens: torch.Tensor  # [W, W] tokens per (source rank, destination rank)
+    node_tokens: torch.Tensor  # [W, N] tokens per (source rank, destination node)
+    ranks_per_node: int
+    entries: int
+
+    @property
+    def inter_node_copies(self) -> int:
+        """Rows of the chosen dispatch that cross a node boundary."""
+        return int(self.traffic[self.strategy]["dispatch"]["inter_node_rows"])
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Estimated dispatch + combine seconds of the chosen strategy."""
+        return float(self.estimates[self.strategy])
+
+    def megatron_splits(self, rank: int) -> Tuple[List[int], List[int], torch.Tensor]:
+        """``flat``'s splits on ``rank`` as Megatron's MoEAlltoAllTokenDispatcher has them:
+        ``(input_splits [W], output_splits [W], num_global_tokens_per_local_expert [W, L])``."""
+        rows = self.stages["flat"][0][1] if "flat" in self.stages else _copies(self.slot_counts, self.num_ranks)
+        w = self.num_ranks
+        local = self.slot_counts.shape[1] // w
+        return (
+            rows[rank].tolist(),
+            rows[:, rank].tolist(),
+            self.slot_counts[:, rank * local : (rank + 1) * local].clone(),
+        )
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.slot_counts.shape[0])
+
+    def summary(self) -> Dict[str, object]:
+        t = self.traffic[self.strategy]["dispatch"]
+        return {
+            "strategy": self.strategy,
+            "estimated_seconds": self.estimated_seconds,
+            "estimates": dict(self.estimates),
+            "inter_node_bytes": int(t["inter_node_bytes"]),
+            "intra_node_bytes": int(t["intra_node_bytes"]),
+            "inter_node_copies": int(t["inter_node_rows"]),
+        }
+
+
+def _copies(slot_counts: torch.Tensor, w: int) -> torch.Tensor:
+    return slot_counts.view(w, w, -1).sum(-1)
+
+
+def _make_plan(gathered: torch.Tensor, w: int, rpn: int, local: int, strategy: str, hidden: int,
+               hidden_elem: int, probs_grad: bool, link: Optional[LinkModel]) -> AllToAllPlan:
+    cands = _strategies(strategy)
+    out = _native.a2a_plan(gathered.contiguous(), w, rpn, local, cands, hidden, hidden_elem, 4, probs_grad,
+                           _links(link))
+    stages, traffic, est = {}, {}, {}
+    for p in out["plans"]:
+        s = p["strategy"]
+        est[s] = p["seconds"]
+        stages[s] = [(name, torch.tensor(rows, dtype=torch.int64).view(w, w)) for name, rows in p["stages"]]
+        traffic[s] = p["passes"]
+    v = gathered.view(w, -1)
+    r = w * local
+    return AllToAllPlan(
+        strategy=out["plans"][out["best"]]["strategy"],
+        estimates=est,
+        stages=stages,
+        traffic=traffic,
+        slot_counts=v[:, 4 : 4 + r].clone(),
+        rank_tokens=v[:, 4 + r : 4 + r + w].clone(),
+        node_tokens=v[:, 4 + r + w :].clone(),
+        ranks_per_node=rpn,
+        entries=int(out["entries"]),
+    )
+
+
+def _placement_tables(placement, num_experts: int, w: int):
+    """``(phy2log [R], log2phy [E, X], logcnt [E])`` of a one-layer placement (None: expert e in
+    slot e)."""
+    if placement is None:
+        p = torch.arange(num_experts, dtype=torch.int64)
+    else:
+        p = _checks.tensor(torch.as_tensor(placement), "placement", ndim=1, dtypes=_checks.INT_DTYPES,
+                           shape_doc="[num_slots] (slot -> expert, one layer)")
+        p = p.detach().to("cpu", torch.int64).contiguous()
+    if p.numel() == 0 or p.numel() % w:
+        raise ValueError(f"placement: expected a number of slots that is a positive multiple of the EP size {w}, "
+                         f"got {p.numel()}")
+    log2phy, logcnt = log2phy_from_phy2log(p.view(1, -1), num_experts)
+    return p, log2phy[0].contiguous(), logcnt[0].contiguous()
+
+
+def _compact(routing_map: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+    """``[T, K]`` ascending expert ids of each row of ``routing_map``, then -1s."""
+    t, e = routing_map.shape
+    k = int(routing_map.sum(1).max()) if t and width is None else (width or 0)
+    ids = torch.where(routing_map, torch.arange(e, dtype=torch.int64), torch.full((), e, dtype=torch.int64))
+    ids = ids.sort(dim=1).values[:, :k]
+    return ids.masked_fill(ids == e, -1).contiguous()
+
+
+def plan_all_to_all(
+    *,
+    ranks_per_node: int,
+    routing_maps: Optional[Sequence[torch.Tensor]] = None,
+    tokens_per_expert: Optional[torch.Tensor] = None,
+    num_tokens: Optional[Sequence[int]] = None,
+    placement=None,
+    hidden_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    strategy: str = "auto",
+    link: Optional[LinkModel] = None,
+    probs_grad: bool = True,
+) -> AllToAllPlan:
+    """Plans the exchange of an EP group of ``W`` ranks.
+
+    Give either every rank's ``routing_maps [T_r, E]`` (exact token-level counts: what
+    ``dedup`` sends depends on which tokens share a node), or ``tokens_per_expert [W, E]`` with
+    ``num_tokens [W]`` (token-level counts estimated assuming independent expert choices).
+    ``placement`` is ``phy2log [R]`` (slot -> expert, ``R`` a multiple of ``W``; default expert
+    ``e`` in slot ``e``). Row bytes follow ``hidden_size`` and ``dtype``; ``link`` the link
+    parameters (:class:`moerail.LinkModel`)."""
+    rpn = _checks.integer(ranks_per_node, "ranks_per_node", minimum=1)
+    hidden = _checks.integer(hidden_size, "hidden_size", minimum=1)
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    elem = torch.empty((), dtype=dtype).element_size()
+    if (routing_maps is None) == (tokens_per_expert is None):
+        raise ValueError("routing_maps / tokens_per_expert: give exactly one of them")
+    if routing_maps is not None:
+        if not isinstance(routing_maps, (list, tuple)) or not routing_maps:
+            raise TypeError("routing_maps: expected a non-empty list of [num_tokens, num_experts] bool tensors")
+        maps = [_checks.routing_map(m) for m in routing_maps]
+        e = maps[0].shape[1]
+        for i, m in enumerate(maps):
+            if m.shape[1] != e:
+                raise ValueError(f"routing_maps[{i}]: expected {e} experts, got {m.shape[1]}")
+        w = len(maps)
+    else:
+        tpe = _checks.tensor(tokens_per_expert, "tokens_per_expert", ndim=2, dtypes=_checks.INT_DTYPES,
+                             shape_doc="[num_ranks, num_experts]")
+        w, e = tpe.shape
+        if num_tokens is None or len(num_tokens) != w:
+            raise ValueError(f"num_tokens: expected {w} values (one per rank)")
+    phy2log, log2phy, logcnt = _placement_tables(placement, e, w)
+    r = phy2log.numel()
+    local = r // w
+    if w % rpn:
+        raise ValueError(f"ranks_per_node: must divide the number of ranks ({w}), got {rpn}")
+    v = 4 + r + w + w // rpn
+    gathered = torch.zeros(w, v, dtype=torch.int64)
+    if routing_maps is not None:
+        for i, m in enumerate(maps):
+            idx = _compact(m.detach().cpu())
+            slots = select_replicas(idx, log2phy, logcnt, r, offset=i)
+            _native.a2a_counts(slots, w, rpn, local, 0, 0, gathered[i])
+    else:
+        tok = torch.tensor([_checks.integer(x, "num_tokens", minimum=0) for x in num_tokens], dtype=torch.int64)
+        tpe = tpe.detach().to("cpu", torch.int64)
+        if bool((tpe < 0).any()) or bool((tpe > tok[:, None]).any()):
+            raise ValueError("tokens_per_expert: every count must be in [0, num_tokens of its rank]")
+        slot_counts = _split_over_replicas(tpe, phy2log, logcnt)
+        _native.a2a_estimate_counts(slot_counts.contiguous(), tok, w, rpn, local, gathered)
+    return _make_plan(gathered, w, rpn, local, strategy, hidden, elem, probs_grad, link)
+
+
+def _split_over_replicas(tpe: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """Copies per (rank, slot) when expert ``e``'s ``n`` tokens of rank ``i`` spread as
+    :func:`select_replicas` spreads them (offset ``i``): replica ``j`` gets
+    ``n // c + ((j - i) mod c < n mod c)``."""
+    w = tpe.shape[0]
+    out = torch.zeros(w, phy2log.numel(), dtype=torch.int64)
+    rank_of = torch.zeros_like(phy2log)
+    seen: Dict[int, int] = {}
+    for s, ex in enumerate(phy2log.tolist()):
+        rank_of[s] = seen.get(ex, 0)
+        seen[ex] = seen.get(ex, 0) + 1
+    c = logcnt[phy2log]
+    for i in range(w):
+        n = tpe[i, phy2log]
+        out[i] = n // c + (((rank_of - i) % c) < (n % c)).to(torch.int64)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# execution
+# ------------------------------------------------------------------------------------------------
+
+
+def _pack(layout: dict, hidden: torch.Tensor, probs: Optional[torch.Tensor] = None,
+          ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows ``[n, row_bytes]`` uint8 in the planner's row format."""
+    n = hidden.shape[0]
+    buf = torch.zeros(n, layout["row_bytes"], dtype=torch.uint8)
+    hb = layout["hidden_bytes"]
+    buf[:, :hb] = hidden.contiguous().view(torch.uint8).view(n, hb)
+    if layout["num_probs"]:
+        o, k = layout["probs_offset"], layout["num_probs"]
+        buf[:, o : o + 4 * k] = probs.to(torch.float32).contiguous().view(torch.uint8).view(n, 4 * k)
+    if layout["num_ids"]:
+        o, k = layout["ids_offset"], layout["num_ids"]
+        buf[:, o : o + 4 * k] = ids.to(torch.int32).contiguous().view(torch.uint8).view(n, 4 * k)
+    return buf
+
+
+def _unpack(layout: dict, buf: torch.Tensor, hidden: int, dtype: torch.dtype):
+    n = buf.shape[0]
+    hb = layout["hidden_bytes"]
+    h = buf[:, :hb].contiguous().view(dtype).view(n, hidden)
+    p = None
+    if layout["num_probs"]:
+        o, k = layout["probs_offset"], layout["num_probs"]
+        p = buf[:, o : o + 4 * k].contiguous().view(torch.float32).view(n, k)
+    return h, p
+
+
+def _sum_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """``out[index[i]] += src[i]`` in ascending ``i``, in fp32 (fp64 for fp64)."""
+    acc_t = torch.float64 if src.dtype == torch.float64 else torch.float32
+    out = torch.zeros(rows, *src.shape[1:], dtype=acc_t)
+    if index.numel():
+        out.index_add_(0, index, src.to(acc_t))
+    return out
+
+
+@dataclass
+class _Hop:
+    """One all-to-all: rows gathered by ``index`` from the previous buffer, sent with
+    ``send[dst]`` rows to each rank, ``recv[src]`` received."""
+
+    index: torch.Tensor
+    send: List[int]
+    recv: List[int]
+    stage: str
+
+
+@dataclass
+class _Route:
+    """Everything one dispatch decided, for its combine and both backwards."""
+
+    plan: AllToAllPlan
+    strategy: str
+    hops: List[_Hop]
+    out_rows: torch.Tensor  # rows of the last receive buffer, in output order
+    out_entries: Optional[torch.Tensor]  # token strategies: entry of each output row
+    num_tokens: int
+    hidden: int
+    dtype: torch.dtype
+    copy_rows: bool
+    slots: torch.Tensor = None  # [T, K] slot of each (token, entry), -1 empty
+    rows_entry: Optional[torch.Tensor] = None  # copy strategies: t * K + j of each send row
+    tokens_per_local_expert: Optional[torch.Tensor] = None
+    stats: Dict[str, object] = field(default_factory=dict)
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch and combine over ``ep_group`` with a planned strategy.
+
+    ``dispatch(hidden [T, H], probs [T, E], routing_map [T, E])`` returns
+    ``(tokens [N, H], tokens_per_local_expert [L] int64 CPU, probs [N] fp32)``: this rank's rows
+    grouped by local expert slot, then source rank, then token (Megatron's order), with each
+    row's routing weight; the experts multiply by it (Megatron's convention) and
+    ``combine(expert_output [N, H])`` sums each token's rows back into ``[T, H]``. Both are
+    differentiable (backward of dispatch is the reverse exchange). ``last_stats`` has the plan's
+    and the measured numbers of the last exchange.
+
+    ``placement``: ``phy2log [R]`` slot -> expert, ``R = W * L`` (replicas allowed; default
+    expert ``e`` in slot ``e``). ``capacity_factor`` (with ``topk``) drops tokens as Megatron's
+    router does (``moerail.apply_token_dropping``, ``drop_policy``, ``pad_to_capacity``).
+
+    The first collective of every dispatch all-gathers each rank's counts together with a status
+    and a hash of its configuration: a rank whose arguments failed, or whose configuration
+    (experts, slots, ``ranks_per_node``, strategy, hidden size, dtype) differs, makes every rank
+    raise the same error instead of hanging. Every wait has ``timeout``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        ep_group=None,
+        *,
+        ranks_per_node: int,
+        strategy: str = "auto",
+        placement=None,
+        topk: Optional[int] = None,
+        capacity_factor: Optional[float] = None,
+        drop_policy: str = "probs",
+        pad_to_capacity: bool = False,
+        link: Optional[LinkModel] = None,
+        timeout: timedelta = timedelta(minutes=5),
+    ):
+        self.num_experts = _checks.integer(num_experts, "num_experts", minimum=1)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ep_group: torch.distributed is not initialised (call init_process_group first)")
+        self.ep_group = ep_group
+        self.world = dist.get_world_size(ep_group)
+        self.rank = dist.get_rank(ep_group)
+        self.ranks_per_node = _checks.integer(ranks_per_node, "ranks_per_node", minimum=1)
+        if self.world % self.ranks_per_node:
+            raise ValueError(f"ranks_per_node: must divide the EP group size ({self.world}), got {ranks_per_node}")
+        self.strategy = strategy
+        _strategies(strategy)
+        self.phy2log, self.log2phy, self.logcnt = _placement_tables(placement, self.num_experts, self.world)
+        self.num_slots = self.phy2log.numel()
+        self.num_local_experts = self.num_slots // self.world
+        if capacity_factor is not None:
+            if topk is None:
+                raise ValueError("topk: needed with capacity_factor (the capacity is num_tokens * topk / num_experts)")
+            self.topk = _checks.integer(topk, "topk", minimum=1)
+            if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+                raise ValueError(f"capacity_factor: expected a positive number, got {capacity_factor!r}")
+        self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
+        self.pad_to_capacity = bool(pad_to_capacity)
+        self.link = link
+        if not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout: expected a datetime.timedelta, got {type(timeout).__name__}")
+        self.timeout = timeout
+        self._route: Optional[_Route] = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _wait(self, work) -> None:
+        if not work.wait(self.timeout):
+            raise RuntimeError(f"ep_group: collective did not finish within {self.timeout}")
+
+    def _config_hash(self, hidden: int, dtype: torch.dtype) -> int:
+        key = repr((self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
+                    hidden, str(dtype), self.phy2log.tolist()))
+        return zlib.crc32(key.encode())
+
+    def _gather_counts(self, vec: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(vec) for _ in range(self.world)]
+        self._wait(dist.all_gather(parts, vec, group=self.ep_group, async_op=True))
+        return torch.stack(parts)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
+        v = 4 + self.num_slots + w + w // rpn
+        vec = torch.zeros(v, dtype=torch.int64)
+        error = None
+        try:
+            hidden, probs, routing_map, slots, weights = self._prepare(hidden, probs, routing_map)
+            vec[3] = self._config_hash(hidden.shape[1], hidden.dtype)
+            _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec)
+        except (TypeError, ValueError) as e:
+            error = e
+            vec.zero_()
+            vec[0] = 1
+        gathered = self._gather_counts(vec)
+        bad = (gathered[:, 0] != 0).nonzero().flatten().tolist()
+        if error is not None:
+            raise error
+        if bad:
+            raise RuntimeError(f"ep_group: rank(s) {bad} rejected their dispatch arguments (see their errors)")
+        hashes = gathered[:, 3].tolist()
+        if len(set(hashes)) != 1:
+            raise RuntimeError(
+                "ep_group: the ranks disagree on the dispatcher configuration (num_experts, placement, "
+                f"ranks_per_node, strategy, hidden size or dtype): per-rank hashes {hashes}")
+        h, dtype = hidden.shape[1], hidden.dtype
+        plan = _make_plan(gathered, w, rpn, loc, self.strategy, h, hidden.element_size(),
+                          probs.requires_grad, self.link)
+        route = self._route_for(plan, slots, h, dtype)
+        self._route = route
+        out, out_probs = _Dispatch.apply(hidden, weights, self, route)
+        return out, route.tokens_per_local_expert, out_probs
+
+    def _prepare(self, hidden, probs, routing_map):
+        hidden = _checks.tensor(hidden, "hidden", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, hidden]")
+        probs = _checks.tensor(probs, "probs", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, num_experts]")
+        routing_map = _checks.routing_map(routing_map)
+        for name, x in (("hidden", hidden), ("probs", probs), ("routing_map", routing_map)):
+            if x.device.type != "cpu":
+                raise ValueError(f"{name}: expected a CPU tensor (this dispatcher exchanges CPU tensors), got {x.device}")
+        _checks.same_rows(hidden, "hidden", probs, "probs")
+        if tuple(routing_map.shape) != tuple(probs.shape):
+            raise ValueError(f"routing_map: expected shape {tuple(probs.shape)} (the shape of probs), "
+                             f"got {tuple(routing_map.shape)}")
+        if probs.shape[1] != self.num_experts:
+            raise ValueError(f"probs: expected {self.num_experts} experts (num_experts), got {probs.shape[1]}")
+        if self.capacity_factor is not None:
+            from .router import apply_token_dropping
+
+            probs, routing_map = apply_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
+                                                      self.drop_policy, self.pad_to_capacity)
+        idx = _compact(routing_map)
+        slots = select_replicas(idx, self.log2phy, self.logcnt, self.num_slots, offset=self.rank)
+        weights = probs.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+        return hidden, probs, routing_map, slots, weights
+
+
+    def _route_for(self, plan: AllToAllPlan, slots: torch.Tensor, h: int, dtype) -> _Route:
+        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
+        s = plan.strategy
+        stages = plan.stages[s]
+        t, k = slots.shape
+        sc = plan.slot_counts  # [W, R]
+        mine = sc[:, rank * loc : (rank + 1) * loc]  # [W, L]: what this rank's slots get
+        route = _Route(plan=plan, strategy=s, hops=[], out_rows=torch.empty(0, dtype=torch.int64),
+                       out_entries=None, num_tokens=t, hidden=h, dtype=dtype, copy_rows=s in ("flat", "2dh"),
+                       slots=slots, tokens_per_local_expert=mine.sum(0).clone())
+        m1 = stages[0][1]
+        n_nodes = w // rpn
+        if route.copy_rows:
+            order = None
+            if s == "2dh":
+                # Send order: by the destination's local rank, then its node, then slot.
+                dest = torch.arange(self.num_slots) // loc
+                key = ((dest % rpn) * n_nodes + dest // rpn) * self.num_slots + torch.arange(self.num_slots)
+                order = torch.empty(self.num_slots, dtype=torch.int64)
+                order[key.argsort()] = torch.arange(self.num_slots)
+                order = order.tolist()
+            n = int(sc[rank].sum())
+            rows_token = torch.empty(n, dtype=torch.int64)
+            rows_entry = torch.empty(n, dtype=torch.int64)
+            _native.a2a_copy_rows(slots, self.num_slots, order, rows_token, rows_entry,
+                                  torch.empty(self.num_slots, dtype=torch.int64))
+            route.rows_entry = rows_entry
+            route.hops.append(_Hop(rows_token, m1[rank].tolist(), m1[:, rank].tolist(), stages[0][0]))
+            if s == "2dh":
+                # On (n, g'): from each source (n, g), blocks by destination node n'; regroup by n'.
+                node, g2 = rank // rpn, rank % rpn
+                sizes = []
+                for g in range(rpn):
+                    src = node * rpn + g
+                    for n2 in range(n_nodes):
+                        dst = n2 * rpn + g2
+                        sizes.append(int(sc[src, dst * loc : (dst + 1) * loc].sum()))
+                mid = torch.empty(sum(sizes), dtype=torch.int64)
+                _native.a2a_block_order(sizes, rpn, n_nodes, mid)
+                m2 = stages[1][1]
+                route.hops.append(_Hop(mid, m2[rank].tolist(), m2[:, rank].tolist(), stages[1][0]))
+            # Received by source rank, then slot, then token; the output is by slot, then source.
+            out = torch.empty(int(mine.sum()), dtype=torch.int64)
+            _native.a2a_block_order(mine.flatten().tolist(), w, loc, out)
+            route.out_rows = out
+        else:
+            if s == "dedup":
+                node_tokens = plan.node_tokens[rank].tolist()
+                send0 = torch.empty(sum(node_tokens), dtype=torch.int64)
+                _native.a2a_node_send_index(slots, w, rpn, loc, node_tokens, send0)
+            else:
+                send0 = torch.arange(t, dtype=torch.int64).repeat(n_nodes)
+            route.hops.append(_Hop(send0, m1[rank].tolist(), m1[:, rank].tolist(), stages[0][0]))
+            m2 = stages[1][1]
+            # The forwarding index and the output order are read off the slot ids on arrival.
+            route.hops.append(_Hop(torch.empty(0, dtype=torch.int64), m2[rank].tolist(), m2[:, rank].tolist(),
+                                   stages[1][0]))
+        return route
+
+    def _token_indices(self, route: _Route, buf: torch.Tensor, lay: dict, stage: int) -> None:
+        """``dedup`` / ``allgather``: after stage 1, which received rows go to which rank of this
+        node; after stage 2, which entry of which row is each output row."""
+        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
+        node = rank // rpn
+        if stage == 1:
+            hop = route.hops[1]
+            fwd = torch.empty(sum(hop.send), dtype=torch.int64)
+            expected = [hop.send[node * rpn + g] for g in range(rpn)]
+            _native.a2a_forward_index(buf, lay["ids_offset"], lay["num_ids"], w, rpn, loc, node, expected, fwd)
+            hop.index = fwd
+            return
+        # From proxies (node, g) in rank order; each proxy's rows by source node, then token.
+        blocks: List[int] = []
+        for g in range(rpn):
+            for n in range(w // rpn):
+                src = n * rpn + g
+                blocks += [src, int(route.plan.rank_tokens[src, rank])]
+        mine = route.plan.slot_counts[:, rank * loc : (rank + 1) * loc]
+        n_out = int(mine.sum())
+        out_rows = torch.empty(n_out, dtype=torch.int64)
+        out_entries = torch.empty(n_out, dtype=torch.int64)
+        _native.a2a_expand_index(buf, lay["ids_offset"], lay["num_ids"], blocks, w, rpn, loc, rank,
+                                 mine.t().flatten().tolist(), out_rows, out_entries)
+        route.out_rows, route.out_entries = out_rows, out_entries
+
+    # -- combine --------------------------------------------------------------------------------
+
+    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
+        route = self._route
+        if route is None:
+            raise RuntimeError("combine: call dispatch first")
+        y = _checks.tensor(expert_output, "expert_output", ndim=2, dtypes=_checks.FLOAT_DTYPES,
+                           shape_doc="[num_rows, hidden]")
+        n = route.out_rows.numel()
+        if tuple(y.shape) != (n, route.hidden):
+            raise ValueError(f"expert_output: expected shape ({n}, {route.hidden}) (the rows dispatch returned), "
+                             f"got {tuple(y.shape)}")
+        if y.dtype != route.dtype:
+            raise TypeError(f"expert_output: expected dtype {route.dtype} (the dtype of the dispatched hidden), "
+                            f"got {y.dtype}")
+        return _Combine.apply(y, self, route)
+
+    @property
+    def last_stats(self) -> Dict[str, object]:
+        """The last exchange: the plan's summary (strategy, estimates, planned bytes of every
+        pass over the whole group) and what this rank measured (bytes it sent inside and between
+        nodes, seconds in collectives) per pass run so far."""
+        r = self._route
+        if r is None:
+            return {}
+        out: Dict[str, object] = dict(r.plan.summary())
+        out["planned"] = {p: {k: r.plan.traffic[r.strategy][p][k]
+                              for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_rows", "seconds")}
+                          for p in _PASSES}
+        out["measured"] = {p: dict(v) for p, v in r.stats.items()}
+        return out
+
+    # -- the passes -----------------------------------------------------------------------------
+
+    def _exchange(self, buf: torch.Tensor, send: List[int], recv: List[int], log: list) -> torch.Tensor:
+        out = torch.empty(sum(recv), buf.shape[1], dtype=buf.dtype)
+        t0 = time.perf_counter()
+        self._wait(dist.all_to_all_single(out, buf.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                                          group=self.ep_group, async_op=True))
+        log.append(([s * buf.shape[1] for s in send], time.perf_counter() - t0))
+        return out
+
+    def _record(self, route: _Route, pass_: str, log: list) -> None:
+        rpn = self.ranks_per_node
+        node = self.rank // rpn
+        inter = intra = 0
+        secs = 0.0
+        for sent, dt in log:
+            secs += dt
+            for dst, b in enumerate(sent):
+                if dst == self.rank:
+                    continue
+                if dst // rpn == node:
+                    intra += b
+                else:
+                    inter += b
+        route.stats[pass_] = {"sent_inter_node_bytes": inter, "sent_intra_node_bytes": intra, "seconds": secs}
+
+    def _forward_pass(self, route: _Route, hidden: torch.Tensor, weights: Optional[torch.Tensor], pass_: str):
+        """Token rows -> expert rows: the dispatch (with weights), or the combine's backward."""
+        lay = route.plan.traffic[route.strategy][pass_]
+        log: list = []
+        h, dtype = route.hidden, route.dtype
+        hop0 = route.hops[0]
+        sel = hop0.index
+        if route.copy_rows:
+            p = None
+            if lay["num_probs"]:
+                p = weights.reshape(-1)[route.rows_entry].to(torch.float32).unsqueeze(1)
+            buf = _pack(lay, hidden.index_select(0, sel), p)
+        else:
+            ent = route.plan.entries
+            k = route.slots.shape[1]
+            ids = probs = None
+            if lay["num_ids"]:
+                ids = torch.full((route.num_tokens, ent), -1, dtype=torch.int64)
+                ids[:, :k] = route.slots
+                ids = ids.index_select(0, sel)
+            if lay["num_probs"]:
+                probs = torch.zeros(route.num_tokens, ent, dtype=torch.float32)
+                probs[:, :k] = weights.to(torch.float32)
+                probs = probs.index_select(0, sel)
+            buf = _pack(lay, hidden.index_select(0, sel), probs, ids)
+        for i, hop in enumerate(route.hops):
+            if i > 0:
+                buf = buf.index_select(0, hop.index)
+            buf = self._exchange(buf, hop.send, hop.recv, log)
+            if not route.copy_rows and pass_ == "dispatch":
+                self._token_indices(route, buf, lay, i + 1)
+        rows, rp = _unpack(lay, buf.index_select(0, route.out_rows), h, dtype)
+        out_p = None
+        if rp is not None:
+            out_p = rp[:, 0] if route.copy_rows else rp.gather(1, route.out_entries.unsqueeze(1))[:, 0]
+            out_p = out_p.contiguous()
+        self._record(route, pass_, log)
+        return rows.contiguous(), out_p
+
+    def _reverse_pass(self, route: _Route, rows: torch.Tensor, probs_grad: Optional[torch.Tensor], pass_: str):
+        """Expert rows -> token rows, summed: the combine, or the dispatch's backward (then also
+        the gradient of the weights, ``[T, K]``)."""
+        lay = route.plan.traffic[route.strategy][pass_]
+        log: list = []
+        h, dtype = route.hidden, route.dtype
+        hops = route.hops
+        n_last = sum(hops[-1].recv)
+        acc = _sum_rows(rows, route.out_rows, n_last)
+        p = None
+        if lay["num_probs"]:
+            width = 1 if route.copy_rows else route.plan.entries
+            p = torch.zeros(n_last, width, dtype=torch.float32)
+            col = torch.zeros_like(route.out_rows) if route.copy_rows else route.out_entries
+            p[route.out_rows, col] = probs_grad.to(torch.float32)
+        buf = _pack(lay, acc.to(dtype), p)
+        gw = None
+        for i in range(len(hops) - 1, -1, -1):
+            hop = hops[i]
+            back = self._exchange(buf, hop.recv, hop.send, log)
+            n_prev = route.num_tokens if i == 0 else sum(hops[i - 1].recv)
+            hh, pp = _unpack(lay, back, h, dtype)
+            acc = _sum_rows(hh, hop.index, n_prev)
+            if i == 0 and pp is not None:
+                k = route.slots.shape[1]
+                if route.copy_rows:
+                    # One weight a copy row: back to its (token, entry).
+                    gw = torch.zeros(route.num_tokens * k, dtype=torch.float32)
+                    gw[route.rows_entry] = pp[:, 0]
+                    gw = gw.view(route.num_tokens, k)
+                else:
+                    gw = _sum_rows(pp, hop.index, n_prev)[:, :k]
+            elif pp is not None:
+                pp = _sum_rows(pp, hop.index, n_prev)
+            if i > 0:
+                buf = _pack(lay, acc.to(dtype), pp)
+        self._record(route, pass_, log)
+        return acc.to(dtype), gw
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weights, disp: AllToAllDispatcher, route: _Route):
+        ctx.disp, ctx.route = disp, route
+        ctx.weights_dtype = weights.dtype
+        with torch.no_grad():
+            return disp._forward_pass(route, hidden.detach(), weights.detach(), "dispatch")
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_probs):
+        route = ctx.route
+        n = route.out_rows.numel()
+        if grad_rows is None:
+            grad_rows = torch.zeros(n, route.hidden, dtype=route.dtype)
+        if grad_probs is None:
+            grad_probs = torch.zeros(n, dtype=torch.float32)
+        g_hidden, g_w = ctx.disp._reverse_pass(route, grad_rows.contiguous(), grad_probs, "dispatch_backward")
+        if g_w is not None:
+            g_w = g_w.to(ctx.weights_dtype)
+        return g_hidden, g_w, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, disp: AllToAllDispatcher, route: _Route):
+        ctx.disp, ctx.route = disp, route
+        with torch.no_grad():
+            out, _ = disp._reverse_pass(route, rows.detach().contiguous(), None, "combine")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, _ = ctx.disp._forward_pass(ctx.route, grad.contiguous(), None, "combine_backward")
+        return rows, None, None

@@ -1,0 +1,164 @@
+"""Worker of the multi-process dispatcher tests (tests/test_a2a_gloo.py): run with
+``python -m`` semantics through ``torch.multiprocessing.spawn``.
+
+Every rank generates every rank's inputs from one seed, so each rank computes the dense,
+single-process reference for everything locally: the rows a rank must receive (grouped by local
+slot, then source rank, then token), and the MoE output of its own tokens with its gradients
+(``out[t] = sum_j p[t, j] * (x[t] @ W[slot(t, j)])`` by plain autograd)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import moerail
+
+HIDDEN = 8
+
+
+def inputs(case: dict, rank: int):
+    """Rank ``rank``'s hidden [T, H], probs [T, E], routing_map [T, E] (fp64 for exact checks
+    where possible)."""
+    g = torch.Generator().manual_seed(1000 * case["seed"] + rank)
+    t = case["tokens"][rank]
+    e = case["experts"]
+    k = case["topk"]
+    dtype = case.get("dtype", torch.float64)
+    hidden = torch.randn(t, HIDDEN, generator=g, dtype=torch.float64).to(dtype)
+    logits = torch.randn(t, e, generator=g, dtype=torch.float64)
+    if case.get("skew"):
+        logits[:, : case["skew"]] += 3.0  # hot experts; some experts get nothing
+    if case.get("empty_experts"):
+        logits[:, case["empty_experts"]] = -1e9
+    probs, routing_map = moerail.topk_route(logits.float(), k)
+    return hidden, probs.to(torch.float32), routing_map
+
+
+def expert_weights(case: dict, num_slots: int):
+    g = torch.Generator().manual_seed(7 + case["seed"])
+    w = torch.randn(case["experts"], HIDDEN, HIDDEN, generator=g, dtype=torch.float64)
+    return w  # replicas of an expert share its weights
+
+
+def reference(case: dict, world: int, rank: int, disp: moerail.AllToAllDispatcher):
+    """Rows this rank receives (and their probs), tokens per local slot; and for its own
+    tokens the output and the gradients of ``sum(out * gy)`` w.r.t. hidden and probs."""
+    loc = disp.num_local_experts
+    rows, rprobs, counts = [], [], []
+    per_src = []
+    for src in range(world):
+        h, p, m = inputs(case, src)
+        if case.get("capacity_factor"):
+            p, m = moerail.apply_token_dropping(p, m, case["topk"], case["capacity_factor"],
+                                                case.get("drop_policy", "probs"), case.get("pad", False))
+        idx = moerail.a2a._compact(m)
+        slots = moerail.select_replicas(idx, disp.log2phy, disp.logcnt, disp.num_slots, offset=src)
+        w = p.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+        per_src.append((h, p, m, idx, slots, w))
+    for s in range(rank * loc, (rank + 1) * loc):
+        n = 0
+        for src in range(world):
+            h, _, _, _, slots, w = per_src[src]
+            hit = (slots == s)
+            tok = hit.any(1).nonzero().flatten()
+            rows.append(h[tok])
+            rprobs.append(w[hit])
+            n += tok.numel()
+        counts.append(n)
+    h, p, m, idx, slots, w = per_src[rank]
+    return torch.cat(rows), torch.cat(rprobs), torch.tensor(counts), per_src[rank]
+
+
+def dense_moe(h, probs_full, routing_map, slots, phy2log, weights, case):
+    """Plain autograd reference of the MoE output for one rank's tokens."""
+    idx = moerail.a2a._compact(routing_map)
+    w = probs_full.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+    out = h.to(torch.float64) * 0 + probs_full.to(torch.float64).sum() * 0  # in the graph even when empty
+    for j in range(idx.shape[1]):
+        valid = slots[:, j] >= 0
+        ex = phy2log[slots[:, j].clamp(min=0)]
+        y = torch.einsum("th,thk->tk", h.to(torch.float64), weights[ex])
+        out = out + torch.where(valid[:, None], y * w[:, j : j + 1].to(torch.float64), torch.zeros_like(y))
+    return out
+
+
+def run_case(case: dict, world: int, rank: int) -> dict:
+    disp = moerail.AllToAllDispatcher(
+        case["experts"], None, ranks_per_node=case["rpn"], strategy=case["strategy"],
+        placement=case.get("placement"), topk=case["topk"], capacity_factor=case.get("capacity_factor"),
+        drop_policy=case.get("drop_policy", "probs"), pad_to_capacity=case.get("pad", False),
+        timeout=timedelta(seconds=60))
+    ref_rows, ref_probs, ref_counts, mine = reference(case, world, rank, disp)
+    h0, p0, m0 = inputs(case, rank)
+    h = h0.clone().requires_grad_(True)
+    p = p0.clone().requires_grad_(True)
+    rows, tpe, rprobs = disp.dispatch(h, p, m0)
+    res = {}
+    res["rows_equal"] = torch.equal(rows.detach(), ref_rows)
+    res["probs_equal"] = torch.equal(rprobs.detach(), ref_probs)
+    res["counts_equal"] = torch.equal(tpe, ref_counts)
+    weights = expert_weights(case, disp.num_slots)
+    # Experts: local slot l -> expert phy2log[rank * L + l].
+    loc = disp.num_local_experts
+    outs, start = [], 0
+    for l, n in enumerate(tpe.tolist()):
+        ex = int(disp.phy2log[rank * loc + l])
+        outs.append((rows[start : start + n].to(torch.float64) @ weights[ex]).to(rows.dtype)
+                    * rprobs[start : start + n, None].to(rows.dtype))
+        start += n
+    y = torch.cat(outs) if outs else rows * 0
+    out = disp.combine(y)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(99 + rank), dtype=torch.float64)
+    (out.to(torch.float64) * gy).sum().backward()
+    # Dense reference on this rank's tokens.
+    hr = h0.clone().to(torch.float64).requires_grad_(True)
+    pr = p0.clone().to(torch.float64).requires_grad_(True)
+    pp, mm = pr, m0
+    if case.get("capacity_factor"):
+        pp, mm = moerail.apply_token_dropping(pr, m0, case["topk"], case["capacity_factor"],
+                                              case.get("drop_policy", "probs"), case.get("pad", False))
+    ref_out = dense_moe(hr, pp, mm, mine[4], disp.phy2log, weights, case)
+    (ref_out * gy).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if h0.dtype != torch.float64 else dict(rtol=1e-10, atol=1e-10)
+    res["out_close"] = torch.allclose(out.to(torch.float64), ref_out, **tol)
+    res["grad_hidden_close"] = torch.allclose(h.grad.to(torch.float64), hr.grad, **tol)
+    res["grad_probs_close"] = torch.allclose(p.grad.to(torch.float64), pr.grad, rtol=1e-4, atol=1e-5)
+    res["max_err"] = float((out.to(torch.float64) - ref_out).abs().max()) if out.numel() else 0.0
+    # Bytes: what this rank sent across nodes, summed over the group, against the plan.
+    stats = disp.last_stats
+    sent = torch.tensor([[stats["measured"][ps]["sent_inter_node_bytes"], stats["measured"][ps]["sent_intra_node_bytes"]]
+                         for ps in ("dispatch", "combine", "combine_backward", "dispatch_backward")], dtype=torch.int64)
+    dist.all_reduce(sent)
+    planned = torch.tensor([[stats["planned"][ps]["inter_node_bytes"], stats["planned"][ps]["intra_node_bytes"]]
+                            for ps in ("dispatch", "combine", "combine_backward", "dispatch_backward")], dtype=torch.int64)
+    res["bytes_equal"] = torch.equal(sent, planned)
+    res["sent"] = sent.tolist()
+    res["planned"] = planned.tolist()
+    res["strategy"] = stats["strategy"]
+    return res
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_q) -> None:
+    os.environ["MOERAIL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        results = []
+        for case in cases:
+            if case.get("expect_error"):
+                try:
+                    run_case(case, world, rank)
+                    results.append({"error": None})
+                except Exception as e:  # noqa: BLE001 - the test checks the message
+                    results.append({"error": f"{type(e).__name__}: {e}"})
+                continue
+            results.append(run_case(case, world, rank))
+        out_q.put((rank, results))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        out_q.put((rank, traceback.format_exc()))
