@@ -87,6 +87,7 @@ def dense_moe(h, probs_full, routing_map, slots, phy2log, weights, case):
 
 
 def run_case(case: dict, world: int, rank: int) -> dict:
+    case = {**case, **case.get("per_rank", {}).get(rank, {})}
     disp = moerail.AllToAllDispatcher(
         case["experts"], None, ranks_per_node=case["rpn"], strategy=case["strategy"],
         placement=case.get("placement"), topk=case["topk"], capacity_factor=case.get("capacity_factor"),
@@ -96,6 +97,12 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     h0, p0, m0 = inputs(case, rank)
     h = h0.clone().requires_grad_(True)
     p = p0.clone().requires_grad_(True)
+    if case.get("bad_probs"):
+        snapshot = (h.detach().clone(), p.detach().clone(), m0.clone())
+        try:
+            disp.dispatch(h, p[:, :-1], m0)
+        finally:
+            assert torch.equal(h.detach(), snapshot[0]) and torch.equal(p.detach(), snapshot[1])
     rows, tpe, rprobs = disp.dispatch(h, p, m0)
     res = {}
     res["rows_equal"] = torch.equal(rows.detach(), ref_rows)
@@ -105,8 +112,8 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     # Experts: local slot l -> expert phy2log[rank * L + l].
     loc = disp.num_local_experts
     outs, start = [], 0
-    for l, n in enumerate(tpe.tolist()):
-        ex = int(disp.phy2log[rank * loc + l])
+    for slot, n in enumerate(tpe.tolist()):
+        ex = int(disp.phy2log[rank * loc + slot])
         outs.append((rows[start : start + n].to(torch.float64) @ weights[ex]).to(rows.dtype)
                     * rprobs[start : start + n, None].to(rows.dtype))
         start += n
@@ -123,11 +130,12 @@ def run_case(case: dict, world: int, rank: int) -> dict:
                                               case.get("drop_policy", "probs"), case.get("pad", False))
     ref_out = dense_moe(hr, pp, mm, mine[4], disp.phy2log, weights, case)
     (ref_out * gy).sum().backward()
-    tol = dict(rtol=1e-5, atol=1e-5) if h0.dtype != torch.float64 else dict(rtol=1e-10, atol=1e-10)
+    tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(
+        h0.dtype, dict(rtol=3e-2, atol=3e-2))
     res["out_close"] = torch.allclose(out.to(torch.float64), ref_out, **tol)
     res["grad_hidden_close"] = torch.allclose(h.grad.to(torch.float64), hr.grad, **tol)
-    res["grad_probs_close"] = torch.allclose(p.grad.to(torch.float64), pr.grad, rtol=1e-4, atol=1e-5)
-    res["max_err"] = float((out.to(torch.float64) - ref_out).abs().max()) if out.numel() else 0.0
+    res["grad_probs_close"] = torch.allclose(p.grad.to(torch.float64), pr.grad, **({**tol, "rtol": max(tol["rtol"], 1e-4)}))
+    res["out"] = out.detach().double().tolist()  # plain data through the queue
     # Bytes: what this rank sent across nodes, summed over the group, against the plan.
     stats = disp.last_stats
     sent = torch.tensor([[stats["measured"][ps]["sent_inter_node_bytes"], stats["measured"][ps]["sent_intra_node_bytes"]]

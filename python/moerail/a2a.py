@@ -423,7 +423,7 @@ class AllToAllDispatcher:
     # -- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
+        w, _rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
         vec = torch.zeros(v, dtype=torch.int64)
         error = None

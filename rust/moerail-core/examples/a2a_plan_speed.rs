@@ -42,34 +42,72 @@ fn median(mut f: impl FnMut(), reps: usize) -> f64 {
 }
 
 fn main() {
-    let threads: usize = std::env::var("THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let threads: usize = std::env::var("THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     moerail_core::pool::set_num_threads(threads).unwrap();
     let (t, k) = (4096usize, 8usize);
     for (w, g, e) in [(64usize, 8usize, 64usize), (64, 8, 256)] {
         let topo = Topology::new(w, g, e / w).unwrap();
         let mut seed = 7u64;
-        let all: Vec<Vec<i64>> = (0..w).map(|_| slots(t, k, topo.slots(), &mut seed)).collect();
-        let layouts: Vec<Layout> = all.iter().map(|s| layout(s, t, k, &topo, None, true).unwrap()).collect();
+        let all: Vec<Vec<i64>> = (0..w)
+            .map(|_| slots(t, k, topo.slots(), &mut seed))
+            .collect();
+        let layouts: Vec<Layout> = all
+            .iter()
+            .map(|s| layout(s, t, k, &topo, None, true).unwrap())
+            .collect();
         let counts = Counts::from_layouts(&layouts, &vec![t as i64; w]);
-        let fmt = RowFormat { hidden: 7168, hidden_elem: 2, prob_elem: 4, entries: k, probs_grad: true };
+        let fmt = RowFormat {
+            hidden: 7168,
+            hidden_elem: 2,
+            prob_elem: 4,
+            entries: k,
+            probs_grad: true,
+        };
         let links = Links::default();
-        let t_layout = median(|| { std::hint::black_box(layout(&all[0], t, k, &topo, None, false).unwrap()); }, 2000);
-        let t_plan = median(|| { std::hint::black_box(plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap()); }, 2000);
+        let t_layout = median(
+            || {
+                std::hint::black_box(layout(&all[0], t, k, &topo, None, false).unwrap());
+            },
+            2000,
+        );
+        let t_plan = median(
+            || {
+                std::hint::black_box(
+                    plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap(),
+                );
+            },
+            2000,
+        );
         let t_both = median(
             || {
                 let l = layout(&all[0], t, k, &topo, None, false).unwrap();
                 std::hint::black_box(&l);
-                std::hint::black_box(plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap());
+                std::hint::black_box(
+                    plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap(),
+                );
             },
             2000,
         );
         if std::env::var("PARTS").is_ok() {
             use moerail_core::a2a::plan::Plan;
             for st in Strategy::ALL {
-                let tt = median(|| { std::hint::black_box(Plan::new(st, &topo, &counts).unwrap()); }, 2000);
+                let tt = median(
+                    || {
+                        std::hint::black_box(Plan::new(st, &topo, &counts).unwrap());
+                    },
+                    2000,
+                );
                 println!("  Plan::new({}) {:.1} us", st.name(), tt * 1e6);
             }
-            let tc = median(|| { std::hint::black_box(counts.copies(&topo)); }, 2000);
+            let tc = median(
+                || {
+                    std::hint::black_box(counts.copies(&topo));
+                },
+                2000,
+            );
             println!("  copies {:.1} us", tc * 1e6);
         }
         let (_, secs, best) = plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap();

@@ -231,7 +231,9 @@ pub fn a2a_node_send_index(
     check_disjoint(&[&o], &[&s])?;
     // SAFETY: checked above.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
-    run(py, || layout::node_send_index(ss, n, k, &tp, &node_tokens, os))
+    run(py, || {
+        layout::node_send_index(ss, n, k, &tp, &node_tokens, os)
+    })
 }
 
 /// The forwarding order of `dedup` / `allgather` on a rank of `node`: for each local rank,
@@ -289,7 +291,9 @@ pub fn a2a_expand_index(
     // SAFETY: checked above.
     let (bs, rs, es) = unsafe { (b.slice::<u8>(), r.slice_mut::<i64>(), e.slice_mut::<i64>()) };
     run(py, || {
-        exec::expand_index(bs, stride, ids_offset, num_ids, &blocks, &tp, rank, &expected, rs, es)
+        exec::expand_index(
+            bs, stride, ids_offset, num_ids, &blocks, &tp, rank, &expected, rs, es,
+        )
     })
 }
 

@@ -64,9 +64,16 @@ impl Links {
                 format!("must be finite and > 0, got {v}")
             })?;
         }
-        ensure(self.node_bw > 0.0 && !self.node_bw.is_nan(), "node_inter_bw", || {
-            format!("must be > 0 (inf for no per-node limit), got {}", self.node_bw)
-        })?;
+        ensure(
+            self.node_bw > 0.0 && !self.node_bw.is_nan(),
+            "node_inter_bw",
+            || {
+                format!(
+                    "must be > 0 (inf for no per-node limit), got {}",
+                    self.node_bw
+                )
+            },
+        )?;
         for (v, name) in [
             (self.intra_latency, "latency"),
             (self.inter_latency, "inter_node_latency"),
@@ -144,7 +151,8 @@ impl StageLoad {
         }
         for d in 0..w_n {
             let diag = rows[d * w_n + d];
-            let (in_intra, in_intra_msgs) = (col_intra[d] - diag, col_intra_msgs[d] - (diag != 0) as i64);
+            let (in_intra, in_intra_msgs) =
+                (col_intra[d] - diag, col_intra_msgs[d] - (diag != 0) as i64);
             let in_inter = col[d] - col_intra[d];
             let in_inter_msgs = col_msgs[d] - col_intra_msgs[d];
             intra[d] = intra[d].max(in_intra);
@@ -219,6 +227,11 @@ mod tests {
         assert!((t - (0.5 + 3.62)).abs() < 1e-12, "{t}");
         assert_eq!(StageLoad::new(&[0; 16], &topo).seconds(1.0, &links), 0.0);
         assert!(Links::default().check().is_ok());
-        assert!(Links { inter_bw: 0.0, ..Links::default() }.check().is_err());
+        assert!(Links {
+            inter_bw: 0.0,
+            ..Links::default()
+        }
+        .check()
+        .is_err());
     }
 }

@@ -26,9 +26,11 @@ fn rows_of(buf: &[u8], stride: usize, name: &str) -> Result<usize> {
 }
 
 fn check_cols(off: usize, len: usize, stride: usize, name: &str) -> Result<()> {
-    ensure(off.checked_add(len).is_some_and(|e| e <= stride), name, || {
-        format!("columns [{off}, {off} + {len}) do not fit rows of {stride} bytes")
-    })
+    ensure(
+        off.checked_add(len).is_some_and(|e| e <= stride),
+        name,
+        || format!("columns [{off}, {off} + {len}) do not fit rows of {stride} bytes"),
+    )
 }
 
 fn check_index(idx: &[i64], n: usize, name: &str) -> Result<()> {
@@ -58,7 +60,10 @@ pub fn gather_bytes(
     match idx {
         Some(i) => {
             ensure(i.len() == n_dst, "idx", || {
-                format!("expected one row index per dst row ({n_dst}), got {}", i.len())
+                format!(
+                    "expected one row index per dst row ({n_dst}), got {}",
+                    i.len()
+                )
             })?;
             check_index(i, n_src, "idx")?;
         }
@@ -167,7 +172,12 @@ fn typed<T>(bytes: &[u8]) -> &[T] {
     debug_assert_eq!(bytes.len() % std::mem::size_of::<T>(), 0);
     // SAFETY: callers check alignment and length (`check_typed`); every bit pattern is a valid
     // value of the element types used here (floats, half floats).
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / std::mem::size_of::<T>()) }
+    unsafe {
+        std::slice::from_raw_parts(
+            bytes.as_ptr() as *const T,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
 }
 
 fn typed_mut<T>(bytes: &mut [u8]) -> &mut [T] {
@@ -213,7 +223,10 @@ pub fn reduce_rows<T: Element>(
     check_cols(src_off, len, src_stride, "src")?;
     check_cols(dst_off, len, dst_stride, "dst")?;
     ensure(groups.len() == n_src, "groups", || {
-        format!("expected one group a src row ({n_src}), got {}", groups.len())
+        format!(
+            "expected one group a src row ({n_src}), got {}",
+            groups.len()
+        )
     })?;
     check_typed::<T>(src, src_stride, src_off, "src")?;
     check_typed::<T>(dst, dst_stride, dst_off, "dst")?;
@@ -273,9 +286,11 @@ pub fn gather_entries(
 ) -> Result<()> {
     let n_src = rows_of(src, src_stride, "src")?;
     check_cols(src_off, count * elem, src_stride, "src")?;
-    ensure(rows.len() == entries.len() && dst.len() == rows.len() * elem, "dst", || {
-        format!("expected {} entries of {elem} bytes", rows.len())
-    })?;
+    ensure(
+        rows.len() == entries.len() && dst.len() == rows.len() * elem,
+        "dst",
+        || format!("expected {} entries of {elem} bytes", rows.len()),
+    )?;
     check_index(rows, n_src, "rows")?;
     check_index(entries, count, "entries")?;
     for (i, d) in dst.chunks_exact_mut(elem).enumerate() {
@@ -304,9 +319,11 @@ pub fn scatter_entries(
 ) -> Result<()> {
     let n_dst = rows_of(dst, dst_stride, "dst")?;
     check_cols(dst_off, count * elem, dst_stride, "dst")?;
-    ensure(rows.len() == entries.len() && src.len() == rows.len() * elem, "src", || {
-        format!("expected {} entries of {elem} bytes", rows.len())
-    })?;
+    ensure(
+        rows.len() == entries.len() && src.len() == rows.len() * elem,
+        "src",
+        || format!("expected {} entries of {elem} bytes", rows.len()),
+    )?;
     check_index(rows, n_dst, "rows")?;
     check_index(entries, count, "entries")?;
     let mut hit = vec![false; n_dst * count];
@@ -316,7 +333,10 @@ pub fn scatter_entries(
         }
         let (r, e) = (rows[i] as usize, entries[i] as usize);
         if std::mem::replace(&mut hit[r * count + e], true) {
-            return Err(invalid("entries", format!("row {r}, entry {e} is written twice")));
+            return Err(invalid(
+                "entries",
+                format!("row {r}, entry {e} is written twice"),
+            ));
         }
         let t = r * dst_stride + dst_off + e * elem;
         dst[t..t + elem].copy_from_slice(s);
@@ -332,7 +352,9 @@ pub fn block_order(sizes: &[i64], a: usize, b: usize, out: &mut [i64]) -> Result
     ensure(sizes.len() == a * b, "sizes", || {
         format!("expected {a} x {b} block sizes, got {}", sizes.len())
     })?;
-    ensure(sizes.iter().all(|&s| s >= 0), "sizes", || "negative size".into())?;
+    ensure(sizes.iter().all(|&s| s >= 0), "sizes", || {
+        "negative size".into()
+    })?;
     let total: i64 = sizes.iter().sum();
     ensure(out.len() as i64 == total, "out", || {
         format!("expected {total} rows, got {}", out.len())
@@ -358,7 +380,13 @@ pub fn block_order(sizes: &[i64], a: usize, b: usize, out: &mut [i64]) -> Result
 
 /// Reads the `count` int32 slot ids of row `r` (at `ids_off`).
 #[inline]
-fn ids_of(buf: &[u8], stride: usize, ids_off: usize, count: usize, r: usize) -> impl Iterator<Item = i32> + '_ {
+fn ids_of(
+    buf: &[u8],
+    stride: usize,
+    ids_off: usize,
+    count: usize,
+    r: usize,
+) -> impl Iterator<Item = i32> + '_ {
     let base = r * stride + ids_off;
     buf[base..base + 4 * count]
         .chunks_exact(4)
@@ -382,7 +410,9 @@ pub fn forward_index(
     let n_rows = rows_of(buf, stride, "buf")?;
     check_cols(ids_off, 4 * count, stride, "buf")?;
     let g_n = topo.ranks_per_node;
-    ensure(node < topo.nodes(), "node", || format!("{node} is not a node of the group"))?;
+    ensure(node < topo.nodes(), "node", || {
+        format!("{node} is not a node of the group")
+    })?;
     ensure(expected.len() == g_n, "expected", || {
         format!("expected {g_n} counts, got {}", expected.len())
     })?;
@@ -414,7 +444,10 @@ pub fn forward_index(
                 if cursor[g] == ends[g] {
                     return Err(invalid(
                         "counts",
-                        format!("local rank {g} of node {node} gets more rows than planned ({})", expected[g]),
+                        format!(
+                            "local rank {g} of node {node} gets more rows than planned ({})",
+                            expected[g]
+                        ),
                     ));
                 }
                 out[cursor[g]] = r as i64;
@@ -458,7 +491,9 @@ pub fn expand_index(
         "out",
         || format!("expected {total} rows"),
     )?;
-    ensure(blocks.len() % 2 == 0, "blocks", || "expected (src, rows) pairs".into())?;
+    ensure(blocks.len() % 2 == 0, "blocks", || {
+        "expected (src, rows) pairs".into()
+    })?;
     let block_rows: i64 = blocks.chunks_exact(2).map(|p| p[1]).sum();
     ensure(block_rows == n_rows as i64, "blocks", || {
         format!("blocks hold {block_rows} rows, the buffer {n_rows}")
@@ -469,7 +504,11 @@ pub fn expand_index(
         *c = acc;
         acc += e as usize;
     }
-    let ends: Vec<usize> = cursor.iter().zip(expected).map(|(c, &e)| c + e as usize).collect();
+    let ends: Vec<usize> = cursor
+        .iter()
+        .zip(expected)
+        .map(|(c, &e)| c + e as usize)
+        .collect();
     let base = (rank * l_n) as i32;
     let mut r = 0usize;
     for pair in blocks.chunks_exact(2) {
@@ -521,11 +560,16 @@ pub fn copy_layout(
     counts: &mut [i64],
 ) -> Result<()> {
     ensure(num_tokens * width == slots.len(), "slots", || {
-        format!("expected [{num_tokens}, {width}], got {} values", slots.len())
+        format!(
+            "expected [{num_tokens}, {width}], got {} values",
+            slots.len()
+        )
     })?;
-    ensure(counts.len() == num_slots && rows_entry.len() == rows_token.len(), "counts", || {
-        format!("expected {num_slots} counts and one entry a row")
-    })?;
+    ensure(
+        counts.len() == num_slots && rows_entry.len() == rows_token.len(),
+        "counts",
+        || format!("expected {num_slots} counts and one entry a row"),
+    )?;
     let remapped;
     let ids: &[i64] = match order {
         Some(o) => {
@@ -534,14 +578,22 @@ pub fn copy_layout(
             })?;
             let mut seen = vec![false; num_slots];
             for &p in o {
-                ensure(p >= 0 && (p as usize) < num_slots && !seen[p as usize], "order", || {
-                    "must be a permutation of the slots".into()
-                })?;
+                ensure(
+                    p >= 0 && (p as usize) < num_slots && !seen[p as usize],
+                    "order",
+                    || "must be a permutation of the slots".into(),
+                )?;
                 seen[p as usize] = true;
             }
             remapped = slots
                 .iter()
-                .map(|&s| if s >= 0 && (s as usize) < num_slots { o[s as usize] } else { s })
+                .map(|&s| {
+                    if s >= 0 && (s as usize) < num_slots {
+                        o[s as usize]
+                    } else {
+                        s
+                    }
+                })
                 .collect::<Vec<i64>>();
             &remapped
         }
@@ -555,7 +607,14 @@ pub fn copy_layout(
         num_experts: num_slots,
     };
     let mut in_order = vec![0i64; num_slots];
-    permute_layout(&a, 1, Some(&entry), rows_token, Some(rows_entry), &mut in_order)?;
+    permute_layout(
+        &a,
+        1,
+        Some(&entry),
+        rows_token,
+        Some(rows_entry),
+        &mut in_order,
+    )?;
     match order {
         Some(o) => {
             for s in 0..num_slots {
@@ -573,7 +632,8 @@ mod tests {
 
     fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
         // SAFETY: plain data.
-        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }.to_vec()
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+            .to_vec()
     }
 
     #[test]
@@ -581,14 +641,17 @@ mod tests {
         let src: Vec<u8> = (0..40).collect(); // 5 rows of 8
         let mut dst = vec![9u8; 3 * 6];
         gather_bytes(&src, 8, 2, 4, Some(&[4, -1, 0]), &mut dst, 6, 1).unwrap();
-        assert_eq!(dst, vec![9, 34, 35, 36, 37, 9, 9, 0, 0, 0, 0, 9, 9, 2, 3, 4, 5, 9]);
+        assert_eq!(
+            dst,
+            vec![9, 34, 35, 36, 37, 9, 9, 0, 0, 0, 0, 9, 9, 2, 3, 4, 5, 9]
+        );
         let mut back = vec![7u8; 40];
         scatter_bytes(&dst, 6, 1, 4, &[4, -1, 0], &mut back, 8, 2).unwrap();
         assert_eq!(&back[34..38], &[34, 35, 36, 37]);
         assert_eq!(&back[2..6], &[2, 3, 4, 5]);
         assert!(scatter_bytes(&dst, 6, 1, 4, &[1, 1, 0], &mut back, 8, 2).is_err());
-        assert!(gather_bytes(&src, 8, 6, 4, None, &mut vec![0; 20], 4, 0).is_err());
-        assert!(gather_bytes(&src, 8, 0, 4, Some(&[5]), &mut vec![0; 4], 4, 0).is_err());
+        assert!(gather_bytes(&src, 8, 6, 4, None, &mut [0; 20], 4, 0).is_err());
+        assert!(gather_bytes(&src, 8, 0, 4, Some(&[5]), &mut [0; 4], 4, 0).is_err());
         // Large enough for the parallel path.
         let big: Vec<u8> = (0..200_000u32).map(|x| x as u8).collect();
         let idx: Vec<i64> = (0..10_000).rev().collect();
@@ -615,7 +678,11 @@ mod tests {
         assert!(got[2].is_sign_positive(), "a sum starts from +0.0");
         // bf16 accumulates in f32 and rounds once.
         use half::bf16;
-        let x = [bf16::from_f32(1.0), bf16::from_f32(1.0 / 512.0), bf16::from_f32(1.0 / 512.0)];
+        let x = [
+            bf16::from_f32(1.0),
+            bf16::from_f32(1.0 / 512.0),
+            bf16::from_f32(1.0 / 512.0),
+        ];
         let src = bytes_of(&x);
         let mut dst = vec![0u8; 2];
         reduce_rows::<bf16>(&src, 2, 0, 1, &[0, 0, 0], &mut dst, 2, 0, false).unwrap();
@@ -672,7 +739,19 @@ mod tests {
         // expected [L=2, W=4]: slot 4 gets 1 row from rank 1; slot 5 one from rank 0, one from 1.
         let expected = [0, 1, 0, 0, 1, 1, 0, 0];
         let (mut r, mut e) = (vec![0; 3], vec![0; 3]);
-        expand_index(&buf2, stride, 4, 3, &[0, 1, 1, 1], &topo, 2, &expected, &mut r, &mut e).unwrap();
+        expand_index(
+            &buf2,
+            stride,
+            4,
+            3,
+            &[0, 1, 1, 1],
+            &topo,
+            2,
+            &expected,
+            &mut r,
+            &mut e,
+        )
+        .unwrap();
         assert_eq!(r, vec![1, 0, 1]);
         assert_eq!(e, vec![0, 0, 1]);
     }

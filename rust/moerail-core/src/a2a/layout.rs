@@ -63,7 +63,11 @@ impl Layout {
             self.node_tokens.len(),
         );
         ensure(out.len() == r + w + n, "counts", || {
-            format!("expected {} entries (slots + ranks + nodes), got {}", r + w + n, out.len())
+            format!(
+                "expected {} entries (slots + ranks + nodes), got {}",
+                r + w + n,
+                out.len()
+            )
         })?;
         out[..r].copy_from_slice(&self.slot_counts);
         out[r..r + w].copy_from_slice(&self.rank_tokens);
@@ -125,16 +129,34 @@ fn block_layout(
     let r_n = topo.slots() as u64;
     // Slot ids index tables below without bounds checks: check the range first.
     // A fold (not `any`) so the check vectorises.
-    if slots.iter().fold(false, |bad, &s| bad | (s < -1) | (s >= r_n as i64)) {
+    if slots
+        .iter()
+        .fold(false, |bad, &s| bad | (s < -1) | (s >= r_n as i64))
+    {
         return Err(bad_slot(slots, first_token, width, r_n as usize));
     }
     if verify && has_repeats(slots, width, topo.slots()) {
         return Err(bad_slot(slots, first_token, width, r_n as usize));
     }
     if topo.ranks <= 64 {
-        Ok(block_layout_masks(slots, width, topo, rank_node, slot_rank, token_in_rank))
+        Ok(block_layout_masks(
+            slots,
+            width,
+            topo,
+            rank_node,
+            slot_rank,
+            token_in_rank,
+        ))
     } else {
-        Ok(block_layout_stamps(slots, first_token, width, topo, rank_node, slot_rank, token_in_rank))
+        Ok(block_layout_stamps(
+            slots,
+            first_token,
+            width,
+            topo,
+            rank_node,
+            slot_rank,
+            token_in_rank,
+        ))
     }
 }
 
@@ -304,7 +326,16 @@ pub fn layout(
         return Ok(Layout::zeros(topo));
     }
     if slots.len() <= SERIAL_ENTRIES || pool::num_threads() == 1 {
-        return block_layout(slots, 0, width, topo, &rank_node, &slot_rank, token_in_rank, verify);
+        return block_layout(
+            slots,
+            0,
+            width,
+            topo,
+            &rank_node,
+            &slot_rank,
+            token_in_rank,
+            verify,
+        );
     }
     let parts: Vec<Result<Layout>> = pool::install(|| match token_in_rank {
         Some(tir) => slots
@@ -312,13 +343,33 @@ pub fn layout(
             .zip(tir.par_chunks_mut(BLOCK * w_n))
             .enumerate()
             .map(|(b, (s, t))| {
-                block_layout(s, b * BLOCK, width, topo, &rank_node, &slot_rank, Some(t), verify)
+                block_layout(
+                    s,
+                    b * BLOCK,
+                    width,
+                    topo,
+                    &rank_node,
+                    &slot_rank,
+                    Some(t),
+                    verify,
+                )
             })
             .collect(),
         None => slots
             .par_chunks(BLOCK * width)
             .enumerate()
-            .map(|(b, s)| block_layout(s, b * BLOCK, width, topo, &rank_node, &slot_rank, None, verify))
+            .map(|(b, s)| {
+                block_layout(
+                    s,
+                    b * BLOCK,
+                    width,
+                    topo,
+                    &rank_node,
+                    &slot_rank,
+                    None,
+                    verify,
+                )
+            })
             .collect(),
     });
     let mut total = Layout::zeros(topo);
@@ -345,7 +396,10 @@ pub fn node_send_index(
     })?;
     let total: i64 = node_tokens.iter().sum();
     ensure(out.len() as i64 == total, "out", || {
-        format!("expected {total} entries (the sum of node_tokens), got {}", out.len())
+        format!(
+            "expected {total} entries (the sum of node_tokens), got {}",
+            out.len()
+        )
     })?;
     let (rank_node, slot_rank) = topo.tables();
     let r_n = topo.slots() as i64;
@@ -355,14 +409,18 @@ pub fn node_send_index(
         cursor[n] = acc;
         acc += node_tokens[n] as usize;
     }
-    let ends: Vec<usize> = (0..n_n).map(|n| cursor[n] + node_tokens[n] as usize).collect();
+    let ends: Vec<usize> = (0..n_n)
+        .map(|n| cursor[n] + node_tokens[n] as usize)
+        .collect();
     let mut seen = vec![u32::MAX; n_n];
     for t in 0..num_tokens {
         for &s in &slots[t * width..(t + 1) * width] {
             if s < 0 {
                 continue;
             }
-            ensure(s < r_n, "slots", || format!("slot id {s} is outside [0, {r_n})"))?;
+            ensure(s < r_n, "slots", || {
+                format!("slot id {s} is outside [0, {r_n})")
+            })?;
             let n = rank_node[slot_rank[s as usize] as usize] as usize;
             if seen[n] != t as u32 {
                 seen[n] = t as u32;
@@ -384,7 +442,12 @@ pub fn max_row_count(map: &[bool], num_tokens: usize, num_experts: usize) -> Res
     ensure(
         num_tokens.checked_mul(num_experts) == Some(map.len()),
         "routing_map",
-        || format!("expected [{num_tokens}, {num_experts}], got {} values", map.len()),
+        || {
+            format!(
+                "expected [{num_tokens}, {num_experts}], got {} values",
+                map.len()
+            )
+        },
     )?;
     if num_experts == 0 {
         return Ok(0);
@@ -418,7 +481,12 @@ pub fn compact_routing_map(
     ensure(
         num_tokens.checked_mul(num_experts) == Some(map.len()),
         "routing_map",
-        || format!("expected [{num_tokens}, {num_experts}], got {} values", map.len()),
+        || {
+            format!(
+                "expected [{num_tokens}, {num_experts}], got {} values",
+                map.len()
+            )
+        },
     )?;
     ensure(out.len() == num_tokens * width, "out", || {
         format!("expected [{num_tokens}, {width}], got {} values", out.len())
@@ -432,14 +500,21 @@ pub fn compact_routing_map(
         });
     }
     let fill = |(b, (m, o)): (usize, (&[bool], &mut [i64]))| -> Result<()> {
-        for (i, (row, dst)) in m.chunks_exact(num_experts).zip(o.chunks_exact_mut(width)).enumerate() {
+        for (i, (row, dst)) in m
+            .chunks_exact(num_experts)
+            .zip(o.chunks_exact_mut(width))
+            .enumerate()
+        {
             let mut j = 0;
             for (e, &v) in row.iter().enumerate() {
                 if v {
                     if j == width {
                         return Err(invalid(
                             "width",
-                            format!("token {} routes to more than {width} experts", b * BLOCK + i),
+                            format!(
+                                "token {} routes to more than {width} experts",
+                                b * BLOCK + i
+                            ),
                         ));
                     }
                     dst[j] = e as i64;

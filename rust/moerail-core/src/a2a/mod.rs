@@ -57,7 +57,9 @@ pub struct Topology {
 impl Topology {
     /// Checks the sizes; errors name the argument at fault.
     pub fn new(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> Result<Self> {
-        ensure(ranks >= 1, "ep_size", || format!("must be >= 1, got {ranks}"))?;
+        ensure(ranks >= 1, "ep_size", || {
+            format!("must be >= 1, got {ranks}")
+        })?;
         ensure(
             ranks_per_node >= 1 && ranks % ranks_per_node == 0,
             "ranks_per_node",

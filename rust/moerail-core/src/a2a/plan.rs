@@ -133,7 +133,10 @@ impl Counts {
             let mut copies = 0i64;
             for dst in 0..w_n {
                 let c: i64 = slots[dst * l_n..(dst + 1) * l_n].iter().sum();
-                if slots[dst * l_n..(dst + 1) * l_n].iter().any(|&x| x < 0 || x > t) {
+                if slots[dst * l_n..(dst + 1) * l_n]
+                    .iter()
+                    .any(|&x| x < 0 || x > t)
+                {
                     return Err(bad(format!("a slot count on rank {dst} outside [0, {t}]")));
                 }
                 copies += c;
@@ -256,7 +259,10 @@ fn align(x: usize, a: usize) -> usize {
 
 impl RowFormat {
     pub fn check(&self) -> Result<()> {
-        for (v, name) in [(self.hidden_elem, "hidden_elem"), (self.prob_elem, "prob_elem")] {
+        for (v, name) in [
+            (self.hidden_elem, "hidden_elem"),
+            (self.prob_elem, "prob_elem"),
+        ] {
             ensure(matches!(v, 1 | 2 | 4 | 8), name, || {
                 format!("element size must be 1, 2, 4 or 8 bytes, got {v}")
             })?;
@@ -362,7 +368,12 @@ impl Plan {
         Self::build(strategy, topo, counts, &mut Shared::default())
     }
 
-    fn build(strategy: Strategy, topo: &Topology, counts: &Counts, shared: &mut Shared) -> Result<Self> {
+    fn build(
+        strategy: Strategy,
+        topo: &Topology,
+        counts: &Counts,
+        shared: &mut Shared,
+    ) -> Result<Self> {
         let (w_n, n_n) = (topo.ranks, topo.nodes());
         let stages = match strategy {
             Strategy::Flat => {
@@ -420,7 +431,10 @@ impl Plan {
                 } else {
                     "inter_node_allgather"
                 };
-                vec![stage(name, first, topo), shared.forward.clone().expect("built above")]
+                vec![
+                    stage(name, first, topo),
+                    shared.forward.clone().expect("built above"),
+                ]
             }
         };
         Ok(Plan {
@@ -455,7 +469,11 @@ impl Plan {
                         continue;
                     }
                     // The reverse passes send dst -> src.
-                    let (s, d) = if pass.reverse() { (dst, src) } else { (src, dst) };
+                    let (s, d) = if pass.reverse() {
+                        (dst, src)
+                    } else {
+                        (src, dst)
+                    };
                     if s == d {
                         t.local_bytes += rows * b;
                         continue;
@@ -491,7 +509,10 @@ impl Plan {
             .iter()
             .map(|&p| {
                 let row = fmt.row(self.strategy.copy_rows(), p).stride as f64;
-                self.stages.iter().map(|s| s.load.seconds(row, links)).sum::<f64>()
+                self.stages
+                    .iter()
+                    .map(|s| s.load.seconds(row, links))
+                    .sum::<f64>()
             })
             .sum()
     }
@@ -530,10 +551,17 @@ pub fn plan_best(
 /// Estimated token-level counts from copies only (when the routing of single tokens is not
 /// known): a token of `src` lands on rank `d` with probability `1 - prod_slots(1 - c_s / T)`
 /// (its slots chosen independently), and on node `n` likewise over the node's slots.
-pub fn estimate_token_counts(slot_counts: &[i64], tokens: &[i64], topo: &Topology) -> Result<Counts> {
+pub fn estimate_token_counts(
+    slot_counts: &[i64],
+    tokens: &[i64],
+    topo: &Topology,
+) -> Result<Counts> {
     let (w_n, r_n, n_n, l_n) = (topo.ranks, topo.slots(), topo.nodes(), topo.slots_per_rank);
     ensure(slot_counts.len() == w_n * r_n, "tokens_per_expert", || {
-        format!("expected [{w_n}, {r_n}] copies per (rank, slot), got {} values", slot_counts.len())
+        format!(
+            "expected [{w_n}, {r_n}] copies per (rank, slot), got {} values",
+            slot_counts.len()
+        )
     })?;
     ensure(tokens.len() == w_n, "num_tokens", || {
         format!("expected {w_n} values, got {}", tokens.len())
@@ -544,9 +572,11 @@ pub fn estimate_token_counts(slot_counts: &[i64], tokens: &[i64], topo: &Topolog
     for src in 0..w_n {
         let t = tokens[src];
         let sc = &slot_counts[src * r_n..(src + 1) * r_n];
-        ensure(sc.iter().all(|&c| c >= 0 && c <= t), "tokens_per_expert", || {
-            format!("rank {src}: every count must be in [0, num_tokens={t}]")
-        })?;
+        ensure(
+            sc.iter().all(|&c| c >= 0 && c <= t),
+            "tokens_per_expert",
+            || format!("rank {src}: every count must be in [0, num_tokens={t}]"),
+        )?;
         let total: i64 = sc.iter().sum();
         if t > 0 {
             entries = entries.max(((total + t - 1) / t) as usize);
@@ -638,7 +668,8 @@ mod tests {
                                 }
                             }
                             Strategy::Dedup | Strategy::AllGather => {
-                                let mut nodes: Vec<usize> = dsts.iter().map(|&d| topo.node(d)).collect();
+                                let mut nodes: Vec<usize> =
+                                    dsts.iter().map(|&d| topo.node(d)).collect();
                                 nodes.sort();
                                 nodes.dedup();
                                 let mut ranks = dsts.clone();
@@ -661,7 +692,12 @@ mod tests {
                     }
                 }
                 for (s, st) in plan.stages.iter().enumerate() {
-                    assert_eq!(st.rows, m[s], "{} stage {s} on {w}x{g}x{l}", strategy.name());
+                    assert_eq!(
+                        st.rows,
+                        m[s],
+                        "{} stage {s} on {w}x{g}x{l}",
+                        strategy.name()
+                    );
                 }
             }
         }
@@ -679,7 +715,10 @@ mod tests {
         let r = fmt.row(true, Pass::Dispatch);
         assert_eq!((r.probs_off, r.probs, r.ids, r.stride), (16, 1, 0, 20));
         let r = fmt.row(false, Pass::Dispatch);
-        assert_eq!((r.probs_off, r.probs, r.ids_off, r.ids, r.stride), (16, 3, 28, 3, 40));
+        assert_eq!(
+            (r.probs_off, r.probs, r.ids_off, r.ids, r.stride),
+            (16, 3, 28, 3, 40)
+        );
         let r = fmt.row(false, Pass::DispatchBackward);
         assert_eq!((r.probs, r.ids, r.stride), (3, 0, 28));
         let r = fmt.row(false, Pass::Combine);
