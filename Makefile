@@ -1,5 +1,5 @@
 # moerail: every target does its own set-up into .venv on a fresh machine.
-#   make demo    build, install and run the example MoE training
+#   make demo    build, install and run the example MoE training (4 ranks, 2 virtual nodes)
 #   make test    build, then cargo test and pytest (against Megatron-Core 0.16 and 0.19)
 #   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
@@ -44,7 +44,7 @@ setup: $(BUILD_STAMP) $(MCORE_NEXT)/.stamp
 build: $(BUILD_STAMP)
 
 demo: $(BUILD_STAMP)
-	$(PY) examples/train_moe.py
+	$(PY) examples/train_moe_ep.py --out out/demo
 
 test-rust:
 	cargo test --workspace -q
