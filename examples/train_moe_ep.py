@@ -63,7 +63,7 @@ class EPMoE(nn.Module):
 
     def __init__(self, args, layer: int, rank: int, phy2log: torch.Tensor, expert_init):
         super().__init__()
-        d, f = args.d_model, args.d_ffn
+        d = args.d_model
         self.args, self.rank, self.layer = args, rank, layer
         self.router = nn.Linear(d, args.experts, bias=False)
         # A fixed Zipf prior: expert of popularity rank r gets -zipf * log(r) added to its logit.
