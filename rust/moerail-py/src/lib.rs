@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod a2a;
+pub mod aot;
 mod balance;
 mod permute;
 mod router;
