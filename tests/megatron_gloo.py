@@ -227,7 +227,18 @@ def run_scenario(sc: Dict, rank: int) -> Dict:
     if sc.get("expert_bias"):  # moerail's helper for loops without finalize_model_grads
         routed["bias"] = _bias_update(router_layer, cfg, "helper")
 
+    disp_layer = build_layer(cfg, moerail_router=False)
+    disp_layer.load_state_dict(state)
+    mi.use_moerail(disp_layer, ranks_per_node=sc.get("rpn", 1), strategy=sc.get("strategy", "auto"))
+    dispatched = run_layer(disp_layer, sc, rank)
+    if sc.get("expert_bias"):
+        dispatched["bias"] = _bias_update(disp_layer, cfg, "helper")
+    stats = disp_layer.token_dispatcher.exchange.last_stats
+
     res = {
+        "dispatcher": compare(stock, dispatched),
+        "dispatcher_strategy": stats.get("strategy"),
+        "dispatcher_class": type(disp_layer.token_dispatcher).__name__,
         "patched": compare(stock, patched),
         "router": compare(stock, routed),
         "patched_calls": patched_calls,

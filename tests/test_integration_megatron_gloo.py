@@ -61,7 +61,13 @@ SCENARIOS = {
     4: _layout("tp2ep2", 2, 2, [dict(BIAS, name="tp2ep2-sigmoid-bias"), dict(name="tp2ep2-global-aux", dispatcher="alltoall", balance="global_aux_loss")])
     + [dict(sc, name=_name("ep4", sc), tp=1, ep=4) for sc in COMMON[:3]],
 }
-TIMEOUT_S = {2: 60, 4: 100}
+# use_moerail: each scenario also runs with moerail's dispatcher, the strategies taken in turn
+# (2 ranks: one per virtual node; 4 ranks with EP4: 2 virtual nodes x 2; TP2 EP2: EP groups of 2).
+for _w, _scs in SCENARIOS.items():
+    for _i, _sc in enumerate(_scs):
+        _sc["strategy"] = ("flat", "2dh", "dedup", "allgather", "auto")[_i % 5]
+        _sc["rpn"] = 2 if _sc["ep"] == 4 else 1
+TIMEOUT_S = {2: 90, 4: 150}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def test_same_outputs_and_gradients(runs, world, name):
         r = res[name]
         assert "error" not in r, f"rank {rank}:\n{r['error']}"
         assert r["out_norm"] > 0
-        for mode in ("patched", "router"):
+        for mode in ("patched", "router", "dispatcher"):
             bad = {k: v for k, v in r[mode].items() if not v <= ATOL}
             assert not bad, f"rank {rank}, {mode} vs stock: {bad}"
         # moerail really ran: its ops served the patched layer, none went back to Megatron
@@ -104,9 +110,12 @@ def test_same_outputs_and_gradients(runs, world, name):
         assert r["router_calls"]["topk_routing_with_score_function"]["moerail"] > 0
         assert "permute" not in r["router_calls"], "the router class patches nothing global"
         assert r["router_class"] == "MoerailTopKRouter"
+        assert r["dispatcher_class"] == "MoerailTokenDispatcher"
+        want = SCENARIOS[world][[sc["name"] for sc in SCENARIOS[world]].index(name)]["strategy"]
+        assert want == "auto" or r["dispatcher_strategy"] == want
         if "bias_moved" in r:
             assert r["bias_moved"] > 0, "the expert bias moved at the global-batch boundary"
-            assert r["patched"]["bias"] <= 1e-7 and r["router"]["bias"] <= 1e-7
+            assert r["patched"]["bias"] <= 1e-7 and r["router"]["bias"] <= 1e-7 and r["dispatcher"]["bias"] <= 1e-7
             assert calls["get_updated_expert_bias"]["moerail"] == 1
             assert r["counts_reset"] == 0, "update_expert_bias zeroes the counts"
 

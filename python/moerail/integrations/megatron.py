@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import threading
 import types
@@ -649,6 +650,8 @@ boundaries as Megatron does: ``finalize_model_grads`` finds ``expert_bias`` and
 def __getattr__(name: str):
     if name == "MoerailTopKRouter":
         return _router_class()
+    if name == "MoerailTokenDispatcher":
+        return _dispatcher_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -745,3 +748,176 @@ def update_expert_bias(model, expert_bias_update_rate: float, group=None, *, res
             if reset:
                 m.local_tokens_per_expert.zero_()
     return len(mods)
+
+
+# ------------------------------------------------------------------------------------------------
+# moerail's dispatcher in a Megatron MoELayer
+# ------------------------------------------------------------------------------------------------
+
+_DISPATCHER_CLASS = None
+
+
+def _dispatcher_class():
+    global _DISPATCHER_CLASS
+    with _LOCK:
+        if _DISPATCHER_CLASS is not None:
+            return _DISPATCHER_CLASS
+        from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher  # noqa: PLC0415
+
+        from ..a2a import AllToAllDispatcher  # noqa: PLC0415
+
+        class MoerailTokenDispatcher(MoETokenDispatcher):
+            """Megatron's token-dispatcher interface over :class:`moerail.AllToAllDispatcher`.
+
+            The six methods ``MoELayer`` calls: ``dispatch_preprocess`` flattens the tokens and
+            keeps the routing map, ``token_dispatch`` runs the planned exchange (flat / 2dh / dedup
+            / allgather), ``dispatch_postprocess`` hands the experts their rows grouped by local
+            expert with ``tokens_per_expert`` (CPU int64) and the rows' probs (the experts apply
+            them, as with Megatron's dispatchers), ``combine_preprocess`` passes the expert output
+            on, ``token_combine`` runs the reverse exchange (fp32 sums in a fixed order) and
+            ``combine_postprocess`` restores the hidden states' shape. Token dropping and padding
+            come from the router's routing map. Expert tensor parallelism (``expert_tensor_
+            parallel_size > 1``) is not handled: the constructor refuses it."""
+
+            def __init__(self, base, num_experts: int, *, ranks_per_node: int, strategy: str, placement, link,
+                         timeout) -> None:
+                # The groups of the dispatcher it replaces (no ProcessGroupCollection needed).
+                self.config = base.config
+                self.shared_experts = getattr(base, "shared_experts", None)
+                self.ep_group = base.ep_group
+                self.tp_group = getattr(base, "tp_group", None)
+                self.tp_ep_group = getattr(base, "tp_ep_group", None)
+                self.tp_size = getattr(base, "tp_size", 1)
+                self.tp_rank = getattr(base, "tp_rank", 0)
+                self.ep_size = getattr(base, "ep_size", 1)
+                self.cudagraph_attrs = []
+                self.valid_cudagraph_attrs = None
+                if self.tp_size != 1:
+                    raise NotImplementedError(
+                        f"use_moerail: expert_tensor_parallel_size={self.tp_size}: moerail's dispatcher handles "
+                        "expert tensor parallelism 1 (e.g. MoE Parallel Folding's ETP1); keep Megatron's dispatcher")
+                self.num_local_experts = base.num_local_experts
+                self.local_expert_indices = list(base.local_expert_indices)
+                self.exchange = AllToAllDispatcher(num_experts, self.ep_group, ranks_per_node=ranks_per_node,
+                                                   strategy=strategy, placement=placement, link=link,
+                                                   timeout=timeout)
+                if self.exchange.num_local_experts != self.num_local_experts:
+                    raise ValueError(
+                        f"placement: {self.exchange.num_slots} slots give {self.exchange.num_local_experts} a rank, "
+                        f"the layer's experts module holds {self.num_local_experts}")
+                self.tokens_per_expert = None
+
+            def dispatch_preprocess(self, hidden_states, routing_map, probs):
+                self.hidden_shape = hidden_states.shape
+                self.routing_map = routing_map.reshape(-1, routing_map.shape[-1])
+                return hidden_states.reshape(-1, self.hidden_shape[-1]), probs
+
+            def token_dispatch(self, hidden_states, probs, *args, **kwargs):
+                rows, self.tokens_per_expert, row_probs = self.exchange.dispatch(hidden_states, probs,
+                                                                                 self.routing_map)
+                return rows, row_probs
+
+            def dispatch_postprocess(self, hidden_states, probs):
+                return hidden_states, self.tokens_per_expert, probs
+
+            def combine_preprocess(self, hidden_states):
+                return hidden_states
+
+            def token_combine(self, hidden_states, *args, **kwargs):
+                return self.exchange.combine(hidden_states)
+
+            def combine_postprocess(self, hidden_states):
+                return hidden_states.view(self.hidden_shape)
+
+        MoerailTokenDispatcher.__module__ = __name__
+        _DISPATCHER_CLASS = MoerailTokenDispatcher
+        return _DISPATCHER_CLASS
+
+
+def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: str = "auto", placement=None,
+                router: bool = True, link=None, timeout=None):
+    """Puts moerail into an existing Megatron ``MoELayer``: its router becomes
+    ``MoerailTopKRouter`` (same parameters and state; ``router=False`` keeps it) and its token
+    dispatcher a :class:`MoerailTokenDispatcher` over :class:`moerail.AllToAllDispatcher` on the
+    layer's expert-parallel group, with the exchange strategy planned per step (``strategy``:
+    ``auto``, ``flat``, ``2dh``, ``dedup`` or ``allgather``) for ``ranks_per_node`` ranks a node
+    (default: ``LOCAL_WORLD_SIZE`` as torchrun sets it, else the whole EP group on one node).
+    ``placement`` (slot -> expert, one entry per expert of the layer) says which expert each local
+    expert module of each rank holds (default: Megatron's contiguous blocks). Returns the layer."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    if not hasattr(moe_layer, "token_dispatcher") or not hasattr(moe_layer, "router"):
+        raise TypeError(f"moe_layer: expected a Megatron MoELayer, got {type(moe_layer).__name__}")
+    base = moe_layer.token_dispatcher
+    if ranks_per_node is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        ranks_per_node = int(env) if env else base.ep_size
+        if base.ep_size % ranks_per_node:
+            ranks_per_node = base.ep_size
+    cls = _dispatcher_class()
+    num_experts = moe_layer.config.num_moe_experts
+    moe_layer.token_dispatcher = cls(base, num_experts, ranks_per_node=ranks_per_node, strategy=strategy,
+                                     placement=placement, link=link, timeout=timeout or timedelta(minutes=10))
+    if router:
+        from megatron.core.transformer.moe.router import TopKRouter  # noqa: PLC0415
+
+        if type(moe_layer.router) is TopKRouter:
+            moe_layer.router.__class__ = _router_class()  # a subclass with the same state: nothing to copy
+    return moe_layer
+
+
+def with_moerail_dispatcher(spec, *, ranks_per_node: Optional[int] = None, strategy: str = "auto"):
+    """A copy of a Megatron layer spec whose MoE layers are built with moerail's router and
+    dispatcher (:func:`use_moerail` applied to each ``MoELayer`` the spec builds)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: PLC0415
+    from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: PLC0415
+
+    layer_cls = type("MoerailMoELayer", (MoELayer,), {
+        "__module__": __name__,
+        "__doc__": "Megatron's MoELayer with moerail's router and AllToAllDispatcher (see use_moerail).",
+        "__init__": _moerail_layer_init(MoELayer, ranks_per_node, strategy),
+    })
+    found = []
+
+    def walk(obj, depth=0):
+        if depth > 32:
+            return obj
+        if isinstance(obj, ModuleSpec):
+            if obj.module is MoELayer:
+                found.append(obj)
+                return dataclasses.replace(obj, module=layer_cls)
+            sub = walk(obj.submodules, depth + 1)
+            return obj if sub is obj.submodules else dataclasses.replace(obj, submodules=sub)
+        if isinstance(obj, functools.partial):
+            if obj.func is MoELayer:
+                found.append(obj)
+                return functools.partial(layer_cls, *obj.args, **obj.keywords)
+            return obj
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                if f.init:
+                    v = getattr(obj, f.name)
+                    nv = walk(v, depth + 1)
+                    if nv is not v:
+                        changes[f.name] = nv
+            return dataclasses.replace(obj, **changes) if changes else obj
+        if isinstance(obj, (list, tuple)):
+            items = [walk(v, depth + 1) for v in obj]
+            if all(a is b for a, b in zip(items, obj)):
+                return obj
+            return type(obj)(items) if isinstance(obj, list) else tuple(items)
+        return obj
+
+    out = walk(spec)
+    if not found:
+        raise ValueError("spec: no MoELayer found in it")
+    return out
+
+
+def _moerail_layer_init(base_cls, ranks_per_node, strategy):
+    def __init__(self, *args, **kwargs):
+        base_cls.__init__(self, *args, **kwargs)
+        use_moerail(self, ranks_per_node=ranks_per_node, strategy=strategy)
+
+    return __init__
