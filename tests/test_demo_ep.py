@@ -36,3 +36,13 @@ def test_demo_runs_and_reports(tmp_path):
     assert (out / "load_heatmap.png").stat().st_size > 1000
     assert json.loads((out / "load_trace.json").read_text())
     assert "device max/mean" in r.stdout
+
+
+def test_megatron_example_trains():
+    """examples/megatron_moe.py: stock Megatron-Core MoE layers with use_moerail on 4 ranks."""
+    cmd = [sys.executable, str(ROOT / "examples" / "megatron_moe.py"), "--steps", "20"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert "strategy" in r.stdout

@@ -114,7 +114,11 @@ def _install_dispatcher(layer, strategy: str, placement: Optional[str]) -> None:
         raise ImportError(why)
     from . import megatron as mi
 
-    mi.use_moerail(layer, strategy=strategy, placement=placement)
+    mi.use_moerail(layer, strategy=strategy)
+    # The placement policy (eplb / refine) is applied by the training loop at global-batch
+    # boundaries (LoadTracker -> rebalance_experts(mode=...) -> migrate_experts); the layer
+    # carries it for that loop.
+    layer.moerail_expert_placement = placement
 
 
 def moe_layer_init_wrapper_for(strategy: str, placement: Optional[str] = None):
