@@ -234,11 +234,28 @@ def run_scenario(sc: Dict, rank: int) -> Dict:
     if sc.get("expert_bias"):
         dispatched["bias"] = _bias_update(disp_layer, cfg, "helper")
     stats = disp_layer.token_dispatcher.exchange.last_stats
+    migration = {}
+    if sc.get("migrate"):
+        # A skewed load (the same on every rank), a re-placement, the experts moved: the layer must
+        # compute the same function with its experts on other ranks.
+        e = cfg.num_moe_experts
+        load = (torch.rand(1, e, generator=torch.Generator().manual_seed(5)) ** 4 * 1000).double()
+        x = torch.randn(SEQ // sc["tp"], BATCH, HIDDEN, generator=torch.Generator().manual_seed(77 + rank))
+        with torch.no_grad():
+            before_out = disp_layer(x)[0]
+        info = mi.update_expert_placement(disp_layer, load, None, num_nodes=max(1, cfg.expert_model_parallel_size
+                                                                                 // sc.get("rpn", 1)))
+        with torch.no_grad():
+            after_out = disp_layer(x)[0]
+        migration = {"err": _max_err(before_out, after_out), "moved": int(len(info["plan"].transfers)),
+                     "before": info["before"], "after": info["after"],
+                     "placement": disp_layer.token_dispatcher.exchange.phy2log.tolist()}
 
     res = {
         "dispatcher": compare(stock, dispatched),
         "dispatcher_strategy": stats.get("strategy"),
         "dispatcher_class": type(disp_layer.token_dispatcher).__name__,
+        "migration": migration,
         "patched": compare(stock, patched),
         "router": compare(stock, routed),
         "patched_calls": patched_calls,

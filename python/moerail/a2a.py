@@ -386,9 +386,7 @@ class AllToAllDispatcher:
             raise ValueError(f"ranks_per_node: must divide the EP group size ({self.world}), got {ranks_per_node}")
         self.strategy = strategy
         _strategies(strategy)
-        self.phy2log, self.log2phy, self.logcnt = _placement_tables(placement, self.num_experts, self.world)
-        self.num_slots = self.phy2log.numel()
-        self.num_local_experts = self.num_slots // self.world
+        self.set_placement(placement)
         if capacity_factor is not None:
             if topk is None:
                 raise ValueError("topk: needed with capacity_factor (the capacity is num_tokens * topk / num_experts)")
@@ -403,6 +401,17 @@ class AllToAllDispatcher:
             raise TypeError(f"timeout: expected a datetime.timedelta, got {type(timeout).__name__}")
         self.timeout = timeout
         self._route: Optional[_Route] = None
+
+    def set_placement(self, placement) -> None:
+        """Switches to ``placement`` (``phy2log [R]``, slot -> expert; None: expert ``e`` in slot
+        ``e``), e.g. after :func:`moerail.migrate_experts` moved the experts. Every rank of the
+        group must switch before its next dispatch (the configuration hash checks it)."""
+        phy2log, log2phy, logcnt = _placement_tables(placement, self.num_experts, self.world)
+        if getattr(self, "num_slots", phy2log.numel()) != phy2log.numel():
+            raise ValueError(f"placement: expected {self.num_slots} slots (as before), got {phy2log.numel()}")
+        self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
+        self.num_slots = phy2log.numel()
+        self.num_local_experts = self.num_slots // self.world
 
     # -- helpers --------------------------------------------------------------------------------
 
