@@ -144,6 +144,31 @@ def _worker(rank: int, port: int, config: Dict) -> None:
             "inter_node_bytes": stats["planned"]["dispatch"]["inter_node_bytes"]
             + stats["planned"]["combine"]["inter_node_bytes"],
         })
+    if config.get("overlap"):
+        w1 = torch.randn(h, 4 * h, generator=g) / h**0.5
+
+        def experts(x, per_slot, p):
+            y = x
+            for _ in range(config["overlap"]):  # expert work comparable to the exchange
+                y = torch.tanh(y @ w1) @ w1.t() / 4
+            return y * p[:, None]
+
+        for chunks in (1, 4):
+            disp = moerail.AllToAllDispatcher(e, None, ranks_per_node=RANKS_PER_NODE, strategy="dedup", link=link,
+                                              num_chunks=chunks, timeout=timedelta(seconds=120))
+            times, hidden_frac = [], []
+            for rep in range(config["warmup"] + config["repeat"]):
+                dist.barrier()
+                t0 = time.perf_counter()
+                disp.forward(hidden, probs, routing_map, experts)
+                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                if rep >= config["warmup"]:
+                    times.append(float(dt))
+                    hidden_frac.append(disp.last_stats.get("overlap", {}).get("hidden_fraction", 0.0))
+            times.sort()
+            rows.append({"overlap_chunks": chunks, "measured_s": times[len(times) // 2],
+                         "hidden_fraction": sorted(hidden_frac)[len(hidden_frac) // 2]})
     dist.destroy_process_group()
     if rank == 0:
         rows.append({"link": {k: getattr(link, k) for k in ("intra_node_bw", "inter_node_bw", "node_bw", "latency",

@@ -92,7 +92,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         case["experts"], None, ranks_per_node=case["rpn"], strategy=case["strategy"],
         placement=case.get("placement"), topk=case["topk"], capacity_factor=case.get("capacity_factor"),
         drop_policy=case.get("drop_policy", "probs"), pad_to_capacity=case.get("pad", False),
-        timeout=timedelta(seconds=60))
+        num_chunks=case.get("chunks", 1), timeout=timedelta(seconds=60))
     ref_rows, ref_probs, ref_counts, mine = reference(case, world, rank, disp)
     h0, p0, m0 = inputs(case, rank)
     h = h0.clone().requires_grad_(True)
@@ -103,22 +103,26 @@ def run_case(case: dict, world: int, rank: int) -> dict:
             disp.dispatch(h, p[:, :-1], m0)
         finally:
             assert torch.equal(h.detach(), snapshot[0]) and torch.equal(p.detach(), snapshot[1])
+    weights = expert_weights(case, disp.num_slots)
+    loc = disp.num_local_experts
+
+    def experts(rows, tpe, rprobs):
+        outs, start = [], 0
+        for slot, n in enumerate(tpe.tolist()):
+            ex = int(disp.phy2log[rank * loc + slot])
+            outs.append((rows[start : start + n].to(torch.float64) @ weights[ex]).to(rows.dtype)
+                        * rprobs[start : start + n, None].to(rows.dtype))
+            start += n
+        return torch.cat(outs) if outs else rows * 0
+
+    if case.get("chunks", 1) > 1:
+        return run_chunked(case, disp, experts, h, p, h0, p0, m0, mine, weights, rank)
     rows, tpe, rprobs = disp.dispatch(h, p, m0)
     res = {}
     res["rows_equal"] = torch.equal(rows.detach(), ref_rows)
     res["probs_equal"] = torch.equal(rprobs.detach(), ref_probs)
     res["counts_equal"] = torch.equal(tpe, ref_counts)
-    weights = expert_weights(case, disp.num_slots)
-    # Experts: local slot l -> expert phy2log[rank * L + l].
-    loc = disp.num_local_experts
-    outs, start = [], 0
-    for slot, n in enumerate(tpe.tolist()):
-        ex = int(disp.phy2log[rank * loc + slot])
-        outs.append((rows[start : start + n].to(torch.float64) @ weights[ex]).to(rows.dtype)
-                    * rprobs[start : start + n, None].to(rows.dtype))
-        start += n
-    y = torch.cat(outs) if outs else rows * 0
-    out = disp.combine(y)
+    out = disp.combine(experts(rows, tpe, rprobs))
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(99 + rank), dtype=torch.float64)
     (out.to(torch.float64) * gy).sum().backward()
     # Dense reference on this rank's tokens.
@@ -148,6 +152,26 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     res["planned"] = planned.tolist()
     res["strategy"] = stats["strategy"]
     return res
+
+
+def run_chunked(case, disp, experts, h, p, h0, p0, m0, mine, weights, rank) -> dict:
+    """forward() with num_chunks > 1 against the dense reference; the overlap it reports."""
+    out = disp.forward(h, p, m0, experts)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(99 + rank), dtype=torch.float64)
+    (out.to(torch.float64) * gy).sum().backward()
+    hr = h0.clone().to(torch.float64).requires_grad_(True)
+    pr = p0.clone().to(torch.float64).requires_grad_(True)
+    ref_out = dense_moe(hr, pr, m0, mine[4], disp.phy2log, weights, case)
+    (ref_out * gy).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-10)
+    ov = disp.last_stats["overlap"]
+    return {
+        "rows_equal": True, "probs_equal": True, "counts_equal": True, "bytes_equal": True, "sent": [], "planned": [],
+        "out_close": torch.allclose(out.detach().double(), ref_out, **tol),
+        "grad_hidden_close": torch.allclose(h.grad.double(), hr.grad, **tol),
+        "grad_probs_close": torch.allclose(p.grad.double(), pr.grad, rtol=1e-6, atol=1e-8),
+        "overlap": ov, "strategy": disp.last_stats["strategy"], "out": out.detach().double().tolist(),
+    }
 
 
 def worker(rank: int, world: int, port: int, cases: list, out_q) -> None:

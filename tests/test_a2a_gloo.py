@@ -54,6 +54,9 @@ def _cases():
         cases.append(dict(seed=5, tokens=[14, 8, 11, 6], experts=6, topk=2, skew=1, rpn=2, strategy=strat,
                           placement=[0, 4, 1, 0, 2, 5, 3, 1], name=f"replicas {strat}"))
         cases.append(dict(base, seed=6, rpn=2, strategy=strat, dtype=torch.bfloat16, name=f"bf16 {strat}"))
+    for strat in STRATEGIES:
+        cases.append(dict(base, seed=7, tokens=[30, 21, 9, 16], rpn=2, strategy=strat, chunks=3,
+                          name=f"3 chunks {strat}"))
     errors = [
         dict(base, rpn=2, strategy="flat", per_rank={1: {"strategy": "dedup"}}, expect_error=True,
              name="strategy differs on rank 1"),
@@ -134,3 +137,15 @@ def test_bad_input_on_one_rank_raises_everywhere(results):
             assert err.startswith("ValueError: routing_map") or err.startswith("ValueError: probs"), err
         else:
             assert "rank(s) [2] rejected their dispatch arguments" in err, (rank, err)
+
+
+def test_chunked_overlap_reports(results):
+    """forward() with 3 chunks: the same as the dense reference (checked above); the exchange time,
+    the part the experts waited for, and the hidden fraction are reported."""
+    by = {c["name"]: i for i, c in enumerate(CASES)}
+    for strat in STRATEGIES:
+        for rank in range(WORLD):
+            ov = results[rank][by[f"3 chunks {strat}"]]["overlap"]
+            assert ov["num_chunks"] == 3
+            assert 0 <= ov["exposed_seconds"] <= ov["exchange_seconds"] + 1e-3
+            assert 0.0 <= ov["hidden_fraction"] <= 1.0

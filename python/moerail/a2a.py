@@ -34,6 +34,7 @@ gradients) accumulate in fp32 in a fixed order and round once per hop.
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -372,6 +373,7 @@ class AllToAllDispatcher:
         capacity_factor: Optional[float] = None,
         drop_policy: str = "probs",
         pad_to_capacity: bool = False,
+        num_chunks: int = 1,
         link: Optional[LinkModel] = None,
         timeout: timedelta = timedelta(minutes=5),
     ):
@@ -396,6 +398,8 @@ class AllToAllDispatcher:
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
         self.pad_to_capacity = bool(pad_to_capacity)
+        self.num_chunks = _checks.integer(num_chunks, "num_chunks", minimum=1)
+        self._overlap: Dict[str, float] = {}
         self.link = link
         if not isinstance(timeout, timedelta):
             raise TypeError(f"timeout: expected a datetime.timedelta, got {type(timeout).__name__}")
@@ -421,7 +425,7 @@ class AllToAllDispatcher:
 
     def _config_hash(self, hidden: int, dtype: torch.dtype) -> int:
         key = repr((self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
-                    hidden, str(dtype), self.phy2log.tolist()))
+                    self.num_chunks, hidden, str(dtype), self.phy2log.tolist()))
         return zlib.crc32(key.encode())
 
     def _gather_counts(self, vec: torch.Tensor) -> torch.Tensor:
@@ -432,16 +436,31 @@ class AllToAllDispatcher:
     # -- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        w, _rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
+        prepared, error = self._try_prepare(hidden, probs, routing_map)
+        out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error)
+        self._route = route
+        return out, per_slot, out_probs
+
+    def _try_prepare(self, hidden, probs, routing_map):
+        try:
+            return self._prepare(hidden, probs, routing_map), None
+        except (TypeError, ValueError) as e:
+            return None, e
+
+    def _dispatch_prepared(self, prepared, error):
+        """The counts' all-gather (with every rank's status and configuration hash), the plan,
+        and the exchange of ``prepared = (hidden, weights, slots)``."""
+        w, rpn, loc = self.world, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
         vec = torch.zeros(v, dtype=torch.int64)
-        error = None
-        try:
-            hidden, probs, routing_map, slots, weights = self._prepare(hidden, probs, routing_map)
+        if error is None:
+            hidden, weights, slots = prepared
             vec[3] = self._config_hash(hidden.shape[1], hidden.dtype)
-            _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec)
-        except (TypeError, ValueError) as e:
-            error = e
+            try:
+                _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec)
+            except ValueError as e:
+                error = e
+        if error is not None:
             vec.zero_()
             vec[0] = 1
         gathered = self._gather_counts(vec)
@@ -454,14 +473,76 @@ class AllToAllDispatcher:
         if len(set(hashes)) != 1:
             raise RuntimeError(
                 "ep_group: the ranks disagree on the dispatcher configuration (num_experts, placement, "
-                f"ranks_per_node, strategy, hidden size or dtype): per-rank hashes {hashes}")
+                f"ranks_per_node, strategy, num_chunks, hidden size or dtype): per-rank hashes {hashes}")
         h, dtype = hidden.shape[1], hidden.dtype
         plan = _make_plan(gathered, w, rpn, loc, self.strategy, h, hidden.element_size(),
-                          probs.requires_grad, self.link)
+                          weights.requires_grad, self.link)
         route = self._route_for(plan, slots, h, dtype)
-        self._route = route
         out, out_probs = _Dispatch.apply(hidden, weights, self, route)
-        return out, route.tokens_per_local_expert, out_probs
+        return out, route.tokens_per_local_expert, out_probs, route
+
+    def forward(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
+        """Dispatch, ``experts(tokens, tokens_per_local_expert, probs) -> expert_output``, combine.
+
+        With ``num_chunks > 1`` the tokens go in that many chunks and the exchanges of the other
+        chunks run while the experts compute one (a helper thread issues the collectives, in
+        the same order on every rank: dispatch ``i + 1`` and combine ``i - 1`` while the experts
+        run chunk ``i``). ``last_stats["overlap"]`` reports the exchange seconds, the seconds the
+        experts waited for them, and the fraction hidden. Same outputs and gradients as one
+        chunk (each token's rows are summed in the same order)."""
+        n = self.num_chunks
+        prepared, error = self._try_prepare(hidden, probs, routing_map)
+        if n == 1 or error is not None:
+            out, per_slot, p, route = self._dispatch_prepared(prepared, error)
+            self._route = route
+            return self.combine(experts(out, per_slot, p))
+        h, wts, slots = prepared
+        bounds = torch.linspace(0, h.shape[0], n + 1).round().long().tolist()
+        chunks = [(h[a:b], wts[a:b], slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        grad_mode = torch.is_grad_enabled()
+        dispatched: List[Optional[tuple]] = [None] * n
+        combined: List[Optional[torch.Tensor]] = [None] * n
+        ys: List[Optional[torch.Tensor]] = [None] * n
+        exchange_s = exposed_s = 0.0
+
+        def run_jobs(jobs, box):
+            t0 = time.perf_counter()
+            try:
+                with torch.set_grad_enabled(grad_mode):
+                    for kind, i in jobs:
+                        if kind == "dispatch":
+                            dispatched[i] = self._dispatch_prepared(chunks[i], None)
+                        else:
+                            combined[i] = _Combine.apply(ys[i], self, dispatched[i][3])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                box.append(e)
+            box.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        dispatched[0] = self._dispatch_prepared(chunks[0], None)
+        exchange_s += time.perf_counter() - t0
+        for i in range(n):
+            jobs = ([("combine", i - 1)] if i >= 1 else []) + ([("dispatch", i + 1)] if i + 1 < n else [])
+            box: list = []
+            helper = threading.Thread(target=run_jobs, args=(jobs, box), daemon=True)
+            helper.start()
+            out, per_slot, p, _ = dispatched[i]
+            ys[i] = experts(out, per_slot, p)
+            t_wait = time.perf_counter()
+            helper.join()
+            exposed_s += time.perf_counter() - t_wait
+            if box and isinstance(box[0], BaseException):
+                raise box[0]
+            exchange_s += box[-1]
+        t0 = time.perf_counter()
+        combined[n - 1] = _Combine.apply(ys[n - 1], self, dispatched[n - 1][3])
+        tail = time.perf_counter() - t0
+        exchange_s += tail
+        exposed_s += tail
+        self._route = dispatched[n - 1][3]
+        self._overlap = {"num_chunks": n, "exchange_seconds": exchange_s, "exposed_seconds": exposed_s,
+                         "hidden_fraction": max(0.0, 1.0 - exposed_s / exchange_s) if exchange_s > 0 else 0.0}
+        return torch.cat(combined)
 
     def _prepare(self, hidden, probs, routing_map):
         hidden = _checks.tensor(hidden, "hidden", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, hidden]")
@@ -484,7 +565,7 @@ class AllToAllDispatcher:
         idx = _compact(routing_map)
         slots = select_replicas(idx, self.log2phy, self.logcnt, self.num_slots, offset=self.rank)
         weights = probs.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
-        return hidden, probs, routing_map, slots, weights
+        return hidden, weights, slots
 
 
     def _route_for(self, plan: AllToAllPlan, slots: torch.Tensor, h: int, dtype) -> _Route:
@@ -602,6 +683,8 @@ class AllToAllDispatcher:
                               for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_rows", "seconds")}
                           for p in _PASSES}
         out["measured"] = {p: dict(v) for p, v in r.stats.items()}
+        if self._overlap:
+            out["overlap"] = dict(self._overlap)
         return out
 
     # -- the passes -----------------------------------------------------------------------------
