@@ -21,15 +21,20 @@ def _planning(quick: bool) -> str:
         g = torch.Generator().manual_seed(0)
         idx = torch.rand(t, e, generator=g).topk(k, dim=1).indices.sort(dim=1).values.contiguous()
         vec = torch.zeros(4 + e + w + w // rpn, dtype=torch.int64)
-        args = (idx, w, rpn, e // w, 0, 0, vec)
-        layout = _common.timeit(lambda a=args: moerail._native.a2a_counts(*a), repeat=21)
+        args = (idx, w, rpn, e // w, 0, 0, vec, False)
+        threads = moerail.get_num_threads()
+        layout = {}
+        for n in sorted({1, threads}):
+            moerail.set_num_threads(n)
+            layout[n] = _common.timeit(lambda a=args: moerail._native.a2a_counts(*a), repeat=51)
+        moerail.set_num_threads(threads)
         gathered = vec.repeat(w, 1)
         pargs = (gathered, w, rpn, e // w, "auto", 7168, 2, True, None)
         plan = _common.timeit(lambda a=pargs: _make_plan(*a), repeat=7)
-        rows.append([f"T={t}, k={k}, EP={w} ({w // rpn} nodes x {rpn}), {e} experts", f"{layout * 1e6:.0f}",
-                     f"{plan * 1e6:.0f}"])
-    return _common.table(["size", "dispatch layout of one rank (us)", "4 plans + auto, Python objects incl. (us)"],
-                         rows)
+        rows.append([f"T={t}, k={k}, EP={w} ({w // rpn} nodes x {rpn}), {e} experts",
+                     " / ".join(f"{layout[n] * 1e6:.0f}" for n in sorted(layout)), f"{plan * 1e6:.0f}"])
+    return _common.table(["size", "dispatch layout of one rank, 1 / all threads (us)",
+                          "4 plans + auto, Python objects incl. (us)"], rows)
 
 
 def run(quick: bool) -> str:
@@ -38,7 +43,8 @@ def run(quick: bool) -> str:
         "",
         "The dispatch layout is what every rank computes from its routed tokens before the exchange (DeepEP's "
         "`get_dispatch_layout`: copies per slot, tokens per rank and per node; the counts the ranks all-gather), "
-        f"through the Python binding on {moerail.get_num_threads()} thread(s); target 50 us. The plans of all four "
+        "through the Python binding as the dispatcher calls it (slot ids range-checked, no repeat check: they come "
+        f"from a routing map), on 1 and on {moerail.get_num_threads()} thread(s); target 50 us. The plans of all four "
         "strategies from the gathered counts, with their traffic of all four passes as Python dicts, and the `auto` "
         "choice.",
         "",

@@ -457,7 +457,8 @@ class AllToAllDispatcher:
             hidden, weights, slots = prepared
             vec[3] = self._config_hash(hidden.shape[1], hidden.dtype)
             try:
-                _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec)
+                # Distinct experts of a routing-map row map to distinct slots: no repeat check.
+                _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec, False)
             except ValueError as e:
                 error = e
         if error is not None:

@@ -47,8 +47,11 @@ fn buf_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize)> {
 }
 
 /// This rank's all-gather vector: `[status, tokens, max entries, hash, slot counts [R],
-/// tokens per rank [W], tokens per node [N]]` of `slots [T, K]`, written into `out`.
+/// tokens per rank [W], tokens per node [N]]` of `slots [T, K]`, written into `out`. Slot ids are
+/// always range-checked; `verify` also rejects a row that lists a slot twice (slots chosen from
+/// a routing map by `select_replicas` never do).
 #[pyfunction]
+#[pyo3(signature = (slots, ranks, ranks_per_node, slots_per_rank, status, hash, out, verify=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn a2a_counts(
     py: Python<'_>,
@@ -59,6 +62,7 @@ pub fn a2a_counts(
     status: i64,
     hash: i64,
     out: &Bound<'_, PyAny>,
+    verify: bool,
 ) -> PyResult<()> {
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let (s, n, k) = slots_arg(slots)?;
@@ -67,7 +71,7 @@ pub fn a2a_counts(
     // SAFETY: checked above; the tensors outlive the call.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
     run(py, || {
-        let l = layout::layout(ss, n, k, &tp, None, true)?;
+        let l = layout::layout(ss, n, k, &tp, None, verify)?;
         Counts::write_vector(&l, n, status, hash, os)
     })
 }

@@ -218,7 +218,9 @@ fn entry(op: &str, f: impl FnOnce() -> Result<(), String>) -> c_int {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_error(format!("{op}: moerail internal error (please report): {msg}"));
+            set_error(format!(
+                "{op}: moerail internal error (please report): {msg}"
+            ));
             2
         }
     }
