@@ -24,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(HERE / "BENCHMARKS.md"))
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    ap.add_argument("--only", default=None, help="run only bench_<ONLY>.py")
+    ap.add_argument("--only", default=None,
+                    help="run only bench_<ONLY>.py and replace its section in --out (other sections are kept)")
     args = ap.parse_args()
 
     import torch
@@ -59,7 +60,23 @@ def main() -> None:
         section = mod.run(quick=args.quick)
         print(f"[bench] {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
         parts += [f"## {mod.TITLE}", "", f"Source: `benches/{path.name}`.", "", section.strip(), ""]
-    pathlib.Path(args.out).write_text("\n".join(parts))
+    out = pathlib.Path(args.out)
+    if args.only and out.exists():
+        # Replace (or append) just this bench's section; the rest of the file stays as measured.
+        body = "\n".join(parts[parts.index(next(p for p in parts if p.startswith("## "))):])
+        body = body.replace("Source: `benches/", f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
+                            f"(`make bench` with --only {args.only}). Source: `benches/", 1)
+        title = body.split("\n", 1)[0]
+        text = out.read_text()
+        start = text.find(title + "\n")
+        if start < 0:
+            text = text.rstrip("\n") + "\n\n" + body
+        else:
+            end = text.find("\n## ", start + len(title))
+            text = text[:start] + body.rstrip("\n") + ("\n" + text[end:] if end >= 0 else "\n")
+        out.write_text(text)
+    else:
+        out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
 
 
