@@ -15,10 +15,10 @@ rounding: the replicas' partial sums add in another order). Right after the migr
 must hold exactly (bit for bit) the weights, ``exp_avg``, ``exp_avg_sq`` and ``step`` that its
 expert had before.
 
-The MoE layer here is **test-local**: its token exchange is plain torch.distributed (an all_gather
-of the tokens to every rank, an all_to_all_single to bring the expert outputs home), not a moerail
-dispatcher. moerail provides the replica choice (``select_replicas``), the replica gradient
-all-reduce, the load tracking, placement, planning and migration.
+The tokens travel by ``moerail.AllToAllDispatcher`` (2 virtual nodes x 2, strategy ``auto``),
+which sends each (token, expert) to one replica of the expert (``select_replicas``); moerail also
+provides the replica gradient all-reduce, the load tracking, placement, planning and migration,
+and the dispatchers switch to the new placement after the move.
 """
 
 from __future__ import annotations
@@ -50,64 +50,24 @@ MIGRATE_AFTER = 4
 TIMEOUT_S = 240
 
 
-class _AllGather(torch.autograd.Function):
-    """All ranks' rows, concatenated; the gradient of one's own rows is the sum over ranks."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        r = dist.get_rank()
-        return grad[r * ctx.rows : (r + 1) * ctx.rows]
-
-
-class _AllToAll(torch.autograd.Function):
-    """Equal chunks: chunk q of each rank goes to rank q (its own inverse)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous())
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous())
-        return out
-
-
 def expert_forward(params, x):
     w1, w2 = params
     return torch.nn.functional.silu(x @ w1) @ w2
 
 
-def moe_layer(x, router_w, skew, slot_params, log2phy, logcnt, rank):
-    """Top-2 routing, replica choice, exchange, local experts, exchange back."""
+def moe_layer(x, router_w, skew, slot_params, dispatcher):
+    """Top-2 routing; moerail's dispatcher sends each (token, expert) to one replica of the
+    expert (``select_replicas``: deterministic, even), the local slots compute, combine back."""
     logits = x @ router_w + skew
     probs, indices = torch.softmax(logits, dim=-1).topk(TOPK, dim=-1)
-    slots = moerail.select_replicas(indices, log2phy, logcnt, SLOTS, offset=rank)
-    gathered = _AllGather.apply(torch.cat([x, probs], dim=1))
-    x_all, p_all = gathered[:, :HIDDEN], gathered[:, HIDDEN:]
-    s_parts = [torch.empty_like(slots) for _ in range(WORLD)]
-    dist.all_gather(s_parts, slots)
-    s_all = torch.cat(s_parts)
-    partial = torch.zeros_like(x_all)
-    for s in range(PER_RANK):
-        rows, cols = (s_all == rank * PER_RANK + s).nonzero(as_tuple=True)
-        if rows.numel():
-            h = expert_forward(slot_params[s], x_all[rows]) * p_all[rows, cols].unsqueeze(1)
-            partial = partial.index_add(0, rows, h)
-    back = _AllToAll.apply(partial)
+    routing_map = torch.zeros(x.shape[0], EXPERTS, dtype=torch.bool).scatter(1, indices, True)
+    dense_probs = torch.zeros(x.shape[0], EXPERTS, dtype=probs.dtype).scatter(1, indices, probs)
+    rows, per_slot, row_probs = dispatcher.dispatch(x, dense_probs, routing_map)
+    outs = [expert_forward(slot_params[s], chunk) * p.unsqueeze(1).to(chunk.dtype)
+            for s, (chunk, p) in enumerate(zip(torch.split(rows, per_slot.tolist()),
+                                               torch.split(row_probs, per_slot.tolist())))]
     counts = torch.bincount(indices.flatten(), minlength=EXPERTS)
-    return back.view(WORLD, -1, HIDDEN).sum(0), counts
+    return dispatcher.combine(torch.cat(outs)), counts
 
 
 def initial_weights():
@@ -144,7 +104,7 @@ def slot_state(slot_params, opt, phy2log, rank):
 
 def train(rank, migrate):
     w1, w2, router0, skew = initial_weights()
-    phy2log, log2phy, logcnt = moerail.rebalance_experts(torch.ones(LAYERS, EXPERTS), SLOTS, 1, 1, WORLD)
+    phy2log, _, _ = moerail.rebalance_experts(torch.ones(LAYERS, EXPERTS), SLOTS, 1, 1, WORLD)
     slot_params = [
         [
             [torch.nn.Parameter(w1[layer, int(phy2log[layer, rank * PER_RANK + s])].clone()),
@@ -157,14 +117,19 @@ def train(rank, migrate):
     params = router + [p for layer in slot_params for slot in layer for p in slot]
     opt = torch.optim.Adam(params, lr=2e-2)
     tracker = moerail.LoadTracker(LAYERS, EXPERTS, group=dist.group.WORLD)
+
+    def dispatchers(placement):
+        return [moerail.AllToAllDispatcher(EXPERTS, None, ranks_per_node=WORLD // NODES, strategy="auto",
+                                           placement=placement[layer], timeout=timedelta(seconds=60))
+                for layer in range(LAYERS)]
+
+    disp = dispatchers(phy2log)
     losses, info = [], {}
     for step in range(STEPS):
         x, y = batch(rank, step)
         h = x
         for layer in range(LAYERS):
-            out, counts = moe_layer(
-                h, router[layer], skew[layer], slot_params[layer], log2phy[layer], logcnt[layer], rank
-            )
+            out, counts = moe_layer(h, router[layer], skew[layer], slot_params[layer], disp[layer])
             tracker.record(layer, counts)
             h = h + out
         loss = ((h - y) ** 2).sum() / (TOKENS * WORLD * HIDDEN)
@@ -196,7 +161,7 @@ def train(rank, migrate):
             dist.all_gather_object(before, slot_state(slot_params, opt, phy2log, rank))
             stats = moerail.migrate_experts(plan, tensors)
             phy2log = plan.phy2log
-            log2phy, logcnt = moerail.log2phy_from_phy2log(phy2log, EXPERTS)
+            disp = dispatchers(phy2log)
             after = slot_state(slot_params, opt, phy2log, rank)
             info.update(
                 before=before, after=after, old=plan.old_phy2log, new=phy2log, transfers=plan.transfers,
