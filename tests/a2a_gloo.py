@@ -174,14 +174,59 @@ def run_chunked(case, disp, experts, h, p, h0, p0, m0, mine, weights, rank) -> d
     }
 
 
+def run_etp_case(case: dict, rank: int, ep_group, etp_group) -> dict:
+    """EP2 x ETP2 on 4 ranks (ETP groups {0,1} {2,3}, EP groups {0,2} {1,3}): each ETP rank holds
+    half of every local expert's FFN (fc1 columns, fc2 rows); every rank's output and gradients
+    must equal the dense computation with whole experts."""
+    e, k, ffn = case["experts"], case["topk"], 12
+    disp = moerail.AllToAllDispatcher(e, ep_group, ranks_per_node=1, strategy=case["strategy"], etp_group=etp_group,
+                                      timeout=timedelta(seconds=60))
+    g = torch.Generator().manual_seed(31)
+    w1 = torch.randn(e, HIDDEN, ffn, generator=g, dtype=torch.float64) / HIDDEN**0.5
+    w2 = torch.randn(e, ffn, HIDDEN, generator=g, dtype=torch.float64) / ffn**0.5
+    h0, p0, m0 = inputs(case, rank)
+    h, p = h0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+    rows, per_slot, rprobs = disp.dispatch(h, p, m0)
+    ep_rank, etp_rank, loc = dist.get_rank(ep_group), dist.get_rank(etp_group), disp.num_local_experts
+    sh = slice(etp_rank * ffn // 2, (etp_rank + 1) * ffn // 2)
+    outs, start = [], 0
+    for slot, n in enumerate(per_slot.tolist()):
+        ex = ep_rank * loc + slot
+        x = rows[start : start + n]
+        outs.append(torch.nn.functional.silu(x @ w1[ex][:, sh]) @ w2[ex][sh, :] * rprobs[start : start + n, None])
+        start += n
+    out = disp.combine(torch.cat(outs))
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5 + rank), dtype=torch.float64)
+    (out * gy).sum().backward()
+    hr, pr = h0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+    idx = moerail.a2a._compact(m0)
+    wts = pr.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+    ref = hr * 0 + pr.sum() * 0
+    for j in range(idx.shape[1]):
+        ex = idx[:, j].clamp(min=0)
+        y = torch.einsum("tf,tfh->th", torch.nn.functional.silu(torch.einsum("th,thf->tf", hr, w1[ex])), w2[ex])
+        ref = ref + torch.where((idx[:, j] >= 0)[:, None], y * wts[:, j : j + 1], torch.zeros_like(y))
+    (ref * gy).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-10)
+    return {"out_close": torch.allclose(out, ref, **tol), "grad_hidden_close": torch.allclose(h.grad, hr.grad, **tol),
+            "grad_probs_close": torch.allclose(p.grad.double(), pr.grad.double(), rtol=1e-6, atol=1e-8),
+            "rows": int(rows.shape[0]), "strategy": disp.last_stats["strategy"]}
+
+
 def worker(rank: int, world: int, port: int, cases: list, out_q) -> None:
     os.environ["MOERAIL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=120))
+        # Groups for the ETP cases (every rank creates every group, in the same order).
+        etp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         results = []
         for case in cases:
+            if case.get("etp"):
+                results.append(run_etp_case(case, rank, ep_groups[rank % 2], etp_groups[rank // 2]))
+                continue
             if case.get("expect_error"):
                 try:
                     run_case(case, world, rank)

@@ -57,6 +57,9 @@ def _cases():
     for strat in STRATEGIES:
         cases.append(dict(base, seed=7, tokens=[30, 21, 9, 16], rpn=2, strategy=strat, chunks=3,
                           name=f"3 chunks {strat}"))
+    for strat in STRATEGIES:
+        cases.append(dict(seed=8, tokens=[12, 9, 7, 10], experts=8, topk=3, rpn=1, strategy=strat, etp=2,
+                          name=f"EP2 x ETP2 {strat}"))
     errors = [
         dict(base, rpn=2, strategy="flat", per_rank={1: {"strategy": "dedup"}}, expect_error=True,
              name="strategy differs on rank 1"),
@@ -93,8 +96,8 @@ def results():
     return out
 
 
-@pytest.mark.parametrize("i", [i for i, c in enumerate(CASES) if not c.get("expect_error")],
-                         ids=[c["name"] for c in CASES if not c.get("expect_error")])
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CASES) if not c.get("expect_error") and not c.get("etp")],
+                         ids=[c["name"] for c in CASES if not c.get("expect_error") and not c.get("etp")])
 def test_matches_dense_reference(results, i):
     for rank in range(WORLD):
         r = results[rank][i]
@@ -149,3 +152,15 @@ def test_chunked_overlap_reports(results):
             assert ov["num_chunks"] == 3
             assert 0 <= ov["exposed_seconds"] <= ov["exchange_seconds"] + 1e-3
             assert 0.0 <= ov["hidden_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_expert_tensor_parallel(results, strategy):
+    """EP2 x ETP2: experts sharded over the ETP group give the dense result (outputs, gradients)."""
+    i = [c["name"] for c in CASES].index(f"EP2 x ETP2 {strategy}")
+    for rank in range(WORLD):
+        r = results[rank][i]
+        assert r["out_close"] and r["grad_hidden_close"] and r["grad_probs_close"], (rank, r)
+        assert r["strategy"] == strategy
+    # The two ranks of an ETP group see the same rows.
+    assert results[0][i]["rows"] == results[1][i]["rows"] and results[2][i]["rows"] == results[3][i]["rows"]

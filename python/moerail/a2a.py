@@ -374,6 +374,7 @@ class AllToAllDispatcher:
         drop_policy: str = "probs",
         pad_to_capacity: bool = False,
         num_chunks: int = 1,
+        etp_group=None,
         link: Optional[LinkModel] = None,
         timeout: timedelta = timedelta(minutes=5),
     ):
@@ -399,6 +400,12 @@ class AllToAllDispatcher:
         self.drop_policy = drop_policy
         self.pad_to_capacity = bool(pad_to_capacity)
         self.num_chunks = _checks.integer(num_chunks, "num_chunks", minimum=1)
+        self.etp_group = etp_group
+        self.etp_size = dist.get_world_size(etp_group) if etp_group is not None else 1
+        if self.etp_size > 1 and self.num_chunks > 1:
+            raise ValueError("num_chunks: chunked overlap is not combined with expert tensor parallelism "
+                             "(etp_group of more than one rank); use num_chunks=1")
+        self._etp: Optional[tuple] = None
         self._overlap: Dict[str, float] = {}
         self.link = link
         if not isinstance(timeout, timedelta):
@@ -439,7 +446,25 @@ class AllToAllDispatcher:
         prepared, error = self._try_prepare(hidden, probs, routing_map)
         out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error)
         self._route = route
+        if self.etp_size > 1:
+            return self._etp_gather(out, per_slot, out_probs)
         return out, per_slot, out_probs
+
+    def _etp_gather(self, rows, per_slot, probs):
+        """Expert tensor parallelism: every rank of ``etp_group`` gets the rows of all of them
+        (their experts hold a shard of each expert's weights), grouped by local slot, then ETP
+        rank, as Megatron's dispatcher orders them after its all-gather."""
+        g, loc = self.etp_group, self.num_local_experts
+        sizes = [torch.empty_like(per_slot) for _ in range(self.etp_size)]
+        self._wait(dist.all_gather(sizes, per_slot.contiguous(), group=g, async_op=True))
+        sizes = torch.stack(sizes)  # [ETP, L]
+        order = torch.empty(int(sizes.sum()), dtype=torch.int64)
+        _native.a2a_block_order(sizes.flatten().tolist(), self.etp_size, loc, order)
+        info = (sizes.sum(1).tolist(), order, dist.get_rank(g))
+        self._etp = info
+        rows = _EtpGather.apply(rows, self, info)
+        probs = _EtpGather.apply(probs.unsqueeze(1), self, info)[:, 0]
+        return rows, sizes.sum(0), probs
 
     def _try_prepare(self, hidden, probs, routing_map):
         try:
@@ -662,13 +687,15 @@ class AllToAllDispatcher:
             raise RuntimeError("combine: call dispatch first")
         y = _checks.tensor(expert_output, "expert_output", ndim=2, dtypes=_checks.FLOAT_DTYPES,
                            shape_doc="[num_rows, hidden]")
-        n = route.out_rows.numel()
+        n = route.out_rows.numel() if self.etp_size == 1 else int(self._etp[1].numel())
         if tuple(y.shape) != (n, route.hidden):
             raise ValueError(f"expert_output: expected shape ({n}, {route.hidden}) (the rows dispatch returned), "
                              f"got {tuple(y.shape)}")
         if y.dtype != route.dtype:
             raise TypeError(f"expert_output: expected dtype {route.dtype} (the dtype of the dispatched hidden), "
                             f"got {y.dtype}")
+        if self.etp_size > 1:
+            y = _EtpReduceScatter.apply(y, self, self._etp)
         return _Combine.apply(y, self, route)
 
     @property
@@ -827,3 +854,57 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         rows, _ = ctx.disp._forward_pass(ctx.route, grad.contiguous(), None, "combine_backward")
         return rows, None, None
+
+
+def _etp_all_rows(disp: AllToAllDispatcher, x: torch.Tensor, info) -> torch.Tensor:
+    """Every ETP rank's rows of ``x`` (uneven counts: padded to the largest), concatenated in
+    ETP-rank order."""
+    sizes, _, _ = info
+    m = max(sizes) if sizes else 0
+    pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype)
+    pad[: x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in sizes]
+    disp._wait(dist.all_gather(parts, pad, group=disp.etp_group, async_op=True))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _etp_own_sum(disp: AllToAllDispatcher, full: torch.Tensor, info) -> torch.Tensor:
+    """The sum over ETP ranks of ``full`` (ETP-rank order), this rank's rows of it."""
+    sizes, _, me = info
+    full = full.contiguous().clone()
+    disp._wait(dist.all_reduce(full, group=disp.etp_group, async_op=True))
+    start = sum(sizes[:me])
+    return full[start : start + sizes[me]].clone()
+
+
+class _EtpGather(torch.autograd.Function):
+    """All ETP ranks' rows, in (local slot, ETP rank) order; backward: each rank's rows get the
+    sum of every ETP rank's gradient for them (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, disp, info):
+        ctx.disp, ctx.info = disp, info
+        return _etp_all_rows(disp, x.detach(), info)[info[1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        order = ctx.info[1]
+        full = torch.zeros_like(grad)
+        full[order] = grad
+        return _etp_own_sum(ctx.disp, full, ctx.info), None, None
+
+
+class _EtpReduceScatter(torch.autograd.Function):
+    """The expert outputs (partial sums from each ETP rank's weight shard) summed over the ETP
+    group, this rank's rows; backward: every rank's gradient rows gathered."""
+
+    @staticmethod
+    def forward(ctx, y, disp, info):
+        ctx.disp, ctx.info = disp, info
+        full = torch.zeros_like(y)
+        full[info[1]] = y.detach()
+        return _etp_own_sum(disp, full, info)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _etp_all_rows(ctx.disp, grad.contiguous(), ctx.info)[ctx.info[1]], None, None
