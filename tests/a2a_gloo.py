@@ -178,7 +178,7 @@ def run_etp_case(case: dict, rank: int, ep_group, etp_group) -> dict:
     """EP2 x ETP2 on 4 ranks (ETP groups {0,1} {2,3}, EP groups {0,2} {1,3}): each ETP rank holds
     half of every local expert's FFN (fc1 columns, fc2 rows); every rank's output and gradients
     must equal the dense computation with whole experts."""
-    e, k, ffn = case["experts"], case["topk"], 12
+    e, ffn = case["experts"], 12
     disp = moerail.AllToAllDispatcher(e, ep_group, ranks_per_node=1, strategy=case["strategy"], etp_group=etp_group,
                                       timeout=timedelta(seconds=60))
     g = torch.Generator().manual_seed(31)
