@@ -187,37 +187,59 @@ fn block_layout_masks(
 ) -> Layout {
     let mut out = Layout::zeros(topo);
     let t_n = slots.len() / width;
+    let r_n = topo.slots();
     let (mut rank_masks, mut node_masks) = (Vec::with_capacity(t_n), Vec::with_capacity(t_n));
-    let counts = out.slot_counts.as_mut_ptr();
+    // Per slot, its rank's and its node's bit; index R is the empty entry (-1): no bits, and a
+    // count that is dropped. One lookup per entry and no branch on the routing.
+    let mut rank_bit = vec![0u64; r_n + 1];
+    let mut node_bit = vec![0u64; r_n + 1];
+    for s in 0..r_n {
+        let r = slot_rank[s] as usize;
+        rank_bit[s] = 1 << r;
+        node_bit[s] = 1 << rank_node[r];
+    }
+    let mut counts = vec![0i64; r_n + 1];
     for row in slots.chunks_exact(width) {
         let mut n_entries = 0usize;
         let (mut rm, mut nm) = (0u64, 0u64);
         for &s in row {
-            if s < 0 {
-                continue;
+            let i = if s < 0 { r_n } else { s as usize };
+            // SAFETY: -1 <= s < R (checked by the caller), so i <= R indexes the [R + 1] tables.
+            unsafe {
+                *counts.get_unchecked_mut(i) += 1;
+                rm |= *rank_bit.get_unchecked(i);
+                nm |= *node_bit.get_unchecked(i);
             }
-            // SAFETY: 0 <= s < R (checked by the caller) indexes the [R] arrays; slot_rank
-            // holds ranks < W and rank_node nodes < N (Topology::tables).
-            let (r, n) = unsafe {
-                *counts.add(s as usize) += 1;
-                let r = *slot_rank.get_unchecked(s as usize) as usize;
-                (r, *rank_node.get_unchecked(r) as usize)
-            };
-            n_entries += 1;
-            rm |= 1 << r;
-            nm |= 1 << n;
+            n_entries += (s >= 0) as usize;
         }
         rank_masks.push(rm);
         node_masks.push(nm);
         out.max_entries = out.max_entries.max(n_entries);
     }
+    out.slot_counts.copy_from_slice(&counts[..r_n]);
     if topo.slots_per_rank > 1 {
         count_bits(&rank_masks, &mut out.rank_tokens);
     } else {
         // One slot a rank: a token's slots are its ranks.
         out.rank_tokens.copy_from_slice(&out.slot_counts);
     }
-    count_bits(&node_masks, &mut out.node_tokens);
+    if topo.nodes() <= 8 {
+        // Few nodes: per-node byte counters, 8 nodes in one u64 a mask (a byte holds 255 counts).
+        let mut spread = [0u64; 256];
+        for (m, v) in spread.iter_mut().enumerate() {
+            for b in 0..8 {
+                *v |= (((m >> b) & 1) as u64) << (8 * b);
+            }
+        }
+        for block in node_masks.chunks(255) {
+            let acc: u64 = block.iter().map(|&m| spread[m as usize & 0xff]).sum();
+            for (n, o) in out.node_tokens.iter_mut().enumerate() {
+                *o += ((acc >> (8 * n)) & 0xff) as i64;
+            }
+        }
+    } else {
+        count_bits(&node_masks, &mut out.node_tokens);
+    }
     if let Some(tir) = token_in_rank {
         let w_n = topo.ranks;
         for (row, &m) in tir.chunks_exact_mut(w_n).zip(&rank_masks) {
