@@ -109,3 +109,32 @@ def sim_search(
     entries: Sequence[Tuple[str, Any]], space: Optional[Dict[str, List[Any]]] = None, top: int = 10,
     include_oom: bool = False, progress: Optional[Callable[[int, int], Any]] = None,
 ) -> str: ...
+
+# --- the expert-parallel exchange (moerail_core::a2a) -------------------------------------------
+def a2a_counts(
+    slots: Tensor, ranks: int, ranks_per_node: int, slots_per_rank: int, status: int, hash: int, out: Tensor,
+    verify: bool = True,
+) -> None: ...
+def a2a_plan(
+    gathered: Tensor, ranks: int, ranks_per_node: int, slots_per_rank: int, strategies: List[str], hidden: int,
+    hidden_elem: int, prob_elem: int, probs_grad: bool,
+    links: Tuple[float, float, float, float, float, float, float],
+) -> Dict[str, Any]: ...
+def a2a_estimate_counts(
+    slot_counts: Tensor, tokens: Tensor, ranks: int, ranks_per_node: int, slots_per_rank: int, out: Tensor
+) -> None: ...
+def a2a_copy_rows(
+    slots: Tensor, num_slots: int, order: Optional[List[int]], rows_token: Tensor, rows_entry: Tensor, counts: Tensor
+) -> None: ...
+def a2a_node_send_index(
+    slots: Tensor, ranks: int, ranks_per_node: int, slots_per_rank: int, node_tokens: List[int], out: Tensor
+) -> None: ...
+def a2a_forward_index(
+    buf: Tensor, ids_offset: int, num_ids: int, ranks: int, ranks_per_node: int, slots_per_rank: int, node: int,
+    expected: List[int], out: Tensor,
+) -> None: ...
+def a2a_expand_index(
+    buf: Tensor, ids_offset: int, num_ids: int, blocks: List[int], ranks: int, ranks_per_node: int,
+    slots_per_rank: int, rank: int, expected: List[int], out_rows: Tensor, out_entries: Tensor,
+) -> None: ...
+def a2a_block_order(sizes: List[int], a: int, b: int, out: Tensor) -> None: ...
