@@ -53,8 +53,9 @@ build: $(BUILD_STAMP)
 demo: $(BUILD_STAMP)
 	$(PY) examples/train_moe_ep.py --out out/demo
 
-test-rust:
-	cargo test --workspace -q
+# The venv first: its torch brings NVRTC, which the CUDA kernels' compile check needs.
+test-rust: $(DEPS_STAMP)
+	VIRTUAL_ENV=$(abspath $(VENV)) MOERAIL_REQUIRE_NVRTC=1 cargo test --workspace -q
 
 test-python: setup
 	$(PY) -m pytest -q
