@@ -111,7 +111,7 @@ impl Tensor {
         if !is_cpu {
             let device: String = obj.getattr("device")?.str()?.extract()?;
             return Err(PyValueError::new_err(format!(
-                "{name}: expected a CPU tensor, got one on '{device}' (this build runs moerail's ops on CPU; `moerail doctor` shows the backends)"
+                "{name}: expected a CPU tensor, got one on '{device}' (moerail's ops run on CPU tensors; the device kernels are not wired in yet)"
             )));
         }
         let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
