@@ -145,7 +145,7 @@ def _make_plan(gathered: torch.Tensor, w: int, rpn: int, local: int, strategy: s
     for p in out["plans"]:
         s = p["strategy"]
         est[s] = p["seconds"]
-        stages[s] = [(name, torch.tensor(rows, dtype=torch.int64).view(w, w)) for name, rows in p["stages"]]
+        stages[s] = [(name, torch.frombuffer(bytearray(rows), dtype=torch.int64).view(w, w)) for name, rows in p["stages"]]
         traffic[s] = p["passes"]
     v = gathered.view(w, -1)
     r = w * local

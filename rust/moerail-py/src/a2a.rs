@@ -9,7 +9,7 @@ use moerail_core::a2a::{
     Strategy, Topology,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::tensor::{check_disjoint, run, to_py_err, DType, Tensor};
 
@@ -104,7 +104,7 @@ fn pass_dict<'py>(
 }
 
 /// Plans of `strategies` for the gathered vectors `[W, V]` (see `a2a_counts`). Returns
-/// `{"best": i, "entries": n, "plans": [{"strategy", "seconds", "stages": [(name, rows)],
+/// `{"best": i, "entries": n, "plans": [{"strategy", "seconds", "stages": [(name, rows as int64 bytes)],
 /// "passes": {pass: traffic}}]}`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -168,7 +168,10 @@ pub fn a2a_plan<'py>(
         d.set_item("seconds", *s)?;
         let stages = PyList::empty(py);
         for st in &p.stages {
-            stages.append((st.name, st.rows.clone()))?;
+            // The [W, W] rows as native-endian int64 bytes (a list of W^2 Python ints costs
+            // milliseconds at W = 64).
+            let raw: Vec<u8> = st.rows.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            stages.append((st.name, PyBytes::new(py, &raw)))?;
         }
         d.set_item("stages", stages)?;
         let passes = PyDict::new(py);
