@@ -154,6 +154,34 @@ fn block_layout(
     }
 }
 
+/// Whether any slot id is outside [-1, R): one vectorised pass (AVX2 has the 64-bit compares
+/// SSE2 lacks; detected at run time).
+fn out_of_range(slots: &[i64], r_n: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { out_of_range_avx2(slots, r_n) };
+        }
+    }
+    out_of_range_plain(slots, r_n)
+}
+
+#[inline(always)]
+fn out_of_range_plain(slots: &[i64], r_n: usize) -> bool {
+    // A fold over unsigned `s + 1 > R` (not `any`, which stops early and does not vectorise).
+    let r = r_n as u64;
+    slots
+        .iter()
+        .fold(false, |bad, &s| bad | ((s as u64).wrapping_add(1) > r))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn out_of_range_avx2(slots: &[i64], r_n: usize) -> bool {
+    out_of_range_plain(slots, r_n)
+}
+
 /// Whether a row lists a slot twice, or a slot id is outside [-1, R).
 fn has_repeats_or_range(slots: &[i64], width: usize, r_n: usize) -> bool {
     let mut seen = vec![u32::MAX; r_n];
@@ -198,29 +226,24 @@ fn block_layout_masks(
         node_bit[s + 1] = 1 << rank_node[r];
     }
     let mut counts = vec![0i64; r_n + 2];
-    let limit = r_n as u64 + 1;
-    let mut bad = false;
+    if out_of_range(slots, r_n) {
+        return None;
+    }
     for row in slots.chunks_exact(width) {
-        let mut n_entries = 0usize;
-        let (mut rm, mut nm) = (0u64, 0u64);
+        let (mut rm, mut nm, mut empty) = (0u64, 0u64, 0usize);
         for &s in row {
-            let u = (s as u64).wrapping_add(1);
-            bad |= u > r_n as u64;
-            let i = u.min(limit) as usize;
-            // SAFETY: i <= R + 1 indexes the [R + 2] tables.
+            let i = (s + 1) as usize;
+            // SAFETY: -1 <= s < R (checked above), so i <= R indexes the [R + 2] tables.
             unsafe {
                 *counts.get_unchecked_mut(i) += 1;
                 rm |= *rank_bit.get_unchecked(i);
                 nm |= *node_bit.get_unchecked(i);
             }
-            n_entries += (u != 0) as usize;
+            empty += (i == 0) as usize;
         }
         rank_masks.push(rm);
         node_masks.push(nm);
-        out.max_entries = out.max_entries.max(n_entries);
-    }
-    if bad {
-        return None;
+        out.max_entries = out.max_entries.max(width - empty);
     }
     out.slot_counts.copy_from_slice(&counts[1..=r_n]);
     if topo.slots_per_rank > 1 {
