@@ -338,6 +338,27 @@ def test_router_class_and_specs(mcore):
         mi.with_moerail_router(get_gpt_layer_local_spec())
 
 
+def test_dispatcher_spec(mcore):
+    """with_moerail_dispatcher swaps MoELayer for a subclass that applies use_moerail (the layer
+    itself is tested on gloo ranks); the given spec is not modified."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    new = mi.with_moerail_dispatcher(spec, ranks_per_node=2, strategy="dedup")
+
+    def layer_cls(s):
+        mlp = s.submodules.mlp
+        return mlp.func if isinstance(mlp, functools.partial) else mlp.module
+
+    assert layer_cls(spec) is MoELayer, "the given spec is not modified"
+    cls = layer_cls(new)
+    assert cls is not MoELayer and issubclass(cls, MoELayer) and cls.__name__ == "MoerailMoELayer"
+    assert new.submodules.self_attention is spec.submodules.self_attention, "unchanged branches are shared"
+    with pytest.raises(ValueError, match="no MoELayer"):
+        mi.with_moerail_dispatcher(get_gpt_layer_local_spec())
+
+
 def test_update_expert_bias_without_distributed():
     class Router(torch.nn.Module):
         def __init__(self, counts, bias):

@@ -666,14 +666,31 @@ def with_moerail_router(spec, router_class=None):
             "this megatron-core's MoESubmodules has no router field (< 0.16): use patch_moe_utils() instead"
         )
     router_class = _router_class() if router_class is None else router_class
-    found = []
+
+    def replace(obj):
+        if isinstance(obj, MoESubmodules):
+            return dataclasses.replace(obj, router=router_class)
+        return None
+
+    out, found = _rewrite_spec(spec, replace)
+    if not found:
+        raise ValueError("spec: no MoE layer (MoESubmodules) found in it")
+    return out
+
+
+def _rewrite_spec(spec, replace):
+    """A copy of ``spec`` (nested dataclasses such as ``ModuleSpec``, ``functools.partial``,
+    lists and tuples) with every object for which ``replace(obj)`` returns something swapped for
+    it; returns ``(new spec, number of replacements)``. Unchanged branches are shared."""
+    found = [0]
 
     def walk(obj, depth=0):
         if depth > 32:
             return obj
-        if isinstance(obj, MoESubmodules):
-            found.append(obj)
-            return dataclasses.replace(obj, router=router_class)
+        new = replace(obj)
+        if new is not None:
+            found[0] += 1
+            return new
         if isinstance(obj, functools.partial):
             args = tuple(walk(a, depth + 1) for a in obj.args)
             kw = {k: walk(v, depth + 1) for k, v in obj.keywords.items()}
@@ -697,10 +714,7 @@ def with_moerail_router(spec, router_class=None):
             return type(obj)(items) if isinstance(obj, list) else tuple(items)
         return obj
 
-    out = walk(spec)
-    if not found:
-        raise ValueError("spec: no MoE layer (MoESubmodules) found in it")
-    return out
+    return walk(spec), found[0]
 
 
 def get_moe_module_spec(use_te: Optional[bool] = False, num_experts: Optional[int] = None, moe_grouped_gemm: Optional[bool] = False, **kwargs):
@@ -877,39 +891,15 @@ def with_moerail_dispatcher(spec, *, ranks_per_node: Optional[int] = None, strat
         "__doc__": "Megatron's MoELayer with moerail's router and AllToAllDispatcher (see use_moerail).",
         "__init__": _moerail_layer_init(MoELayer, ranks_per_node, strategy),
     })
-    found = []
 
-    def walk(obj, depth=0):
-        if depth > 32:
-            return obj
-        if isinstance(obj, ModuleSpec):
-            if obj.module is MoELayer:
-                found.append(obj)
-                return dataclasses.replace(obj, module=layer_cls)
-            sub = walk(obj.submodules, depth + 1)
-            return obj if sub is obj.submodules else dataclasses.replace(obj, submodules=sub)
-        if isinstance(obj, functools.partial):
-            if obj.func is MoELayer:
-                found.append(obj)
-                return functools.partial(layer_cls, *obj.args, **obj.keywords)
-            return obj
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            changes = {}
-            for f in dataclasses.fields(obj):
-                if f.init:
-                    v = getattr(obj, f.name)
-                    nv = walk(v, depth + 1)
-                    if nv is not v:
-                        changes[f.name] = nv
-            return dataclasses.replace(obj, **changes) if changes else obj
-        if isinstance(obj, (list, tuple)):
-            items = [walk(v, depth + 1) for v in obj]
-            if all(a is b for a, b in zip(items, obj)):
-                return obj
-            return type(obj)(items) if isinstance(obj, list) else tuple(items)
-        return obj
+    def replace(obj):
+        if isinstance(obj, ModuleSpec) and obj.module is MoELayer:
+            return dataclasses.replace(obj, module=layer_cls)
+        if isinstance(obj, functools.partial) and obj.func is MoELayer:
+            return functools.partial(layer_cls, *obj.args, **obj.keywords)
+        return None
 
-    out = walk(spec)
+    out, found = _rewrite_spec(spec, replace)
     if not found:
         raise ValueError("spec: no MoELayer found in it")
     return out
