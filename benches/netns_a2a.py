@@ -199,21 +199,25 @@ def _timed_exchange(rank: int, peer_bytes: Dict[int, int], reps: int = 3) -> flo
 
 def _calibrate(rank: int):
     """The link model of this emulation, measured with plain gloo exchanges: every rank sends
-    ``n`` bytes to its counterpart on the other node (the veth carries ``2 n`` each way), or to
-    its neighbour in the node (loopback); one-byte messages give the latencies."""
+    ``n`` bytes to its counterpart on the other node (the veth carries the node's ranks' bytes
+    each way), or to its neighbour in the node (loopback); one-byte messages give the latencies,
+    which are taken off the transfer times (at most half of them: a noisy latency must not make
+    a bandwidth absurd)."""
     import moerail
 
-    n = 2 << 20
     node, local = rank // RANKS_PER_NODE, rank % RANKS_PER_NODE
     remote = (1 - node) * RANKS_PER_NODE + local
     near = node * RANKS_PER_NODE + (1 - local)
     lat_inter = _timed_exchange(rank, {remote: 1}, reps=5)
     lat_intra = _timed_exchange(rank, {near: 1}, reps=5)
-    t_inter = _timed_exchange(rank, {remote: n}) - lat_inter
-    t_intra = _timed_exchange(rank, {near: n}) - lat_intra
-    node_bw = RANKS_PER_NODE * n / t_inter
-    return moerail.LinkModel(intra_node_bw=n / t_intra, inter_node_bw=node_bw, node_bw=node_bw,
-                             latency=lat_intra, inter_node_latency=lat_inter)
+
+    def bandwidth(peer: int, n: int, lat: float) -> float:
+        t = _timed_exchange(rank, {peer: n})
+        return n / max(t - lat, 0.5 * t)
+
+    node_bw = RANKS_PER_NODE * bandwidth(remote, 4 << 20, lat_inter)
+    return moerail.LinkModel(intra_node_bw=bandwidth(near, 8 << 20, lat_intra), inter_node_bw=node_bw,
+                             node_bw=node_bw, latency=lat_intra, inter_node_latency=lat_inter)
 
 
 if __name__ == "__main__":
