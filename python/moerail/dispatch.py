@@ -196,14 +196,16 @@ def _row_counts(routing_map: torch.Tensor, num_rows: int, drop_and_pad: bool, pa
     if drop_and_pad:
         if num_rows % num_experts:
             raise ValueError(f"sorted_indices: {num_rows} rows are not capacity * num_experts ({num_experts})")
-        return torch.full((num_experts,), num_rows // num_experts, dtype=torch.int64)
+        return torch.full((num_experts,), num_rows // num_experts, dtype=torch.int64, device=routing_map.device)
     counts = routing_map.sum(dim=0).to(torch.int64)
     if pad_offsets is None:
         return counts
     pad_offsets = _checks.tensor(pad_offsets, "pad_offsets", ndim=1, dtypes=_checks.INT_DTYPES)
     if pad_offsets.shape[0] != num_experts:
         raise ValueError(f"pad_offsets: expected {num_experts} entries, got {pad_offsets.shape[0]}")
-    ends = torch.cat([pad_offsets[1:].to(torch.int64), torch.tensor([num_rows - int(counts.sum())])])
+    pad_offsets = pad_offsets.to(routing_map.device)
+    tail = torch.tensor([num_rows - int(counts.sum())], device=routing_map.device)
+    ends = torch.cat([pad_offsets[1:].to(torch.int64), tail])
     pads = ends - pad_offsets.to(torch.int64)
     if bool((pads < 0).any()):
         raise ValueError("pad_offsets: must be non-decreasing and consistent with the number of rows")
@@ -222,8 +224,8 @@ def sort_chunks_by_idxs(
     input = _checks.tensor(input, "input")
     if input.dim() < 1:
         raise ValueError("input: expected at least one dimension")
-    split_sizes = _index_list(split_sizes, "split_sizes")
-    sorted_idxs = _index_list(sorted_idxs, "sorted_idxs")
+    split_sizes = _index_list(split_sizes, "split_sizes", input.device)
+    sorted_idxs = _index_list(sorted_idxs, "sorted_idxs", input.device)
     out = _ops.sort_chunks(input, split_sizes, sorted_idxs)
     permuted_probs = None
     if probs is not None:
@@ -233,11 +235,12 @@ def sort_chunks_by_idxs(
     return out, permuted_probs
 
 
-def _index_list(v, name: str) -> torch.Tensor:
+def _index_list(v, name: str, device: torch.device) -> torch.Tensor:
+    """Chunk sizes / order as int64 on the input's device (CUDA kernels read them there)."""
     if isinstance(v, torch.Tensor):
         _checks.tensor(v, name, ndim=1, dtypes=_checks.INT_DTYPES)
-        return v.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        return v.detach().to(device=device, dtype=torch.int64).contiguous()
     try:
-        return torch.tensor([_checks.integer(x, name) for x in v], dtype=torch.int64)
+        return torch.tensor([_checks.integer(x, name) for x in v], dtype=torch.int64, device=device)
     except TypeError:
         raise TypeError(f"{name}: expected a 1-D integer tensor or a list of ints") from None

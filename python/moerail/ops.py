@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _device, _native
 
 __all__: List[str] = []
 
@@ -70,10 +70,18 @@ class _Op:
 
     def __init__(self, name: str, fn):
         self.name = name
-        self.kernel = fn
+        self.cpu_kernel = fn
+        # The CUDA path: the function of the same name in _device (every op has one).
+        self.device_kernel = getattr(_device, name)
         self.custom_op = torch.library.custom_op(f"moerail::{name}", fn, mutates_args=())
+        self.custom_op.register_kernel("cuda", self.device_kernel)
         self._function = None
         self.__doc__ = fn.__doc__
+
+    def kernel(self, *args):
+        if _device.wants(args):
+            return self.device_kernel(*args)
+        return self.cpu_kernel(*args)
 
     def register_fake(self, fake):
         self.custom_op.register_fake(fake)

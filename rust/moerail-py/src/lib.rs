@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod a2a;
 pub mod aot;
 mod balance;
+mod device;
 mod permute;
 mod router;
 mod sim;
@@ -33,5 +34,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     permute::register(m)?;
     balance::register(m)?;
     sim::register(m)?;
+    device::register(m)?;
     Ok(())
 }

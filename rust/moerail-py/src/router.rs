@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use crate::tensor::{check_disjoint, run, DType, Tensor};
 use crate::with_float;
 
-fn config(
+pub(crate) fn config(
     topk: usize,
     use_pre_softmax: bool,
     num_groups: Option<usize>,
@@ -193,7 +193,7 @@ pub fn router_backward(
     })
 }
 
-fn acc_dtype(t: &Tensor) -> DType {
+pub(crate) fn acc_dtype(t: &Tensor) -> DType {
     if t.dtype == DType::F64 {
         DType::F64
     } else {

@@ -73,7 +73,17 @@ impl DType {
     }
 }
 
-/// A checked view of a contiguous CPU tensor.
+/// Where a tensor's memory lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device ordinal.
+    Cuda(i32),
+    /// Any other torch device type (e.g. "npu:0"), by name.
+    Other(String),
+}
+
+/// A checked view of a contiguous tensor (on the CPU unless read with [`Tensor::from_py_on_device`]).
 pub struct Tensor {
     pub name: &'static str,
     pub ptr: usize,
@@ -81,11 +91,22 @@ pub struct Tensor {
     pub dtype: DType,
     pub dtype_name: String,
     pub numel: usize,
+    pub device: Device,
 }
 
 impl Tensor {
-    /// Reads and checks a `torch.Tensor` argument named `name`.
+    /// Reads and checks a CPU `torch.Tensor` argument named `name`.
     pub fn from_py(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Self> {
+        Self::read(obj, name, false)
+    }
+
+    /// Reads and checks a `torch.Tensor` argument on any device (its memory is not touched
+    /// here: device pointers are only passed to kernels).
+    pub fn from_py_on_device(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Self> {
+        Self::read(obj, name, true)
+    }
+
+    fn read(obj: &Bound<'_, PyAny>, name: &'static str, any_device: bool) -> PyResult<Self> {
         let py = obj.py();
         let not_a_tensor = || {
             let ty = obj
@@ -108,12 +129,23 @@ impl Tensor {
             .getattr(intern!(py, "is_cpu"))
             .map_err(|_| not_a_tensor())?
             .extract()?;
-        if !is_cpu {
-            let device: String = obj.getattr("device")?.str()?.extract()?;
-            return Err(PyValueError::new_err(format!(
-                "{name}: expected a CPU tensor, got one on '{device}' (moerail's ops run on CPU tensors; the device kernels are not wired in yet)"
-            )));
-        }
+        let device = if is_cpu {
+            Device::Cpu
+        } else {
+            let dev = obj.getattr(intern!(py, "device"))?;
+            let kind: String = dev.getattr(intern!(py, "type"))?.extract()?;
+            let index: Option<i32> = dev.getattr(intern!(py, "index"))?.extract()?;
+            if !any_device {
+                let d: String = dev.str()?.extract()?;
+                return Err(PyValueError::new_err(format!(
+                    "{name}: expected a CPU tensor, got one on '{d}'"
+                )));
+            }
+            match kind.as_str() {
+                "cuda" => Device::Cuda(index.unwrap_or(0)),
+                _ => Device::Other(dev.str()?.extract()?),
+            }
+        };
         let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
         let strides: Vec<isize> = obj.call_method0(intern!(py, "stride"))?.extract()?;
         let numel = shape
@@ -149,6 +181,7 @@ impl Tensor {
             dtype,
             dtype_name,
             numel,
+            device,
         })
     }
 

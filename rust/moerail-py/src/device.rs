@@ -1,0 +1,985 @@
+//! Bindings of moerail-device: the CUDA kernels' launch sequences on tensors torch allocated.
+//!
+//! Each function checks shapes and dtypes (as the CPU bindings do), finds where to launch — the
+//! CUDA backend for CUDA tensors, the test emulator for CPU tensors when one is set — and
+//! enqueues the kernels on `stream` (torch's current stream, as an integer handle). Nothing
+//! waits for the device, so the calls can be captured in a CUDA graph.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use moerail_core::router::ScoreFunction;
+use moerail_device::cuda::{self, ops, Backend, DType as DevDType};
+use moerail_device::DeviceError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::router::config;
+use crate::tensor::{check_disjoint, DType, Device, Tensor};
+
+type Arg<'py> = Bound<'py, PyAny>;
+
+fn to_py_err(e: DeviceError) -> PyErr {
+    match e {
+        DeviceError::Invalid(_) => PyValueError::new_err(e.to_string()),
+        DeviceError::Unavailable(m) => {
+            PyRuntimeError::new_err(format!("moerail CUDA backend: {m}"))
+        }
+        DeviceError::Backend(m) => PyRuntimeError::new_err(m),
+    }
+}
+
+fn tensor(obj: &Arg<'_>, name: &'static str) -> PyResult<Tensor> {
+    Tensor::from_py_on_device(obj, name)
+}
+
+fn optional(obj: Option<&Arg<'_>>, name: &'static str) -> PyResult<Option<Tensor>> {
+    match obj {
+        Some(o) if !o.is_none() => Ok(Some(tensor(o, name)?)),
+        _ => Ok(None),
+    }
+}
+
+/// The device pointer of an optional tensor (0 for none).
+fn ptr(t: &Option<Tensor>) -> u64 {
+    t.as_ref().map_or(0, |t| t.ptr as u64)
+}
+
+fn dev_dtype(t: &Tensor) -> PyResult<DevDType> {
+    match t.dtype {
+        DType::F32 => Ok(DevDType::F32),
+        DType::F64 => Ok(DevDType::F64),
+        DType::BF16 => Ok(DevDType::BF16),
+        DType::F16 => Ok(DevDType::F16),
+        _ => Err(PyTypeError::new_err(format!(
+            "{}: expected a floating-point tensor (float32, float64, bfloat16 or float16), got {}",
+            t.name, t.dtype_name
+        ))),
+    }
+}
+
+/// Where the launches of one call go.
+struct Target {
+    backend: Arc<dyn Backend>,
+    device: i32,
+    stream: u64,
+}
+
+impl Target {
+    /// All tensors on one CUDA device (or all on the CPU with the emulator set).
+    fn of(tensors: &[&Tensor], stream: u64) -> PyResult<Self> {
+        let first = tensors
+            .first()
+            .ok_or_else(|| PyRuntimeError::new_err("no tensors"))?;
+        for t in tensors {
+            if t.device != first.device {
+                return Err(PyValueError::new_err(format!(
+                    "{}: expected a tensor on {:?} (the device of {}), got one on {:?}",
+                    t.name, first.device, first.name, t.device
+                )));
+            }
+        }
+        match &first.device {
+            Device::Cuda(d) => {
+                let backend: Arc<dyn Backend> = cuda::cuda().map_err(to_py_err)?;
+                Ok(Self {
+                    backend,
+                    device: *d,
+                    stream,
+                })
+            }
+            Device::Cpu => match cuda::emulator() {
+                Some(e) => Ok(Self {
+                    backend: e,
+                    device: -1,
+                    stream: 0,
+                }),
+                None => Err(PyValueError::new_err(format!(
+                    "{}: expected a CUDA tensor, got a CPU tensor (the CPU ops live in moerail.ops)",
+                    first.name
+                ))),
+            },
+            Device::Other(d) => Err(PyValueError::new_err(format!(
+                "{}: expected a CUDA tensor, got one on '{d}'",
+                first.name
+            ))),
+        }
+    }
+
+    /// Runs the launch sequence `f` without the GIL; errors and panics become Python errors.
+    fn run(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&ops::Stream) -> moerail_device::Result<()> + Send,
+    ) -> PyResult<()> {
+        let backend = self.backend.clone();
+        let (device, stream) = (self.device, self.stream);
+        let r = py.detach(move || {
+            moerail_device::error::no_panic("moerail CUDA op", || {
+                let s = ops::Stream {
+                    backend: &*backend,
+                    device,
+                    stream,
+                };
+                f(&s)
+            })
+        });
+        r.map_err(to_py_err)
+    }
+}
+
+fn expect_workspace(ws: &Tensor, bytes: usize) -> PyResult<()> {
+    ws.expect_dtype(&[DType::U8], "uint8")?;
+    if ws.numel < bytes {
+        return Err(PyValueError::new_err(format!(
+            "{}: expected at least {bytes} bytes, got {}",
+            ws.name, ws.numel
+        )));
+    }
+    Ok(())
+}
+
+fn score(name: &str) -> PyResult<ScoreFunction> {
+    config(1, false, None, None, None, name).map(|c| c.score_function)
+}
+
+#[pyfunction]
+#[pyo3(signature = (logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
+    score_function, expert_bias, probs_k, indices, tokens_per_expert, dense_probs, routing_map,
+    stream))]
+#[allow(clippy::too_many_arguments)]
+fn device_router_forward(
+    py: Python<'_>,
+    logits: &Arg<'_>,
+    topk: usize,
+    use_pre_softmax: bool,
+    num_groups: Option<usize>,
+    group_topk: Option<usize>,
+    scaling_factor: Option<f64>,
+    score_function: &str,
+    expert_bias: Option<&Arg<'_>>,
+    probs_k: &Arg<'_>,
+    indices: &Arg<'_>,
+    tokens_per_expert: &Arg<'_>,
+    dense_probs: Option<&Arg<'_>>,
+    routing_map: Option<&Arg<'_>>,
+    stream: u64,
+) -> PyResult<()> {
+    let lg = tensor(logits, "logits")?;
+    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let dt = dev_dtype(&lg)?;
+    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let cfg = config(
+        topk,
+        use_pre_softmax,
+        num_groups,
+        group_topk,
+        scaling_factor,
+        score_function,
+    )?;
+    let bias = optional(expert_bias, "expert_bias")?;
+    if let Some(b) = &bias {
+        b.expect_dtype(&[DType::F32], "float32")?;
+        b.expect_shape(&[e])?;
+    }
+    let pk = tensor(probs_k, "probs")?;
+    pk.expect_same_dtype(&lg)?;
+    pk.expect_shape(&[t, topk])?;
+    let ix = tensor(indices, "indices")?;
+    ix.expect_dtype(&[DType::I64], "int64")?;
+    ix.expect_shape(&[t, topk])?;
+    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
+    tpe.expect_dtype(&[DType::I64], "int64")?;
+    tpe.expect_shape(&[e])?;
+    let dense = optional(dense_probs, "probs")?;
+    let rmap = optional(routing_map, "routing_map")?;
+    if dense.is_some() != rmap.is_some() {
+        return Err(PyValueError::new_err(
+            "dense_probs and routing_map go together",
+        ));
+    }
+    if let (Some(p), Some(m)) = (&dense, &rmap) {
+        p.expect_same_dtype(&lg)?;
+        p.expect_shape(&[t, e])?;
+        m.expect_dtype(&[DType::Bool], "bool")?;
+        m.expect_shape(&[t, e])?;
+    }
+    let mut outs = vec![&pk, &ix, &tpe];
+    outs.extend(dense.iter().chain(rmap.iter()));
+    let mut ins = vec![&lg];
+    ins.extend(bias.iter());
+    check_disjoint(&outs, &ins)?;
+    let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
+    let target = Target::of(&all, stream)?;
+    let a = ops::RouterFwd {
+        logits: lg.ptr as u64,
+        bias: ptr(&bias),
+        probs_k: pk.ptr as u64,
+        indices: ix.ptr as u64,
+        tpe: tpe.ptr as u64,
+        dense: ptr(&dense),
+        rmap: ptr(&rmap),
+        status: 0,
+    };
+    // SAFETY: shapes, dtypes and devices checked above; torch keeps the tensors alive until the
+    // stream reaches the launches.
+    target.run(py, |s| unsafe {
+        ops::router_forward(s, dt, t, e, &cfg, &a)
+    })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn device_router_backward(
+    py: Python<'_>,
+    grad_probs: &Arg<'_>,
+    logits: &Arg<'_>,
+    indices: &Arg<'_>,
+    topk: usize,
+    use_pre_softmax: bool,
+    scaling_factor: Option<f64>,
+    score_function: &str,
+    grad_logits: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let lg = tensor(logits, "logits")?;
+    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let dt = dev_dtype(&lg)?;
+    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let cfg = config(
+        topk,
+        use_pre_softmax,
+        None,
+        None,
+        scaling_factor,
+        score_function,
+    )?;
+    let g = tensor(grad_probs, "grad_probs")?;
+    g.expect_same_dtype(&lg)?;
+    let dense = if g.shape == [t, e] {
+        true
+    } else {
+        g.expect_shape(&[t, topk])?;
+        false
+    };
+    let ix = tensor(indices, "indices")?;
+    ix.expect_dtype(&[DType::I64], "int64")?;
+    ix.expect_shape(&[t, topk])?;
+    let out = tensor(grad_logits, "grad_logits")?;
+    out.expect_same_dtype(&lg)?;
+    out.expect_shape(&[t, e])?;
+    check_disjoint(&[&out], &[&lg, &g, &ix])?;
+    let target = Target::of(&[&lg, &g, &ix, &out], stream)?;
+    let (gp, lp, ip, op) = (g.ptr as u64, lg.ptr as u64, ix.ptr as u64, out.ptr as u64);
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::router_backward(s, dt, t, e, &cfg, gp, dense, lp, ip, op, 0)
+    })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn device_aux_scores_forward(
+    py: Python<'_>,
+    logits: &Arg<'_>,
+    topk: usize,
+    score_function: &str,
+    scores: &Arg<'_>,
+    routing_map: &Arg<'_>,
+    tokens_per_expert: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let lg = tensor(logits, "logits")?;
+    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let dt = dev_dtype(&lg)?;
+    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let f = score(score_function)?;
+    let sc = tensor(scores, "scores")?;
+    sc.expect_dtype(&[crate::router::acc_dtype(&lg)], "the accumulation dtype")?;
+    sc.expect_shape(&[t, e])?;
+    let m = tensor(routing_map, "routing_map")?;
+    m.expect_dtype(&[DType::Bool], "bool")?;
+    m.expect_shape(&[t, e])?;
+    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
+    tpe.expect_dtype(&[DType::I64], "int64")?;
+    tpe.expect_shape(&[e])?;
+    check_disjoint(&[&sc, &m, &tpe], &[&lg])?;
+    let target = Target::of(&[&lg, &sc, &m, &tpe], stream)?;
+    let (lp, sp, mp, tp) = (lg.ptr as u64, sc.ptr as u64, m.ptr as u64, tpe.ptr as u64);
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::aux_scores_forward(s, dt, t, e, topk, f, lp, sp, mp, tp, 0)
+    })
+}
+
+#[pyfunction]
+fn device_aux_scores_backward(
+    py: Python<'_>,
+    grad_scores: &Arg<'_>,
+    logits: &Arg<'_>,
+    score_function: &str,
+    grad_logits: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let lg = tensor(logits, "logits")?;
+    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let dt = dev_dtype(&lg)?;
+    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let f = score(score_function)?;
+    let g = tensor(grad_scores, "grad_scores")?;
+    g.expect_dtype(&[crate::router::acc_dtype(&lg)], "the accumulation dtype")?;
+    g.expect_shape(&[t, e])?;
+    let out = tensor(grad_logits, "grad_logits")?;
+    out.expect_same_dtype(&lg)?;
+    out.expect_shape(&[t, e])?;
+    check_disjoint(&[&out], &[&lg, &g])?;
+    let target = Target::of(&[&lg, &g, &out], stream)?;
+    let (gp, lp, op) = (g.ptr as u64, lg.ptr as u64, out.ptr as u64);
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::aux_scores_backward(s, dt, t, e, f, gp, lp, op)
+    })
+}
+
+/// A routing map `bool [t, e]` or top-k indices `int64 [t, k]`: (assignment, t, probs shape).
+fn assignment(a: &Tensor, num_experts: usize) -> PyResult<(ops::Assign, usize, Vec<usize>)> {
+    a.expect_ndim(
+        2,
+        "(routing_map [num_tokens, num_experts] or indices [num_tokens, topk])",
+    )?;
+    let t = a.shape[0];
+    match a.dtype {
+        DType::Bool => {
+            a.expect_shape(&[t, num_experts])?;
+            Ok((
+                ops::Assign::Map { map: a.ptr as u64 },
+                t,
+                vec![t, num_experts],
+            ))
+        }
+        DType::I64 => Ok((
+            ops::Assign::Indices {
+                idx: a.ptr as u64,
+                k: a.shape[1],
+            },
+            t,
+            a.shape.clone(),
+        )),
+        _ => Err(PyTypeError::new_err(format!(
+            "{}: expected a bool routing_map or int64 indices, got {}",
+            a.name, a.dtype_name
+        ))),
+    }
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn device_layout_count(
+    py: Python<'_>,
+    routing: &Arg<'_>,
+    num_experts: usize,
+    align_size: usize,
+    workspace: &Arg<'_>,
+    row_counts: &Arg<'_>,
+    meta: &Arg<'_>,
+    status: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let r = tensor(routing, "routing_map")?;
+    let (assign, t, _) = assignment(&r, num_experts)?;
+    let e = num_experts;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
+    let rc = tensor(row_counts, "row_counts")?;
+    rc.expect_dtype(&[DType::I64], "int64")?;
+    rc.expect_shape(&[e])?;
+    let m = tensor(meta, "meta")?;
+    m.expect_dtype(&[DType::I64], "int64")?;
+    if m.numel < 1 {
+        return Err(PyValueError::new_err("meta: expected at least 1 element"));
+    }
+    let st = tensor(status, "status")?;
+    st.expect_dtype(&[DType::I32], "int32")?;
+    st.expect_shape(&[1])?;
+    check_disjoint(&[&ws, &rc, &m, &st], &[&r])?;
+    let target = Target::of(&[&r, &ws, &rc, &m, &st], stream)?;
+    let (wp, rp, mp, sp) = (ws.ptr as u64, rc.ptr as u64, m.ptr as u64, st.ptr as u64);
+    // SAFETY: as in device_router_forward; the workspace has the bytes the layout needs.
+    target.run(py, |s| unsafe {
+        ops::layout_count(s, assign, t, e, align_size, wp, rp, mp, sp)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (routing, num_experts, workspace, probs, sorted_indices, permuted_probs, stream))]
+#[allow(clippy::too_many_arguments)]
+fn device_layout_fill(
+    py: Python<'_>,
+    routing: &Arg<'_>,
+    num_experts: usize,
+    workspace: &Arg<'_>,
+    probs: Option<&Arg<'_>>,
+    sorted_indices: &Arg<'_>,
+    permuted_probs: Option<&Arg<'_>>,
+    stream: u64,
+) -> PyResult<()> {
+    let r = tensor(routing, "routing_map")?;
+    let (assign, t, probs_shape) = assignment(&r, num_experts)?;
+    let e = num_experts;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_ndim(1, "[num_rows]")?;
+    let n_rows = si.shape[0];
+    let p = optional(probs, "probs")?;
+    let pp = optional(permuted_probs, "permuted_probs")?;
+    if p.is_some() != pp.is_some() {
+        return Err(PyValueError::new_err(
+            "probs and permuted_probs go together",
+        ));
+    }
+    let mut pbytes = 0;
+    if let (Some(p), Some(pp)) = (&p, &pp) {
+        p.expect_shape(&probs_shape)?;
+        pp.expect_same_dtype(p)?;
+        pp.expect_shape(&[n_rows])?;
+        pbytes = p.dtype.size();
+    }
+    let mut outs = vec![&si];
+    outs.extend(pp.iter());
+    let mut ins = vec![&r, &ws];
+    ins.extend(p.iter());
+    check_disjoint(&outs, &ins)?;
+    let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
+    let target = Target::of(&all, stream)?;
+    let (wp, pr, sp, ppp) = (ws.ptr as u64, ptr(&p), si.ptr as u64, ptr(&pp));
+    // SAFETY: as in device_layout_count; n_rows is the row count the count phase produced.
+    target.run(py, |s| unsafe {
+        ops::layout_fill(s, assign, t, e, wp, pr, pbytes, n_rows, sp, ppp)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (routing_map, capacity, probs, sorted_indices, permuted_probs, stream))]
+fn device_layout_drop_and_pad(
+    py: Python<'_>,
+    routing_map: &Arg<'_>,
+    capacity: usize,
+    probs: Option<&Arg<'_>>,
+    sorted_indices: &Arg<'_>,
+    permuted_probs: Option<&Arg<'_>>,
+    stream: u64,
+) -> PyResult<()> {
+    let m = tensor(routing_map, "routing_map")?;
+    m.expect_ndim(2, "[num_tokens, num_experts]")?;
+    m.expect_dtype(&[DType::Bool], "bool")?;
+    let (t, e) = (m.shape[0], m.shape[1]);
+    let rows = capacity
+        .checked_mul(e)
+        .ok_or_else(|| PyValueError::new_err("num_out_tokens: capacity * num_experts overflows"))?;
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_shape(&[rows])?;
+    let p = optional(probs, "probs")?;
+    let pp = optional(permuted_probs, "permuted_probs")?;
+    if p.is_some() != pp.is_some() {
+        return Err(PyValueError::new_err(
+            "probs and permuted_probs go together",
+        ));
+    }
+    let mut pbytes = 0;
+    if let (Some(p), Some(pp)) = (&p, &pp) {
+        p.expect_shape(&[t, e])?;
+        pp.expect_same_dtype(p)?;
+        pp.expect_shape(&[rows])?;
+        pbytes = p.dtype.size();
+    }
+    let mut outs = vec![&si];
+    outs.extend(pp.iter());
+    let mut ins = vec![&m];
+    ins.extend(p.iter());
+    check_disjoint(&outs, &ins)?;
+    let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
+    let target = Target::of(&all, stream)?;
+    let (mp, pr, sp, ppp) = (m.ptr as u64, ptr(&p), si.ptr as u64, ptr(&pp));
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::layout_drop_and_pad(s, mp, t, e, capacity, pr, pbytes, sp, ppp)
+    })
+}
+
+/// Row bytes of a 2-D tensor.
+fn row_bytes(t: &Tensor) -> PyResult<usize> {
+    t.expect_ndim(2, "[rows, hidden]")?;
+    Ok(t.shape[1] * t.dtype.size())
+}
+
+#[pyfunction]
+fn device_gather_rows(
+    py: Python<'_>,
+    src: &Arg<'_>,
+    sorted_indices: &Arg<'_>,
+    out: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let x = tensor(src, "tokens")?;
+    let rb = row_bytes(&x)?;
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_ndim(1, "[num_rows]")?;
+    let o = tensor(out, "out")?;
+    o.expect_same_dtype(&x)?;
+    o.expect_shape(&[si.shape[0], x.shape[1]])?;
+    check_disjoint(&[&o], &[&x, &si])?;
+    let target = Target::of(&[&x, &si, &o], stream)?;
+    let (xp, n_src, sp, n, op) = (
+        x.ptr as u64,
+        x.shape[0],
+        si.ptr as u64,
+        si.shape[0],
+        o.ptr as u64,
+    );
+    // SAFETY: as in device_router_forward; the kernel bounds-checks indices against n_src.
+    target.run(py, |s| unsafe {
+        ops::gather_rows(s, xp, n_src, rb, sp, n, op)
+    })
+}
+
+/// Row weights: `[n_rows]` in the accumulation dtype of `x`.
+fn weights(w: Option<&Arg<'_>>, x: &Tensor, n_rows: usize) -> PyResult<Option<Tensor>> {
+    let w = optional(w, "row_weights")?;
+    if let Some(w) = &w {
+        w.expect_dtype(&[crate::router::acc_dtype(x)], "the accumulation dtype")?;
+        w.expect_shape(&[n_rows])?;
+    }
+    Ok(w)
+}
+
+#[pyfunction]
+#[pyo3(signature = (permuted_tokens, sorted_indices, row_weights, out, workspace, stream))]
+fn device_unpermute(
+    py: Python<'_>,
+    permuted_tokens: &Arg<'_>,
+    sorted_indices: &Arg<'_>,
+    row_weights: Option<&Arg<'_>>,
+    out: &Arg<'_>,
+    workspace: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let x = tensor(permuted_tokens, "permuted_tokens")?;
+    x.expect_ndim(2, "[num_rows, hidden]")?;
+    let dt = dev_dtype(&x)?;
+    let (n_rows, h) = (x.shape[0], x.shape[1]);
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_shape(&[n_rows])?;
+    let w = weights(row_weights, &x, n_rows)?;
+    let o = tensor(out, "out")?;
+    o.expect_same_dtype(&x)?;
+    o.expect_ndim(2, "[num_tokens, hidden]")?;
+    let t = o.shape[0];
+    o.expect_shape(&[t, h])?;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::unpermute_workspace_bytes(t, n_rows))?;
+    let mut ins = vec![&x, &si];
+    ins.extend(w.iter());
+    check_disjoint(&[&o, &ws], &ins)?;
+    let mut all = ins.clone();
+    all.extend([&o, &ws]);
+    let target = Target::of(&all, stream)?;
+    let (xp, sp, wp, op, wsp) = (
+        x.ptr as u64,
+        si.ptr as u64,
+        ptr(&w),
+        o.ptr as u64,
+        ws.ptr as u64,
+    );
+    // SAFETY: as in device_router_forward; the kernels skip indices outside [0, t).
+    target.run(py, |s| unsafe {
+        ops::unpermute(s, dt, xp, h, sp, n_rows, wp, t, op, wsp)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (grad_out, permuted_tokens, sorted_indices, row_weights, grad_x, grad_w, stream))]
+#[allow(clippy::too_many_arguments)]
+fn device_unpermute_backward(
+    py: Python<'_>,
+    grad_out: &Arg<'_>,
+    permuted_tokens: Option<&Arg<'_>>,
+    sorted_indices: &Arg<'_>,
+    row_weights: Option<&Arg<'_>>,
+    grad_x: &Arg<'_>,
+    grad_w: Option<&Arg<'_>>,
+    stream: u64,
+) -> PyResult<()> {
+    let g = tensor(grad_out, "grad_out")?;
+    g.expect_ndim(2, "[num_tokens, hidden]")?;
+    let dt = dev_dtype(&g)?;
+    let (t, h) = (g.shape[0], g.shape[1]);
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_ndim(1, "[num_rows]")?;
+    let n_rows = si.shape[0];
+    let x = optional(permuted_tokens, "permuted_tokens")?;
+    if let Some(x) = &x {
+        x.expect_same_dtype(&g)?;
+        x.expect_shape(&[n_rows, h])?;
+    }
+    let w = weights(row_weights, &g, n_rows)?;
+    let gx = tensor(grad_x, "grad_x")?;
+    gx.expect_same_dtype(&g)?;
+    gx.expect_shape(&[n_rows, h])?;
+    let gw = optional(grad_w, "grad_w")?;
+    if x.is_some() != gw.is_some() {
+        return Err(PyValueError::new_err(
+            "permuted_tokens and grad_w go together",
+        ));
+    }
+    if let Some(gw) = &gw {
+        gw.expect_dtype(&[crate::router::acc_dtype(&g)], "the accumulation dtype")?;
+        gw.expect_shape(&[n_rows])?;
+    }
+    let mut ins = vec![&g, &si];
+    ins.extend(x.iter().chain(w.iter()));
+    let mut outs = vec![&gx];
+    outs.extend(gw.iter());
+    check_disjoint(&outs, &ins)?;
+    let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
+    let target = Target::of(&all, stream)?;
+    let (gp, xp, sp, wp, gxp, gwp) = (
+        g.ptr as u64,
+        ptr(&x),
+        si.ptr as u64,
+        ptr(&w),
+        gx.ptr as u64,
+        ptr(&gw),
+    );
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::unpermute_backward(s, dt, gp, t, xp, h, sp, n_rows, wp, gxp, gwp)
+    })
+}
+
+#[pyfunction]
+fn device_row_weights(
+    py: Python<'_>,
+    probs: &Arg<'_>,
+    sorted_indices: &Arg<'_>,
+    row_counts: &Arg<'_>,
+    out: &Arg<'_>,
+    workspace: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let p = tensor(probs, "probs")?;
+    p.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let pdt = dev_dtype(&p)?;
+    let (t, e) = (p.shape[0], p.shape[1]);
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_ndim(1, "[num_rows]")?;
+    let n_rows = si.shape[0];
+    let rc = tensor(row_counts, "row_counts")?;
+    rc.expect_dtype(&[DType::I64], "int64")?;
+    rc.expect_shape(&[e])?;
+    let w = tensor(out, "out")?;
+    let wdt = dev_dtype(&w)?;
+    w.expect_shape(&[n_rows])?;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::offsets_workspace_bytes(e))?;
+    check_disjoint(&[&w, &ws], &[&p, &si, &rc])?;
+    let target = Target::of(&[&p, &si, &rc, &w, &ws], stream)?;
+    let (pp, sp, rp, wp, wsp) = (
+        p.ptr as u64,
+        si.ptr as u64,
+        rc.ptr as u64,
+        w.ptr as u64,
+        ws.ptr as u64,
+    );
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::row_weights(s, pdt, pp, t, e, sp, n_rows, rp, wdt, wp, wsp)
+    })
+}
+
+#[pyfunction]
+fn device_scatter_rows(
+    py: Python<'_>,
+    values: &Arg<'_>,
+    sorted_indices: &Arg<'_>,
+    row_counts: &Arg<'_>,
+    out: &Arg<'_>,
+    workspace: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let v = tensor(values, "values")?;
+    v.expect_ndim(1, "[num_rows]")?;
+    let n_rows = v.shape[0];
+    let si = tensor(sorted_indices, "sorted_indices")?;
+    si.expect_dtype(&[DType::I64], "int64")?;
+    si.expect_shape(&[n_rows])?;
+    let o = tensor(out, "out")?;
+    o.expect_same_dtype(&v)?;
+    o.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let (t, e) = (o.shape[0], o.shape[1]);
+    let rc = tensor(row_counts, "row_counts")?;
+    rc.expect_dtype(&[DType::I64], "int64")?;
+    rc.expect_shape(&[e])?;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::offsets_workspace_bytes(e))?;
+    check_disjoint(&[&o, &ws], &[&v, &si, &rc])?;
+    let target = Target::of(&[&v, &si, &rc, &o, &ws], stream)?;
+    let vb = v.dtype.size();
+    let (vp, sp, rp, op, wsp) = (
+        v.ptr as u64,
+        si.ptr as u64,
+        rc.ptr as u64,
+        o.ptr as u64,
+        ws.ptr as u64,
+    );
+    // SAFETY: as in device_router_forward.
+    target.run(py, |s| unsafe {
+        ops::scatter_rows(s, vp, vb, sp, n_rows, rp, t, e, op, wsp)
+    })
+}
+
+#[pyfunction]
+fn device_sort_chunks(
+    py: Python<'_>,
+    input: &Arg<'_>,
+    split_sizes: &Arg<'_>,
+    sorted_idxs: &Arg<'_>,
+    out: &Arg<'_>,
+    workspace: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let x = tensor(input, "input")?;
+    if x.shape.is_empty() {
+        return Err(PyValueError::new_err(
+            "input: expected at least one dimension",
+        ));
+    }
+    let n_rows = x.shape[0];
+    let rb = x.shape[1..].iter().product::<usize>() * x.dtype.size();
+    let ss = tensor(split_sizes, "split_sizes")?;
+    ss.expect_dtype(&[DType::I64], "int64")?;
+    ss.expect_ndim(1, "[num_chunks]")?;
+    let n_chunks = ss.shape[0];
+    let ix = tensor(sorted_idxs, "sorted_idxs")?;
+    ix.expect_dtype(&[DType::I64], "int64")?;
+    ix.expect_shape(&[n_chunks])?;
+    let o = tensor(out, "out")?;
+    o.expect_same_dtype(&x)?;
+    o.expect_shape(&x.shape)?;
+    let ws = tensor(workspace, "workspace")?;
+    expect_workspace(&ws, ops::sort_chunks_workspace_bytes(n_chunks))?;
+    check_disjoint(&[&o, &ws], &[&x, &ss, &ix])?;
+    let target = Target::of(&[&x, &ss, &ix, &o, &ws], stream)?;
+    let (xp, sp, ip, op, wsp) = (
+        x.ptr as u64,
+        ss.ptr as u64,
+        ix.ptr as u64,
+        o.ptr as u64,
+        ws.ptr as u64,
+    );
+    // SAFETY: as in device_router_forward; the caller checked on the host that split_sizes sum
+    // to the rows and sorted_idxs is a permutation.
+    target.run(py, |s| unsafe {
+        ops::sort_chunks(s, xp, n_rows, rb, sp, ip, n_chunks, op, wsp)
+    })
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn device_dispatch_layout(
+    py: Python<'_>,
+    topk_idx: &Arg<'_>,
+    num_experts: usize,
+    expert_rank: &Arg<'_>,
+    ranks_per_node: usize,
+    tokens_per_rank: &Arg<'_>,
+    tokens_per_node: &Arg<'_>,
+    tokens_per_expert: &Arg<'_>,
+    token_in_rank: &Arg<'_>,
+    status: &Arg<'_>,
+    stream: u64,
+) -> PyResult<()> {
+    let ix = tensor(topk_idx, "topk_idx")?;
+    ix.expect_dtype(&[DType::I64], "int64")?;
+    ix.expect_ndim(2, "[num_tokens, topk]")?;
+    let (t, k) = (ix.shape[0], ix.shape[1]);
+    let er = tensor(expert_rank, "expert_rank")?;
+    er.expect_dtype(&[DType::I64], "int64")?;
+    er.expect_shape(&[num_experts])?;
+    let tir = tensor(token_in_rank, "token_in_rank")?;
+    tir.expect_dtype(&[DType::Bool], "bool")?;
+    tir.expect_ndim(2, "[num_tokens, num_ranks]")?;
+    let ranks = tir.shape[1];
+    tir.expect_shape(&[t, ranks])?;
+    if ranks_per_node == 0 || ranks % ranks_per_node != 0 {
+        return Err(PyValueError::new_err(format!(
+            "ranks_per_node: must divide the number of ranks ({ranks}), got {ranks_per_node}"
+        )));
+    }
+    let tpr = tensor(tokens_per_rank, "tokens_per_rank")?;
+    tpr.expect_dtype(&[DType::I64], "int64")?;
+    tpr.expect_shape(&[ranks])?;
+    let tpn = tensor(tokens_per_node, "tokens_per_node")?;
+    tpn.expect_dtype(&[DType::I64], "int64")?;
+    tpn.expect_shape(&[ranks / ranks_per_node])?;
+    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
+    tpe.expect_dtype(&[DType::I64], "int64")?;
+    tpe.expect_shape(&[num_experts])?;
+    let st = tensor(status, "status")?;
+    st.expect_dtype(&[DType::I32], "int32")?;
+    st.expect_shape(&[1])?;
+    check_disjoint(&[&tpr, &tpn, &tpe, &tir, &st], &[&ix, &er])?;
+    let target = Target::of(&[&ix, &er, &tpr, &tpn, &tpe, &tir, &st], stream)?;
+    let out = ops::DispatchLayout {
+        tokens_per_rank: tpr.ptr as u64,
+        tokens_per_node: tpn.ptr as u64,
+        tokens_per_expert: tpe.ptr as u64,
+        token_in_rank: tir.ptr as u64,
+        status: st.ptr as u64,
+    };
+    let (ip, ep) = (ix.ptr as u64, er.ptr as u64);
+    // SAFETY: as in device_router_forward; the kernel flags ids outside [0, E) and ranks
+    // outside [0, ranks) in `status` instead of using them.
+    target.run(py, |s| unsafe {
+        ops::dispatch_layout(s, ip, t, k, num_experts, ep, ranks, ranks_per_node, &out)
+    })
+}
+
+/// Bytes of the workspace an op needs: `layout` (t, e), `unpermute` (t, rows), `offsets` (e),
+/// `sort_chunks` (chunks).
+#[pyfunction]
+#[pyo3(signature = (kind, a, b=0))]
+fn device_workspace_bytes(kind: &str, a: usize, b: usize) -> PyResult<usize> {
+    match kind {
+        "layout" => Ok(ops::layout_workspace_bytes(a, b)),
+        "unpermute" => Ok(ops::unpermute_workspace_bytes(a, b)),
+        "offsets" => Ok(ops::offsets_workspace_bytes(a)),
+        "sort_chunks" => Ok(ops::sort_chunks_workspace_bytes(a)),
+        _ => Err(PyValueError::new_err(format!(
+            "kind: expected 'layout', 'unpermute', 'offsets' or 'sort_chunks', got {kind:?}"
+        ))),
+    }
+}
+
+/// Sets the directories searched for NVRTC and torch's CUDA major version (before first use).
+#[pyfunction]
+#[pyo3(signature = (dirs, prefer_major=None))]
+fn device_configure(dirs: Vec<PathBuf>, prefer_major: Option<u32>) {
+    cuda::locate::configure(cuda::locate::SearchConfig { dirs, prefer_major });
+}
+
+/// Routes launches on CPU tensors to the CPU emulator library at `path` (tests); None: off.
+#[pyfunction]
+#[pyo3(signature = (path))]
+fn device_set_emulator(path: Option<PathBuf>) -> PyResult<()> {
+    cuda::set_emulator(path.as_deref().map(Path::new)).map_err(to_py_err)
+}
+
+/// What `moerail doctor` shows about CUDA: a dict (found or the reason why not, per part).
+#[pyfunction]
+#[pyo3(signature = (probe_driver=true))]
+fn device_status(py: Python<'_>, probe_driver: bool) -> PyResult<Bound<'_, PyDict>> {
+    let st = py.detach(|| {
+        moerail_device::error::no_panic("CUDA status", || {
+            Ok((
+                cuda::locate::nvrtc(),
+                probe_driver.then(cuda::locate::driver),
+                cuda::cache::dir(),
+                cuda::cache::usage(),
+                cuda::cache::last_error(),
+                cuda::emulator().map(|e| e.name()),
+            ))
+        })
+    });
+    let (nvrtc, driver, cache_dir, (files, bytes), cache_err, emu) = st.map_err(to_py_err)?;
+    let d = PyDict::new(py);
+    match nvrtc {
+        Ok(n) => {
+            let nv = PyDict::new(py);
+            nv.set_item("path", n.path.display().to_string())?;
+            nv.set_item("how", n.how)?;
+            nv.set_item("version", (n.version.0, n.version.1))?;
+            nv.set_item("archs", n.archs)?;
+            d.set_item("nvrtc", nv)?;
+        }
+        Err(e) => d.set_item("nvrtc_error", e)?,
+    }
+    match driver {
+        Some(Ok(drv)) => {
+            let dv = PyDict::new(py);
+            dv.set_item("path", drv.path.map(|p| p.display().to_string()))?;
+            dv.set_item("version", drv.version)?;
+            let devs = PyList::empty(py);
+            for p in drv.devices {
+                let x = PyDict::new(py);
+                x.set_item("ordinal", p.ordinal)?;
+                x.set_item("name", p.name)?;
+                x.set_item("cc", (p.cc.0, p.cc.1))?;
+                x.set_item("sm_count", p.sm_count)?;
+                x.set_item("total_mem", p.total_mem)?;
+                devs.append(x)?;
+            }
+            dv.set_item("devices", devs)?;
+            d.set_item("driver", dv)?;
+        }
+        Some(Err(e)) => d.set_item("driver_error", e)?,
+        None => {}
+    }
+    d.set_item("cache_dir", cache_dir.display().to_string())?;
+    d.set_item("cache_files", files)?;
+    d.set_item("cache_bytes", bytes)?;
+    d.set_item("cache_error", cache_err)?;
+    d.set_item("emulator", emu)?;
+    Ok(d)
+}
+
+/// Compiles every kernel module with NVRTC for each architecture (no GPU needed): a list of
+/// dicts (module, arch, bytes, seconds, kernels, missing).
+#[pyfunction]
+fn device_compile_check(py: Python<'_>, archs: Vec<i32>) -> PyResult<Bound<'_, PyList>> {
+    let reports = py
+        .detach(|| moerail_device::error::no_panic("NVRTC", || cuda::compile_check(&archs)))
+        .map_err(to_py_err)?;
+    let out = PyList::empty(py);
+    for r in reports {
+        let x = PyDict::new(py);
+        x.set_item("module", r.module)?;
+        x.set_item("arch", r.arch)?;
+        x.set_item("bytes", r.bytes)?;
+        x.set_item("seconds", r.seconds)?;
+        x.set_item("kernels", r.kernels)?;
+        x.set_item("missing", r.missing)?;
+        out.append(x)?;
+    }
+    Ok(out)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(device_router_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(device_router_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(device_aux_scores_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(device_aux_scores_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(device_layout_count, m)?)?;
+    m.add_function(wrap_pyfunction!(device_layout_fill, m)?)?;
+    m.add_function(wrap_pyfunction!(device_layout_drop_and_pad, m)?)?;
+    m.add_function(wrap_pyfunction!(device_gather_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(device_unpermute, m)?)?;
+    m.add_function(wrap_pyfunction!(device_unpermute_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(device_row_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(device_scatter_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(device_sort_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(device_dispatch_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(device_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(device_configure, m)?)?;
+    m.add_function(wrap_pyfunction!(device_set_emulator, m)?)?;
+    m.add_function(wrap_pyfunction!(device_status, m)?)?;
+    m.add_function(wrap_pyfunction!(device_compile_check, m)?)?;
+    Ok(())
+}
