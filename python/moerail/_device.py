@@ -108,6 +108,25 @@ def _syncs_allowed(t: Tensor) -> bool:
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _value_checks(t: Tensor) -> bool:
+    """Whether to read the kernels' value checks (non-finite logits, bad expert ids) back: one
+    small device-to-host read per call, as the CPU path raises ValueError for the same inputs.
+    Off under CUDA-graph capture and with ``MOERAIL_DEVICE_CHECKS=0`` (no host sync at all)."""
+    return _CHECKS and _syncs_allowed(t)
+
+
+_CHECKS = os.environ.get("MOERAIL_DEVICE_CHECKS", "1") != "0"
+
+
+def _status(t: Tensor) -> Optional[Tensor]:
+    return torch.zeros((1,), dtype=torch.int32, device=t.device) if _value_checks(t) else None
+
+
+def _raise_nonfinite(status: Optional[Tensor], what: str) -> None:
+    if status is not None and int(status.item()) & _ST_NONFINITE:
+        raise ValueError(f"{what}: must be finite (found NaN or inf)")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -128,10 +147,12 @@ def _route(logits, topk, pre, groups, group_topk, scale, score_function, bias, d
     if dense:
         probs = torch.empty((t, e), dtype=logits.dtype, device=logits.device)
         rmap = torch.empty((t, e), dtype=torch.bool, device=logits.device)
+    status = _status(logits)
     _native.device_router_forward(
         logits, topk, pre, groups, group_topk, scale, score_function,
-        None if bias is None else bias.contiguous(), probs_k, indices, tpe, probs, rmap, s,
+        None if bias is None else bias.contiguous(), probs_k, indices, tpe, probs, rmap, status, s,
     )
+    _raise_nonfinite(status, "logits")
     return probs_k, indices, tpe, probs, rmap
 
 
@@ -165,7 +186,9 @@ def aux_loss_scores(logits, topk, score_function):
     scores = torch.empty((t, e), dtype=acc_dtype(logits.dtype), device=logits.device)
     rmap = torch.empty((t, e), dtype=torch.bool, device=logits.device)
     tpe = torch.zeros((e,), dtype=torch.int64, device=logits.device)
-    _native.device_aux_scores_forward(logits.contiguous(), topk, score_function, scores, rmap, tpe, s)
+    status = _status(logits)
+    _native.device_aux_scores_forward(logits.contiguous(), topk, score_function, scores, rmap, tpe, status, s)
+    _raise_nonfinite(status, "logits")
     return scores, rmap, tpe
 
 
@@ -406,10 +429,10 @@ def dispatch_layout(topk_idx: Tensor, expert_rank: Tensor, num_ranks: int, ranks
     return tpr, tpn, tpe, tir
 
 
-def status(probe_driver: bool = True) -> dict:
+def status(probe_driver: bool = True, probe_nvrtc: bool = True) -> dict:
     """The CUDA side as ``moerail doctor`` reports it (see ``moerail.backends``)."""
     configure()
-    return dict(_native.device_status(probe_driver))
+    return dict(_native.device_status(probe_driver, probe_nvrtc))
 
 
 if os.environ.get("MOERAIL_CUDA_EMULATOR"):  # pragma: no cover - a debugging switch

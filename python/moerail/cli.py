@@ -364,6 +364,51 @@ def _add_balance(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_balance)
 
 
+# ----------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from . import _native, backends
+
+    r = backends.report(probe=not args.no_probe)
+    if args.compile:
+        archs = [int(a) for a in args.compile.split(",")]
+        try:
+            r["compile"] = list(_native.device_compile_check(archs))
+        except RuntimeError as e:
+            r["compile_error"] = str(e)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    print(backends.format_report(r))
+    if "compile" in r:
+        print()
+        print("NVRTC compile of every kernel module:")
+        for c in r["compile"]:
+            missing = f", MISSING {c['missing']}" if c["missing"] else ""
+            print(f"  {c['module']:<16}{c['arch']:<10}{c['kernels']:>3} kernels {c['bytes'] / 1024:8.1f} KB "
+                  f"{c['seconds']:6.2f} s{missing}")
+    elif "compile_error" in r:
+        print(f"\nNVRTC compile: {r['compile_error']}")
+    return 1 if any(c["missing"] for c in r.get("compile", [])) or "compile_error" in r else 0
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "doctor",
+        help="what moerail found: versions, CPU threads, CUDA driver/NVRTC/kernel cache, CANN/HCCL, backend per op",
+        description="Reports moerail's build, the frameworks installed, the CUDA driver and devices, NVRTC, the "
+        "kernel cache, CANN and HCCL (found or why not), and which backend each op uses.",
+    )
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--no-probe", action="store_true", help="do not load NVRTC or initialise CANN (cheap lookups only)")
+    d.add_argument("--compile", metavar="ARCHS", default=None,
+                   help="also compile every kernel with NVRTC for these architectures, e.g. 80,90 (no GPU needed)")
+    d.set_defaults(func=cmd_doctor)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -372,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(sub)
     _add_balance(sub)
+    _add_doctor(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _device, _native
+from . import _device, _native, backends
 
 __all__: List[str] = []
 
@@ -81,6 +81,8 @@ class _Op:
     def kernel(self, *args):
         if _device.wants(args):
             return self.device_kernel(*args)
+        if not backends._noticed:
+            backends.notice_cpu_only()
         return self.cpu_kernel(*args)
 
     def register_fake(self, fake):

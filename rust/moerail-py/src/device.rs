@@ -147,7 +147,7 @@ fn score(name: &str) -> PyResult<ScoreFunction> {
 #[pyfunction]
 #[pyo3(signature = (logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
     score_function, expert_bias, probs_k, indices, tokens_per_expert, dense_probs, routing_map,
-    stream))]
+    status, stream))]
 #[allow(clippy::too_many_arguments)]
 fn device_router_forward(
     py: Python<'_>,
@@ -164,6 +164,7 @@ fn device_router_forward(
     tokens_per_expert: &Arg<'_>,
     dense_probs: Option<&Arg<'_>>,
     routing_map: Option<&Arg<'_>>,
+    status: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
     let lg = tensor(logits, "logits")?;
@@ -205,8 +206,9 @@ fn device_router_forward(
         m.expect_dtype(&[DType::Bool], "bool")?;
         m.expect_shape(&[t, e])?;
     }
+    let st = status_tensor(status)?;
     let mut outs = vec![&pk, &ix, &tpe];
-    outs.extend(dense.iter().chain(rmap.iter()));
+    outs.extend(dense.iter().chain(rmap.iter()).chain(st.iter()));
     let mut ins = vec![&lg];
     ins.extend(bias.iter());
     check_disjoint(&outs, &ins)?;
@@ -220,7 +222,7 @@ fn device_router_forward(
         tpe: tpe.ptr as u64,
         dense: ptr(&dense),
         rmap: ptr(&rmap),
-        status: 0,
+        status: ptr(&st),
     };
     // SAFETY: shapes, dtypes and devices checked above; torch keeps the tensors alive until the
     // stream reaches the launches.
@@ -278,7 +280,19 @@ fn device_router_backward(
     })
 }
 
+/// The optional `int32 [1]` (zeroed) a kernel ORs its value checks into.
+fn status_tensor(status: Option<&Arg<'_>>) -> PyResult<Option<Tensor>> {
+    let st = optional(status, "status")?;
+    if let Some(s) = &st {
+        s.expect_dtype(&[DType::I32], "int32")?;
+        s.expect_shape(&[1])?;
+    }
+    Ok(st)
+}
+
 #[pyfunction]
+#[pyo3(signature = (logits, topk, score_function, scores, routing_map, tokens_per_expert, status,
+    stream))]
 #[allow(clippy::too_many_arguments)]
 fn device_aux_scores_forward(
     py: Python<'_>,
@@ -288,6 +302,7 @@ fn device_aux_scores_forward(
     scores: &Arg<'_>,
     routing_map: &Arg<'_>,
     tokens_per_expert: &Arg<'_>,
+    status: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
     let lg = tensor(logits, "logits")?;
@@ -295,6 +310,7 @@ fn device_aux_scores_forward(
     let dt = dev_dtype(&lg)?;
     let (t, e) = (lg.shape[0], lg.shape[1]);
     let f = score(score_function)?;
+    let st = status_tensor(status)?;
     let sc = tensor(scores, "scores")?;
     sc.expect_dtype(&[crate::router::acc_dtype(&lg)], "the accumulation dtype")?;
     sc.expect_shape(&[t, e])?;
@@ -304,12 +320,21 @@ fn device_aux_scores_forward(
     let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
     tpe.expect_dtype(&[DType::I64], "int64")?;
     tpe.expect_shape(&[e])?;
-    check_disjoint(&[&sc, &m, &tpe], &[&lg])?;
-    let target = Target::of(&[&lg, &sc, &m, &tpe], stream)?;
-    let (lp, sp, mp, tp) = (lg.ptr as u64, sc.ptr as u64, m.ptr as u64, tpe.ptr as u64);
+    let mut outs = vec![&sc, &m, &tpe];
+    outs.extend(st.iter());
+    check_disjoint(&outs, &[&lg])?;
+    outs.push(&lg);
+    let target = Target::of(&outs, stream)?;
+    let (lp, sp, mp, tp, stp) = (
+        lg.ptr as u64,
+        sc.ptr as u64,
+        m.ptr as u64,
+        tpe.ptr as u64,
+        ptr(&st),
+    );
     // SAFETY: as in device_router_forward.
     target.run(py, |s| unsafe {
-        ops::aux_scores_forward(s, dt, t, e, topk, f, lp, sp, mp, tp, 0)
+        ops::aux_scores_forward(s, dt, t, e, topk, f, lp, sp, mp, tp, stp)
     })
 }
 
@@ -883,13 +908,18 @@ fn device_set_emulator(path: Option<PathBuf>) -> PyResult<()> {
 }
 
 /// What `moerail doctor` shows about CUDA: a dict (found or the reason why not, per part).
+/// `probe_nvrtc=False` skips loading NVRTC (a large library) when only the driver matters.
 #[pyfunction]
-#[pyo3(signature = (probe_driver=true))]
-fn device_status(py: Python<'_>, probe_driver: bool) -> PyResult<Bound<'_, PyDict>> {
+#[pyo3(signature = (probe_driver=true, probe_nvrtc=true))]
+fn device_status(
+    py: Python<'_>,
+    probe_driver: bool,
+    probe_nvrtc: bool,
+) -> PyResult<Bound<'_, PyDict>> {
     let st = py.detach(|| {
         moerail_device::error::no_panic("CUDA status", || {
             Ok((
-                cuda::locate::nvrtc(),
+                probe_nvrtc.then(cuda::locate::nvrtc),
                 probe_driver.then(cuda::locate::driver),
                 cuda::cache::dir(),
                 cuda::cache::usage(),
@@ -901,7 +931,8 @@ fn device_status(py: Python<'_>, probe_driver: bool) -> PyResult<Bound<'_, PyDic
     let (nvrtc, driver, cache_dir, (files, bytes), cache_err, emu) = st.map_err(to_py_err)?;
     let d = PyDict::new(py);
     match nvrtc {
-        Ok(n) => {
+        None => {}
+        Some(Ok(n)) => {
             let nv = PyDict::new(py);
             nv.set_item("path", n.path.display().to_string())?;
             nv.set_item("how", n.how)?;
@@ -909,7 +940,7 @@ fn device_status(py: Python<'_>, probe_driver: bool) -> PyResult<Bound<'_, PyDic
             nv.set_item("archs", n.archs)?;
             d.set_item("nvrtc", nv)?;
         }
-        Err(e) => d.set_item("nvrtc_error", e)?,
+        Some(Err(e)) => d.set_item("nvrtc_error", e)?,
     }
     match driver {
         Some(Ok(drv)) => {

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod a2a;
 pub mod aot;
+mod ascend;
 mod balance;
 mod device;
 mod permute;
@@ -35,5 +36,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     balance::register(m)?;
     sim::register(m)?;
     device::register(m)?;
+    ascend::register(m)?;
     Ok(())
 }

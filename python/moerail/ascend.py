@@ -1,0 +1,86 @@
+"""HCCL executor for the dispatcher's exchange plans on Ascend NPUs.
+
+moerail plans, HCCL moves: :class:`HcclExchange` turns rows per peer (what a plan's stage
+matrix holds for this rank) into HCCL's counts and displacements in elements and calls
+``HcclAlltoAllV`` on the current NPU stream, through ``libhccl.so`` loaded at run time (the copy
+torch_npu already loaded; see ``moerail doctor``). Every count and displacement is checked
+against the tensors before HCCL is called.
+
+Its ``exchange(buf, send_rows, recv_rows)`` has the shape of ``AllToAllDispatcher``'s exchange
+step, so a dispatcher can use it in place of ``torch.distributed.all_to_all_single``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _native
+
+__all__ = ["HcclExchange"]
+
+
+def _npu_stream(t: torch.Tensor) -> int:
+    npu = getattr(torch, "npu", None)
+    if t.device.type == "npu" and npu is not None:
+        return int(npu.current_stream(t.device).npu_stream)
+    return 0
+
+
+class HcclExchange:
+    """An HCCL communicator over ``n_ranks`` ranks and the exchange steps that use it.
+
+    Build it with :meth:`from_group` (the root info travels over an existing
+    ``torch.distributed`` group), or directly from the root's ``root_info``
+    (:meth:`root_info` on rank 0).
+    """
+
+    def __init__(self, n_ranks: int, rank: int, root_info: bytes):
+        self.comm = _native.HcclComm(n_ranks, rank, root_info)
+
+    @staticmethod
+    def root_info() -> bytes:
+        return _native.HcclComm.root_info()
+
+    @classmethod
+    def from_group(cls, group=None) -> HcclExchange:
+        import torch.distributed as dist
+
+        rank, n = dist.get_rank(group), dist.get_world_size(group)
+        box = [cls.root_info() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        return cls(n, rank, box[0])
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def n_ranks(self) -> int:
+        return self.comm.n_ranks
+
+    def exchange(self, buf: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int],
+                 stream: Optional[int] = None) -> torch.Tensor:
+        """Rows ``buf[sum(send_rows[:p]) : ...]`` go to peer ``p``; returns the rows received,
+        packed in peer order (``sum(recv_rows)`` rows)."""
+        if buf.dim() < 1:
+            raise ValueError("buf: expected rows (at least one dimension)")
+        buf = buf.contiguous()
+        row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
+        if sum(send_rows) != buf.shape[0]:
+            raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
+        sc, sd = _native.hccl_counts_from_rows([int(r) for r in send_rows], row)
+        rc, rd = _native.hccl_counts_from_rows([int(r) for r in recv_rows], row)
+        out = torch.empty((sum(recv_rows), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+        self.comm.alltoallv(buf, sc, sd, out, rc, rd, _npu_stream(buf) if stream is None else stream)
+        return out
+
+    def all_gather(self, t: torch.Tensor, stream: Optional[int] = None) -> torch.Tensor:
+        t = t.contiguous()
+        out = torch.empty((self.n_ranks, *t.shape), dtype=t.dtype, device=t.device)
+        self.comm.allgather(t, out, _npu_stream(t) if stream is None else stream)
+        return out
+
+    def close(self) -> None:
+        self.comm.close()
