@@ -122,6 +122,11 @@ def _status(t: Tensor) -> Optional[Tensor]:
     return torch.zeros((1,), dtype=torch.int32, device=t.device) if _value_checks(t) else None
 
 
+def _finite(t: Tensor, what: str) -> None:
+    if _value_checks(t) and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: must be finite (found NaN or inf)")
+
+
 def _raise_nonfinite(status: Optional[Tensor], what: str) -> None:
     if status is not None and int(status.item()) & _ST_NONFINITE:
         raise ValueError(f"{what}: must be finite (found NaN or inf)")
@@ -147,6 +152,8 @@ def _route(logits, topk, pre, groups, group_topk, scale, score_function, bias, d
     if dense:
         probs = torch.empty((t, e), dtype=logits.dtype, device=logits.device)
         rmap = torch.empty((t, e), dtype=torch.bool, device=logits.device)
+    if bias is not None:
+        _finite(bias, "expert_bias")
     status = _status(logits)
     _native.device_router_forward(
         logits, topk, pre, groups, group_topk, scale, score_function,
@@ -223,6 +230,7 @@ def load_balancing_loss_backward(grad, probs, tokens_per_expert, num_seqs, scale
 
 
 def z_loss(logits, coeff):
+    _finite(logits, "logits")
     acc = acc_dtype(logits.dtype)
     lse = torch.logsumexp(logits.to(acc), dim=-1)
     value = (lse.square().mean() if lse.numel() else lse.sum()) * coeff
@@ -239,6 +247,8 @@ def z_loss_backward(grad, logits, lse, coeff):
 
 def expert_bias_update(tokens_per_expert, expert_bias, rate):
     tpe = tokens_per_expert.to(torch.float64)
+    if _value_checks(tpe) and bool((tpe < 0).any()):
+        raise ValueError("tokens_per_expert: counts must be non-negative")
     mean = tpe.mean(dim=-1, keepdim=True)
     return (expert_bias.to(torch.float32) + rate * torch.sign(mean - tpe).to(torch.float32)).contiguous()
 
@@ -250,6 +260,8 @@ def apply_token_dropping(probs, routing_map, topk, capacity_factor, drop_policy,
         raise ValueError(f"drop_policy: expected 'probs' or 'position', got '{drop_policy}'")
     if not 1 <= topk <= e:
         raise ValueError(f"topk: must be in [1, num_experts={e}], got {topk}")
+    if _value_checks(probs) and bool(torch.isnan(probs).any()):
+        raise ValueError("probs: must not contain NaN")
     capacity = _native.get_capacity(t * topk, e, capacity_factor, None)
     if capacity > t:
         return probs.clone(memory_format=torch.contiguous_format), (routing_map | pad_to_capacity).contiguous()
@@ -345,7 +357,20 @@ def permute_by_indices(tokens, indices, num_experts, probs, align_size):
     return out, pp, sorted_indices, row_counts
 
 
+def _check_rows(sorted_indices: Tensor, num_tokens: int) -> None:
+    """Row targets in [-1, num_tokens) (-1: padding), as the CPU path checks."""
+    if _value_checks(sorted_indices) and sorted_indices.numel():
+        lo, hi = torch.aminmax(sorted_indices)
+        lo, hi = int(lo), int(hi)
+        if lo < -1 or hi >= num_tokens:
+            raise ValueError(
+                f"sorted_indices: entries must be token indices in [0, {num_tokens}) or -1 (padding), "
+                f"found {lo if lo < -1 else hi}"
+            )
+
+
 def unpermute(permuted_tokens, sorted_indices, num_tokens, row_weights):
+    _check_rows(sorted_indices, num_tokens)
     s = _launch_ready(permuted_tokens)
     x = permuted_tokens.contiguous()
     out = torch.empty((num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
@@ -372,6 +397,10 @@ def unpermute_backward(grad_out, permuted_tokens, sorted_indices, row_weights):
 
 
 def row_weights(probs, sorted_indices, row_counts, acc):
+    n = sorted_indices.shape[0]
+    if _value_checks(row_counts) and int(row_counts.sum()) != n:
+        raise ValueError(f"routing_map: routes {int(row_counts.sum())} token copies, but there are {n} rows")
+    _check_rows(sorted_indices, probs.shape[0])
     s = _launch_ready(probs)
     w = torch.empty((sorted_indices.shape[0],), dtype=acc, device=probs.device)
     ws = _ws(_native.device_workspace_bytes("offsets", probs.shape[1]), probs)
