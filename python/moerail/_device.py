@@ -62,7 +62,7 @@ def nvrtc_search_dirs() -> List[str]:
     try:  # pragma: no cover - depends on what is installed
         from cuda import pathfinder  # type: ignore[import-not-found]
 
-        found = pathfinder.find_nvidia_dynamic_lib("nvrtc")
+        found = pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path
         if found:
             dirs.append(str(Path(found).parent))
     except Exception:
@@ -459,8 +459,10 @@ def dispatch_layout(topk_idx: Tensor, expert_rank: Tensor, num_ranks: int, ranks
 
 
 def status(probe_driver: bool = True, probe_nvrtc: bool = True) -> dict:
-    """The CUDA side as ``moerail doctor`` reports it (see ``moerail.backends``)."""
-    configure()
+    """The CUDA side as ``moerail doctor`` reports it (see ``moerail.backends``). Without
+    ``probe_nvrtc`` nothing is searched or loaded for NVRTC."""
+    if probe_nvrtc:
+        configure()
     return dict(_native.device_status(probe_driver, probe_nvrtc))
 
 
