@@ -297,6 +297,9 @@ def rebalance(model: Model, opt, tracker, args, nodes: int, step: int, log, lead
 
 
 def worker(rank: int, args, port: int) -> None:
+    if rank != 0:
+        # moerail's one-time "no accelerator backend" notice: rank 0 says it for all four.
+        os.environ.setdefault("MOERAIL_QUIET", "1")
     try:
         train(rank, args, port)
     except BaseException:
