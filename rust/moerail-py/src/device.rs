@@ -129,6 +129,17 @@ impl Target {
     }
 }
 
+/// A 1-D int64 tensor (of `len` entries when given): indices, counts, chunk sizes.
+fn int64_vector(obj: &Arg<'_>, name: &'static str, len: Option<usize>) -> PyResult<Tensor> {
+    let t = tensor(obj, name)?;
+    t.expect_dtype(&[DType::I64], "int64")?;
+    match len {
+        Some(n) => t.expect_shape(&[n])?,
+        None => t.expect_ndim(1, "of one entry per row")?,
+    }
+    Ok(t)
+}
+
 fn expect_workspace(ws: &Tensor, bytes: usize) -> PyResult<()> {
     ws.expect_dtype(&[DType::U8], "uint8")?;
     if ws.numel < bytes {
@@ -190,9 +201,7 @@ fn device_router_forward(
     let ix = tensor(indices, "indices")?;
     ix.expect_dtype(&[DType::I64], "int64")?;
     ix.expect_shape(&[t, topk])?;
-    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
-    tpe.expect_dtype(&[DType::I64], "int64")?;
-    tpe.expect_shape(&[e])?;
+    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(e))?;
     let dense = optional(dense_probs, "probs")?;
     let rmap = optional(routing_map, "routing_map")?;
     if dense.is_some() != rmap.is_some() {
@@ -317,9 +326,7 @@ fn device_aux_scores_forward(
     let m = tensor(routing_map, "routing_map")?;
     m.expect_dtype(&[DType::Bool], "bool")?;
     m.expect_shape(&[t, e])?;
-    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
-    tpe.expect_dtype(&[DType::I64], "int64")?;
-    tpe.expect_shape(&[e])?;
+    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(e))?;
     let mut outs = vec![&sc, &m, &tpe];
     outs.extend(st.iter());
     check_disjoint(&outs, &[&lg])?;
@@ -416,9 +423,7 @@ fn device_layout_count(
     let e = num_experts;
     let ws = tensor(workspace, "workspace")?;
     expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
-    let rc = tensor(row_counts, "row_counts")?;
-    rc.expect_dtype(&[DType::I64], "int64")?;
-    rc.expect_shape(&[e])?;
+    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
     let m = tensor(meta, "meta")?;
     m.expect_dtype(&[DType::I64], "int64")?;
     if m.numel < 1 {
@@ -454,9 +459,7 @@ fn device_layout_fill(
     let e = num_experts;
     let ws = tensor(workspace, "workspace")?;
     expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
     let n_rows = si.shape[0];
     let p = optional(probs, "probs")?;
     let pp = optional(permuted_probs, "permuted_probs")?;
@@ -504,9 +507,7 @@ fn device_layout_drop_and_pad(
     let rows = capacity
         .checked_mul(e)
         .ok_or_else(|| PyValueError::new_err("num_out_tokens: capacity * num_experts overflows"))?;
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_shape(&[rows])?;
+    let si = int64_vector(sorted_indices, "sorted_indices", Some(rows))?;
     let p = optional(probs, "probs")?;
     let pp = optional(permuted_probs, "permuted_probs")?;
     if p.is_some() != pp.is_some() {
@@ -551,9 +552,7 @@ fn device_gather_rows(
 ) -> PyResult<()> {
     let x = tensor(src, "tokens")?;
     let rb = row_bytes(&x)?;
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
     let o = tensor(out, "out")?;
     o.expect_same_dtype(&x)?;
     o.expect_shape(&[si.shape[0], x.shape[1]])?;
@@ -597,9 +596,7 @@ fn device_unpermute(
     x.expect_ndim(2, "[num_rows, hidden]")?;
     let dt = dev_dtype(&x)?;
     let (n_rows, h) = (x.shape[0], x.shape[1]);
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_shape(&[n_rows])?;
+    let si = int64_vector(sorted_indices, "sorted_indices", Some(n_rows))?;
     let w = weights(row_weights, &x, n_rows)?;
     let o = tensor(out, "out")?;
     o.expect_same_dtype(&x)?;
@@ -644,9 +641,7 @@ fn device_unpermute_backward(
     g.expect_ndim(2, "[num_tokens, hidden]")?;
     let dt = dev_dtype(&g)?;
     let (t, h) = (g.shape[0], g.shape[1]);
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
     let n_rows = si.shape[0];
     let x = optional(permuted_tokens, "permuted_tokens")?;
     if let Some(x) = &x {
@@ -702,13 +697,9 @@ fn device_row_weights(
     p.expect_ndim(2, "[num_tokens, num_experts]")?;
     let pdt = dev_dtype(&p)?;
     let (t, e) = (p.shape[0], p.shape[1]);
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
     let n_rows = si.shape[0];
-    let rc = tensor(row_counts, "row_counts")?;
-    rc.expect_dtype(&[DType::I64], "int64")?;
-    rc.expect_shape(&[e])?;
+    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
     let w = tensor(out, "out")?;
     let wdt = dev_dtype(&w)?;
     w.expect_shape(&[n_rows])?;
@@ -742,16 +733,12 @@ fn device_scatter_rows(
     let v = tensor(values, "values")?;
     v.expect_ndim(1, "[num_rows]")?;
     let n_rows = v.shape[0];
-    let si = tensor(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_shape(&[n_rows])?;
+    let si = int64_vector(sorted_indices, "sorted_indices", Some(n_rows))?;
     let o = tensor(out, "out")?;
     o.expect_same_dtype(&v)?;
     o.expect_ndim(2, "[num_tokens, num_experts]")?;
     let (t, e) = (o.shape[0], o.shape[1]);
-    let rc = tensor(row_counts, "row_counts")?;
-    rc.expect_dtype(&[DType::I64], "int64")?;
-    rc.expect_shape(&[e])?;
+    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
     let ws = tensor(workspace, "workspace")?;
     expect_workspace(&ws, ops::offsets_workspace_bytes(e))?;
     check_disjoint(&[&o, &ws], &[&v, &si, &rc])?;
@@ -788,13 +775,9 @@ fn device_sort_chunks(
     }
     let n_rows = x.shape[0];
     let rb = x.shape[1..].iter().product::<usize>() * x.dtype.size();
-    let ss = tensor(split_sizes, "split_sizes")?;
-    ss.expect_dtype(&[DType::I64], "int64")?;
-    ss.expect_ndim(1, "[num_chunks]")?;
+    let ss = int64_vector(split_sizes, "split_sizes", None)?;
     let n_chunks = ss.shape[0];
-    let ix = tensor(sorted_idxs, "sorted_idxs")?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_shape(&[n_chunks])?;
+    let ix = int64_vector(sorted_idxs, "sorted_idxs", Some(n_chunks))?;
     let o = tensor(out, "out")?;
     o.expect_same_dtype(&x)?;
     o.expect_shape(&x.shape)?;
@@ -835,9 +818,7 @@ fn device_dispatch_layout(
     ix.expect_dtype(&[DType::I64], "int64")?;
     ix.expect_ndim(2, "[num_tokens, topk]")?;
     let (t, k) = (ix.shape[0], ix.shape[1]);
-    let er = tensor(expert_rank, "expert_rank")?;
-    er.expect_dtype(&[DType::I64], "int64")?;
-    er.expect_shape(&[num_experts])?;
+    let er = int64_vector(expert_rank, "expert_rank", Some(num_experts))?;
     let tir = tensor(token_in_rank, "token_in_rank")?;
     tir.expect_dtype(&[DType::Bool], "bool")?;
     tir.expect_ndim(2, "[num_tokens, num_ranks]")?;
@@ -848,15 +829,13 @@ fn device_dispatch_layout(
             "ranks_per_node: must divide the number of ranks ({ranks}), got {ranks_per_node}"
         )));
     }
-    let tpr = tensor(tokens_per_rank, "tokens_per_rank")?;
-    tpr.expect_dtype(&[DType::I64], "int64")?;
-    tpr.expect_shape(&[ranks])?;
-    let tpn = tensor(tokens_per_node, "tokens_per_node")?;
-    tpn.expect_dtype(&[DType::I64], "int64")?;
-    tpn.expect_shape(&[ranks / ranks_per_node])?;
-    let tpe = tensor(tokens_per_expert, "tokens_per_expert")?;
-    tpe.expect_dtype(&[DType::I64], "int64")?;
-    tpe.expect_shape(&[num_experts])?;
+    let tpr = int64_vector(tokens_per_rank, "tokens_per_rank", Some(ranks))?;
+    let tpn = int64_vector(
+        tokens_per_node,
+        "tokens_per_node",
+        Some(ranks / ranks_per_node),
+    )?;
+    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(num_experts))?;
     let st = tensor(status, "status")?;
     st.expect_dtype(&[DType::I32], "int32")?;
     st.expect_shape(&[1])?;
