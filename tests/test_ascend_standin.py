@@ -60,10 +60,20 @@ for bad, arg in [(([1, 0, 3], [2, 1, 3, 0]), "send_counts"), (([1, 0, 3, 2], [2,
         assert str(e).startswith(arg) or "recv_displs" in str(e), e
     else:
         raise AssertionError("bad counts accepted")
+before = buf.clone()
+for args, exc, arg in [(([1, 1], [2, 1, 3, 0]), ValueError, "send_rows"), (([1, 0, 3, 2], [2, 1, -3, 6]), ValueError, "recv_rows"),
+                       (([1, 0, 3, 1], [2, 1, 3, 0]), ValueError, "send_rows"), (("ab", [2, 1, 3, 0]), TypeError, "send_rows")]:
+    try:
+        x.exchange(buf, *args)
+    except exc as e:
+        assert str(e).startswith(arg), e
+    else:
+        raise AssertionError(f"accepted {args}")
+assert torch.equal(buf, before)
 try:
-    x.exchange(buf, [1, 1], [1, 1])
-except ValueError as e:
-    assert "send_rows" in str(e)
+    x.exchange([1, 2], [1, 0, 0, 0], [1, 0, 0, 0])
+except TypeError as e:
+    assert str(e).startswith("buf"), e
 x.close()
 print("ok")
 """

@@ -400,7 +400,7 @@ def row_weights(probs, sorted_indices, row_counts, acc):
     n = sorted_indices.shape[0]
     if _value_checks(row_counts) and int(row_counts.sum()) != n:
         raise ValueError(f"routing_map: routes {int(row_counts.sum())} token copies, but there are {n} rows")
-    _check_rows(sorted_indices, probs.shape[0])
+    # Row indices are checked by the unpermute these weights feed (the kernel skips bad ones).
     s = _launch_ready(probs)
     w = torch.empty((sorted_indices.shape[0],), dtype=acc, device=probs.device)
     ws = _ws(_native.device_workspace_bytes("offsets", probs.shape[1]), probs)

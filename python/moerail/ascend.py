@@ -12,7 +12,7 @@ step, so a dispatcher can use it in place of ``torch.distributed.all_to_all_sing
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -64,16 +64,32 @@ class HcclExchange:
                  stream: Optional[int] = None) -> torch.Tensor:
         """Rows ``buf[sum(send_rows[:p]) : ...]`` go to peer ``p``; returns the rows received,
         packed in peer order (``sum(recv_rows)`` rows)."""
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"buf: expected a torch.Tensor, got {type(buf).__name__}")
         if buf.dim() < 1:
             raise ValueError("buf: expected rows (at least one dimension)")
+        send_rows = self._rows(send_rows, "send_rows")
+        recv_rows = self._rows(recv_rows, "recv_rows")
         buf = buf.contiguous()
         row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
         if sum(send_rows) != buf.shape[0]:
             raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
-        sc, sd = _native.hccl_counts_from_rows([int(r) for r in send_rows], row)
-        rc, rd = _native.hccl_counts_from_rows([int(r) for r in recv_rows], row)
+        sc, sd = _native.hccl_counts_from_rows(send_rows, row)
+        rc, rd = _native.hccl_counts_from_rows(recv_rows, row)
         out = torch.empty((sum(recv_rows), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
         self.comm.alltoallv(buf, sc, sd, out, rc, rd, _npu_stream(buf) if stream is None else stream)
+        return out
+
+    def _rows(self, rows: Sequence[int], name: str) -> List[int]:
+        """One non-negative int per rank."""
+        try:
+            out = [int(r) for r in rows]
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: expected a sequence of ints (rows per rank)") from None
+        if len(out) != self.n_ranks:
+            raise ValueError(f"{name}: expected {self.n_ranks} entries (one per rank), got {len(out)}")
+        if any(r < 0 for r in out):
+            raise ValueError(f"{name}: row counts must be non-negative, got {out}")
         return out
 
     def all_gather(self, t: torch.Tensor, stream: Optional[int] = None) -> torch.Tensor:

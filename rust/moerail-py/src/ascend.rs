@@ -57,6 +57,19 @@ fn data_type(t: &Tensor) -> PyResult<DataType> {
     })
 }
 
+/// The send and receive tensors of a collective: same dtype (one HCCL has), not overlapping.
+fn send_recv(
+    send: &Bound<'_, PyAny>,
+    recv: &Bound<'_, PyAny>,
+) -> PyResult<(Tensor, Tensor, DataType)> {
+    let s = Tensor::from_py_on_device(send, "send")?;
+    let r = Tensor::from_py_on_device(recv, "recv")?;
+    r.expect_same_dtype(&s)?;
+    let dt = data_type(&s)?;
+    crate::tensor::check_disjoint(&[&r], &[&s])?;
+    Ok((s, r, dt))
+}
+
 /// An HCCL communicator over `n_ranks` ranks (this one is `rank`), from the root's root info.
 #[pyclass(module = "moerail._native", name = "HcclComm")]
 pub struct HcclComm {
@@ -112,11 +125,7 @@ impl HcclComm {
         recv_displs: Vec<u64>,
         stream: u64,
     ) -> PyResult<()> {
-        let s = Tensor::from_py_on_device(send, "send")?;
-        let r = Tensor::from_py_on_device(recv, "recv")?;
-        r.expect_same_dtype(&s)?;
-        let dt = data_type(&s)?;
-        crate::tensor::check_disjoint(&[&r], &[&s])?;
+        let (s, r, dt) = send_recv(send, recv)?;
         let comm = self.comm()?;
         let (sp, se, rp, re) = (s.ptr as u64, s.numel as u64, r.ptr as u64, r.numel as u64);
         py.detach(|| {
@@ -148,11 +157,7 @@ impl HcclComm {
         recv: &Bound<'_, PyAny>,
         stream: u64,
     ) -> PyResult<()> {
-        let s = Tensor::from_py_on_device(send, "send")?;
-        let r = Tensor::from_py_on_device(recv, "recv")?;
-        r.expect_same_dtype(&s)?;
-        let dt = data_type(&s)?;
-        crate::tensor::check_disjoint(&[&r], &[&s])?;
+        let (s, r, dt) = send_recv(send, recv)?;
         let comm = self.comm()?;
         let (sp, n, rp, re) = (s.ptr as u64, s.numel as u64, r.ptr as u64, r.numel as u64);
         py.detach(|| {

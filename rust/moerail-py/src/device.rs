@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::router::config;
+use crate::router::{config, RouterBackwardArgs, RouterForwardArgs};
 use crate::tensor::{check_disjoint, DType, Device, Tensor};
 
 type Arg<'py> = Bound<'py, PyAny>;
@@ -178,50 +178,41 @@ fn device_router_forward(
     status: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let lg = tensor(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let dt = dev_dtype(&lg)?;
-    let (t, e) = (lg.shape[0], lg.shape[1]);
-    let cfg = config(
-        topk,
-        use_pre_softmax,
-        num_groups,
-        group_topk,
-        scaling_factor,
-        score_function,
+    let RouterForwardArgs {
+        lg,
+        t_n: t,
+        e_n: e,
+        cfg,
+        bias,
+        pk,
+        ix,
+        tpe,
+        dense,
+    } = RouterForwardArgs::read(
+        tensor,
+        logits,
+        (
+            topk,
+            use_pre_softmax,
+            num_groups,
+            group_topk,
+            scaling_factor,
+            score_function,
+        ),
+        expert_bias,
+        (probs_k, indices, tokens_per_expert),
+        dense_probs,
+        routing_map,
     )?;
-    let bias = optional(expert_bias, "expert_bias")?;
-    if let Some(b) = &bias {
-        b.expect_dtype(&[DType::F32], "float32")?;
-        b.expect_shape(&[e])?;
-    }
-    let pk = tensor(probs_k, "probs")?;
-    pk.expect_same_dtype(&lg)?;
-    pk.expect_shape(&[t, topk])?;
-    let ix = tensor(indices, "indices")?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_shape(&[t, topk])?;
-    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(e))?;
-    let dense = optional(dense_probs, "probs")?;
-    let rmap = optional(routing_map, "routing_map")?;
-    if dense.is_some() != rmap.is_some() {
-        return Err(PyValueError::new_err(
-            "dense_probs and routing_map go together",
-        ));
-    }
-    if let (Some(p), Some(m)) = (&dense, &rmap) {
-        p.expect_same_dtype(&lg)?;
-        p.expect_shape(&[t, e])?;
-        m.expect_dtype(&[DType::Bool], "bool")?;
-        m.expect_shape(&[t, e])?;
-    }
+    let dt = dev_dtype(&lg)?;
+    let (dense, rmap) = dense.map_or((None, None), |(p, m)| (Some(p), Some(m)));
     let st = status_tensor(status)?;
-    let mut outs = vec![&pk, &ix, &tpe];
-    outs.extend(dense.iter().chain(rmap.iter()).chain(st.iter()));
-    let mut ins = vec![&lg];
-    ins.extend(bias.iter());
-    check_disjoint(&outs, &ins)?;
-    let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
+    let mut all = vec![&lg, &pk, &ix, &tpe];
+    all.extend(bias.iter().chain(dense.iter()).chain(rmap.iter()));
+    if let Some(st) = &st {
+        check_disjoint(&[st], &all)?;
+    }
+    all.extend(st.iter());
     let target = Target::of(&all, stream)?;
     let a = ops::RouterFwd {
         logits: lg.ptr as u64,
@@ -254,33 +245,24 @@ fn device_router_backward(
     grad_logits: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let lg = tensor(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let dt = dev_dtype(&lg)?;
-    let (t, e) = (lg.shape[0], lg.shape[1]);
-    let cfg = config(
-        topk,
-        use_pre_softmax,
-        None,
-        None,
-        scaling_factor,
-        score_function,
+    let RouterBackwardArgs {
+        lg,
+        t_n: t,
+        e_n: e,
+        cfg,
+        g,
+        dense,
+        ix,
+        out,
+    } = RouterBackwardArgs::read(
+        tensor,
+        grad_probs,
+        logits,
+        indices,
+        (topk, use_pre_softmax, scaling_factor, score_function),
+        grad_logits,
     )?;
-    let g = tensor(grad_probs, "grad_probs")?;
-    g.expect_same_dtype(&lg)?;
-    let dense = if g.shape == [t, e] {
-        true
-    } else {
-        g.expect_shape(&[t, topk])?;
-        false
-    };
-    let ix = tensor(indices, "indices")?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_shape(&[t, topk])?;
-    let out = tensor(grad_logits, "grad_logits")?;
-    out.expect_same_dtype(&lg)?;
-    out.expect_shape(&[t, e])?;
-    check_disjoint(&[&out], &[&lg, &g, &ix])?;
+    let dt = dev_dtype(&lg)?;
     let target = Target::of(&[&lg, &g, &ix, &out], stream)?;
     let (gp, lp, ip, op) = (g.ptr as u64, lg.ptr as u64, ix.ptr as u64, out.ptr as u64);
     // SAFETY: as in device_router_forward.

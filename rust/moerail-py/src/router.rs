@@ -26,6 +26,187 @@ pub(crate) fn config(
     })
 }
 
+/// Reads a tensor argument: `Tensor::from_py` (CPU) or `Tensor::from_py_on_device`.
+pub(crate) type Reader = fn(&Bound<'_, PyAny>, &'static str) -> PyResult<Tensor>;
+
+fn read_optional(
+    read: Reader,
+    obj: Option<&Bound<'_, PyAny>>,
+    name: &'static str,
+) -> PyResult<Option<Tensor>> {
+    match obj {
+        Some(o) if !o.is_none() => Ok(Some(read(o, name)?)),
+        _ => Ok(None),
+    }
+}
+
+/// The checked arguments of a router forward, shared by the CPU and the device bindings.
+pub(crate) struct RouterForwardArgs {
+    pub lg: Tensor,
+    pub t_n: usize,
+    pub e_n: usize,
+    pub cfg: RouterConfig,
+    pub bias: Option<Tensor>,
+    pub pk: Tensor,
+    pub ix: Tensor,
+    pub tpe: Tensor,
+    pub dense: Option<(Tensor, Tensor)>,
+}
+
+type ConfigArgs<'a> = (
+    usize,
+    bool,
+    Option<usize>,
+    Option<usize>,
+    Option<f64>,
+    &'a str,
+);
+type Outputs<'a, 'py> = (
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+);
+
+impl RouterForwardArgs {
+    pub(crate) fn read(
+        read: Reader,
+        logits: &Bound<'_, PyAny>,
+        (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function): ConfigArgs<
+            '_,
+        >,
+        expert_bias: Option<&Bound<'_, PyAny>>,
+        (probs_k, indices, tokens_per_expert): Outputs<'_, '_>,
+        dense_probs: Option<&Bound<'_, PyAny>>,
+        routing_map: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let lg = read(logits, "logits")?;
+        lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+        let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
+        let cfg = config(
+            topk,
+            use_pre_softmax,
+            num_groups,
+            group_topk,
+            scaling_factor,
+            score_function,
+        )?;
+        let bias = read_optional(read, expert_bias, "expert_bias")?;
+        if let Some(b) = &bias {
+            b.expect_dtype(&[DType::F32], "float32")?;
+            b.expect_shape(&[e_n])?;
+        }
+        let pk = read(probs_k, "probs")?;
+        let ix = read(indices, "indices")?;
+        let tpe = read(tokens_per_expert, "tokens_per_expert")?;
+        pk.expect_same_dtype(&lg)?;
+        pk.expect_shape(&[t_n, topk])?;
+        ix.expect_dtype(&[DType::I64], "int64")?;
+        ix.expect_shape(&[t_n, topk])?;
+        tpe.expect_dtype(&[DType::I64], "int64")?;
+        tpe.expect_shape(&[e_n])?;
+        let dense = match (
+            read_optional(read, dense_probs, "probs")?,
+            read_optional(read, routing_map, "routing_map")?,
+        ) {
+            (Some(p), Some(m)) => {
+                p.expect_same_dtype(&lg)?;
+                p.expect_shape(&[t_n, e_n])?;
+                m.expect_dtype(&[DType::Bool], "bool")?;
+                m.expect_shape(&[t_n, e_n])?;
+                Some((p, m))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "dense_probs and routing_map go together",
+                ))
+            }
+        };
+        let mut outs = vec![&pk, &ix, &tpe];
+        if let Some((p, m)) = &dense {
+            outs.push(p);
+            outs.push(m);
+        }
+        let mut ins = vec![&lg];
+        if let Some(b) = &bias {
+            ins.push(b);
+        }
+        check_disjoint(&outs, &ins)?;
+        Ok(Self {
+            lg,
+            t_n,
+            e_n,
+            cfg,
+            bias,
+            pk,
+            ix,
+            tpe,
+            dense,
+        })
+    }
+}
+
+/// The checked arguments of a router backward, shared by the CPU and the device bindings.
+pub(crate) struct RouterBackwardArgs {
+    pub lg: Tensor,
+    pub t_n: usize,
+    pub e_n: usize,
+    pub cfg: RouterConfig,
+    pub g: Tensor,
+    /// `grad_probs` is `[T, E]` (else `[T, k]`).
+    pub dense: bool,
+    pub ix: Tensor,
+    pub out: Tensor,
+}
+
+impl RouterBackwardArgs {
+    pub(crate) fn read(
+        read: Reader,
+        grad_probs: &Bound<'_, PyAny>,
+        logits: &Bound<'_, PyAny>,
+        indices: &Bound<'_, PyAny>,
+        (topk, use_pre_softmax, scaling_factor, score_function): (usize, bool, Option<f64>, &str),
+        grad_logits: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let lg = read(logits, "logits")?;
+        lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+        let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
+        let cfg = config(
+            topk,
+            use_pre_softmax,
+            None,
+            None,
+            scaling_factor,
+            score_function,
+        )?;
+        let g = read(grad_probs, "grad_probs")?;
+        g.expect_same_dtype(&lg)?;
+        let dense = if g.shape == [t_n, e_n] {
+            true
+        } else {
+            g.expect_shape(&[t_n, topk])?;
+            false
+        };
+        let ix = read(indices, "indices")?;
+        ix.expect_dtype(&[DType::I64], "int64")?;
+        ix.expect_shape(&[t_n, topk])?;
+        let out = read(grad_logits, "grad_logits")?;
+        out.expect_same_dtype(&lg)?;
+        out.expect_shape(&[t_n, e_n])?;
+        check_disjoint(&[&out], &[&lg, &g, &ix])?;
+        Ok(Self {
+            lg,
+            t_n,
+            e_n,
+            cfg,
+            g,
+            dense,
+            ix,
+            out,
+        })
+    }
+}
+
 /// Router forward: writes probs [T, k], indices [T, k], tokens_per_expert [E] and, if given,
 /// the dense probs [T, E] and routing_map [T, E].
 #[pyfunction]
@@ -47,59 +228,32 @@ pub fn router_forward(
     dense_probs: Option<&Bound<'_, PyAny>>,
     routing_map: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let cfg = config(
-        topk,
-        use_pre_softmax,
-        num_groups,
-        group_topk,
-        scaling_factor,
-        score_function,
+    let RouterForwardArgs {
+        lg,
+        t_n,
+        e_n,
+        cfg,
+        bias,
+        pk,
+        ix,
+        tpe,
+        dense,
+    } = RouterForwardArgs::read(
+        Tensor::from_py,
+        logits,
+        (
+            topk,
+            use_pre_softmax,
+            num_groups,
+            group_topk,
+            scaling_factor,
+            score_function,
+        ),
+        expert_bias,
+        (probs_k, indices, tokens_per_expert),
+        dense_probs,
+        routing_map,
     )?;
-    let bias = Tensor::optional(expert_bias, "expert_bias")?;
-    if let Some(b) = &bias {
-        b.expect_dtype(&[DType::F32], "float32")?;
-        b.expect_shape(&[e_n])?;
-    }
-    let pk = Tensor::from_py(probs_k, "probs")?;
-    let ix = Tensor::from_py(indices, "indices")?;
-    let tpe = Tensor::from_py(tokens_per_expert, "tokens_per_expert")?;
-    pk.expect_same_dtype(&lg)?;
-    pk.expect_shape(&[t_n, topk])?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_shape(&[t_n, topk])?;
-    tpe.expect_dtype(&[DType::I64], "int64")?;
-    tpe.expect_shape(&[e_n])?;
-    let dense = match (
-        Tensor::optional(dense_probs, "probs")?,
-        Tensor::optional(routing_map, "routing_map")?,
-    ) {
-        (Some(p), Some(m)) => {
-            p.expect_same_dtype(&lg)?;
-            p.expect_shape(&[t_n, e_n])?;
-            m.expect_dtype(&[DType::Bool], "bool")?;
-            m.expect_shape(&[t_n, e_n])?;
-            Some((p, m))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "dense_probs and routing_map go together",
-            ))
-        }
-    };
-    let mut outs = vec![&pk, &ix, &tpe];
-    if let Some((p, m)) = &dense {
-        outs.push(p);
-        outs.push(m);
-    }
-    let mut ins = vec![&lg];
-    if let Some(b) = &bias {
-        ins.push(b);
-    }
-    check_disjoint(&outs, &ins)?;
     with_float!(lg, |T| {
         // SAFETY: the tensors are alive for the call (held by the caller) and were checked above.
         let (l, p, i, n) = unsafe {
@@ -146,32 +300,23 @@ pub fn router_backward(
     score_function: &str,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let cfg = config(
-        topk,
-        use_pre_softmax,
-        None,
-        None,
-        scaling_factor,
-        score_function,
+    let RouterBackwardArgs {
+        lg,
+        t_n,
+        e_n,
+        cfg,
+        g,
+        dense,
+        ix,
+        out,
+    } = RouterBackwardArgs::read(
+        Tensor::from_py,
+        grad_probs,
+        logits,
+        indices,
+        (topk, use_pre_softmax, scaling_factor, score_function),
+        grad_logits,
     )?;
-    let g = Tensor::from_py(grad_probs, "grad_probs")?;
-    g.expect_same_dtype(&lg)?;
-    let dense = if g.shape == [t_n, e_n] {
-        true
-    } else {
-        g.expect_shape(&[t_n, topk])?;
-        false
-    };
-    let ix = Tensor::from_py(indices, "indices")?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_shape(&[t_n, topk])?;
-    let out = Tensor::from_py(grad_logits, "grad_logits")?;
-    out.expect_same_dtype(&lg)?;
-    out.expect_shape(&[t_n, e_n])?;
-    check_disjoint(&[&out], &[&lg, &g, &ix])?;
     with_float!(lg, |T| {
         // SAFETY: checked above; the tensors outlive the call.
         let (gs, l, i, o) = unsafe {
