@@ -53,9 +53,20 @@ build: $(BUILD_STAMP)
 demo: $(BUILD_STAMP)
 	$(PY) examples/train_moe_ep.py --out out/demo
 
-# The venv first: its torch brings NVRTC, which the CUDA kernels' compile check needs.
-test-rust: $(DEPS_STAMP)
-	VIRTUAL_ENV=$(abspath $(VENV)) MOERAIL_REQUIRE_NVRTC=1 cargo test --workspace -q
+# CUDA 12's NVRTC (the one torch's cu12x wheels bring), so the kernels' compile check runs with
+# both majors moerail supports; 12.8 also lacks options 12.9+ have. Unpacked beside the venv.
+NVRTC12_VERSION ?= 12.8.93
+NVRTC12 := $(VENV)/nvrtc-cu12-$(NVRTC12_VERSION)
+$(NVRTC12)/.stamp: $(DEPS_STAMP)
+	@rm -rf $(NVRTC12)
+	$(PIP) install -q --disable-pip-version-check --no-deps --target $(NVRTC12) \
+		nvidia-cuda-nvrtc-cu12==$(NVRTC12_VERSION)
+	@touch $@
+
+# The venv first: its torch brings CUDA 13's NVRTC; both NVRTCs must compile every kernel.
+test-rust: $(DEPS_STAMP) $(NVRTC12)/.stamp
+	VIRTUAL_ENV=$(abspath $(VENV)) MOERAIL_REQUIRE_NVRTC=12,13 \
+		MOERAIL_TEST_NVRTC_DIRS=$(abspath $(NVRTC12))/nvidia/cuda_nvrtc/lib cargo test --workspace -q
 
 test-python: setup
 	$(PY) -m pytest -q

@@ -263,6 +263,32 @@ pub struct Driver {
     pub devices: Vec<super::DeviceProps>,
 }
 
+/// Every driver function moerail's CUDA path reaches through cudarc (its own calls, and those of
+/// `CudaContext::new`, `bind_to_thread`, module loading and the drops), by the symbol names
+/// cudarc's CUDA 13.0 bindings load. All are in the drivers of CUDA 12.0 and newer (checked
+/// against the 535 driver, CUDA 12.2: `tests/nvrtc_compile.rs` reads `MOERAIL_TEST_LIBCUDA`).
+pub const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuGetErrorName",
+    "cuGetErrorString",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuFuncSetAttribute",
+    "cuLaunchKernel",
+];
+
 static DRIVER: Mutex<Option<Result<Driver, String>>> = Mutex::new(None);
 
 /// The CUDA driver: present, initialised, with its devices (checked once).
@@ -286,6 +312,22 @@ fn load_driver() -> Result<Driver, String> {
                 .into(),
         );
     }
+    // cudarc resolves each driver function at its first call and panics if it is missing:
+    // check every one moerail's path calls up front, so an old driver is a clear error.
+    // SAFETY: the library is present (checked above); only symbol addresses are read.
+    let lib = unsafe { dsys::culib() };
+    let missing: Vec<&str> = DRIVER_SYMBOLS
+        .iter()
+        .copied()
+        // SAFETY: reading a symbol's address.
+        .filter(|s| unsafe { lib.get::<unsafe extern "C" fn()>(s.as_bytes()) }.is_err())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the CUDA driver lacks {} (moerail needs a driver of CUDA 12.0 or newer)",
+            missing.join(", ")
+        ));
+    }
     no_panic("CUDA driver", || {
         result::init().map_err(|e| {
             crate::DeviceError::Backend(format!(
@@ -302,7 +344,6 @@ fn load_driver() -> Result<Driver, String> {
         let mut version = 0i32;
         // SAFETY: plain driver query after cuInit.
         unsafe { dsys::cuDriverGetVersion(&mut version) };
-        // SAFETY: library present (checked above).
         // SAFETY: library present (checked above); reading a symbol's address.
         let path = unsafe { dsys::culib().get::<unsafe extern "C" fn()>(b"cuInit") }
             .ok()

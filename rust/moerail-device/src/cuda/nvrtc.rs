@@ -68,8 +68,9 @@ pub fn options(stem: &str, target: Target, version: (i32, i32)) -> Vec<String> {
         "--ftz=false".to_string(),
     ];
     // The router's kernels are small next to the data they read but big in code (many score
-    // functions x dtypes): -Ofast-compile=min (NVRTC >= 12.8) makes them compile ~5x faster.
-    if stem == "router" && version >= (12, 8) {
+    // functions x dtypes): -Ofast-compile=min makes them compile ~5x faster. NVRTC 12.8 has the
+    // option but only its `max`/`0` levels (it rejects `min`); `min` came with 12.9.
+    if stem == "router" && version >= (12, 9) {
         o.push("--Ofast-compile=min".to_string());
     }
     if let Ok(extra) = std::env::var("MOERAIL_NVRTC_OPTIONS") {
