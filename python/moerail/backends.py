@@ -77,6 +77,15 @@ _KERNEL_OPS = ["topk_route", "routing_scores_for_aux_loss", "permute", "permute_
 _TORCH_OPS = ["apply_token_dropping", "switch/sequence load-balancing loss", "z_loss", "expert_bias_update"]
 
 
+# NPU tensors (moerail._npu): torch_npu's fused permutes where they give moerail's result, torch
+# formulas elsewhere; "torch on the NPU" for the rest.
+_NPU_ROWS = {
+    "permute": "torch_npu fused (uniform top-k) / torch",
+    "permute_by_indices": "torch_npu fused (no probs) / torch",
+    "unpermute": "torch on the NPU (fixed fp32 order)",
+}
+
+
 def op_backends(cuda_ok: bool, npu: bool, cuda: Dict[str, Any]) -> List[Dict[str, str]]:
     """Per op: what runs it for CPU, CUDA and NPU tensors."""
     if "driver_error" in cuda:
@@ -91,15 +100,14 @@ def op_backends(cuda_ok: bool, npu: bool, cuda: Dict[str, Any]) -> List[Dict[str
             "op": op,
             "cpu": "Rust (moerail-core)",
             "cuda": "CUDA kernel (NVRTC)" if cuda_ok else f"unavailable ({why})",
-            # No NPU op path yet: NPU tensors get a ValueError naming the argument (issue 7).
-            "npu": "not yet (ValueError)",
+            "npu": _NPU_ROWS.get(op, "torch on the NPU"),
         })
     for op in _TORCH_OPS:
         rows.append({
             "op": op,
             "cpu": "Rust (moerail-core)",
             "cuda": "torch on the GPU" if cuda_ok else f"unavailable ({why})",
-            "npu": "not yet (ValueError)",
+            "npu": "torch on the NPU",
         })
     rows.append({
         "op": "AllToAllDispatcher exchange",

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _device, _native, backends
+from . import _device, _native, _npu, backends
 
 __all__: List[str] = []
 
@@ -71,14 +71,20 @@ class _Op:
     def __init__(self, name: str, fn):
         self.name = name
         self.cpu_kernel = fn
-        # The CUDA path: the function of the same name in _device (every op has one).
+        # The CUDA path: the function of the same name in _device (every op has one); the NPU
+        # path: the one in _npu.
         self.device_kernel = getattr(_device, name)
+        self.npu_kernel = getattr(_npu, name)
         self.custom_op = torch.library.custom_op(f"moerail::{name}", fn, mutates_args=())
         self.custom_op.register_kernel("cuda", self.device_kernel)
+        if torch._C._get_privateuse1_backend_name() == "npu":  # torch_npu was imported first
+            self.custom_op.register_kernel("npu", self.npu_kernel)
         self._function = None
         self.__doc__ = fn.__doc__
 
     def kernel(self, *args):
+        if _npu.wants(args):
+            return self.npu_kernel(*args)
         if _device.wants(args):
             return self.device_kernel(*args)
         if not backends._noticed:
