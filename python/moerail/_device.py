@@ -279,6 +279,18 @@ def apply_token_dropping(probs, routing_map, topk, capacity_factor, drop_policy,
 # ----------------------------------------------------------------------------------------------
 
 
+def check_token_rows(tokens: Tensor, t: int) -> None:
+    if tokens.dim() != 2 or tokens.shape[0] != t:
+        raise ValueError(f"tokens: expected shape [{t}, hidden] (the rows of routing_map), got {list(tokens.shape)}")
+
+
+def check_index_shape(tokens: Tensor, indices: Tensor) -> None:
+    if tokens.dim() != 2 or indices.dim() != 2 or tokens.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"indices: expected shape [{tokens.shape[0]}, topk] (one row per token), got {list(indices.shape)}"
+        )
+
+
 def _bad_status(status: Tensor, what: str) -> None:
     bits = int(status.item())
     if bits & _ST_BAD_INDEX:
@@ -324,8 +336,7 @@ def _gather(tokens, sorted_indices):
 
 def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size):
     t, e = routing_map.shape
-    if tokens.dim() != 2 or tokens.shape[0] != t:
-        raise ValueError(f"tokens: expected shape [{t}, hidden] (the rows of routing_map), got {list(tokens.shape)}")
+    check_token_rows(tokens, t)
     if drop_and_pad:
         s = _launch_ready(tokens)
         capacity = num_out_tokens // e
@@ -346,10 +357,7 @@ def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size
 
 
 def permute_by_indices(tokens, indices, num_experts, probs, align_size):
-    if tokens.dim() != 2 or indices.dim() != 2 or tokens.shape[0] != indices.shape[0]:
-        raise ValueError(
-            f"indices: expected shape [{tokens.shape[0]}, topk] (one row per token), got {list(indices.shape)}"
-        )
+    check_index_shape(tokens, indices)
     sorted_indices, pp, row_counts = _layout(tokens, indices, num_experts, probs, -1, align_size, "indices")
     out = _gather(tokens, sorted_indices)
     if pp is None:

@@ -290,8 +290,7 @@ def _fused_permute_map(tokens, routing_map, probs, k):
 
 def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size):
     t, e = routing_map.shape
-    if tokens.dim() != 2 or tokens.shape[0] != t:
-        raise ValueError(f"tokens: expected shape [{t}, hidden] (the rows of routing_map), got {list(tokens.shape)}")
+    _device.check_token_rows(tokens, t)
     if drop_and_pad:
         # Megatron's capacity layout: each expert's first `capacity` tokens, routed ones first.
         capacity = num_out_tokens // e
@@ -323,10 +322,7 @@ def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size
 
 
 def permute_by_indices(tokens, indices, num_experts, probs, align_size):
-    if tokens.dim() != 2 or indices.dim() != 2 or tokens.shape[0] != indices.shape[0]:
-        raise ValueError(
-            f"indices: expected shape [{tokens.shape[0]}, topk] (one row per token), got {list(indices.shape)}"
-        )
+    _device.check_index_shape(tokens, indices)
     t, k = indices.shape
     valid = indices >= 0
     if _checks(indices) and indices.numel():
