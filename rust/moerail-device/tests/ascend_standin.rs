@@ -113,6 +113,16 @@ fn ascend_tables_against_a_stand_in() {
     }
     assert_eq!(&dst[..4], &src);
     acl.synchronize(stream).unwrap();
+    // ACL used before initialisation: the error says how to initialise it.
+    std::env::set_var("STANDIN_FAIL", "aclrtSynchronizeStream:100001");
+    let e = acl.synchronize(stream).unwrap_err().to_string();
+    std::env::remove_var("STANDIN_FAIL");
+    assert!(
+        e.contains("aclrtSynchronizeStream")
+            && e.contains("ACL_ERROR_UNINITIALIZE")
+            && e.contains("torch.npu.init()"),
+        "{e}"
+    );
     acl.destroy_stream(stream).unwrap();
     let l = log(&logf);
     assert!(
@@ -212,10 +222,11 @@ fn ascend_tables_against_a_stand_in() {
     // Bad arguments: named, and no call reaches the library.
     let n_calls = log(&logf).len();
     type Case<'a> = (&'a [u64], &'a [u64], &'a [u64], &'a [u64], &'a str);
-    let bad: [Case; 4] = [
+    let bad: [Case; 5] = [
         (&[8, 0, 24], sd, rc, rd, "send_counts"),
+        (sc, sd, &[16, 8, 16, 0], rd, "recv_counts"), // rank 2 sends itself 24, expects 16
         (sc, sd, rc, &[0, 16, 40, 48], "recv_displs"), // rank 2 would end at 64 > 48
-        (sc, sd, rc, &[0, 8, 24, 48], "recv_displs"),  // ranks 0 and 1 overlap
+        (sc, sd, rc, &[0, 8, 24, 48], "recv_displs"), // ranks 0 and 1 overlap
         (&[u64::MAX, 0, 0, 0], &[1, 0, 0, 0], rc, rd, "send_displs"), // overflow
     ];
     for (a, b, c, d, arg) in bad {
@@ -270,6 +281,8 @@ fn ascend_tables_against_a_stand_in() {
         .unwrap()
         .starts_with("HcclCommDestroy comm=2/4"));
     assert_eq!(hccl::result_name(21), "HCCL_E_REMOTE");
+    assert_eq!(hccl::result_name(22), "HCCL_E_SUSPENDING");
+    assert_eq!(hccl::result_name(23), "HcclResult 23");
     assert_eq!(
         DataType::from_torch("torch.bfloat16"),
         Some(DataType::Bfp16)

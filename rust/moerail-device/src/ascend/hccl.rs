@@ -65,7 +65,7 @@ impl DataType {
     }
 }
 
-const RESULT_NAMES: [&str; 22] = [
+const RESULT_NAMES: [&str; 23] = [
     "SUCCESS",
     "E_PARA",
     "E_PTR",
@@ -88,6 +88,7 @@ const RESULT_NAMES: [&str; 22] = [
     "E_NETWORK",
     "E_AGAIN",
     "E_REMOTE",
+    "E_SUSPENDING",
 ];
 
 /// `HCCL_E_...` name of a result code.
@@ -321,6 +322,18 @@ impl Comm {
     ) -> Result<()> {
         check_side("send", &send, self.n_ranks, false)?;
         check_side("recv", &recv, self.n_ranks, true)?;
+        // A rank's block to itself is one block on both sides: differing counts mean the plans
+        // of the ranks disagree, and HCCL would hang or corrupt rather than say so.
+        let me = self.rank;
+        if me < self.n_ranks && send.counts[me] != recv.counts[me] {
+            return Err(invalid(
+                "recv_counts",
+                format!(
+                    "rank {me} sends {} elements to itself but expects to receive {}",
+                    send.counts[me], recv.counts[me]
+                ),
+            ));
+        }
         let h = &self.hccl;
         // SAFETY: arrays of n_ranks u64 (checked); buffers forwarded from the caller.
         h.check("HcclAlltoAllV", unsafe {

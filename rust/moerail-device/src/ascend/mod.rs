@@ -151,13 +151,19 @@ pub struct Acl {
     init_result: Mutex<Option<Result<()>>>,
 }
 
+/// `ACL_ERROR_UNINITIALIZE`: ACL was used before `aclInit`.
+pub const ACL_ERROR_UNINITIALIZE: i32 = 100001;
+
 fn acl_check(call: &str, rc: c_int) -> Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(DeviceError::Backend(format!(
+    match rc {
+        0 => Ok(()),
+        ACL_ERROR_UNINITIALIZE => Err(DeviceError::Backend(format!(
+            "{call} failed: aclError {rc} (ACL_ERROR_UNINITIALIZE: ACL is not initialised; import \
+             torch_npu and call torch.npu.init() or touch an NPU tensor first)"
+        ))),
+        _ => Err(DeviceError::Backend(format!(
             "{call} failed: aclError {rc}"
-        )))
+        ))),
     }
 }
 
