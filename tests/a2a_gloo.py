@@ -92,7 +92,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
         case["experts"], None, ranks_per_node=case["rpn"], strategy=case["strategy"],
         placement=case.get("placement"), topk=case["topk"], capacity_factor=case.get("capacity_factor"),
         drop_policy=case.get("drop_policy", "probs"), pad_to_capacity=case.get("pad", False),
-        num_chunks=case.get("chunks", 1), timeout=timedelta(seconds=60))
+        num_chunks=case.get("chunks", 1), timeout=timedelta(seconds=60), exchange=case.get("exchange", "auto"))
     ref_rows, ref_probs, ref_counts, mine = reference(case, world, rank, disp)
     h0, p0, m0 = inputs(case, rank)
     h = h0.clone().requires_grad_(True)
@@ -151,6 +151,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     res["sent"] = sent.tolist()
     res["planned"] = planned.tolist()
     res["strategy"] = stats["strategy"]
+    res["executor"] = stats["executor"]
     return res
 
 
@@ -171,6 +172,7 @@ def run_chunked(case, disp, experts, h, p, h0, p0, m0, mine, weights, rank) -> d
         "grad_hidden_close": torch.allclose(h.grad.double(), hr.grad, **tol),
         "grad_probs_close": torch.allclose(p.grad.double(), pr.grad, rtol=1e-6, atol=1e-8),
         "overlap": ov, "strategy": disp.last_stats["strategy"], "out": out.detach().double().tolist(),
+        "executor": disp.last_stats["executor"],
     }
 
 
@@ -236,6 +238,28 @@ def worker(rank: int, world: int, port: int, cases: list, out_q) -> None:
                 continue
             results.append(run_case(case, world, rank))
         out_q.put((rank, results))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        out_q.put((rank, traceback.format_exc()))
+
+
+def hccl_unavailable_worker(rank: int, world: int, port: int, empty_dir: str, out_q) -> None:
+    """``exchange="hccl"`` where rank 1 finds no HCCL: every rank must raise the same error (the
+    others must not wait in HCCL's communicator set-up)."""
+    try:
+        if rank == 1:
+            os.environ["MOERAIL_ASCEND_LIB_DIR"] = empty_dir
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        case = dict(seed=1, tokens=[6, 5], experts=4, topk=2)
+        disp = moerail.AllToAllDispatcher(4, None, ranks_per_node=1, strategy="flat", exchange="hccl",
+                                          timeout=timedelta(seconds=30))
+        h, p, m = inputs(case, rank)
+        try:
+            disp.dispatch(h, p, m)
+            out_q.put((rank, None))
+        except RuntimeError as e:
+            out_q.put((rank, str(e)))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         out_q.put((rank, traceback.format_exc()))

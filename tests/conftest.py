@@ -9,8 +9,11 @@ installed megatron-core (0.16 on Python 3.11: 3-tuple ``permute``) and then runs
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 _alt = os.environ.get("MOERAIL_MEGATRON_PATH")
 if _alt:
@@ -73,3 +76,19 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bfloat16 numbers at |x| (at least the smallest normal spacing)."""
     a = x.abs().double().clamp_min(2.0**-126)
     return torch.exp2(torch.floor(torch.log2(a)) - 7)
+
+
+@pytest.fixture(scope="session")
+def ascend_standin(tmp_path_factory) -> Path:
+    """A folder whose ``lib64`` holds the CANN/HCCL stand-in (the C library of
+    rust/moerail-device/tests/ascend_standin, the same prototypes as acl.h / hccl.h) built as
+    ``libascendcl.so`` and ``libhccl.so``."""
+    src = Path(__file__).resolve().parent.parent / "rust" / "moerail-device" / "tests" / "ascend_standin" / "standin.c"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler (cc) to build the CANN/HCCL stand-in")
+    d = tmp_path_factory.mktemp("ascend")
+    (d / "lib64").mkdir()
+    for name in ("libascendcl.so", "libhccl.so"):
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "lib64" / name), str(src)], check=True)
+    return d

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _checks, _native
+from . import _checks, _native, ops
 from .balance import LinkModel, log2phy_from_phy2log, select_replicas
 
 __all__ = ["STRATEGIES", "AllToAllPlan", "plan_all_to_all", "AllToAllDispatcher"]
@@ -279,7 +279,7 @@ def _pack(layout: dict, hidden: torch.Tensor, probs: Optional[torch.Tensor] = No
           ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows ``[n, row_bytes]`` uint8 in the planner's row format."""
     n = hidden.shape[0]
-    buf = torch.zeros(n, layout["row_bytes"], dtype=torch.uint8)
+    buf = torch.zeros(n, layout["row_bytes"], dtype=torch.uint8, device=hidden.device)
     hb = layout["hidden_bytes"]
     buf[:, :hb] = hidden.contiguous().view(torch.uint8).view(n, hb)
     if layout["num_probs"]:
@@ -303,12 +303,12 @@ def _unpack(layout: dict, buf: torch.Tensor, hidden: int, dtype: torch.dtype):
 
 
 def _sum_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """``out[index[i]] += src[i]`` in ascending ``i``, in fp32 (fp64 for fp64)."""
-    acc_t = torch.float64 if src.dtype == torch.float64 else torch.float32
-    out = torch.zeros(rows, *src.shape[1:], dtype=acc_t)
-    if index.numel():
-        out.index_add_(0, index, src.to(acc_t))
-    return out
+    """``out[t] = sum of src[i] over index[i] == t``, in ascending ``i``, accumulated in fp32
+    (fp64 for fp64) and rounded once to ``src``'s dtype.
+
+    It is moerail's unpermute kernel (CPU, CUDA or NPU, by where ``src`` is), not
+    ``index_add_``: on a GPU ``index_add_`` adds with float atomics, in no fixed order."""
+    return ops.unpermute.kernel(src.contiguous(), index, rows, None)
 
 
 @dataclass
@@ -338,7 +338,21 @@ class _Route:
     slots: torch.Tensor = None  # [T, K] slot of each (token, entry), -1 empty
     rows_entry: Optional[torch.Tensor] = None  # copy strategies: t * K + j of each send row
     tokens_per_local_expert: Optional[torch.Tensor] = None
+    device: torch.device = torch.device("cpu")  # where the token rows and the indices live
     stats: Dict[str, object] = field(default_factory=dict)
+
+    def to_device(self) -> None:
+        """Moves the index tensors (built on the host from the plan) next to the rows, once."""
+        if self.device.type == "cpu":
+            return
+        for hop in self.hops:
+            hop.index = hop.index.to(self.device)
+        self.out_rows = self.out_rows.to(self.device)
+        self.slots = self.slots.to(self.device)
+        if self.rows_entry is not None:
+            self.rows_entry = self.rows_entry.to(self.device)
+        if self.out_entries is not None:
+            self.out_entries = self.out_entries.to(self.device)
 
 
 class AllToAllDispatcher:
@@ -356,10 +370,25 @@ class AllToAllDispatcher:
     expert ``e`` in slot ``e``). ``capacity_factor`` (with ``topk``) drops tokens as Megatron's
     router does (``moerail.apply_token_dropping``, ``drop_policy``, ``pad_to_capacity``).
 
+    Devices: the tokens may live on the CPU, a CUDA GPU or an Ascend NPU (``ep_group`` then
+    gloo, NCCL or HCCL). Their rows are packed, exchanged and summed where they are (the sums
+    by moerail's unpermute kernel: fp32, fixed order, no atomics); the plan is made on the host
+    from the routing map and the all-gathered counts, one small device-to-host read a dispatch
+    (``dedup`` / ``allgather`` also read the slot-id columns of their first hop back, 4 bytes an
+    entry). ``tokens_per_local_expert`` is a host tensor, as in Megatron.
+
+    ``exchange`` says who moves the rows: ``"torch"``, ``torch.distributed.all_to_all_single``
+    on ``ep_group``; ``"hccl"``, moerail's HCCL executor (:class:`moerail.ascend.HcclExchange`:
+    ``HcclAlltoAllV`` with the plan's counts in elements, its own communicator over the ranks of
+    ``ep_group``, built at the first exchange); ``"auto"`` (default), the HCCL executor for NPU
+    tokens and torch.distributed otherwise; or any object with ``exchange(buf, send_rows,
+    recv_rows) -> received rows``.
+
     The first collective of every dispatch all-gathers each rank's counts together with a status
     and a hash of its configuration: a rank whose arguments failed, or whose configuration
-    (experts, slots, ``ranks_per_node``, strategy, hidden size, dtype) differs, makes every rank
-    raise the same error instead of hanging. Every wait has ``timeout``."""
+    (experts, slots, ``ranks_per_node``, strategy, hidden size, dtype, device type, exchange)
+    differs, makes every rank raise the same error instead of hanging. Every wait has
+    ``timeout``."""
 
     def __init__(
         self,
@@ -377,6 +406,7 @@ class AllToAllDispatcher:
         etp_group=None,
         link: Optional[LinkModel] = None,
         timeout: timedelta = timedelta(minutes=5),
+        exchange="auto",
     ):
         self.num_experts = _checks.integer(num_experts, "num_experts", minimum=1)
         if not dist.is_available() or not dist.is_initialized():
@@ -411,6 +441,15 @@ class AllToAllDispatcher:
         if not isinstance(timeout, timedelta):
             raise TypeError(f"timeout: expected a datetime.timedelta, got {type(timeout).__name__}")
         self.timeout = timeout
+        if isinstance(exchange, str):
+            if exchange not in ("auto", "torch", "hccl"):
+                raise ValueError(f"exchange: expected 'auto', 'torch', 'hccl' or an object with an exchange(buf, "
+                                 f"send_rows, recv_rows) method, got {exchange!r}")
+        elif not callable(getattr(exchange, "exchange", None)):
+            raise TypeError(f"exchange: expected 'auto', 'torch', 'hccl' or an object with an exchange(buf, "
+                            f"send_rows, recv_rows) method, got {type(exchange).__name__}")
+        self.exchange = exchange
+        self._hccl = None
         self._route: Optional[_Route] = None
 
     def set_placement(self, placement) -> None:
@@ -430,21 +469,43 @@ class AllToAllDispatcher:
         if not work.wait(self.timeout):
             raise RuntimeError(f"ep_group: collective did not finish within {self.timeout}")
 
-    def _config_hash(self, hidden: int, dtype: torch.dtype) -> int:
+    def _config_hash(self, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
+        executor = self.exchange if isinstance(self.exchange, str) else type(self.exchange).__name__
         key = repr((self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
-                    self.num_chunks, hidden, str(dtype), self.phy2log.tolist()))
+                    self.num_chunks, hidden, str(dtype), device.type, executor, self.phy2log.tolist()))
         return zlib.crc32(key.encode())
 
-    def _gather_counts(self, vec: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(vec) for _ in range(self.world)]
-        self._wait(dist.all_gather(parts, vec, group=self.ep_group, async_op=True))
-        return torch.stack(parts)
+    def _count_device(self, hidden, group=None) -> torch.device:
+        """Where the small count vectors go for ``ep_group``'s collectives: the host for a group
+        that gloo serves (CPU, or a mixed ``cpu:gloo,cuda:nccl`` group), else the rows' device,
+        since NCCL and HCCL take device tensors only. Known even when ``hidden`` is bad, so a
+        rank whose arguments failed still joins the collective."""
+        backend = str(dist.get_backend(self.ep_group if group is None else group)).lower()
+        if "gloo" in backend:
+            return torch.device("cpu")
+        if isinstance(hidden, torch.Tensor) and hidden.device.type != "cpu":
+            return hidden.device
+        if "nccl" in backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        npu = getattr(torch, "npu", None)
+        if "hccl" in backend and npu is not None:
+            return torch.device("npu", npu.current_device())
+        return torch.device("cpu")
+
+    def _gather_counts(self, vec: torch.Tensor, hidden, group=None) -> torch.Tensor:
+        """Every rank's ``vec`` (host int64), stacked; it travels on the collective's device and
+        comes back to the host (the one device-to-host read of a dispatch, as in Megatron)."""
+        group = self.ep_group if group is None else group
+        v = vec.to(self._count_device(hidden, group))
+        parts = [torch.empty_like(v) for _ in range(dist.get_world_size(group))]
+        self._wait(dist.all_gather(parts, v, group=group, async_op=True))
+        return torch.stack(parts).cpu()
 
     # -- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         prepared, error = self._try_prepare(hidden, probs, routing_map)
-        out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error)
+        out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error, hidden)
         self._route = route
         if self.etp_size > 1:
             return self._etp_gather(out, per_slot, out_probs)
@@ -455,12 +516,10 @@ class AllToAllDispatcher:
         (their experts hold a shard of each expert's weights), grouped by local slot, then ETP
         rank, as Megatron's dispatcher orders them after its all-gather."""
         g, loc = self.etp_group, self.num_local_experts
-        sizes = [torch.empty_like(per_slot) for _ in range(self.etp_size)]
-        self._wait(dist.all_gather(sizes, per_slot.contiguous(), group=g, async_op=True))
-        sizes = torch.stack(sizes)  # [ETP, L]
+        sizes = self._gather_counts(per_slot.contiguous(), rows, g)  # [ETP, L]
         order = torch.empty(int(sizes.sum()), dtype=torch.int64)
         _native.a2a_block_order(sizes.flatten().tolist(), self.etp_size, loc, order)
-        info = (sizes.sum(1).tolist(), order, dist.get_rank(g))
+        info = (sizes.sum(1).tolist(), order.to(rows.device), dist.get_rank(g))
         self._etp = info
         rows = _EtpGather.apply(rows, self, info)
         probs = _EtpGather.apply(probs.unsqueeze(1), self, info)[:, 0]
@@ -472,15 +531,16 @@ class AllToAllDispatcher:
         except (TypeError, ValueError) as e:
             return None, e
 
-    def _dispatch_prepared(self, prepared, error):
+    def _dispatch_prepared(self, prepared, error, raw_hidden):
         """The counts' all-gather (with every rank's status and configuration hash), the plan,
-        and the exchange of ``prepared = (hidden, weights, slots)``."""
+        and the exchange of ``prepared = (hidden, weights, slots)`` (``slots`` on the host;
+        ``raw_hidden``, the caller's argument, says where the collectives run)."""
         w, rpn, loc = self.world, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
         vec = torch.zeros(v, dtype=torch.int64)
         if error is None:
             hidden, weights, slots = prepared
-            vec[3] = self._config_hash(hidden.shape[1], hidden.dtype)
+            vec[3] = self._config_hash(hidden.shape[1], hidden.dtype, hidden.device)
             try:
                 # Distinct experts of a routing-map row map to distinct slots: no repeat check.
                 _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec, False)
@@ -489,7 +549,7 @@ class AllToAllDispatcher:
         if error is not None:
             vec.zero_()
             vec[0] = 1
-        gathered = self._gather_counts(vec)
+        gathered = self._gather_counts(vec, raw_hidden)
         bad = (gathered[:, 0] != 0).nonzero().flatten().tolist()
         if error is not None:
             raise error
@@ -504,6 +564,8 @@ class AllToAllDispatcher:
         plan = _make_plan(gathered, w, rpn, loc, self.strategy, h, hidden.element_size(),
                           weights.requires_grad, self.link)
         route = self._route_for(plan, slots, h, dtype)
+        route.device = hidden.device
+        route.to_device()
         out, out_probs = _Dispatch.apply(hidden, weights, self, route)
         return out, route.tokens_per_local_expert, out_probs, route
 
@@ -519,7 +581,7 @@ class AllToAllDispatcher:
         n = self.num_chunks
         prepared, error = self._try_prepare(hidden, probs, routing_map)
         if n == 1 or error is not None:
-            out, per_slot, p, route = self._dispatch_prepared(prepared, error)
+            out, per_slot, p, route = self._dispatch_prepared(prepared, error, hidden)
             self._route = route
             return self.combine(experts(out, per_slot, p))
         h, wts, slots = prepared
@@ -537,7 +599,7 @@ class AllToAllDispatcher:
                 with torch.set_grad_enabled(grad_mode):
                     for kind, i in jobs:
                         if kind == "dispatch":
-                            dispatched[i] = self._dispatch_prepared(chunks[i], None)
+                            dispatched[i] = self._dispatch_prepared(chunks[i], None, hidden)
                         else:
                             combined[i] = _Combine.apply(ys[i], self, dispatched[i][3])
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
@@ -545,7 +607,7 @@ class AllToAllDispatcher:
             box.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        dispatched[0] = self._dispatch_prepared(chunks[0], None)
+        dispatched[0] = self._dispatch_prepared(chunks[0], None, hidden)
         exchange_s += time.perf_counter() - t0
         for i in range(n):
             jobs = ([("combine", i - 1)] if i >= 1 else []) + ([("dispatch", i + 1)] if i + 1 < n else [])
@@ -574,9 +636,9 @@ class AllToAllDispatcher:
         hidden = _checks.tensor(hidden, "hidden", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, hidden]")
         probs = _checks.tensor(probs, "probs", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, num_experts]")
         routing_map = _checks.routing_map(routing_map)
-        for name, x in (("hidden", hidden), ("probs", probs), ("routing_map", routing_map)):
-            if x.device.type != "cpu":
-                raise ValueError(f"{name}: expected a CPU tensor (this dispatcher exchanges CPU tensors), got {x.device}")
+        for name, x in (("probs", probs), ("routing_map", routing_map)):
+            if x.device != hidden.device:
+                raise ValueError(f"{name}: expected a tensor on {hidden.device} (the device of hidden), got {x.device}")
         _checks.same_rows(hidden, "hidden", probs, "probs")
         if tuple(routing_map.shape) != tuple(probs.shape):
             raise ValueError(f"routing_map: expected shape {tuple(probs.shape)} (the shape of probs), "
@@ -588,9 +650,12 @@ class AllToAllDispatcher:
 
             probs, routing_map = apply_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
                                                       self.drop_policy, self.pad_to_capacity)
-        idx = _compact(routing_map)
+        # The plan is made on the host: the routing map comes over (T x E bytes); the token
+        # rows and their weights stay where they are.
+        idx = _compact(routing_map.cpu())
         slots = select_replicas(idx, self.log2phy, self.logcnt, self.num_slots, offset=self.rank)
-        weights = probs.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+        idx_here = idx.to(probs.device)
+        weights = probs.gather(1, idx_here.clamp(min=0)).masked_fill(idx_here < 0, 0.0)
         return hidden, weights, slots
 
 
@@ -658,12 +723,17 @@ class AllToAllDispatcher:
         node; after stage 2, which entry of which row is each output row."""
         w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
         node = rank // rpn
+        ids_offset = lay["ids_offset"]
+        if buf.device.type != "cpu":
+            # Only the slot-id columns come to the host (4 bytes an entry, not the hidden state).
+            buf = buf[:, ids_offset : ids_offset + 4 * lay["num_ids"]].cpu()
+            ids_offset = 0
         if stage == 1:
             hop = route.hops[1]
             fwd = torch.empty(sum(hop.send), dtype=torch.int64)
             expected = [hop.send[node * rpn + g] for g in range(rpn)]
-            _native.a2a_forward_index(buf, lay["ids_offset"], lay["num_ids"], w, rpn, loc, node, expected, fwd)
-            hop.index = fwd
+            _native.a2a_forward_index(buf, ids_offset, lay["num_ids"], w, rpn, loc, node, expected, fwd)
+            hop.index = fwd.to(route.device)
             return
         # From proxies (node, g) in rank order; each proxy's rows by source node, then token.
         blocks: List[int] = []
@@ -675,9 +745,9 @@ class AllToAllDispatcher:
         n_out = int(mine.sum())
         out_rows = torch.empty(n_out, dtype=torch.int64)
         out_entries = torch.empty(n_out, dtype=torch.int64)
-        _native.a2a_expand_index(buf, lay["ids_offset"], lay["num_ids"], blocks, w, rpn, loc, rank,
+        _native.a2a_expand_index(buf, ids_offset, lay["num_ids"], blocks, w, rpn, loc, rank,
                                  mine.t().flatten().tolist(), out_rows, out_entries)
-        route.out_rows, route.out_entries = out_rows, out_entries
+        route.out_rows, route.out_entries = out_rows.to(route.device), out_entries.to(route.device)
 
     # -- combine --------------------------------------------------------------------------------
 
@@ -701,8 +771,9 @@ class AllToAllDispatcher:
     @property
     def last_stats(self) -> Dict[str, object]:
         """The last exchange: the plan's summary (strategy, estimates, planned bytes of every
-        pass over the whole group) and what this rank measured (bytes it sent inside and between
-        nodes, seconds in collectives) per pass run so far."""
+        pass over the whole group), what this rank measured (bytes it sent inside and between
+        nodes, seconds in collectives) per pass run so far, and the ``executor`` that moved the
+        rows (``torch.distributed``, ``hccl`` or the class of the object given)."""
         r = self._route
         if r is None:
             return {}
@@ -711,6 +782,8 @@ class AllToAllDispatcher:
                               for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_rows", "seconds")}
                           for p in _PASSES}
         out["measured"] = {p: dict(v) for p, v in r.stats.items()}
+        ex = self._executor(r.device)
+        out["executor"] = "torch.distributed" if ex is None else ("hccl" if ex is self._hccl else type(ex).__name__)
         if self._overlap:
             out["overlap"] = dict(self._overlap)
         return out
@@ -718,12 +791,32 @@ class AllToAllDispatcher:
     # -- the passes -----------------------------------------------------------------------------
 
     def _exchange(self, buf: torch.Tensor, send: List[int], recv: List[int], log: list) -> torch.Tensor:
-        out = torch.empty(sum(recv), buf.shape[1], dtype=buf.dtype)
         t0 = time.perf_counter()
-        self._wait(dist.all_to_all_single(out, buf.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                                          group=self.ep_group, async_op=True))
+        executor = self._executor(buf.device)
+        if executor is not None:
+            out = executor.exchange(buf, send, recv)
+        else:
+            out = torch.empty(sum(recv), buf.shape[1], dtype=buf.dtype, device=buf.device)
+            self._wait(dist.all_to_all_single(out, buf.contiguous(), output_split_sizes=recv,
+                                              input_split_sizes=send, group=self.ep_group, async_op=True))
         log.append(([s * buf.shape[1] for s in send], time.perf_counter() - t0))
         return out
+
+    def _executor(self, device: torch.device):
+        """Who runs an exchange step: None for torch.distributed's ``all_to_all_single`` on
+        ``ep_group``, else an object with ``exchange(buf, send_rows, recv_rows)`` (moerail's HCCL
+        executor for NPU rows). Every rank of the group makes the same choice: the rows of all
+        of them are on the same kind of device (the configuration hash covers it)."""
+        ex = self.exchange
+        if isinstance(ex, str):
+            if ex == "torch" or (ex == "auto" and device.type != "npu"):
+                return None
+            if self._hccl is None:
+                from .ascend import HcclExchange
+
+                self._hccl = HcclExchange.from_group(self.ep_group)
+            return self._hccl
+        return ex
 
     def _record(self, route: _Route, pass_: str, log: list) -> None:
         rpn = self.ranks_per_node
@@ -758,11 +851,11 @@ class AllToAllDispatcher:
             k = route.slots.shape[1]
             ids = probs = None
             if lay["num_ids"]:
-                ids = torch.full((route.num_tokens, ent), -1, dtype=torch.int64)
+                ids = torch.full((route.num_tokens, ent), -1, dtype=torch.int64, device=route.device)
                 ids[:, :k] = route.slots
                 ids = ids.index_select(0, sel)
             if lay["num_probs"]:
-                probs = torch.zeros(route.num_tokens, ent, dtype=torch.float32)
+                probs = torch.zeros(route.num_tokens, ent, dtype=torch.float32, device=route.device)
                 probs[:, :k] = weights.to(torch.float32)
                 probs = probs.index_select(0, sel)
             buf = _pack(lay, hidden.index_select(0, sel), probs, ids)
@@ -792,7 +885,7 @@ class AllToAllDispatcher:
         p = None
         if lay["num_probs"]:
             width = 1 if route.copy_rows else route.plan.entries
-            p = torch.zeros(n_last, width, dtype=torch.float32)
+            p = torch.zeros(n_last, width, dtype=torch.float32, device=route.device)
             col = torch.zeros_like(route.out_rows) if route.copy_rows else route.out_entries
             p[route.out_rows, col] = probs_grad.to(torch.float32)
         buf = _pack(lay, acc.to(dtype), p)
@@ -807,7 +900,7 @@ class AllToAllDispatcher:
                 k = route.slots.shape[1]
                 if route.copy_rows:
                     # One weight a copy row: back to its (token, entry).
-                    gw = torch.zeros(route.num_tokens * k, dtype=torch.float32)
+                    gw = torch.zeros(route.num_tokens * k, dtype=torch.float32, device=route.device)
                     gw[route.rows_entry] = pp[:, 0]
                     gw = gw.view(route.num_tokens, k)
                 else:
@@ -833,9 +926,9 @@ class _Dispatch(torch.autograd.Function):
         route = ctx.route
         n = route.out_rows.numel()
         if grad_rows is None:
-            grad_rows = torch.zeros(n, route.hidden, dtype=route.dtype)
+            grad_rows = torch.zeros(n, route.hidden, dtype=route.dtype, device=route.device)
         if grad_probs is None:
-            grad_probs = torch.zeros(n, dtype=torch.float32)
+            grad_probs = torch.zeros(n, dtype=torch.float32, device=route.device)
         g_hidden, g_w = ctx.disp._reverse_pass(route, grad_rows.contiguous(), grad_probs, "dispatch_backward")
         if g_w is not None:
             g_w = g_w.to(ctx.weights_dtype)
@@ -861,7 +954,7 @@ def _etp_all_rows(disp: AllToAllDispatcher, x: torch.Tensor, info) -> torch.Tens
     ETP-rank order."""
     sizes, _, _ = info
     m = max(sizes) if sizes else 0
-    pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype)
+    pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
     pad[: x.shape[0]] = x
     parts = [torch.empty_like(pad) for _ in sizes]
     disp._wait(dist.all_gather(parts, pad, group=disp.etp_group, async_op=True))

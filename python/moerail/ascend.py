@@ -28,6 +28,14 @@ def _npu_stream(t: torch.Tensor) -> int:
     return 0
 
 
+def _hccl_missing() -> Optional[str]:
+    """Why ``libhccl.so`` cannot be used here (None: it can)."""
+    st = _native.ascend_status(False)
+    if "hccl" in st:
+        return None
+    return str(st.get("hccl_error", "libhccl.so not found"))
+
+
 class HcclExchange:
     """An HCCL communicator over ``n_ranks`` ranks and the exchange steps that use it.
 
@@ -45,12 +53,26 @@ class HcclExchange:
 
     @classmethod
     def from_group(cls, group=None) -> HcclExchange:
+        """A communicator over the ranks of ``group`` (rank ``i`` of the group is HCCL rank
+        ``i``). Collective: every rank of ``group`` calls it. Each rank first checks that it can
+        load HCCL, and the group's first rank makes the root info; what every rank found is
+        all-gathered before any rank calls ``HcclCommInitRootInfo``, so a rank without HCCL makes
+        every rank raise the same error instead of leaving the others waiting in HCCL."""
         import torch.distributed as dist
 
         rank, n = dist.get_rank(group), dist.get_world_size(group)
-        box = [cls.root_info() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        return cls(n, rank, box[0])
+        mine: tuple = (None, None)
+        try:
+            mine = (None, cls.root_info()) if rank == 0 else (_hccl_missing(), None)
+        except Exception as e:  # noqa: BLE001 - sent to every rank, raised on all of them below
+            mine = (f"{type(e).__name__}: {e}", None)
+        found: List[tuple] = [(None, None)] * n
+        dist.all_gather_object(found, mine, group=group)
+        bad = {r: why for r, (why, _) in enumerate(found) if why}
+        if bad:
+            raise RuntimeError("HCCL executor: not available on rank(s) "
+                               + "; ".join(f"{r}: {why}" for r, why in sorted(bad.items())))
+        return cls(n, rank, found[0][1])
 
     @property
     def rank(self) -> int:

@@ -112,8 +112,8 @@ def op_backends(cuda_ok: bool, npu: bool, cuda: Dict[str, Any]) -> List[Dict[str
     rows.append({
         "op": "AllToAllDispatcher exchange",
         "cpu": "torch.distributed (gloo)",
-        "cuda": "not yet (CPU tensors only)",
-        "npu": "not yet (executor: moerail.ascend.HcclExchange)",
+        "cuda": "torch.distributed (NCCL), rows stay on the GPU",
+        "npu": "moerail.ascend.HcclExchange (HCCL), rows stay on the NPU",
     })
     return rows
 

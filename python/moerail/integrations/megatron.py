@@ -352,9 +352,10 @@ _CANDIDATES: Dict[str, Tuple[Callable, ...]] = {
 
 MOE_UTILS_FUNCTIONS: Tuple[str, ...] = tuple(_CANDIDATES)
 
-# Device types moerail's ops run on in this build; a patched call with tensors elsewhere goes to
+# Device types moerail's ops run on (CPU: Rust; CUDA: moerail's kernels; NPU: torch_npu's fused
+# permutes and torch formulas); a patched call with tensors elsewhere (meta, XLA, ...) goes to
 # Megatron's own function (with a warning, once per function and reason).
-SERVED_DEVICE_TYPES = frozenset({"cpu"})
+SERVED_DEVICE_TYPES = frozenset({"cpu", "cuda", "npu"})
 
 
 def _params(fn) -> List[str]:
