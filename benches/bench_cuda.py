@@ -8,6 +8,7 @@ Without a GPU the section says so and measures nothing.
 from __future__ import annotations
 
 import statistics
+import time
 import warnings
 
 import torch
@@ -32,21 +33,28 @@ def _cuda_time(fn, repeat: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def run(quick: bool) -> str:
-    if not torch.cuda.is_available():
-        return ("Not measured: this run had no CUDA GPU (`torch.cuda.is_available()` is False). On a GPU machine "
-                "`make bench` adds: permute and unpermute at T=4096, H=7168, top-8 of 256, bf16 against the "
-                "device's copy bandwidth (a same-size `copy_` measured in the same run) and against Megatron-Core's "
-                "unfused `permute` / `unpermute`, and the router against Megatron's `topk_routing_with_score_function`.")
-    import moerail
-    from moerail.integrations.megatron import megatron_api
+def _host_time(fn, repeat: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
+
+def measure(dev: torch.device, t: int, h: int, e: int, k: int, timer) -> tuple:
+    """The rows of the section on ``dev`` (``timer(fn) -> seconds``): permute and unpermute
+    against a same-size ``copy_`` and Megatron's unfused ops, with moerail's value checks on
+    (the default) and off, and the router against Megatron's. Returns ``(rows, copy_bw, nrows)``.
+    The test suite runs it on CPU tensors through the kernels' emulator at small sizes."""
+    import moerail
+    from moerail import _device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.transformer.moe import moe_utils
-    mc = megatron_api(moe_utils)
-    t, h, e, k = (1024, 2048, 64, 8) if quick else (4096, 7168, 256, 8)
-    dev = torch.device("cuda")
+    mc = moe_utils  # 3- or 5-tuple permute: both take these arguments; only the time is used
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = torch.randn(t, e, generator=g).to(dev)
     x = torch.randn(t, h, generator=g).bfloat16().to(dev)
@@ -58,7 +66,7 @@ def run(quick: bool) -> str:
     nbytes = rows * h * x.element_size()
     src = torch.empty(rows, h, dtype=x.dtype, device=dev)
     dst = torch.empty_like(src)
-    copy_s = _cuda_time(lambda: dst.copy_(src))
+    copy_s = timer(lambda: dst.copy_(src))
     copy_bw = 2 * nbytes / copy_s
     res = []
 
@@ -67,19 +75,41 @@ def run(quick: bool) -> str:
         res.append([name, f"{ours * 1e6:.1f}", f"{ref * 1e6:.1f}", f"{ref / ours:.2f}x",
                     f"{bw / 1e9:.0f} GB/s", f"{100 * bw / copy_bw:.0f}%"])
 
-    row("permute (with probs)", _cuda_time(lambda: moerail.permute(x, rmap, probs=probs, num_out_tokens=rows)),
-        _cuda_time(lambda: mc.permute(x, rmap, probs=probs, num_out_tokens=rows)), 2 * nbytes)
-    row("unpermute (with probs)",
-        _cuda_time(lambda: moerail.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap)),
-        _cuda_time(lambda: mc.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap)), 2 * nbytes)
+    ref_p = timer(lambda: mc.permute(x, rmap, probs=probs, num_out_tokens=rows))
+    ref_u = timer(lambda: mc.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap))
+    saved = _device._CHECKS
+    try:
+        for checks in (True, False):
+            _device._CHECKS = checks
+            tag = "" if checks else ", value checks off"
+            row(f"permute (with probs{tag})",
+                timer(lambda: moerail.permute(x, rmap, probs=probs, num_out_tokens=rows)), ref_p, 2 * nbytes)
+            row(f"unpermute (with probs{tag})",
+                timer(lambda: moerail.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap)), ref_u,
+                2 * nbytes)
+    finally:
+        _device._CHECKS = saved
     lb = logits.bfloat16()
-    ours_r = _cuda_time(lambda: moerail.topk_route(lb, k, score_function="sigmoid", num_groups=8, group_topk=4))
-    ref_r = _cuda_time(lambda: moe_utils.topk_routing_with_score_function(
+    ours_r = timer(lambda: moerail.topk_route(lb, k, score_function="sigmoid", num_groups=8, group_topk=4))
+    ref_r = timer(lambda: moe_utils.topk_routing_with_score_function(
         lb, k, use_pre_softmax=False, num_groups=8, group_topk=4, score_function="sigmoid"))
     res.append(["router (sigmoid, 8 groups, top-4 groups)", f"{ours_r * 1e6:.1f}", f"{ref_r * 1e6:.1f}",
                 f"{ref_r / ours_r:.2f}x", "", ""])
+    return res, copy_bw, rows
+
+
+def run(quick: bool) -> str:
+    if not torch.cuda.is_available():
+        return ("Not measured: this run had no CUDA GPU (`torch.cuda.is_available()` is False). On a GPU machine "
+                "`make bench` adds: permute and unpermute at T=4096, H=7168, top-8 of 256, bf16 against the "
+                "device's copy bandwidth (a same-size `copy_` measured in the same run) and against Megatron-Core's "
+                "unfused `permute` / `unpermute` (with moerail's value checks on and off), and the router against "
+                "Megatron's `topk_routing_with_score_function`.")
+    t, h, e, k = (1024, 2048, 64, 8) if quick else (4096, 7168, 256, 8)
+    res, copy_bw, rows = measure(torch.device("cuda"), t, h, e, k, _cuda_time)
+    nbytes = rows * h * 2
     head = (f"Device: {torch.cuda.get_device_name()}; T={t}, H={h}, top-{k} of {e}, bf16, {rows} rows "
             f"({nbytes / 2**20:.0f} MiB); copy bandwidth (same-size `copy_`, read+write) {copy_bw / 1e9:.0f} GB/s. "
-            "Times are medians of CUDA-event timings; moerail with its default value checks (one small "
-            "device-to-host read per call; `MOERAIL_DEVICE_CHECKS=0` removes it).")
+            "Times are medians of CUDA-event timings. By default moerail makes its value checks (one small "
+            "device-to-host read per call; `MOERAIL_DEVICE_CHECKS=0` removes it): rows with and without.")
     return head + "\n\n" + table(["op", "moerail us", "Megatron us", "speed-up", "moerail bandwidth", "of copy"], res)

@@ -419,12 +419,43 @@ def test_cuda_mixed_devices_and_graph_capture():
 
 
 @pytest.mark.megatron
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (torch.cuda.is_available() is False)")
-def test_cuda_matches_megatron_permute(mcore, mcore_api):
-    t, e, k, h = 4096, 64, 8, 256
+def test_matches_megatron_permute(dev, mcore):
+    """Rows, probs and sorted_indices of Megatron-Core's own unfused permute (3- or 5-tuple), and
+    its unpermute's output, on this backend (T=4096 on a GPU; smaller under the emulator)."""
+    t, e, k, h = (4096, 64, 8, 256) if dev.type == "cuda" else (256, 16, 4, 32)
     probs, rmap = _routing(t, e, k, seed=30, dtype=torch.bfloat16)
-    x = torch.randn(t, h).bfloat16().cuda()
-    ours = moerail.permute(x, rmap.cuda(), probs=probs.cuda())
-    theirs = mcore_api.permute(x, rmap.cuda(), probs=probs.cuda())
-    same(ours[0].cpu(), theirs[0].cpu(), "rows vs Megatron")
-    same(ours[2].cpu(), theirs[2].cpu(), "sorted_indices vs Megatron")
+    x = torch.randn(t, h).bfloat16().to(dev)
+    probs, rmap = probs.to(dev), rmap.to(dev)
+    n = int(rmap.sum())
+    ours = moerail.permute(x, rmap, probs=probs, num_out_tokens=n)
+    with cpu_path():
+        theirs = mcore.permute(x.cpu(), rmap.cpu(), probs=probs.cpu(), num_out_tokens=n)
+        back = mcore.unpermute(theirs[0], theirs[2], x.shape, probs=probs.cpu().float(), routing_map=rmap.cpu())
+    same(theirs[0], ours[0], "rows vs Megatron")
+    same(theirs[1], ours[1], "permuted probs vs Megatron")
+    same(theirs[2], ours[2], "sorted_indices vs Megatron")
+    mine = moerail.unpermute(ours[0], ours[2], x.shape, probs=probs.float(), routing_map=rmap)
+    same(back, mine, "unpermute (fp32 probs) vs Megatron")
+
+
+@pytest.mark.megatron
+def test_gpu_bench_section_runs(dev):
+    """benches/bench_cuda.py's measurements (what `make bench` runs on a GPU) at small sizes on
+    this backend: every row is measured (permute and unpermute with checks on and off, the
+    router), so the script's first run on a GPU does not stop on its Python."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+    try:
+        import bench_cuda
+    finally:
+        sys.path.pop(0)
+    timer = bench_cuda._cuda_time if dev.type == "cuda" else (lambda fn: bench_cuda._host_time(fn, 1, 0))
+    rows, copy_bw, n = bench_cuda.measure(dev, 32, 16, 16, 4, timer)
+    assert n == 32 * 4 and copy_bw > 0
+    assert [r[0].split(" (")[0] for r in rows] == ["permute", "unpermute", "permute", "unpermute", "router"]
+    for r in rows:
+        ratio = float(r[3].rstrip("x"))
+        assert math.isfinite(ratio) and ratio > 0, r
