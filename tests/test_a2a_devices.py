@@ -78,3 +78,25 @@ def test_device_dispatch_matches_cpu(where, tmp_path):
                 have = g[what]
                 assert have.dtype == want.dtype and have.shape == want.shape, (rank, case, what)
                 assert torch.equal(have, want), (rank, case, what, (have.double() - want.double()).abs().max())
+
+
+def test_dispatcher_sums_skip_the_value_checks_in_their_thread_only(monkeypatch):
+    """The dispatcher's sums use indices it built itself: inside ``trusted_indices`` the device
+    path's value checks (a host sync each) are off, in that thread only, and back on after."""
+    import threading
+
+    from moerail import _device
+
+    monkeypatch.setattr(_device, "_CHECKS", True)
+    t = torch.empty(1)
+    seen = []
+    assert _device._value_checks(t)
+    with _device.trusted_indices():
+        assert not _device._value_checks(t)
+        th = threading.Thread(target=lambda: seen.append(_device._value_checks(t)))
+        th.start()
+        th.join()
+        with _device.trusted_indices():
+            pass
+        assert not _device._value_checks(t)
+    assert seen == [True] and _device._value_checks(t)

@@ -12,6 +12,7 @@ CUDA-graph capture nothing synchronises.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -111,11 +112,25 @@ def _syncs_allowed(t: Tensor) -> bool:
 def _value_checks(t: Tensor) -> bool:
     """Whether to read the kernels' value checks (non-finite logits, bad expert ids) back: one
     small device-to-host read per call, as the CPU path raises ValueError for the same inputs.
-    Off under CUDA-graph capture and with ``MOERAIL_DEVICE_CHECKS=0`` (no host sync at all)."""
-    return _CHECKS and _syncs_allowed(t)
+    Off under CUDA-graph capture, with ``MOERAIL_DEVICE_CHECKS=0`` (no host sync at all), and
+    inside :func:`trusted_indices`."""
+    return _CHECKS and not getattr(_trusted, "on", False) and _syncs_allowed(t)
 
 
 _CHECKS = os.environ.get("MOERAIL_DEVICE_CHECKS", "1") != "0"
+_trusted = threading.local()
+
+
+@contextlib.contextmanager
+def trusted_indices():
+    """For moerail's own calls with indices it made itself (the dispatcher's sums): the value
+    checks, which guard user input, would only add a host sync each. Per thread."""
+    before = getattr(_trusted, "on", False)
+    _trusted.on = True
+    try:
+        yield
+    finally:
+        _trusted.on = before
 
 
 def _status(t: Tensor) -> Optional[Tensor]:
