@@ -9,6 +9,7 @@ slot, then source rank, then token), and the MoE output of its own tokens with i
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from datetime import timedelta
 
@@ -18,6 +19,36 @@ import torch.distributed as dist
 import moerail
 
 HIDDEN = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(target, world: int, *args, timeout: float = 300) -> dict:
+    """Runs ``target(rank, world, port, *args, queue)`` in ``world`` spawned processes and
+    returns ``{rank: what it put on the queue}`` (a traceback string where a rank failed)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in procs:
+            rank, res = q.get(timeout=timeout)
+            out[rank] = res
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return out
 
 
 def inputs(case: dict, rank: int):

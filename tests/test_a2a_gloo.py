@@ -17,21 +17,12 @@ of its own tokens' MoE output and gradients by plain autograd. Checked per rank 
 
 from __future__ import annotations
 
-import socket
-
 import a2a_gloo
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 WORLD = 4
 STRATEGIES = ("flat", "2dh", "dedup", "allgather")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cases():
@@ -75,22 +66,7 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def results():
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=a2a_gloo.worker, args=(r, WORLD, port, CASES, q)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        for _ in procs:
-            rank, res = q.get(timeout=300)
-            out[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    out = a2a_gloo.spawn(a2a_gloo.worker, WORLD, CASES)
     for rank, res in out.items():
         assert not isinstance(res, str), f"rank {rank} failed:\n{res}"
     return out

@@ -20,24 +20,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import a2a_gloo
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 WORLD = 4
 STRATEGIES = ("flat", "2dh", "dedup", "allgather")
 HOPS = {"flat": 1, "2dh": 2, "dedup": 2, "allgather": 2}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cases():
@@ -58,42 +50,16 @@ def _cases():
 CASES = _cases()
 
 
-def _spawn(target, args_of, n):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, *args_of(q))) for r in range(n)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        for _ in procs:
-            rank, res = q.get(timeout=300)
-            out[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(ascend_standin, tmp_path_factory):
     rdv = tmp_path_factory.mktemp("hccl_rdv")
     log = rdv / "calls.log"
     env = {"MOERAIL_ASCEND_LIB_DIR": str(ascend_standin / "lib64"), "STANDIN_RDV_DIR": str(rdv),
            "STANDIN_LOG": str(log), "MOERAIL_QUIET": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the spawned ranks inherit it
-    try:
-        port = _port()
-        out = _spawn(a2a_gloo.worker, lambda q: (WORLD, port, CASES, q), WORLD)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)  # the spawned ranks inherit it
+        out = a2a_gloo.spawn(a2a_gloo.worker, WORLD, CASES)
     for rank, res in out.items():
         assert not isinstance(res, str), f"rank {rank} failed:\n{res}"
     return out, log.read_text().splitlines()
@@ -146,17 +112,10 @@ def test_rank_without_hccl_fails_everywhere(ascend_standin, tmp_path):
     empty.mkdir()
     env = {"MOERAIL_ASCEND_LIB_DIR": str(ascend_standin / "lib64"), "STANDIN_RDV_DIR": str(tmp_path),
            "MOERAIL_QUIET": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        port = _port()
-        out = _spawn(a2a_gloo.hccl_unavailable_worker, lambda q: (2, port, str(empty), q), 2)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        out = a2a_gloo.spawn(a2a_gloo.hccl_unavailable_worker, 2, str(empty))
     for rank in range(2):
         err = out[rank]
         assert err and "HCCL executor: not available on rank(s) 1" in err, (rank, err)
