@@ -472,9 +472,9 @@ class AllToAllDispatcher:
             raise RuntimeError(f"ep_group: collective did not finish within {self.timeout}")
 
     def _config_hash(self, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-        executor = self.exchange if isinstance(self.exchange, str) else type(self.exchange).__name__
         key = repr((self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
-                    self.num_chunks, hidden, str(dtype), device.type, executor, self.phy2log.tolist()))
+                    self.num_chunks, hidden, str(dtype), device.type, self._executor_name(device),
+                    self.phy2log.tolist()))
         return zlib.crc32(key.encode())
 
     def _count_device(self, hidden, group=None) -> torch.device:
@@ -784,8 +784,7 @@ class AllToAllDispatcher:
                               for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_rows", "seconds")}
                           for p in _PASSES}
         out["measured"] = {p: dict(v) for p, v in r.stats.items()}
-        ex = self._executor(r.device)
-        out["executor"] = "torch.distributed" if ex is None else ("hccl" if ex is self._hccl else type(ex).__name__)
+        out["executor"] = self._executor_name(r.device)
         if self._overlap:
             out["overlap"] = dict(self._overlap)
         return out
@@ -809,16 +808,25 @@ class AllToAllDispatcher:
         ``ep_group``, else an object with ``exchange(buf, send_rows, recv_rows)`` (moerail's HCCL
         executor for NPU rows). Every rank of the group makes the same choice: the rows of all
         of them are on the same kind of device (the configuration hash covers it)."""
-        ex = self.exchange
-        if isinstance(ex, str):
-            if ex == "torch" or (ex == "auto" and device.type != "npu"):
-                return None
-            if self._hccl is None:
-                from .ascend import HcclExchange
+        name = self._executor_name(device)
+        if name == "torch.distributed":
+            return None
+        if name != "hccl":
+            return self.exchange
+        if self._hccl is None:  # collective: every rank gets here in its first exchange
+            from .ascend import HcclExchange
 
-                self._hccl = HcclExchange.from_group(self.ep_group)
-            return self._hccl
-        return ex
+            self._hccl = HcclExchange.from_group(self.ep_group)
+        return self._hccl
+
+    def _executor_name(self, device: torch.device) -> str:
+        """``torch.distributed``, ``hccl`` or the class name of the ``exchange`` object given."""
+        ex = self.exchange
+        if not isinstance(ex, str):
+            return type(ex).__name__
+        if ex == "torch" or (ex == "auto" and device.type != "npu"):
+            return "torch.distributed"
+        return "hccl"
 
     def _record(self, route: _Route, pass_: str, log: list) -> None:
         rpn = self.ranks_per_node
