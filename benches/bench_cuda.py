@@ -51,10 +51,11 @@ def measure(dev: torch.device, t: int, h: int, e: int, k: int, timer) -> tuple:
     The test suite runs it on CPU tensors through the kernels' emulator at small sizes."""
     import moerail
     from moerail import _device
+
+    # Megatron's 3- and 5-tuple permute both take these arguments; only their time is used.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.transformer.moe import moe_utils
-    mc = moe_utils  # 3- or 5-tuple permute: both take these arguments; only the time is used
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = torch.randn(t, e, generator=g).to(dev)
     x = torch.randn(t, h, generator=g).bfloat16().to(dev)
@@ -75,8 +76,8 @@ def measure(dev: torch.device, t: int, h: int, e: int, k: int, timer) -> tuple:
         res.append([name, f"{ours * 1e6:.1f}", f"{ref * 1e6:.1f}", f"{ref / ours:.2f}x",
                     f"{bw / 1e9:.0f} GB/s", f"{100 * bw / copy_bw:.0f}%"])
 
-    ref_p = timer(lambda: mc.permute(x, rmap, probs=probs, num_out_tokens=rows))
-    ref_u = timer(lambda: mc.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap))
+    ref_p = timer(lambda: moe_utils.permute(x, rmap, probs=probs, num_out_tokens=rows))
+    ref_u = timer(lambda: moe_utils.unpermute(y, perm[2], x.shape, probs=probs, routing_map=rmap))
     saved = _device._CHECKS
     try:
         for checks in (True, False):

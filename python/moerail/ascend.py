@@ -61,7 +61,6 @@ class HcclExchange:
         import torch.distributed as dist
 
         rank, n = dist.get_rank(group), dist.get_world_size(group)
-        mine: tuple = (None, None)
         try:
             mine = (None, cls.root_info()) if rank == 0 else (_hccl_missing(), None)
         except Exception as e:  # noqa: BLE001 - sent to every rank, raised on all of them below
