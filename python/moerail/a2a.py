@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,30 +48,25 @@ import torch.distributed as dist
 from . import _checks, _device, _native, ops
 from .balance import LinkModel, log2phy_from_phy2log, select_replicas
 
-__all__ = ["STRATEGIES", "AllToAllPlan", "plan_all_to_all", "AllToAllDispatcher"]
+__all__ = ["STRATEGIES", "AllToAllPlan", "plan_all_to_all", "AllToAllDispatcher", "DispatchHandle", "DispatchOutput"]
 
 STRATEGIES = ("flat", "2dh", "dedup", "allgather")
 _PASSES = ("dispatch", "dispatch_backward", "combine", "combine_backward")
 
 
-def _links(link: Optional[LinkModel]) -> Tuple[float, ...]:
+def _links(link: Optional[LinkModel]) -> _native.Links:
+    """The link model as the planner takes it, checked once (in Rust)."""
     lk = link if link is not None else LinkModel()
     inter_lat = lk.latency if lk.inter_node_latency is None else lk.inter_node_latency
-    return (
-        float(lk.intra_node_bw),
-        float(lk.inter_node_bw),
-        float(lk.node_bw),
-        float(lk.latency),
-        float(inter_lat),
-        float(lk.local_bw),
-        float(lk.stage_overhead),
-    )
+    return _native.Links(float(lk.intra_node_bw), float(lk.inter_node_bw), float(lk.node_bw), float(lk.latency),
+                         float(inter_lat), float(lk.local_bw), float(lk.stage_overhead))
 
 
-def _strategies(strategy: str) -> List[str]:
-    if not isinstance(strategy, str) or strategy not in STRATEGIES + ("auto",):
+def _strategies(strategy: str) -> List[_native.Strategy]:
+    """The candidate strategies of a ``strategy`` argument, parsed once (in Rust)."""
+    if not isinstance(strategy, str):
         raise ValueError(f"strategy: expected 'auto', 'flat', '2dh', 'dedup' or 'allgather', got {strategy!r}")
-    return list(STRATEGIES) if strategy == "auto" else [strategy]
+    return _native.Strategy.candidates(strategy)
 
 
 @dataclass
@@ -138,9 +134,13 @@ def _copies(slot_counts: torch.Tensor, w: int) -> torch.Tensor:
 
 def _make_plan(gathered: torch.Tensor, w: int, rpn: int, local: int, strategy: str, hidden: int,
                hidden_elem: int, probs_grad: bool, link: Optional[LinkModel]) -> AllToAllPlan:
-    cands = _strategies(strategy)
-    out = _native.a2a_plan(gathered.contiguous(), w, rpn, local, cands, hidden, hidden_elem, 4, probs_grad,
-                           _links(link))
+    out = _native.a2a_plan(gathered.contiguous(), w, rpn, local, _strategies(strategy), hidden, hidden_elem, 4,
+                           probs_grad, _links(link))
+    return _plan_from(out, gathered, w, rpn, local)
+
+
+def _plan_from(out: dict, gathered: torch.Tensor, w: int, rpn: int, local: int) -> AllToAllPlan:
+    """The :class:`AllToAllPlan` of the planner's result ``out`` for the gathered counts."""
     stages, traffic, est = {}, {}, {}
     for p in out["plans"]:
         s = p["strategy"]
@@ -313,6 +313,13 @@ def _sum_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor
         return ops.unpermute.kernel(src.contiguous(), index, rows, None)
 
 
+def _int64(raw: bytes, device: torch.device) -> torch.Tensor:
+    """A route's index array (native-endian int64 bytes) as a tensor on ``device``."""
+    if not raw:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64).to(device)
+
+
 @dataclass
 class _Hop:
     """One all-to-all: rows gathered by ``index`` from the previous buffer, sent with
@@ -324,37 +331,66 @@ class _Hop:
     stage: str
 
 
-@dataclass
-class _Route:
-    """Everything one dispatch decided, for its combine and both backwards."""
+class DispatchHandle:
+    """What one :meth:`AllToAllDispatcher.dispatch` decided: the route of the exchange (built
+    in Rust in one call from the plan and this rank's slots), its indices on the rows' device,
+    and what the passes measured. :meth:`AllToAllDispatcher.combine` takes it, so nothing lives
+    in the dispatcher between the two (DeepEP's ``handle``); the backward passes use it too."""
 
-    plan: AllToAllPlan
-    strategy: str
-    hops: List[_Hop]
-    out_rows: torch.Tensor  # rows of the last receive buffer, in output order
-    out_entries: Optional[torch.Tensor]  # token strategies: entry of each output row
-    num_tokens: int
-    hidden: int
-    dtype: torch.dtype
-    copy_rows: bool
-    slots: torch.Tensor = None  # [T, K] slot of each (token, entry), -1 empty
-    rows_entry: Optional[torch.Tensor] = None  # copy strategies: t * K + j of each send row
-    tokens_per_local_expert: Optional[torch.Tensor] = None
-    device: torch.device = torch.device("cpu")  # where the token rows and the indices live
-    stats: Dict[str, object] = field(default_factory=dict)
+    def __init__(self, native: _native.Route, plan: AllToAllPlan, slots: torch.Tensor, hidden: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.native = native
+        self.plan = plan
+        self.strategy: str = native.strategy.name
+        self.copy_rows: bool = native.strategy.copy_rows
+        self.num_tokens: int = native.num_tokens
+        self.hidden = hidden
+        self.dtype = dtype
+        self.device = device  # where the token rows and the indices live
+        self.slots = slots.to(device)  # [T, K] slot of each (token, entry), -1 empty
+        self.hops: List[_Hop] = []
+        for i in range(native.num_hops):
+            stage, send, recv = native.hop(i)
+            self.hops.append(_Hop(_int64(native.hop_index(i), device), send, recv, stage))
+        self.out_rows = _int64(native.out_rows(), device)  # rows of the last buffer, in output order
+        self.out_entries: Optional[torch.Tensor] = None  # token strategies: entry of each output row
+        # copy strategies: t * K + j of each send row
+        self.rows_entry = _int64(native.rows_entry(), device) if self.copy_rows else None
+        self.tokens_per_local_expert = torch.tensor(native.tokens_per_local_expert, dtype=torch.int64)
+        self.etp: Optional[tuple] = None  # expert TP: (rows per ETP rank, order, this ETP rank)
+        self.stats: Dict[str, object] = {}
 
-    def to_device(self) -> None:
-        """Moves the index tensors (built on the host from the plan) next to the rows, once."""
-        if self.device.type == "cpu":
-            return
-        for hop in self.hops:
-            hop.index = hop.index.to(self.device)
-        self.out_rows = self.out_rows.to(self.device)
-        self.slots = self.slots.to(self.device)
-        if self.rows_entry is not None:
-            self.rows_entry = self.rows_entry.to(self.device)
-        if self.out_entries is not None:
-            self.out_entries = self.out_entries.to(self.device)
+    def arrive(self, hop: int, buf: torch.Tensor, layout: dict) -> None:
+        """``dedup`` / ``allgather``: reads the slot ids of the rows hop ``hop`` delivered;
+        after hop 0 the forwarding index of hop 1 is known, after hop 1 the output order."""
+        ids_offset, num_ids = layout["ids_offset"], layout["num_ids"]
+        if buf.device.type != "cpu":
+            # Only the slot-id columns come to the host (4 bytes an entry, not the hidden state).
+            buf = buf[:, ids_offset : ids_offset + 4 * num_ids].cpu()
+            ids_offset = 0
+        self.native.arrive(hop, buf.contiguous(), ids_offset, num_ids)
+        if hop == 0:
+            self.hops[1].index = _int64(self.native.hop_index(1), self.device)
+        else:
+            self.out_rows = _int64(self.native.out_rows(), self.device)
+            self.out_entries = _int64(self.native.out_entries(), self.device)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the dispatch returned on this rank (before expert-TP gathering)."""
+        return int(self.tokens_per_local_expert.sum())
+
+
+class DispatchOutput(tuple):
+    """``(tokens, tokens_per_local_expert, probs)`` of a dispatch; ``handle`` is what
+    :meth:`AllToAllDispatcher.combine` takes back."""
+
+    handle: DispatchHandle
+
+    def __new__(cls, tokens, tokens_per_local_expert, probs, handle: DispatchHandle):
+        out = super().__new__(cls, (tokens, tokens_per_local_expert, probs))
+        out.handle = handle
+        return out
 
 
 class AllToAllDispatcher:
@@ -420,7 +456,7 @@ class AllToAllDispatcher:
         if self.world % self.ranks_per_node:
             raise ValueError(f"ranks_per_node: must divide the EP group size ({self.world}), got {ranks_per_node}")
         self.strategy = strategy
-        _strategies(strategy)
+        self._candidates = _strategies(strategy)
         self.set_placement(placement)
         if capacity_factor is not None:
             if topk is None:
@@ -437,9 +473,9 @@ class AllToAllDispatcher:
         if self.etp_size > 1 and self.num_chunks > 1:
             raise ValueError("num_chunks: chunked overlap is not combined with expert tensor parallelism "
                              "(etp_group of more than one rank); use num_chunks=1")
-        self._etp: Optional[tuple] = None
         self._overlap: Dict[str, float] = {}
         self.link = link
+        self._links = _links(link)
         if not isinstance(timeout, timedelta):
             raise TypeError(f"timeout: expected a datetime.timedelta, got {type(timeout).__name__}")
         self.timeout = timeout
@@ -452,7 +488,7 @@ class AllToAllDispatcher:
                             f"send_rows, recv_rows) method, got {type(exchange).__name__}")
         self.exchange = exchange
         self._hccl = None
-        self._route: Optional[_Route] = None
+        self._last: Optional[DispatchHandle] = None  # for last_stats and the deprecated combine(y)
 
     def set_placement(self, placement) -> None:
         """Switches to ``placement`` (``phy2log [R]``, slot -> expert; None: expert ``e`` in slot
@@ -505,15 +541,18 @@ class AllToAllDispatcher:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+    def dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> DispatchOutput:
+        """Sends every token's rows to the ranks of its experts. Returns ``(tokens [N, H],
+        tokens_per_local_expert [L], probs [N])``, a tuple whose ``handle`` attribute
+        :meth:`combine` takes: ``out = disp.combine(expert_output, result.handle)``."""
         prepared, error = self._try_prepare(hidden, probs, routing_map)
         out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error, hidden)
-        self._route = route
+        self._last = route
         if self.etp_size > 1:
-            return self._etp_gather(out, per_slot, out_probs)
-        return out, per_slot, out_probs
+            out, per_slot, out_probs = self._etp_gather(route, out, per_slot, out_probs)
+        return DispatchOutput(out, per_slot, out_probs, route)
 
-    def _etp_gather(self, rows, per_slot, probs):
+    def _etp_gather(self, route: DispatchHandle, rows, per_slot, probs):
         """Expert tensor parallelism: every rank of ``etp_group`` gets the rows of all of them
         (their experts hold a shard of each expert's weights), grouped by local slot, then ETP
         rank, as Megatron's dispatcher orders them after its all-gather."""
@@ -522,7 +561,7 @@ class AllToAllDispatcher:
         order = torch.empty(int(sizes.sum()), dtype=torch.int64)
         _native.a2a_block_order(sizes.flatten().tolist(), self.etp_size, loc, order)
         info = (sizes.sum(1).tolist(), order.to(rows.device), dist.get_rank(g))
-        self._etp = info
+        route.etp = info
         rows = _EtpGather.apply(rows, self, info)
         probs = _EtpGather.apply(probs.unsqueeze(1), self, info)[:, 0]
         return rows, sizes.sum(0), probs
@@ -537,7 +576,7 @@ class AllToAllDispatcher:
         """The counts' all-gather (with every rank's status and configuration hash), the plan,
         and the exchange of ``prepared = (hidden, weights, slots)`` (``slots`` on the host;
         ``raw_hidden``, the caller's argument, says where the collectives run)."""
-        w, rpn, loc = self.world, self.ranks_per_node, self.num_local_experts
+        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
         vec = torch.zeros(v, dtype=torch.int64)
         if error is None:
@@ -563,11 +602,11 @@ class AllToAllDispatcher:
                 "ep_group: the ranks disagree on the dispatcher configuration (num_experts, placement, "
                 f"ranks_per_node, strategy, num_chunks, hidden size or dtype): per-rank hashes {hashes}")
         h, dtype = hidden.shape[1], hidden.dtype
-        plan = _make_plan(gathered, w, rpn, loc, self.strategy, h, hidden.element_size(),
-                          weights.requires_grad, self.link)
-        route = self._route_for(plan, slots, h, dtype)
-        route.device = hidden.device
-        route.to_device()
+        # The plan of every candidate, the cheapest, and this rank's route: one call.
+        native = _native.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
+                                   weights.requires_grad, self._links)
+        plan = _plan_from(native.plans, gathered, w, rpn, loc)
+        route = DispatchHandle(native, plan, slots, h, dtype, hidden.device)
         out, out_probs = _Dispatch.apply(hidden, weights, self, route)
         return out, route.tokens_per_local_expert, out_probs, route
 
@@ -584,8 +623,8 @@ class AllToAllDispatcher:
         prepared, error = self._try_prepare(hidden, probs, routing_map)
         if n == 1 or error is not None:
             out, per_slot, p, route = self._dispatch_prepared(prepared, error, hidden)
-            self._route = route
-            return self.combine(experts(out, per_slot, p))
+            self._last = route
+            return self.combine(experts(out, per_slot, p), route)
         h, wts, slots = prepared
         bounds = torch.linspace(0, h.shape[0], n + 1).round().long().tolist()
         chunks = [(h[a:b], wts[a:b], slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -629,7 +668,7 @@ class AllToAllDispatcher:
         tail = time.perf_counter() - t0
         exchange_s += tail
         exposed_s += tail
-        self._route = dispatched[n - 1][3]
+        self._last = dispatched[n - 1][3]
         self._overlap = {"num_chunks": n, "exchange_seconds": exchange_s, "exposed_seconds": exposed_s,
                          "hidden_fraction": max(0.0, 1.0 - exposed_s / exchange_s) if exchange_s > 0 else 0.0}
         return torch.cat(combined)
@@ -661,105 +700,24 @@ class AllToAllDispatcher:
         return hidden, weights, slots
 
 
-    def _route_for(self, plan: AllToAllPlan, slots: torch.Tensor, h: int, dtype) -> _Route:
-        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
-        s = plan.strategy
-        stages = plan.stages[s]
-        t, k = slots.shape
-        sc = plan.slot_counts  # [W, R]
-        mine = sc[:, rank * loc : (rank + 1) * loc]  # [W, L]: what this rank's slots get
-        route = _Route(plan=plan, strategy=s, hops=[], out_rows=torch.empty(0, dtype=torch.int64),
-                       out_entries=None, num_tokens=t, hidden=h, dtype=dtype, copy_rows=s in ("flat", "2dh"),
-                       slots=slots, tokens_per_local_expert=mine.sum(0).clone())
-        m1 = stages[0][1]
-        n_nodes = w // rpn
-        if route.copy_rows:
-            order = None
-            if s == "2dh":
-                # Send order: by the destination's local rank, then its node, then slot.
-                dest = torch.arange(self.num_slots) // loc
-                key = ((dest % rpn) * n_nodes + dest // rpn) * self.num_slots + torch.arange(self.num_slots)
-                order = torch.empty(self.num_slots, dtype=torch.int64)
-                order[key.argsort()] = torch.arange(self.num_slots)
-                order = order.tolist()
-            n = int(sc[rank].sum())
-            rows_token = torch.empty(n, dtype=torch.int64)
-            rows_entry = torch.empty(n, dtype=torch.int64)
-            _native.a2a_copy_rows(slots, self.num_slots, order, rows_token, rows_entry,
-                                  torch.empty(self.num_slots, dtype=torch.int64))
-            route.rows_entry = rows_entry
-            route.hops.append(_Hop(rows_token, m1[rank].tolist(), m1[:, rank].tolist(), stages[0][0]))
-            if s == "2dh":
-                # On (n, g'): from each source (n, g), blocks by destination node n'; regroup by n'.
-                node, g2 = rank // rpn, rank % rpn
-                sizes = []
-                for g in range(rpn):
-                    src = node * rpn + g
-                    for n2 in range(n_nodes):
-                        dst = n2 * rpn + g2
-                        sizes.append(int(sc[src, dst * loc : (dst + 1) * loc].sum()))
-                mid = torch.empty(sum(sizes), dtype=torch.int64)
-                _native.a2a_block_order(sizes, rpn, n_nodes, mid)
-                m2 = stages[1][1]
-                route.hops.append(_Hop(mid, m2[rank].tolist(), m2[:, rank].tolist(), stages[1][0]))
-            # Received by source rank, then slot, then token; the output is by slot, then source.
-            out = torch.empty(int(mine.sum()), dtype=torch.int64)
-            _native.a2a_block_order(mine.flatten().tolist(), w, loc, out)
-            route.out_rows = out
-        else:
-            if s == "dedup":
-                node_tokens = plan.node_tokens[rank].tolist()
-                send0 = torch.empty(sum(node_tokens), dtype=torch.int64)
-                _native.a2a_node_send_index(slots, w, rpn, loc, node_tokens, send0)
-            else:
-                send0 = torch.arange(t, dtype=torch.int64).repeat(n_nodes)
-            route.hops.append(_Hop(send0, m1[rank].tolist(), m1[:, rank].tolist(), stages[0][0]))
-            m2 = stages[1][1]
-            # The forwarding index and the output order are read off the slot ids on arrival.
-            route.hops.append(_Hop(torch.empty(0, dtype=torch.int64), m2[rank].tolist(), m2[:, rank].tolist(),
-                                   stages[1][0]))
-        return route
-
-    def _token_indices(self, route: _Route, buf: torch.Tensor, lay: dict, stage: int) -> None:
-        """``dedup`` / ``allgather``: after stage 1, which received rows go to which rank of this
-        node; after stage 2, which entry of which row is each output row."""
-        w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
-        node = rank // rpn
-        ids_offset = lay["ids_offset"]
-        if buf.device.type != "cpu":
-            # Only the slot-id columns come to the host (4 bytes an entry, not the hidden state).
-            buf = buf[:, ids_offset : ids_offset + 4 * lay["num_ids"]].cpu()
-            ids_offset = 0
-        if stage == 1:
-            hop = route.hops[1]
-            fwd = torch.empty(sum(hop.send), dtype=torch.int64)
-            expected = [hop.send[node * rpn + g] for g in range(rpn)]
-            _native.a2a_forward_index(buf, ids_offset, lay["num_ids"], w, rpn, loc, node, expected, fwd)
-            hop.index = fwd.to(route.device)
-            return
-        # From proxies (node, g) in rank order; each proxy's rows by source node, then token.
-        blocks: List[int] = []
-        for g in range(rpn):
-            for n in range(w // rpn):
-                src = n * rpn + g
-                blocks += [src, int(route.plan.rank_tokens[src, rank])]
-        mine = route.plan.slot_counts[:, rank * loc : (rank + 1) * loc]
-        n_out = int(mine.sum())
-        out_rows = torch.empty(n_out, dtype=torch.int64)
-        out_entries = torch.empty(n_out, dtype=torch.int64)
-        _native.a2a_expand_index(buf, ids_offset, lay["num_ids"], blocks, w, rpn, loc, rank,
-                                 mine.t().flatten().tolist(), out_rows, out_entries)
-        route.out_rows, route.out_entries = out_rows.to(route.device), out_entries.to(route.device)
-
     # -- combine --------------------------------------------------------------------------------
 
-    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
-        route = self._route
-        if route is None:
-            raise RuntimeError("combine: call dispatch first")
+    def combine(self, expert_output: torch.Tensor, handle: Optional[DispatchHandle] = None) -> torch.Tensor:
+        """Sums each token's expert rows back into ``[T, H]``, by the ``handle`` of the
+        dispatch that made the rows (``dispatch(...).handle``)."""
+        if handle is None:
+            warnings.warn("AllToAllDispatcher.combine: pass the dispatch's handle (combine(expert_output, "
+                          "dispatch(...).handle)); combine without it uses the last dispatch and goes away in the "
+                          "next release", DeprecationWarning, stacklevel=2)
+            handle = self._last
+            if handle is None:
+                raise RuntimeError("combine: call dispatch first")
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
+        route = handle
         y = _checks.tensor(expert_output, "expert_output", ndim=2, dtypes=_checks.FLOAT_DTYPES,
                            shape_doc="[num_rows, hidden]")
-        n = route.out_rows.numel() if self.etp_size == 1 else int(self._etp[1].numel())
+        n = route.out_rows.numel() if route.etp is None else int(route.etp[1].numel())
         if tuple(y.shape) != (n, route.hidden):
             raise ValueError(f"expert_output: expected shape ({n}, {route.hidden}) (the rows dispatch returned), "
                              f"got {tuple(y.shape)}")
@@ -767,7 +725,7 @@ class AllToAllDispatcher:
             raise TypeError(f"expert_output: expected dtype {route.dtype} (the dtype of the dispatched hidden), "
                             f"got {y.dtype}")
         if self.etp_size > 1:
-            y = _EtpReduceScatter.apply(y, self, self._etp)
+            y = _EtpReduceScatter.apply(y, self, route.etp)
         return _Combine.apply(y, self, route)
 
     @property
@@ -776,7 +734,7 @@ class AllToAllDispatcher:
         pass over the whole group), what this rank measured (bytes it sent inside and between
         nodes, seconds in collectives) per pass run so far, and the ``executor`` that moved the
         rows (``torch.distributed``, ``hccl`` or the class of the object given)."""
-        r = self._route
+        r = self._last
         if r is None:
             return {}
         out: Dict[str, object] = dict(r.plan.summary())
@@ -828,7 +786,7 @@ class AllToAllDispatcher:
             return "torch.distributed"
         return "hccl"
 
-    def _record(self, route: _Route, pass_: str, log: list) -> None:
+    def _record(self, route: DispatchHandle, pass_: str, log: list) -> None:
         rpn = self.ranks_per_node
         node = self.rank // rpn
         inter = intra = 0
@@ -844,7 +802,7 @@ class AllToAllDispatcher:
                     inter += b
         route.stats[pass_] = {"sent_inter_node_bytes": inter, "sent_intra_node_bytes": intra, "seconds": secs}
 
-    def _forward_pass(self, route: _Route, hidden: torch.Tensor, weights: Optional[torch.Tensor], pass_: str):
+    def _forward_pass(self, route: DispatchHandle, hidden: torch.Tensor, weights: Optional[torch.Tensor], pass_: str):
         """Token rows -> expert rows: the dispatch (with weights), or the combine's backward."""
         lay = route.plan.traffic[route.strategy][pass_]
         log: list = []
@@ -873,8 +831,8 @@ class AllToAllDispatcher:
             if i > 0:
                 buf = buf.index_select(0, hop.index)
             buf = self._exchange(buf, hop.send, hop.recv, log)
-            if not route.copy_rows and pass_ == "dispatch":
-                self._token_indices(route, buf, lay, i + 1)
+            if route.native.pending == i:
+                route.arrive(i, buf, lay)
         rows, rp = _unpack(lay, buf.index_select(0, route.out_rows), h, dtype)
         out_p = None
         if rp is not None:
@@ -883,7 +841,7 @@ class AllToAllDispatcher:
         self._record(route, pass_, log)
         return rows.contiguous(), out_p
 
-    def _reverse_pass(self, route: _Route, rows: torch.Tensor, probs_grad: Optional[torch.Tensor], pass_: str):
+    def _reverse_pass(self, route: DispatchHandle, rows: torch.Tensor, probs_grad: Optional[torch.Tensor], pass_: str):
         """Expert rows -> token rows, summed: the combine, or the dispatch's backward (then also
         the gradient of the weights, ``[T, K]``)."""
         lay = route.plan.traffic[route.strategy][pass_]
@@ -925,7 +883,7 @@ class AllToAllDispatcher:
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weights, disp: AllToAllDispatcher, route: _Route):
+    def forward(ctx, hidden, weights, disp: AllToAllDispatcher, route: DispatchHandle):
         ctx.disp, ctx.route = disp, route
         ctx.weights_dtype = weights.dtype
         with torch.no_grad():
@@ -947,7 +905,7 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, disp: AllToAllDispatcher, route: _Route):
+    def forward(ctx, rows, disp: AllToAllDispatcher, route: DispatchHandle):
         ctx.disp, ctx.route = disp, route
         with torch.no_grad():
             out, _ = disp._reverse_pass(route, rows.detach().contiguous(), None, "combine")

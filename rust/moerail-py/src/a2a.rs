@@ -3,14 +3,14 @@
 //! every output tensor; Rust checks and fills it.
 
 use moerail_core::a2a::{
-    cost::Links,
     exec, layout,
-    plan::{self, Counts, Pass, RowFormat},
+    plan::{self, Counts, RowFormat},
     Strategy, Topology,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::PyDict;
 
+use crate::ep_route::{plans_dict, PyLinks, PyStrategy};
 use crate::tensor::{check_disjoint, run, to_py_err, DType, Tensor};
 
 fn topo(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> PyResult<Topology> {
@@ -76,36 +76,9 @@ pub fn a2a_counts(
     })
 }
 
-fn pass_dict<'py>(
-    py: Python<'py>,
-    p: &plan::Plan,
-    fmt: &RowFormat,
-    pass: Pass,
-    links: &Links,
-) -> PyResult<Bound<'py, PyDict>> {
-    let t = p.traffic(fmt, pass, links);
-    let row = fmt.row(p.strategy.copy_rows(), pass);
-    let d = PyDict::new(py);
-    d.set_item("row_bytes", t.row_bytes)?;
-    d.set_item("hidden_bytes", row.hidden_bytes)?;
-    d.set_item("probs_offset", row.probs_off)?;
-    d.set_item("num_probs", row.probs)?;
-    d.set_item("ids_offset", row.ids_off)?;
-    d.set_item("num_ids", row.ids)?;
-    d.set_item("node_bytes", t.node_bytes)?;
-    d.set_item("intra_node_bytes", t.intra_bytes)?;
-    d.set_item("inter_node_bytes", t.inter_bytes)?;
-    d.set_item("local_bytes", t.local_bytes)?;
-    d.set_item("inter_node_rows", t.inter_rows)?;
-    d.set_item("messages", t.messages)?;
-    d.set_item("stage_seconds", t.stage_seconds)?;
-    d.set_item("seconds", t.seconds)?;
-    Ok(d)
-}
-
-/// Plans of `strategies` for the gathered vectors `[W, V]` (see `a2a_counts`). Returns
-/// `{"best": i, "entries": n, "plans": [{"strategy", "seconds", "stages": [(name, rows as int64 bytes)],
-/// "passes": {pass: traffic}}]}`.
+/// Plans of `strategies` for the gathered vectors `[W, V]` (see `a2a_counts`) on `links`:
+/// `{"best": i, "entries": n, "plans": [{"strategy", "seconds", "stages": [(name, rows as int64
+/// bytes)], "passes": {pass: traffic}}]}`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 pub fn a2a_plan<'py>(
@@ -114,32 +87,21 @@ pub fn a2a_plan<'py>(
     ranks: usize,
     ranks_per_node: usize,
     slots_per_rank: usize,
-    strategies: Vec<String>,
+    strategies: Vec<PyStrategy>,
     hidden: usize,
     hidden_elem: usize,
     prob_elem: usize,
     probs_grad: bool,
-    links: (f64, f64, f64, f64, f64, f64, f64),
+    links: PyLinks,
 ) -> PyResult<Bound<'py, PyDict>> {
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let g = i64_arg(gathered, "counts")?;
-    let cands = strategies
-        .iter()
-        .map(|s| Strategy::parse(s))
-        .collect::<moerail_core::Result<Vec<_>>>()
-        .map_err(to_py_err)?;
-    let lk = Links {
-        intra_bw: links.0,
-        inter_bw: links.1,
-        node_bw: links.2,
-        intra_latency: links.3,
-        inter_latency: links.4,
-        local_bw: links.5,
-        stage_overhead: links.6,
-    };
-    // SAFETY: checked above.
+    let cands: Vec<Strategy> = strategies.iter().map(|s| s.0).collect();
+    let lk = links.0;
+    // SAFETY: i64_arg checked a contiguous host int64 tensor of `numel` elements; it outlives
+    // the call and is only read.
     let gs = unsafe { g.slice::<i64>() };
-    let (counts, plans, secs, best) = run(py, || {
+    let (plans, secs, best, fmt) = run(py, || {
         let counts = Counts::from_gathered(gs, &tp)?;
         let fmt = RowFormat {
             hidden,
@@ -149,40 +111,9 @@ pub fn a2a_plan<'py>(
             probs_grad,
         };
         let (plans, secs, best) = plan::plan_best(&cands, &tp, &counts, &fmt, &lk)?;
-        Ok((counts, plans, secs, best))
+        Ok((plans, secs, best, fmt))
     })?;
-    let fmt = RowFormat {
-        hidden,
-        hidden_elem,
-        prob_elem,
-        entries: counts.entries,
-        probs_grad,
-    };
-    let out = PyDict::new(py);
-    out.set_item("best", best)?;
-    out.set_item("entries", counts.entries)?;
-    let list = PyList::empty(py);
-    for (p, s) in plans.iter().zip(&secs) {
-        let d = PyDict::new(py);
-        d.set_item("strategy", p.strategy.name())?;
-        d.set_item("seconds", *s)?;
-        let stages = PyList::empty(py);
-        for st in &p.stages {
-            // The [W, W] rows as native-endian int64 bytes (a list of W^2 Python ints costs
-            // milliseconds at W = 64).
-            let raw: Vec<u8> = st.rows.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            stages.append((st.name, PyBytes::new(py, &raw)))?;
-        }
-        d.set_item("stages", stages)?;
-        let passes = PyDict::new(py);
-        for pass in Pass::ALL {
-            passes.set_item(pass.name(), pass_dict(py, p, &fmt, pass, &lk)?)?;
-        }
-        d.set_item("passes", passes)?;
-        list.append(d)?;
-    }
-    out.set_item("plans", list)?;
-    Ok(out)
+    plans_dict(py, &plans, &secs, best, &fmt, &lk)
 }
 
 /// The copy rows of `slots [T, K]` grouped by slot in the send order (`order[s]`: slot `s`'s

@@ -8,6 +8,7 @@ pub mod aot;
 mod ascend;
 mod balance;
 mod device;
+mod ep_route;
 mod permute;
 mod router;
 mod sim;
@@ -32,6 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     router::register(m)?;
     a2a::register(m)?;
+    ep_route::register(m)?;
     permute::register(m)?;
     balance::register(m)?;
     sim::register(m)?;

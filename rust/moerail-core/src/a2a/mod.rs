@@ -13,6 +13,9 @@
 //!   each rank at each stage of the four strategies, their bytes per link class and the rows
 //!   that cross node boundaries.
 //! * [`cost`]: an α-β cost model of a plan; `auto` picks the cheapest strategy.
+//! * [`route`]: one rank's route of one exchange (every hop's indices and row counts), built
+//!   in one call from its slots and the plan; the dispatch, the combine and their backwards
+//!   move rows by it.
 //! * [`exec`]: the local data movement of the exchange (packing rows into byte buffers, the
 //!   deterministic reductions of the combine, the reorder indices), in moerail's pool.
 //!
@@ -43,6 +46,7 @@ pub mod cost;
 pub mod exec;
 pub mod layout;
 pub mod plan;
+pub mod route;
 
 use crate::error::{ensure, invalid, Result};
 
@@ -151,7 +155,7 @@ impl Strategy {
             "allgather" => Ok(Self::AllGather),
             _ => Err(invalid(
                 "strategy",
-                format!("expected 'auto', 'flat', '2dh', 'dedup' or 'allgather', got {s:?}"),
+                format!("expected 'auto', 'flat', '2dh', 'dedup' or 'allgather', got '{s}'"),
             )),
         }
     }
