@@ -178,13 +178,13 @@ def _placement_tables(placement, num_experts: int, w: int):
     return p, log2phy[0].contiguous(), logcnt[0].contiguous()
 
 
-def _compact(routing_map: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
-    """``[T, K]`` ascending expert ids of each row of ``routing_map``, then -1s."""
-    t, e = routing_map.shape
-    k = int(routing_map.sum(1).max()) if t and width is None else (width or 0)
-    ids = torch.where(routing_map, torch.arange(e, dtype=torch.int64), torch.full((), e, dtype=torch.int64))
-    ids = ids.sort(dim=1).values[:, :k]
-    return ids.masked_fill(ids == e, -1).contiguous()
+def _compact(routing_map: torch.Tensor) -> torch.Tensor:
+    """``[T, K]`` ascending expert ids of each row of the host ``routing_map``, then -1s (``K``
+    the fullest row)."""
+    routing_map = routing_map.contiguous()
+    out = torch.empty(routing_map.shape[0], _native.a2a_max_row_count(routing_map), dtype=torch.int64)
+    _native.a2a_compact_routing_map(routing_map, out)
+    return out
 
 
 def plan_all_to_all(

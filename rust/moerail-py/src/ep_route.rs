@@ -4,6 +4,7 @@
 
 use moerail_core::a2a::{
     cost::Links,
+    layout,
     plan::{self, Counts, Pass, RowFormat},
     route::Route,
     Strategy, Topology,
@@ -11,7 +12,7 @@ use moerail_core::a2a::{
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use crate::tensor::{run, to_py_err, DType, Tensor};
+use crate::tensor::{check_disjoint, run, to_py_err, DType, Tensor};
 
 /// How the tokens travel: `flat`, `2dh`, `dedup` or `allgather`.
 #[pyclass(
@@ -320,7 +321,62 @@ pub fn a2a_route(
     Ok(PyRoute { route, plans })
 }
 
+fn routing_map_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize, usize)> {
+    let m = Tensor::from_py(obj, "routing_map")?;
+    m.expect_dtype(&[DType::Bool], "bool")?;
+    m.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let (t, e) = (m.shape[0], m.shape[1]);
+    Ok((m, t, e))
+}
+
+/// The most experts any token of `routing_map [T, E]` (bool, host) is routed to: the width of
+/// its compact form.
+#[pyfunction]
+pub fn a2a_max_row_count(py: Python<'_>, routing_map: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let (m, t, e) = routing_map_arg(routing_map)?;
+    // SAFETY: from_py checked a contiguous host bool tensor of t * e elements; it outlives the
+    // call and is only read.
+    let ms = unsafe { m.slice::<bool>() };
+    run(py, || layout::max_row_count(ms, t, e))
+}
+
+/// The compact form of `routing_map [T, E]` (bool, host) into `out [T, width]` int64: each
+/// token's experts ascending, then -1s.
+#[pyfunction]
+pub fn a2a_compact_routing_map(
+    py: Python<'_>,
+    routing_map: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (m, t, e) = routing_map_arg(routing_map)?;
+    let o = Tensor::from_py(out, "out")?;
+    o.expect_dtype(&[DType::I64], "int64")?;
+    o.expect_ndim(2, "[num_tokens, width]")?;
+    ensure_rows(&o, t)?;
+    let width = o.shape[1];
+    check_disjoint(&[&o], &[&m])?;
+    // SAFETY: from_py checked contiguous host tensors of t * e bools and t * width int64, and
+    // that they do not overlap; both outlive the call.
+    let (ms, os) = unsafe { (m.slice::<bool>(), o.slice_mut::<i64>()) };
+    run(py, || layout::compact_routing_map(ms, t, e, width, os))
+}
+
+fn ensure_rows(o: &Tensor, rows: usize) -> PyResult<()> {
+    if o.shape[0] != rows {
+        return Err(to_py_err(moerail_core::error::invalid(
+            "out",
+            format!(
+                "expected {rows} rows (the tokens of routing_map), got {}",
+                o.shape[0]
+            ),
+        )));
+    }
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(a2a_max_row_count, m)?)?;
+    m.add_function(wrap_pyfunction!(a2a_compact_routing_map, m)?)?;
     m.add_class::<PyStrategy>()?;
     m.add_class::<PyLinks>()?;
     m.add_class::<PyRoute>()?;

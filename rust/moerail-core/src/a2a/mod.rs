@@ -16,8 +16,8 @@
 //! * [`route`]: one rank's route of one exchange (every hop's indices and row counts), built
 //!   in one call from its slots and the plan; the dispatch, the combine and their backwards
 //!   move rows by it.
-//! * [`exec`]: the local data movement of the exchange (packing rows into byte buffers, the
-//!   deterministic reductions of the combine, the reorder indices), in moerail's pool.
+//! * [`exec`]: the index computations the route is made of (copy rows, block reorders, the
+//!   forwarding and output orders read off the slot ids that arrive with token rows).
 //!
 //! The strategies ([`Strategy`]):
 //!
