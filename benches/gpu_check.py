@@ -357,7 +357,8 @@ class Check:
             else:
                 plan.append((v, tb))
         if not plan:
-            return {"status": "skipped", "reason": "; ".join(missing) or "no megatron-core in the bundle"}
+            why = "; ".join(missing) or "no megatron-core in the bundle"
+            return {"status": "skipped", "reason": why if self.has_gpu else f"{self.no_gpu()}; {why}"}
         versions = {}
         modes = [("with moerail", "1")] if not self.has_gpu else [("as is", "0"), ("with moerail", "1")]
         jobs = {}

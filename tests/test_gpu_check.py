@@ -266,7 +266,8 @@ def test_rehearsal_gpu_check_without_gpu(tmp_path):
     assert "GPU tests collected" in st["moerail-tests"]["reason"]
     dry = next(iter(st["moerail-tests"]["dry_run"].values()))
     assert dry["collected"] >= 100, dry
-    for v, d in st["megatron-tests"]["versions"].items():
+    # (A clone without ../shared/third_party bundles no Megatron tests: the manifest says so.)
+    for v, d in st["megatron-tests"].get("versions", {}).items():
         assert d["runs"]["with moerail"]["collected"] >= 20, (v, d["runs"]["with moerail"])
     assert "13 kernel cases" in st["sanitizer"]["reason"]
     assert "Not measured" in (out / "bench.md").read_text()
