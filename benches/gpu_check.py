@@ -491,6 +491,10 @@ class Check:
         for v, d in mg.get("versions", {}).items():
             md += ["", f"## Megatron-LM MoE unit tests for megatron-core {v} ({d['tests_from']})", ""]
             for mode, r in d["runs"].items():
+                if "collected" in r:
+                    md.append(f"- {mode}: dry run, {r['collected']} tests collected, "
+                              f"{len(r['collection_errors'])} collection errors ({r['seconds']} s)")
+                    continue
                 md.append(f"- {mode}: {r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
                           f"{', TIMED OUT' if r['timed_out'] else ''} ({r['seconds']} s)")
             for f, why in d["left_out"].items():
