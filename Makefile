@@ -3,6 +3,7 @@
 #   make test    build, then cargo test and pytest (against Megatron-Core 0.16 and 0.19)
 #   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
+#   make gpu-bundle  the offline bundle for benches/gpu_check.sh on a GPU machine -> gpu-bundle/
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -20,7 +21,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: all setup build demo test test-rust test-python bench lint fmt clean
+.PHONY: all setup build demo test test-rust test-python bench lint fmt clean gpu-bundle
 
 all: test
 
@@ -68,8 +69,20 @@ test-rust: $(DEPS_STAMP) $(NVRTC12)/.stamp
 	VIRTUAL_ENV=$(abspath $(VENV)) MOERAIL_REQUIRE_NVRTC=12,13 \
 		MOERAIL_TEST_NVRTC_DIRS=$(abspath $(NVRTC12))/nvidia/cuda_nvrtc/lib cargo test --workspace -q
 
-test-python: setup
-	$(PY) -m pytest -q
+# The offline bundle for a GPU machine (benches/gpu_check.sh): moerail's abi3 wheel, the
+# megatron-core wheels (cp312, downloaded once) and Megatron's MoE test tarballs; under 64 MiB.
+GPU_BUNDLE ?= gpu-bundle
+MEGATRON_TESTS_DIR ?= ../shared/third_party
+PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) $(wildcard csrc/cuda/*)
+$(GPU_BUNDLE)/manifest.json: $(DEPS_STAMP) $(RUST_SOURCES) $(PY_SOURCES) tools/gpu_bundle.py
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/gpu_bundle.py --out $(GPU_BUNDLE) --maturin $(VENV)/bin/maturin \
+		--pip "$(PY) -m pip" --megatron-tests $(MEGATRON_TESTS_DIR) || { rm -f $@; exit 1; }
+
+gpu-bundle: $(GPU_BUNDLE)/manifest.json
+
+# tests/test_gpu_check.py rehearses benches/gpu_check.sh on this machine with the bundle.
+test-python: setup gpu-bundle
+	MOERAIL_GPU_BUNDLE=$(abspath $(GPU_BUNDLE)) $(PY) -m pytest -q
 	MOERAIL_MEGATRON_PATH=$(abspath $(MCORE_NEXT)) $(PY) -m pytest -q -m megatron
 
 test: test-rust test-python
@@ -82,11 +95,11 @@ bench: $(BUILD_STAMP)
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
-	$(VENV)/bin/ruff check python tests examples benches
+	$(VENV)/bin/ruff check python tests examples benches tools
 
 fmt: $(DEPS_STAMP)
 	cargo fmt --all
-	$(VENV)/bin/ruff check --fix python tests examples benches
+	$(VENV)/bin/ruff check --fix python tests examples benches tools
 
 clean:
 	rm -rf $(VENV) $(CARGO_TARGET_DIR)
