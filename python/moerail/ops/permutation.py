@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _checks
-from . import ops as _ops
+from .. import _checks
+from . import custom_ops as _ops
 
 __all__ = ["permute", "permute_by_indices", "unpermute", "sort_chunks_by_idxs"]
 

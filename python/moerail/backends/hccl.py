@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import _native
+from .. import _native
 
 __all__ = ["HcclExchange"]
 

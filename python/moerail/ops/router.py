@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _checks, _native
-from . import ops as _ops
+from .. import _checks, _native
+from . import custom_ops as _ops
 
 __all__ = [
     "topk_route",
