@@ -9,7 +9,7 @@ import torch
 
 import _common
 import moerail
-from moerail.a2a import _make_plan
+from moerail.ep.plan import _make_plan
 
 TITLE = "Expert-parallel exchange: flat vs 2dh vs dedup on two emulated nodes, planning time"
 

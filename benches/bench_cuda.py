@@ -50,7 +50,7 @@ def measure(dev: torch.device, t: int, h: int, e: int, k: int, timer) -> tuple:
     (the default) and off, and the router against Megatron's. Returns ``(rows, copy_bw, nrows)``.
     The test suite runs it on CPU tensors through the kernels' emulator at small sizes."""
     import moerail
-    from moerail import _device
+    from moerail.backends import cuda as _device
 
     # Megatron's 3- and 5-tuple permute both take these arguments; only their time is used.
     with warnings.catch_warnings():

@@ -86,7 +86,7 @@ def reference(case: dict, world: int, rank: int, disp: moerail.AllToAllDispatche
         if case.get("capacity_factor"):
             p, m = moerail.apply_token_dropping(p, m, case["topk"], case["capacity_factor"],
                                                 case.get("drop_policy", "probs"), case.get("pad", False))
-        idx = moerail.a2a._compact(m)
+        idx = moerail.ep.plan._compact(m)
         slots = moerail.select_replicas(idx, disp.log2phy, disp.logcnt, disp.num_slots, offset=src)
         w = p.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
         per_src.append((h, p, m, idx, slots, w))
@@ -106,7 +106,7 @@ def reference(case: dict, world: int, rank: int, disp: moerail.AllToAllDispatche
 
 def dense_moe(h, probs_full, routing_map, slots, phy2log, weights, case):
     """Plain autograd reference of the MoE output for one rank's tokens."""
-    idx = moerail.a2a._compact(routing_map)
+    idx = moerail.ep.plan._compact(routing_map)
     w = probs_full.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
     out = h.to(torch.float64) * 0 + probs_full.to(torch.float64).sum() * 0  # in the graph even when empty
     for j in range(idx.shape[1]):
@@ -232,7 +232,7 @@ def run_etp_case(case: dict, rank: int, ep_group, etp_group) -> dict:
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5 + rank), dtype=torch.float64)
     (out * gy).sum().backward()
     hr, pr = h0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
-    idx = moerail.a2a._compact(m0)
+    idx = moerail.ep.plan._compact(m0)
     wts = pr.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
     ref = hr * 0 + pr.sum() * 0
     for j in range(idx.shape[1]):

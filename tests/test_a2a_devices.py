@@ -85,7 +85,7 @@ def test_dispatcher_sums_skip_the_value_checks_in_their_thread_only(monkeypatch)
     path's value checks (a host sync each) are off, in that thread only, and back on after."""
     import threading
 
-    from moerail import _device
+    from moerail.backends import cuda as _device
 
     monkeypatch.setattr(_device, "_CHECKS", True)
     t = torch.empty(1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moerail
-from moerail.a2a import _compact
+from moerail.ep.plan import _compact
 
 
 def _maps(w, t, e, k, seed=0, skew=0):
@@ -191,7 +191,7 @@ def test_planning_speed_deepep_size():
     vec = torch.zeros(4 + e + w + w // 8, dtype=torch.int64)
     moerail._native.a2a_counts(idx, w, 8, e // w, 0, 0, vec)
     gathered = vec.repeat(w, 1)
-    from moerail.a2a import _make_plan
+    from moerail.ep.plan import _make_plan
 
     best = math.inf
     for _ in range(5):

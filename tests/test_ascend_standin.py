@@ -30,7 +30,7 @@ def _run(standin, code, **env):
 
 EXCHANGE = r"""
 import torch
-from moerail.ascend import HcclExchange
+from moerail.backends.hccl import HcclExchange
 root = HcclExchange.root_info()
 x = HcclExchange(4, 2, root)
 buf = torch.arange(6 * 8, dtype=torch.bfloat16).reshape(6, 8)
@@ -81,7 +81,7 @@ def test_exchange_marshals_counts_in_elements(standin):
 
 
 def test_hccl_error_names_the_call_and_code(standin):
-    code = ("import torch\nfrom moerail.ascend import HcclExchange\nx = HcclExchange(1, 0, HcclExchange.root_info())\n"
+    code = ("import torch\nfrom moerail.backends.hccl import HcclExchange\nx = HcclExchange(1, 0, HcclExchange.root_info())\n"
             "try:\n    x.exchange(torch.ones(2, 4), [2], [2])\nexcept RuntimeError as e:\n    print(e)\n")
     r, _ = _run(standin, code, STANDIN_FAIL="HcclAlltoAllV:9")
     assert r.returncode == 0, r.stderr

@@ -21,7 +21,8 @@ import torch
 
 import cuda_emu
 import moerail
-from moerail import _device, ops
+from moerail.backends import cuda as _device
+from moerail.ops import custom_ops as ops
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

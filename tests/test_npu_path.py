@@ -1,4 +1,4 @@
-"""moerail's NPU path (``moerail._npu``): torch_npu's fused permutes plus torch formulas. Both are
+"""moerail's NPU path (``moerail.backends.npu``): torch_npu's fused permutes plus torch formulas. Both are
 checked here against moerail's CPU path, which the other test files compare with Megatron-Core.
 
 No NPU exists here. The formulas are device-generic, so they run on CPU tensors
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import moerail
-from moerail import _npu, backends
+from moerail import backends
+from moerail.backends import npu as _npu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -320,7 +321,7 @@ def test_doctor_npu_column():
     assert rows["permute"].startswith("torch_npu fused")
     assert "fixed fp32 order" in rows["unpermute"]
     assert all("not yet" not in v for v in rows.values())
-    assert rows["AllToAllDispatcher exchange"].startswith("moerail.ascend.HcclExchange")
+    assert rows["AllToAllDispatcher exchange"].startswith("moerail.backends.hccl.HcclExchange")
 
 
 def test_npu_tensors_are_routed_to_the_npu_path():

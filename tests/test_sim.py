@@ -717,7 +717,7 @@ def test_cli_errors_exit_2_with_the_argument(capsys):
 
 def test_cli_module_entry_point():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(sim.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(sim.__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-m", "moerail", "plan", "--list-presets"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "DeepSeek-V3" in r.stdout and "H100-SXM" in r.stdout

@@ -11,7 +11,6 @@ import os
 import torch  # noqa: F401  (the custom ops need torch loaded first)
 
 from . import _native
-from .a2a import AllToAllDispatcher, AllToAllPlan, plan_all_to_all
 from .balance import (
     LinkModel,
     LoadTracker,
@@ -33,15 +32,19 @@ from .balance import (
     select_replicas_map,
     should_migrate,
 )
-from .dispatch import permute, permute_by_indices, sort_chunks_by_idxs, unpermute
-from .router import (
+from .ep import AllToAllDispatcher, AllToAllPlan, plan_all_to_all
+from .ops import (
     apply_token_dropping,
     expert_bias_update,
     get_capacity,
+    permute,
+    permute_by_indices,
     routing_scores_for_aux_loss,
     sequence_load_balancing_loss,
+    sort_chunks_by_idxs,
     switch_load_balancing_loss,
     topk_route,
+    unpermute,
     z_loss,
 )
 from .sim import rank_groups

@@ -1,123 +1,13 @@
-"""HCCL executor for the dispatcher's exchange plans on Ascend NPUs.
-
-moerail plans, HCCL moves: :class:`HcclExchange` turns rows per peer (what a plan's stage
-matrix holds for this rank) into HCCL's counts and displacements in elements and calls
-``HcclAlltoAllV`` on the current NPU stream, through ``libhccl.so`` loaded at run time (the copy
-torch_npu already loaded; see ``moerail doctor``). Every count and displacement is checked
-against the tensors before HCCL is called.
-
-Its ``exchange(buf, send_rows, recv_rows)`` has the shape of ``AllToAllDispatcher``'s exchange
-step, so a dispatcher can use it in place of ``torch.distributed.all_to_all_single``.
-"""
+"""Deprecated: moved to :mod:`moerail.backends.hccl`. Removed in the next release."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from ._deprecated import forward_to, module_dir, warn_moved
+from .backends import hccl as _new
 
-import torch
+__all__ = list(_new.__all__)
 
-from . import _native
+__getattr__ = forward_to(__name__, ["moerail.backends.hccl"])
+__dir__ = module_dir(_new)
 
-__all__ = ["HcclExchange"]
-
-
-def _npu_stream(t: torch.Tensor) -> int:
-    npu = getattr(torch, "npu", None)
-    if t.device.type == "npu" and npu is not None:
-        return int(npu.current_stream(t.device).npu_stream)
-    return 0
-
-
-def _hccl_missing() -> Optional[str]:
-    """Why ``libhccl.so`` cannot be used here (None: it can)."""
-    st = _native.ascend_status(False)
-    if "hccl" in st:
-        return None
-    return str(st.get("hccl_error", "libhccl.so not found"))
-
-
-class HcclExchange:
-    """An HCCL communicator over ``n_ranks`` ranks and the exchange steps that use it.
-
-    Build it with :meth:`from_group` (the root info travels over an existing
-    ``torch.distributed`` group), or directly from the root's ``root_info``
-    (:meth:`root_info` on rank 0).
-    """
-
-    def __init__(self, n_ranks: int, rank: int, root_info: bytes):
-        self.comm = _native.HcclComm(n_ranks, rank, root_info)
-
-    @staticmethod
-    def root_info() -> bytes:
-        return _native.HcclComm.root_info()
-
-    @classmethod
-    def from_group(cls, group=None) -> HcclExchange:
-        """A communicator over the ranks of ``group`` (rank ``i`` of the group is HCCL rank
-        ``i``). Collective: every rank of ``group`` calls it. Each rank first checks that it can
-        load HCCL, and the group's first rank makes the root info; what every rank found is
-        all-gathered before any rank calls ``HcclCommInitRootInfo``, so a rank without HCCL makes
-        every rank raise the same error instead of leaving the others waiting in HCCL."""
-        import torch.distributed as dist
-
-        rank, n = dist.get_rank(group), dist.get_world_size(group)
-        try:
-            mine = (None, cls.root_info()) if rank == 0 else (_hccl_missing(), None)
-        except Exception as e:  # noqa: BLE001 - sent to every rank, raised on all of them below
-            mine = (f"{type(e).__name__}: {e}", None)
-        found: List[tuple] = [(None, None)] * n
-        dist.all_gather_object(found, mine, group=group)
-        bad = {r: why for r, (why, _) in enumerate(found) if why}
-        if bad:
-            raise RuntimeError("HCCL executor: not available on rank(s) "
-                               + "; ".join(f"{r}: {why}" for r, why in sorted(bad.items())))
-        return cls(n, rank, found[0][1])
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def n_ranks(self) -> int:
-        return self.comm.n_ranks
-
-    def exchange(self, buf: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int],
-                 stream: Optional[int] = None) -> torch.Tensor:
-        """Rows ``buf[sum(send_rows[:p]) : ...]`` go to peer ``p``; returns the rows received,
-        packed in peer order (``sum(recv_rows)`` rows)."""
-        if not isinstance(buf, torch.Tensor):
-            raise TypeError(f"buf: expected a torch.Tensor, got {type(buf).__name__}")
-        if buf.dim() < 1:
-            raise ValueError("buf: expected rows (at least one dimension)")
-        send_rows = self._rows(send_rows, "send_rows")
-        recv_rows = self._rows(recv_rows, "recv_rows")
-        buf = buf.contiguous()
-        row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
-        if sum(send_rows) != buf.shape[0]:
-            raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
-        sc, sd = _native.hccl_counts_from_rows(send_rows, row)
-        rc, rd = _native.hccl_counts_from_rows(recv_rows, row)
-        out = torch.empty((sum(recv_rows), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
-        self.comm.alltoallv(buf, sc, sd, out, rc, rd, _npu_stream(buf) if stream is None else stream)
-        return out
-
-    def _rows(self, rows: Sequence[int], name: str) -> List[int]:
-        """One non-negative int per rank."""
-        try:
-            out = [int(r) for r in rows]
-        except (TypeError, ValueError):
-            raise TypeError(f"{name}: expected a sequence of ints (rows per rank)") from None
-        if len(out) != self.n_ranks:
-            raise ValueError(f"{name}: expected {self.n_ranks} entries (one per rank), got {len(out)}")
-        if any(r < 0 for r in out):
-            raise ValueError(f"{name}: row counts must be non-negative, got {out}")
-        return out
-
-    def all_gather(self, t: torch.Tensor, stream: Optional[int] = None) -> torch.Tensor:
-        t = t.contiguous()
-        out = torch.empty((self.n_ranks, *t.shape), dtype=t.dtype, device=t.device)
-        self.comm.allgather(t, out, _npu_stream(t) if stream is None else stream)
-        return out
-
-    def close(self) -> None:
-        self.comm.close()
+warn_moved(__name__, "moerail.backends.hccl")

@@ -267,7 +267,7 @@ class _MoerailFeatureMixin:
         if names:
             from megatron.core.transformer.moe import moe_utils
 
-            from .megatron import _wrappers
+            from .megatron.patch import _wrappers
 
             wrappers = _wrappers(moe_utils).wrappers
             taken = _replaced_elsewhere(patch_manager)

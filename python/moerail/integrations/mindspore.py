@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from .. import _native
-from .. import dispatch as _dispatch
-from .. import router as _router
+from ..ops import permutation as _dispatch
+from ..ops import router as _router
 
 __all__ = [
     "AOT_OPS",

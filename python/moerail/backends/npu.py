@@ -42,8 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _device
-from ._device import acc_dtype
+from . import cuda as _device
+from .cuda import acc_dtype
 
 _for_cpu = False
 _NORM_EPS = 1e-20

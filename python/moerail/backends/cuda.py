@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _native
+from .. import _native
 
 _emulator: Optional[str] = None
 _configured = False

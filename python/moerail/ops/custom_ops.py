@@ -7,7 +7,7 @@ activations; the only activation saved is the expert output of an unpermute whos
 gradient (the gradient of a weight is a dot product with that output).
 
 The public functions with Megatron-Core's argument names live in ``router.py`` and
-``dispatch.py``; use those.
+``permutation.py`` (``moerail.ops``); use those.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _device, _native, _npu, backends
+from .. import _native, backends
+from ..backends import cuda as _device
+from ..backends import npu as _npu
 
 __all__: List[str] = []
 
@@ -71,8 +73,8 @@ class _Op:
     def __init__(self, name: str, fn):
         self.name = name
         self.cpu_kernel = fn
-        # The CUDA path: the function of the same name in _device (every op has one); the NPU
-        # path: the one in _npu.
+        # The CUDA path: the function of the same name in backends.cuda (every op has one); the NPU
+        # path: the one in backends.npu.
         self.device_kernel = getattr(_device, name)
         self.npu_kernel = getattr(_npu, name)
         self.custom_op = torch.library.custom_op(f"moerail::{name}", fn, mutates_args=())

@@ -1,7 +1,7 @@
 """Which accelerator backends this process can use, and ``moerail doctor``.
 
 moerail's wheel carries no CUDA or CANN code that is linked at build time: the CUDA kernels are
-compiled by NVRTC on first use (``moerail._device``) and CANN/HCCL are opened with the dynamic
+compiled by NVRTC on first use (``moerail.backends.cuda``) and CANN/HCCL are opened with the dynamic
 loader. :func:`report` looks for each part and says what it found, or why not;
 :func:`format_report` renders the table ``moerail doctor`` prints. :func:`notice_cpu_only` is
 what the ops call the first time they run on CPU tensors: when neither CUDA nor CANN is usable
@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import _device, _native
+from .. import _native
+from . import cuda as _device
 
 __all__ = ["BackendNotFoundWarning", "report", "format_report", "notice_cpu_only"]
 
@@ -77,7 +78,7 @@ _KERNEL_OPS = ["topk_route", "routing_scores_for_aux_loss", "permute", "permute_
 _TORCH_OPS = ["apply_token_dropping", "switch/sequence load-balancing loss", "z_loss", "expert_bias_update"]
 
 
-# NPU tensors (moerail._npu): torch_npu's fused permutes where they give moerail's result, torch
+# NPU tensors (moerail.backends.npu): torch_npu's fused permutes where they give moerail's result, torch
 # formulas elsewhere; "torch on the NPU" for the rest.
 _NPU_ROWS = {
     "permute": "torch_npu fused (uniform top-k) / torch",
@@ -113,7 +114,7 @@ def op_backends(cuda_ok: bool, npu: bool, cuda: Dict[str, Any]) -> List[Dict[str
         "op": "AllToAllDispatcher exchange",
         "cpu": "torch.distributed (gloo)",
         "cuda": "torch.distributed (NCCL), rows stay on the GPU",
-        "npu": "moerail.ascend.HcclExchange (HCCL), rows stay on the NPU",
+        "npu": "moerail.backends.hccl.HcclExchange (HCCL), rows stay on the NPU",
     })
     return rows
 
