@@ -129,8 +129,8 @@ def _worker(rank: int, port: int, config: Dict) -> None:
         for rep in range(config["warmup"] + config["repeat"]):
             dist.barrier()
             t0 = time.perf_counter()
-            out, _, p_local = disp.dispatch(hidden, probs, routing_map)
-            disp.combine(out * p_local[:, None])
+            out, _, p_local = sent = disp.dispatch(hidden, probs, routing_map)
+            disp.combine(out * p_local[:, None], sent.handle)
             dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step waits for the slowest rank
             if rep >= config["warmup"]:

@@ -5,9 +5,9 @@ expert) trained on Python's standard-library source, data parallel over 4 gloo r
 dense parts and expert parallel (EP=4) for the experts. Every MoE layer, every step::
 
     probs, routing_map = moerail.topk_route(router(x) + zipf_prior, k)   # skewed routing
-    tokens, tokens_per_slot, p = dispatcher.dispatch(x, probs, routing_map) # moerail.AllToAllDispatcher
+    tokens, tokens_per_slot, p = sent = dispatcher.dispatch(x, probs, routing_map)  # moerail.AllToAllDispatcher
     y = local experts over their slots' rows * p                           # replicas share weights
-    out = dispatcher.combine(y) + shared_expert(x)
+    out = dispatcher.combine(y, sent.handle) + shared_expert(x)
 
 The dispatcher plans each exchange (flat / 2dh / dedup / allgather, ``--strategy auto`` picks by
 its alpha-beta cost model for ``--ranks-per-node 2``). A fixed Zipf prior on the router logits
@@ -102,12 +102,12 @@ class EPMoE(nn.Module):
                                                  self.args.aux_loss_coeff) + moerail.z_loss(logits, 1e-3)
         if self.training:
             self.counts += routing_map.sum(0).float()
-        rows, per_slot, p = self.dispatcher.dispatch(x, probs, routing_map)
+        rows, per_slot, p = sent = self.dispatcher.dispatch(x, probs, routing_map)
         outs = []
         for (w1, w2), chunk, n in zip(self.slot_params(), torch.split(rows, per_slot.tolist()), per_slot.tolist()):
             outs.append(F.gelu(chunk @ w1) @ w2 if n else chunk)
         y = torch.cat(outs) * p[:, None].to(rows.dtype) if outs else rows
-        out = self.dispatcher.combine(y) + self.shared(x)
+        out = self.dispatcher.combine(y, sent.handle) + self.shared(x)
         return out.reshape(shape), aux
 
 

@@ -42,7 +42,7 @@ def main() -> None:
                 x_d = x.to(device).requires_grad_(True)
                 logits_d = logits.to(device).requires_grad_(True)
                 probs, rmap = moerail.topk_route(logits_d, topk)
-                rows, tpe, rprobs = disp.dispatch(x_d, probs, rmap)
+                rows, tpe, rprobs = sent = disp.dispatch(x_d, probs, rmap)
                 assert rows.device == device and rprobs.device == device and tpe.device.type == "cpu"
                 outs, start = [], 0
                 for slot, n in enumerate(tpe.tolist()):
@@ -50,7 +50,7 @@ def main() -> None:
                     r = rows[start : start + n]
                     outs.append((r @ w[ex].to(device)) * rprobs[start : start + n, None].to(dtype))
                     start += n
-                y = disp.combine(torch.cat(outs))
+                y = disp.combine(torch.cat(outs), sent.handle)
                 assert y.device == device
                 (y * gy.to(device)).sum().backward()
                 key = f"{dtype} {strategy} cf={cf}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
@@ -148,12 +149,12 @@ def run_case(case: dict, world: int, rank: int) -> dict:
 
     if case.get("chunks", 1) > 1:
         return run_chunked(case, disp, experts, h, p, h0, p0, m0, mine, weights, rank)
-    rows, tpe, rprobs = disp.dispatch(h, p, m0)
+    rows, tpe, rprobs = sent = disp.dispatch(h, p, m0)
     res = {}
     res["rows_equal"] = torch.equal(rows.detach(), ref_rows)
     res["probs_equal"] = torch.equal(rprobs.detach(), ref_probs)
     res["counts_equal"] = torch.equal(tpe, ref_counts)
-    out = disp.combine(experts(rows, tpe, rprobs))
+    out = disp.combine(experts(rows, tpe, rprobs), sent.handle)
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(99 + rank), dtype=torch.float64)
     (out.to(torch.float64) * gy).sum().backward()
     # Dense reference on this rank's tokens.
@@ -219,7 +220,7 @@ def run_etp_case(case: dict, rank: int, ep_group, etp_group) -> dict:
     w2 = torch.randn(e, ffn, HIDDEN, generator=g, dtype=torch.float64) / ffn**0.5
     h0, p0, m0 = inputs(case, rank)
     h, p = h0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
-    rows, per_slot, rprobs = disp.dispatch(h, p, m0)
+    rows, per_slot, rprobs = sent = disp.dispatch(h, p, m0)
     ep_rank, etp_rank, loc = dist.get_rank(ep_group), dist.get_rank(etp_group), disp.num_local_experts
     sh = slice(etp_rank * ffn // 2, (etp_rank + 1) * ffn // 2)
     outs, start = [], 0
@@ -228,7 +229,7 @@ def run_etp_case(case: dict, rank: int, ep_group, etp_group) -> dict:
         x = rows[start : start + n]
         outs.append(torch.nn.functional.silu(x @ w1[ex][:, sh]) @ w2[ex][sh, :] * rprobs[start : start + n, None])
         start += n
-    out = disp.combine(torch.cat(outs))
+    out = disp.combine(torch.cat(outs), sent.handle)
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5 + rank), dtype=torch.float64)
     (out * gy).sum().backward()
     hr, pr = h0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
@@ -291,6 +292,58 @@ def hccl_unavailable_worker(rank: int, world: int, port: int, empty_dir: str, ou
             out_q.put((rank, None))
         except RuntimeError as e:
             out_q.put((rank, str(e)))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        out_q.put((rank, traceback.format_exc()))
+
+
+def handles_worker(rank: int, world: int, port: int, strategy: str, out_q) -> None:
+    """Two micro-batches dispatched one after the other and combined in reverse order, each by
+    its own handle (as a pipeline schedule that overlaps them does), against dispatch-then-
+    combine of each alone: the same bits, forward and backward. Then the deprecated combine
+    without a handle (the last dispatch's route, with a DeprecationWarning) and a bad handle."""
+    os.environ["MOERAIL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        disp = moerail.AllToAllDispatcher(8, None, ranks_per_node=2, strategy=strategy)
+        cases = [dict(seed=11, tokens=[9, 7, 12, 5], experts=8, topk=3),
+                 dict(seed=12, tokens=[4, 10, 6, 8], experts=8, topk=3)]
+
+        def run(order):
+            leaves, outs = [], [None, None]
+            sent = []
+            for c in cases:
+                h, p, m = inputs(c, rank)
+                h, p = h.clone().requires_grad_(True), p.clone().requires_grad_(True)
+                leaves.append((h, p))
+                sent.append((disp.dispatch(h, p, m), h))
+                if order == "each":
+                    rows, _, rp = sent[-1][0]
+                    outs[len(sent) - 1] = disp.combine(rows * 2.0 * rp[:, None], sent[-1][0].handle)
+            if order == "reverse":
+                for i in (1, 0):
+                    rows, _, rp = sent[i][0]
+                    outs[i] = disp.combine(rows * 2.0 * rp[:, None], sent[i][0].handle)
+            (outs[0].sum() + (outs[1] * 3).sum()).backward()
+            return [o.detach() for o in outs] + [t.grad for pair in leaves for t in pair]
+
+        each, reverse = run("each"), run("reverse")
+        res = {"same_bits": all(torch.equal(a, b) for a, b in zip(each, reverse))}
+        h, p, m = inputs(cases[0], rank)
+        rows, _, rp = sent = disp.dispatch(h, p, m)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            old = disp.combine(rows * rp[:, None])
+        res["deprecated_warns"] = any(issubclass(x.category, DeprecationWarning) for x in w)
+        res["deprecated_same"] = torch.equal(old, disp.combine(rows * rp[:, None], sent.handle))
+        try:
+            disp.combine(rows * rp[:, None], "not a handle")
+            res["bad_handle"] = None
+        except TypeError as e:
+            res["bad_handle"] = str(e)
+        out_q.put((rank, res))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         out_q.put((rank, traceback.format_exc()))

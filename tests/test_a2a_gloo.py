@@ -140,3 +140,17 @@ def test_expert_tensor_parallel(results, strategy):
         assert r["strategy"] == strategy
     # The two ranks of an ETP group see the same rows.
     assert results[0][i]["rows"] == results[1][i]["rows"] and results[2][i]["rows"] == results[3][i]["rows"]
+
+
+@pytest.mark.parametrize("strategy", ["flat", "dedup"])
+def test_combine_takes_the_handle_of_its_dispatch(strategy):
+    """``dispatch`` returns a handle that ``combine`` takes: two dispatches combined in reverse
+    order give the bits of dispatch-then-combine, forward and backward (no route is kept in the
+    dispatcher between them); ``combine`` without the handle still works for one release, with a
+    DeprecationWarning; anything else as the handle is a TypeError naming it."""
+    out = a2a_gloo.spawn(a2a_gloo.handles_worker, WORLD, strategy)
+    for rank, res in out.items():
+        assert not isinstance(res, str), f"rank {rank} failed:\n{res}"
+        assert res["same_bits"], rank
+        assert res["deprecated_warns"] and res["deprecated_same"], rank
+        assert res["bad_handle"] and res["bad_handle"].startswith("handle: expected the DispatchHandle"), res

@@ -77,8 +77,10 @@ def _dispatcher_class():
                 return hidden_states.reshape(-1, self.hidden_shape[-1]), probs
 
             def token_dispatch(self, hidden_states, probs, *args, **kwargs):
-                rows, self.tokens_per_expert, row_probs = self.exchange.dispatch(hidden_states, probs,
-                                                                                 self.routing_map)
+                out = self.exchange.dispatch(hidden_states, probs, self.routing_map)
+                # Megatron's dispatcher API keeps the state between token_dispatch and token_combine.
+                self.handle = out.handle
+                rows, self.tokens_per_expert, row_probs = out
                 return rows, row_probs
 
             def dispatch_postprocess(self, hidden_states, probs):
@@ -88,7 +90,7 @@ def _dispatcher_class():
                 return hidden_states
 
             def token_combine(self, hidden_states, *args, **kwargs):
-                return self.exchange.combine(hidden_states)
+                return self.exchange.combine(hidden_states, self.handle)
 
             def combine_postprocess(self, hidden_states):
                 return hidden_states.view(self.hidden_shape)
