@@ -47,7 +47,7 @@ MOVED = {
 # Private helpers of the old modules that tests and benches used: still reachable through them.
 MOVED_PRIVATE = {
     "moerail.a2a": {"_compact": "moerail.ep.plan", "_make_plan": "moerail.ep.plan",
-                    "_Route": "moerail.ep.dispatcher", "_Dispatch": "moerail.ep.autograd"},
+                    "_Dispatch": "moerail.ep.autograd"},
     "moerail.dispatch": {"_row_counts": "moerail.ops.permutation"},
     "moerail.router": {"_logits": "moerail.ops.router"},
 }

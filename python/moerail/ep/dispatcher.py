@@ -173,7 +173,7 @@ class AllToAllDispatcher:
     entry). ``tokens_per_local_expert`` is a host tensor, as in Megatron.
 
     ``exchange`` says who moves the rows: ``"torch"``, ``torch.distributed.all_to_all_single``
-    on ``ep_group``; ``"hccl"``, moerail's HCCL executor (:class:`moerail.ascend.HcclExchange`:
+    on ``ep_group``; ``"hccl"``, moerail's HCCL executor (:class:`moerail.backends.hccl.HcclExchange`:
     ``HcclAlltoAllV`` with the plan's counts in elements, its own communicator over the ranks of
     ``ep_group``, built at the first exchange); ``"auto"`` (default), the HCCL executor for NPU
     tokens and torch.distributed otherwise; or any object with ``exchange(buf, send_rows,
@@ -444,7 +444,7 @@ class AllToAllDispatcher:
         if probs.shape[1] != self.num_experts:
             raise ValueError(f"probs: expected {self.num_experts} experts (num_experts), got {probs.shape[1]}")
         if self.capacity_factor is not None:
-            from .router import apply_token_dropping
+            from ..ops.router import apply_token_dropping
 
             probs, routing_map = apply_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
                                                       self.drop_policy, self.pad_to_capacity)
@@ -529,7 +529,7 @@ class AllToAllDispatcher:
         if name != "hccl":
             return self.exchange
         if self._hccl is None:  # collective: every rank gets here in its first exchange
-            from .ascend import HcclExchange
+            from ..backends.hccl import HcclExchange
 
             self._hccl = HcclExchange.from_group(self.ep_group)
         return self._hccl
