@@ -1,20 +1,20 @@
-//! Bindings of moerail_core::a2a: the dispatch layout, the plans of the four strategies with
+//! Bindings of moerail_core::ep: the dispatch layout, the plans of the four strategies with
 //! their traffic and cost, and the row indices the dispatcher moves rows by. Python allocates
 //! every output tensor; Rust checks and fills it.
 
-use moerail_core::a2a::{
+use moerail_core::ep::{
     cost::Links,
-    exec, layout,
+    dispatch_layout, exec,
     plan::{self, Counts, Pass, RowFormat},
-    Strategy, Topology,
+    EpGroup, Strategy,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::tensor::{check_disjoint, run, to_py_err, DType, Tensor};
 
-fn topo(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> PyResult<Topology> {
-    Topology::new(ranks, ranks_per_node, slots_per_rank).map_err(to_py_err)
+fn topo(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> PyResult<EpGroup> {
+    EpGroup::new(ranks, ranks_per_node, slots_per_rank).map_err(to_py_err)
 }
 
 fn i64_arg(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Tensor> {
@@ -71,7 +71,7 @@ pub fn a2a_counts(
     // SAFETY: checked above; the tensors outlive the call.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
     run(py, || {
-        let l = layout::layout(ss, n, k, &tp, None, verify)?;
+        let l = dispatch_layout::layout(ss, n, k, &tp, None, verify)?;
         Counts::write_vector(&l, n, status, hash, os)
     })
 }
@@ -239,7 +239,7 @@ pub fn a2a_node_send_index(
     // SAFETY: checked above.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
     run(py, || {
-        layout::node_send_index(ss, n, k, &tp, &node_tokens, os)
+        dispatch_layout::node_send_index(ss, n, k, &tp, &node_tokens, os)
     })
 }
 
@@ -322,7 +322,7 @@ pub fn a2a_block_order(
 }
 
 /// Gathered vectors `[W, V]` from copies per (rank, slot) `[W, R]` and tokens per rank `[W]`
-/// alone, the token-level counts estimated (see moerail_core::a2a::plan::estimate_token_counts).
+/// alone, the token-level counts estimated (see moerail_core::ep::plan::estimate_token_counts).
 #[pyfunction]
 pub fn a2a_estimate_counts(
     py: Python<'_>,
@@ -348,7 +348,7 @@ pub fn a2a_estimate_counts(
         let c = plan::estimate_token_counts(scs, tks, &tp)?;
         let (r_n, n_n) = (tp.slots(), tp.nodes());
         for (src, row) in os.chunks_exact_mut(v).enumerate() {
-            let l = layout::Layout {
+            let l = dispatch_layout::DispatchLayout {
                 slot_counts: c.slot_counts[src * r_n..(src + 1) * r_n].to_vec(),
                 rank_tokens: c.rank_tokens[src * ranks..(src + 1) * ranks].to_vec(),
                 node_tokens: c.node_tokens[src * n_n..(src + 1) * n_n].to_vec(),

@@ -25,7 +25,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use half::{bf16, f16};
-use moerail_core::permute::{self, RoutingMap};
+use moerail_core::ops::permute::{self, RoutingMap};
 use moerail_core::Element;
 
 thread_local! {

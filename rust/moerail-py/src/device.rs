@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use moerail_core::router::ScoreFunction;
+use moerail_core::ops::router::ScoreFunction;
 use moerail_device::cuda::{self, ops, Backend, DType as DevDType};
 use moerail_device::DeviceError;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

@@ -16,13 +16,13 @@ pub mod tensor;
 /// Sets the size of moerail's thread pool.
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
-    moerail_core::pool::set_num_threads(n).map_err(tensor::to_py_err)
+    moerail_core::util::pool::set_num_threads(n).map_err(tensor::to_py_err)
 }
 
 /// The size of moerail's thread pool.
 #[pyfunction]
 fn get_num_threads() -> usize {
-    moerail_core::pool::num_threads()
+    moerail_core::util::pool::num_threads()
 }
 
 #[pymodule]

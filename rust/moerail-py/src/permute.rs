@@ -1,6 +1,6 @@
 //! Bindings of permute / unpermute / sort_chunks.
 
-use moerail_core::permute::{self, ExpertIndices, RoutingMap};
+use moerail_core::ops::permute::{self, ExpertIndices, RoutingMap};
 use moerail_core::Element;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;

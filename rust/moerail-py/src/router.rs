@@ -1,8 +1,8 @@
 //! Bindings of the router, token dropping and the aux losses.
 
-use moerail_core::aux_loss;
-use moerail_core::capacity::{self, DropPolicy};
-use moerail_core::router::{self, ProbsGrad, RouteOutputs, RouterConfig, ScoreFunction};
+use moerail_core::ops::aux_loss;
+use moerail_core::ops::capacity::{self, DropPolicy};
+use moerail_core::ops::router::{self, ProbsGrad, RouteOutputs, RouterConfig, ScoreFunction};
 use pyo3::prelude::*;
 
 use crate::tensor::{check_disjoint, run, DType, Tensor};
@@ -446,7 +446,7 @@ pub fn load_balancing_loss_forward(
         let ps = unsafe { p.slice::<T>() };
         run(py, || {
             aux_loss::load_balancing_loss(ps, t_n, e_n, counts, num_seqs, scale)
-                .map(moerail_core::elem::Real::into_f64)
+                .map(moerail_core::util::elem::Real::into_f64)
         })
     })
 }
@@ -498,7 +498,7 @@ pub fn z_loss_forward(
             )
         };
         run(py, || {
-            aux_loss::z_loss(x, t_n, e_n, ls).map(moerail_core::elem::Real::into_f64)
+            aux_loss::z_loss(x, t_n, e_n, ls).map(moerail_core::util::elem::Real::into_f64)
         })
     })
 }

@@ -2,10 +2,10 @@
 //! (`moerail_core::sim`). Configurations cross as `(key, value)` pairs; reports come back as
 //! JSON text for `json.loads`.
 
+use moerail_core::parallel::{LayoutOptions, ParallelLayout};
 use moerail_core::sim::config::{sections, SimConfig, Value};
 use moerail_core::sim::search::{self, Candidate, RecomputeChoice, Space};
 use moerail_core::sim::{self as core_sim};
-use moerail_core::topology::{Layout, LayoutOptions};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -92,7 +92,7 @@ pub fn rank_groups(
             num_distributed_optimizer_instances: Some(num_distributed_optimizer_instances),
             hierarchical_cp: hierarchical_context_parallel_sizes.unwrap_or_default(),
         };
-        let layout = Layout::with_options(world_size, tp, cp, pp, ep, etp, &order, &opts)?;
+        let layout = ParallelLayout::with_options(world_size, tp, cp, pp, ep, etp, &order, &opts)?;
         Ok(layout
             .groups()?
             .into_iter()

@@ -29,7 +29,7 @@ pub mod stats;
 use rayon::prelude::*;
 
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// Which placement algorithm [`rebalance_experts`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::eplb::min_max_replica_load;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// Series per parallel block (fixed, so sums do not depend on the thread count).
 const BLOCK: usize = 256;

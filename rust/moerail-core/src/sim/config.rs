@@ -1442,11 +1442,11 @@ impl SimConfig {
         // order both grids have the same pipeline groups; otherwise build and compare them.
         let order = p.order.trim().to_ascii_lowercase();
         if order.ends_with("pp") {
-            crate::topology::RankGenerator::new(p.tp, 1, dp, p.pp, p.cp, &p.order)?;
-            crate::topology::RankGenerator::new(etp, p.ep, world / expert_par, p.pp, 1, &p.order)?;
+            crate::parallel::RankGenerator::new(p.tp, 1, dp, p.pp, p.cp, &p.order)?;
+            crate::parallel::RankGenerator::new(etp, p.ep, world / expert_par, p.pp, 1, &p.order)?;
             Ok(())
         } else {
-            crate::topology::Layout::new(world, p.tp, p.cp, p.pp, p.ep, Some(etp), &p.order)
+            crate::parallel::ParallelLayout::new(world, p.tp, p.cp, p.pp, p.ep, Some(etp), &p.order)
                 .map(|_| ())
         }
     }

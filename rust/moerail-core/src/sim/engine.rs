@@ -2,9 +2,9 @@
 //! per-layer forward/backward costs, the pipeline schedule and per-device memory.
 
 use crate::error::Result;
+use crate::parallel::{RankGenerator, Span};
 use crate::sim::config::{Dispatcher, Precision, Recompute, RecomputeMethod, SimConfig};
 use crate::sim::model::{self, Params, Stage};
-use crate::topology::{RankGenerator, Span};
 
 /// Compute parts of the breakdown.
 pub const PARTS: [&str; 8] = [

@@ -12,7 +12,7 @@
 //!   kernels (norms, RoPE, activations, router, permutation, cross entropy) at
 //!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel.
 //!   Backward GEMMs cost twice the forward ones (data and weight gradients).
-//! * **Communication** uses the rank groups of [`crate::topology`] and where they sit on the
+//! * **Communication** uses the rank groups of [`crate::parallel`] and where they sit on the
 //!   nodes: all-gather / reduce-scatter are hierarchical (inside the node over NVLink/HCCS,
 //!   then across nodes over the NICs), all-reduce is twice that, all-to-all sends each peer's
 //!   share over the link it sits behind (intra- and inter-node in parallel), DeepEP-style

@@ -13,9 +13,9 @@
 
 use rayon::prelude::*;
 
-use crate::elem::prelude::*;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::elem::prelude::*;
+use crate::util::pool;
 
 /// Tokens per block of a deterministic sum.
 const BLOCK: usize = 256;

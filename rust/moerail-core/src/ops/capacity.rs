@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::elem::prelude::*;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::elem::prelude::*;
+use crate::util::pool;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropPolicy {

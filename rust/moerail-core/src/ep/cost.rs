@@ -16,7 +16,7 @@
 //! and unpacks (everything it sends and receives, its own rows included) and `inter_n` the
 //! larger of node `n`'s outgoing and incoming network bytes.
 
-use super::Topology;
+use super::EpGroup;
 use crate::error::{ensure, Result};
 
 /// Link parameters: bandwidths in bytes per second, latencies and overheads in seconds.
@@ -104,7 +104,7 @@ pub struct StageLoad {
 }
 
 impl StageLoad {
-    pub fn new(rows: &[i64], topo: &Topology) -> Self {
+    pub fn new(rows: &[i64], topo: &EpGroup) -> Self {
         let (w_n, n_n, g_n) = (topo.ranks, topo.nodes(), topo.ranks_per_node);
         // Row sums (sent), column sums (received) and nonzero counts, split by link class:
         // straight passes over the matrix (vectorised), no per-element branches.
@@ -204,7 +204,7 @@ mod tests {
     fn a_stage_by_hand() {
         // 2 nodes x 2 ranks; rank 0 sends 10 rows to rank 1 (intra) and 4 to rank 2 (inter),
         // rank 3 sends 6 rows to rank 0 (inter) and 2 to itself.
-        let topo = Topology::new(4, 2, 1).unwrap();
+        let topo = EpGroup::new(4, 2, 1).unwrap();
         let mut rows = vec![0i64; 16];
         rows[1] = 10;
         rows[2] = 4;

@@ -14,9 +14,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::elem::prelude::*;
 use crate::error::{checked_mul, ensure, invalid, Result};
-use crate::pool;
+use crate::util::elem::prelude::*;
+use crate::util::pool;
 
 /// Tokens per block when building layouts in parallel (fixed: results never depend on it).
 const TOKEN_BLOCK: usize = 512;
@@ -368,7 +368,7 @@ pub fn gather_rows<T: Copy + Default + Send + Sync>(
         return Ok(());
     }
     check_sorted_indices(sorted_indices, num_tokens)?;
-    crate::mem::prefer_huge_pages(out);
+    crate::util::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .zip(sorted_indices.par_chunks(ROW_BLOCK))
@@ -451,7 +451,7 @@ pub fn unpermute<T: Element>(
         return Ok(());
     }
     let tr = token_rows(sorted_indices, num_tokens)?;
-    crate::mem::prefer_huge_pages(out);
+    crate::util::mem::prefer_huge_pages(out);
     pool::install(|| {
         out.par_chunks_mut(ROW_BLOCK * hidden)
             .enumerate()
@@ -524,7 +524,7 @@ pub fn unpermute_backward<T: Element>(
         }
         return Ok(());
     }
-    crate::mem::prefer_huge_pages(grad_x);
+    crate::util::mem::prefer_huge_pages(grad_x);
     pool::install(|| {
         grad_x
             .par_chunks_mut(ROW_BLOCK * hidden)
@@ -737,7 +737,7 @@ pub fn sort_chunks<T: Copy + Send + Sync>(
             o += l;
         }
     }
-    crate::mem::prefer_huge_pages(out);
+    crate::util::mem::prefer_huge_pages(out);
     let out_ptr = SharedMut(out.as_mut_ptr());
     pool::install(|| {
         pieces.par_iter().for_each(|&(src, dst, len)| {

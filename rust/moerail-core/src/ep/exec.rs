@@ -4,16 +4,16 @@
 //! An exchange buffer is `[rows, stride]` bytes ([`super::plan::RowLayout`]). Between stages a
 //! rank gathers the rows it forwards ([`gather_bytes`]); the reverse direction sums the rows
 //! that came from one row ([`reduce_rows`]: in ascending row order, in `T::Acc`, rounded once,
-//! like [`crate::permute::unpermute`]). Everything here is data movement or a deterministic sum:
+//! like [`crate::ops::permute::unpermute`]). Everything here is data movement or a deterministic sum:
 //! the same bits for any thread count.
 
 use rayon::prelude::*;
 
-use super::Topology;
-use crate::elem::Element;
+use super::EpGroup;
 use crate::error::{ensure, invalid, Result};
-use crate::permute::{permute_layout, ExpertIndices};
-use crate::pool;
+use crate::ops::permute::{permute_layout, ExpertIndices};
+use crate::util::elem::Element;
+use crate::util::pool;
 
 /// Rows per parallel task.
 const ROWS: usize = 32;
@@ -402,7 +402,7 @@ pub fn forward_index(
     stride: usize,
     ids_off: usize,
     count: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     node: usize,
     expected: &[i64],
     out: &mut [i64],
@@ -472,7 +472,7 @@ pub fn expand_index(
     ids_off: usize,
     count: usize,
     blocks: &[i64],
-    topo: &Topology,
+    topo: &EpGroup,
     rank: usize,
     expected: &[i64],
     out_rows: &mut [i64],
@@ -726,7 +726,7 @@ mod tests {
     #[test]
     fn forward_and_expand() {
         // 2 nodes x 2 ranks x 2 slots: node 1 holds slots 4..8 (rank 2: 4, 5; rank 3: 6, 7).
-        let topo = Topology::new(4, 2, 2).unwrap();
+        let topo = EpGroup::new(4, 2, 2).unwrap();
         let rows = vec![vec![5, 6], vec![0, 7], vec![4, 5], vec![1, 2]];
         let buf = id_rows(&rows, 3);
         let stride = 4 + 12;

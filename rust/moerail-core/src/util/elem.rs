@@ -79,11 +79,11 @@ impl Real for f32 {
     }
     #[inline]
     fn exp_in_place(v: &mut [f32]) {
-        crate::fastmath::exp_in_place_f32(v);
+        crate::util::fastmath::exp_in_place_f32(v);
     }
     #[inline]
     fn max_of(v: &[f32]) -> f32 {
-        crate::fastmath::max_f32(v)
+        crate::util::fastmath::max_f32(v)
     }
     #[inline]
     fn topk_blocks(
@@ -94,7 +94,7 @@ impl Real for f32 {
         vals: &mut [f32],
         idx: &mut [usize],
     ) {
-        crate::fastmath::topk_blocks_f32(scores, k, work, block_max, vals, idx)
+        crate::util::fastmath::topk_blocks_f32(scores, k, work, block_max, vals, idx)
     }
 }
 
@@ -113,7 +113,7 @@ impl Real for f64 {
     }
     #[inline]
     fn max_of(v: &[f64]) -> f64 {
-        crate::fastmath::max_scalar(v)
+        crate::util::fastmath::max_scalar(v)
     }
     #[inline]
     fn topk_blocks(
@@ -124,7 +124,7 @@ impl Real for f64 {
         vals: &mut [f64],
         idx: &mut [usize],
     ) {
-        crate::fastmath::topk_blocks_scalar(scores, k, work, block_max, vals, idx)
+        crate::util::fastmath::topk_blocks_scalar(scores, k, work, block_max, vals, idx)
     }
 }
 

@@ -15,9 +15,9 @@
 
 use rayon::prelude::*;
 
-use crate::elem::prelude::*;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::elem::prelude::*;
+use crate::util::pool;
 
 /// Tokens per parallel task: small enough to balance, large enough to amortise scratch buffers.
 const TOKENS_PER_TASK: usize = 64;

@@ -6,7 +6,7 @@
 //! `s / slots_per_rank`), filled by a placement (`phy2log`, replicas allowed). Tokens address
 //! slots, never logical experts: the replica of each (token, expert) is chosen before planning.
 //!
-//! * [`layout`]: what one rank sends, from its tokens' slot ids (the analogue of DeepEP's
+//! * [`dispatch_layout`]: what one rank sends, from its tokens' slot ids (the analogue of DeepEP's
 //!   `get_dispatch_layout`): copies per slot, tokens per destination rank and per destination
 //!   node, the token-in-rank map and the node-grouped send order.
 //! * [`plan`]: from the layouts of every rank (all-gathered), the exact rows each rank sends to
@@ -40,21 +40,21 @@
 //! byte layout, so planned bytes are the bytes sent.
 
 pub mod cost;
+pub mod dispatch_layout;
 pub mod exec;
-pub mod layout;
 pub mod plan;
 
 use crate::error::{ensure, invalid, Result};
 
 /// The EP group: `ranks` ranks, `ranks_per_node` to a node, `slots_per_rank` expert slots each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Topology {
+pub struct EpGroup {
     pub ranks: usize,
     pub ranks_per_node: usize,
     pub slots_per_rank: usize,
 }
 
-impl Topology {
+impl EpGroup {
     /// Checks the sizes; errors name the argument at fault.
     pub fn new(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> Result<Self> {
         ensure(ranks >= 1, "ep_size", || {
@@ -181,13 +181,13 @@ mod tests {
 
     #[test]
     fn topology_checks() {
-        let t = Topology::new(8, 4, 3).unwrap();
+        let t = EpGroup::new(8, 4, 3).unwrap();
         assert_eq!((t.nodes(), t.slots()), (2, 24));
         assert_eq!((t.node(5), t.local(5), t.rank(1, 1)), (1, 1, 5));
         assert_eq!(t.rank_of_slot(23), 7);
-        assert!(Topology::new(8, 3, 1).is_err());
-        assert!(Topology::new(8, 0, 1).is_err());
-        assert!(Topology::new(8, 8, 0).is_err());
+        assert!(EpGroup::new(8, 3, 1).is_err());
+        assert!(EpGroup::new(8, 0, 1).is_err());
+        assert!(EpGroup::new(8, 8, 0).is_err());
         for s in Strategy::ALL {
             assert_eq!(Strategy::parse(s.name()).unwrap(), s);
         }

@@ -7,7 +7,7 @@
 //! holds the ranks that differ only in their tp and dp coordinates.
 //!
 //! [`RankGenerator`] follows `megatron.core.parallel_state.RankGenerator` (and its helper
-//! `generate_masked_orthogonal_rank_groups`); [`Layout::groups`] lists every group that
+//! `generate_masked_orthogonal_rank_groups`); [`ParallelLayout::groups`] lists every group that
 //! `initialize_model_parallel` creates, in the same order, under the names of [`GroupKind`].
 //! Argument errors are reported as [`crate::Error::InvalidArgument`] naming the argument where
 //! Megatron would fail an assertion.
@@ -303,7 +303,7 @@ impl GroupKind {
 /// A parallel layout over `world_size` ranks: attention `TP x CP x DP x PP` and experts
 /// `ETP x EP x EDP x PP`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Layout {
+pub struct ParallelLayout {
     pub world_size: usize,
     pub tp: usize,
     pub cp: usize,
@@ -318,7 +318,7 @@ pub struct Layout {
     expert: RankGenerator,
 }
 
-/// Options of [`Layout::with_options`] beyond the sizes.
+/// Options of [`ParallelLayout::with_options`] beyond the sizes.
 #[derive(Clone, Debug, Default)]
 pub struct LayoutOptions {
     /// `num_distributed_optimizer_instances` (default 1).
@@ -327,7 +327,7 @@ pub struct LayoutOptions {
     pub hierarchical_cp: Vec<usize>,
 }
 
-impl Layout {
+impl ParallelLayout {
     /// Checks the sizes as `initialize_model_parallel` does. `etp` defaults to `tp`.
     pub fn new(
         world_size: usize,
@@ -647,7 +647,7 @@ mod tests {
 
     #[test]
     fn folding_layout_128() {
-        let l = Layout::new(128, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap();
+        let l = ParallelLayout::new(128, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap();
         assert_eq!((l.dp, l.edp), (8, 2));
         let groups = l.groups().unwrap();
         let get = |k: GroupKind| groups.iter().find(|(g, _)| *g == k).unwrap().1.clone();
@@ -669,13 +669,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_argument() {
-        let e = Layout::new(100, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap_err();
+        let e = ParallelLayout::new(100, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap_err();
         assert!(e.to_string().starts_with("world_size:"), "{e}");
-        let e = Layout::new(16, 2, 1, 2, 2, None, "tp-xx-dp-pp").unwrap_err();
+        let e = ParallelLayout::new(16, 2, 1, 2, 2, None, "tp-xx-dp-pp").unwrap_err();
         assert!(e.to_string().starts_with("order:"), "{e}");
-        let e = Layout::new(16, 2, 2, 2, 1, None, "tp-dp-pp").unwrap_err();
+        let e = ParallelLayout::new(16, 2, 2, 2, 1, None, "tp-dp-pp").unwrap_err();
         assert!(e.to_string().contains("cp"), "{e}");
-        let e = Layout::new(16, 2, 1, 2, 1, None, "tp-tp-dp-pp").unwrap_err();
+        let e = ParallelLayout::new(16, 2, 1, 2, 1, None, "tp-tp-dp-pp").unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
     }
 
@@ -694,7 +694,7 @@ mod tests {
 
     #[test]
     fn spans() {
-        let l = Layout::new(128, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap();
+        let l = ParallelLayout::new(128, 2, 1, 8, 8, Some(1), "tp-cp-ep-dp-pp").unwrap();
         let ep = l.expert().span("ep", 8).unwrap();
         assert!(ep.intra_node());
         let dp = l.attention().span("dp", 8).unwrap();

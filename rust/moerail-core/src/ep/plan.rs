@@ -1,6 +1,6 @@
 //! Plans: the exact rows every rank sends to every rank at each stage of a strategy.
 //!
-//! The input is every rank's [`Layout`](super::layout::Layout) counts, all-gathered
+//! The input is every rank's [`DispatchLayout`](super::dispatch_layout::DispatchLayout) counts, all-gathered
 //! ([`Counts`]). A plan lists its stages in dispatch order; each stage is a `[W, W]` matrix of
 //! rows (source-major; the diagonal is a rank's rows to itself, a local copy). The combine runs
 //! the stages in reverse order with the matrices transposed. Rows of a pass have one byte size
@@ -17,8 +17,8 @@
 //! * `allgather`: `G1[(n,g)][(n',g)] = tokens[(n,g)]` (every token to every node), then `D2`.
 
 use super::cost::{Links, StageLoad};
-use super::layout::Layout;
-use super::{Strategy, Topology};
+use super::dispatch_layout::DispatchLayout;
+use super::{EpGroup, Strategy};
 use crate::error::{ensure, invalid, Result};
 
 /// Entries before the counts in a rank's all-gathered vector: status, tokens, max entries,
@@ -42,14 +42,14 @@ pub struct Counts {
 
 impl Counts {
     /// Entries of one rank's vector: `HEADER + R + W + N`.
-    pub fn vector_len(topo: &Topology) -> usize {
+    pub fn vector_len(topo: &EpGroup) -> usize {
         HEADER + topo.slots() + topo.ranks + topo.nodes()
     }
 
     /// One rank's vector: `[status, tokens, max_entries, hash, slot_counts, rank_tokens,
     /// node_tokens]`.
     pub fn write_vector(
-        layout: &Layout,
+        layout: &DispatchLayout,
         num_tokens: usize,
         status: i64,
         hash: i64,
@@ -64,7 +64,7 @@ impl Counts {
     }
 
     /// Parses the gathered vectors `[W, vector_len]` and checks them.
-    pub fn from_gathered(gathered: &[i64], topo: &Topology) -> Result<Self> {
+    pub fn from_gathered(gathered: &[i64], topo: &EpGroup) -> Result<Self> {
         let (w_n, r_n, n_n) = (topo.ranks, topo.slots(), topo.nodes());
         let v = Self::vector_len(topo);
         ensure(gathered.len() == w_n * v, "counts", || {
@@ -94,7 +94,7 @@ impl Counts {
     }
 
     /// Counts from every rank's layout.
-    pub fn from_layouts(layouts: &[Layout], tokens: &[i64]) -> Self {
+    pub fn from_layouts(layouts: &[DispatchLayout], tokens: &[i64]) -> Self {
         Counts {
             tokens: tokens.to_vec(),
             entries: layouts.iter().map(|l| l.max_entries).max().unwrap_or(0),
@@ -107,7 +107,7 @@ impl Counts {
     /// Sizes and the relations every real layout satisfies (a rank's tokens on a rank are at
     /// most its tokens and at most its copies there, at least one when it has copies there, and
     /// so on): a check that the ranks agree on the layout format.
-    pub fn check(&self, topo: &Topology) -> Result<()> {
+    pub fn check(&self, topo: &EpGroup) -> Result<()> {
         let (w_n, r_n, n_n, l_n, g_n) = (
             topo.ranks,
             topo.slots(),
@@ -175,7 +175,7 @@ impl Counts {
     }
 
     /// `C [W, W]`: copies per (source rank, destination rank).
-    pub fn copies(&self, topo: &Topology) -> Vec<i64> {
+    pub fn copies(&self, topo: &EpGroup) -> Vec<i64> {
         let (w_n, r_n, l_n) = (topo.ranks, topo.slots(), topo.slots_per_rank);
         let mut c = vec![0i64; w_n * w_n];
         for src in 0..w_n {
@@ -318,7 +318,7 @@ pub struct Stage {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub strategy: Strategy,
-    pub topo: Topology,
+    pub topo: EpGroup,
     pub stages: Vec<Stage>,
 }
 
@@ -343,7 +343,7 @@ pub struct Traffic {
     pub seconds: f64,
 }
 
-fn stage(name: &'static str, rows: Vec<i64>, topo: &Topology) -> Stage {
+fn stage(name: &'static str, rows: Vec<i64>, topo: &EpGroup) -> Stage {
     let load = StageLoad::new(&rows, topo);
     Stage { name, rows, load }
 }
@@ -357,20 +357,20 @@ struct Shared {
 }
 
 impl Shared {
-    fn copies(&mut self, topo: &Topology, counts: &Counts) -> &Vec<i64> {
+    fn copies(&mut self, topo: &EpGroup, counts: &Counts) -> &Vec<i64> {
         self.copies.get_or_insert_with(|| counts.copies(topo))
     }
 }
 
 impl Plan {
     /// The stages of `strategy` for `counts`.
-    pub fn new(strategy: Strategy, topo: &Topology, counts: &Counts) -> Result<Self> {
+    pub fn new(strategy: Strategy, topo: &EpGroup, counts: &Counts) -> Result<Self> {
         Self::build(strategy, topo, counts, &mut Shared::default())
     }
 
     fn build(
         strategy: Strategy,
-        topo: &Topology,
+        topo: &EpGroup,
         counts: &Counts,
         shared: &mut Shared,
     ) -> Result<Self> {
@@ -522,7 +522,7 @@ impl Plan {
 /// combine on `links`; ties go to the earlier candidate).
 pub fn plan_best(
     candidates: &[Strategy],
-    topo: &Topology,
+    topo: &EpGroup,
     counts: &Counts,
     fmt: &RowFormat,
     links: &Links,
@@ -554,7 +554,7 @@ pub fn plan_best(
 pub fn estimate_token_counts(
     slot_counts: &[i64],
     tokens: &[i64],
-    topo: &Topology,
+    topo: &EpGroup,
 ) -> Result<Counts> {
     let (w_n, r_n, n_n, l_n) = (topo.ranks, topo.slots(), topo.nodes(), topo.slots_per_rank);
     ensure(slot_counts.len() == w_n * r_n, "tokens_per_expert", || {
@@ -618,14 +618,14 @@ pub fn estimate_token_counts(
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::{layout, tests::random_slots};
+    use super::super::dispatch_layout::{layout, tests::random_slots};
     use super::*;
 
-    fn counts_for(topo: &Topology, t: usize, k: usize, seed: u64) -> (Vec<Vec<i64>>, Counts) {
+    fn counts_for(topo: &EpGroup, t: usize, k: usize, seed: u64) -> (Vec<Vec<i64>>, Counts) {
         let slots: Vec<Vec<i64>> = (0..topo.ranks)
             .map(|r| random_slots(t + r, k, topo.slots(), seed + r as u64))
             .collect();
-        let layouts: Vec<Layout> = slots
+        let layouts: Vec<DispatchLayout> = slots
             .iter()
             .enumerate()
             .map(|(r, s)| layout(s, t + r, k, topo, None, true).unwrap())
@@ -639,7 +639,7 @@ mod tests {
     #[test]
     fn stages_follow_the_rows() {
         for (w, g, l) in [(4, 2, 2), (8, 4, 3), (4, 1, 5), (4, 4, 1), (6, 3, 2)] {
-            let topo = Topology::new(w, g, l).unwrap();
+            let topo = EpGroup::new(w, g, l).unwrap();
             let k = 4.min(topo.slots());
             let (slots, counts) = counts_for(&topo, 50, k, w as u64 * 31 + l as u64);
             counts.check(&topo).unwrap();
@@ -724,7 +724,7 @@ mod tests {
         let r = fmt.row(false, Pass::Combine);
         assert_eq!((r.probs, r.stride), (0, 14));
 
-        let topo = Topology::new(4, 2, 2).unwrap();
+        let topo = EpGroup::new(4, 2, 2).unwrap();
         let (_, counts) = counts_for(&topo, 40, 3, 5);
         let links = Links::default();
         for s in Strategy::ALL {
@@ -759,7 +759,7 @@ mod tests {
 
     #[test]
     fn gathered_vectors_parse_and_check() {
-        let topo = Topology::new(4, 2, 2).unwrap();
+        let topo = EpGroup::new(4, 2, 2).unwrap();
         let (slots, counts) = counts_for(&topo, 30, 3, 9);
         let v = Counts::vector_len(&topo);
         let mut buf = vec![0i64; 4 * v];
@@ -777,7 +777,7 @@ mod tests {
 
     #[test]
     fn estimates_are_consistent() {
-        let topo = Topology::new(8, 4, 4).unwrap();
+        let topo = EpGroup::new(8, 4, 4).unwrap();
         let (_, counts) = counts_for(&topo, 400, 6, 3);
         let est = estimate_token_counts(&counts.slot_counts, &counts.tokens, &topo).unwrap();
         est.check(&topo).unwrap();

@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
-use super::Topology;
+use super::EpGroup;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// Tokens per parallel block (fixed).
 const BLOCK: usize = 1024;
@@ -24,7 +24,7 @@ const SERIAL_ENTRIES: usize = 1 << 16;
 
 /// The layout of one rank's tokens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Layout {
+pub struct DispatchLayout {
     /// Copies per slot `[R]`.
     pub slot_counts: Vec<i64>,
     /// Tokens with at least one slot on each rank `[W]`.
@@ -35,8 +35,8 @@ pub struct Layout {
     pub max_entries: usize,
 }
 
-impl Layout {
-    fn zeros(topo: &Topology) -> Self {
+impl DispatchLayout {
+    fn zeros(topo: &EpGroup) -> Self {
         Self {
             slot_counts: vec![0; topo.slots()],
             rank_tokens: vec![0; topo.ranks],
@@ -45,7 +45,7 @@ impl Layout {
         }
     }
 
-    fn add(&mut self, o: &Layout) {
+    fn add(&mut self, o: &DispatchLayout) {
         for (a, b) in self.slot_counts.iter_mut().zip(&o.slot_counts) {
             *a += b;
         }
@@ -123,12 +123,12 @@ fn block_layout(
     slots: &[i64],
     first_token: usize,
     width: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     rank_node: &[u32],
     slot_rank: &[u32],
     token_in_rank: Option<&mut [bool]>,
     verify: bool,
-) -> Result<Layout> {
+) -> Result<DispatchLayout> {
     let r_n = topo.slots() as u64;
     if verify && has_repeats_or_range(slots, width, topo.slots()) {
         return Err(bad_slot(slots, first_token, width, r_n as usize));
@@ -206,12 +206,12 @@ fn has_repeats_or_range(slots: &[i64], width: usize, r_n: usize) -> bool {
 fn block_layout_masks(
     slots: &[i64],
     width: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     rank_node: &[u32],
     slot_rank: &[u32],
     token_in_rank: Option<&mut [bool]>,
-) -> Option<Layout> {
-    let mut out = Layout::zeros(topo);
+) -> Option<DispatchLayout> {
+    let mut out = DispatchLayout::zeros(topo);
     let t_n = slots.len() / width;
     let r_n = topo.slots();
     let (mut rank_masks, mut node_masks) = (Vec::with_capacity(t_n), Vec::with_capacity(t_n));
@@ -288,12 +288,12 @@ fn block_layout_stamps(
     slots: &[i64],
     first_token: usize,
     width: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     rank_node: &[u32],
     slot_rank: &[u32],
     mut token_in_rank: Option<&mut [bool]>,
-) -> Layout {
-    let mut out = Layout::zeros(topo);
+) -> DispatchLayout {
+    let mut out = DispatchLayout::zeros(topo);
     let w_n = topo.ranks;
     let mut rank_seen = vec![u32::MAX; w_n];
     let mut node_seen = vec![u32::MAX; topo.nodes()];
@@ -358,10 +358,10 @@ pub fn layout(
     slots: &[i64],
     num_tokens: usize,
     width: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     token_in_rank: Option<&mut [bool]>,
     verify: bool,
-) -> Result<Layout> {
+) -> Result<DispatchLayout> {
     check_shape(slots, num_tokens, width)?;
     let w_n = topo.ranks;
     if let Some(tir) = &token_in_rank {
@@ -374,7 +374,7 @@ pub fn layout(
         if let Some(tir) = token_in_rank {
             tir.fill(false);
         }
-        return Ok(Layout::zeros(topo));
+        return Ok(DispatchLayout::zeros(topo));
     }
     if slots.len() <= SERIAL_ENTRIES || pool::num_threads() == 1 {
         return block_layout(
@@ -388,7 +388,7 @@ pub fn layout(
             verify,
         );
     }
-    let parts: Vec<Result<Layout>> = pool::install(|| match token_in_rank {
+    let parts: Vec<Result<DispatchLayout>> = pool::install(|| match token_in_rank {
         Some(tir) => slots
             .par_chunks(BLOCK * width)
             .zip(tir.par_chunks_mut(BLOCK * w_n))
@@ -423,7 +423,7 @@ pub fn layout(
             })
             .collect(),
     });
-    let mut total = Layout::zeros(topo);
+    let mut total = DispatchLayout::zeros(topo);
     for p in parts {
         total.add(&p?);
     }
@@ -431,12 +431,12 @@ pub fn layout(
 }
 
 /// The `dedup` send order: for each node (ascending), the tokens with a slot on it (ascending).
-/// `out` has `sum(node_tokens)` entries (from [`layout`] of the same slots).
+/// `out` has `sum(node_tokens)` entries (from [`dispatch_layout`] of the same slots).
 pub fn node_send_index(
     slots: &[i64],
     num_tokens: usize,
     width: usize,
-    topo: &Topology,
+    topo: &EpGroup,
     node_tokens: &[i64],
     out: &mut [i64],
 ) -> Result<()> {
@@ -626,8 +626,8 @@ pub(crate) mod tests {
         out
     }
 
-    fn naive(slots: &[i64], t: usize, k: usize, topo: &Topology) -> (Layout, Vec<bool>) {
-        let mut l = Layout::zeros(topo);
+    fn naive(slots: &[i64], t: usize, k: usize, topo: &EpGroup) -> (DispatchLayout, Vec<bool>) {
+        let mut l = DispatchLayout::zeros(topo);
         let mut tir = vec![false; t * topo.ranks];
         for tok in 0..t {
             let row = &slots[tok * k..(tok + 1) * k];
@@ -657,7 +657,7 @@ pub(crate) mod tests {
 
     #[test]
     fn layout_matches_a_naive_count() {
-        let topo = Topology::new(8, 4, 3).unwrap();
+        let topo = EpGroup::new(8, 4, 3).unwrap();
         for &t in &[0usize, 1, 37, 5000, 20_000] {
             let slots = random_slots(t, 5, topo.slots(), t as u64 + 1);
             let (want, want_tir) = naive(&slots, t, 5, &topo);
@@ -666,7 +666,7 @@ pub(crate) mod tests {
             assert_eq!(got, want, "t={t}");
             assert_eq!(tir, want_tir);
             assert_eq!(layout(&slots, t, 5, &topo, None, false).unwrap(), want);
-            let big = Topology::new(80, 4, 1).unwrap();
+            let big = EpGroup::new(80, 4, 1).unwrap();
             let s80 = random_slots(t, 5, 80, t as u64 + 9);
             let (w80, tir80) = naive(&s80, t, 5, &big);
             let mut t80 = vec![true; t * 80];
@@ -688,7 +688,7 @@ pub(crate) mod tests {
 
     #[test]
     fn layout_rejects_bad_slots() {
-        let topo = Topology::new(2, 1, 2).unwrap();
+        let topo = EpGroup::new(2, 1, 2).unwrap();
         assert!(layout(&[0, 4], 1, 2, &topo, None, false).is_err());
         assert!(layout(&[1, 1], 1, 2, &topo, None, true).is_err());
         assert!(layout(&[-2, 1], 1, 2, &topo, None, false).is_err());
