@@ -130,10 +130,6 @@ impl Topology {
         }
     }
 
-    pub fn slots_per_gpu(&self) -> usize {
-        self.num_replicas / self.num_gpus
-    }
-
     pub fn gpus_per_node(&self) -> usize {
         self.num_gpus / self.num_nodes
     }

@@ -756,30 +756,6 @@ pub fn sort_chunks<T: Copy + Send + Sync>(
     Ok(())
 }
 
-/// The inverse chunk order for the backward of [`sort_chunks`]: the output's split sizes and
-/// the permutation that restores the input order.
-pub fn inverse_chunk_order(
-    split_sizes: &[i64],
-    sorted_idxs: &[i64],
-) -> Result<(Vec<i64>, Vec<i64>)> {
-    let n = split_sizes.len();
-    ensure(sorted_idxs.len() == n, "sorted_idxs", || {
-        "must have one entry per chunk".into()
-    })?;
-    let mut inv = vec![0i64; n];
-    for (pos, &c) in sorted_idxs.iter().enumerate() {
-        ensure(c >= 0 && (c as usize) < n, "sorted_idxs", || {
-            format!("entry {pos} = {c} is out of range")
-        })?;
-        inv[c as usize] = pos as i64;
-    }
-    let out_sizes = sorted_idxs
-        .iter()
-        .map(|&c| split_sizes[c as usize])
-        .collect();
-    Ok((out_sizes, inv))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,7 +860,12 @@ mod tests {
         let mut out = vec![0u16; 12];
         sort_chunks(&input, 2, &sizes, &order, &mut out).unwrap();
         assert_eq!(out, vec![6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5]);
-        let (s2, inv) = inverse_chunk_order(&sizes, &order).unwrap();
+        // The inverse order: output chunk `pos` is input chunk `order[pos]`.
+        let s2: Vec<i64> = order.iter().map(|&c| sizes[c as usize]).collect();
+        let mut inv = [0i64; 3];
+        for (pos, &c) in order.iter().enumerate() {
+            inv[c as usize] = pos as i64;
+        }
         let mut back = vec![0u16; 12];
         sort_chunks(&out, 2, &s2, &inv, &mut back).unwrap();
         assert_eq!(back, input);

@@ -143,19 +143,6 @@ impl RankGenerator {
         Ok(mask)
     }
 
-    /// Shape of the groups of kind `token`: `(group count, group size)`.
-    pub fn group_shape(&self, token: &str) -> Result<(usize, usize)> {
-        let mask = self.mask(token)?;
-        let size: usize = self
-            .sizes
-            .iter()
-            .zip(&mask)
-            .filter(|(_, &m)| m)
-            .map(|(&s, _)| s)
-            .product();
-        Ok((self.world_size / size, size))
-    }
-
     /// Every group of kind `token` (e.g. `"tp-dp"`), in Megatron's order: group `g` decomposes
     /// over the unmasked dimensions, member `r` over the masked ones, first dimension fastest.
     pub fn get_ranks(&self, token: &str) -> Result<Vec<Vec<usize>>> {
