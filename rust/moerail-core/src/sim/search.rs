@@ -297,7 +297,7 @@ pub struct Ranked {
 }
 
 /// Counts of a search.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SearchStats {
     pub candidates: usize,
     pub evaluated: usize,
