@@ -11,37 +11,24 @@ use moerail_core::ep::{
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use crate::tensor::{check_disjoint, run, to_py_err, DType, Tensor};
+use crate::args::{check_disjoint, dims2, TensorArg};
+use crate::error::to_py_err;
+use crate::tensor::{run, Tensor};
 
 fn topo(ranks: usize, ranks_per_node: usize, slots_per_rank: usize) -> PyResult<EpGroup> {
     EpGroup::new(ranks, ranks_per_node, slots_per_rank).map_err(to_py_err)
 }
 
-fn i64_arg(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Tensor> {
-    let t = Tensor::from_py(obj, name)?;
-    t.expect_dtype(&[DType::I64], "int64")?;
-    Ok(t)
-}
-
-fn i64_out(obj: &Bound<'_, PyAny>, name: &'static str, len: usize) -> PyResult<Tensor> {
-    let t = i64_arg(obj, name)?;
-    t.expect_shape(&[len])?;
-    Ok(t)
-}
-
 /// `slots [T, K]` int64 (-1 = empty) as (tensor, T, K).
 fn slots_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize, usize)> {
-    let t = i64_arg(obj, "slots")?;
-    t.expect_ndim(2, "[num_tokens, topk]")?;
-    let (n, k) = (t.shape[0], t.shape[1]);
+    let t = TensorArg::new(obj, "slots").int64().ndim(2, "[num_tokens, topk]").read()?;
+    let (n, k) = dims2(&t);
     Ok((t, n, k))
 }
 
 /// A packed exchange buffer `[rows, stride]` uint8.
 fn buf_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize)> {
-    let t = Tensor::from_py(obj, "buf")?;
-    t.expect_dtype(&[DType::U8], "uint8")?;
-    t.expect_ndim(2, "[rows, row_bytes]")?;
+    let t = TensorArg::new(obj, "buf").uint8().ndim(2, "[rows, row_bytes]").read()?;
     let stride = t.shape[1];
     Ok((t, stride))
 }
@@ -66,9 +53,10 @@ pub fn a2a_counts(
 ) -> PyResult<()> {
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let (s, n, k) = slots_arg(slots)?;
-    let o = i64_out(out, "out", Counts::vector_len(&tp))?;
+    let o = TensorArg::new(out, "out").int64().len(Counts::vector_len(&tp)).read()?;
     check_disjoint(&[&o], &[&s])?;
-    // SAFETY: checked above; the tensors outlive the call.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
     run(py, || {
         let l = dispatch_layout::layout(ss, n, k, &tp, None, verify)?;
@@ -122,7 +110,7 @@ pub fn a2a_plan<'py>(
     links: (f64, f64, f64, f64, f64, f64, f64),
 ) -> PyResult<Bound<'py, PyDict>> {
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
-    let g = i64_arg(gathered, "counts")?;
+    let g = TensorArg::new(gathered, "counts").int64().read()?;
     let cands = strategies
         .iter()
         .map(|s| Strategy::parse(s))
@@ -137,27 +125,16 @@ pub fn a2a_plan<'py>(
         local_bw: links.5,
         stage_overhead: links.6,
     };
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let gs = unsafe { g.slice::<i64>() };
     let (counts, plans, secs, best) = run(py, || {
         let counts = Counts::from_gathered(gs, &tp)?;
-        let fmt = RowFormat {
-            hidden,
-            hidden_elem,
-            prob_elem,
-            entries: counts.entries,
-            probs_grad,
-        };
+        let fmt = RowFormat { hidden, hidden_elem, prob_elem, entries: counts.entries, probs_grad };
         let (plans, secs, best) = plan::plan_best(&cands, &tp, &counts, &fmt, &lk)?;
         Ok((counts, plans, secs, best))
     })?;
-    let fmt = RowFormat {
-        hidden,
-        hidden_elem,
-        prob_elem,
-        entries: counts.entries,
-        probs_grad,
-    };
+    let fmt = RowFormat { hidden, hidden_elem, prob_elem, entries: counts.entries, probs_grad };
     let out = PyDict::new(py);
     out.set_item("best", best)?;
     out.set_item("entries", counts.entries)?;
@@ -200,23 +177,16 @@ pub fn a2a_copy_rows(
     counts: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let (s, n, k) = slots_arg(slots)?;
-    let rt = i64_arg(rows_token, "rows_token")?;
-    rt.expect_ndim(1, "[rows]")?;
-    let re = i64_out(rows_entry, "rows_entry", rt.numel)?;
-    let c = i64_out(counts, "counts", num_slots)?;
+    let rt = TensorArg::new(rows_token, "rows_token").int64().ndim(1, "[rows]").read()?;
+    let re = TensorArg::new(rows_entry, "rows_entry").int64().len(rt.numel).read()?;
+    let c = TensorArg::new(counts, "counts").int64().len(num_slots).read()?;
     check_disjoint(&[&rt, &re, &c], &[&s])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ss, rts, res, cs) = unsafe {
-        (
-            s.slice::<i64>(),
-            rt.slice_mut::<i64>(),
-            re.slice_mut::<i64>(),
-            c.slice_mut::<i64>(),
-        )
+        (s.slice::<i64>(), rt.slice_mut::<i64>(), re.slice_mut::<i64>(), c.slice_mut::<i64>())
     };
-    run(py, || {
-        exec::copy_layout(ss, n, k, num_slots, order.as_deref(), rts, res, cs)
-    })
+    run(py, || exec::copy_layout(ss, n, k, num_slots, order.as_deref(), rts, res, cs))
 }
 
 /// The `dedup` send order of `slots [T, K]`: for each node, its tokens ascending.
@@ -234,13 +204,12 @@ pub fn a2a_node_send_index(
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let (s, n, k) = slots_arg(slots)?;
     let total: i64 = node_tokens.iter().sum();
-    let o = i64_out(out, "out", total.max(0) as usize)?;
+    let o = TensorArg::new(out, "out").int64().len(total.max(0) as usize).read()?;
     check_disjoint(&[&o], &[&s])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ss, os) = unsafe { (s.slice::<i64>(), o.slice_mut::<i64>()) };
-    run(py, || {
-        dispatch_layout::node_send_index(ss, n, k, &tp, &node_tokens, os)
-    })
+    run(py, || dispatch_layout::node_send_index(ss, n, k, &tp, &node_tokens, os))
 }
 
 /// The forwarding order of `dedup` / `allgather` on a rank of `node`: for each local rank,
@@ -262,13 +231,12 @@ pub fn a2a_forward_index(
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let (b, stride) = buf_arg(buf)?;
     let total: i64 = expected.iter().sum();
-    let o = i64_out(out, "out", total.max(0) as usize)?;
+    let o = TensorArg::new(out, "out").int64().len(total.max(0) as usize).read()?;
     check_disjoint(&[&o], &[&b])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (bs, os) = unsafe { (b.slice::<u8>(), o.slice_mut::<i64>()) };
-    run(py, || {
-        exec::forward_index(bs, stride, ids_offset, num_ids, &tp, node, &expected, os)
-    })
+    run(py, || exec::forward_index(bs, stride, ids_offset, num_ids, &tp, node, &expected, os))
 }
 
 /// The output rows of `dedup` / `allgather` on `rank`, grouped by local slot, then source
@@ -292,15 +260,14 @@ pub fn a2a_expand_index(
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
     let (b, stride) = buf_arg(buf)?;
     let total: i64 = expected.iter().sum();
-    let r = i64_out(out_rows, "out_rows", total.max(0) as usize)?;
-    let e = i64_out(out_entries, "out_entries", total.max(0) as usize)?;
+    let r = TensorArg::new(out_rows, "out_rows").int64().len(total.max(0) as usize).read()?;
+    let e = TensorArg::new(out_entries, "out_entries").int64().len(total.max(0) as usize).read()?;
     check_disjoint(&[&r, &e], &[&b])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (bs, rs, es) = unsafe { (b.slice::<u8>(), r.slice_mut::<i64>(), e.slice_mut::<i64>()) };
     run(py, || {
-        exec::expand_index(
-            bs, stride, ids_offset, num_ids, &blocks, &tp, rank, &expected, rs, es,
-        )
+        exec::expand_index(bs, stride, ids_offset, num_ids, &blocks, &tp, rank, &expected, rs, es)
     })
 }
 
@@ -314,9 +281,9 @@ pub fn a2a_block_order(
     b: usize,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let o = i64_arg(out, "out")?;
-    o.expect_ndim(1, "[rows]")?;
-    // SAFETY: checked above.
+    let o = TensorArg::new(out, "out").int64().ndim(1, "[rows]").read()?;
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let os = unsafe { o.slice_mut::<i64>() };
     run(py, || exec::block_order(&sizes, a, b, os))
 }
@@ -334,15 +301,16 @@ pub fn a2a_estimate_counts(
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let tp = topo(ranks, ranks_per_node, slots_per_rank)?;
-    let sc = i64_arg(slot_counts, "tokens_per_expert")?;
-    sc.expect_shape(&[ranks, tp.slots()])?;
-    let tk = i64_arg(tokens, "num_tokens")?;
-    tk.expect_shape(&[ranks])?;
+    let sc = TensorArg::new(slot_counts, "tokens_per_expert")
+        .int64()
+        .shape(&[ranks, tp.slots()])
+        .read()?;
+    let tk = TensorArg::new(tokens, "num_tokens").int64().len(ranks).read()?;
     let v = Counts::vector_len(&tp);
-    let o = i64_arg(out, "out")?;
-    o.expect_shape(&[ranks, v])?;
+    let o = TensorArg::new(out, "out").int64().shape(&[ranks, v]).read()?;
     check_disjoint(&[&o], &[&sc, &tk])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (scs, tks, os) = unsafe { (sc.slice::<i64>(), tk.slice::<i64>(), o.slice_mut::<i64>()) };
     run(py, || {
         let c = plan::estimate_token_counts(scs, tks, &tp)?;

@@ -2,23 +2,16 @@
 //! `HcclComm`, the HCCL executor of exchange plans (counts and displacements in elements).
 
 use moerail_device::ascend::{self, hccl, Comm, DataType};
-use moerail_device::DeviceError;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use crate::args::{check_disjoint, TensorArg};
+use crate::error::hccl_err;
 use crate::tensor::Tensor;
 
-fn to_py_err(e: DeviceError) -> PyErr {
-    match e {
-        DeviceError::Invalid(_) => PyValueError::new_err(e.to_string()),
-        DeviceError::Unavailable(m) => PyRuntimeError::new_err(format!("moerail HCCL: {m}")),
-        DeviceError::Backend(m) => PyRuntimeError::new_err(m),
-    }
-}
-
 fn no_panic<R>(what: &str, f: impl FnOnce() -> moerail_device::Result<R>) -> PyResult<R> {
-    moerail_device::error::no_panic(what, f).map_err(to_py_err)
+    moerail_device::error::no_panic(what, f).map_err(hccl_err)
 }
 
 /// CANN and HCCL as found (or why not); with `probe`, ACL's version and the NPU count.
@@ -50,10 +43,7 @@ fn ascend_status(py: Python<'_>, probe: bool) -> PyResult<Bound<'_, PyDict>> {
 
 fn data_type(t: &Tensor) -> PyResult<DataType> {
     DataType::from_torch(&t.dtype_name).ok_or_else(|| {
-        PyTypeError::new_err(format!(
-            "{}: HCCL has no data type for {}",
-            t.name, t.dtype_name
-        ))
+        PyTypeError::new_err(format!("{}: HCCL has no data type for {}", t.name, t.dtype_name))
     })
 }
 
@@ -62,11 +52,10 @@ fn send_recv(
     send: &Bound<'_, PyAny>,
     recv: &Bound<'_, PyAny>,
 ) -> PyResult<(Tensor, Tensor, DataType)> {
-    let s = Tensor::from_py_on_device(send, "send")?;
-    let r = Tensor::from_py_on_device(recv, "recv")?;
-    r.expect_same_dtype(&s)?;
+    let s = TensorArg::new(send, "send").any_device().read()?;
+    let r = TensorArg::new(recv, "recv").any_device().same_dtype(&s).read()?;
     let dt = data_type(&s)?;
-    crate::tensor::check_disjoint(&[&r], &[&s])?;
+    check_disjoint(&[&r], &[&s])?;
     Ok((s, r, dt))
 }
 
@@ -78,9 +67,7 @@ pub struct HcclComm {
 
 impl HcclComm {
     fn comm(&self) -> PyResult<&Comm> {
-        self.comm
-            .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("HcclComm: already closed"))
+        self.comm.as_ref().ok_or_else(|| PyRuntimeError::new_err("HcclComm: already closed"))
     }
 }
 
@@ -130,18 +117,10 @@ impl HcclComm {
         let (sp, se, rp, re) = (s.ptr as u64, s.numel as u64, r.ptr as u64, r.numel as u64);
         py.detach(|| {
             no_panic("HCCL", || {
-                let send = hccl::Side {
-                    ptr: sp,
-                    elems: se,
-                    counts: &send_counts,
-                    displs: &send_displs,
-                };
-                let recv = hccl::Side {
-                    ptr: rp,
-                    elems: re,
-                    counts: &recv_counts,
-                    displs: &recv_displs,
-                };
+                let send =
+                    hccl::Side { ptr: sp, elems: se, counts: &send_counts, displs: &send_displs };
+                let recv =
+                    hccl::Side { ptr: rp, elems: re, counts: &recv_counts, displs: &recv_displs };
                 // SAFETY: the tensors hold `elems` elements (checked against every count and
                 // displacement) and torch keeps them alive until the stream reaches the call.
                 unsafe { comm.alltoallv(send, recv, dt, stream) }
@@ -162,9 +141,7 @@ impl HcclComm {
         let (sp, n, rp, re) = (s.ptr as u64, s.numel as u64, r.ptr as u64, r.numel as u64);
         py.detach(|| {
             // SAFETY: as in alltoallv.
-            no_panic("HCCL", || unsafe {
-                comm.allgather(sp, rp, re, n, dt, stream)
-            })
+            no_panic("HCCL", || unsafe { comm.allgather(sp, rp, re, n, dt, stream) })
         })
     }
 
@@ -177,7 +154,7 @@ impl HcclComm {
 /// Counts and displacements in elements for rows per peer (`row_elems` elements a row).
 #[pyfunction]
 fn hccl_counts_from_rows(rows: Vec<u64>, row_elems: u64) -> PyResult<(Vec<u64>, Vec<u64>)> {
-    hccl::counts_from_rows(&rows, row_elems).map_err(to_py_err)
+    hccl::counts_from_rows(&rows, row_elems).map_err(hccl_err)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

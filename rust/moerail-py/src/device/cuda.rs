@@ -10,36 +10,16 @@ use std::sync::Arc;
 
 use moerail_core::ops::router::ScoreFunction;
 use moerail_device::cuda::{self, ops, Backend, DType as DevDType};
-use moerail_device::DeviceError;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::router::{config, RouterBackwardArgs, RouterForwardArgs};
-use crate::tensor::{check_disjoint, DType, Device, Tensor};
+use crate::args::{acc_dtype, check_disjoint, dims2, Place, TensorArg};
+use crate::error::cuda_err;
+use crate::ops::router::{config, RouterBackwardArgs, RouterForwardArgs};
+use crate::tensor::{DType, Device, Tensor};
 
 type Arg<'py> = Bound<'py, PyAny>;
-
-fn to_py_err(e: DeviceError) -> PyErr {
-    match e {
-        DeviceError::Invalid(_) => PyValueError::new_err(e.to_string()),
-        DeviceError::Unavailable(m) => {
-            PyRuntimeError::new_err(format!("moerail CUDA backend: {m}"))
-        }
-        DeviceError::Backend(m) => PyRuntimeError::new_err(m),
-    }
-}
-
-fn tensor(obj: &Arg<'_>, name: &'static str) -> PyResult<Tensor> {
-    Tensor::from_py_on_device(obj, name)
-}
-
-fn optional(obj: Option<&Arg<'_>>, name: &'static str) -> PyResult<Option<Tensor>> {
-    match obj {
-        Some(o) if !o.is_none() => Ok(Some(tensor(o, name)?)),
-        _ => Ok(None),
-    }
-}
 
 /// The device pointer of an optional tensor (0 for none).
 fn ptr(t: &Option<Tensor>) -> u64 {
@@ -69,9 +49,7 @@ struct Target {
 impl Target {
     /// All tensors on one CUDA device (or all on the CPU with the emulator set).
     fn of(tensors: &[&Tensor], stream: u64) -> PyResult<Self> {
-        let first = tensors
-            .first()
-            .ok_or_else(|| PyRuntimeError::new_err("no tensors"))?;
+        let first = tensors.first().ok_or_else(|| PyRuntimeError::new_err("no tensors"))?;
         for t in tensors {
             if t.device != first.device {
                 return Err(PyValueError::new_err(format!(
@@ -82,7 +60,7 @@ impl Target {
         }
         match &first.device {
             Device::Cuda(d) => {
-                let backend: Arc<dyn Backend> = cuda::cuda().map_err(to_py_err)?;
+                let backend: Arc<dyn Backend> = cuda::cuda().map_err(cuda_err)?;
                 Ok(Self {
                     backend,
                     device: *d,
@@ -117,39 +95,31 @@ impl Target {
         let (device, stream) = (self.device, self.stream);
         let r = py.detach(move || {
             moerail_device::error::no_panic("moerail CUDA op", || {
-                let s = ops::Stream {
-                    backend: &*backend,
-                    device,
-                    stream,
-                };
+                let s = ops::Stream { backend: &*backend, device, stream };
                 f(&s)
             })
         });
-        r.map_err(to_py_err)
+        r.map_err(cuda_err)
     }
 }
 
-/// A 1-D int64 tensor (of `len` entries when given): indices, counts, chunk sizes.
-fn int64_vector(obj: &Arg<'_>, name: &'static str, len: Option<usize>) -> PyResult<Tensor> {
-    let t = tensor(obj, name)?;
-    t.expect_dtype(&[DType::I64], "int64")?;
-    match len {
-        Some(n) => t.expect_shape(&[n])?,
-        None => t.expect_ndim(1, "of one entry per row")?,
-    }
-    Ok(t)
+/// A tensor argument on any device (only its pointer reaches the kernels).
+fn arg<'a, 'py>(obj: &'a Arg<'py>, name: &'static str) -> TensorArg<'a, 'py> {
+    TensorArg::new(obj, name).any_device()
 }
 
-fn expect_workspace(ws: &Tensor, bytes: usize) -> PyResult<()> {
-    ws.expect_dtype(&[DType::U8], "uint8")?;
-    if ws.numel < bytes {
-        return Err(PyValueError::new_err(format!(
-            "{}: expected at least {bytes} bytes, got {}",
-            ws.name, ws.numel
-        )));
-    }
-    Ok(())
+/// A workspace argument of at least `bytes` bytes.
+fn workspace_arg(obj: &Arg<'_>, bytes: usize) -> PyResult<Tensor> {
+    arg(obj, "workspace").workspace(bytes).read()
 }
+
+/// A device int64 vector argument: indices, counts, chunk sizes.
+fn int64_vector<'a, 'py>(obj: &'a Arg<'py>, name: &'static str) -> TensorArg<'a, 'py> {
+    arg(obj, name).int64()
+}
+
+/// How a vector of one entry per row is described.
+const PER_ROW: &str = "of one entry per row";
 
 fn score(name: &str) -> PyResult<ScoreFunction> {
     config(1, false, None, None, None, name).map(|c| c.score_function)
@@ -178,32 +148,16 @@ fn device_router_forward(
     status: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let RouterForwardArgs {
-        lg,
-        t_n: t,
-        e_n: e,
-        cfg,
-        bias,
-        pk,
-        ix,
-        tpe,
-        dense,
-    } = RouterForwardArgs::read(
-        tensor,
-        logits,
-        (
-            topk,
-            use_pre_softmax,
-            num_groups,
-            group_topk,
-            scaling_factor,
-            score_function,
-        ),
-        expert_bias,
-        (probs_k, indices, tokens_per_expert),
-        dense_probs,
-        routing_map,
-    )?;
+    let RouterForwardArgs { lg, t_n: t, e_n: e, cfg, bias, pk, ix, tpe, dense } =
+        RouterForwardArgs::read(
+            Place::AnyDevice,
+            logits,
+            (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function),
+            expert_bias,
+            (probs_k, indices, tokens_per_expert),
+            dense_probs,
+            routing_map,
+        )?;
     let dt = dev_dtype(&lg)?;
     let (dense, rmap) = dense.map_or((None, None), |(p, m)| (Some(p), Some(m)));
     let st = status_tensor(status)?;
@@ -226,9 +180,7 @@ fn device_router_forward(
     };
     // SAFETY: shapes, dtypes and devices checked above; torch keeps the tensors alive until the
     // stream reaches the launches.
-    target.run(py, |s| unsafe {
-        ops::router_forward(s, dt, t, e, &cfg, &a)
-    })
+    target.run(py, |s| unsafe { ops::router_forward(s, dt, t, e, &cfg, &a) })
 }
 
 #[pyfunction]
@@ -245,40 +197,25 @@ fn device_router_backward(
     grad_logits: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let RouterBackwardArgs {
-        lg,
-        t_n: t,
-        e_n: e,
-        cfg,
-        g,
-        dense,
-        ix,
-        out,
-    } = RouterBackwardArgs::read(
-        tensor,
-        grad_probs,
-        logits,
-        indices,
-        (topk, use_pre_softmax, scaling_factor, score_function),
-        grad_logits,
-    )?;
+    let RouterBackwardArgs { lg, t_n: t, e_n: e, cfg, g, dense, ix, out } =
+        RouterBackwardArgs::read(
+            Place::AnyDevice,
+            grad_probs,
+            logits,
+            indices,
+            (topk, use_pre_softmax, scaling_factor, score_function),
+            grad_logits,
+        )?;
     let dt = dev_dtype(&lg)?;
     let target = Target::of(&[&lg, &g, &ix, &out], stream)?;
     let (gp, lp, ip, op) = (g.ptr as u64, lg.ptr as u64, ix.ptr as u64, out.ptr as u64);
     // SAFETY: as in device_router_forward.
-    target.run(py, |s| unsafe {
-        ops::router_backward(s, dt, t, e, &cfg, gp, dense, lp, ip, op, 0)
-    })
+    target.run(py, |s| unsafe { ops::router_backward(s, dt, t, e, &cfg, gp, dense, lp, ip, op, 0) })
 }
 
 /// The optional `int32 [1]` (zeroed) a kernel ORs its value checks into.
 fn status_tensor(status: Option<&Arg<'_>>) -> PyResult<Option<Tensor>> {
-    let st = optional(status, "status")?;
-    if let Some(s) = &st {
-        s.expect_dtype(&[DType::I32], "int32")?;
-        s.expect_shape(&[1])?;
-    }
-    Ok(st)
+    TensorArg::optional(status, "status").any_device().int32().len(1).read_opt()
 }
 
 #[pyfunction]
@@ -296,35 +233,24 @@ fn device_aux_scores_forward(
     status: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let lg = tensor(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let lg = arg(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
     let dt = dev_dtype(&lg)?;
-    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let (t, e) = dims2(&lg);
     let f = score(score_function)?;
     let st = status_tensor(status)?;
-    let sc = tensor(scores, "scores")?;
-    sc.expect_dtype(&[crate::router::acc_dtype(&lg)], "the accumulation dtype")?;
-    sc.expect_shape(&[t, e])?;
-    let m = tensor(routing_map, "routing_map")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    m.expect_shape(&[t, e])?;
-    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(e))?;
+    let sc = arg(scores, "scores").acc_of(&lg).shape(&[t, e]).read()?;
+    let m = arg(routing_map, "routing_map").bool().shape(&[t, e]).read()?;
+    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert").len(e).read()?;
     let mut outs = vec![&sc, &m, &tpe];
     outs.extend(st.iter());
     check_disjoint(&outs, &[&lg])?;
     outs.push(&lg);
     let target = Target::of(&outs, stream)?;
-    let (lp, sp, mp, tp, stp) = (
-        lg.ptr as u64,
-        sc.ptr as u64,
-        m.ptr as u64,
-        tpe.ptr as u64,
-        ptr(&st),
-    );
+    let (lp, sp, mp, tp, stp) =
+        (lg.ptr as u64, sc.ptr as u64, m.ptr as u64, tpe.ptr as u64, ptr(&st));
     // SAFETY: as in device_router_forward.
-    target.run(py, |s| unsafe {
-        ops::aux_scores_forward(s, dt, t, e, topk, f, lp, sp, mp, tp, stp)
-    })
+    target
+        .run(py, |s| unsafe { ops::aux_scores_forward(s, dt, t, e, topk, f, lp, sp, mp, tp, stp) })
 }
 
 #[pyfunction]
@@ -336,50 +262,31 @@ fn device_aux_scores_backward(
     grad_logits: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let lg = tensor(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let lg = arg(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
     let dt = dev_dtype(&lg)?;
-    let (t, e) = (lg.shape[0], lg.shape[1]);
+    let (t, e) = dims2(&lg);
     let f = score(score_function)?;
-    let g = tensor(grad_scores, "grad_scores")?;
-    g.expect_dtype(&[crate::router::acc_dtype(&lg)], "the accumulation dtype")?;
-    g.expect_shape(&[t, e])?;
-    let out = tensor(grad_logits, "grad_logits")?;
-    out.expect_same_dtype(&lg)?;
-    out.expect_shape(&[t, e])?;
+    let g = arg(grad_scores, "grad_scores").acc_of(&lg).shape(&[t, e]).read()?;
+    let out = arg(grad_logits, "grad_logits").same_dtype(&lg).shape(&[t, e]).read()?;
     check_disjoint(&[&out], &[&lg, &g])?;
     let target = Target::of(&[&lg, &g, &out], stream)?;
     let (gp, lp, op) = (g.ptr as u64, lg.ptr as u64, out.ptr as u64);
     // SAFETY: as in device_router_forward.
-    target.run(py, |s| unsafe {
-        ops::aux_scores_backward(s, dt, t, e, f, gp, lp, op)
-    })
+    target.run(py, |s| unsafe { ops::aux_scores_backward(s, dt, t, e, f, gp, lp, op) })
 }
 
 /// A routing map `bool [t, e]` or top-k indices `int64 [t, k]`: (assignment, t, probs shape).
 fn assignment(a: &Tensor, num_experts: usize) -> PyResult<(ops::Assign, usize, Vec<usize>)> {
-    a.expect_ndim(
-        2,
-        "(routing_map [num_tokens, num_experts] or indices [num_tokens, topk])",
-    )?;
+    a.expect_ndim(2, "(routing_map [num_tokens, num_experts] or indices [num_tokens, topk])")?;
     let t = a.shape[0];
     match a.dtype {
         DType::Bool => {
             a.expect_shape(&[t, num_experts])?;
-            Ok((
-                ops::Assign::Map { map: a.ptr as u64 },
-                t,
-                vec![t, num_experts],
-            ))
+            Ok((ops::Assign::Map { map: a.ptr as u64 }, t, vec![t, num_experts]))
         }
-        DType::I64 => Ok((
-            ops::Assign::Indices {
-                idx: a.ptr as u64,
-                k: a.shape[1],
-            },
-            t,
-            a.shape.clone(),
-        )),
+        DType::I64 => {
+            Ok((ops::Assign::Indices { idx: a.ptr as u64, k: a.shape[1] }, t, a.shape.clone()))
+        }
         _ => Err(PyTypeError::new_err(format!(
             "{}: expected a bool routing_map or int64 indices, got {}",
             a.name, a.dtype_name
@@ -400,27 +307,21 @@ fn device_layout_count(
     status: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let r = tensor(routing, "routing_map")?;
+    let r = arg(routing, "routing_map").read()?;
     let (assign, t, _) = assignment(&r, num_experts)?;
     let e = num_experts;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
-    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
-    let m = tensor(meta, "meta")?;
-    m.expect_dtype(&[DType::I64], "int64")?;
+    let ws = workspace_arg(workspace, ops::layout_workspace_bytes(t, e))?;
+    let rc = int64_vector(row_counts, "row_counts").len(e).read()?;
+    let m = arg(meta, "meta").int64().read()?;
     if m.numel < 1 {
         return Err(PyValueError::new_err("meta: expected at least 1 element"));
     }
-    let st = tensor(status, "status")?;
-    st.expect_dtype(&[DType::I32], "int32")?;
-    st.expect_shape(&[1])?;
+    let st = arg(status, "status").int32().len(1).read()?;
     check_disjoint(&[&ws, &rc, &m, &st], &[&r])?;
     let target = Target::of(&[&r, &ws, &rc, &m, &st], stream)?;
     let (wp, rp, mp, sp) = (ws.ptr as u64, rc.ptr as u64, m.ptr as u64, st.ptr as u64);
     // SAFETY: as in device_router_forward; the workspace has the bytes the layout needs.
-    target.run(py, |s| unsafe {
-        ops::layout_count(s, assign, t, e, align_size, wp, rp, mp, sp)
-    })
+    target.run(py, |s| unsafe { ops::layout_count(s, assign, t, e, align_size, wp, rp, mp, sp) })
 }
 
 #[pyfunction]
@@ -436,19 +337,16 @@ fn device_layout_fill(
     permuted_probs: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let r = tensor(routing, "routing_map")?;
+    let r = arg(routing, "routing_map").read()?;
     let (assign, t, probs_shape) = assignment(&r, num_experts)?;
     let e = num_experts;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::layout_workspace_bytes(t, e))?;
-    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
+    let ws = workspace_arg(workspace, ops::layout_workspace_bytes(t, e))?;
+    let si = int64_vector(sorted_indices, "sorted_indices").ndim(1, PER_ROW).read()?;
     let n_rows = si.shape[0];
-    let p = optional(probs, "probs")?;
-    let pp = optional(permuted_probs, "permuted_probs")?;
+    let p = TensorArg::optional(probs, "probs").any_device().read_opt()?;
+    let pp = TensorArg::optional(permuted_probs, "permuted_probs").any_device().read_opt()?;
     if p.is_some() != pp.is_some() {
-        return Err(PyValueError::new_err(
-            "probs and permuted_probs go together",
-        ));
+        return Err(PyValueError::new_err("probs and permuted_probs go together"));
     }
     let mut pbytes = 0;
     if let (Some(p), Some(pp)) = (&p, &pp) {
@@ -466,9 +364,8 @@ fn device_layout_fill(
     let target = Target::of(&all, stream)?;
     let (wp, pr, sp, ppp) = (ws.ptr as u64, ptr(&p), si.ptr as u64, ptr(&pp));
     // SAFETY: as in device_layout_count; n_rows is the row count the count phase produced.
-    target.run(py, |s| unsafe {
-        ops::layout_fill(s, assign, t, e, wp, pr, pbytes, n_rows, sp, ppp)
-    })
+    target
+        .run(py, |s| unsafe { ops::layout_fill(s, assign, t, e, wp, pr, pbytes, n_rows, sp, ppp) })
 }
 
 #[pyfunction]
@@ -482,20 +379,16 @@ fn device_layout_drop_and_pad(
     permuted_probs: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let m = tensor(routing_map, "routing_map")?;
-    m.expect_ndim(2, "[num_tokens, num_experts]")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    let (t, e) = (m.shape[0], m.shape[1]);
+    let m = arg(routing_map, "routing_map").ndim(2, "[num_tokens, num_experts]").bool().read()?;
+    let (t, e) = dims2(&m);
     let rows = capacity
         .checked_mul(e)
         .ok_or_else(|| PyValueError::new_err("num_out_tokens: capacity * num_experts overflows"))?;
-    let si = int64_vector(sorted_indices, "sorted_indices", Some(rows))?;
-    let p = optional(probs, "probs")?;
-    let pp = optional(permuted_probs, "permuted_probs")?;
+    let si = int64_vector(sorted_indices, "sorted_indices").len(rows).read()?;
+    let p = TensorArg::optional(probs, "probs").any_device().read_opt()?;
+    let pp = TensorArg::optional(permuted_probs, "permuted_probs").any_device().read_opt()?;
     if p.is_some() != pp.is_some() {
-        return Err(PyValueError::new_err(
-            "probs and permuted_probs go together",
-        ));
+        return Err(PyValueError::new_err("probs and permuted_probs go together"));
     }
     let mut pbytes = 0;
     if let (Some(p), Some(pp)) = (&p, &pp) {
@@ -532,34 +425,21 @@ fn device_gather_rows(
     out: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let x = tensor(src, "tokens")?;
+    let x = arg(src, "tokens").read()?;
     let rb = row_bytes(&x)?;
-    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
-    let o = tensor(out, "out")?;
-    o.expect_same_dtype(&x)?;
-    o.expect_shape(&[si.shape[0], x.shape[1]])?;
+    let si = int64_vector(sorted_indices, "sorted_indices").ndim(1, PER_ROW).read()?;
+    let o = arg(out, "out").same_dtype(&x).shape(&[si.shape[0], x.shape[1]]).read()?;
     check_disjoint(&[&o], &[&x, &si])?;
     let target = Target::of(&[&x, &si, &o], stream)?;
-    let (xp, n_src, sp, n, op) = (
-        x.ptr as u64,
-        x.shape[0],
-        si.ptr as u64,
-        si.shape[0],
-        o.ptr as u64,
-    );
+    let (xp, n_src, sp, n, op) =
+        (x.ptr as u64, x.shape[0], si.ptr as u64, si.shape[0], o.ptr as u64);
     // SAFETY: as in device_router_forward; the kernel bounds-checks indices against n_src.
-    target.run(py, |s| unsafe {
-        ops::gather_rows(s, xp, n_src, rb, sp, n, op)
-    })
+    target.run(py, |s| unsafe { ops::gather_rows(s, xp, n_src, rb, sp, n, op) })
 }
 
 /// Row weights: `[n_rows]` in the accumulation dtype of `x`.
 fn weights(w: Option<&Arg<'_>>, x: &Tensor, n_rows: usize) -> PyResult<Option<Tensor>> {
-    let w = optional(w, "row_weights")?;
-    if let Some(w) = &w {
-        w.expect_dtype(&[crate::router::acc_dtype(x)], "the accumulation dtype")?;
-        w.expect_shape(&[n_rows])?;
-    }
+    let w = TensorArg::optional(w, "row_weights").any_device().acc_of(x).len(n_rows).read_opt()?;
     Ok(w)
 }
 
@@ -574,36 +454,24 @@ fn device_unpermute(
     workspace: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let x = tensor(permuted_tokens, "permuted_tokens")?;
-    x.expect_ndim(2, "[num_rows, hidden]")?;
+    let x = arg(permuted_tokens, "permuted_tokens").ndim(2, "[num_rows, hidden]").read()?;
     let dt = dev_dtype(&x)?;
-    let (n_rows, h) = (x.shape[0], x.shape[1]);
-    let si = int64_vector(sorted_indices, "sorted_indices", Some(n_rows))?;
+    let (n_rows, h) = dims2(&x);
+    let si = int64_vector(sorted_indices, "sorted_indices").len(n_rows).read()?;
     let w = weights(row_weights, &x, n_rows)?;
-    let o = tensor(out, "out")?;
-    o.expect_same_dtype(&x)?;
-    o.expect_ndim(2, "[num_tokens, hidden]")?;
+    let o = arg(out, "out").same_dtype(&x).ndim(2, "[num_tokens, hidden]").read()?;
     let t = o.shape[0];
     o.expect_shape(&[t, h])?;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::unpermute_workspace_bytes(t, n_rows))?;
+    let ws = workspace_arg(workspace, ops::unpermute_workspace_bytes(t, n_rows))?;
     let mut ins = vec![&x, &si];
     ins.extend(w.iter());
     check_disjoint(&[&o, &ws], &ins)?;
     let mut all = ins.clone();
     all.extend([&o, &ws]);
     let target = Target::of(&all, stream)?;
-    let (xp, sp, wp, op, wsp) = (
-        x.ptr as u64,
-        si.ptr as u64,
-        ptr(&w),
-        o.ptr as u64,
-        ws.ptr as u64,
-    );
+    let (xp, sp, wp, op, wsp) = (x.ptr as u64, si.ptr as u64, ptr(&w), o.ptr as u64, ws.ptr as u64);
     // SAFETY: as in device_router_forward; the kernels skip indices outside [0, t).
-    target.run(py, |s| unsafe {
-        ops::unpermute(s, dt, xp, h, sp, n_rows, wp, t, op, wsp)
-    })
+    target.run(py, |s| unsafe { ops::unpermute(s, dt, xp, h, sp, n_rows, wp, t, op, wsp) })
 }
 
 #[pyfunction]
@@ -619,29 +487,24 @@ fn device_unpermute_backward(
     grad_w: Option<&Arg<'_>>,
     stream: u64,
 ) -> PyResult<()> {
-    let g = tensor(grad_out, "grad_out")?;
-    g.expect_ndim(2, "[num_tokens, hidden]")?;
+    let g = arg(grad_out, "grad_out").ndim(2, "[num_tokens, hidden]").read()?;
     let dt = dev_dtype(&g)?;
-    let (t, h) = (g.shape[0], g.shape[1]);
-    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
+    let (t, h) = dims2(&g);
+    let si = int64_vector(sorted_indices, "sorted_indices").ndim(1, PER_ROW).read()?;
     let n_rows = si.shape[0];
-    let x = optional(permuted_tokens, "permuted_tokens")?;
-    if let Some(x) = &x {
-        x.expect_same_dtype(&g)?;
-        x.expect_shape(&[n_rows, h])?;
-    }
+    let x = TensorArg::optional(permuted_tokens, "permuted_tokens")
+        .any_device()
+        .same_dtype(&g)
+        .shape(&[n_rows, h])
+        .read_opt()?;
     let w = weights(row_weights, &g, n_rows)?;
-    let gx = tensor(grad_x, "grad_x")?;
-    gx.expect_same_dtype(&g)?;
-    gx.expect_shape(&[n_rows, h])?;
-    let gw = optional(grad_w, "grad_w")?;
+    let gx = arg(grad_x, "grad_x").same_dtype(&g).shape(&[n_rows, h]).read()?;
+    let gw = TensorArg::optional(grad_w, "grad_w").any_device().read_opt()?;
     if x.is_some() != gw.is_some() {
-        return Err(PyValueError::new_err(
-            "permuted_tokens and grad_w go together",
-        ));
+        return Err(PyValueError::new_err("permuted_tokens and grad_w go together"));
     }
     if let Some(gw) = &gw {
-        gw.expect_dtype(&[crate::router::acc_dtype(&g)], "the accumulation dtype")?;
+        gw.expect_dtype(&[acc_dtype(&g)], "the accumulation dtype")?;
         gw.expect_shape(&[n_rows])?;
     }
     let mut ins = vec![&g, &si];
@@ -651,14 +514,8 @@ fn device_unpermute_backward(
     check_disjoint(&outs, &ins)?;
     let all: Vec<&Tensor> = outs.iter().chain(ins.iter()).copied().collect();
     let target = Target::of(&all, stream)?;
-    let (gp, xp, sp, wp, gxp, gwp) = (
-        g.ptr as u64,
-        ptr(&x),
-        si.ptr as u64,
-        ptr(&w),
-        gx.ptr as u64,
-        ptr(&gw),
-    );
+    let (gp, xp, sp, wp, gxp, gwp) =
+        (g.ptr as u64, ptr(&x), si.ptr as u64, ptr(&w), gx.ptr as u64, ptr(&gw));
     // SAFETY: as in device_router_forward.
     target.run(py, |s| unsafe {
         ops::unpermute_backward(s, dt, gp, t, xp, h, sp, n_rows, wp, gxp, gwp)
@@ -675,31 +532,22 @@ fn device_row_weights(
     workspace: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let p = tensor(probs, "probs")?;
-    p.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let p = arg(probs, "probs").ndim(2, "[num_tokens, num_experts]").read()?;
     let pdt = dev_dtype(&p)?;
-    let (t, e) = (p.shape[0], p.shape[1]);
-    let si = int64_vector(sorted_indices, "sorted_indices", None)?;
+    let (t, e) = dims2(&p);
+    let si = int64_vector(sorted_indices, "sorted_indices").ndim(1, PER_ROW).read()?;
     let n_rows = si.shape[0];
-    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
-    let w = tensor(out, "out")?;
+    let rc = int64_vector(row_counts, "row_counts").len(e).read()?;
+    let w = arg(out, "out").read()?;
     let wdt = dev_dtype(&w)?;
     w.expect_shape(&[n_rows])?;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::offsets_workspace_bytes(e))?;
+    let ws = workspace_arg(workspace, ops::offsets_workspace_bytes(e))?;
     check_disjoint(&[&w, &ws], &[&p, &si, &rc])?;
     let target = Target::of(&[&p, &si, &rc, &w, &ws], stream)?;
-    let (pp, sp, rp, wp, wsp) = (
-        p.ptr as u64,
-        si.ptr as u64,
-        rc.ptr as u64,
-        w.ptr as u64,
-        ws.ptr as u64,
-    );
+    let (pp, sp, rp, wp, wsp) =
+        (p.ptr as u64, si.ptr as u64, rc.ptr as u64, w.ptr as u64, ws.ptr as u64);
     // SAFETY: as in device_router_forward.
-    target.run(py, |s| unsafe {
-        ops::row_weights(s, pdt, pp, t, e, sp, n_rows, rp, wdt, wp, wsp)
-    })
+    target.run(py, |s| unsafe { ops::row_weights(s, pdt, pp, t, e, sp, n_rows, rp, wdt, wp, wsp) })
 }
 
 #[pyfunction]
@@ -712,31 +560,20 @@ fn device_scatter_rows(
     workspace: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let v = tensor(values, "values")?;
-    v.expect_ndim(1, "[num_rows]")?;
+    let v = arg(values, "values").ndim(1, "[num_rows]").read()?;
     let n_rows = v.shape[0];
-    let si = int64_vector(sorted_indices, "sorted_indices", Some(n_rows))?;
-    let o = tensor(out, "out")?;
-    o.expect_same_dtype(&v)?;
-    o.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t, e) = (o.shape[0], o.shape[1]);
-    let rc = int64_vector(row_counts, "row_counts", Some(e))?;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::offsets_workspace_bytes(e))?;
+    let si = int64_vector(sorted_indices, "sorted_indices").len(n_rows).read()?;
+    let o = arg(out, "out").same_dtype(&v).ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t, e) = dims2(&o);
+    let rc = int64_vector(row_counts, "row_counts").len(e).read()?;
+    let ws = workspace_arg(workspace, ops::offsets_workspace_bytes(e))?;
     check_disjoint(&[&o, &ws], &[&v, &si, &rc])?;
     let target = Target::of(&[&v, &si, &rc, &o, &ws], stream)?;
     let vb = v.dtype.size();
-    let (vp, sp, rp, op, wsp) = (
-        v.ptr as u64,
-        si.ptr as u64,
-        rc.ptr as u64,
-        o.ptr as u64,
-        ws.ptr as u64,
-    );
+    let (vp, sp, rp, op, wsp) =
+        (v.ptr as u64, si.ptr as u64, rc.ptr as u64, o.ptr as u64, ws.ptr as u64);
     // SAFETY: as in device_router_forward.
-    target.run(py, |s| unsafe {
-        ops::scatter_rows(s, vp, vb, sp, n_rows, rp, t, e, op, wsp)
-    })
+    target.run(py, |s| unsafe { ops::scatter_rows(s, vp, vb, sp, n_rows, rp, t, e, op, wsp) })
 }
 
 #[pyfunction]
@@ -749,36 +586,24 @@ fn device_sort_chunks(
     workspace: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let x = tensor(input, "input")?;
+    let x = arg(input, "input").read()?;
     if x.shape.is_empty() {
-        return Err(PyValueError::new_err(
-            "input: expected at least one dimension",
-        ));
+        return Err(PyValueError::new_err("input: expected at least one dimension"));
     }
     let n_rows = x.shape[0];
     let rb = x.shape[1..].iter().product::<usize>() * x.dtype.size();
-    let ss = int64_vector(split_sizes, "split_sizes", None)?;
+    let ss = int64_vector(split_sizes, "split_sizes").ndim(1, PER_ROW).read()?;
     let n_chunks = ss.shape[0];
-    let ix = int64_vector(sorted_idxs, "sorted_idxs", Some(n_chunks))?;
-    let o = tensor(out, "out")?;
-    o.expect_same_dtype(&x)?;
-    o.expect_shape(&x.shape)?;
-    let ws = tensor(workspace, "workspace")?;
-    expect_workspace(&ws, ops::sort_chunks_workspace_bytes(n_chunks))?;
+    let ix = int64_vector(sorted_idxs, "sorted_idxs").len(n_chunks).read()?;
+    let o = arg(out, "out").same_dtype(&x).shape(&x.shape).read()?;
+    let ws = workspace_arg(workspace, ops::sort_chunks_workspace_bytes(n_chunks))?;
     check_disjoint(&[&o, &ws], &[&x, &ss, &ix])?;
     let target = Target::of(&[&x, &ss, &ix, &o, &ws], stream)?;
-    let (xp, sp, ip, op, wsp) = (
-        x.ptr as u64,
-        ss.ptr as u64,
-        ix.ptr as u64,
-        o.ptr as u64,
-        ws.ptr as u64,
-    );
+    let (xp, sp, ip, op, wsp) =
+        (x.ptr as u64, ss.ptr as u64, ix.ptr as u64, o.ptr as u64, ws.ptr as u64);
     // SAFETY: as in device_router_forward; the caller checked on the host that split_sizes sum
     // to the rows and sorted_idxs is a permutation.
-    target.run(py, |s| unsafe {
-        ops::sort_chunks(s, xp, n_rows, rb, sp, ip, n_chunks, op, wsp)
-    })
+    target.run(py, |s| unsafe { ops::sort_chunks(s, xp, n_rows, rb, sp, ip, n_chunks, op, wsp) })
 }
 
 #[pyfunction]
@@ -796,14 +621,11 @@ fn device_dispatch_layout(
     status: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
-    let ix = tensor(topk_idx, "topk_idx")?;
-    ix.expect_dtype(&[DType::I64], "int64")?;
-    ix.expect_ndim(2, "[num_tokens, topk]")?;
-    let (t, k) = (ix.shape[0], ix.shape[1]);
-    let er = int64_vector(expert_rank, "expert_rank", Some(num_experts))?;
-    let tir = tensor(token_in_rank, "token_in_rank")?;
-    tir.expect_dtype(&[DType::Bool], "bool")?;
-    tir.expect_ndim(2, "[num_tokens, num_ranks]")?;
+    let ix = arg(topk_idx, "topk_idx").int64().ndim(2, "[num_tokens, topk]").read()?;
+    let (t, k) = dims2(&ix);
+    let er = int64_vector(expert_rank, "expert_rank").len(num_experts).read()?;
+    let tir =
+        arg(token_in_rank, "token_in_rank").bool().ndim(2, "[num_tokens, num_ranks]").read()?;
     let ranks = tir.shape[1];
     tir.expect_shape(&[t, ranks])?;
     if ranks_per_node == 0 || ranks % ranks_per_node != 0 {
@@ -811,16 +633,11 @@ fn device_dispatch_layout(
             "ranks_per_node: must divide the number of ranks ({ranks}), got {ranks_per_node}"
         )));
     }
-    let tpr = int64_vector(tokens_per_rank, "tokens_per_rank", Some(ranks))?;
-    let tpn = int64_vector(
-        tokens_per_node,
-        "tokens_per_node",
-        Some(ranks / ranks_per_node),
-    )?;
-    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert", Some(num_experts))?;
-    let st = tensor(status, "status")?;
-    st.expect_dtype(&[DType::I32], "int32")?;
-    st.expect_shape(&[1])?;
+    let tpr = int64_vector(tokens_per_rank, "tokens_per_rank").len(ranks).read()?;
+    let tpn =
+        int64_vector(tokens_per_node, "tokens_per_node").len(ranks / ranks_per_node).read()?;
+    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert").len(num_experts).read()?;
+    let st = arg(status, "status").int32().len(1).read()?;
     check_disjoint(&[&tpr, &tpn, &tpe, &tir, &st], &[&ix, &er])?;
     let target = Target::of(&[&ix, &er, &tpr, &tpn, &tpe, &tir, &st], stream)?;
     let out = ops::DispatchLayout {
@@ -865,7 +682,7 @@ fn device_configure(dirs: Vec<PathBuf>, prefer_major: Option<u32>) {
 #[pyfunction]
 #[pyo3(signature = (path))]
 fn device_set_emulator(path: Option<PathBuf>) -> PyResult<()> {
-    cuda::set_emulator(path.as_deref().map(Path::new)).map_err(to_py_err)
+    cuda::set_emulator(path.as_deref().map(Path::new)).map_err(cuda_err)
 }
 
 /// What `moerail doctor` shows about CUDA: a dict (found or the reason why not, per part).
@@ -889,7 +706,7 @@ fn device_status(
             ))
         })
     });
-    let (nvrtc, driver, cache_dir, (files, bytes), cache_err, emu) = st.map_err(to_py_err)?;
+    let (nvrtc, driver, cache_dir, (files, bytes), cache_err, emu) = st.map_err(cuda_err)?;
     let d = PyDict::new(py);
     match nvrtc {
         None => {}
@@ -938,7 +755,7 @@ fn device_status(
 fn device_compile_check(py: Python<'_>, archs: Vec<i32>) -> PyResult<Bound<'_, PyList>> {
     let reports = py
         .detach(|| moerail_device::error::no_panic("NVRTC", || cuda::compile_check(&archs)))
-        .map_err(to_py_err)?;
+        .map_err(cuda_err)?;
     let out = PyList::empty(py);
     for r in reports {
         let x = PyDict::new(py);

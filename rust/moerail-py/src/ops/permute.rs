@@ -5,27 +5,23 @@ use moerail_core::Element;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::tensor::{check_disjoint, run, DType, Tensor};
+use crate::args::{acc_dtype, check_disjoint, dims2, TensorArg};
+use crate::tensor::{run, DType, Tensor};
 use crate::{with_bits, with_float};
 
 fn routing_map_arg(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    let m = Tensor::from_py(obj, "routing_map")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    m.expect_ndim(2, "[num_tokens, num_experts]")?;
+    let m =
+        TensorArg::new(obj, "routing_map").bool().ndim(2, "[num_tokens, num_experts]").read()?;
     Ok(m)
 }
 
 fn indices_arg(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    let i = Tensor::from_py(obj, "indices")?;
-    i.expect_dtype(&[DType::I64], "int64")?;
-    i.expect_ndim(2, "[num_tokens, topk]")?;
+    let i = TensorArg::new(obj, "indices").int64().ndim(2, "[num_tokens, topk]").read()?;
     Ok(i)
 }
 
 fn counts_out(obj: &Bound<'_, PyAny>, e_n: usize) -> PyResult<Tensor> {
-    let c = Tensor::from_py(obj, "tokens_per_expert")?;
-    c.expect_dtype(&[DType::I64], "int64")?;
-    c.expect_shape(&[e_n])?;
+    let c = TensorArg::new(obj, "tokens_per_expert").int64().len(e_n).read()?;
     Ok(c)
 }
 
@@ -37,18 +33,15 @@ pub fn count_routing_map(
     counts: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let m = routing_map_arg(routing_map)?;
-    let (t_n, e_n) = (m.shape[0], m.shape[1]);
+    let (t_n, e_n) = dims2(&m);
     let c = counts_out(counts, e_n)?;
     check_disjoint(&[&c], &[&m])?;
-    // SAFETY: checked above; tensors outlive the call.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ms, cs) = unsafe { (m.slice::<bool>(), c.slice_mut::<i64>()) };
     run(py, || {
         permute::count_tokens_per_expert(
-            &RoutingMap {
-                map: ms,
-                num_tokens: t_n,
-                num_experts: e_n,
-            },
+            &RoutingMap { map: ms, num_tokens: t_n, num_experts: e_n },
             cs,
         )
     })
@@ -63,19 +56,15 @@ pub fn count_indices(
     counts: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let i = indices_arg(indices)?;
-    let (t_n, k) = (i.shape[0], i.shape[1]);
+    let (t_n, k) = dims2(&i);
     let c = counts_out(counts, num_experts)?;
     check_disjoint(&[&c], &[&i])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (is, cs) = unsafe { (i.slice::<i64>(), c.slice_mut::<i64>()) };
     run(py, || {
         permute::count_tokens_per_expert(
-            &ExpertIndices {
-                indices: is,
-                num_tokens: t_n,
-                topk: k,
-                num_experts,
-            },
+            &ExpertIndices { indices: is, num_tokens: t_n, topk: k, num_experts },
             cs,
         )
     })
@@ -91,9 +80,8 @@ fn layout_outputs(
     permuted_probs: Option<&Bound<'_, PyAny>>,
     probs: &Option<Tensor>,
 ) -> PyResult<LayoutOut> {
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si =
+        TensorArg::new(sorted_indices, "sorted_indices").int64().ndim(1, "[num_rows]").read()?;
     let pp = Tensor::optional(permuted_probs, "permuted_probs")?;
     match (&pp, probs) {
         (Some(o), Some(p)) => {
@@ -101,16 +89,9 @@ fn layout_outputs(
             o.expect_shape(&si.shape)?;
         }
         (None, None) => {}
-        _ => {
-            return Err(PyValueError::new_err(
-                "probs and permuted_probs go together",
-            ))
-        }
+        _ => return Err(PyValueError::new_err("probs and permuted_probs go together")),
     }
-    Ok(LayoutOut {
-        sorted_indices: si,
-        permuted_probs: pp,
-    })
+    Ok(LayoutOut { sorted_indices: si, permuted_probs: pp })
 }
 
 /// Permutation layout from a routing map (dropless, optional alignment padding).
@@ -126,45 +107,27 @@ pub fn permute_map_layout(
     padded_counts: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let m = routing_map_arg(routing_map)?;
-    let (t_n, e_n) = (m.shape[0], m.shape[1]);
-    let p = Tensor::optional(probs, "probs")?;
-    if let Some(p) = &p {
-        p.expect_shape(&[t_n, e_n])?;
-    }
+    let (t_n, e_n) = dims2(&m);
+    let p = TensorArg::optional(probs, "probs").shape(&[t_n, e_n]).read_opt()?;
     let out = layout_outputs(sorted_indices, permuted_probs, &p)?;
     let c = counts_out(padded_counts, e_n)?;
     let mut outs = vec![&out.sorted_indices, &c];
-    if let Some(pp) = &out.permuted_probs {
-        outs.push(pp);
-    }
+    outs.extend(out.permuted_probs.iter());
     let mut ins = vec![&m];
-    if let Some(p) = &p {
-        ins.push(p);
-    }
+    ins.extend(p.iter());
     check_disjoint(&outs, &ins)?;
-    // SAFETY: checked above; tensors outlive the call.
-    let (ms, si, cs) = unsafe {
-        (
-            m.slice::<bool>(),
-            out.sorted_indices.slice_mut::<i64>(),
-            c.slice_mut::<i64>(),
-        )
-    };
-    let a = RoutingMap {
-        map: ms,
-        num_tokens: t_n,
-        num_experts: e_n,
-    };
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+    let (ms, si, cs) =
+        unsafe { (m.slice::<bool>(), out.sorted_indices.slice_mut::<i64>(), c.slice_mut::<i64>()) };
+    let a = RoutingMap { map: ms, num_tokens: t_n, num_experts: e_n };
     match (&p, &out.permuted_probs) {
         (Some(p), Some(pp)) => with_bits!(p, |B| {
+            // SAFETY: `layout_outputs` gave permuted_probs the dtype of probs (so `B` fits both) and check_disjoint kept it apart from the inputs.
             let (ps, pps) = unsafe { (p.slice::<B>(), pp.slice_mut::<B>()) };
-            run(py, || {
-                permute::permute_layout(&a, align, Some(ps), si, Some(pps), cs)
-            })
+            run(py, || permute::permute_layout(&a, align, Some(ps), si, Some(pps), cs))
         }),
-        _ => run(py, || {
-            permute::permute_layout::<_, u8>(&a, align, None, si, None, cs)
-        }),
+        _ => run(py, || permute::permute_layout::<_, u8>(&a, align, None, si, None, cs)),
     }
 }
 
@@ -183,46 +146,27 @@ pub fn permute_index_layout(
     padded_counts: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let i = indices_arg(indices)?;
-    let (t_n, k) = (i.shape[0], i.shape[1]);
-    let p = Tensor::optional(probs, "probs")?;
-    if let Some(p) = &p {
-        p.expect_shape(&[t_n, k])?;
-    }
+    let (t_n, k) = dims2(&i);
+    let p = TensorArg::optional(probs, "probs").shape(&[t_n, k]).read_opt()?;
     let out = layout_outputs(sorted_indices, permuted_probs, &p)?;
     let c = counts_out(padded_counts, num_experts)?;
     let mut outs = vec![&out.sorted_indices, &c];
-    if let Some(pp) = &out.permuted_probs {
-        outs.push(pp);
-    }
+    outs.extend(out.permuted_probs.iter());
     let mut ins = vec![&i];
-    if let Some(p) = &p {
-        ins.push(p);
-    }
+    ins.extend(p.iter());
     check_disjoint(&outs, &ins)?;
-    // SAFETY: checked above.
-    let (is, si, cs) = unsafe {
-        (
-            i.slice::<i64>(),
-            out.sorted_indices.slice_mut::<i64>(),
-            c.slice_mut::<i64>(),
-        )
-    };
-    let a = ExpertIndices {
-        indices: is,
-        num_tokens: t_n,
-        topk: k,
-        num_experts,
-    };
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+    let (is, si, cs) =
+        unsafe { (i.slice::<i64>(), out.sorted_indices.slice_mut::<i64>(), c.slice_mut::<i64>()) };
+    let a = ExpertIndices { indices: is, num_tokens: t_n, topk: k, num_experts };
     match (&p, &out.permuted_probs) {
         (Some(p), Some(pp)) => with_bits!(p, |B| {
+            // SAFETY: `layout_outputs` gave permuted_probs the dtype of probs (so `B` fits both) and check_disjoint kept it apart from the inputs.
             let (ps, pps) = unsafe { (p.slice::<B>(), pp.slice_mut::<B>()) };
-            run(py, || {
-                permute::permute_layout(&a, align, Some(ps), si, Some(pps), cs)
-            })
+            run(py, || permute::permute_layout(&a, align, Some(ps), si, Some(pps), cs))
         }),
-        _ => run(py, || {
-            permute::permute_layout::<_, u8>(&a, align, None, si, None, cs)
-        }),
+        _ => run(py, || permute::permute_layout::<_, u8>(&a, align, None, si, None, cs)),
     }
 }
 
@@ -238,38 +182,25 @@ pub fn permute_drop_and_pad_layout(
     permuted_probs: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let m = routing_map_arg(routing_map)?;
-    let (t_n, e_n) = (m.shape[0], m.shape[1]);
-    let p = Tensor::optional(probs, "probs")?;
-    if let Some(p) = &p {
-        p.expect_shape(&[t_n, e_n])?;
-    }
+    let (t_n, e_n) = dims2(&m);
+    let p = TensorArg::optional(probs, "probs").shape(&[t_n, e_n]).read_opt()?;
     let out = layout_outputs(sorted_indices, permuted_probs, &p)?;
     let mut outs = vec![&out.sorted_indices];
-    if let Some(pp) = &out.permuted_probs {
-        outs.push(pp);
-    }
+    outs.extend(out.permuted_probs.iter());
     let mut ins = vec![&m];
-    if let Some(p) = &p {
-        ins.push(p);
-    }
+    ins.extend(p.iter());
     check_disjoint(&outs, &ins)?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ms, si) = unsafe { (m.slice::<bool>(), out.sorted_indices.slice_mut::<i64>()) };
-    let a = RoutingMap {
-        map: ms,
-        num_tokens: t_n,
-        num_experts: e_n,
-    };
+    let a = RoutingMap { map: ms, num_tokens: t_n, num_experts: e_n };
     match (&p, &out.permuted_probs) {
         (Some(p), Some(pp)) => with_bits!(p, |B| {
+            // SAFETY: `layout_outputs` gave permuted_probs the dtype of probs (so `B` fits both) and check_disjoint kept it apart from the inputs.
             let (ps, pps) = unsafe { (p.slice::<B>(), pp.slice_mut::<B>()) };
-            run(py, || {
-                permute::permute_layout_drop_and_pad(&a, capacity, Some(ps), si, Some(pps))
-            })
+            run(py, || permute::permute_layout_drop_and_pad(&a, capacity, Some(ps), si, Some(pps)))
         }),
-        _ => run(py, || {
-            permute::permute_layout_drop_and_pad::<u8>(&a, capacity, None, si, None)
-        }),
+        _ => run(py, || permute::permute_layout_drop_and_pad::<u8>(&a, capacity, None, si, None)),
     }
 }
 
@@ -286,17 +217,15 @@ pub fn gather_rows(
     sorted_indices: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let x = Tensor::from_py(tokens, "tokens")?;
+    let x = TensorArg::new(tokens, "tokens").read()?;
     let (_, h) = rows_2d(&x, "[num_tokens, hidden]")?;
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
-    let o = Tensor::from_py(out, "out")?;
-    o.expect_same_dtype(&x)?;
-    o.expect_shape(&[si.shape[0], h])?;
+    let si =
+        TensorArg::new(sorted_indices, "sorted_indices").int64().ndim(1, "[num_rows]").read()?;
+    let o = TensorArg::new(out, "out").same_dtype(&x).shape(&[si.shape[0], h]).read()?;
     check_disjoint(&[&o], &[&x, &si])?;
     with_bits!(x, |B| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (xs, s, os) = unsafe { (x.slice::<B>(), si.slice::<i64>(), o.slice_mut::<B>()) };
         run(py, || permute::gather_rows(xs, h, s, os))
     })
@@ -310,25 +239,10 @@ fn weights_arg(
 ) -> PyResult<Option<Tensor>> {
     let w = Tensor::optional(obj, name)?;
     if let Some(w) = &w {
-        w.expect_dtype(
-            &[acc],
-            if acc == DType::F64 {
-                "float64"
-            } else {
-                "float32"
-            },
-        )?;
+        w.expect_dtype(&[acc], if acc == DType::F64 { "float64" } else { "float32" })?;
         w.expect_shape(&[rows])?;
     }
     Ok(w)
-}
-
-fn acc_dtype(t: &Tensor) -> DType {
-    if t.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// Per-row weights `probs[sorted_indices[r], expert(r)]` (float32, float64 for float64 tokens).
@@ -340,23 +254,24 @@ pub fn row_weights(
     row_counts: &Bound<'_, PyAny>,
     weights: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let p = Tensor::from_py(probs, "probs")?;
+    let p = TensorArg::new(probs, "probs").read()?;
     let (t_n, e_n) = rows_2d(&p, "[num_tokens, num_experts]")?;
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    let rc = Tensor::from_py(row_counts, "tokens_per_expert")?;
-    rc.expect_dtype(&[DType::I64], "int64")?;
-    let w = Tensor::from_py(weights, "weights")?;
-    w.expect_dtype(&[DType::F32, DType::F64], "float32 or float64")?;
-    w.expect_shape(&[si.numel])?;
+    let si = TensorArg::new(sorted_indices, "sorted_indices").int64().read()?;
+    let rc = TensorArg::new(row_counts, "tokens_per_expert").int64().read()?;
+    let w = TensorArg::new(weights, "weights")
+        .dtype(&[DType::F32, DType::F64], "float32 or float64")
+        .len(si.numel)
+        .read()?;
     check_disjoint(&[&w], &[&p, &si, &rc])?;
     with_float!(p, |P| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (ps, s, c) = unsafe { (p.slice::<P>(), si.slice::<i64>(), rc.slice::<i64>()) };
         if w.dtype == DType::F64 {
             let ws = unsafe { w.slice_mut::<f64>() };
             run(py, || permute::gather_row_weights(ps, t_n, e_n, s, c, ws))
         } else {
+            // SAFETY: the branch tested the dtype (float32); `weights` is an output disjoint from the inputs.
             let ws = unsafe { w.slice_mut::<f32>() };
             run(py, || permute::gather_row_weights(ps, t_n, e_n, s, c, ws))
         }
@@ -373,14 +288,11 @@ pub fn unpermute(
     weights: Option<&Bound<'_, PyAny>>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let x = Tensor::from_py(permuted_tokens, "permuted_tokens")?;
+    let x = TensorArg::new(permuted_tokens, "permuted_tokens").read()?;
     let (n, h) = rows_2d(&x, "[num_rows, hidden]")?;
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_shape(&[n])?;
+    let si = TensorArg::new(sorted_indices, "sorted_indices").int64().len(n).read()?;
     let w = weights_arg(weights, acc_dtype(&x), n, "probs")?;
-    let o = Tensor::from_py(out, "out")?;
-    o.expect_same_dtype(&x)?;
+    let o = TensorArg::new(out, "out").same_dtype(&x).read()?;
     let (t_n, oh) = rows_2d(&o, "[num_tokens, hidden]")?;
     if oh != h {
         return Err(PyValueError::new_err(format!(
@@ -388,16 +300,13 @@ pub fn unpermute(
         )));
     }
     let mut ins = vec![&x, &si];
-    if let Some(w) = &w {
-        ins.push(w);
-    }
+    ins.extend(w.iter());
     check_disjoint(&[&o], &ins)?;
     with_float!(x, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (xs, s, os) = unsafe { (x.slice::<T>(), si.slice::<i64>(), o.slice_mut::<T>()) };
-        let ws = w
-            .as_ref()
-            .map(|w| unsafe { w.slice::<<T as Element>::Acc>() });
+        let ws = w.as_ref().map(|w| unsafe { w.slice::<<T as Element>::Acc>() });
         run(py, || permute::unpermute(xs, h, s, ws, t_n, os))
     })
 }
@@ -414,45 +323,35 @@ pub fn unpermute_backward(
     grad_x: &Bound<'_, PyAny>,
     grad_w: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let g = Tensor::from_py(grad_out, "grad_output")?;
+    let g = TensorArg::new(grad_out, "grad_output").read()?;
     let (_, h) = rows_2d(&g, "[num_tokens, hidden]")?;
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    si.expect_ndim(1, "[num_rows]")?;
+    let si =
+        TensorArg::new(sorted_indices, "sorted_indices").int64().ndim(1, "[num_rows]").read()?;
     let n = si.shape[0];
-    let x = Tensor::optional(permuted_tokens, "permuted_tokens")?;
-    if let Some(x) = &x {
-        x.expect_same_dtype(&g)?;
-        x.expect_shape(&[n, h])?;
-    }
+    let x = TensorArg::optional(permuted_tokens, "permuted_tokens")
+        .same_dtype(&g)
+        .shape(&[n, h])
+        .read_opt()?;
     let acc = acc_dtype(&g);
     let w = weights_arg(weights, acc, n, "probs")?;
-    let gx = Tensor::from_py(grad_x, "grad_x")?;
-    gx.expect_same_dtype(&g)?;
-    gx.expect_shape(&[n, h])?;
+    let gx = TensorArg::new(grad_x, "grad_x").same_dtype(&g).shape(&[n, h]).read()?;
     let gw = weights_arg(grad_w, acc, n, "grad_w")?;
     let mut outs = vec![&gx];
-    if let Some(t) = &gw {
-        outs.push(t);
-    }
+    outs.extend(gw.iter());
     let mut ins = vec![&g, &si];
     for t in [&x, &w].into_iter().flatten() {
         ins.push(t);
     }
     check_disjoint(&outs, &ins)?;
     with_float!(g, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (gs, s, gxs) = unsafe { (g.slice::<T>(), si.slice::<i64>(), gx.slice_mut::<T>()) };
         let xs = x.as_ref().map(|t| unsafe { t.slice::<T>() });
-        let ws = w
-            .as_ref()
-            .map(|t| unsafe { t.slice::<<T as Element>::Acc>() });
-        let gws = gw
-            .as_ref()
-            .map(|t| unsafe { t.slice_mut::<<T as Element>::Acc>() });
-        run(py, || {
-            permute::unpermute_backward(gs, xs, h, s, ws, gxs, gws)
-        })
+        let ws = w.as_ref().map(|t| unsafe { t.slice::<<T as Element>::Acc>() });
+        // SAFETY: grad_w was read in the accumulation dtype of `T`, an output disjoint from the rest.
+        let gws = gw.as_ref().map(|t| unsafe { t.slice_mut::<<T as Element>::Acc>() });
+        run(py, || permute::unpermute_backward(gs, xs, h, s, ws, gxs, gws))
     })
 }
 
@@ -465,29 +364,18 @@ pub fn scatter_rows_to_dense(
     row_counts: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let v = Tensor::from_py(values, "grad_permuted_probs")?;
-    v.expect_ndim(1, "[num_rows]")?;
-    let si = Tensor::from_py(sorted_indices, "sorted_indices")?;
-    si.expect_dtype(&[DType::I64], "int64")?;
-    let rc = Tensor::from_py(row_counts, "tokens_per_expert")?;
-    rc.expect_dtype(&[DType::I64], "int64")?;
-    let o = Tensor::from_py(out, "out")?;
-    o.expect_same_dtype(&v)?;
+    let v = TensorArg::new(values, "grad_permuted_probs").ndim(1, "[num_rows]").read()?;
+    let si = TensorArg::new(sorted_indices, "sorted_indices").int64().read()?;
+    let rc = TensorArg::new(row_counts, "tokens_per_expert").int64().read()?;
+    let o = TensorArg::new(out, "out").same_dtype(&v).read()?;
     let (t_n, e_n) = rows_2d(&o, "[num_tokens, num_experts]")?;
     check_disjoint(&[&o], &[&v, &si, &rc])?;
     with_bits!(v, |B| {
-        // SAFETY: checked above.
-        let (vs, s, c, os) = unsafe {
-            (
-                v.slice::<B>(),
-                si.slice::<i64>(),
-                rc.slice::<i64>(),
-                o.slice_mut::<B>(),
-            )
-        };
-        run(py, || {
-            permute::scatter_rows_to_dense(vs, t_n, e_n, s, c, os)
-        })
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+        let (vs, s, c, os) =
+            unsafe { (v.slice::<B>(), si.slice::<i64>(), rc.slice::<i64>(), o.slice_mut::<B>()) };
+        run(py, || permute::scatter_rows_to_dense(vs, t_n, e_n, s, c, os))
     })
 }
 
@@ -500,43 +388,24 @@ pub fn sort_chunks(
     sorted_idxs: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let x = Tensor::from_py(input, "input")?;
+    let x = TensorArg::new(input, "input").read()?;
     if x.shape.is_empty() {
-        return Err(PyValueError::new_err(
-            "input: expected at least one dimension",
-        ));
+        return Err(PyValueError::new_err("input: expected at least one dimension"));
     }
     let rows = x.shape[0];
-    let row_len = x
-        .numel
-        .checked_div(rows)
-        .unwrap_or_else(|| x.shape[1..].iter().product());
-    let ss = Tensor::from_py(split_sizes, "split_sizes")?;
-    ss.expect_dtype(&[DType::I64], "int64")?;
-    ss.expect_ndim(1, "[num_chunks]")?;
-    let so = Tensor::from_py(sorted_idxs, "sorted_idxs")?;
-    so.expect_dtype(&[DType::I64], "int64")?;
-    so.expect_ndim(1, "[num_chunks]")?;
-    let o = Tensor::from_py(out, "out")?;
-    o.expect_same_dtype(&x)?;
-    o.expect_shape(&x.shape)?;
+    let row_len = x.numel.checked_div(rows).unwrap_or_else(|| x.shape[1..].iter().product());
+    let ss = TensorArg::new(split_sizes, "split_sizes").int64().ndim(1, "[num_chunks]").read()?;
+    let so = TensorArg::new(sorted_idxs, "sorted_idxs").int64().ndim(1, "[num_chunks]").read()?;
+    let o = TensorArg::new(out, "out").same_dtype(&x).shape(&x.shape).read()?;
     check_disjoint(&[&o], &[&x, &ss, &so])?;
     if x.dtype.size() == 0 {
-        return Err(PyTypeError::new_err(format!(
-            "input: unsupported dtype {}",
-            x.dtype_name
-        )));
+        return Err(PyTypeError::new_err(format!("input: unsupported dtype {}", x.dtype_name)));
     }
     with_bits!(x, |B| {
-        // SAFETY: checked above.
-        let (xs, s, q, os) = unsafe {
-            (
-                x.slice::<B>(),
-                ss.slice::<i64>(),
-                so.slice::<i64>(),
-                o.slice_mut::<B>(),
-            )
-        };
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+        let (xs, s, q, os) =
+            unsafe { (x.slice::<B>(), ss.slice::<i64>(), so.slice::<i64>(), o.slice_mut::<B>()) };
         run(py, || permute::sort_chunks(xs, row_len, s, q, os))
     })
 }

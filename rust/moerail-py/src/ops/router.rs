@@ -5,7 +5,11 @@ use moerail_core::ops::capacity::{self, DropPolicy};
 use moerail_core::ops::router::{self, ProbsGrad, RouteOutputs, RouterConfig, ScoreFunction};
 use pyo3::prelude::*;
 
-use crate::tensor::{check_disjoint, run, DType, Tensor};
+use pyo3::exceptions::PyValueError;
+
+use crate::args::{check_disjoint, dims2, Place, TensorArg};
+use crate::error::to_py_err;
+use crate::tensor::{run, DType, Tensor};
 use crate::with_float;
 
 pub(crate) fn config(
@@ -18,26 +22,12 @@ pub(crate) fn config(
 ) -> PyResult<RouterConfig> {
     Ok(RouterConfig {
         topk,
-        score_function: ScoreFunction::parse(score_function).map_err(crate::tensor::to_py_err)?,
+        score_function: ScoreFunction::parse(score_function).map_err(to_py_err)?,
         use_pre_softmax,
         num_groups,
         group_topk,
         scaling_factor,
     })
-}
-
-/// Reads a tensor argument: `Tensor::from_py` (CPU) or `Tensor::from_py_on_device`.
-pub(crate) type Reader = fn(&Bound<'_, PyAny>, &'static str) -> PyResult<Tensor>;
-
-fn read_optional(
-    read: Reader,
-    obj: Option<&Bound<'_, PyAny>>,
-    name: &'static str,
-) -> PyResult<Option<Tensor>> {
-    match obj {
-        Some(o) if !o.is_none() => Ok(Some(read(o, name)?)),
-        _ => Ok(None),
-    }
 }
 
 /// The checked arguments of a router forward, shared by the CPU and the device bindings.
@@ -53,23 +43,12 @@ pub(crate) struct RouterForwardArgs {
     pub dense: Option<(Tensor, Tensor)>,
 }
 
-type ConfigArgs<'a> = (
-    usize,
-    bool,
-    Option<usize>,
-    Option<usize>,
-    Option<f64>,
-    &'a str,
-);
-type Outputs<'a, 'py> = (
-    &'a Bound<'py, PyAny>,
-    &'a Bound<'py, PyAny>,
-    &'a Bound<'py, PyAny>,
-);
+type ConfigArgs<'a> = (usize, bool, Option<usize>, Option<usize>, Option<f64>, &'a str);
+type Outputs<'a, 'py> = (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>);
 
 impl RouterForwardArgs {
     pub(crate) fn read(
-        read: Reader,
+        place: Place,
         logits: &Bound<'_, PyAny>,
         (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function): ConfigArgs<
             '_,
@@ -79,48 +58,31 @@ impl RouterForwardArgs {
         dense_probs: Option<&Bound<'_, PyAny>>,
         routing_map: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let lg = read(logits, "logits")?;
-        lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-        let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-        let cfg = config(
-            topk,
-            use_pre_softmax,
-            num_groups,
-            group_topk,
-            scaling_factor,
-            score_function,
-        )?;
-        let bias = read_optional(read, expert_bias, "expert_bias")?;
-        if let Some(b) = &bias {
-            b.expect_dtype(&[DType::F32], "float32")?;
-            b.expect_shape(&[e_n])?;
-        }
-        let pk = read(probs_k, "probs")?;
-        let ix = read(indices, "indices")?;
-        let tpe = read(tokens_per_expert, "tokens_per_expert")?;
-        pk.expect_same_dtype(&lg)?;
-        pk.expect_shape(&[t_n, topk])?;
-        ix.expect_dtype(&[DType::I64], "int64")?;
-        ix.expect_shape(&[t_n, topk])?;
-        tpe.expect_dtype(&[DType::I64], "int64")?;
-        tpe.expect_shape(&[e_n])?;
+        let lg = TensorArg::new(logits, "logits")
+            .place(place)
+            .ndim(2, "[num_tokens, num_experts]")
+            .read()?;
+        let (t_n, e_n) = dims2(&lg);
+        let cfg =
+            config(topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function)?;
+        let bias = TensorArg::optional(expert_bias, "expert_bias")
+            .place(place)
+            .float32()
+            .len(e_n)
+            .read_opt()?;
+        let out = |obj, name| TensorArg::new(obj, name).place(place);
+        let pk = out(probs_k, "probs").same_dtype(&lg).shape(&[t_n, topk]).read()?;
+        let ix = out(indices, "indices").int64().shape(&[t_n, topk]).read()?;
+        let tpe = out(tokens_per_expert, "tokens_per_expert").int64().len(e_n).read()?;
+        let dense_probs = TensorArg::optional(dense_probs, "probs").place(place);
+        let routing_map = TensorArg::optional(routing_map, "routing_map").place(place);
         let dense = match (
-            read_optional(read, dense_probs, "probs")?,
-            read_optional(read, routing_map, "routing_map")?,
+            dense_probs.same_dtype(&lg).shape(&[t_n, e_n]).read_opt()?,
+            routing_map.bool().shape(&[t_n, e_n]).read_opt()?,
         ) {
-            (Some(p), Some(m)) => {
-                p.expect_same_dtype(&lg)?;
-                p.expect_shape(&[t_n, e_n])?;
-                m.expect_dtype(&[DType::Bool], "bool")?;
-                m.expect_shape(&[t_n, e_n])?;
-                Some((p, m))
-            }
+            (Some(p), Some(m)) => Some((p, m)),
             (None, None) => None,
-            _ => {
-                return Err(pyo3::exceptions::PyValueError::new_err(
-                    "dense_probs and routing_map go together",
-                ))
-            }
+            _ => return Err(PyValueError::new_err("dense_probs and routing_map go together")),
         };
         let mut outs = vec![&pk, &ix, &tpe];
         if let Some((p, m)) = &dense {
@@ -128,21 +90,9 @@ impl RouterForwardArgs {
             outs.push(m);
         }
         let mut ins = vec![&lg];
-        if let Some(b) = &bias {
-            ins.push(b);
-        }
+        ins.extend(bias.iter());
         check_disjoint(&outs, &ins)?;
-        Ok(Self {
-            lg,
-            t_n,
-            e_n,
-            cfg,
-            bias,
-            pk,
-            ix,
-            tpe,
-            dense,
-        })
+        Ok(Self { lg, t_n, e_n, cfg, bias, pk, ix, tpe, dense })
     }
 }
 
@@ -161,49 +111,35 @@ pub(crate) struct RouterBackwardArgs {
 
 impl RouterBackwardArgs {
     pub(crate) fn read(
-        read: Reader,
+        place: Place,
         grad_probs: &Bound<'_, PyAny>,
         logits: &Bound<'_, PyAny>,
         indices: &Bound<'_, PyAny>,
         (topk, use_pre_softmax, scaling_factor, score_function): (usize, bool, Option<f64>, &str),
         grad_logits: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        let lg = read(logits, "logits")?;
-        lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-        let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-        let cfg = config(
-            topk,
-            use_pre_softmax,
-            None,
-            None,
-            scaling_factor,
-            score_function,
-        )?;
-        let g = read(grad_probs, "grad_probs")?;
-        g.expect_same_dtype(&lg)?;
+        let lg = TensorArg::new(logits, "logits")
+            .place(place)
+            .ndim(2, "[num_tokens, num_experts]")
+            .read()?;
+        let (t_n, e_n) = dims2(&lg);
+        let cfg = config(topk, use_pre_softmax, None, None, scaling_factor, score_function)?;
+        let g = TensorArg::new(grad_probs, "grad_probs").place(place).same_dtype(&lg).read()?;
         let dense = if g.shape == [t_n, e_n] {
             true
         } else {
             g.expect_shape(&[t_n, topk])?;
             false
         };
-        let ix = read(indices, "indices")?;
-        ix.expect_dtype(&[DType::I64], "int64")?;
-        ix.expect_shape(&[t_n, topk])?;
-        let out = read(grad_logits, "grad_logits")?;
-        out.expect_same_dtype(&lg)?;
-        out.expect_shape(&[t_n, e_n])?;
+        let ix =
+            TensorArg::new(indices, "indices").place(place).int64().shape(&[t_n, topk]).read()?;
+        let out = TensorArg::new(grad_logits, "grad_logits")
+            .place(place)
+            .same_dtype(&lg)
+            .shape(&[t_n, e_n])
+            .read()?;
         check_disjoint(&[&out], &[&lg, &g, &ix])?;
-        Ok(Self {
-            lg,
-            t_n,
-            e_n,
-            cfg,
-            g,
-            dense,
-            ix,
-            out,
-        })
+        Ok(Self { lg, t_n, e_n, cfg, g, dense, ix, out })
     }
 }
 
@@ -228,46 +164,25 @@ pub fn router_forward(
     dense_probs: Option<&Bound<'_, PyAny>>,
     routing_map: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let RouterForwardArgs {
-        lg,
-        t_n,
-        e_n,
-        cfg,
-        bias,
-        pk,
-        ix,
-        tpe,
-        dense,
-    } = RouterForwardArgs::read(
-        Tensor::from_py,
-        logits,
-        (
-            topk,
-            use_pre_softmax,
-            num_groups,
-            group_topk,
-            scaling_factor,
-            score_function,
-        ),
-        expert_bias,
-        (probs_k, indices, tokens_per_expert),
-        dense_probs,
-        routing_map,
-    )?;
+    let RouterForwardArgs { lg, t_n, e_n, cfg, bias, pk, ix, tpe, dense } =
+        RouterForwardArgs::read(
+            Place::Cpu,
+            logits,
+            (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function),
+            expert_bias,
+            (probs_k, indices, tokens_per_expert),
+            dense_probs,
+            routing_map,
+        )?;
     with_float!(lg, |T| {
         // SAFETY: the tensors are alive for the call (held by the caller) and were checked above.
         let (l, p, i, n) = unsafe {
-            (
-                lg.slice::<T>(),
-                pk.slice_mut::<T>(),
-                ix.slice_mut::<i64>(),
-                tpe.slice_mut::<i64>(),
-            )
+            (lg.slice::<T>(), pk.slice_mut::<T>(), ix.slice_mut::<i64>(), tpe.slice_mut::<i64>())
         };
+        // SAFETY: expert_bias was read as float32 [num_experts]; it is an input, only read.
         let b = bias.as_ref().map(|b| unsafe { b.slice::<f32>() });
-        let d = dense
-            .as_ref()
-            .map(|(p, m)| unsafe { (p.slice_mut::<T>(), m.slice_mut::<bool>()) });
+        // SAFETY: the dense outputs have the logits' dtype `T` and bool, shape [T, E], disjoint from the rest.
+        let d = dense.as_ref().map(|(p, m)| unsafe { (p.slice_mut::<T>(), m.slice_mut::<bool>()) });
         run(py, || {
             router::topk_route_forward(
                 l,
@@ -275,12 +190,7 @@ pub fn router_forward(
                 e_n,
                 b,
                 &cfg,
-                RouteOutputs {
-                    probs_k: p,
-                    indices: i,
-                    dense: d,
-                    tokens_per_expert: n,
-                },
+                RouteOutputs { probs_k: p, indices: i, dense: d, tokens_per_expert: n },
             )
         })
     })
@@ -300,17 +210,8 @@ pub fn router_backward(
     score_function: &str,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let RouterBackwardArgs {
-        lg,
-        t_n,
-        e_n,
-        cfg,
-        g,
-        dense,
-        ix,
-        out,
-    } = RouterBackwardArgs::read(
-        Tensor::from_py,
+    let RouterBackwardArgs { lg, t_n, e_n, cfg, g, dense, ix, out } = RouterBackwardArgs::read(
+        Place::Cpu,
         grad_probs,
         logits,
         indices,
@@ -318,32 +219,13 @@ pub fn router_backward(
         grad_logits,
     )?;
     with_float!(lg, |T| {
-        // SAFETY: checked above; the tensors outlive the call.
-        let (gs, l, i, o) = unsafe {
-            (
-                g.slice::<T>(),
-                lg.slice::<T>(),
-                ix.slice::<i64>(),
-                out.slice_mut::<T>(),
-            )
-        };
-        let grad = if dense {
-            ProbsGrad::Dense(gs)
-        } else {
-            ProbsGrad::Compact(gs)
-        };
-        run(py, || {
-            router::topk_route_backward(grad, l, i, t_n, e_n, &cfg, o)
-        })
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+        let (gs, l, i, o) =
+            unsafe { (g.slice::<T>(), lg.slice::<T>(), ix.slice::<i64>(), out.slice_mut::<T>()) };
+        let grad = if dense { ProbsGrad::Dense(gs) } else { ProbsGrad::Compact(gs) };
+        run(py, || router::topk_route_backward(grad, l, i, t_n, e_n, &cfg, o))
     })
-}
-
-pub(crate) fn acc_dtype(t: &Tensor) -> DType {
-    if t.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// Scores for the aux loss: scores [T, E] (fp32, fp64 for fp64 logits), routing_map, counts.
@@ -357,22 +239,16 @@ pub fn aux_scores_forward(
     routing_map: &Bound<'_, PyAny>,
     tokens_per_expert: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let f = ScoreFunction::parse(score_function).map_err(crate::tensor::to_py_err)?;
-    let sc = Tensor::from_py(scores, "scores")?;
-    sc.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
-    sc.expect_shape(&[t_n, e_n])?;
-    let m = Tensor::from_py(routing_map, "routing_map")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    m.expect_shape(&[t_n, e_n])?;
-    let n = Tensor::from_py(tokens_per_expert, "tokens_per_expert")?;
-    n.expect_dtype(&[DType::I64], "int64")?;
-    n.expect_shape(&[e_n])?;
+    let lg = TensorArg::new(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t_n, e_n) = dims2(&lg);
+    let f = ScoreFunction::parse(score_function).map_err(to_py_err)?;
+    let sc = TensorArg::new(scores, "scores").acc_of(&lg).shape(&[t_n, e_n]).read()?;
+    let m = TensorArg::new(routing_map, "routing_map").bool().shape(&[t_n, e_n]).read()?;
+    let n = TensorArg::new(tokens_per_expert, "tokens_per_expert").int64().len(e_n).read()?;
     check_disjoint(&[&sc, &m, &n], &[&lg])?;
     with_float!(lg, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (l, s, mm, nn) = unsafe {
             (
                 lg.slice::<T>(),
@@ -381,9 +257,7 @@ pub fn aux_scores_forward(
                 n.slice_mut::<i64>(),
             )
         };
-        run(py, || {
-            router::aux_loss_scores_forward(l, t_n, e_n, topk, f, s, mm, nn)
-        })
+        run(py, || router::aux_loss_scores_forward(l, t_n, e_n, topk, f, s, mm, nn))
     })
 }
 
@@ -395,29 +269,20 @@ pub fn aux_scores_backward(
     score_function: &str,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let f = ScoreFunction::parse(score_function).map_err(crate::tensor::to_py_err)?;
-    let g = Tensor::from_py(grad_scores, "grad_scores")?;
-    g.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
-    g.expect_shape(&[t_n, e_n])?;
-    let out = Tensor::from_py(grad_logits, "grad_logits")?;
-    out.expect_same_dtype(&lg)?;
-    out.expect_shape(&[t_n, e_n])?;
+    let lg = TensorArg::new(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t_n, e_n) = dims2(&lg);
+    let f = ScoreFunction::parse(score_function).map_err(to_py_err)?;
+    let g = TensorArg::new(grad_scores, "grad_scores").acc_of(&lg).shape(&[t_n, e_n]).read()?;
+    let out =
+        TensorArg::new(grad_logits, "grad_logits").same_dtype(&lg).shape(&[t_n, e_n]).read()?;
     check_disjoint(&[&out], &[&lg, &g])?;
     with_float!(lg, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (gs, l, o) = unsafe {
-            (
-                g.slice::<<T as moerail_core::Element>::Acc>(),
-                lg.slice::<T>(),
-                out.slice_mut::<T>(),
-            )
+            (g.slice::<<T as moerail_core::Element>::Acc>(), lg.slice::<T>(), out.slice_mut::<T>())
         };
-        run(py, || {
-            router::aux_loss_scores_backward(gs, l, t_n, e_n, f, o)
-        })
+        run(py, || router::aux_loss_scores_backward(gs, l, t_n, e_n, f, o))
     })
 }
 
@@ -436,13 +301,13 @@ pub fn load_balancing_loss_forward(
     num_seqs: usize,
     scale: f64,
 ) -> PyResult<f64> {
-    let p = Tensor::from_py(probs, "probs")?;
-    p.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let n = Tensor::from_py(tokens_per_expert, "tokens_per_expert")?;
+    let p = TensorArg::new(probs, "probs").ndim(2, "[num_tokens, num_experts]").read()?;
+    let n = TensorArg::new(tokens_per_expert, "tokens_per_expert").read()?;
     let counts = counts_f64(&n)?;
-    let (t_n, e_n) = (p.shape[0], p.shape[1]);
+    let (t_n, e_n) = dims2(&p);
     with_float!(p, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let ps = unsafe { p.slice::<T>() };
         run(py, || {
             aux_loss::load_balancing_loss(ps, t_n, e_n, counts, num_seqs, scale)
@@ -460,14 +325,15 @@ pub fn load_balancing_loss_backward(
     scale: f64,
     grad_probs: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let out = Tensor::from_py(grad_probs, "grad_probs")?;
-    out.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let n = Tensor::from_py(tokens_per_expert, "tokens_per_expert")?;
+    let out =
+        TensorArg::new(grad_probs, "grad_probs").ndim(2, "[num_tokens, num_experts]").read()?;
+    let n = TensorArg::new(tokens_per_expert, "tokens_per_expert").read()?;
     check_disjoint(&[&out], &[&n])?;
     let counts = counts_f64(&n)?;
-    let (t_n, e_n) = (out.shape[0], out.shape[1]);
+    let (t_n, e_n) = dims2(&out);
     with_float!(out, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let o = unsafe { out.slice_mut::<T>() };
         run(py, || {
             aux_loss::load_balancing_loss_backward(grad, t_n, e_n, counts, num_seqs, scale, o)
@@ -482,24 +348,16 @@ pub fn z_loss_forward(
     logits: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
 ) -> PyResult<f64> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let l = Tensor::from_py(lse, "lse")?;
-    l.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
-    l.expect_shape(&[t_n])?;
+    let lg = TensorArg::new(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t_n, e_n) = dims2(&lg);
+    let l = TensorArg::new(lse, "lse").acc_of(&lg).len(t_n).read()?;
     check_disjoint(&[&l], &[&lg])?;
     with_float!(lg, |T| {
-        // SAFETY: checked above.
-        let (x, ls) = unsafe {
-            (
-                lg.slice::<T>(),
-                l.slice_mut::<<T as moerail_core::Element>::Acc>(),
-            )
-        };
-        run(py, || {
-            aux_loss::z_loss(x, t_n, e_n, ls).map(moerail_core::util::elem::Real::into_f64)
-        })
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+        let (x, ls) =
+            unsafe { (lg.slice::<T>(), l.slice_mut::<<T as moerail_core::Element>::Acc>()) };
+        run(py, || aux_loss::z_loss(x, t_n, e_n, ls).map(moerail_core::util::elem::Real::into_f64))
     })
 }
 
@@ -511,24 +369,17 @@ pub fn z_loss_backward(
     lse: &Bound<'_, PyAny>,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let lg = Tensor::from_py(logits, "logits")?;
-    lg.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (lg.shape[0], lg.shape[1]);
-    let l = Tensor::from_py(lse, "lse")?;
-    l.expect_dtype(&[acc_dtype(&lg)], "the accumulation dtype")?;
-    l.expect_shape(&[t_n])?;
-    let out = Tensor::from_py(grad_logits, "grad_logits")?;
-    out.expect_same_dtype(&lg)?;
-    out.expect_shape(&[t_n, e_n])?;
+    let lg = TensorArg::new(logits, "logits").ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t_n, e_n) = dims2(&lg);
+    let l = TensorArg::new(lse, "lse").acc_of(&lg).len(t_n).read()?;
+    let out =
+        TensorArg::new(grad_logits, "grad_logits").same_dtype(&lg).shape(&[t_n, e_n]).read()?;
     check_disjoint(&[&out], &[&lg, &l])?;
     with_float!(lg, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (x, ls, o) = unsafe {
-            (
-                lg.slice::<T>(),
-                l.slice::<<T as moerail_core::Element>::Acc>(),
-                out.slice_mut::<T>(),
-            )
+            (lg.slice::<T>(), l.slice::<<T as moerail_core::Element>::Acc>(), out.slice_mut::<T>())
         };
         run(py, || aux_loss::z_loss_backward(grad, x, ls, t_n, e_n, o))
     })
@@ -543,13 +394,13 @@ pub fn expert_bias_update(
     rate: f64,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let n = Tensor::from_py(tokens_per_expert, "tokens_per_expert")?;
-    let b = Tensor::from_py(expert_bias, "expert_bias")?;
-    let o = Tensor::from_py(out, "out")?;
+    let n = TensorArg::new(tokens_per_expert, "tokens_per_expert").read()?;
+    let b = TensorArg::new(expert_bias, "expert_bias").read()?;
+    let o = TensorArg::new(out, "out").read()?;
     b.expect_dtype(&[DType::F32], "float32")?;
     o.expect_dtype(&[DType::F32], "float32")?;
     if b.shape.is_empty() {
-        return Err(pyo3::exceptions::PyValueError::new_err(
+        return Err(PyValueError::new_err(
             "expert_bias: expected [num_experts] or [num_layers, num_experts]",
         ));
     }
@@ -558,11 +409,10 @@ pub fn expert_bias_update(
     check_disjoint(&[&o], &[&n, &b])?;
     let e_n = *b.shape.last().unwrap();
     let counts = counts_f64(&n)?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (bs, os) = unsafe { (b.slice::<f32>(), o.slice_mut::<f32>()) };
-    run(py, || {
-        aux_loss::expert_bias_update(counts, bs, e_n, rate, os)
-    })
+    run(py, || aux_loss::expert_bias_update(counts, bs, e_n, rate, os))
 }
 
 #[pyfunction]
@@ -574,7 +424,7 @@ pub fn get_capacity(
     min_capacity: Option<usize>,
 ) -> PyResult<usize> {
     capacity::get_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
-        .map_err(crate::tensor::to_py_err)
+        .map_err(to_py_err)
 }
 
 /// Applies expert capacity; returns the capacity.
@@ -591,29 +441,18 @@ pub fn token_dropping(
     out_probs: &Bound<'_, PyAny>,
     out_map: &Bound<'_, PyAny>,
 ) -> PyResult<usize> {
-    let p = Tensor::from_py(probs, "probs")?;
-    p.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (p.shape[0], p.shape[1]);
-    let m = Tensor::from_py(routing_map, "routing_map")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    m.expect_shape(&[t_n, e_n])?;
-    let op = Tensor::from_py(out_probs, "out_probs")?;
-    op.expect_same_dtype(&p)?;
-    op.expect_shape(&[t_n, e_n])?;
-    let om = Tensor::from_py(out_map, "out_map")?;
-    om.expect_dtype(&[DType::Bool], "bool")?;
-    om.expect_shape(&[t_n, e_n])?;
+    let p = TensorArg::new(probs, "probs").ndim(2, "[num_tokens, num_experts]").read()?;
+    let (t_n, e_n) = dims2(&p);
+    let m = TensorArg::new(routing_map, "routing_map").bool().shape(&[t_n, e_n]).read()?;
+    let op = TensorArg::new(out_probs, "out_probs").same_dtype(&p).shape(&[t_n, e_n]).read()?;
+    let om = TensorArg::new(out_map, "out_map").bool().shape(&[t_n, e_n]).read()?;
     check_disjoint(&[&op, &om], &[&p, &m])?;
-    let policy = DropPolicy::parse(drop_policy).map_err(crate::tensor::to_py_err)?;
+    let policy = DropPolicy::parse(drop_policy).map_err(to_py_err)?;
     with_float!(p, |T| {
-        // SAFETY: checked above.
+        // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+        // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
         let (ps, ms, ops, oms) = unsafe {
-            (
-                p.slice::<T>(),
-                m.slice::<bool>(),
-                op.slice_mut::<T>(),
-                om.slice_mut::<bool>(),
-            )
+            (p.slice::<T>(), m.slice::<bool>(), op.slice_mut::<T>(), om.slice_mut::<bool>())
         };
         run(py, || {
             capacity::apply_token_dropping(
