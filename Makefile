@@ -3,6 +3,7 @@
 #   make test    build, then cargo test and pytest (against Megatron-Core 0.16 and 0.19)
 #   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
+#   make stubs   regenerate the type stubs of moerail._native from the built extension
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -20,7 +21,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: all setup build demo test test-rust test-python bench lint fmt clean
+.PHONY: all setup build demo test test-rust test-python bench lint fmt clean stubs
 
 all: test
 
@@ -74,6 +75,11 @@ test-python: setup
 
 test: test-rust test-python
 
+# The type stubs of moerail._native (python/moerail/_native/*.pyi), generated from the built
+# extension; tests/test_native_stubs.py fails when they are stale.
+stubs: $(BUILD_STAMP)
+	$(PY) tools/gen_stubs.py
+
 bench: $(BUILD_STAMP)
 	# torch's OpenMP workers spin for milliseconds after each parallel region by default and take
 	# the cores from any other thread pool in the process (moerail's included); see BENCHMARKS.md.
@@ -82,11 +88,11 @@ bench: $(BUILD_STAMP)
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
-	$(VENV)/bin/ruff check python tests examples benches
+	$(VENV)/bin/ruff check python tests examples benches tools
 
 fmt: $(DEPS_STAMP)
 	cargo fmt --all
-	$(VENV)/bin/ruff check --fix python tests examples benches
+	$(VENV)/bin/ruff check --fix python tests examples benches tools
 
 clean:
 	rm -rf $(VENV) $(CARGO_TARGET_DIR)
