@@ -627,7 +627,7 @@ def submodules(native: types.ModuleType) -> Dict[str, types.ModuleType]:
 
 
 def functions(mod: types.ModuleType) -> List[Tuple[str, object]]:
-    return [(k, v) for k, v in vars(mod).items() if callable(v) and not isinstance(v, type)]
+    return [(k, v) for k, v in vars(mod).items() if isinstance(v, types.BuiltinFunctionType)]
 
 
 def _stub_function(name: str, fn: object) -> str:

@@ -71,12 +71,12 @@ const SUBMODULES: [(&str, Register); 8] = [
 /// `sys.modules`, so `import moerail._native.<name>` works) and flat on `parent`.
 fn add_submodule(parent: &Bound<'_, PyModule>, name: &str, register: Register) -> PyResult<()> {
     let py = parent.py();
-    let sub = PyModule::new(py, name)?;
+    let qualified = format!("moerail._native.{name}");
+    // Created under its full name, so its functions' __module__ says where they live.
+    let sub = PyModule::new(py, &qualified)?;
     register(&sub)?;
     register(parent)?;
-    parent.add_submodule(&sub)?;
-    let qualified = format!("moerail._native.{name}");
-    sub.setattr("__name__", &qualified)?;
+    parent.add(name, &sub)?;
     py.import("sys")?.getattr("modules")?.set_item(qualified, &sub)?;
     Ok(())
 }

@@ -248,7 +248,14 @@ mod tests {
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
-            ["breakdown_s", "fits", "layout", "memory_gib", "model", "time"]
+            [
+                "breakdown_s",
+                "fits",
+                "layout",
+                "memory_gib",
+                "model",
+                "time"
+            ]
         );
         let nan = report::Named(vec![("x", f64::NAN)]);
         assert_eq!(serde_json::to_string(&nan).unwrap(), r#"{"x":null}"#);
