@@ -4,6 +4,7 @@
 #   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
 #   make gpu-bundle  the offline bundle for benches/gpu_check.sh on a GPU machine -> gpu-bundle/
+#   make stubs   regenerate the type stubs of moerail._native from the built extension
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -21,7 +22,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: all setup build demo test test-rust test-python bench lint fmt clean gpu-bundle
+.PHONY: all setup build demo test test-rust test-python bench lint fmt clean gpu-bundle stubs
 
 all: test
 
@@ -86,6 +87,11 @@ test-python: setup gpu-bundle
 	MOERAIL_MEGATRON_PATH=$(abspath $(MCORE_NEXT)) $(PY) -m pytest -q -m megatron
 
 test: test-rust test-python
+
+# The type stubs of moerail._native (python/moerail/_native/*.pyi), generated from the built
+# extension; tests/test_native_stubs.py fails when they are stale.
+stubs: $(BUILD_STAMP)
+	$(PY) tools/gen_stubs.py
 
 bench: $(BUILD_STAMP)
 	# torch's OpenMP workers spin for milliseconds after each parallel region by default and take

@@ -2,10 +2,10 @@
 //! `cargo run --release --example a2a_plan_speed`. Prints the median of many runs of the
 //! dispatch layout of one rank, the plans of all four strategies with the `auto` choice, and
 //! both together.
-use moerail_core::a2a::cost::Links;
-use moerail_core::a2a::layout::{layout, Layout};
-use moerail_core::a2a::plan::{plan_best, Counts, RowFormat};
-use moerail_core::a2a::{Strategy, Topology};
+use moerail_core::ep::cost::Links;
+use moerail_core::ep::dispatch_layout::{layout, DispatchLayout};
+use moerail_core::ep::plan::{plan_best, Counts, RowFormat};
+use moerail_core::ep::{EpGroup, Strategy};
 use std::time::Instant;
 
 fn slots(t: usize, k: usize, r: usize, seed: &mut u64) -> Vec<i64> {
@@ -46,15 +46,15 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    moerail_core::pool::set_num_threads(threads).unwrap();
+    moerail_core::util::pool::set_num_threads(threads).unwrap();
     let (t, k) = (4096usize, 8usize);
     for (w, g, e) in [(64usize, 8usize, 64usize), (64, 8, 256)] {
-        let topo = Topology::new(w, g, e / w).unwrap();
+        let topo = EpGroup::new(w, g, e / w).unwrap();
         let mut seed = 7u64;
         let all: Vec<Vec<i64>> = (0..w)
             .map(|_| slots(t, k, topo.slots(), &mut seed))
             .collect();
-        let layouts: Vec<Layout> = all
+        let layouts: Vec<DispatchLayout> = all
             .iter()
             .map(|s| layout(s, t, k, &topo, None, true).unwrap())
             .collect();
@@ -92,7 +92,7 @@ fn main() {
             2000,
         );
         if std::env::var("PARTS").is_ok() {
-            use moerail_core::a2a::plan::Plan;
+            use moerail_core::ep::plan::Plan;
             for st in Strategy::ALL {
                 let tt = median(
                     || {

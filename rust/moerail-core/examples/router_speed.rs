@@ -1,10 +1,10 @@
 //! Quick timing of the router kernel alone: `cargo run --release --example router_speed`.
 use half::bf16;
-use moerail_core::router::{topk_route_forward, RouteOutputs, RouterConfig, ScoreFunction};
+use moerail_core::ops::router::{topk_route_forward, RouteOutputs, RouterConfig, ScoreFunction};
 use std::time::Instant;
 
 fn main() {
-    moerail_core::pool::set_num_threads(1).unwrap();
+    moerail_core::util::pool::set_num_threads(1).unwrap();
     let only: Option<usize> = std::env::var("ONLY").ok().and_then(|v| v.parse().ok());
     for (ci, (e, k, f, groups)) in [
         (64usize, 8usize, ScoreFunction::Softmax, None),

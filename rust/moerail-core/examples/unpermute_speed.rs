@@ -1,10 +1,10 @@
 //! Timing of unpermute alone: `cargo run --release --example unpermute_speed`.
 use half::bf16;
-use moerail_core::permute::unpermute;
+use moerail_core::ops::permute::unpermute;
 use std::time::Instant;
 
 fn main() {
-    moerail_core::pool::set_num_threads(1).unwrap();
+    moerail_core::util::pool::set_num_threads(1).unwrap();
     let (t, h, k) = (
         std::env::var("T")
             .ok()

@@ -25,8 +25,11 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use half::{bf16, f16};
-use moerail_core::permute::{self, RoutingMap};
+use moerail_core::ops::permute::{self, RoutingMap};
 use moerail_core::Element;
+
+use crate::error::panic_message;
+use crate::tensor::DType;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -44,41 +47,22 @@ fn set_error(msg: String) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    F32,
-    F64,
-    F16,
-    Bf16,
-    Bool,
-    Int(usize),
-}
-
-impl Kind {
-    fn parse(name: &str) -> Option<Kind> {
-        Some(match name {
-            "float32" | "float" => Kind::F32,
-            "float64" | "double" => Kind::F64,
-            "float16" | "half" => Kind::F16,
-            "bfloat16" => Kind::Bf16,
-            "bool" => Kind::Bool,
-            "int8" | "uint8" => Kind::Int(1),
-            "int16" | "uint16" => Kind::Int(2),
-            "int32" | "uint32" | "int" | "uint" => Kind::Int(4),
-            "int64" | "uint64" => Kind::Int(8),
-            _ => return None,
-        })
-    }
-
-    fn size(self) -> usize {
-        match self {
-            Kind::F32 => 4,
-            Kind::F64 => 8,
-            Kind::F16 | Kind::Bf16 => 2,
-            Kind::Bool => 1,
-            Kind::Int(n) => n,
-        }
-    }
+/// The dtype of a MindSpore dtype name, in the bindings' shared [`DType`]. Integer types count
+/// by size only (the ops here move them, or read a routing map's bytes as booleans), so the
+/// unsigned names map to the signed type of the same size.
+fn parse_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "float32" | "float" => DType::F32,
+        "float64" | "double" => DType::F64,
+        "float16" | "half" => DType::F16,
+        "bfloat16" => DType::BF16,
+        "bool" => DType::Bool,
+        "int8" | "uint8" => DType::U8,
+        "int16" | "uint16" => DType::I16,
+        "int32" | "uint32" | "int" | "uint" => DType::I32,
+        "int64" | "uint64" => DType::I64,
+        _ => return None,
+    })
 }
 
 /// One input or output buffer as MindSpore passes it.
@@ -87,7 +71,7 @@ struct Buf {
     ptr: *mut c_void,
     shape: Vec<usize>,
     dtype: String,
-    kind: Kind,
+    kind: DType,
 }
 
 impl Buf {
@@ -108,12 +92,9 @@ impl Buf {
         Ok(())
     }
 
-    fn expect_kind(&self, ok: &[Kind], what: &str) -> Result<(), String> {
+    fn expect_kind(&self, ok: &[DType], what: &str) -> Result<(), String> {
         if !ok.contains(&self.kind) {
-            return Err(format!(
-                "{}: expected dtype {what}, got {}",
-                self.name, self.dtype
-            ));
+            return Err(format!("{}: expected dtype {what}, got {}", self.name, self.dtype));
         }
         Ok(())
     }
@@ -192,14 +173,8 @@ unsafe fn read_args(
             CStr::from_ptr(dp).to_string_lossy().into_owned()
         };
         let kind =
-            Kind::parse(&dtype).ok_or_else(|| format!("{name}: unsupported dtype {dtype:?}"))?;
-        out.push(Buf {
-            name,
-            ptr: *params.add(i),
-            shape,
-            dtype,
-            kind,
-        });
+            parse_dtype(&dtype).ok_or_else(|| format!("{name}: unsupported dtype {dtype:?}"))?;
+        out.push(Buf { name, ptr: *params.add(i), shape, dtype, kind });
     }
     Ok(out)
 }
@@ -213,14 +188,7 @@ fn entry(op: &str, f: impl FnOnce() -> Result<(), String>) -> c_int {
             1
         }
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            set_error(format!(
-                "{op}: moerail internal error (please report): {msg}"
-            ));
+            set_error(format!("{op}: {}", panic_message(&*panic)));
             2
         }
     }
@@ -230,7 +198,7 @@ fn core(r: moerail_core::Result<()>) -> Result<(), String> {
     r.map_err(|e| e.to_string())
 }
 
-const FLOATS: [Kind; 4] = [Kind::F32, Kind::F64, Kind::F16, Kind::Bf16];
+const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 
 /// Binds `$T` to an unsigned type of `$size` bytes (pure data movement).
 macro_rules! with_size {
@@ -261,19 +229,19 @@ macro_rules! with_size {
 macro_rules! with_float {
     ($kind:expr, |$T:ident| $body:expr) => {
         match $kind {
-            Kind::F32 => {
+            DType::F32 => {
                 type $T = f32;
                 $body
             }
-            Kind::F64 => {
+            DType::F64 => {
                 type $T = f64;
                 $body
             }
-            Kind::F16 => {
+            DType::F16 => {
                 type $T = f16;
                 $body
             }
-            Kind::Bf16 => {
+            DType::BF16 => {
                 type $T = bf16;
                 $body
             }
@@ -288,18 +256,16 @@ macro_rules! with_float {
 /// `m` holds `numel()` bytes.
 unsafe fn routing_map<'a>(m: &Buf) -> Result<std::borrow::Cow<'a, [bool]>, String> {
     m.expect_rank(2, "[num_tokens, num_experts]")?;
-    m.expect_kind(&[Kind::Bool, Kind::Int(1)], "bool, int8 or uint8")?;
+    m.expect_kind(&[DType::Bool, DType::U8], "bool, int8 or uint8")?;
     let bytes: &[u8] = m.slice::<u8>()?;
-    if m.kind == Kind::Bool && bytes.iter().all(|&b| b <= 1) {
+    if m.kind == DType::Bool && bytes.iter().all(|&b| b <= 1) {
         // SAFETY: every byte is 0 or 1, a valid bool.
         return Ok(std::borrow::Cow::Borrowed(std::slice::from_raw_parts(
             bytes.as_ptr() as *const bool,
             bytes.len(),
         )));
     }
-    Ok(std::borrow::Cow::Owned(
-        bytes.iter().map(|&b| b != 0).collect(),
-    ))
+    Ok(std::borrow::Cow::Owned(bytes.iter().map(|&b| b != 0).collect()))
 }
 
 /// # Safety
@@ -335,18 +301,11 @@ unsafe fn permute_impl(args: &[Buf], with_probs: bool) -> Result<(), String> {
             out.shape[1]
         ));
     }
-    si.expect_kind(&[Kind::Int(8)], "int64")?;
+    si.expect_kind(&[DType::I64], "int64")?;
     if si.shape != [n] {
-        return Err(format!(
-            "sorted_indices: expected shape [{n}], got {:?}",
-            si.shape
-        ));
+        return Err(format!("sorted_indices: expected shape [{n}], got {:?}", si.shape));
     }
-    let rmap = RoutingMap {
-        map: &map,
-        num_tokens: t_n,
-        num_experts: e_n,
-    };
+    let rmap = RoutingMap { map: &map, num_tokens: t_n, num_experts: e_n };
     let sorted: &mut [i64] = si.slice_mut::<i64>()?;
     let mut counts = vec![0i64; e_n];
     match (p, pp) {
@@ -366,32 +325,13 @@ unsafe fn permute_impl(args: &[Buf], with_probs: bool) -> Result<(), String> {
             }
             with_size!(p.kind.size(), "probs", |P| {
                 let (ps, pps) = (p.slice::<P>()?, pp.slice_mut::<P>()?);
-                core(permute::permute_layout(
-                    &rmap,
-                    0,
-                    Some(ps),
-                    sorted,
-                    Some(pps),
-                    &mut counts,
-                ))
+                core(permute::permute_layout(&rmap, 0, Some(ps), sorted, Some(pps), &mut counts))
             })?;
         }
-        _ => core(permute::permute_layout::<_, u32>(
-            &rmap,
-            0,
-            None,
-            sorted,
-            None,
-            &mut counts,
-        ))?,
+        _ => core(permute::permute_layout::<_, u32>(&rmap, 0, None, sorted, None, &mut counts))?,
     }
     with_size!(x.kind.size(), "tokens", |B| {
-        core(permute::gather_rows(
-            x.slice::<B>()?,
-            h,
-            sorted,
-            out.slice_mut::<B>()?,
-        ))
+        core(permute::gather_rows(x.slice::<B>()?, h, sorted, out.slice_mut::<B>()?))
     })
 }
 
@@ -433,14 +373,8 @@ pub unsafe extern "C" fn moerail_aot_permute_with_probs(
     _extra: *mut c_void,
 ) -> c_int {
     entry("moerail_aot_permute_with_probs", || {
-        let names = [
-            "tokens",
-            "routing_map",
-            "probs",
-            "permuted",
-            "permuted_probs",
-            "sorted_indices",
-        ];
+        let names =
+            ["tokens", "routing_map", "probs", "permuted", "permuted_probs", "sorted_indices"];
         let args = read_args(nparam, params, ndims, shapes, dtypes, &names)?;
         permute_impl(&args, true)
     })
@@ -462,18 +396,12 @@ pub unsafe extern "C" fn moerail_aot_gather_rows(
     _extra: *mut c_void,
 ) -> c_int {
     entry("moerail_aot_gather_rows", || {
-        let args = read_args(
-            nparam,
-            params,
-            ndims,
-            shapes,
-            dtypes,
-            &["x", "sorted_indices", "out"],
-        )?;
+        let args =
+            read_args(nparam, params, ndims, shapes, dtypes, &["x", "sorted_indices", "out"])?;
         let (x, si, out) = (&args[0], &args[1], &args[2]);
         x.expect_rank(2, "[num_tokens, hidden]")?;
         si.expect_rank(1, "[num_rows]")?;
-        si.expect_kind(&[Kind::Int(8)], "int64")?;
+        si.expect_kind(&[DType::I64], "int64")?;
         let (n, h) = (si.shape[0], x.shape[1]);
         if out.dtype != x.dtype || out.shape != [n, h] {
             return Err(format!(
@@ -496,15 +424,11 @@ pub unsafe extern "C" fn moerail_aot_gather_rows(
 /// `args` come from [`read_args`]: permuted, sorted_indices, [weights], out.
 unsafe fn unpermute_impl(args: &[Buf], weighted: bool) -> Result<(), String> {
     let (x, si) = (&args[0], &args[1]);
-    let (w, out) = if weighted {
-        (Some(&args[2]), &args[3])
-    } else {
-        (None, &args[2])
-    };
+    let (w, out) = if weighted { (Some(&args[2]), &args[3]) } else { (None, &args[2]) };
     x.expect_rank(2, "[num_rows, hidden]")?;
     x.expect_kind(&FLOATS, "float32, float64, float16 or bfloat16")?;
     let (n, h) = (x.shape[0], x.shape[1]);
-    si.expect_kind(&[Kind::Int(8)], "int64")?;
+    si.expect_kind(&[DType::I64], "int64")?;
     if si.shape != [n] {
         return Err(format!(
             "sorted_indices: expected shape [{n}] (the rows of permuted), got {:?}",
@@ -519,20 +443,12 @@ unsafe fn unpermute_impl(args: &[Buf], weighted: bool) -> Result<(), String> {
         ));
     }
     let t_n = out.shape[0];
-    let acc = if x.kind == Kind::F64 {
-        Kind::F64
-    } else {
-        Kind::F32
-    };
+    let acc = if x.kind == DType::F64 { DType::F64 } else { DType::F32 };
     if let Some(w) = w {
         if w.kind != acc || w.shape != [n] {
             return Err(format!(
                 "weights: expected {} [{n}], got {} {:?}",
-                if acc == Kind::F64 {
-                    "float64"
-                } else {
-                    "float32"
-                },
+                if acc == DType::F64 { "float64" } else { "float32" },
                 w.dtype,
                 w.shape
             ));

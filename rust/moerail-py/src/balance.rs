@@ -4,29 +4,10 @@
 use moerail_core::balance::{self, migration, replica, stats, Mode, Topology};
 use pyo3::prelude::*;
 
-use crate::tensor::{check_disjoint, run, DType, Tensor};
+use crate::args::{check_disjoint, dims2, TensorArg};
+use crate::error::to_py_err;
+use crate::tensor::{run, Tensor};
 use crate::with_float;
-
-fn f64_2d(obj: &Bound<'_, PyAny>, name: &'static str, doc: &str) -> PyResult<Tensor> {
-    let t = Tensor::from_py(obj, name)?;
-    t.expect_dtype(&[DType::F64], "float64")?;
-    t.expect_ndim(2, doc)?;
-    Ok(t)
-}
-
-fn i64_t(obj: &Bound<'_, PyAny>, name: &'static str, shape: &[usize]) -> PyResult<Tensor> {
-    let t = Tensor::from_py(obj, name)?;
-    t.expect_dtype(&[DType::I64], "int64")?;
-    t.expect_shape(shape)?;
-    Ok(t)
-}
-
-fn f64_t(obj: &Bound<'_, PyAny>, name: &'static str, shape: &[usize]) -> PyResult<Tensor> {
-    let t = Tensor::from_py(obj, name)?;
-    t.expect_dtype(&[DType::F64], "float64")?;
-    t.expect_shape(shape)?;
-    Ok(t)
-}
 
 /// Placement of `weight [L, E]` (float64): writes `phy2log [L, R]`, `phyrank [L, R]`,
 /// `logcnt [L, E]` (int64).
@@ -37,9 +18,7 @@ fn placement_arg(
     l_n: usize,
     of: &str,
 ) -> PyResult<Tensor> {
-    let t = Tensor::from_py(obj, name)?;
-    t.expect_dtype(&[DType::I64], "int64")?;
-    t.expect_ndim(2, "[num_layers, num_replicas]")?;
+    let t = TensorArg::new(obj, name).int64().ndim(2, "[num_layers, num_replicas]").read()?;
     if t.shape[0] != l_n {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "{name}: expected {l_n} layers (the rows of {of}), got {}",
@@ -63,27 +42,22 @@ pub fn rebalance_experts(
     phyrank: &Bound<'_, PyAny>,
     logcnt: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let w = f64_2d(weight, "weight", "[num_layers, num_experts]")?;
-    let (l_n, e_n) = (w.shape[0], w.shape[1]);
-    let mode = Mode::parse(mode).map_err(crate::tensor::to_py_err)?;
-    let topo = Topology::new(e_n, num_replicas, num_groups, num_nodes, num_gpus)
-        .map_err(crate::tensor::to_py_err)?;
-    let p = i64_t(phy2log, "phy2log", &[l_n, num_replicas])?;
-    let r = i64_t(phyrank, "phyrank", &[l_n, num_replicas])?;
-    let c = i64_t(logcnt, "logcnt", &[l_n, e_n])?;
+    let w =
+        TensorArg::new(weight, "weight").float64().ndim(2, "[num_layers, num_experts]").read()?;
+    let (l_n, e_n) = dims2(&w);
+    let mode = Mode::parse(mode).map_err(to_py_err)?;
+    let topo =
+        Topology::new(e_n, num_replicas, num_groups, num_nodes, num_gpus).map_err(to_py_err)?;
+    let p = TensorArg::new(phy2log, "phy2log").int64().shape(&[l_n, num_replicas]).read()?;
+    let r = TensorArg::new(phyrank, "phyrank").int64().shape(&[l_n, num_replicas]).read()?;
+    let c = TensorArg::new(logcnt, "logcnt").int64().shape(&[l_n, e_n]).read()?;
     check_disjoint(&[&p, &r, &c], &[&w])?;
-    // SAFETY: checked above; the tensors outlive the call.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ws, ps, rs, cs) = unsafe {
-        (
-            w.slice::<f64>(),
-            p.slice_mut::<i64>(),
-            r.slice_mut::<i64>(),
-            c.slice_mut::<i64>(),
-        )
+        (w.slice::<f64>(), p.slice_mut::<i64>(), r.slice_mut::<i64>(), c.slice_mut::<i64>())
     };
-    run(py, || {
-        balance::rebalance_experts_into(ws, l_n, &topo, mode, ps, rs, cs)
-    })
+    run(py, || balance::rebalance_experts_into(ws, l_n, &topo, mode, ps, rs, cs))
 }
 
 /// Improves `current_phy2log [L, R]` for `weight [L, E]` in place (see
@@ -103,15 +77,17 @@ pub fn improve_placement(
     phyrank: &Bound<'_, PyAny>,
     logcnt: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let w = f64_2d(weight, "weight", "[num_layers, num_experts]")?;
-    let (l_n, e_n) = (w.shape[0], w.shape[1]);
+    let w =
+        TensorArg::new(weight, "weight").float64().ndim(2, "[num_layers, num_experts]").read()?;
+    let (l_n, e_n) = dims2(&w);
     let c = placement_arg(current_phy2log, "current_phy2log", l_n, "weight")?;
     let r_n = c.shape[1];
-    let p = i64_t(phy2log, "phy2log", &[l_n, r_n])?;
-    let r = i64_t(phyrank, "phyrank", &[l_n, r_n])?;
-    let k = i64_t(logcnt, "logcnt", &[l_n, e_n])?;
+    let p = TensorArg::new(phy2log, "phy2log").int64().shape(&[l_n, r_n]).read()?;
+    let r = TensorArg::new(phyrank, "phyrank").int64().shape(&[l_n, r_n]).read()?;
+    let k = TensorArg::new(logcnt, "logcnt").int64().shape(&[l_n, e_n]).read()?;
     check_disjoint(&[&p, &r, &k], &[&w, &c])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ws, cs, ps, rs, ks) = unsafe {
         (
             w.slice::<f64>(),
@@ -142,30 +118,25 @@ pub fn fill_log2phy(
     log2phy: &Bound<'_, PyAny>,
     phyrank: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let p = Tensor::from_py(phy2log, "phy2log")?;
-    p.expect_dtype(&[DType::I64], "int64")?;
-    p.expect_ndim(2, "[num_layers, num_replicas]")?;
-    let o = Tensor::from_py(log2phy, "log2phy")?;
-    o.expect_dtype(&[DType::I64], "int64")?;
-    o.expect_ndim(3, "[num_layers, num_experts, max_replicas]")?;
+    let p =
+        TensorArg::new(phy2log, "phy2log").int64().ndim(2, "[num_layers, num_replicas]").read()?;
+    let o = TensorArg::new(log2phy, "log2phy")
+        .int64()
+        .ndim(3, "[num_layers, num_experts, max_replicas]")
+        .read()?;
     if o.shape[0] != p.shape[0] {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "log2phy: expected {} layers (the rows of phy2log), got {}",
             p.shape[0], o.shape[0]
         )));
     }
-    let r = Tensor::optional(phyrank, "phyrank")?;
-    if let Some(r) = &r {
-        r.expect_dtype(&[DType::I64], "int64")?;
-        r.expect_shape(&p.shape.clone())?;
-    }
+    let r = TensorArg::optional(phyrank, "phyrank").int64().shape(&p.shape.clone()).read_opt()?;
     let mut ins = vec![&p];
-    if let Some(r) = &r {
-        ins.push(r);
-    }
+    ins.extend(r.iter());
     check_disjoint(&[&o], &ins)?;
     let (l_n, e_n, x) = (o.shape[0], o.shape[1], o.shape[2]);
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ps, os) = unsafe { (p.slice::<i64>(), o.slice_mut::<i64>()) };
     let rs = r.as_ref().map(|r| unsafe { r.slice::<i64>() });
     run(py, || balance::fill_log2phy(ps, rs, l_n, e_n, x, os))
@@ -188,15 +159,16 @@ pub fn placement_metrics(
     node_load: &Bound<'_, PyAny>,
     scalars: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let w = f64_2d(load, "load", "[num_layers, num_experts]")?;
-    let (l_n, e_n) = (w.shape[0], w.shape[1]);
+    let w = TensorArg::new(load, "load").float64().ndim(2, "[num_layers, num_experts]").read()?;
+    let (l_n, e_n) = dims2(&w);
     let p = placement_arg(phy2log, "phy2log", l_n, "load")?;
     let r_n = p.shape[1];
-    let d = f64_t(device_load, "device_load", &[l_n, num_gpus])?;
-    let n = f64_t(node_load, "node_load", &[l_n, num_nodes])?;
-    let s = f64_t(scalars, "scalars", &[l_n, 6])?;
+    let d = TensorArg::new(device_load, "device_load").float64().shape(&[l_n, num_gpus]).read()?;
+    let n = TensorArg::new(node_load, "node_load").float64().shape(&[l_n, num_nodes]).read()?;
+    let s = TensorArg::new(scalars, "scalars").float64().shape(&[l_n, 6]).read()?;
     check_disjoint(&[&d, &n, &s], &[&w, &p])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ws, ps, ds, ns, ss) = unsafe {
         (
             w.slice::<f64>(),
@@ -235,12 +207,14 @@ pub fn predict_load(
     horizon: usize,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let h = f64_2d(history, "history", "[num_steps, num_series]")?;
-    let (t_n, k_n) = (h.shape[0], h.shape[1]);
-    let p = stats::Predictor::parse(method, alpha, window).map_err(crate::tensor::to_py_err)?;
-    let o = f64_t(out, "out", &[k_n])?;
+    let h =
+        TensorArg::new(history, "history").float64().ndim(2, "[num_steps, num_series]").read()?;
+    let (t_n, k_n) = dims2(&h);
+    let p = stats::Predictor::parse(method, alpha, window).map_err(to_py_err)?;
+    let o = TensorArg::new(out, "out").float64().len(k_n).read()?;
     check_disjoint(&[&o], &[&h])?;
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (hs, os) = unsafe { (h.slice::<f64>(), o.slice_mut::<f64>()) };
     run(py, || stats::predict(hs, t_n, k_n, p, horizon, os))
 }
@@ -256,10 +230,12 @@ pub fn backtest_predictor(
     horizon: usize,
     warmup: usize,
 ) -> PyResult<(f64, f64, f64, usize)> {
-    let h = f64_2d(history, "history", "[num_steps, num_series]")?;
-    let (t_n, k_n) = (h.shape[0], h.shape[1]);
-    let p = stats::Predictor::parse(method, alpha, window).map_err(crate::tensor::to_py_err)?;
-    // SAFETY: checked above.
+    let h =
+        TensorArg::new(history, "history").float64().ndim(2, "[num_steps, num_series]").read()?;
+    let (t_n, k_n) = dims2(&h);
+    let p = stats::Predictor::parse(method, alpha, window).map_err(to_py_err)?;
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let hs = unsafe { h.slice::<f64>() };
     let b = run(py, || stats::backtest(hs, t_n, k_n, p, horizon, warmup))?;
     Ok((b.abs_error, b.total, b.sq_error, b.count))
@@ -289,18 +265,18 @@ pub fn plan_migration(
     transfers: &Bound<'_, PyAny>,
     rank_bytes: &Bound<'_, PyAny>,
 ) -> PyResult<(usize, f64, f64, f64, f64)> {
-    let o = Tensor::from_py(old_phy2log, "old_phy2log")?;
-    o.expect_dtype(&[DType::I64], "int64")?;
-    o.expect_ndim(2, "[num_layers, num_replicas]")?;
-    let (l_n, r_n) = (o.shape[0], o.shape[1]);
-    let n = i64_t(new_phy2log, "new_phy2log", &[l_n, r_n])?;
-    let b = f64_t(expert_bytes, "expert_bytes", &[l_n])?;
-    let m = i64_t(matched, "matched", &[l_n, r_n])?;
-    let t = i64_t(transfers, "transfers", &[l_n * r_n, 6])?;
-    let rb = f64_t(rank_bytes, "rank_bytes", &[num_gpus, 2])?;
+    let o = TensorArg::new(old_phy2log, "old_phy2log")
+        .int64()
+        .ndim(2, "[num_layers, num_replicas]")
+        .read()?;
+    let (l_n, r_n) = dims2(&o);
+    let n = TensorArg::new(new_phy2log, "new_phy2log").int64().shape(&[l_n, r_n]).read()?;
+    let b = TensorArg::new(expert_bytes, "expert_bytes").float64().len(l_n).read()?;
+    let m = TensorArg::new(matched, "matched").int64().shape(&[l_n, r_n]).read()?;
+    let t = TensorArg::new(transfers, "transfers").int64().shape(&[l_n * r_n, 6]).read()?;
+    let rb = TensorArg::new(rank_bytes, "rank_bytes").float64().shape(&[num_gpus, 2]).read()?;
     check_disjoint(&[&m, &t, &rb], &[&o, &n, &b])?;
-    let topo = Topology::new(num_experts, r_n, 1, num_nodes, num_gpus)
-        .map_err(crate::tensor::to_py_err)?;
+    let topo = Topology::new(num_experts, r_n, 1, num_nodes, num_gpus).map_err(to_py_err)?;
     let link = migration::LinkModel {
         gpus_per_node: topo.gpus_per_node(),
         intra_node_bw,
@@ -308,7 +284,8 @@ pub fn plan_migration(
         latency,
         local_bw,
     };
-    // SAFETY: checked above.
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (os, ns, bs, ms, ts, rbs) = unsafe {
         (
             o.slice::<i64>(),
@@ -337,13 +314,7 @@ pub fn plan_migration(
             rbs[2 * g + 1] = *r;
         }
         let c = &plan.cost;
-        Ok((
-            plan.transfers.len(),
-            c.seconds,
-            c.intra_node_bytes,
-            c.inter_node_bytes,
-            c.local_bytes,
-        ))
+        Ok((plan.transfers.len(), c.seconds, c.intra_node_bytes, c.inter_node_bytes, c.local_bytes))
     })
 }
 
@@ -362,17 +333,17 @@ pub fn decide_migration(
     migration_seconds: f64,
     overhead_seconds: f64,
 ) -> PyResult<(bool, f64, f64, f64, f64, f64)> {
-    let w = f64_2d(
-        predicted_load,
-        "predicted_load",
-        "[num_layers, num_experts]",
-    )?;
-    let (l_n, e_n) = (w.shape[0], w.shape[1]);
+    let w = TensorArg::new(predicted_load, "predicted_load")
+        .float64()
+        .ndim(2, "[num_layers, num_experts]")
+        .read()?;
+    let (l_n, e_n) = dims2(&w);
     let c = placement_arg(current_phy2log, "current_phy2log", l_n, "predicted_load")?;
     let r_n = c.shape[1];
-    let n = i64_t(new_phy2log, "new_phy2log", &[l_n, r_n])?;
-    let topo = Topology::new(e_n, r_n, 1, num_nodes, num_gpus).map_err(crate::tensor::to_py_err)?;
-    // SAFETY: checked above.
+    let n = TensorArg::new(new_phy2log, "new_phy2log").int64().shape(&[l_n, r_n]).read()?;
+    let topo = Topology::new(e_n, r_n, 1, num_nodes, num_gpus).map_err(to_py_err)?;
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
     let (ws, cs, ns) = unsafe { (w.slice::<f64>(), c.slice::<i64>(), n.slice::<i64>()) };
     let d = run(py, || {
         migration::decide(
@@ -387,21 +358,13 @@ pub fn decide_migration(
             overhead_seconds,
         )
     })?;
-    Ok((
-        d.migrate,
-        d.current_max_load,
-        d.new_max_load,
-        d.gain_per_step,
-        d.gain,
-        d.cost,
-    ))
+    Ok((d.migrate, d.current_max_load, d.new_max_load, d.gain_per_step, d.gain, d.cost))
 }
 
 fn table_args(log2phy: &Bound<'_, PyAny>, logcnt: &Bound<'_, PyAny>) -> PyResult<(Tensor, Tensor)> {
-    let t = Tensor::from_py(log2phy, "log2phy")?;
-    t.expect_dtype(&[DType::I64], "int64")?;
-    t.expect_ndim(2, "[num_experts, max_replicas]")?;
-    let c = i64_t(logcnt, "logcnt", &[t.shape[0]])?;
+    let t =
+        TensorArg::new(log2phy, "log2phy").int64().ndim(2, "[num_experts, max_replicas]").read()?;
+    let c = TensorArg::new(logcnt, "logcnt").int64().shape(&[t.shape[0]]).read()?;
     Ok((t, c))
 }
 
@@ -416,31 +379,19 @@ pub fn select_replicas(
     offset: u64,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let i = Tensor::from_py(indices, "indices")?;
-    i.expect_dtype(&[DType::I64], "int64")?;
-    i.expect_ndim(2, "[num_tokens, topk]")?;
+    let i = TensorArg::new(indices, "indices").int64().ndim(2, "[num_tokens, topk]").read()?;
     let (t, c) = table_args(log2phy, logcnt)?;
-    let o = i64_t(out, "out", &i.shape.clone())?;
+    let o = TensorArg::new(out, "out").int64().shape(&i.shape).read()?;
     check_disjoint(&[&o], &[&i, &t, &c])?;
-    // SAFETY: checked above.
-    let (is, ts, cs, os) = unsafe {
-        (
-            i.slice::<i64>(),
-            t.slice::<i64>(),
-            c.slice::<i64>(),
-            o.slice_mut::<i64>(),
-        )
-    };
+    // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+    // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
+    let (is, ts, cs, os) =
+        unsafe { (i.slice::<i64>(), t.slice::<i64>(), c.slice::<i64>(), o.slice_mut::<i64>()) };
     let x = t.shape[1];
     run(py, || {
         replica::select_replicas(
             is,
-            &replica::ReplicaTable {
-                log2phy: ts,
-                max_replicas: x,
-                logcnt: cs,
-                num_replicas,
-            },
+            &replica::ReplicaTable { log2phy: ts, max_replicas: x, logcnt: cs, num_replicas },
             offset,
             os,
         )
@@ -462,10 +413,11 @@ pub fn select_replicas_map(
     probs: Option<&Bound<'_, PyAny>>,
     out_probs: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let m = Tensor::from_py(routing_map, "routing_map")?;
-    m.expect_dtype(&[DType::Bool], "bool")?;
-    m.expect_ndim(2, "[num_tokens, num_experts]")?;
-    let (t_n, e_n) = (m.shape[0], m.shape[1]);
+    let m = TensorArg::new(routing_map, "routing_map")
+        .bool()
+        .ndim(2, "[num_tokens, num_experts]")
+        .read()?;
+    let (t_n, e_n) = dims2(&m);
     let (t, c) = table_args(log2phy, logcnt)?;
     if t.shape[0] != e_n {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -473,24 +425,15 @@ pub fn select_replicas_map(
             t.shape[0]
         )));
     }
-    let om = Tensor::from_py(out_map, "out_map")?;
-    om.expect_dtype(&[DType::Bool], "bool")?;
-    om.expect_shape(&[t_n, num_replicas])?;
+    let om = TensorArg::new(out_map, "out_map").bool().shape(&[t_n, num_replicas]).read()?;
     let x = t.shape[1];
-    match (
-        Tensor::optional(probs, "probs")?,
-        Tensor::optional(out_probs, "out_probs")?,
-    ) {
+    match (Tensor::optional(probs, "probs")?, Tensor::optional(out_probs, "out_probs")?) {
         (None, None) => {
             check_disjoint(&[&om], &[&m, &t, &c])?;
-            // SAFETY: checked above.
+            // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+            // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
             let (ms, ts, cs, oms) = unsafe {
-                (
-                    m.slice::<bool>(),
-                    t.slice::<i64>(),
-                    c.slice::<i64>(),
-                    om.slice_mut::<bool>(),
-                )
+                (m.slice::<bool>(), t.slice::<i64>(), c.slice::<i64>(), om.slice_mut::<bool>())
             };
             run(py, || {
                 replica::select_replicas_map::<u8>(
@@ -514,7 +457,8 @@ pub fn select_replicas_map(
             op.expect_shape(&[t_n, num_replicas])?;
             check_disjoint(&[&om, &op], &[&m, &t, &c, &p])?;
             with_float!(p, |T| {
-                // SAFETY: checked above.
+                // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
+                // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
                 let (ms, ts, cs, oms, ps, ops) = unsafe {
                     (
                         m.slice::<bool>(),
@@ -542,9 +486,7 @@ pub fn select_replicas_map(
                 })
             })
         }
-        _ => Err(pyo3::exceptions::PyValueError::new_err(
-            "probs and out_probs go together",
-        )),
+        _ => Err(pyo3::exceptions::PyValueError::new_err("probs and out_probs go together")),
     }
 }
 

@@ -1,43 +1,91 @@
-//! `moerail._native`: PyO3 bindings of moerail-core. This crate only converts and checks
-//! arguments, releases the GIL and maps errors; the algorithms live in moerail-core.
+//! `moerail._native`: PyO3 bindings of moerail-core and moerail-device. This crate only
+//! converts and checks arguments, releases the GIL and maps errors; the algorithms live in
+//! moerail-core, the kernels in moerail-device.
+//!
+//! Its modules mirror the core's folders, and so do the Python submodules they register:
+//!
+//! | Rust module | Python module | core |
+//! |---|---|---|
+//! | [`ops`] (`router`, `permute`) | `moerail._native.ops` | `moerail_core::ops` |
+//! | [`ep`] | `moerail._native.ep` | `moerail_core::ep` |
+//! | [`balance`] | `moerail._native.balance` | `moerail_core::balance` |
+//! | [`parallel`] | `moerail._native.parallel` | `moerail_core::parallel` |
+//! | [`sim`] | `moerail._native.sim` | `moerail_core::sim` |
+//! | [`device::cuda`] | `moerail._native.cuda` | `moerail_device::cuda` |
+//! | [`device::ascend`] | `moerail._native.ascend` | `moerail_device::ascend` |
+//! | (here) | `moerail._native.util` | `moerail_core::util::pool` |
+//! | [`aot`] | C symbols `moerail_aot_*` | `moerail_core::ops::permute` |
+//!
+//! Every function is also registered flat on `moerail._native` under the same name, which the
+//! Python package calls today; the submodules are where new call sites go.
+//!
+//! Shared by all: [`error`] (the one error bridge), [`args`] (argument specs), [`tensor`]
+//! (the checked view of a torch tensor).
 
 use pyo3::prelude::*;
 
-mod a2a;
 pub mod aot;
-mod ascend;
+pub mod args;
 mod balance;
 mod device;
-mod ep_route;
-mod permute;
-mod router;
+mod ep;
+pub mod error;
+mod ops;
+mod parallel;
 mod sim;
 pub mod tensor;
 
 /// Sets the size of moerail's thread pool.
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
-    moerail_core::pool::set_num_threads(n).map_err(tensor::to_py_err)
+    moerail_core::util::pool::set_num_threads(n).map_err(error::to_py_err)
 }
 
 /// The size of moerail's thread pool.
 #[pyfunction]
 fn get_num_threads() -> usize {
-    moerail_core::pool::num_threads()
+    moerail_core::util::pool::num_threads()
+}
+
+fn register_util(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    Ok(())
+}
+
+type Register = fn(&Bound<'_, PyModule>) -> PyResult<()>;
+
+/// The submodules of `moerail._native`, in the order of the core's folders.
+const SUBMODULES: [(&str, Register); 8] = [
+    ("util", register_util),
+    ("ops", ops::register),
+    ("ep", ep::register),
+    ("balance", balance::register),
+    ("parallel", parallel::register),
+    ("sim", sim::register),
+    ("cuda", device::cuda::register),
+    ("ascend", device::ascend::register),
+];
+
+/// Registers `register`'s functions in the submodule `moerail._native.<name>` (also put in
+/// `sys.modules`, so `import moerail._native.<name>` works) and flat on `parent`.
+fn add_submodule(parent: &Bound<'_, PyModule>, name: &str, register: Register) -> PyResult<()> {
+    let py = parent.py();
+    let qualified = format!("moerail._native.{name}");
+    // Created under its full name, so its functions' __module__ says where they live.
+    let sub = PyModule::new(py, &qualified)?;
+    register(&sub)?;
+    register(parent)?;
+    parent.add(name, &sub)?;
+    py.import("sys")?.getattr("modules")?.set_item(qualified, &sub)?;
+    Ok(())
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
-    router::register(m)?;
-    a2a::register(m)?;
-    ep_route::register(m)?;
-    permute::register(m)?;
-    balance::register(m)?;
-    sim::register(m)?;
-    device::register(m)?;
-    ascend::register(m)?;
+    for (name, register) in SUBMODULES {
+        add_submodule(m, name, register)?;
+    }
     Ok(())
 }

@@ -1,16 +1,17 @@
-//! Bindings of the rank groups (`moerail_core::topology`) and the training-step simulator
-//! (`moerail_core::sim`). Configurations cross as `(key, value)` pairs; reports come back as
-//! JSON text for `json.loads`.
+//! Bindings of the training-step simulator (`moerail_core::sim`). Configurations cross as
+//! `(key, value)` pairs; reports come back as JSON text (serde_json of `sim::report`) for
+//! `json.loads`.
 
 use moerail_core::sim::config::{sections, SimConfig, Value};
-use moerail_core::sim::search::{self, Candidate, RecomputeChoice, Space};
+use moerail_core::sim::report::{CandidateReport, SearchReport, SearchResult};
+use moerail_core::sim::search::{self, RecomputeChoice, Space};
 use moerail_core::sim::{self as core_sim};
-use moerail_core::topology::{Layout, LayoutOptions};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-use crate::tensor::{run, to_py_err};
+use crate::error::to_py_err;
+use crate::tensor::run;
 
 fn value(key: &str, obj: &Bound<'_, PyAny>) -> PyResult<Value> {
     if obj.is_none() {
@@ -34,9 +35,7 @@ fn value(key: &str, obj: &Bound<'_, PyAny>) -> PyResult<Value> {
     if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         let items: Vec<Bound<'_, PyAny>> = obj.try_iter()?.collect::<PyResult<_>>()?;
         if items.iter().all(|i| i.is_instance_of::<PyString>()) && !items.is_empty() {
-            return Ok(Value::StrList(
-                items.iter().map(|i| i.extract()).collect::<PyResult<_>>()?,
-            ));
+            return Ok(Value::StrList(items.iter().map(|i| i.extract()).collect::<PyResult<_>>()?));
         }
         let mut ints = Vec::with_capacity(items.len());
         for i in &items {
@@ -70,44 +69,13 @@ fn config(entries: &Bound<'_, PyAny>) -> PyResult<SimConfig> {
     Ok(cfg)
 }
 
-/// Every process group Megatron-Core's `initialize_model_parallel` creates for the layout:
-/// a list of `(kind, groups)` in Megatron's order.
-#[pyfunction]
-#[pyo3(signature = (world_size, tp, cp, pp, ep, etp, order, num_distributed_optimizer_instances=1, hierarchical_context_parallel_sizes=None))]
-#[allow(clippy::too_many_arguments)]
-pub fn rank_groups(
-    py: Python<'_>,
-    world_size: usize,
-    tp: usize,
-    cp: usize,
-    pp: usize,
-    ep: usize,
-    etp: Option<usize>,
-    order: String,
-    num_distributed_optimizer_instances: usize,
-    hierarchical_context_parallel_sizes: Option<Vec<usize>>,
-) -> PyResult<Vec<(String, Vec<Vec<usize>>)>> {
-    run(py, move || {
-        let opts = LayoutOptions {
-            num_distributed_optimizer_instances: Some(num_distributed_optimizer_instances),
-            hierarchical_cp: hierarchical_context_parallel_sizes.unwrap_or_default(),
-        };
-        let layout = Layout::with_options(world_size, tp, cp, pp, ep, etp, &order, &opts)?;
-        Ok(layout
-            .groups()?
-            .into_iter()
-            .map(|(k, g)| (k.name(), g))
-            .collect())
-    })
-}
-
 /// Simulates one training step; returns the report as JSON text.
 #[pyfunction]
 pub fn sim_simulate(py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<String> {
     let cfg = config(entries)?;
     run(py, move || {
         let e = core_sim::simulate(&cfg)?;
-        Ok(e.to_json(&cfg).to_string())
+        to_json(&e.report(&cfg))
     })
 }
 
@@ -180,21 +148,9 @@ fn space(d: Option<&Bound<'_, PyDict>>) -> PyResult<Space> {
     Ok(s)
 }
 
-fn candidate_json(c: &Candidate) -> String {
-    format!(
-        "{{\"tp\": {}, \"cp\": {}, \"pp\": {}, \"vpp\": {}, \"ep\": {}, \"etp\": {}, \"micro_batch_size\": {}, \"recompute\": \"{}\", \"decoder_first_pipeline_num_layers\": {}, \"decoder_last_pipeline_num_layers\": {}, \"account_for_embedding_and_loss_in_pipeline_split\": {}}}",
-        c.tp,
-        c.cp,
-        c.pp,
-        c.vpp,
-        c.ep,
-        c.etp,
-        c.mbs,
-        c.recompute.name(),
-        if c.first > 0 { c.first.to_string() } else { "null".into() },
-        if c.last > 0 { c.last.to_string() } else { "null".into() },
-        c.account,
-    )
+/// A report as JSON text (`json.loads` reads it; non-finite numbers become `null`).
+fn to_json<T: serde::Serialize>(value: &T) -> moerail_core::Result<String> {
+    serde_json::to_string(value).map_err(|e| moerail_core::Error::Internal(e.to_string()))
 }
 
 /// Enumerates and simulates the layouts of `space` for the configuration; returns JSON
@@ -233,26 +189,14 @@ pub fn sim_search(
                 })
             };
             let (best, stats) = search::search(&base, &cands, top, include_oom, &mut cb)?;
-            let results: Vec<String> = best
+            let results = best
                 .iter()
-                .map(|r| {
-                    let cfg = r.candidate.apply(&base);
-                    format!(
-                        "{{\"layout\": {}, \"report\": {}}}",
-                        candidate_json(&r.candidate),
-                        r.evaluation.to_json(&cfg)
-                    )
+                .map(|r| SearchResult {
+                    layout: CandidateReport::from(&r.candidate),
+                    report: r.evaluation.report(&r.candidate.apply(&base)),
                 })
                 .collect();
-            Ok(format!(
-                "{{\"results\": [{}], \"stats\": {{\"candidates\": {}, \"evaluated\": {}, \"invalid\": {}, \"fit\": {}, \"seconds\": {:?}}}}}",
-                results.join(", "),
-                stats.candidates,
-                stats.evaluated,
-                stats.invalid,
-                stats.fit,
-                stats.seconds
-            ))
+            to_json(&SearchReport { results, stats })
         })
     };
     if let Some(e) = interrupted {
@@ -262,7 +206,6 @@ pub fn sim_search(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(rank_groups, m)?)?;
     m.add_function(wrap_pyfunction!(sim_simulate, m)?)?;
     m.add_function(wrap_pyfunction!(sim_keys, m)?)?;
     m.add_function(wrap_pyfunction!(sim_search, m)?)?;

@@ -3,11 +3,12 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use moerail_core::Error;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+
+use crate::error::{panic_err, to_py_err};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -18,6 +19,8 @@ pub enum DType {
     Bool,
     I64,
     I32,
+    /// Only from MindSpore's dtype names (`aot`); torch's int16 tensors read as `Other`.
+    I16,
     U8,
     Other,
 }
@@ -57,6 +60,7 @@ impl DType {
             Self::Bool => "torch.bool",
             Self::I64 => "torch.int64",
             Self::I32 => "torch.int32",
+            Self::I16 => "torch.int16",
             Self::U8 => "torch.uint8",
             Self::Other => "other",
         }
@@ -66,7 +70,7 @@ impl DType {
         match self {
             Self::F64 | Self::I64 => 8,
             Self::F32 | Self::I32 => 4,
-            Self::BF16 | Self::F16 => 2,
+            Self::BF16 | Self::F16 | Self::I16 => 2,
             Self::Bool | Self::U8 => 1,
             Self::Other => 0,
         }
@@ -109,26 +113,16 @@ impl Tensor {
     fn read(obj: &Bound<'_, PyAny>, name: &'static str, any_device: bool) -> PyResult<Self> {
         let py = obj.py();
         let not_a_tensor = || {
-            let ty = obj
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| "?".into());
+            let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
             PyTypeError::new_err(format!("{name}: expected a torch.Tensor, got {ty}"))
         };
         // Identity against the cached torch dtypes: no string per call.
-        let dtype_obj = obj
-            .getattr(intern!(py, "dtype"))
-            .map_err(|_| not_a_tensor())?;
+        let dtype_obj = obj.getattr(intern!(py, "dtype")).map_err(|_| not_a_tensor())?;
         let known = dtypes(py)?;
-        let dtype = known
-            .iter()
-            .find(|(d, _)| d.bind(py).is(&dtype_obj))
-            .map_or(DType::Other, |(_, t)| *t);
-        let is_cpu: bool = obj
-            .getattr(intern!(py, "is_cpu"))
-            .map_err(|_| not_a_tensor())?
-            .extract()?;
+        let dtype =
+            known.iter().find(|(d, _)| d.bind(py).is(&dtype_obj)).map_or(DType::Other, |(_, t)| *t);
+        let is_cpu: bool =
+            obj.getattr(intern!(py, "is_cpu")).map_err(|_| not_a_tensor())?.extract()?;
         let device = if is_cpu {
             Device::Cpu
         } else {
@@ -174,15 +168,7 @@ impl Tensor {
         } else {
             dtype.torch_name().to_string()
         };
-        Ok(Self {
-            name,
-            ptr,
-            shape,
-            dtype,
-            dtype_name,
-            numel,
-            device,
-        })
+        Ok(Self { name, ptr, shape, dtype, dtype_name, numel, device })
     }
 
     pub fn optional(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Option<Self>> {
@@ -236,14 +222,18 @@ impl Tensor {
         }
     }
 
-    fn byte_range(&self) -> (usize, usize) {
+    pub(crate) fn byte_range(&self) -> (usize, usize) {
         (self.ptr, self.ptr + self.numel * self.dtype.size())
     }
 
+    /// The tensor's `numel` elements as `T`.
+    ///
     /// # Safety
-    /// The Python tensor outlives the returned slice and `T` matches the dtype's size.
+    /// The Python tensor outlives the returned slice, and nothing writes it meanwhile. The
+    /// length is sound by construction: `numel` is the product of the shape of a tensor that
+    /// [`Tensor::from_py`] proved contiguous, and `T` is asserted to have the dtype's size.
     pub unsafe fn slice<'a, T>(&self) -> &'a [T] {
-        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        assert_eq!(std::mem::size_of::<T>(), self.dtype.size(), "{}", self.name);
         if self.numel == 0 {
             return &[];
         }
@@ -251,38 +241,15 @@ impl Tensor {
     }
 
     /// # Safety
-    /// As [`Tensor::slice`], and nothing else reads or writes the tensor meanwhile.
+    /// As [`Tensor::slice`], and nothing else reads or writes the tensor meanwhile (the
+    /// bindings prove it for outputs with `args::check_disjoint`).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut<'a, T>(&self) -> &'a mut [T] {
-        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        assert_eq!(std::mem::size_of::<T>(), self.dtype.size(), "{}", self.name);
         if self.numel == 0 {
             return &mut [];
         }
         std::slice::from_raw_parts_mut(self.ptr as *mut T, self.numel)
-    }
-}
-
-/// Outputs must not share memory with inputs or with each other.
-pub fn check_disjoint(outputs: &[&Tensor], inputs: &[&Tensor]) -> PyResult<()> {
-    for (i, o) in outputs.iter().enumerate() {
-        let (a0, a1) = o.byte_range();
-        for other in inputs.iter().chain(outputs[i + 1..].iter()) {
-            let (b0, b1) = other.byte_range();
-            if a0 < b1 && b0 < a1 {
-                return Err(PyValueError::new_err(format!(
-                    "{}: output memory overlaps {}",
-                    o.name, other.name
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-pub fn to_py_err(e: Error) -> PyErr {
-    match e {
-        Error::InvalidArgument { .. } => PyValueError::new_err(e.to_string()),
-        Error::Internal(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }
 
@@ -294,16 +261,7 @@ pub fn run<R: Send>(
     let out = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
     match out {
         Ok(r) => r.map_err(to_py_err),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(PyRuntimeError::new_err(format!(
-                "moerail internal error (please report): {msg}"
-            )))
-        }
+        Err(panic) => Err(panic_err(&*panic)),
     }
 }
 

@@ -69,10 +69,6 @@ fn fill_desc_keys(w: &[f64], keys: &mut Vec<u128>) {
 
 /// Balanced packing of `w` (finite, >= 0) into `num_packs` packs of `w.len() / num_packs`
 /// items: writes each item's pack and its rank (position) inside the pack.
-pub fn balanced_packing(w: &[f64], num_packs: usize, pack: &mut [usize], rank: &mut [usize]) {
-    balanced_packing_with(w, num_packs, pack, rank, &mut Scratch::default())
-}
-
 fn balanced_packing_with(
     w: &[f64],
     num_packs: usize,
@@ -503,7 +499,7 @@ mod tests {
         let w = [5.0, 1.0, 4.0, 2.0, 3.0, 3.5];
         let mut pack = [0; 6];
         let mut rank = [0; 6];
-        balanced_packing(&w, 2, &mut pack, &mut rank);
+        balanced_packing_with(&w, 2, &mut pack, &mut rank, &mut Scratch::default());
         // 5 -> p0, 4 -> p1, 3.5 -> p1 (4 < 5), 3 -> p0, then p1 (7.5) vs p0 (8): 2 -> p1 full,
         // 1 -> p0.
         assert_eq!(pack, [0, 0, 1, 1, 0, 1]);

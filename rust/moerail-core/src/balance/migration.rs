@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use super::stats::placement_metrics;
 use super::{check_placement, Topology};
 use crate::error::{ensure, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// One expert copy: into slot `dst_slot` of rank `dst_rank` from slot `src_slot` of `src_rank`
 /// (the same rank for a local copy). Slots are local to the rank (`0 .. R / num_gpus`).

@@ -29,7 +29,7 @@ pub mod stats;
 use rayon::prelude::*;
 
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// Which placement algorithm [`rebalance_experts`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,10 +128,6 @@ impl Topology {
         } else {
             (1, 1)
         }
-    }
-
-    pub fn slots_per_gpu(&self) -> usize {
-        self.num_replicas / self.num_gpus
     }
 
     pub fn gpus_per_node(&self) -> usize {

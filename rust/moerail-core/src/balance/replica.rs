@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 const CHUNK: usize = 4096;
 

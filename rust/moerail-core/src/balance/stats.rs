@@ -14,9 +14,8 @@
 
 use rayon::prelude::*;
 
-use super::eplb::min_max_replica_load;
 use crate::error::{ensure, invalid, Result};
-use crate::pool;
+use crate::util::pool;
 
 /// Series per parallel block (fixed, so sums do not depend on the thread count).
 const BLOCK: usize = 256;
@@ -185,19 +184,6 @@ pub struct Backtest {
     pub count: usize,
 }
 
-impl Backtest {
-    /// Weighted absolute percentage error: sum |error| / sum actual.
-    pub fn wape(&self) -> f64 {
-        if self.total > 0.0 {
-            self.abs_error / self.total
-        } else if self.abs_error > 0.0 {
-            f64::INFINITY
-        } else {
-            0.0
-        }
-    }
-}
-
 pub fn backtest(
     history: &[f64],
     steps: usize,
@@ -361,12 +347,6 @@ pub fn placement_metrics(
     }))
 }
 
-/// The largest per-replica load of the best replica counts (see
-/// [`super::lower_bound_ratio`]); exposed for tests.
-pub fn best_max_replica_load(weight: &[f64], num_replicas: usize) -> f64 {
-    min_max_replica_load(weight, num_replicas)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,7 +370,7 @@ mod tests {
         let bt_trend = backtest(&h, steps, 2, Predictor::Trend { window: 4 }, 1, 2).unwrap();
         let bt_ema = backtest(&h, steps, 2, Predictor::Ema { alpha: 0.5 }, 1, 2).unwrap();
         assert!(bt_trend.abs_error < 1e-9);
-        assert!(bt_ema.wape() > 0.01);
+        assert!(bt_ema.abs_error / bt_ema.total > 0.01);
         assert_eq!(bt_trend.count, 2 * 4);
     }
 

@@ -2,9 +2,10 @@
 //! per-layer forward/backward costs, the pipeline schedule and per-device memory.
 
 use crate::error::Result;
+use crate::parallel::{RankGenerator, Span};
+use crate::sim::config::Stage;
 use crate::sim::config::{Dispatcher, Precision, Recompute, RecomputeMethod, SimConfig};
-use crate::sim::model::{self, Params, Stage};
-use crate::topology::{RankGenerator, Span};
+use crate::sim::model::{self, Params};
 
 /// Compute parts of the breakdown.
 pub const PARTS: [&str; 8] = [
@@ -151,7 +152,7 @@ impl<'a> Engine<'a> {
         let s = t.seq_length as f64;
         let n_full = b * s / p.cp as f64;
         let n_loc = if sp { n_full / p.tp as f64 } else { n_full };
-        let stages = model::stage_layers(&cfg.model, p)?;
+        let stages = crate::sim::config::stage_layers(&cfg.model, p)?;
         if vpp > 1 {
             for (i, st) in stages.iter().enumerate() {
                 // An embedding / loss counted in the split is a layer of its first / last chunk.

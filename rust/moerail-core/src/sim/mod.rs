@@ -12,7 +12,7 @@
 //!   kernels (norms, RoPE, activations, router, permutation, cross entropy) at
 //!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel.
 //!   Backward GEMMs cost twice the forward ones (data and weight gradients).
-//! * **Communication** uses the rank groups of [`crate::topology`] and where they sit on the
+//! * **Communication** uses the rank groups of [`crate::parallel`] and where they sit on the
 //!   nodes: all-gather / reduce-scatter are hierarchical (inside the node over NVLink/HCCS,
 //!   then across nodes over the NICs), all-reduce is twice that, all-to-all sends each peer's
 //!   share over the link it sits behind (intra- and inter-node in parallel), DeepEP-style
@@ -49,16 +49,15 @@
 
 pub mod config;
 pub mod engine;
-pub mod json;
 pub mod model;
+pub mod report;
 pub mod search;
 
 use crate::error::Result;
-use config::{Recompute, SimConfig};
-use engine::{Engine, StageCost, COMMS, PARTS};
-use json::Json;
+use config::SimConfig;
+use engine::{Engine, StageCost};
 
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+pub(crate) const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// The result of one simulation.
 #[derive(Clone, Debug)]
@@ -160,213 +159,6 @@ pub fn simulate(cfg: &SimConfig) -> Result<Evaluation> {
     })
 }
 
-fn gib(b: f64) -> f64 {
-    b / GIB
-}
-
-fn memory_json(s: &StageCost, reserved: f64, capacity: f64, per_device_params: f64) -> Json {
-    let act = s.activations();
-    let total = s.total_memory(reserved);
-    Json::obj()
-        .with("weights", gib(s.weights))
-        .with("gradients", gib(s.grads))
-        .with("optimizer", gib(s.optimizer))
-        .with(
-            "optimizer_without_distributed_optimizer",
-            gib(s.optimizer_no_distopt),
-        )
-        .with(
-            "activations",
-            Json::obj()
-                .with("attention", gib(s.act_attn))
-                .with("mlp", gib(s.act_mlp))
-                .with("embedding_and_logits", gib(s.act_embed))
-                .with("total", gib(act)),
-        )
-        .with("moe_dispatch_and_transient", gib(s.transient))
-        .with("inflight_microbatches", s.inflight)
-        .with(
-            "recompute_savings",
-            gib((s.act_no_recompute - s.act_attn - s.act_mlp - s.offload_saved).max(0.0)),
-        )
-        .with("offload_savings", gib(s.offload_saved))
-        .with("reserved", gib(reserved))
-        .with("total", gib(total))
-        .with("capacity", gib(capacity))
-        .with("fits", total <= capacity)
-        .with("parameters", per_device_params)
-}
-
-impl Evaluation {
-    /// The report as JSON (the schema of `moerail plan --json`).
-    pub fn to_json(&self, cfg: &SimConfig) -> Json {
-        let m = &cfg.model;
-        let p = &cfg.parallel;
-        let t = &cfg.training;
-        let gbs = t.global_batch_size as f64;
-        let seq = t.seq_length as f64;
-        let tokens = gbs * seq;
-        let (total, active) = model::param_totals(m);
-        let nmb = self.num_microbatches as f64;
-        let crit = &self.stages[self.critical_stage];
-        let mut compute = Json::obj();
-        for (i, name) in PARTS.iter().enumerate() {
-            compute = compute.with(name, nmb * crit.per_mb.compute[i]);
-        }
-        compute = compute.with(
-            "recompute",
-            nmb * crit.recompute.compute.iter().sum::<f64>(),
-        );
-        let mut comm = Json::obj();
-        for (i, name) in COMMS.iter().enumerate() {
-            let (tot, exp) = match *name {
-                "pp" => (self.pp_total, self.pp_exposed),
-                "dp" => (self.dp_total, self.dp_exposed),
-                _ => (nmb * crit.per_mb.comm[i], nmb * crit.per_mb.exposed[i]),
-            };
-            comm = comm.with(
-                name,
-                Json::obj()
-                    .with("total", tot)
-                    .with("exposed", exp)
-                    .with("overlapped", (tot - exp).max(0.0)),
-            );
-        }
-        let reserved = cfg.cluster.memory_reserved_gib * GIB;
-        let mem_stage = self
-            .stages
-            .iter()
-            .enumerate()
-            .fold((0, f64::MIN), |a, (i, s)| {
-                let v = s.total_memory(reserved);
-                if v > a.1 {
-                    (i, v)
-                } else {
-                    a
-                }
-            })
-            .0;
-        let per_stage: Vec<Json> = self
-            .stages
-            .iter()
-            .zip(&self.stage_layers)
-            .map(|(s, &(d, mo))| {
-                Json::obj()
-                    .with("dense_layers", d)
-                    .with("moe_layers", mo)
-                    .with("time_per_microbatch_s", s.per_mb.time() + s.offload_time)
-                    .with("memory_gib", gib(s.total_memory(reserved)))
-                    .with("weights_gib", gib(s.weights))
-                    .with("gradients_gib", gib(s.grads))
-                    .with("optimizer_gib", gib(s.optimizer))
-                    .with("activations_gib", gib(s.activations()))
-                    .with("parameters", s.params.per_device(p.tp, self.etp, p.ep))
-            })
-            .collect();
-        // Coupled layouts take ETP = TP and EP inside DP; anything else folds the experts
-        // over other dimensions.
-        let folded = self.etp != p.tp || (p.ep > 1 && p.cp > 1);
-        let recompute = match t.recompute_granularity {
-            Recompute::None => Json::Null,
-            Recompute::Full => Json::from(format!(
-                "full/{}/{}",
-                match t.recompute_method {
-                    config::RecomputeMethod::Uniform => "uniform",
-                    config::RecomputeMethod::Block => "block",
-                },
-                t.recompute_num_layers.unwrap_or(1)
-            )),
-            Recompute::Selective => Json::from(format!(
-                "selective/{}",
-                t.recompute_modules.names().join(",")
-            )),
-        };
-        Json::obj()
-            .with(
-                "model",
-                Json::obj()
-                    .with("name", m.name.clone())
-                    .with("parameters", total)
-                    .with("active_parameters", active)
-                    .with("flops_per_token", self.flops_per_step / tokens)
-                    .with(
-                        "flops_per_token_noncausal",
-                        self.flops_per_step_noncausal / tokens,
-                    )
-                    .with("flops_per_step", self.flops_per_step)
-                    .with("flops_per_step_noncausal", self.flops_per_step_noncausal),
-            )
-            .with(
-                "layout",
-                Json::obj()
-                    .with("world_size", self.world)
-                    .with("tp", p.tp)
-                    .with("cp", p.cp)
-                    .with("pp", p.pp)
-                    .with("vpp", self.vpp)
-                    .with("ep", p.ep)
-                    .with("etp", self.etp)
-                    .with("dp", self.dp)
-                    .with("edp", self.edp)
-                    .with("folded", folded)
-                    .with("micro_batch_size", t.micro_batch_size)
-                    .with("num_microbatches", self.num_microbatches)
-                    .with("recompute", recompute)
-                    .with(
-                        "stage_layers",
-                        self.stage_layers
-                            .iter()
-                            .map(|&(d, m)| d + m)
-                            .collect::<Vec<_>>(),
-                    ),
-            )
-            .with(
-                "time",
-                Json::obj()
-                    .with("step_s", self.step_time)
-                    .with("tokens_per_s", self.tokens_per_s)
-                    .with(
-                        "tokens_per_s_per_device",
-                        self.tokens_per_s / self.world as f64,
-                    )
-                    .with(
-                        "tflops_per_device",
-                        self.flops_per_step / self.step_time / self.world as f64 / 1e12,
-                    )
-                    .with(
-                        "tflops_per_device_noncausal",
-                        self.flops_per_step_noncausal / self.step_time / self.world as f64 / 1e12,
-                    )
-                    .with("mfu", self.mfu)
-                    .with("mfu_noncausal", self.mfu_noncausal),
-            )
-            .with(
-                "breakdown_s",
-                Json::obj()
-                    .with("critical_stage", self.critical_stage)
-                    .with("compute", compute)
-                    .with("communication", comm)
-                    .with("pipeline_bubble", self.bubble)
-                    .with("optimizer", self.optimizer_time)
-                    .with("offload", self.offload_time)
-                    .with("per_stage", per_stage),
-            )
-            .with(
-                "memory_gib",
-                memory_json(
-                    &self.stages[mem_stage],
-                    reserved,
-                    self.memory_capacity,
-                    self.stages[mem_stage]
-                        .params
-                        .per_device(p.tp, self.etp, p.ep),
-                )
-                .with("stage", mem_stage),
-            )
-            .with("fits", self.fits)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::config::Value;
@@ -425,37 +217,48 @@ mod tests {
         let c = mixtral_8x22b(2, 8, 8, 1);
         let e = simulate(&c).unwrap();
         assert!(e.mfu > 0.2 && e.mfu < 0.8, "{}", e.mfu);
-        let j = e.to_json(&c);
+        let r = e.report(&c);
         // Breakdown adds up to the step time.
-        let b = j.get("breakdown_s").unwrap();
-        let num = |j: &Json| match j {
-            Json::Num(x) => *x,
-            Json::Int(i) => *i as f64,
-            _ => 0.0,
-        };
-        let mut sum = 0.0;
-        if let Some(Json::Obj(parts)) = b.get("compute") {
-            for (k, v) in parts {
-                if k != "recompute" {
-                    sum += num(v);
-                }
-            }
-        }
-        if let Some(Json::Obj(kinds)) = b.get("communication") {
-            for (_, v) in kinds {
-                sum += num(v.get("exposed").unwrap());
-            }
-        }
-        sum += num(b.get("pipeline_bubble").unwrap()) + num(b.get("optimizer").unwrap());
+        let b = &r.breakdown_s;
+        let mut sum: f64 = b
+            .compute
+            .0
+            .iter()
+            .filter(|(k, _)| *k != "recompute")
+            .map(|(_, v)| v)
+            .sum();
+        sum += b
+            .communication
+            .0
+            .iter()
+            .map(|(_, c)| c.exposed)
+            .sum::<f64>();
+        sum += b.pipeline_bubble + b.optimizer;
         assert!(
             (sum - e.step_time).abs() < 1e-9 * e.step_time,
             "{sum} vs {}",
             e.step_time
         );
+        assert!(r.layout.folded);
+        // The JSON the bindings hand to Python: sections in order, non-finite numbers as null.
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.starts_with(r#"{"model":{"name":"#), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["layout"]["folded"], serde_json::Value::Bool(true));
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
-            j.get("layout").unwrap().get("folded"),
-            Some(&Json::Bool(true))
+            keys,
+            [
+                "breakdown_s",
+                "fits",
+                "layout",
+                "memory_gib",
+                "model",
+                "time"
+            ]
         );
+        let nan = report::Named(vec![("x", f64::NAN)]);
+        assert_eq!(serde_json::to_string(&nan).unwrap(), r#"{"x":null}"#);
     }
 
     #[test]

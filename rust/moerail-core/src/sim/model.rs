@@ -1,8 +1,8 @@
 //! Model arithmetic: Megatron-LM's model-FLOPs formula, parameter counts by how each
-//! parameter is sharded, and the pipeline split of the layers.
+//! parameter is sharded, per pipeline stage. Reads `sim::config` (the pipeline split itself is
+//! `config::stage_layers`); config never reads this module.
 
-use crate::error::{ensure, Result};
-use crate::sim::config::{Model, Normalization, Parallel};
+use crate::sim::config::{Model, Normalization, Stage};
 
 /// Megatron-LM's `num_floating_point_operations` (training.py) for a batch of `batch_size`
 /// sequences of `seq_length` tokens, with `padded_vocab` the padded vocabulary.
@@ -235,103 +235,6 @@ pub fn mtp_extra_params(m: &Model) -> Params {
     }
 }
 
-/// The layers of one pipeline stage.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Stage {
-    /// Index of the first transformer layer.
-    pub first_layer: usize,
-    pub dense_layers: usize,
-    pub moe_layers: usize,
-    pub has_embedding: bool,
-    pub has_output: bool,
-}
-
-impl Stage {
-    pub fn layers(&self) -> usize {
-        self.dense_layers + self.moe_layers
-    }
-}
-
-/// Megatron's split of the decoder layers over pipeline stages: even, or with
-/// `decoder_first/last_pipeline_num_layers` and the rest even over the middle stages; with
-/// `account_for_embedding/loss_in_pipeline_split` the embedding / loss count as one layer of
-/// the first / last stage.
-pub fn stage_layers(m: &Model, p: &Parallel) -> Result<Vec<Stage>> {
-    let pp = p.pp;
-    let layers = m.num_layers;
-    let mut counts = vec![0usize; pp];
-    let extra_first = usize::from(p.account_for_embedding_in_pipeline_split);
-    let extra_last = usize::from(p.account_for_loss_in_pipeline_split);
-    let first = p.decoder_first_pipeline_num_layers;
-    let last = p.decoder_last_pipeline_num_layers;
-    if pp == 1 {
-        counts[0] = layers;
-    } else if first.is_none() && last.is_none() {
-        let total = layers + extra_first + extra_last;
-        ensure(total % pp == 0, "pipeline_model_parallel_size", || {
-            format!(
-                "{pp} does not divide num_layers ({layers}{}); set decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers",
-                if extra_first + extra_last > 0 { " plus the embedding/loss stages" } else { "" }
-            )
-        })?;
-        let per = total / pp;
-        counts.iter_mut().for_each(|c| *c = per);
-        ensure(
-            per > extra_first && per > extra_last || pp == 1,
-            "pipeline_model_parallel_size",
-            || format!("{pp} stages leave no transformer layer on the first or last stage"),
-        )?;
-        counts[0] -= extra_first;
-        counts[pp - 1] -= extra_last;
-    } else {
-        let f = first.unwrap_or(0);
-        let l = last.unwrap_or(0);
-        let middle_stages = pp - usize::from(first.is_some()) - usize::from(last.is_some());
-        ensure(f + l <= layers, "decoder_first_pipeline_num_layers", || {
-            format!("{f} + {l} exceeds num_layers ({layers})")
-        })?;
-        let rest = layers - f - l;
-        if middle_stages == 0 {
-            ensure(rest == 0, "decoder_last_pipeline_num_layers", || {
-                format!("first + last must equal num_layers ({layers}) with pp = {pp}")
-            })?;
-        } else {
-            ensure(
-                rest % middle_stages == 0,
-                "pipeline_model_parallel_size",
-                || {
-                    format!(
-                    "the {rest} layers left by decoder_first/last_pipeline_num_layers are not divisible by the {middle_stages} other stages"
-                )
-                },
-            )?;
-        }
-        let per = rest.checked_div(middle_stages).unwrap_or(0);
-        counts.iter_mut().for_each(|c| *c = per);
-        if let Some(f) = first {
-            counts[0] = f;
-        }
-        if let Some(l) = last {
-            counts[pp - 1] = l;
-        }
-    }
-    let pattern = m.moe_pattern();
-    let mut out = Vec::with_capacity(pp);
-    let mut at = 0usize;
-    for (s, &c) in counts.iter().enumerate() {
-        let moe = pattern[at..at + c].iter().filter(|&&x| x).count();
-        out.push(Stage {
-            first_layer: at,
-            dense_layers: c - moe,
-            moe_layers: moe,
-            has_embedding: s == 0,
-            has_output: s == pp - 1,
-        });
-        at += c;
-    }
-    Ok(out)
-}
-
 /// Parameters held by one stage (embedding on the first, output layer, final norm and MTP on
 /// the last; with tied embeddings and pp > 1 the last stage keeps a copy of the embedding,
 /// as Megatron does).
@@ -404,7 +307,7 @@ pub fn param_totals(m: &Model) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::config::LayerFreq;
+    use crate::sim::config::{stage_layers, LayerFreq, Parallel};
 
     fn deepseek_v3() -> Model {
         let mut pattern = vec![false; 3];

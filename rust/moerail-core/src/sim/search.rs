@@ -5,9 +5,9 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure, Result};
-use crate::pool;
 use crate::sim::config::{Recompute, RecomputeMethod, RecomputeModules, SimConfig};
 use crate::sim::{simulate, Evaluation};
+use crate::util::pool;
 
 /// Recomputation choices the search tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -297,7 +297,7 @@ pub struct Ranked {
 }
 
 /// Counts of a search.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SearchStats {
     pub candidates: usize,
     pub evaluated: usize,

@@ -13,7 +13,7 @@
 // The contract above is every function's `# Safety` section.
 #![allow(clippy::missing_safety_doc)]
 
-use moerail_core::router::{RouterConfig, ScoreFunction};
+use moerail_core::ops::router::{RouterConfig, ScoreFunction};
 
 use super::backend::{Args, Backend, LaunchCfg};
 use super::{DType, DeviceProps};
