@@ -444,7 +444,7 @@ class AllToAllDispatcher:
         if probs.shape[1] != self.num_experts:
             raise ValueError(f"probs: expected {self.num_experts} experts (num_experts), got {probs.shape[1]}")
         if self.capacity_factor is not None:
-            from .router import apply_token_dropping
+            from ..ops.router import apply_token_dropping
 
             probs, routing_map = apply_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
                                                       self.drop_policy, self.pad_to_capacity)
