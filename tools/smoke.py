@@ -18,6 +18,24 @@ import sys
 import sysconfig
 from pathlib import Path
 
+README_EXAMPLE = """\
+import torch, moerail
+
+T, H, E, K = 64, 32, 8, 2                                     # tokens, hidden size, experts, top-k
+hidden = torch.randn(T, H, requires_grad=True)
+router = torch.nn.Linear(H, E, bias=False)
+experts = torch.nn.Parameter(torch.randn(E, H, H) / H**0.5)   # one H x H matrix per expert
+
+probs, routing_map = moerail.topk_route(router(hidden), topk=K)           # [T, E] each
+permuted, permuted_probs, sorted_indices, _, tokens_per_expert = moerail.permute(
+    hidden, routing_map, probs, num_out_tokens=T * K)                     # rows grouped by expert
+chunks = permuted.split(tokens_per_expert.tolist())
+expert_out = torch.cat([x @ experts[e] for e, x in enumerate(chunks)]) * permuted_probs[:, None]
+out = moerail.unpermute(expert_out, sorted_indices, hidden.shape)         # [T, H]
+out.sum().backward()                                                      # grads reach hidden, router, experts
+print(out.shape, tokens_per_expert.tolist())
+"""
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
@@ -34,20 +52,13 @@ def main(argv=None) -> int:
     if a.expect_version:
         assert moerail.__version__ == a.expect_version, (moerail.__version__, a.expect_version)
 
-    # The README's first example.
+    # The README's first example, verbatim (tests/test_readme.py keeps the two the same).
+    ns: dict = {}
     torch.manual_seed(0)
-    T, H, E, K = 64, 32, 8, 2
-    hidden = torch.randn(T, H, requires_grad=True)
-    router = torch.nn.Linear(H, E, bias=False)
-    experts = torch.nn.Parameter(torch.randn(E, H, H) / H**0.5)
-    logits = router(hidden)
-    probs, routing_map = moerail.topk_route(logits, topk=K, score_function="softmax")
-    permuted, permuted_probs, sorted_indices, _, tokens_per_expert = moerail.permute(
-        hidden, routing_map, probs, num_out_tokens=T * K)
-    chunks = torch.split(permuted, tokens_per_expert.tolist())
-    expert_out = torch.cat([c @ experts[e] for e, c in enumerate(chunks)]) * permuted_probs.unsqueeze(-1)
-    out = moerail.unpermute(expert_out, sorted_indices, hidden.shape)
-    out.sum().backward()
+    exec(compile(README_EXAMPLE, "README.md: first example", "exec"), ns)
+    T, H, E, K = (ns[k] for k in ("T", "H", "E", "K"))
+    hidden, experts, logits = ns["hidden"], ns["experts"], ns["router"](ns["hidden"])
+    out, routing_map, tokens_per_expert = ns["out"], ns["routing_map"], ns["tokens_per_expert"]
 
     # The same in torch formulas (Megatron's default router: softmax over the top-k logits).
     top_logits, ref_idx = torch.topk(logits.detach().float(), K, dim=-1)
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
     rc, out_s, err = cli("doctor", "--json", "--no-probe")
     assert rc == 0, err
     doc = json.loads(out_s)
-    assert doc, doc
+    assert doc["moerail"]["version"] == moerail.__version__, doc["moerail"]
     print("doctor OK")
     print("SMOKE OK")
     return 0
