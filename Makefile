@@ -3,6 +3,8 @@
 #   make test    build, then cargo test and pytest (against Megatron-Core 0.16 and 0.19)
 #   make bench   benchmarks against Megatron-Core in the same run -> benches/BENCHMARKS.md
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff
+#   make wheel   the manylinux_2_17 abi3 wheel and the sdist -> dist/ (maturin --zig, auditwheel show)
+#   make docs    the API reference from the docstrings -> site/ (mkdocs --strict)
 #   make gpu-bundle  the offline bundle for benches/gpu_check.sh on a GPU machine -> gpu-bundle/
 #   make stubs   regenerate the type stubs of moerail._native from the built extension
 
@@ -22,7 +24,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: all setup build demo test test-rust test-python bench lint fmt clean gpu-bundle stubs
+.PHONY: all setup build demo test test-rust test-python test-dist bench lint fmt clean gpu-bundle wheel docs stubs
 
 all: test
 
@@ -70,13 +72,42 @@ test-rust: $(DEPS_STAMP) $(NVRTC12)/.stamp
 	VIRTUAL_ENV=$(abspath $(VENV)) MOERAIL_REQUIRE_NVRTC=12,13 \
 		MOERAIL_TEST_NVRTC_DIRS=$(abspath $(NVRTC12))/nvidia/cuda_nvrtc/lib cargo test --workspace -q
 
-# The offline bundle for a GPU machine (benches/gpu_check.sh): moerail's abi3 wheel, the
-# megatron-core wheels (cp312, downloaded once) and Megatron's MoE test tarballs; under 64 MiB.
+PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.json' 2>/dev/null) $(wildcard csrc/cuda/*)
+
+# The wheel a package index takes: abi3 (one wheel for CPython >= 3.9), manylinux_2_17 x86-64,
+# linked by zig against glibc 2.17's symbols (the ziglang package from requirements-dev.txt), so it
+# installs on any x86-64 Linux with glibc >= 2.17; `auditwheel show` must agree. And the sdist.
+DIST ?= dist
+WHEEL_STAMP := $(DIST)/.wheel-stamp
+$(WHEEL_STAMP): $(DEPS_STAMP) $(RUST_SOURCES) $(PY_SOURCES) LICENSE README.md CHANGELOG.md
+	@mkdir -p $(DIST) && rm -f $(DIST)/moerail-*.whl $(DIST)/moerail-*.tar.gz
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 \
+		-q --out $(DIST)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin sdist --out $(DIST)
+	$(VENV)/bin/auditwheel show $(DIST)/moerail-*.whl
+	@touch $@
+
+wheel: $(WHEEL_STAMP)
+
+# The wheel installed into a fresh venv with no Rust on PATH and smoke-tested (every run); the
+# sdist built into a wheel, installed and smoke-tested once per sdist.
+$(DIST)/.sdist-stamp: $(WHEEL_STAMP) tools/check_dist.py tools/smoke.py
+	$(PY) tools/check_dist.py --dist $(DIST) --sdist
+	@touch $@
+
+test-dist: $(DIST)/.sdist-stamp
+	$(PY) tools/check_dist.py --dist $(DIST)
+
+# The API reference, built from the docstrings; --strict fails on any warning (broken references).
+docs: $(BUILD_STAMP)
+	$(VENV)/bin/mkdocs build --strict -q -d site
+
+# The offline bundle for a GPU machine (benches/gpu_check.sh): moerail's abi3 wheel (make wheel),
+# the megatron-core wheels (cp312, downloaded once) and Megatron's MoE test tarballs; under 64 MiB.
 GPU_BUNDLE ?= gpu-bundle
 MEGATRON_TESTS_DIR ?= ../shared/third_party
-PY_SOURCES := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) $(wildcard csrc/cuda/*)
-$(GPU_BUNDLE)/manifest.json: $(DEPS_STAMP) $(RUST_SOURCES) $(PY_SOURCES) tools/gpu_bundle.py
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/gpu_bundle.py --out $(GPU_BUNDLE) --maturin $(VENV)/bin/maturin \
+$(GPU_BUNDLE)/manifest.json: $(WHEEL_STAMP) tools/gpu_bundle.py
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/gpu_bundle.py --out $(GPU_BUNDLE) --wheel $(DIST) \
 		--pip "$(PY) -m pip" --megatron-tests $(MEGATRON_TESTS_DIR) || { rm -f $@; exit 1; }
 
 gpu-bundle: $(GPU_BUNDLE)/manifest.json
@@ -86,7 +117,7 @@ test-python: setup gpu-bundle
 	MOERAIL_GPU_BUNDLE=$(abspath $(GPU_BUNDLE)) $(PY) -m pytest -q
 	MOERAIL_MEGATRON_PATH=$(abspath $(MCORE_NEXT)) $(PY) -m pytest -q -m megatron
 
-test: test-rust test-python
+test: test-rust test-python test-dist docs
 
 # The type stubs of moerail._native (python/moerail/_native/*.pyi), generated from the built
 # extension; tests/test_native_stubs.py fails when they are stale.
@@ -108,4 +139,4 @@ fmt: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check --fix python tests examples benches tools
 
 clean:
-	rm -rf $(VENV) $(CARGO_TARGET_DIR)
+	rm -rf $(VENV) $(CARGO_TARGET_DIR) $(DIST) site

@@ -111,6 +111,7 @@ def run(quick: bool) -> str:
     nbytes = rows * h * 2
     head = (f"Device: {torch.cuda.get_device_name()}; T={t}, H={h}, top-{k} of {e}, bf16, {rows} rows "
             f"({nbytes / 2**20:.0f} MiB); copy bandwidth (same-size `copy_`, read+write) {copy_bw / 1e9:.0f} GB/s. "
-            "Times are medians of CUDA-event timings. By default moerail makes its value checks (one small "
-            "device-to-host read per call; `MOERAIL_DEVICE_CHECKS=0` removes it): rows with and without.")
+            "Times are medians of CUDA-event timings. moerail's value checks are off by default on a device "
+            "(no host read); the debug mode (`MOERAIL_DEVICE_CHECKS=1`) adds one small device-to-host read per call: "
+            "rows with and without.")
     return head + "\n\n" + table(["op", "moerail us", "Megatron us", "speed-up", "moerail bandwidth", "of copy"], res)

@@ -152,7 +152,23 @@ def test_non_contiguous_inputs_are_handled():
     assert torch.equal(moerail.permute(TOKENS, wide[:, :E])[0], moerail.permute(TOKENS, MAP)[0])
 
 
-def test_integer_routing_map_is_accepted():
-    a = moerail.permute(TOKENS, MAP.to(torch.int32), PROBS)
-    b = moerail.permute(TOKENS, MAP, PROBS)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+def test_integer_routing_map_is_refused_not_misread():
+    """A top-k index tensor [T, k] (DeepEP / TransformerEngine style) passed as the routing map was
+    read as ``x != 0``: wrong rows and tokens_per_expert, no error. It is refused, pointing at
+    permute_by_indices, which gives what Megatron's permute gives for the same routing."""
+    idx = torch.tensor([[0, 3], [1, 2], [3, 1], [2, 0], [0, 1], [3, 2], [1, 0], [2, 3]])
+    x = torch.randn(8, 5)
+    with pytest.raises(TypeError, match=r"routing_map: expected a bool tensor.*permute_by_indices"):
+        moerail.permute(x, idx)
+    with pytest.raises(TypeError, match="routing_map.*permute_by_indices"):
+        moerail.permute(TOKENS, MAP.to(torch.int32), PROBS)
+    with pytest.raises(TypeError, match="routing_map"):
+        moerail.unpermute(PERM, SI, TOKENS.shape, probs=PROBS, routing_map=MAP.to(torch.uint8))
+    # The index form of the same routing: Megatron's own permute on the equivalent bool map.
+    from megatron.core.transformer.moe import moe_utils
+
+    rmap = torch.zeros(8, 4, dtype=torch.bool).scatter_(1, idx, True)
+    want = moe_utils.permute(x, rmap, num_out_tokens=16)
+    got = moerail.permute_by_indices(x, idx, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert got[4].tolist() == rmap.sum(0).tolist() == [4, 4, 4, 4]

@@ -718,8 +718,9 @@ def test_cli_balance(tmp_path):
     w = zipf_loads(rng, 4, 32)
     np.save(tmp_path / "loads.npy", w)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(moerail.__path__[0]), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "moerail.cli", "balance", "--loads", str(tmp_path / "loads.npy"), "--gpus", "8",
-           "--nodes", "2", "--replicas", "40", "--groups", "4", "--plot", str(tmp_path / "p.png")]  # fmt: skip
+    cmd = [sys.executable, "-m", "moerail.cli", "balance", "--loads", str(tmp_path / "loads.npy"),
+           "--expert-model-parallel-size", "8", "--nodes", "2", "--num-redundant-experts", "8",
+           "--moe-router-num-groups", "4", "--plot", str(tmp_path / "p.png")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -736,9 +737,53 @@ def test_cli_balance(tmp_path):
     saved = torch.load(tmp_path / "p.pt")
     l2p, cnt = moerail.log2phy_from_phy2log(saved["phy2log"], 32)
     assert torch.equal(l2p, saved["log2phy"]) and torch.equal(cnt, saved["logcnt"])
-    bad_cmd = cmd[:6] + ["--gpus", "7", "--nodes", "1", "--replicas", "40"]
+    bad_cmd = cmd[:6] + ["--expert-model-parallel-size", "7", "--nodes", "1", "--slots", "40"]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode != 0 and "num_replicas: must be a multiple of num_gpus" in bad.stderr
+    assert bad.returncode == 2 and "--slots: 40 slots per layer must be" in bad.stderr
+    assert "multiple of --expert-model-parallel-size 7" in bad.stderr and "Traceback" not in bad.stderr
+    # The old spellings (--gpus, --replicas = total slots, --groups) still work, with a note each.
+    old = cmd[:6] + ["--gpus", "8", "--nodes", "2", "--replicas", "40", "--groups", "4"]
+    r_old = subprocess.run(old, capture_output=True, text=True, env=env, timeout=120)
+    assert r_old.returncode == 0, r_old.stderr
+    assert "--gpus is now --expert-model-parallel-size" in r_old.stderr and "--replicas is now --slots" in r_old.stderr
+    assert r_old.stdout.split("lower bound")[0].splitlines()[1:] == out.split("lower bound")[0].splitlines()[1:]
+
+
+def test_cli_balance_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    """`--plot` without matplotlib: one line naming the extra, before any table, no traceback."""
+    from moerail import cli
+
+    np.save(tmp_path / "loads.npy", zipf_loads(np.random.default_rng(1), 2, 16))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc = cli.main(["balance", "--loads", str(tmp_path / "loads.npy"), "--expert-model-parallel-size", "4",
+                   "--plot", str(tmp_path / "p.png")])  # fmt: skip
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == ""
+    assert cap.err.strip().splitlines() == [
+        "moerail balance: error: --plot: needs matplotlib, which is not installed: pip install 'moerail[plot]'"]
+    with pytest.raises(ImportError, match=r"moerail\[plot\]"):
+        moerail.balance.plot_heatmap(str(tmp_path / "q.png"), torch.ones(2, 16))
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_heatmap_scales_nodes_and_titles(tmp_path):
+    """Experts and devices on separate colour scales (one hot expert must not wash out the device
+    panels), before/after devices on one shared scale centred on the mean, node boundaries drawn."""
+    pytest.importorskip("matplotlib")
+    w = torch.ones(3, 16)
+    w[:, 0] = 40.0  # one expert 40x the others: ~12x the layer mean
+    after, _, _ = moerail.rebalance_experts(w, 24, 1, 2, 8)
+    info = moerail.balance.plot_heatmap(str(tmp_path / "h.png"), w, after, 8, 2)
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    expert, before_p, after_p = info["panels"]
+    assert "expert load" in expert["title"] and "before" in before_p["title"] and "after" in after_p["title"]
+    rel = w / w.mean(1, keepdim=True)
+    assert expert["vmax"] == pytest.approx(float(rel.max()))
+    dev_before = moerail.placement_metrics(w, moerail.default_placement(3, 16, 8), 8, 2)["device_load"]
+    assert before_p["vmax"] == after_p["vmax"] == pytest.approx(float((dev_before / dev_before.mean(1, keepdim=True)).max()))
+    assert before_p["vmax"] < expert["vmax"]  # its own scale
+    assert before_p["vmin"] < 1.0 < before_p["vmax"]
+    assert before_p["node_boundaries"] == after_p["node_boundaries"] == [3.5]
 
 
 def test_example_zipf_training_shows_before_and_after(tmp_path):

@@ -371,29 +371,73 @@ def test_same_bits_twice(dev):
     same(ua, ub.cpu())
 
 
+def test_device_value_checks_are_a_debug_mode(dev, monkeypatch):
+    """Each value check is a host synchronisation per op call: off by default on devices, so a
+    training step does not sync; on with MOERAIL_DEVICE_CHECKS=1 or device_checks()."""
+    import subprocess
+    import sys
+
+    code = "import moerail.backends.cuda as c; print(c.device_checks_enabled())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MOERAIL_DEVICE_CHECKS"}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra},  # noqa: E731
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    assert run({}) == "False" and run({"MOERAIL_DEVICE_CHECKS": "1"}) == "True"
+    assert not _device.device_checks_enabled()
+    x = torch.randn(6, 4).to(dev)
+    assert _device._status(x) is None  # no status word: nothing to read back
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t.device) or real_item(t))
+    logits = torch.randn(6, 4).to(dev)
+
+    def step():
+        probs, rmap = moerail.topk_route(logits, 2)
+        out = moerail.permute(x, rmap, probs, num_out_tokens=12)
+        return moerail.unpermute(out[0], out[2], x.shape, probs=probs, routing_map=rmap)
+
+    step()
+    assert reads == []  # router + permute + unpermute with the row count given: no host read
+    with _device.device_checks():
+        assert _device.device_checks_enabled() and _device._status(x) is not None
+        step()
+        assert reads  # the status words were read back
+    assert not _device.device_checks_enabled()
+    # Off, a num_out_tokens larger than the routed copies is trusted (no read back): the extra rows
+    # are zero rows, never unwritten memory, and unpermute ignores them.
+    probs, rmap = moerail.topk_route(logits, 2)
+    out = moerail.permute(x, rmap, probs, num_out_tokens=14)
+    same(out[0][12:].cpu(), torch.zeros(2, 4), "extra rows")
+    assert out[2][12:].tolist() == [-1, -1]
+    same(moerail.unpermute(out[0], out[2], x.shape).cpu(), moerail.unpermute(out[0][:12], out[2][:12], x.shape).cpu())
+    with pytest.raises(TypeError, match="enabled"):
+        _device.set_device_checks("yes")
+
+
 def test_bad_input_on_the_device_path(dev):
-    t, e, h = 10, 4, 8
-    x = torch.randn(t, h).to(dev)
-    idx = torch.zeros(t, 2, dtype=torch.int64)
-    idx[:, 1] = 1
-    idx[4, 1] = 9  # out of range
-    idx_d = idx.to(dev)
-    before = idx_d.clone()
-    with pytest.raises(ValueError, match="indices"):
-        moerail.permute_by_indices(x, idx_d, e)
-    same(idx_d.cpu(), before.cpu(), "indices untouched")
-    _, rmap = _routing(t, e, 2)
-    with pytest.raises(ValueError, match="num_out_tokens"):
-        moerail.permute(x, rmap.to(dev), num_out_tokens=t * 2 + 1)
-    with pytest.raises((ValueError, TypeError), match="probs"):
-        moerail.permute(x, rmap.to(dev), probs=torch.ones(t, e + 1).to(dev))
-    with pytest.raises(ValueError, match="split_sizes"):
-        ops.sort_chunks(x, torch.tensor([3, 3]).to(dev), torch.tensor([1, 0]).to(dev))
-    with pytest.raises(ValueError, match="sorted_idxs"):
-        ops.sort_chunks(x, torch.tensor([5, 5]).to(dev), torch.tensor([1, 1]).to(dev))
-    with pytest.raises(ValueError, match="workspace"):
-        _device._native.device_unpermute(x, torch.zeros(t, dtype=torch.int64).to(dev), None, torch.empty_like(x),
-                                         torch.empty(3, dtype=torch.uint8).to(dev), 0)
+    """In the debug mode (device value checks on) the device path raises what the CPU path raises."""
+    with _device.device_checks():
+        t, e, h = 10, 4, 8
+        x = torch.randn(t, h).to(dev)
+        idx = torch.zeros(t, 2, dtype=torch.int64)
+        idx[:, 1] = 1
+        idx[4, 1] = 9  # out of range
+        idx_d = idx.to(dev)
+        before = idx_d.clone()
+        with pytest.raises(ValueError, match="indices"):
+            moerail.permute_by_indices(x, idx_d, e)
+        same(idx_d.cpu(), before.cpu(), "indices untouched")
+        _, rmap = _routing(t, e, 2)
+        with pytest.raises(ValueError, match="num_out_tokens"):
+            moerail.permute(x, rmap.to(dev), num_out_tokens=t * 2 + 1)
+        with pytest.raises((ValueError, TypeError), match="probs"):
+            moerail.permute(x, rmap.to(dev), probs=torch.ones(t, e + 1).to(dev))
+        with pytest.raises(ValueError, match="split_sizes"):
+            ops.sort_chunks(x, torch.tensor([3, 3]).to(dev), torch.tensor([1, 0]).to(dev))
+        with pytest.raises(ValueError, match="sorted_idxs"):
+            ops.sort_chunks(x, torch.tensor([5, 5]).to(dev), torch.tensor([1, 1]).to(dev))
+        with pytest.raises(ValueError, match="workspace"):
+            _device._native.device_unpermute(x, torch.zeros(t, dtype=torch.int64).to(dev), None, torch.empty_like(x),
+                                             torch.empty(3, dtype=torch.uint8).to(dev), 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (torch.cuda.is_available() is False)")

@@ -120,7 +120,7 @@ def test_patched_calls_run_moerail_and_match(mods, mcore_api):
     mi.patch_stats(reset=True)
     with mi.moe_utils_patched():
         probs, rmap = mods.router.topk_routing_with_score_function(
-            logits, 4, score_function="sigmoid", num_groups=4, group_topk=2, fused=True  # moerail serves fused too
+            logits, 4, score_function="sigmoid", num_groups=4, group_topk=2
         )
         got = mods.token_dispatcher.permute(x, rmap, probs=probs, num_out_tokens=96 * 4)
     stats = mi.patch_stats()
@@ -130,6 +130,40 @@ def test_patched_calls_run_moerail_and_match(mods, mcore_api):
     torch.testing.assert_close(probs, want_probs, rtol=2e-6, atol=1e-7)
     assert len(got) == len(want) == (5 if mcore_api == mi.API_5_TUPLE else 3)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+def test_fused_calls_go_to_what_the_user_asked_for(mods):
+    """--moe-permute-fusion / --moe-router-fusion (fused=True) mean TransformerEngine's fused kernels:
+    the patch hands those calls to Megatron's own function (silently: it is the user's choice) unless
+    serve_fused=True opts in. Megatron's function is the judge: with TE it runs TE's kernels, without
+    TE it raises its own error, and either way moerail did not answer the call."""
+    mu = mods.moe_utils
+    _, _, rmap = make_routing(24, 4, 2)
+    x = torch.randn(24, 8)
+    try:
+        want = ("ok", mu.permute(x, rmap, num_out_tokens=48, fused=True))
+    except Exception as e:  # noqa: BLE001 - Megatron's own refusal (no TransformerEngine here)
+        want = ("raised", type(e), str(e))
+    mi.patch_stats(reset=True)
+    with mi.moe_utils_patched(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = mods.token_dispatcher.permute(x, rmap, num_out_tokens=48, fused=True)
+            got = ("ok", out)
+        except Exception as e:  # noqa: BLE001
+            got = ("raised", type(e), str(e))
+        unfused = mods.token_dispatcher.permute(x, rmap, num_out_tokens=48)
+    assert got[0] == want[0] and (got[1:] == want[1:] if got[0] == "raised" else torch.equal(got[1][0], want[1][0]))
+    assert mi.patch_stats(reset=True)["permute"] == {"moerail": 1, "megatron": 1}
+    assert not [w for w in caught if "moerail" in str(w.message)]
+    assert torch.equal(unfused[0], mu.permute(x, rmap, num_out_tokens=48)[0])
+    # Opting in: moerail serves fused=True calls too (the setting stays until changed).
+    with mi.moe_utils_patched(serve_fused=True):
+        got = mods.token_dispatcher.permute(x, rmap, num_out_tokens=48, fused=True)
+    assert torch.equal(got[0], unfused[0])
+    assert mi.patch_stats(reset=True)["permute"] == {"moerail": 1, "megatron": 0}
+    with pytest.raises(TypeError, match="serve_fused"):
+        mi.patch_moe_utils(serve_fused="yes")
 
 
 def test_calls_moerail_cannot_serve_go_to_megatron(mods):

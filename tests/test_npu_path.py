@@ -27,6 +27,7 @@ import torch
 
 import moerail
 from moerail import backends
+from moerail.backends import cuda as _device
 from moerail.backends import npu as _npu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -296,7 +297,7 @@ def test_bad_inputs_on_the_npu_path(standin):
     probs, rmap = _routing(t=8, e=4, k=2)
     tokens = _tokens(8, 6, torch.float32)
     before = tokens.clone()
-    with npu_path():
+    with npu_path(), _device.device_checks():  # the debug mode: value checks on
         with pytest.raises(ValueError, match="num_out_tokens"):
             _npu.permute(tokens, rmap, None, 7, False, 0)
         with pytest.raises(ValueError, match="indices"):

@@ -231,3 +231,30 @@ def test_parts_import_only_downwards(part):
     bad = sorted({(str(f.relative_to(PACKAGE)), p) for f in files for p in _moerail_imports(f)
                   if p in LAYERS and p not in allowed})
     assert not bad, f"{part} imports {bad}"
+
+
+def test_megatron_integration_names_are_public():
+    """What the README tells Megatron users to import is in the integration's ``__all__`` (so
+    ``from moerail.integrations.megatron import *`` and the API reference have it)."""
+    from moerail.integrations import megatron as mi
+
+    for name in ("patch_moe_utils", "unpatch_moe_utils", "use_moerail", "with_moerail_dispatcher",
+                 "with_moerail_router", "MoerailTopKRouter", "update_expert_bias", "update_expert_placement"):
+        assert name in mi.__all__, name
+    ns: dict = {}
+    exec("from moerail.integrations.megatron import *", ns)
+    assert {"use_moerail", "with_moerail_dispatcher", "patch_moe_utils"} <= set(ns)
+
+
+def test_reprs_are_short():
+    """Plans print as a line, not kilobytes of tensors."""
+    import torch
+
+    maps = [torch.rand(64, 16, generator=torch.Generator().manual_seed(r)) < 0.25 for r in range(8)]
+    plan = moerail.plan_all_to_all(ranks_per_node=4, routing_maps=maps, hidden_size=1024)
+    text = repr(plan)
+    assert len(text) < 300 and text.startswith("AllToAllPlan(strategy=") and "\n" not in text
+    cur = moerail.expand_placement(moerail.default_placement(2, 16, 8), 24, 8)
+    new, _, _ = moerail.rebalance_experts(torch.arange(32.0).reshape(2, 16) + 1, 24, 1, 2, 8)
+    mig = moerail.plan_migration(cur, new, 8, 2, expert_bytes=1e6)
+    assert len(repr(mig)) < 300 and "transfers=" in repr(mig) and "\n" not in repr(mig)

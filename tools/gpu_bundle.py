@@ -1,6 +1,6 @@
 """``make gpu-bundle``: everything an offline GPU machine needs to check moerail, in one folder.
 
-    python tools/gpu_bundle.py --out gpu-bundle --maturin .venv/bin/maturin --megatron-tests ../shared/third_party
+    python tools/gpu_bundle.py --out gpu-bundle --wheel dist --megatron-tests ../shared/third_party
 
 The folder gets moerail's abi3 wheel (built here, release), the megatron-core wheels the tests
 compare against (0.16 and 0.19; cp312 manylinux x86-64 wheels, downloaded with ``pip download
@@ -46,6 +46,20 @@ def wheel_tags(name: str) -> dict:
     return {"python_tag": parts[-3], "abi_tag": parts[-2], "platform_tag": parts[-1]}
 
 
+def copy_wheel(dist: Path, out: Path) -> Path:
+    """The wheel `make wheel` built (manylinux_2_17, abi3) into the bundle."""
+    wheels = sorted(dist.glob("moerail-*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"{dist}: expected one moerail wheel (make wheel), found {[w.name for w in wheels]}")
+    (w,) = wheels
+    if "abi3" not in w.name:
+        raise SystemExit(f"{w.name}: not an abi3 wheel (the GPU machine runs Python {TARGET_PYTHON})")
+    for old in out.glob("moerail-*.whl"):
+        old.unlink()
+    shutil.copy(w, out / w.name)
+    return out / w.name
+
+
 def build_wheel(maturin: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([maturin, "build", "--release", "-q", "--out", d], check=True, cwd=Path(__file__).parents[1])
@@ -79,12 +93,15 @@ def main(argv=None) -> int:
     ap.add_argument("--megatron-tests", type=Path, default=Path("../shared/third_party"),
                     help="folder holding megatron-lm-core_v<tag>-moe-tests.tar.gz")
     ap.add_argument("--no-build", action="store_true", help="keep the moerail wheel already in --out")
+    ap.add_argument("--wheel", type=Path, default=None, help="take moerail's wheel from this folder (make wheel's dist/)")
     a = ap.parse_args(argv)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     files = []
     missing = []
-    if a.no_build and list(out.glob("moerail-*.whl")):
+    if a.wheel is not None:
+        wheel = copy_wheel(a.wheel, out)
+    elif a.no_build and list(out.glob("moerail-*.whl")):
         wheel = sorted(out.glob("moerail-*.whl"))[-1]
     else:
         wheel = build_wheel(a.maturin, out)

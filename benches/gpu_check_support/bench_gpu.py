@@ -47,8 +47,9 @@ def main() -> int:
     head = (f"Device: {info['device']} (driver {info['driver']}), torch {info['torch']} (CUDA {info['torch_cuda']}), "
             f"megatron-core {info['megatron_core']}; T={t}, H={h}, top-{k} of {e}, bf16, {n} rows "
             f"({n * h * 2 / 2**20:.0f} MiB); copy bandwidth (same-size `copy_`, read+write) {copy_bw / 1e9:.0f} GB/s. "
-            "Times are medians of 20 CUDA-event timings after 3 warm-ups; rows with moerail's value checks on "
-            "(the default: one small device-to-host read per call) and off (`MOERAIL_DEVICE_CHECKS=0`).")
+            "Times are medians of 20 CUDA-event timings after 3 warm-ups; rows with moerail's value checks off "
+            "(the default: no host read) and on (`MOERAIL_DEVICE_CHECKS=1`, the debug mode: one small device-to-host "
+            "read per call).")
     (out / "bench.md").write_text(f"## {bench_cuda.TITLE}\n\n{head}\n\n{table(HEAD, rows)}\n")
     recs = [{"op": r[0], "moerail_us": float(r[1]), "megatron_us": float(r[2]), "speedup": float(r[3].rstrip("x")),
              "moerail_GBps": float(r[4].split()[0]) if r[4] else None,

@@ -84,13 +84,22 @@ def real(v, name: str, *, positive: bool = False) -> float:
 
 
 def routing_map(x, name: str = "routing_map") -> torch.Tensor:
-    """Megatron's routing_map: bool [num_tokens, num_experts]; integer 0/1 maps are accepted."""
+    """Megatron's routing_map: a bool tensor [num_tokens, num_experts].
+
+    Integer tensors are refused rather than read as ``x != 0``: an integer tensor of that rank is
+    usually top-k expert ids ``[num_tokens, topk]`` (DeepEP / TransformerEngine style), which read
+    as a map would give wrong rows and ``tokens_per_expert`` without any error."""
     x = tensor(x, name, ndim=2, shape_doc="[num_tokens, num_experts]")
     if x.dtype == torch.bool:
         return x
+    got = str(x.dtype).replace("torch.", "")
     if x.dtype in INT_DTYPES:
-        return x != 0
-    raise TypeError(f"{name}: expected a bool (or integer 0/1) tensor, got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{name}: expected a bool tensor [num_tokens, num_experts], got {got} of shape {tuple(x.shape)}. "
+            f"Top-k expert ids [num_tokens, topk] go to moerail.permute_by_indices(tokens, indices, num_experts, probs); "
+            f"a 0/1 integer map: pass {name}.bool()"
+        )
+    raise TypeError(f"{name}: expected a bool tensor [num_tokens, num_experts], got {got}")
 
 
 def one_of(v, name: str, choices: Iterable[str]) -> str:

@@ -63,7 +63,9 @@ def _layout_line(lay: Dict[str, Any]) -> str:
     return s
 
 
-def _print_report(rep: Dict[str, Any], cluster: str) -> None:
+def _print_report(
+    rep: Dict[str, Any], cluster: str, training: Optional[Dict[str, Any]] = None, num_layers: Optional[int] = None
+) -> None:
     m, lay, t, b, mem = rep["model"], rep["layout"], rep["time"], rep["breakdown_s"], rep["memory_gib"]
     name = m.get("name") or "model"
     print(f"{name} on {lay['world_size']} x {cluster or 'devices'}: {_layout_line(lay)}")
@@ -108,9 +110,13 @@ def _print_report(rep: Dict[str, Any], cluster: str) -> None:
     print(
         f"  total {mem['total']:.1f} of {mem['capacity']:.1f} GiB: {verdict}" + (f" ({', '.join(saved)})" if saved else "")
     )
+    if training is not None:
+        print("  Megatron-LM flags: " + _flags_line(lay, training, num_layers))
 
 
-def _print_search(out: Dict[str, Any], cluster: str) -> None:
+def _print_search(
+    out: Dict[str, Any], cluster: str, training: Optional[Dict[str, Any]] = None, num_layers: Optional[int] = None
+) -> None:
     st = out["stats"]
     rate = st["evaluated"] / st["seconds"] if st["seconds"] > 0 else float("inf")
     print(
@@ -118,7 +124,6 @@ def _print_search(out: Dict[str, Any], cluster: str) -> None:
         f"{st['fit']} fit in memory, {st['invalid']} invalid"
     )
     if not out["results"]:
-        print("no layout fits: try more devices, --include-oom, or a smaller micro-batch / more recomputation")
         return
     header = f"{'#':>3}  {'layout':<56} {'mbs':>3} {'recompute':<9} {'MFU':>6} {'tokens/s':>9} {'step':>9} {'mem GiB':>8}"
     print(header)
@@ -137,6 +142,164 @@ def _print_search(out: Dict[str, Any], cluster: str) -> None:
             f"{_fmt_s(rep['time']['step_s']):>9} {rep['memory_gib']['total']:>8.1f}{mark}"
         )
     print(f"(cluster {cluster}; MFU with causal attention FLOPs, Megatron's current formula)")
+    best = out["results"][0]
+    print("Megatron-LM flags of #1:")
+    print("  " + _flags_line({**best["layout"], **best["report"]["layout"]}, training or {}, num_layers))
+
+
+
+# Training settings the simulator assumes unless told otherwise (moerail-core's sim defaults) where
+# Megatron-LM's default differs: the flags must say them for Megatron to run what was simulated.
+_SIM_TRAINING = {
+    "moe_token_dispatcher_type": "alltoall",
+    "moe_grouped_gemm": True,
+    "use_distributed_optimizer": True,
+    "overlap_grad_reduce": True,
+    "sequence_parallel": True,
+}
+
+
+def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers: Optional[int] = None) -> List[str]:
+    """Megatron-LM command-line flags of a simulated layout (a report's ``layout`` section; for a
+    search result, merged with the result's ``layout``) and of the training settings the simulation
+    assumed where Megatron's defaults differ (dispatcher, grouped GEMM, distributed optimizer,
+    overlaps, sequence parallelism, recomputation, batch sizes)."""
+    t = {**_SIM_TRAINING, **{k: v for k, v in training.items() if v is not None}}
+    flags = [
+        "--tensor-model-parallel-size", str(layout["tp"]),
+        "--pipeline-model-parallel-size", str(layout["pp"]),
+        "--context-parallel-size", str(layout["cp"]),
+        "--expert-model-parallel-size", str(layout["ep"]),
+        "--expert-tensor-parallel-size", str(layout["etp"]),
+    ]  # fmt: skip
+    account = bool(layout.get("account_for_embedding_and_loss_in_pipeline_split"))
+    if layout.get("vpp", 1) > 1:
+        if num_layers is None:
+            raise ValueError("num_layers: needed for a virtual pipeline layout")
+        per_stage = (num_layers + 2 * account) // layout["pp"]
+        flags += ["--num-layers-per-virtual-pipeline-stage", str(per_stage // layout["vpp"])]
+    if layout.get("decoder_first_pipeline_num_layers"):
+        flags += ["--decoder-first-pipeline-num-layers", str(layout["decoder_first_pipeline_num_layers"]),
+                  "--decoder-last-pipeline-num-layers", str(layout["decoder_last_pipeline_num_layers"])]  # fmt: skip
+    if account:
+        flags += ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"]
+    if layout["tp"] > 1 and t["sequence_parallel"]:
+        flags.append("--sequence-parallel")
+    flags += ["--micro-batch-size", str(layout["micro_batch_size"])]
+    if t.get("global_batch_size"):
+        flags += ["--global-batch-size", str(t["global_batch_size"])]
+    if t.get("seq_length"):
+        flags += ["--seq-length", str(t["seq_length"])]
+    rc = layout.get("recompute") or ""
+    if rc.startswith("full/"):
+        _, method, n = rc.split("/")
+        flags += ["--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", n]
+    elif rc.startswith("selective/"):
+        flags += ["--recompute-granularity", "selective", "--recompute-modules", *rc.split("/", 1)[1].split(",")]
+    flags += ["--moe-token-dispatcher-type", str(t["moe_token_dispatcher_type"])]
+    if t["moe_grouped_gemm"]:
+        flags.append("--moe-grouped-gemm")
+    if t["use_distributed_optimizer"]:
+        flags.append("--use-distributed-optimizer")
+    if t["overlap_grad_reduce"]:
+        flags.append("--overlap-grad-reduce")
+        if t["use_distributed_optimizer"] and t.get("overlap_param_gather", True):
+            flags.append("--overlap-param-gather")
+    return flags
+
+
+def _flags_line(layout: Dict[str, Any], training: Dict[str, Any], num_layers: Optional[int] = None) -> str:
+    return " ".join(megatron_flags(layout, training, num_layers))
+
+
+def _require_inputs(cfg: Dict[str, Any]) -> None:
+    """The inputs a step cannot be simulated without, named by the flags that give them."""
+    if not cfg["training"].get("global_batch_size"):
+        raise ValueError(
+            "--gbs: no global batch size (sequences per step): pass --gbs N, or --global-batch-size in "
+            "--megatron-args, or training.global_batch_size in --config"
+        )
+    if not cfg["cluster"].get("peak_tflops_bf16"):
+        from . import sim
+
+        raise ValueError(
+            "--cluster: no accelerator described: pass --cluster with one of "
+            f"{', '.join(sorted(sim.cluster_presets()))}, or a [cluster] section in --config "
+            "(peak_tflops_bf16, memory_gib, devices_per_node, link bandwidths; see moerail.sim.config_keys())"
+        )
+    if not cfg["cluster"].get("devices"):
+        raise ValueError("--devices: how many devices (GPUs / NPUs) to lay the model out on")
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _splits(layers: int, pp: int) -> bool:
+    """Whether the search can split ``layers`` over ``pp`` stages: evenly, evenly counting the
+    embedding and the loss as layers, or with lighter first/last stages (its ``uneven_split``)."""
+    if layers % pp == 0 or (pp > 1 and (layers + 2) % pp == 0 and (layers + 2) // pp > 1):
+        return True
+    if pp == 2:
+        return layers >= 2
+    if pp < 3:
+        return False
+    mid = pp - 2
+    for q in range(-(-layers // pp), layers // mid + 1):
+        rest = layers - q * mid
+        if rest >= 0 and rest // 2 >= 1 and rest - rest // 2 <= q:
+            return True
+    return False
+
+
+def _why_no_candidates(cfg: Dict[str, Any]) -> str:
+    """Which of the search's divisibility rules left no layout (the rules of its enumeration)."""
+    m, t, c = cfg["model"], cfg["training"], cfg["cluster"]
+    world, gbs = int(c["devices"]), int(t["global_batch_size"])
+    layers, heads = int(m.get("num_layers", 1)), int(m.get("num_attention_heads", 1))
+    experts = int(m.get("num_moe_experts") or 0)
+    per_node = int(c.get("devices_per_node", 8))
+    tps = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= min(per_node, world) and world % x == 0 and heads % x == 0]
+    pps = [p for p in _divisors(world) if p <= layers and _splits(layers, p)]
+    dps = sorted({world // (tp * pp) for tp in tps for pp in pps if world % (tp * pp) == 0})
+    facts = f"{world} devices, {layers} layers, global batch {gbs}" + (f", {experts} experts" if experts else "")
+    if experts and not [e for e in _divisors(experts) if world % e == 0]:
+        return f"no expert-parallel size divides both the {experts} experts and the {world} devices ({facts})"
+    if not pps:
+        return f"no pipeline size divides the {world} devices and splits the {layers} layers ({facts})"
+    if not [d for d in dps if any(gbs % (mbs * d) == 0 for mbs in (1, 2, 4))]:
+        return (
+            f"no data-parallel size divides the global batch: with {world} devices the data-parallel sizes "
+            f"possible are {dps[:8]}{'...' if len(dps) > 8 else ''}, none of which (times a micro-batch of "
+            f"1, 2 or 4) divides --gbs {gbs} ({facts}); pick --devices or --gbs with more common factors"
+        )
+    return f"no layout passes the search's divisibility rules (TP, CP, PP, EP, ETP, micro-batch; {facts})"
+
+
+def _why_nothing_fits(cfg: Dict[str, Any], args: argparse.Namespace, space, stats: Dict[str, Any]) -> str:
+    from . import sim
+
+    if stats["fit"] == 0 and stats["invalid"] == stats["evaluated"]:
+        # Every layout was refused by the simulator: its reason for the first one says why.
+        out = sim.search(cfg, top=1, space=space or None, include_oom=True)
+        if not out["results"]:
+            lay = {"layout.tensor_model_parallel_size": 1, "layout.pipeline_model_parallel_size": 1}
+            try:
+                sim.simulate(cfg, **lay)
+            except ValueError as e:
+                return f"every layout was invalid: {e}"
+        return "every layout was invalid"
+    out = sim.search(cfg, top=max(1, stats["evaluated"]), space=space or None, include_oom=True)
+    if not out["results"]:
+        return "every layout was invalid"
+    best = min(out["results"], key=lambda r: r["report"]["memory_gib"]["total"])
+    mem = best["report"]["memory_gib"]
+    return (
+        f"memory: the smallest of the {stats['evaluated'] - stats['invalid']} layouts "
+        f"({_layout_line(best['report']['layout'])}, micro-batch {best['layout']['micro_batch_size']}, recompute "
+        f"{best['layout']['recompute']}) needs {mem['total']:.1f} GiB of {mem['capacity']:.1f} GiB a device; "
+        "try more devices, --include-oom, or a cluster with more memory"
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -172,6 +335,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"(not modelled, ignored: {' '.join(ignored)})", file=sys.stderr)
     if not cfg["training"].get("seq_length"):
         cfg["training"]["seq_length"] = 4096
+    _require_inputs(cfg)
+    nl = cfg["model"].get("num_layers")
     cluster_name = cfg["cluster"].get("name", "")
     has_layout = any(k in cfg["layout"] for k in _LAYOUT_KEYS)
     searching = args.search or args.top is not None or not has_layout
@@ -187,16 +352,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
             include_oom=args.include_oom,
             progress=not (args.quiet or args.json) or args.progress,
         )
+        st = out["stats"]
         if args.json:
+            if out["results"]:
+                out["megatron_flags"] = megatron_flags({**out["results"][0]["layout"],
+                                                        **out["results"][0]["report"]["layout"]}, cfg["training"], nl)  # fmt: skip
             print(json.dumps(out))
         else:
-            _print_search(out, cluster_name)
+            _print_search(out, cluster_name, cfg["training"], nl)
+        if st["evaluated"] == 0:
+            print(f"moerail plan: nothing searched: {_why_no_candidates(cfg)}", file=sys.stderr)
+            return 1
+        if not out["results"]:
+            print(f"moerail plan: no layout fits: {_why_nothing_fits(cfg, args, space, st)}", file=sys.stderr)
+            return 1
         return 0
     rep = sim.simulate(cfg)
     if args.json:
+        rep["megatron_flags"] = megatron_flags(rep["layout"], cfg["training"], nl)
         print(json.dumps(rep))
     else:
-        _print_report(rep, cluster_name)
+        _print_report(rep, cluster_name, cfg["training"], nl)
     return 0
 
 
@@ -244,21 +420,45 @@ def _balance_table(header, rows) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _need(module: str, flag: str, extra: str) -> None:
+    """A one-line error when an optional dependency is missing (no traceback, before any work)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"{flag}: needs {module}, which is not installed: pip install 'moerail[{extra}]'")
+
+
 def cmd_balance(args: argparse.Namespace) -> int:
     import torch
 
     from . import balance
 
+    if args.plot:
+        _need("matplotlib", "--plot", "plot")
     try:
         load = balance.load_loads(args.loads)
     except OSError as e:
         raise ValueError(f"--loads: {e}") from None
     num_layers, num_experts = load.shape
-    replicas = args.replicas if args.replicas is not None else num_experts
+    if args.redundant is not None and args.redundant < 0:
+        raise ValueError(f"--num-redundant-experts: must be >= 0, got {args.redundant}")
+    replicas = args.slots if args.slots is not None else num_experts + (args.redundant or 0)
+    slots_flag = "--slots" if args.slots is not None else "--num-redundant-experts"
+    if args.devices < 1 or args.nodes < 1 or args.devices % args.nodes:
+        raise ValueError(f"--nodes: {args.nodes} nodes must divide --expert-model-parallel-size {args.devices}")
+    if replicas < num_experts or replicas % args.devices:
+        raise ValueError(
+            f"{slots_flag}: {replicas} slots per layer must be at least the {num_experts} experts and a multiple of "
+            f"--expert-model-parallel-size {args.devices} (slots = experts + --num-redundant-experts)"
+        )
     groups = args.groups if args.groups is not None else 1
     print(
         f"loads: {args.loads} ({num_layers} layers x {num_experts} experts, {load.sum():.0f} tokens); "
-        f"{replicas} slots on {args.gpus} devices in {args.nodes} nodes, {groups} groups "
+        f"{replicas} slots on {args.devices} devices in {args.nodes} nodes, {groups} groups "
         f"({'hierarchical' if groups % args.nodes == 0 else 'global'} policy)"
     )
     if args.current is not None:
@@ -267,9 +467,9 @@ def cmd_balance(args: argparse.Namespace) -> int:
             obj = torch.load(args.current, map_location="cpu", weights_only=True)
             before = obj["phy2log"] if isinstance(obj, dict) else obj
         before_name = "current"
-    elif num_experts % args.gpus == 0:
-        before = balance.default_placement(num_layers, num_experts, args.gpus)
-        before_name = "before (E/G experts a device)"
+    elif num_experts % args.devices == 0:
+        before = balance.default_placement(num_layers, num_experts, args.devices)
+        before_name = "before (E/EP experts a device)"
     else:
         before, before_name = None, None
 
@@ -277,7 +477,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
     placements = {}
 
     def row(name, phy2log):
-        m = balance.placement_metrics(load, phy2log, args.gpus, args.nodes, args.capacity)
+        m = balance.placement_metrics(load, phy2log, args.devices, args.nodes, args.capacity)
         s = m["summary"]
         rows.append(
             [name, f"{s['max_mean_device']:.3f}", f"{s['max_mean_device_worst']:.3f}", f"{s['step_max_mean']:.3f}",
@@ -289,17 +489,18 @@ def cmd_balance(args: argparse.Namespace) -> int:
     if before is not None:
         row(before_name, before)
     modes = ["eplb", "refine", "improve"] if args.mode == "all" else [args.mode]
-    current = None if before is None else balance.expand_placement(before, replicas, args.gpus)
+    current = None if before is None else balance.expand_placement(before, replicas, args.devices)
     for mode in modes:
         if mode == "improve":
             if current is None:
                 if args.mode == "improve":
-                    raise ValueError("--mode improve: needs the current placement (--current, or E divisible by --gpus)")
+                    raise ValueError("--mode improve: needs the current placement (--current, or E divisible by "
+                                     "--expert-model-parallel-size)")
                 continue
-            p, l2p, c = balance.improve_placement(load, current, args.gpus, args.nodes, max_moves=args.max_moves)
+            p, l2p, c = balance.improve_placement(load, current, args.devices, args.nodes, max_moves=args.max_moves)
             name = "improve (from " + ("current)" if args.current else "before)")
         else:
-            p, l2p, c = balance.rebalance_experts(load, replicas, groups, args.nodes, args.gpus, mode=mode)
+            p, l2p, c = balance.rebalance_experts(load, replicas, groups, args.nodes, args.devices, mode=mode)
             name = mode
         placements[mode] = (p, l2p, c)
         m = row(name, p)
@@ -316,7 +517,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
     best = placements[use]
     if current is not None and args.expert_bytes is not None:
         # (a layout with fewer slots first fills its new slots locally: expand_placement)
-        plan = balance.plan_migration(current, best[0], args.gpus, args.nodes, expert_bytes=args.expert_bytes,
+        plan = balance.plan_migration(current, best[0], args.devices, args.nodes, expert_bytes=args.expert_bytes,
                                       keep_nodes=groups % args.nodes == 0 and args.nodes > 1)  # fmt: skip
         print(
             f"migration {before_name} -> {use}: {len(plan.transfers)} copies "
@@ -325,14 +526,15 @@ def cmd_balance(args: argparse.Namespace) -> int:
         )
         best = (plan.phy2log, *balance.log2phy_from_phy2log(plan.phy2log, num_experts))
         if args.seconds_per_token is not None:
-            d = balance.should_migrate(load, current, plan, args.gpus, args.nodes, seconds_per_token=args.seconds_per_token,
+            d = balance.should_migrate(load, current, plan, args.devices, args.nodes, seconds_per_token=args.seconds_per_token,
                                        horizon_steps=args.horizon, log=False)  # fmt: skip
             print(str(d))
     if args.save:
         torch.save({"phy2log": best[0], "log2phy": best[1], "logcnt": best[2]}, args.save)
         print(f"wrote {args.save}")
     if args.plot:
-        balance.plot_heatmap(args.plot, load, best[0], args.gpus, args.nodes, before=before)
+        balance.plot_heatmap(args.plot, load, best[0], args.devices, args.nodes, before=before,
+                             after_name=use, before_name=before_name)
         print(f"wrote {args.plot}")
     return 0
 
@@ -342,26 +544,39 @@ def _add_balance(sub: argparse._SubParsersAction) -> None:
         "balance",
         help="expert placement for recorded loads: the before/after table",
         description="Places and replicates experts for recorded loads (EPLB and refined) and prints the "
-        "before/after balance table.",
+        "before/after balance table. Sizes use Megatron-LM's flag names.",
     )
     b.add_argument("--loads", required=True, help="loads [layers, experts]: .npy, .pt, .csv or .json (a LoadTracker trace)")
-    b.add_argument("--gpus", type=int, required=True, help="devices (EP ranks)")
-    b.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    b.add_argument("--replicas", type=int, default=None, help="physical slots per layer (default: the number of experts)")
-    b.add_argument("--groups", type=int, default=None, help="expert groups (default 1)")
+    b.add_argument("--expert-model-parallel-size", "--ep", "--devices", "--gpus", dest="devices", type=int, required=True,
+                   metavar="EP", help="devices the experts are spread over (EP ranks; --gpus is the old name)")
+    b.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=1, help="nodes the EP ranks span (default 1)")
+    slots = b.add_mutually_exclusive_group()
+    slots.add_argument("--num-redundant-experts", dest="redundant", type=int, default=None, metavar="R",
+                       help="extra expert slots per layer beyond one per expert: E + R slots (default 0)")
+    slots.add_argument("--slots", "--replicas", dest="slots", type=int, default=None, metavar="S",
+                       help="total expert slots per layer, E + R (--replicas is the old name)")
+    b.add_argument("--moe-router-num-groups", "--groups", dest="groups", type=int, default=None, metavar="G",
+                   help="expert groups (Megatron's group-limited routing; default 1; hierarchical placement when "
+                   "the nodes divide them)")
     b.add_argument("--mode", choices=["eplb", "refine", "improve", "all"], default="all",
                    help="placements to compute (improve: incremental from the current one; default all)")
     b.add_argument("--use", choices=["eplb", "refine", "improve"], default="refine",
                    help="the placement to plan, save and plot (default refine)")
     b.add_argument("--max-moves", type=int, default=None, help="improve: at most this many changed slots a layer")
     b.add_argument("--capacity", type=float, default=None, help="tokens per slot (reports dropped tokens)")
-    b.add_argument("--current", default=None, help="the current phy2log (.pt/.npy/.csv) instead of the E/G-a-device layout")
+    b.add_argument("--current", default=None, help="the current phy2log (.pt/.npy/.csv) instead of the E/EP-a-device layout")
     b.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert with its optimizer state: plan the migration")
     b.add_argument("--seconds-per-token", type=float, default=None, help="expert seconds per routed token: decide the migration")
     b.add_argument("--horizon", type=float, default=100.0, help="steps until the next decision (default 100)")
     b.add_argument("--save", default=None, help="write the new placement (phy2log, log2phy, logcnt) to this .pt file")
-    b.add_argument("--plot", default=None, help="write a heatmap PNG (layers x experts, layers x devices before/after)")
+    b.add_argument("--plot", default=None,
+                   help="write a heatmap PNG (expert load; device load before/after, node boundaries); needs moerail[plot]")
     b.set_defaults(func=cmd_balance)
+
+
+# Old spellings of balance's flags: still accepted, with a note naming the new one.
+_OLD_BALANCE_FLAGS = {"--gpus": "--expert-model-parallel-size", "--groups": "--moe-router-num-groups",
+                      "--replicas": "--slots (or --num-redundant-experts R for E + R slots)"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- doctor
@@ -413,7 +628,10 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="moerail", description="moerail: faster Mixture-of-Experts training")
+    parser.add_argument("--version", action="version", version=f"moerail {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(sub)
     _add_balance(sub)
@@ -423,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "balance":
+        for old, new in _OLD_BALANCE_FLAGS.items():
+            if any(a == old or a.startswith(old + "=") for a in argv):
+                print(f"moerail balance: note: {old} is now {new}", file=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

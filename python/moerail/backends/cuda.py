@@ -111,13 +111,46 @@ def _syncs_allowed(t: Tensor) -> bool:
 
 def _value_checks(t: Tensor) -> bool:
     """Whether to read the kernels' value checks (non-finite logits, bad expert ids) back: one
-    small device-to-host read per call, as the CPU path raises ValueError for the same inputs.
-    Off under CUDA-graph capture, with ``MOERAIL_DEVICE_CHECKS=0`` (no host sync at all), and
-    inside :func:`trusted_indices`."""
+    small device-to-host read, i.e. a host synchronisation, per call. Off by default on devices
+    (training hot paths must not sync); on in the debug mode (``MOERAIL_DEVICE_CHECKS=1`` or
+    :func:`set_device_checks`), where the device path raises the ValueError the CPU path raises
+    for the same input. Never under CUDA-graph capture nor inside :func:`trusted_indices`."""
     return _CHECKS and not getattr(_trusted, "on", False) and _syncs_allowed(t)
 
 
-_CHECKS = os.environ.get("MOERAIL_DEVICE_CHECKS", "1") != "0"
+# The CPU path always checks (in Rust, at no cost); devices only in the debug mode.
+_CHECKS = os.environ.get("MOERAIL_DEVICE_CHECKS", "0") == "1"
+
+
+def device_checks_enabled() -> bool:
+    """Whether the device value checks (the debug mode) are on."""
+    return _CHECKS
+
+
+def set_device_checks(enabled: bool) -> bool:
+    """Turns the device value checks on or off for the process; returns the previous setting.
+
+    On: each op on CUDA / NPU tensors reads a status word back (a host synchronisation) and raises
+    ``ValueError`` for non-finite logits, out-of-range expert ids or row indices, as the CPU path
+    does. Off (the default, unless ``MOERAIL_DEVICE_CHECKS=1``): no synchronisation, and bad values give
+    unspecified results."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    global _CHECKS
+    before, _CHECKS = _CHECKS, enabled
+    return before
+
+
+@contextlib.contextmanager
+def device_checks(enabled: bool = True):
+    """``with device_checks(): ...``: the debug mode inside, the previous setting after."""
+    before = set_device_checks(enabled)
+    try:
+        yield
+    finally:
+        set_device_checks(before)
+
+
 _trusted = threading.local()
 
 
@@ -325,8 +358,11 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
     status = torch.zeros((1,), dtype=torch.int32, device=tokens.device)
     align = max(align_size, 1)
     _native.device_layout_count(routing, num_experts, align, ws, row_counts, meta, status, s)
-    if num_out_tokens >= 0 and align <= 1 and not _syncs_allowed(tokens):
-        rows = num_out_tokens  # capture: the caller's count is trusted (Megatron does the same)
+    trusted = num_out_tokens >= 0 and align <= 1 and not _value_checks(tokens)
+    if trusted:
+        # The caller's count is trusted (as TE's fused permute does): no host sync. Rows past the
+        # routed copies, if the count was too large, stay -1 (zero rows), never unwritten memory.
+        rows = num_out_tokens
     else:
         # The output size depends on the routing: one read of the row count (and the status).
         rows = int(meta.item())
@@ -335,8 +371,12 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
             raise ValueError(
                 f"num_out_tokens: routing_map routes {rows} token copies, but num_out_tokens={num_out_tokens}"
             )
-    sorted_indices = torch.empty((rows,), dtype=torch.int64, device=tokens.device)
-    pp = None if probs is None else torch.empty((rows,), dtype=probs.dtype, device=tokens.device)
+    if trusted:
+        sorted_indices = torch.full((rows,), -1, dtype=torch.int64, device=tokens.device)
+        pp = None if probs is None else torch.zeros((rows,), dtype=probs.dtype, device=tokens.device)
+    else:
+        sorted_indices = torch.empty((rows,), dtype=torch.int64, device=tokens.device)
+        pp = None if probs is None else torch.empty((rows,), dtype=probs.dtype, device=tokens.device)
     _native.device_layout_fill(
         routing, num_experts, ws, None if probs is None else probs.contiguous(), sorted_indices, pp, s
     )

@@ -46,6 +46,14 @@ class MigrationPlan:
     rank_bytes: torch.Tensor
     link: LinkModel = field(default_factory=LinkModel)
 
+    def __repr__(self) -> str:
+        return (
+            f"MigrationPlan(layers={self.phy2log.shape[0]}, slots={self.phy2log.shape[1]}, num_gpus={self.num_gpus}, "
+            f"num_nodes={self.num_nodes}, transfers={len(self.transfers)} ({self.num_network_transfers} over the "
+            f"network), inter_node_bytes={self.inter_node_bytes:.4g}, intra_node_bytes={self.intra_node_bytes:.4g}, "
+            f"seconds={self.seconds:.4g})"
+        )
+
     @property
     def slots_per_gpu(self) -> int:
         return self.phy2log.shape[1] // self.num_gpus

@@ -312,16 +312,17 @@ class LoadTracker:
 
     def plot_heatmap(
         self, path: str, phy2log=None, num_gpus: Optional[int] = None, num_nodes: int = 1, load=None, before=None
-    ) -> None:
-        """Writes a PNG: load per (layer, expert) and, with a placement (or ``num_gpus`` dividing
-        the number of experts, for Megatron's default layout), per (layer, device), each as a
-        multiple of the layer's mean; ``before`` adds the device panel of another placement."""
+    ) -> Dict[str, object]:
+        """Writes a PNG (:func:`moerail.balance.plot_heatmap`): load per (layer, expert) on its own
+        scale and, with ``num_gpus``, per (layer, device) before (``before``, or Megatron's default
+        layout when ``num_gpus`` divides the experts) and after (``phy2log``) on a shared scale
+        centred on the mean, with node boundaries. ``load`` defaults to the window's mean."""
         if load is None:
             h = self.history
             if h.shape[0] == 0:
                 raise ValueError("history: no step recorded yet (call step() first)")
             load = h.mean(0)
-        plot_heatmap(path, load, phy2log, num_gpus, num_nodes, before=before)
+        return plot_heatmap(path, load, phy2log, num_gpus, num_nodes, before=before)
 
     def state_dict(self) -> Dict[str, object]:
         return {"history": self.history, "steps": self._steps}

@@ -83,6 +83,15 @@ class AllToAllPlan:
     ranks_per_node: int
     entries: int
 
+    def __repr__(self) -> str:
+        t = self.traffic[self.strategy]["dispatch"]
+        est = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.estimates.items())
+        return (
+            f"AllToAllPlan(strategy={self.strategy!r}, ranks={self.num_ranks}, ranks_per_node={self.ranks_per_node}, "
+            f"inter_node_bytes={int(t['inter_node_bytes'])}, intra_node_bytes={int(t['intra_node_bytes'])}, "
+            f"estimates={{{est}}})"
+        )
+
     @property
     def inter_node_copies(self) -> int:
         """Rows of the chosen dispatch that cross a node boundary."""

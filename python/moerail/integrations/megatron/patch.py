@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import threading
 import types
@@ -96,6 +97,8 @@ def _why_not(name: str, args: Dict[str, object], accepted: Iterable[str]) -> Opt
     for v in args.values():
         if isinstance(v, torch.Tensor) and v.device.type not in SERVED_DEVICE_TYPES:
             return f"tensors on {v.device.type}"
+    if args.get("fused") and not _SERVE_FUSED[0]:
+        return "fused=True"
     if name == "topk_routing_with_score_function":
         if args.get("router_replay") is not None:
             return "router_replay"
@@ -112,6 +115,12 @@ def _why_not(name: str, args: Dict[str, object], accepted: Iterable[str]) -> Opt
 
 _STATS: collections.Counter = collections.Counter()
 _WARNED: set = set()
+# Whether calls with fused=True (Megatron's --moe-permute-fusion / --moe-router-fusion:
+# TransformerEngine's fused kernels) are served by moerail. Off by default: moerail's GPU kernels
+# have not been timed against TE's on a GPU yet, so the user gets the kernels they asked for.
+_SERVE_FUSED = [os.environ.get("MOERAIL_SERVE_FUSED", "0") == "1"]
+# Reasons that are the user's own choice, handed back without a warning.
+_QUIET_REASONS = frozenset({"fused=True"})
 
 
 def patch_stats(reset: bool = False) -> Dict[str, Dict[str, int]]:
@@ -139,11 +148,11 @@ def _wrap(name: str, original: Callable, impl: Callable) -> Callable:
         a = dict(bound.arguments)
         why = _why_not(name, a, accepted)
         if why is None:
-            a.pop("fused", None)  # moerail serves the call whether or not TE's fused path was asked for
+            a.pop("fused", None)  # fused=True reaches here only with serve_fused
             _STATS[(name, "moerail")] += 1
             return impl(**a)
         _STATS[(name, "megatron")] += 1
-        if (name, why) not in _WARNED:
+        if why not in _QUIET_REASONS and (name, why) not in _WARNED:
             _WARNED.add((name, why))
             warnings.warn(f"moerail: {name} handed to Megatron-Core's own function ({why})", RuntimeWarning, stacklevel=2)
         return original(*args, **kwargs)
@@ -229,7 +238,9 @@ def _rebind_everywhere(mapping: Dict[int, Tuple[object, object]]) -> List[Tuple[
     return sites
 
 
-def patch_moe_utils(moe_utils=None, *, functions: Optional[Iterable[str]] = None) -> MoeUtilsPatch:
+def patch_moe_utils(
+    moe_utils=None, *, functions: Optional[Iterable[str]] = None, serve_fused: Optional[bool] = None
+) -> MoeUtilsPatch:
     """Replaces Megatron-Core's ``moe_utils`` functions with moerail's, wherever they were imported.
 
     Every name of ``MOE_UTILS_FUNCTIONS`` present in ``moe_utils`` (or those of ``functions``) whose
@@ -241,11 +252,20 @@ def patch_moe_utils(moe_utils=None, *, functions: Optional[Iterable[str]] = None
 
     Calls moerail cannot serve go to Megatron's own function, with a ``RuntimeWarning`` once per
     function and reason: tensors on a device outside ``SERVED_DEVICE_TYPES``, ``router_replay``,
-    ``precomputed_indices``, arguments of a newer Megatron. ``fused=True`` is served by moerail.
+    ``precomputed_indices``, arguments of a newer Megatron.
+
+    ``fused=True`` calls (``--moe-permute-fusion``, ``--moe-router-fusion``: TransformerEngine's
+    fused kernels) go to Megatron's function, i.e. to the kernels the user asked for, unless
+    ``serve_fused=True`` (or ``MOERAIL_SERVE_FUSED=1``) opts in to moerail serving them too.
+    ``serve_fused=None`` keeps the current setting (off unless the environment variable says 1).
 
     Idempotent (a second call only rebinds modules imported since); returns what was patched.
     """
     moe_utils = _moe_utils(moe_utils)
+    if serve_fused is not None:
+        if not isinstance(serve_fused, bool):
+            raise TypeError(f"serve_fused: expected a bool or None, got {type(serve_fused).__name__}")
+        _SERVE_FUSED[0] = serve_fused
     with _LOCK:
         w = _wrappers(moe_utils)
         names = set(w.wrappers) if functions is None else set(functions)
@@ -285,14 +305,17 @@ def is_patched(moe_utils=None) -> bool:
 
 
 @contextlib.contextmanager
-def moe_utils_patched(moe_utils=None, *, functions: Optional[Iterable[str]] = None):
+def moe_utils_patched(moe_utils=None, *, functions: Optional[Iterable[str]] = None, serve_fused: Optional[bool] = None):
     """``with moe_utils_patched(): ...`` — patched inside, restored after (unless it was already
-    patched on entry, in which case it stays patched)."""
+    patched on entry, in which case it stays patched); ``serve_fused`` as in :func:`patch_moe_utils`,
+    restored on exit."""
     moe_utils = _moe_utils(moe_utils)
     was = is_patched(moe_utils)
-    info = patch_moe_utils(moe_utils, functions=functions)
+    fused_before = _SERVE_FUSED[0]
+    info = patch_moe_utils(moe_utils, functions=functions, serve_fused=serve_fused)
     try:
         yield info
     finally:
+        _SERVE_FUSED[0] = fused_before
         if not was:
             unpatch_moe_utils(moe_utils)
