@@ -187,3 +187,34 @@ def test_expert_bias_selects_only():
     scores = torch.sigmoid(logits)
     sel = scores * routing_map
     torch.testing.assert_close(probs, sel / (sel.sum(1, keepdim=True) + 1e-20))
+
+
+@pytest.mark.parametrize("kwargs, num_experts, bias", [
+    (dict(topk=9), 8, False),
+    (dict(topk=2, num_groups=3, group_topk=1), 8, False),
+    (dict(topk=2, group_topk=2), 8, False),
+    (dict(topk=1, num_groups=4, group_topk=2), 8, False),
+    (dict(topk=2, scaling_factor=float("inf")), 8, False),
+    (dict(topk=2), 8, True),
+])
+def test_router_config_is_the_one_check(kwargs, num_experts, bias):
+    """The typed RouterConfig (parsed once in Rust) is the check every backend runs: its
+    validate() raises the CPU router's own error, word for word."""
+    cfg = moerail._native.ops.RouterConfig(**kwargs)
+    with pytest.raises(ValueError) as from_config:
+        cfg.validate(num_experts, bias)
+    logits = torch.randn(4, num_experts)
+    with pytest.raises(ValueError) as from_router:
+        moerail.topk_route(logits, score_function="softmax",
+                           expert_bias=torch.zeros(num_experts) if bias else None, **kwargs)
+    assert str(from_config.value) == str(from_router.value)
+
+
+def test_router_config_parses_the_score_function_once():
+    cfg = moerail._native.ops.RouterConfig(4, "sigmoid", num_groups=8, group_topk=2, scaling_factor=2.5)
+    assert (cfg.topk, cfg.score_function, cfg.num_groups, cfg.group_topk, cfg.scaling_factor) == (4, "sigmoid", 8, 2, 2.5)
+    assert repr(cfg) == ("RouterConfig(topk=4, score_function='sigmoid', use_pre_softmax=False, num_groups=8, "
+                         "group_topk=2, scaling_factor=2.5)")
+    cfg.validate(64, True)
+    with pytest.raises(ValueError, match="score_function: expected 'softmax', 'sigmoid' or 'sqrtsoftplus'"):
+        moerail._native.ops.RouterConfig(4, "relu")

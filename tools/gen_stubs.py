@@ -57,6 +57,30 @@ DOCS = {
 
 # Classes: their stub text (the methods are checked against the built class).
 CLASSES = {
+    "RouterConfig": """class RouterConfig:
+    def __init__(
+        self,
+        topk: int,
+        score_function: str = "softmax",
+        use_pre_softmax: bool = False,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        scaling_factor: Optional[float] = None,
+    ) -> None: ...
+    def validate(self, num_experts: int, has_expert_bias: bool) -> None: ...
+    @property
+    def topk(self) -> int: ...
+    @property
+    def score_function(self) -> str: ...
+    @property
+    def use_pre_softmax(self) -> bool: ...
+    @property
+    def num_groups(self) -> Optional[int]: ...
+    @property
+    def group_topk(self) -> Optional[int]: ...
+    @property
+    def scaling_factor(self) -> Optional[float]: ...
+""",
     "Strategy": """class Strategy:
     def __init__(self, name: str) -> None: ...
     @staticmethod
@@ -132,12 +156,7 @@ TYPES = {
     "router_forward": (
         {
             "logits": "Tensor",
-            "topk": "int",
-            "use_pre_softmax": "bool",
-            "num_groups": "Optional[int]",
-            "group_topk": "Optional[int]",
-            "scaling_factor": "Optional[float]",
-            "score_function": "str",
+            "config": "RouterConfig",
             "expert_bias": "Optional[Tensor]",
             "probs_k": "Tensor",
             "indices": "Tensor",
@@ -152,10 +171,7 @@ TYPES = {
             "grad_probs": "Tensor",
             "logits": "Tensor",
             "indices": "Tensor",
-            "topk": "int",
-            "use_pre_softmax": "bool",
-            "scaling_factor": "Optional[float]",
-            "score_function": "str",
+            "config": "RouterConfig",
             "grad_logits": "Tensor",
         },
         "None",
@@ -459,12 +475,7 @@ TYPES = {
     "device_router_forward": (
         {
             "logits": "Tensor",
-            "topk": "int",
-            "use_pre_softmax": "bool",
-            "num_groups": "Optional[int]",
-            "group_topk": "Optional[int]",
-            "scaling_factor": "Optional[float]",
-            "score_function": "str",
+            "config": "RouterConfig",
             "expert_bias": "Optional[Tensor]",
             "probs_k": "Tensor",
             "indices": "Tensor",
@@ -481,10 +492,7 @@ TYPES = {
             "grad_probs": "Tensor",
             "logits": "Tensor",
             "indices": "Tensor",
-            "topk": "int",
-            "use_pre_softmax": "bool",
-            "scaling_factor": "Optional[float]",
-            "score_function": "str",
+            "config": "RouterConfig",
             "grad_logits": "Tensor",
             "stream": "int",
         },

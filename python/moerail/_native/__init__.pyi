@@ -57,6 +57,7 @@ from .ep import a2a_estimate_counts as a2a_estimate_counts
 from .ep import a2a_max_row_count as a2a_max_row_count
 from .ep import a2a_plan as a2a_plan
 from .ep import a2a_route as a2a_route
+from .ops import RouterConfig as RouterConfig
 from .ops import aux_scores_backward as aux_scores_backward
 from .ops import aux_scores_forward as aux_scores_forward
 from .ops import count_indices as count_indices

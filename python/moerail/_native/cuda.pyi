@@ -7,12 +7,7 @@ from torch import Tensor
 
 def device_router_forward(
     logits: Tensor,
-    topk: int,
-    use_pre_softmax: bool,
-    num_groups: Optional[int],
-    group_topk: Optional[int],
-    scaling_factor: Optional[float],
-    score_function: str,
+    config: RouterConfig,
     expert_bias: Optional[Tensor],
     probs_k: Tensor,
     indices: Tensor,
@@ -26,10 +21,7 @@ def device_router_backward(
     grad_probs: Tensor,
     logits: Tensor,
     indices: Tensor,
-    topk: int,
-    use_pre_softmax: bool,
-    scaling_factor: Optional[float],
-    score_function: str,
+    config: RouterConfig,
     grad_logits: Tensor,
     stream: int,
 ) -> None: ...

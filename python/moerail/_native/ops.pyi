@@ -7,12 +7,7 @@ from torch import Tensor
 
 def router_forward(
     logits: Tensor,
-    topk: int,
-    use_pre_softmax: bool,
-    num_groups: Optional[int],
-    group_topk: Optional[int],
-    scaling_factor: Optional[float],
-    score_function: str,
+    config: RouterConfig,
     expert_bias: Optional[Tensor],
     probs_k: Tensor,
     indices: Tensor,
@@ -26,10 +21,7 @@ def router_backward(
     grad_probs: Tensor,
     logits: Tensor,
     indices: Tensor,
-    topk: int,
-    use_pre_softmax: bool,
-    scaling_factor: Optional[float],
-    score_function: str,
+    config: RouterConfig,
     grad_logits: Tensor,
 ) -> None:
     """Router backward: grad_logits [T, E] from the gradient of the probs (dense or compact)."""
@@ -165,3 +157,27 @@ def scatter_rows_to_dense(
 
 def sort_chunks(input: Tensor, split_sizes: Tensor, sorted_idxs: Tensor, out: Tensor) -> None:
     """Megatron's sort_chunks_by_idxs on rows of any dtype."""
+
+class RouterConfig:
+    def __init__(
+        self,
+        topk: int,
+        score_function: str = "softmax",
+        use_pre_softmax: bool = False,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        scaling_factor: Optional[float] = None,
+    ) -> None: ...
+    def validate(self, num_experts: int, has_expert_bias: bool) -> None: ...
+    @property
+    def topk(self) -> int: ...
+    @property
+    def score_function(self) -> str: ...
+    @property
+    def use_pre_softmax(self) -> bool: ...
+    @property
+    def num_groups(self) -> Optional[int]: ...
+    @property
+    def group_topk(self) -> Optional[int]: ...
+    @property
+    def scaling_factor(self) -> Optional[float]: ...

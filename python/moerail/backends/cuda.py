@@ -203,9 +203,9 @@ def _route(logits, topk, pre, groups, group_topk, scale, score_function, bias, d
     if bias is not None:
         _finite(bias, "expert_bias")
     status = _status(logits)
-    _native.device_router_forward(
-        logits, topk, pre, groups, group_topk, scale, score_function,
-        None if bias is None else bias.contiguous(), probs_k, indices, tpe, probs, rmap, status, s,
+    cfg = _native.ops.RouterConfig(topk, score_function, pre, groups, group_topk, scale)
+    _native.cuda.device_router_forward(
+        logits, cfg, None if bias is None else bias.contiguous(), probs_k, indices, tpe, probs, rmap, status, s,
     )
     _raise_nonfinite(status, "logits")
     return probs_k, indices, tpe, probs, rmap
@@ -228,9 +228,9 @@ def topk_route_compact(logits, topk, use_pre_softmax, num_groups, group_topk, sc
 def topk_route_backward(grad_probs, logits, indices, topk, use_pre_softmax, scaling_factor, score_function):
     s = _launch_ready(logits)
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.device_router_backward(
-        grad_probs.contiguous(), logits.contiguous(), indices.contiguous(), topk, use_pre_softmax,
-        scaling_factor, score_function, grad_logits, s,
+    cfg = _native.ops.RouterConfig(topk, score_function, use_pre_softmax, None, None, scaling_factor)
+    _native.cuda.device_router_backward(
+        grad_probs.contiguous(), logits.contiguous(), indices.contiguous(), cfg, grad_logits, s,
     )
     return grad_logits
 

@@ -34,7 +34,6 @@ two fused ops by their published formulas (``tests/npu_standin``).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Optional
@@ -42,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _native
 from . import cuda as _device
 from .cuda import acc_dtype
 
@@ -106,33 +106,6 @@ def _topk(s: Tensor, k: int) -> Tensor:
     return torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _validate(e: int, topk: int, num_groups, group_topk, scale, score_function: str, has_bias: bool) -> None:
-    """The CPU kernel's argument checks (moerail-core ``RouterConfig::validate``), same messages."""
-    if e < 1:
-        raise ValueError("logits: must have at least one expert column")
-    if not 1 <= topk <= e:
-        raise ValueError(f"topk: must be in [1, num_experts={e}], got {topk}")
-    if num_groups is not None and (num_groups < 1 or e % num_groups):
-        raise ValueError(f"num_groups: must be a positive divisor of num_experts={e}, got {num_groups}")
-    if group_topk is not None:
-        if num_groups is None:
-            raise ValueError("num_groups: is required when group_topk is set")
-        if not 1 <= group_topk <= num_groups:
-            raise ValueError(f"group_topk: must be in [1, num_groups={num_groups}], got {group_topk}")
-        per_group = e // num_groups
-        if topk < group_topk:
-            raise ValueError(f"topk: must be >= group_topk={group_topk} (each selected group scores its top "
-                             f"topk // group_topk experts), got {topk}")
-        if topk // group_topk > per_group:
-            raise ValueError(f"topk: topk // group_topk = {topk // group_topk} exceeds the {per_group} experts of a group")
-        if topk > group_topk * per_group:
-            raise ValueError(f"topk: must be <= group_topk * experts per group = {group_topk * per_group}, got {topk}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scaling_factor: must be finite, got {scale}")
-    if has_bias and score_function == "softmax":
-        raise ValueError("expert_bias: is only used with score_function 'sigmoid' or 'sqrtsoftplus' (as in Megatron-Core)")
-
-
 def _select(s: Tensor, topk: int, num_groups: Optional[int], group_topk: Optional[int]) -> Tensor:
     if not (num_groups and group_topk):
         return _topk(s, topk)
@@ -161,7 +134,8 @@ def _probs_at(x: Tensor, idx: Tensor, topk: int, pre: bool, scale: Optional[floa
 
 def _route(logits, topk, pre, num_groups, group_topk, scale, score_function, bias):
     t, e = logits.shape
-    _validate(e, topk, num_groups, group_topk, scale, score_function, bias is not None)
+    # The router's one check (moerail-core's RouterConfig::validate), as the CPU and CUDA paths run it.
+    _native.ops.RouterConfig(topk, score_function, pre, num_groups, group_topk, scale).validate(e, bias is not None)
     _device._finite(logits, "logits")
     x = logits.to(acc_dtype(logits.dtype))
     if score_function == "softmax":

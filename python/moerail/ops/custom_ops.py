@@ -154,10 +154,8 @@ def topk_route(
     probs_k = _empty((t, topk), logits.dtype, logits)
     indices = _empty((t, topk), torch.int64, logits)
     tpe = _empty((e,), torch.int64, logits)
-    _native.router_forward(
-        logits.contiguous(), topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
-        score_function, expert_bias, probs_k, indices, tpe, probs, routing_map,
-    )
+    cfg = _native.ops.RouterConfig(topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
+    _native.ops.router_forward(logits.contiguous(), cfg, expert_bias, probs_k, indices, tpe, probs, routing_map)
     return probs, routing_map, indices, tpe
 
 
@@ -188,10 +186,8 @@ def topk_route_compact(
     probs_k = _empty((t, topk), logits.dtype, logits)
     indices = _empty((t, topk), torch.int64, logits)
     tpe = _empty((e,), torch.int64, logits)
-    _native.router_forward(
-        logits.contiguous(), topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
-        score_function, expert_bias, probs_k, indices, tpe,
-    )
+    cfg = _native.ops.RouterConfig(topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
+    _native.ops.router_forward(logits.contiguous(), cfg, expert_bias, probs_k, indices, tpe)
     return probs_k, indices, tpe
 
 
@@ -216,10 +212,8 @@ def topk_route_backward(
     score_function: str,
 ) -> Tensor:
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.router_backward(
-        grad_probs.contiguous(), logits.contiguous(), indices.contiguous(), topk,
-        use_pre_softmax, scaling_factor, score_function, grad_logits,
-    )
+    cfg = _native.ops.RouterConfig(topk, score_function, use_pre_softmax, None, None, scaling_factor)
+    _native.ops.router_backward(grad_probs.contiguous(), logits.contiguous(), indices.contiguous(), cfg, grad_logits)
     return grad_logits
 
 

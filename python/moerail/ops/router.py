@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+_INT64_MAX = 2**63 - 1
 
 
 def _logits(logits) -> torch.Tensor:
@@ -66,13 +67,18 @@ def topk_route(
     """
     logits = _logits(logits)
     num_experts = logits.shape[1]
-    topk = _checks.integer(topk, "topk", minimum=1, maximum=max(num_experts, 1))
-    _checks.one_of(score_function, "score_function", SCORE_FUNCTIONS)
+    # Types here; values once, by the router's own check in Rust (what every backend runs).
+    topk = _checks.integer(topk, "topk", minimum=1, maximum=_INT64_MAX)
+    if not isinstance(score_function, str):
+        raise TypeError(f"score_function: expected a str, got {type(score_function).__name__}")
     if num_groups is not None:
-        num_groups = _checks.integer(num_groups, "num_groups", minimum=1)
+        num_groups = _checks.integer(num_groups, "num_groups", minimum=1, maximum=_INT64_MAX)
     if group_topk is not None:
-        group_topk = _checks.integer(group_topk, "group_topk", minimum=1)
+        group_topk = _checks.integer(group_topk, "group_topk", minimum=1, maximum=_INT64_MAX)
     sf = None if not scaling_factor else _checks.real(scaling_factor, "scaling_factor")
+    if not torch.compiler.is_compiling():  # traced: the kernel runs the same check when it runs
+        config = _native.ops.RouterConfig(topk, score_function, bool(use_pre_softmax), num_groups, group_topk, sf)
+        config.validate(num_experts, expert_bias is not None)
     if expert_bias is not None:
         expert_bias = _checks.tensor(expert_bias, "expert_bias", ndim=1, dtypes=_checks.FLOAT_DTYPES)
         if expert_bias.shape[0] != num_experts:

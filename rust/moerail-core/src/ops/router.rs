@@ -30,6 +30,15 @@ pub enum ScoreFunction {
 }
 
 impl ScoreFunction {
+    /// Megatron-Core's name: `softmax`, `sigmoid` or `sqrtsoftplus`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::Sigmoid => "sigmoid",
+            Self::SqrtSoftplus => "sqrtsoftplus",
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "softmax" => Ok(Self::Softmax),

@@ -16,7 +16,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::args::{acc_dtype, check_disjoint, dims2, Place, TensorArg};
 use crate::error::cuda_err;
-use crate::ops::router::{config, RouterBackwardArgs, RouterForwardArgs};
+use crate::ops::router::{config, PyRouterConfig, RouterBackwardArgs, RouterForwardArgs};
 use crate::tensor::{DType, Device, Tensor};
 
 type Arg<'py> = Bound<'py, PyAny>;
@@ -126,19 +126,13 @@ fn score(name: &str) -> PyResult<ScoreFunction> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
-    score_function, expert_bias, probs_k, indices, tokens_per_expert, dense_probs, routing_map,
-    status, stream))]
+#[pyo3(signature = (logits, config, expert_bias, probs_k, indices, tokens_per_expert, dense_probs,
+    routing_map, status, stream))]
 #[allow(clippy::too_many_arguments)]
 fn device_router_forward(
     py: Python<'_>,
     logits: &Arg<'_>,
-    topk: usize,
-    use_pre_softmax: bool,
-    num_groups: Option<usize>,
-    group_topk: Option<usize>,
-    scaling_factor: Option<f64>,
-    score_function: &str,
+    config: PyRouterConfig,
     expert_bias: Option<&Arg<'_>>,
     probs_k: &Arg<'_>,
     indices: &Arg<'_>,
@@ -152,7 +146,7 @@ fn device_router_forward(
         RouterForwardArgs::read(
             Place::AnyDevice,
             logits,
-            (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function),
+            &config,
             expert_bias,
             (probs_k, indices, tokens_per_expert),
             dense_probs,
@@ -190,10 +184,7 @@ fn device_router_backward(
     grad_probs: &Arg<'_>,
     logits: &Arg<'_>,
     indices: &Arg<'_>,
-    topk: usize,
-    use_pre_softmax: bool,
-    scaling_factor: Option<f64>,
-    score_function: &str,
+    config: PyRouterConfig,
     grad_logits: &Arg<'_>,
     stream: u64,
 ) -> PyResult<()> {
@@ -203,7 +194,7 @@ fn device_router_backward(
             grad_probs,
             logits,
             indices,
-            (topk, use_pre_softmax, scaling_factor, score_function),
+            &config,
             grad_logits,
         )?;
     let dt = dev_dtype(&lg)?;

@@ -30,6 +30,82 @@ pub(crate) fn config(
     })
 }
 
+/// The router's configuration with Megatron-Core's argument names, parsed once (the score
+/// function becomes a typed value); [`PyRouterConfig::validate`] checks it against the number
+/// of experts with the core's `RouterConfig::validate`, the one check every backend's router
+/// runs (the CPU and CUDA routers inside their call, the NPU path through this method).
+#[pyclass(module = "moerail._native.ops", name = "RouterConfig", frozen, from_py_object)]
+#[derive(Clone)]
+pub struct PyRouterConfig(pub RouterConfig);
+
+#[pymethods]
+impl PyRouterConfig {
+    #[new]
+    #[pyo3(signature = (topk, score_function="softmax", use_pre_softmax=false, num_groups=None, group_topk=None, scaling_factor=None))]
+    fn new(
+        topk: usize,
+        score_function: &str,
+        use_pre_softmax: bool,
+        num_groups: Option<usize>,
+        group_topk: Option<usize>,
+        scaling_factor: Option<f64>,
+    ) -> PyResult<Self> {
+        config(topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function)
+            .map(Self)
+    }
+
+    /// Checks the configuration against `num_experts` (and an expert bias, if there is one).
+    fn validate(&self, num_experts: usize, has_expert_bias: bool) -> PyResult<()> {
+        self.0.validate(num_experts, has_expert_bias).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn topk(&self) -> usize {
+        self.0.topk
+    }
+
+    #[getter]
+    fn score_function(&self) -> &'static str {
+        self.0.score_function.name()
+    }
+
+    #[getter]
+    fn use_pre_softmax(&self) -> bool {
+        self.0.use_pre_softmax
+    }
+
+    #[getter]
+    fn num_groups(&self) -> Option<usize> {
+        self.0.num_groups
+    }
+
+    #[getter]
+    fn group_topk(&self) -> Option<usize> {
+        self.0.group_topk
+    }
+
+    #[getter]
+    fn scaling_factor(&self) -> Option<f64> {
+        self.0.scaling_factor
+    }
+
+    fn __repr__(&self) -> String {
+        fn py<T: std::fmt::Display>(v: Option<T>) -> String {
+            v.map_or("None".into(), |v| v.to_string())
+        }
+        let c = &self.0;
+        format!(
+            "RouterConfig(topk={}, score_function='{}', use_pre_softmax={}, num_groups={}, group_topk={}, scaling_factor={})",
+            c.topk,
+            c.score_function.name(),
+            if c.use_pre_softmax { "True" } else { "False" },
+            py(c.num_groups),
+            py(c.group_topk),
+            py(c.scaling_factor)
+        )
+    }
+}
+
 /// The checked arguments of a router forward, shared by the CPU and the device bindings.
 pub(crate) struct RouterForwardArgs {
     pub lg: Tensor,
@@ -43,16 +119,13 @@ pub(crate) struct RouterForwardArgs {
     pub dense: Option<(Tensor, Tensor)>,
 }
 
-type ConfigArgs<'a> = (usize, bool, Option<usize>, Option<usize>, Option<f64>, &'a str);
 type Outputs<'a, 'py> = (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>);
 
 impl RouterForwardArgs {
     pub(crate) fn read(
         place: Place,
         logits: &Bound<'_, PyAny>,
-        (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function): ConfigArgs<
-            '_,
-        >,
+        config: &PyRouterConfig,
         expert_bias: Option<&Bound<'_, PyAny>>,
         (probs_k, indices, tokens_per_expert): Outputs<'_, '_>,
         dense_probs: Option<&Bound<'_, PyAny>>,
@@ -63,8 +136,8 @@ impl RouterForwardArgs {
             .ndim(2, "[num_tokens, num_experts]")
             .read()?;
         let (t_n, e_n) = dims2(&lg);
-        let cfg =
-            config(topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function)?;
+        let cfg = config.0.clone();
+        let topk = cfg.topk;
         let bias = TensorArg::optional(expert_bias, "expert_bias")
             .place(place)
             .float32()
@@ -115,7 +188,7 @@ impl RouterBackwardArgs {
         grad_probs: &Bound<'_, PyAny>,
         logits: &Bound<'_, PyAny>,
         indices: &Bound<'_, PyAny>,
-        (topk, use_pre_softmax, scaling_factor, score_function): (usize, bool, Option<f64>, &str),
+        config: &PyRouterConfig,
         grad_logits: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let lg = TensorArg::new(logits, "logits")
@@ -123,7 +196,8 @@ impl RouterBackwardArgs {
             .ndim(2, "[num_tokens, num_experts]")
             .read()?;
         let (t_n, e_n) = dims2(&lg);
-        let cfg = config(topk, use_pre_softmax, None, None, scaling_factor, score_function)?;
+        let cfg = config.0.clone();
+        let topk = cfg.topk;
         let g = TensorArg::new(grad_probs, "grad_probs").place(place).same_dtype(&lg).read()?;
         let dense = if g.shape == [t_n, e_n] {
             true
@@ -146,17 +220,12 @@ impl RouterBackwardArgs {
 /// Router forward: writes probs [T, k], indices [T, k], tokens_per_expert [E] and, if given,
 /// the dense probs [T, E] and routing_map [T, E].
 #[pyfunction]
-#[pyo3(signature = (logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function, expert_bias, probs_k, indices, tokens_per_expert, dense_probs=None, routing_map=None))]
+#[pyo3(signature = (logits, config, expert_bias, probs_k, indices, tokens_per_expert, dense_probs=None, routing_map=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn router_forward(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
-    topk: usize,
-    use_pre_softmax: bool,
-    num_groups: Option<usize>,
-    group_topk: Option<usize>,
-    scaling_factor: Option<f64>,
-    score_function: &str,
+    config: PyRouterConfig,
     expert_bias: Option<&Bound<'_, PyAny>>,
     probs_k: &Bound<'_, PyAny>,
     indices: &Bound<'_, PyAny>,
@@ -168,7 +237,7 @@ pub fn router_forward(
         RouterForwardArgs::read(
             Place::Cpu,
             logits,
-            (topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function),
+            &config,
             expert_bias,
             (probs_k, indices, tokens_per_expert),
             dense_probs,
@@ -204,20 +273,11 @@ pub fn router_backward(
     grad_probs: &Bound<'_, PyAny>,
     logits: &Bound<'_, PyAny>,
     indices: &Bound<'_, PyAny>,
-    topk: usize,
-    use_pre_softmax: bool,
-    scaling_factor: Option<f64>,
-    score_function: &str,
+    config: PyRouterConfig,
     grad_logits: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let RouterBackwardArgs { lg, t_n, e_n, cfg, g, dense, ix, out } = RouterBackwardArgs::read(
-        Place::Cpu,
-        grad_probs,
-        logits,
-        indices,
-        (topk, use_pre_softmax, scaling_factor, score_function),
-        grad_logits,
-    )?;
+    let RouterBackwardArgs { lg, t_n, e_n, cfg, g, dense, ix, out } =
+        RouterBackwardArgs::read(Place::Cpu, grad_probs, logits, indices, &config, grad_logits)?;
     with_float!(lg, |T| {
         // SAFETY: slice types are the dtypes checked above (`slice` asserts the size), lengths the
         // tensors' `numel`, outputs disjoint (check_disjoint); the tensors outlive the call.
@@ -472,6 +532,7 @@ pub fn token_dropping(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRouterConfig>()?;
     m.add_function(wrap_pyfunction!(router_forward, m)?)?;
     m.add_function(wrap_pyfunction!(router_backward, m)?)?;
     m.add_function(wrap_pyfunction!(aux_scores_forward, m)?)?;
