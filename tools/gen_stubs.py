@@ -677,10 +677,17 @@ def _stub_function(name: str, fn: object) -> str:
     return f"def {name}(\n" + "".join(f"    {p},\n" for p in params) + f") -> {ret}: ...\n"
 
 
+def _class_homes(native: types.ModuleType) -> Dict[str, str]:
+    """{class name: the submodule that defines it}."""
+    return {name: sub for sub, mod in submodules(native).items() for name, cls in vars(mod).items()
+            if isinstance(cls, type) and cls.__module__ == mod.__name__}
+
+
 def render(native: types.ModuleType) -> Dict[str, str]:
     """The stub files: {file name: text}."""
     files: Dict[str, str] = {}
     reexports: List[str] = []
+    homes = _class_homes(native)
     for sub, mod in submodules(native).items():
         parts = []
         names = []
@@ -697,7 +704,10 @@ def render(native: types.ModuleType) -> Dict[str, str]:
                 parts.append("\n" + CLASSES[name])
                 names.append(name)
         body = "".join(parts)
-        files[f"{sub}.pyi"] = HEADER.format(doc=DOCS.get(sub, sub)) + _imports(body) + "\n" + body
+        # Classes of other submodules that this one's signatures name.
+        foreign = sorted(c for c, home in homes.items() if home != sub and re.search(rf"\b{c}\b", body))
+        imports = _imports(body) + "\n" * bool(foreign) + "".join(f"from .{homes[c]} import {c}\n" for c in foreign)
+        files[f"{sub}.pyi"] = HEADER.format(doc=DOCS.get(sub, sub)) + imports + "\n" + body
         reexports += [f"from .{sub} import {n} as {n}" for n in names]
     init = [
         HEADER.format(

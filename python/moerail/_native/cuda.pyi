@@ -5,6 +5,8 @@ from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
+from .ops import RouterConfig
+
 def device_router_forward(
     logits: Tensor,
     config: RouterConfig,
