@@ -797,6 +797,9 @@ def launch(argv: List[str]) -> Dict:
         sys.path.insert(0, str(HERE.parent / "benches"))
         import netns_a2a as netns_mod
 
+        # Names of its own, so that an exchange benchmark running beside it keeps its namespaces.
+        netns_mod.NS, netns_mod.VETH = ("moerail_e2e0", "moerail_e2e1"), ("moerail_e2e_v0", "moerail_e2e_v1")
+        netns_mod.ADDR = ("10.231.7.1", "10.231.7.2")
         why = netns_mod.available()
         if why:
             print(f"megatron_pretrain: two emulated nodes are not available here ({why}); running on one node "
