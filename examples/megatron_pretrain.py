@@ -19,6 +19,10 @@ in turn, so a busy machine slows them alike):
    summed over the EP group, and every ``--rebalance-every`` steps (a global-batch boundary)
    ``update_expert_placement`` re-places the experts and moves their weights and Adam state.
 
+A fifth arm, ``stock_ulp``, is stock Megatron with every router weight moved by one ulp
+(``torch.nextafter``): how far Megatron's own training drifts from a rounding-sized change, the
+floor against which the other arms' agreement is read.
+
 ``--zipf S`` adds a fixed Zipf prior to every router's logits (expert of popularity rank r gets
 ``-S*log r``), the skewed routing real models show; it is the same for every arm.
 
@@ -57,9 +61,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-ARMS = ("stock", "patched", "moerail", "placed")
+ARMS = ("stock", "patched", "moerail", "placed", "stock_ulp")
 ARM_DOC = {
     "stock": "stock Megatron-Core (alltoall dispatcher)",
+    "stock_ulp": "stock Megatron-Core, router weights one ulp off (the noise floor)",
     "patched": "patch_moe_utils() only",
     "moerail": "moerail router + AllToAllDispatcher",
     "placed": "moerail + dynamic expert placement",
@@ -423,6 +428,11 @@ def build_arm(arm: str, a: argparse.Namespace, cfg, link, rpn: int):
     if arm in ("moerail", "placed"):
         for layer in layers:  # moerail's router and AllToAllDispatcher in Megatron's own MoELayer
             mi.use_moerail(layer, ranks_per_node=rpn, strategy=a.strategy, link=link)
+    if arm == "stock_ulp":
+        with torch.no_grad():
+            for layer in layers:
+                w = layer.router.weight
+                w.copy_(torch.nextafter(w, torch.full_like(w, float("inf"))))
     if a.zipf:
         for layer in layers:
             g = torch.Generator().manual_seed(1000 + layer.layer_number)
