@@ -1,5 +1,8 @@
 """moerail as a MindSpeed feature, against a minimal stand-in of MindSpeed's published feature
 interface (``tests/mindspeed_standin``: MindSpeed cannot be installed outside Ascend environments).
+Where MindSpeed's published source is at hand (``../shared/third_party``), the tests marked
+``covered_by_real_source`` skip: ``tests/test_mindspeed_real.py`` shows the same against it; the
+others (option edge cases, moerail without its dispatcher, MindSpeed not importable) stay here.
 
 The launch-script recipe is exercised as documented: ``enable()`` appends the feature to
 ``MindSpeedFeaturesManager.FEATURES_LIST``, then importing ``mindspeed.megatron_adaptor`` parses the
@@ -24,6 +27,11 @@ from moerail.integrations import mindspeed as ms
 pytestmark = pytest.mark.megatron
 
 STANDIN = os.path.join(os.path.dirname(__file__), "mindspeed_standin")
+# Where MindSpeed's published source is at hand, tests/test_mindspeed_real.py shows the same against it.
+_REAL = os.environ.get("MOERAIL_MINDSPEED_TARBALL", os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "third_party", "mindspeed-028de58c.tar.gz"))
+covered_by_real_source = pytest.mark.skipif(
+    os.path.exists(_REAL), reason="shown against MindSpeed's real source in tests/test_mindspeed_real.py")
 
 
 @pytest.fixture
@@ -81,6 +89,7 @@ def test_feature_follows_the_published_interface(mindspeed):
     assert not f.is_need_apply(argparse.Namespace(**{**vars(ns), "moerail_ops": "all", "optimization_level": 1}))
 
 
+@covered_by_real_source
 def test_enable_then_import_the_adaptor_patches_moe_utils(mindspeed, monkeypatch, mcore):
     from megatron.core.transformer.moe import router, token_dispatcher
 
@@ -108,6 +117,7 @@ def test_enable_then_import_the_adaptor_patches_moe_utils(mindspeed, monkeypatch
     assert token_dispatcher.permute is originals["permute"]
 
 
+@covered_by_real_source
 def test_subset_of_ops(mindspeed, monkeypatch, mcore):
     orig_z = mcore.z_loss_func
     feature, _ = launch(monkeypatch, mindspeed, ["--moerail-ops=permute,unpermute"])
@@ -122,6 +132,7 @@ def test_not_applied_without_options(mindspeed, monkeypatch, mcore):
     assert mcore.permute is orig
 
 
+@covered_by_real_source
 def test_a_target_another_feature_replaced_is_left_to_it(mindspeed, monkeypatch, mcore):
     from mindspeed.patch_utils import MindSpeedPatchesManager
 
@@ -166,6 +177,7 @@ def test_dispatcher_without_the_dispatcher_class_is_a_clear_error(mindspeed, mon
         wrapped(object())
 
 
+@covered_by_real_source
 def test_dispatcher_patch_decorates_moe_layer_init(mindspeed, monkeypatch):
     """The option decorates MoELayer.__init__ so every built layer is handed to use_moerail (a
     recording stand-in here; use_moerail itself is tested against stock Megatron on gloo ranks)."""
