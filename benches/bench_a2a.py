@@ -26,7 +26,7 @@ def _planning(quick: bool) -> str:
         layout = {}
         for n in sorted({1, threads}):
             moerail.set_num_threads(n)
-            layout[n] = _common.timeit(lambda a=args: moerail._native.a2a_counts(*a), warmup=20, repeat=200)
+            layout[n] = _common.timeit(lambda a=args: moerail._native.ep.a2a_counts(*a), warmup=20, repeat=200)
         moerail.set_num_threads(threads)
         gathered = vec.repeat(w, 1)
         pargs = (gathered, w, rpn, e // w, "auto", 7168, 2, True, None)

@@ -189,14 +189,14 @@ def test_planning_speed_deepep_size():
     g = torch.Generator().manual_seed(0)
     idx = torch.rand(t, e, generator=g).topk(k, dim=1).indices.sort(dim=1).values
     vec = torch.zeros(4 + e + w + w // 8, dtype=torch.int64)
-    moerail._native.a2a_counts(idx, w, 8, e // w, 0, 0, vec)
+    moerail._native.ep.a2a_counts(idx, w, 8, e // w, 0, 0, vec)
     gathered = vec.repeat(w, 1)
     from moerail.ep.plan import _make_plan
 
     best = math.inf
     for _ in range(5):
         t0 = time.perf_counter()
-        moerail._native.a2a_counts(idx, w, 8, e // w, 0, 0, vec)
+        moerail._native.ep.a2a_counts(idx, w, 8, e // w, 0, 0, vec)
         best = min(best, time.perf_counter() - t0)
     p0 = time.perf_counter()
     _make_plan(gathered, w, 8, e // w, "auto", 7168, 2, True, None)

@@ -42,7 +42,7 @@ g = x.all_gather(torch.ones(3, dtype=torch.float32), stream=7)
 assert g.shape == (4, 3) and torch.equal(g[2], torch.ones(3))
 for bad, arg in [(([1, 0, 3], [2, 1, 3, 0]), "send_counts"), (([1, 0, 3, 2], [2, 1, 3, 9]), "recv_displs")]:
     try:
-        x.comm.alltoallv(buf, *__import__("moerail")._native.hccl_counts_from_rows(bad[0], 8),
+        x.comm.alltoallv(buf, *__import__("moerail")._native.ascend.hccl_counts_from_rows(bad[0], 8),
                          torch.empty(48, dtype=torch.bfloat16), [16, 8, 24, 72], [0, 16, 24, 48], 0)
     except ValueError as e:
         assert str(e).startswith(arg) or "recv_displs" in str(e), e

@@ -75,12 +75,12 @@ def test_device_bindings_refuse_cpu_tensors_without_emulator():
     out = torch.empty(4, 8)
     before = out.clone()
     with pytest.raises(ValueError, match="tokens: expected a CUDA tensor"):
-        _native.device_gather_rows(x, si, out, 0)
+        _native.cuda.device_gather_rows(x, si, out, 0)
     assert torch.equal(out, before) or bool(torch.isnan(before).any())
     with pytest.raises(TypeError, match="sorted_indices: expected int64"):
-        _native.device_gather_rows(x, si.to(torch.int32), out, 0)
+        _native.cuda.device_gather_rows(x, si.to(torch.int32), out, 0)
     with pytest.raises(ValueError, match="kind"):
-        _native.device_workspace_bytes("nope", 1)
+        _native.cuda.device_workspace_bytes("nope", 1)
 
 
 def test_report_without_probing_is_cheap_and_complete():
@@ -95,5 +95,6 @@ def test_native_stubs_declare_every_function():
     for stub in (ROOT / "python" / "moerail" / "_native").glob("*.pyi"):
         tree = ast.parse(stub.read_text())
         declared |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    public = {n for n in dir(_native) if not n.startswith("_") and callable(getattr(_native, n))}
+    public = {n for sub in ("util", "ops", "ep", "balance", "parallel", "sim", "cuda", "ascend")
+              for n in dir(getattr(_native, sub)) if not n.startswith("_") and callable(getattr(getattr(_native, sub), n))}
     assert public - declared == set(), f"missing from the _native stubs: {sorted(public - declared)}"

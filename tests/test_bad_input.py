@@ -126,15 +126,15 @@ def test_native_layer_rejects_what_python_would():
 
     out = torch.zeros(SI.shape[0], H + 1)
     with pytest.raises(ValueError, match="out"):
-        _native.gather_rows(TOKENS, SI, out)
+        _native.ops.gather_rows(TOKENS, SI, out)
     assert bool((out == 0).all())
     with pytest.raises(ValueError, match="overlaps"):
-        _native.gather_rows(PERM, SI, PERM)
+        _native.ops.gather_rows(PERM, SI, PERM)
     with pytest.raises(TypeError, match="tokens"):
-        _native.gather_rows([1, 2], SI, out)
+        _native.ops.gather_rows([1, 2], SI, out)
     counts = torch.zeros(E, dtype=torch.int64)
     with pytest.raises(TypeError, match="routing_map"):
-        _native.count_routing_map(MAP.float(), counts)
+        _native.ops.count_routing_map(MAP.float(), counts)
 
 
 def test_non_contiguous_inputs_are_handled():

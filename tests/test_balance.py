@@ -198,8 +198,8 @@ def test_results_do_not_depend_on_thread_count():
             res += [plan.phy2log, plan.transfers, torch.tensor(plan.seconds)]
             res += [moerail.placement_metrics(w, res[0], 16, 4, capacity=10.0)[k] for k in ("device_load", "dropped")]
             pred = torch.empty(hist.shape[1], dtype=torch.float64)
-            moerail._native.predict_load(hist, "trend", 0.2, 8, 3, pred)
-            res += [pred, torch.tensor(moerail._native.backtest_predictor(hist, "trend", 0.2, 8, 3, 4))]
+            moerail._native.balance.predict_load(hist, "trend", 0.2, 8, 3, pred)
+            res += [pred, torch.tensor(moerail._native.balance.backtest_predictor(hist, "trend", 0.2, 8, 3, 4))]
             res.append(moerail.select_replicas(idx, res[1][0], res[2][0], 80, offset=2))
             outs.append(res)
         for x, y in zip(*outs):

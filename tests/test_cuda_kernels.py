@@ -436,7 +436,7 @@ def test_bad_input_on_the_device_path(dev):
         with pytest.raises(ValueError, match="sorted_idxs"):
             ops.sort_chunks(x, torch.tensor([5, 5]).to(dev), torch.tensor([1, 1]).to(dev))
         with pytest.raises(ValueError, match="workspace"):
-            _device._native.device_unpermute(x, torch.zeros(t, dtype=torch.int64).to(dev), None, torch.empty_like(x),
+            _device._native.cuda.device_unpermute(x, torch.zeros(t, dtype=torch.int64).to(dev), None, torch.empty_like(x),
                                              torch.empty(3, dtype=torch.uint8).to(dev), 0)
 
 

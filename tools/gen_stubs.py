@@ -1,9 +1,8 @@
 """Generates the type stubs of ``moerail._native`` from the built extension.
 
 ``moerail._native`` is a package of submodules that mirror moerail-core (``ops``, ``ep``,
-``balance``, ``parallel``, ``sim``, ``cuda``, ``ascend``, ``util``); every function is also
-registered flat on ``moerail._native``. The stubs are a stub package:
-``python/moerail/_native/__init__.pyi`` (the flat names, re-exported from the submodules) and one
+``balance``, ``parallel``, ``sim``, ``cuda``, ``ascend``, ``util``). The stubs are a stub package:
+``python/moerail/_native/__init__.pyi`` (the submodules) and one
 ``python/moerail/_native/<submodule>.pyi`` each.
 
 Parameter names, their order and their defaults come from the built functions
@@ -686,39 +685,33 @@ def _class_homes(native: types.ModuleType) -> Dict[str, str]:
 def render(native: types.ModuleType) -> Dict[str, str]:
     """The stub files: {file name: text}."""
     files: Dict[str, str] = {}
-    reexports: List[str] = []
     homes = _class_homes(native)
     for sub, mod in submodules(native).items():
         parts = []
-        names = []
         for name, fn in functions(mod):
             # ruff's stub style: a blank line after a function with a body (its docstring).
             if parts and not parts[-1].endswith(": ...\n"):
                 parts.append("\n")
             parts.append(_stub_function(name, fn))
-            names.append(name)
         for name, cls in vars(mod).items():
             if isinstance(cls, type):
                 if name not in CLASSES:
                     raise SystemExit(f"gen_stubs: no stub for class {name}: add it to CLASSES in {__file__}")
                 parts.append("\n" + CLASSES[name])
-                names.append(name)
-        body = "".join(parts)
+            body = "".join(parts)
         # Classes of other submodules that this one's signatures name.
         foreign = sorted(c for c, home in homes.items() if home != sub and re.search(rf"\b{c}\b", body))
         imports = _imports(body) + "\n" * bool(foreign) + "".join(f"from .{homes[c]} import {c}\n" for c in foreign)
         files[f"{sub}.pyi"] = HEADER.format(doc=DOCS.get(sub, sub)) + imports + "\n" + body
-        reexports += [f"from .{sub} import {n} as {n}" for n in names]
     init = [
         HEADER.format(
             doc="Type stubs of moerail._native (the PyO3 extension). Use the public API in ``moerail``;\n"
             "these low-level functions write into tensors the caller allocated. Each submodule mirrors a\n"
-            "moerail-core module; every function is also registered flat on ``moerail._native``."
+            "moerail-core module."
         ),
         "\n",
         "".join(f"from . import {sub} as {sub}\n" for sub in sorted(submodules(native))),
-        "\n__version__: str\n\n",
-        "\n".join(sorted(reexports)) + "\n",
+        "\n__version__: str\n",
     ]
     files["__init__.pyi"] = "".join(init)
     return files

@@ -97,12 +97,12 @@ def set_num_threads(num_threads: int) -> None:
     """Sets the number of threads moerail's CPU ops use (results do not depend on it)."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, int):
         raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
-    _native.set_num_threads(num_threads)
+    _native.util.set_num_threads(num_threads)
 
 
 def get_num_threads() -> int:
     """The number of threads moerail's CPU ops use."""
-    return _native.get_num_threads()
+    return _native.util.get_num_threads()
 
 
 def _default_num_threads() -> int:
@@ -118,4 +118,4 @@ def _default_num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-_native.set_num_threads(_default_num_threads())
+_native.util.set_num_threads(_default_num_threads())

@@ -591,7 +591,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.compile:
         archs = [int(a) for a in args.compile.split(",")]
         try:
-            r["compile"] = list(_native.device_compile_check(archs))
+            r["compile"] = list(_native.cuda.device_compile_check(archs))
         except RuntimeError as e:
             r["compile_error"] = str(e)
     if args.json:

@@ -38,7 +38,7 @@ def _version(dist: str) -> Optional[str]:
 
 def _ascend(probe: bool) -> Dict[str, Any]:
     try:
-        return dict(_native.ascend_status(probe))
+        return dict(_native.ascend.ascend_status(probe))
     except Exception as e:  # the loader itself reports every expected failure as text
         return {"acl_error": f"status failed: {e}", "hccl_error": f"status failed: {e}"}
 
@@ -58,7 +58,7 @@ def report(probe: bool = True) -> Dict[str, Any]:
         "moerail": {"version": _native.__version__, "native": _native.__file__},
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}",
-        "cpu_threads": {"moerail": _native.get_num_threads(), "os": os.cpu_count(),
+        "cpu_threads": {"moerail": _native.util.get_num_threads(), "os": os.cpu_count(),
                         "torch": torch.get_num_threads()},
         "packages": {
             "torch": torch.__version__,

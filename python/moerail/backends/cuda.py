@@ -36,7 +36,7 @@ def use_emulator(path: Optional[str]) -> None:
     """Run the CUDA kernels on CPU tensors through the CPU emulator library at ``path`` (built
     from the same sources by the tests; see ``tests/cuda_emu``). ``None`` switches it off."""
     global _emulator
-    _native.device_set_emulator(None if path is None else str(path))
+    _native.cuda.device_set_emulator(None if path is None else str(path))
     _emulator = None if path is None else str(path)
 
 
@@ -86,7 +86,7 @@ def configure() -> None:
         major = None
         if torch.version.cuda:
             major = int(torch.version.cuda.split(".")[0])
-        _native.device_configure(nvrtc_search_dirs(), major)
+        _native.cuda.device_configure(nvrtc_search_dirs(), major)
         _configured = True
 
 
@@ -242,7 +242,7 @@ def aux_loss_scores(logits, topk, score_function):
     rmap = torch.empty((t, e), dtype=torch.bool, device=logits.device)
     tpe = torch.zeros((e,), dtype=torch.int64, device=logits.device)
     status = _status(logits)
-    _native.device_aux_scores_forward(logits.contiguous(), topk, score_function, scores, rmap, tpe, status, s)
+    _native.cuda.device_aux_scores_forward(logits.contiguous(), topk, score_function, scores, rmap, tpe, status, s)
     _raise_nonfinite(status, "logits")
     return scores, rmap, tpe
 
@@ -250,7 +250,7 @@ def aux_loss_scores(logits, topk, score_function):
 def aux_loss_scores_backward(grad_scores, logits, score_function):
     s = _launch_ready(logits)
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.device_aux_scores_backward(
+    _native.cuda.device_aux_scores_backward(
         grad_scores.to(acc_dtype(logits.dtype)).contiguous(), logits.contiguous(), score_function, grad_logits, s
     )
     return grad_logits
@@ -310,7 +310,7 @@ def apply_token_dropping(probs, routing_map, topk, capacity_factor, drop_policy,
         raise ValueError(f"topk: must be in [1, num_experts={e}], got {topk}")
     if _value_checks(probs) and bool(torch.isnan(probs).any()):
         raise ValueError("probs: must not contain NaN")
-    capacity = _native.get_capacity(t * topk, e, capacity_factor, None)
+    capacity = _native.ops.get_capacity(t * topk, e, capacity_factor, None)
     if capacity > t:
         return probs.clone(memory_format=torch.contiguous_format), (routing_map | pad_to_capacity).contiguous()
     routed = routing_map.to(probs.dtype)
@@ -352,12 +352,12 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
     s = _launch_ready(tokens)
     t = routing.shape[0]
     routing = routing.contiguous()
-    ws = _ws(_native.device_workspace_bytes("layout", t, num_experts), tokens)
+    ws = _ws(_native.cuda.device_workspace_bytes("layout", t, num_experts), tokens)
     row_counts = torch.empty((num_experts,), dtype=torch.int64, device=tokens.device)
     meta = torch.empty((1,), dtype=torch.int64, device=tokens.device)
     status = torch.zeros((1,), dtype=torch.int32, device=tokens.device)
     align = max(align_size, 1)
-    _native.device_layout_count(routing, num_experts, align, ws, row_counts, meta, status, s)
+    _native.cuda.device_layout_count(routing, num_experts, align, ws, row_counts, meta, status, s)
     trusted = num_out_tokens >= 0 and align <= 1 and not _value_checks(tokens)
     if trusted:
         # The caller's count is trusted (as TE's fused permute does): no host sync. Rows past the
@@ -377,7 +377,7 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
     else:
         sorted_indices = torch.empty((rows,), dtype=torch.int64, device=tokens.device)
         pp = None if probs is None else torch.empty((rows,), dtype=probs.dtype, device=tokens.device)
-    _native.device_layout_fill(
+    _native.cuda.device_layout_fill(
         routing, num_experts, ws, None if probs is None else probs.contiguous(), sorted_indices, pp, s
     )
     return sorted_indices, pp, row_counts
@@ -385,7 +385,7 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
 
 def _gather(tokens, sorted_indices):
     out = torch.empty((sorted_indices.shape[0], tokens.shape[1]), dtype=tokens.dtype, device=tokens.device)
-    _native.device_gather_rows(tokens.contiguous(), sorted_indices, out, _launch_ready(tokens))
+    _native.cuda.device_gather_rows(tokens.contiguous(), sorted_indices, out, _launch_ready(tokens))
     return out
 
 
@@ -397,7 +397,7 @@ def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size
         capacity = num_out_tokens // e
         sorted_indices = torch.empty((capacity * e,), dtype=torch.int64, device=tokens.device)
         pp = None if probs is None else torch.empty((capacity * e,), dtype=probs.dtype, device=tokens.device)
-        _native.device_layout_drop_and_pad(
+        _native.cuda.device_layout_drop_and_pad(
             routing_map.contiguous(), capacity, None if probs is None else probs.contiguous(), sorted_indices, pp, s
         )
         row_counts = torch.full((e,), capacity, dtype=torch.int64, device=tokens.device)
@@ -438,8 +438,8 @@ def unpermute(permuted_tokens, sorted_indices, num_tokens, row_weights):
     x = permuted_tokens.contiguous()
     out = torch.empty((num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
     w = None if row_weights is None else row_weights.to(acc_dtype(x.dtype)).contiguous()
-    ws = _ws(_native.device_workspace_bytes("unpermute", num_tokens, sorted_indices.shape[0]), x)
-    _native.device_unpermute(x, sorted_indices.contiguous(), w, out, ws, s)
+    ws = _ws(_native.cuda.device_workspace_bytes("unpermute", num_tokens, sorted_indices.shape[0]), x)
+    _native.cuda.device_unpermute(x, sorted_indices.contiguous(), w, out, ws, s)
     return out
 
 
@@ -450,7 +450,7 @@ def unpermute_backward(grad_out, permuted_tokens, sorted_indices, row_weights):
     grad_x = torch.empty((n, grad_out.shape[1]), dtype=grad_out.dtype, device=grad_out.device)
     grad_w = None if permuted_tokens is None else torch.empty((n,), dtype=acc, device=grad_out.device)
     w = None if row_weights is None else row_weights.to(acc).contiguous()
-    _native.device_unpermute_backward(
+    _native.cuda.device_unpermute_backward(
         grad_out.contiguous(), None if permuted_tokens is None else permuted_tokens.contiguous(),
         sorted_indices.contiguous(), w, grad_x, grad_w, s,
     )
@@ -466,16 +466,16 @@ def row_weights(probs, sorted_indices, row_counts, acc):
     # Row indices are checked by the unpermute these weights feed (the kernel skips bad ones).
     s = _launch_ready(probs)
     w = torch.empty((sorted_indices.shape[0],), dtype=acc, device=probs.device)
-    ws = _ws(_native.device_workspace_bytes("offsets", probs.shape[1]), probs)
-    _native.device_row_weights(probs.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), w, ws, s)
+    ws = _ws(_native.cuda.device_workspace_bytes("offsets", probs.shape[1]), probs)
+    _native.cuda.device_row_weights(probs.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), w, ws, s)
     return w
 
 
 def scatter_rows(values, sorted_indices, row_counts, num_tokens, num_experts):
     s = _launch_ready(values)
     out = torch.zeros((num_tokens, num_experts), dtype=values.dtype, device=values.device)
-    ws = _ws(_native.device_workspace_bytes("offsets", num_experts), values)
-    _native.device_scatter_rows(values.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), out, ws, s)
+    ws = _ws(_native.cuda.device_workspace_bytes("offsets", num_experts), values)
+    _native.cuda.device_scatter_rows(values.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), out, ws, s)
     return out
 
 
@@ -494,8 +494,8 @@ def sort_chunks(input, split_sizes, sorted_idxs):
         if n and not torch.equal(torch.sort(sorted_idxs).values, torch.arange(n, device=input.device)):
             raise ValueError(f"sorted_idxs: expected a permutation of 0..{n - 1}")
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
-    ws = _ws(_native.device_workspace_bytes("sort_chunks", split_sizes.numel()), input)
-    _native.device_sort_chunks(input.contiguous(), split_sizes, sorted_idxs, out, ws, s)
+    ws = _ws(_native.cuda.device_workspace_bytes("sort_chunks", split_sizes.numel()), input)
+    _native.cuda.device_sort_chunks(input.contiguous(), split_sizes, sorted_idxs, out, ws, s)
     return out
 
 
@@ -512,7 +512,7 @@ def dispatch_layout(topk_idx: Tensor, expert_rank: Tensor, num_ranks: int, ranks
     tpe = torch.zeros((e,), dtype=torch.int64, device=dev)
     tir = torch.zeros((t, num_ranks), dtype=torch.bool, device=dev)
     status = torch.zeros((1,), dtype=torch.int32, device=dev)
-    _native.device_dispatch_layout(
+    _native.cuda.device_dispatch_layout(
         topk_idx.contiguous(), e, expert_rank.to(torch.int64).contiguous(), ranks_per_node,
         tpr, tpn, tpe, tir, status, s,
     )
@@ -526,7 +526,7 @@ def status(probe_driver: bool = True, probe_nvrtc: bool = True) -> dict:
     ``probe_nvrtc`` nothing is searched or loaded for NVRTC."""
     if probe_nvrtc:
         configure()
-    return dict(_native.device_status(probe_driver, probe_nvrtc))
+    return dict(_native.cuda.device_status(probe_driver, probe_nvrtc))
 
 
 if os.environ.get("MOERAIL_CUDA_EMULATOR"):  # pragma: no cover - a debugging switch

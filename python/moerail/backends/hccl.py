@@ -30,7 +30,7 @@ def _npu_stream(t: torch.Tensor) -> int:
 
 def _hccl_missing() -> Optional[str]:
     """Why ``libhccl.so`` cannot be used here (None: it can)."""
-    st = _native.ascend_status(False)
+    st = _native.ascend.ascend_status(False)
     if "hccl" in st:
         return None
     return str(st.get("hccl_error", "libhccl.so not found"))
@@ -45,11 +45,11 @@ class HcclExchange:
     """
 
     def __init__(self, n_ranks: int, rank: int, root_info: bytes):
-        self.comm = _native.HcclComm(n_ranks, rank, root_info)
+        self.comm = _native.ascend.HcclComm(n_ranks, rank, root_info)
 
     @staticmethod
     def root_info() -> bytes:
-        return _native.HcclComm.root_info()
+        return _native.ascend.HcclComm.root_info()
 
     @classmethod
     def from_group(cls, group=None) -> HcclExchange:
@@ -95,8 +95,8 @@ class HcclExchange:
         row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
         if sum(send_rows) != buf.shape[0]:
             raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
-        sc, sd = _native.hccl_counts_from_rows(send_rows, row)
-        rc, rd = _native.hccl_counts_from_rows(recv_rows, row)
+        sc, sd = _native.ascend.hccl_counts_from_rows(send_rows, row)
+        rc, rd = _native.ascend.hccl_counts_from_rows(recv_rows, row)
         out = torch.empty((sum(recv_rows), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
         self.comm.alltoallv(buf, sc, sd, out, rc, rd, _npu_stream(buf) if stream is None else stream)
         return out

@@ -119,7 +119,7 @@ def plan_migration(
     matched = torch.empty_like(old)
     transfers = torch.empty(num_layers * num_replicas, 6, dtype=torch.int64)
     rank_bytes = torch.empty(num_gpus, 2, dtype=torch.float64)
-    n, seconds, intra, inter, local = _native.plan_migration(
+    n, seconds, intra, inter, local = _native.balance.plan_migration(
         old, new, num_experts, num_gpus, num_nodes, bool(keep_nodes), b,
         float(link.intra_node_bw), float(link.inter_node_bw), float(link.latency), float(link.local_bw),
         matched, transfers, rank_bytes,
@@ -213,7 +213,7 @@ def should_migrate(
         raise ValueError("migration_seconds: needed unless new_phy2log is a MigrationPlan")
     cur = _placement(current_phy2log, "current_phy2log", w.shape[0])
     new = _placement(new_phy2log, "new_phy2log", w.shape[0])
-    res = _native.decide_migration(
+    res = _native.balance.decide_migration(
         w, cur, new, _int(num_gpus, "num_gpus"), _int(num_nodes, "num_nodes"),
         _checks.real(seconds_per_token, "seconds_per_token"), _checks.real(horizon_steps, "horizon_steps"),
         _checks.real(migration_seconds, "migration_seconds"), _checks.real(overhead_seconds, "overhead_seconds"),

@@ -54,7 +54,7 @@ def rebalance_experts(
     phy2log = torch.empty(num_layers, num_replicas, dtype=torch.int64)
     phyrank = torch.empty_like(phy2log)
     logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
-    _native.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, mode, phy2log, phyrank, logcnt)
+    _native.balance.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, mode, phy2log, phyrank, logcnt)
     return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
 
 
@@ -87,7 +87,7 @@ def improve_placement(
     phy2log = torch.empty_like(cur)
     phyrank = torch.empty_like(cur)
     logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64)
-    _native.improve_placement(w, cur, num_gpus, num_nodes, bool(keep_nodes), max_moves, phy2log, phyrank, logcnt)
+    _native.balance.improve_placement(w, cur, num_gpus, num_nodes, bool(keep_nodes), max_moves, phy2log, phyrank, logcnt)
     return phy2log, _log2phy(phy2log, phyrank, logcnt), logcnt
 
 
@@ -105,7 +105,7 @@ def _within_nodes(p: torch.Tensor, num_nodes: int) -> bool:
 def _log2phy(phy2log: torch.Tensor, phyrank: Optional[torch.Tensor], logcnt: torch.Tensor) -> torch.Tensor:
     x = max(int(logcnt.max()) if logcnt.numel() else 1, 1)
     out = torch.empty(phy2log.shape[0], logcnt.shape[1], x, dtype=torch.int64)
-    _native.fill_log2phy(phy2log, out, phyrank)
+    _native.balance.fill_log2phy(phy2log, out, phyrank)
     return out
 
 
@@ -185,7 +185,7 @@ def placement_metrics(
     device_load = torch.empty(num_layers, num_gpus, dtype=torch.float64)
     node_load = torch.empty(num_layers, num_nodes, dtype=torch.float64)
     scalars = torch.empty(num_layers, 6, dtype=torch.float64)
-    _native.placement_metrics(w, p, num_gpus, num_nodes, capacity, device_load, node_load, scalars)
+    _native.balance.placement_metrics(w, p, num_gpus, num_nodes, capacity, device_load, node_load, scalars)
     total = scalars[:, 5]
     dropped = scalars[:, 4]
     out: Dict[str, object] = {

@@ -43,7 +43,7 @@ def select_replicas(indices, log2phy, logcnt, num_replicas: int, offset: int = 0
     dev = idx.device
     idx_cpu = idx.detach().to("cpu", torch.int64).contiguous()
     out = torch.empty_like(idx_cpu)
-    _native.select_replicas(idx_cpu, t, c, num_replicas, offset, out)
+    _native.balance.select_replicas(idx_cpu, t, c, num_replicas, offset, out)
     return out.to(dev)
 
 
@@ -60,14 +60,14 @@ def select_replicas_map(
     m_cpu = m.detach().to("cpu").contiguous()
     out_map = torch.empty(m.shape[0], num_replicas, dtype=torch.bool)
     if probs is None:
-        _native.select_replicas_map(m_cpu, t, c, num_replicas, offset, out_map)
+        _native.balance.select_replicas_map(m_cpu, t, c, num_replicas, offset, out_map)
         return out_map.to(dev), None
     p = _checks.tensor(probs, "probs", ndim=2, dtypes=_checks.FLOAT_DTYPES)
     if p.shape != m.shape:
         raise ValueError(f"probs: expected shape {tuple(m.shape)} (the shape of routing_map), got {tuple(p.shape)}")
     p_cpu = p.detach().to("cpu").contiguous()
     out_probs = torch.empty(m.shape[0], num_replicas, dtype=p.dtype)
-    _native.select_replicas_map(m_cpu, t, c, num_replicas, offset, out_map, p_cpu, out_probs)
+    _native.balance.select_replicas_map(m_cpu, t, c, num_replicas, offset, out_map, p_cpu, out_probs)
     return out_map.to(dev), out_probs.to(dev)
 
 

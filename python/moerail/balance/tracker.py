@@ -246,7 +246,7 @@ class LoadTracker:
             method = self.backtest(horizon)["best"]
         h = self._flat_history()
         out = torch.empty(h.shape[1], dtype=torch.float64)
-        _native.predict_load(h, method, self.ema_alpha, self.trend_window, horizon, out)
+        _native.balance.predict_load(h, method, self.ema_alpha, self.trend_window, horizon, out)
         return out.view(self.num_layers, self.num_experts)
 
     @property
@@ -266,7 +266,7 @@ class LoadTracker:
         out: Dict[str, object] = {}
         best, best_err = "ema", math.inf
         for m in PREDICTORS:
-            abs_err, total, sq, count = _native.backtest_predictor(
+            abs_err, total, sq, count = _native.balance.backtest_predictor(
                 h, m, self.ema_alpha, self.trend_window, horizon, warmup
             )
             wape = abs_err / total if total > 0 else (0.0 if abs_err == 0 else math.inf)

@@ -94,7 +94,7 @@ class DispatchHandle:
     and what the passes measured. :meth:`AllToAllDispatcher.combine` takes it, so nothing lives
     in the dispatcher between the two (DeepEP's ``handle``); the backward passes use it too."""
 
-    def __init__(self, native: _native.Route, plan: AllToAllPlan, slots: torch.Tensor, hidden: int,
+    def __init__(self, native: _native.ep.Route, plan: AllToAllPlan, slots: torch.Tensor, hidden: int,
                  dtype: torch.dtype, device: torch.device):
         self.native = native
         self.plan = plan
@@ -316,7 +316,7 @@ class AllToAllDispatcher:
         g, loc = self.etp_group, self.num_local_experts
         sizes = self._gather_counts(per_slot.contiguous(), rows, g)  # [ETP, L]
         order = torch.empty(int(sizes.sum()), dtype=torch.int64)
-        _native.a2a_block_order(sizes.flatten().tolist(), self.etp_size, loc, order)
+        _native.ep.a2a_block_order(sizes.flatten().tolist(), self.etp_size, loc, order)
         info = (sizes.sum(1).tolist(), order.to(rows.device), dist.get_rank(g))
         route.etp = info
         rows = _EtpGather.apply(rows, self, info)
@@ -341,7 +341,7 @@ class AllToAllDispatcher:
             vec[3] = self._config_hash(hidden.shape[1], hidden.dtype, hidden.device)
             try:
                 # Distinct experts of a routing-map row map to distinct slots: no repeat check.
-                _native.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec, False)
+                _native.ep.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec, False)
             except ValueError as e:
                 error = e
         if error is not None:
@@ -360,7 +360,7 @@ class AllToAllDispatcher:
                 f"ranks_per_node, strategy, num_chunks, hidden size or dtype): per-rank hashes {hashes}")
         h, dtype = hidden.shape[1], hidden.dtype
         # The plan of every candidate, the cheapest, and this rank's route: one call.
-        native = _native.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
+        native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
                                    weights.requires_grad, self._links)
         plan = _plan_from(native.plans, gathered, w, rpn, loc)
         route = DispatchHandle(native, plan, slots, h, dtype, hidden.device)

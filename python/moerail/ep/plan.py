@@ -47,19 +47,19 @@ __all__ = ["STRATEGIES", "AllToAllPlan", "plan_all_to_all"]
 STRATEGIES = ("flat", "2dh", "dedup", "allgather")
 
 
-def _links(link: Optional[LinkModel]) -> _native.Links:
+def _links(link: Optional[LinkModel]) -> _native.ep.Links:
     """The link model as the planner takes it, checked once (in Rust)."""
     lk = link if link is not None else LinkModel()
     inter_lat = lk.latency if lk.inter_node_latency is None else lk.inter_node_latency
-    return _native.Links(float(lk.intra_node_bw), float(lk.inter_node_bw), float(lk.node_bw), float(lk.latency),
+    return _native.ep.Links(float(lk.intra_node_bw), float(lk.inter_node_bw), float(lk.node_bw), float(lk.latency),
                          float(inter_lat), float(lk.local_bw), float(lk.stage_overhead))
 
 
-def _strategies(strategy: str) -> List[_native.Strategy]:
+def _strategies(strategy: str) -> List[_native.ep.Strategy]:
     """The candidate strategies of a ``strategy`` argument, parsed once (in Rust)."""
     if not isinstance(strategy, str):
         raise ValueError(f"strategy: expected 'auto', 'flat', '2dh', 'dedup' or 'allgather', got {strategy!r}")
-    return _native.Strategy.candidates(strategy)
+    return _native.ep.Strategy.candidates(strategy)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _copies(slot_counts: torch.Tensor, w: int) -> torch.Tensor:
 
 def _make_plan(gathered: torch.Tensor, w: int, rpn: int, local: int, strategy: str, hidden: int,
                hidden_elem: int, probs_grad: bool, link: Optional[LinkModel]) -> AllToAllPlan:
-    out = _native.a2a_plan(gathered.contiguous(), w, rpn, local, _strategies(strategy), hidden, hidden_elem, 4,
+    out = _native.ep.a2a_plan(gathered.contiguous(), w, rpn, local, _strategies(strategy), hidden, hidden_elem, 4,
                            probs_grad, _links(link))
     return _plan_from(out, gathered, w, rpn, local)
 
@@ -184,8 +184,8 @@ def _compact(routing_map: torch.Tensor) -> torch.Tensor:
     """``[T, K]`` ascending expert ids of each row of the host ``routing_map``, then -1s (``K``
     the fullest row)."""
     routing_map = routing_map.contiguous()
-    out = torch.empty(routing_map.shape[0], _native.a2a_max_row_count(routing_map), dtype=torch.int64)
-    _native.a2a_compact_routing_map(routing_map, out)
+    out = torch.empty(routing_map.shape[0], _native.ep.a2a_max_row_count(routing_map), dtype=torch.int64)
+    _native.ep.a2a_compact_routing_map(routing_map, out)
     return out
 
 
@@ -243,14 +243,14 @@ def plan_all_to_all(
         for i, m in enumerate(maps):
             idx = _compact(m.detach().cpu())
             slots = select_replicas(idx, log2phy, logcnt, r, offset=i)
-            _native.a2a_counts(slots, w, rpn, local, 0, 0, gathered[i])
+            _native.ep.a2a_counts(slots, w, rpn, local, 0, 0, gathered[i])
     else:
         tok = torch.tensor([_checks.integer(x, "num_tokens", minimum=0) for x in num_tokens], dtype=torch.int64)
         tpe = tpe.detach().to("cpu", torch.int64)
         if bool((tpe < 0).any()) or bool((tpe > tok[:, None]).any()):
             raise ValueError("tokens_per_expert: every count must be in [0, num_tokens of its rank]")
         slot_counts = _split_over_replicas(tpe, phy2log, logcnt)
-        _native.a2a_estimate_counts(slot_counts.contiguous(), tok, w, rpn, local, gathered)
+        _native.ep.a2a_estimate_counts(slot_counts.contiguous(), tok, w, rpn, local, gathered)
     return _make_plan(gathered, w, rpn, local, strategy, hidden, elem, probs_grad, link)
 
 

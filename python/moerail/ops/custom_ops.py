@@ -248,7 +248,7 @@ def aux_loss_scores(logits: Tensor, topk: int, score_function: str) -> Tuple[Ten
     scores = _empty((t, e), acc_dtype(logits.dtype), logits)
     routing_map = _empty((t, e), torch.bool, logits)
     tpe = _empty((e,), torch.int64, logits)
-    _native.aux_scores_forward(logits.contiguous(), topk, score_function, scores, routing_map, tpe)
+    _native.ops.aux_scores_forward(logits.contiguous(), topk, score_function, scores, routing_map, tpe)
     return scores, routing_map, tpe
 
 
@@ -265,7 +265,7 @@ def _(logits, topk, score_function):
 @_op("aux_loss_scores_backward")
 def aux_loss_scores_backward(grad_scores: Tensor, logits: Tensor, score_function: str) -> Tensor:
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.aux_scores_backward(
+    _native.ops.aux_scores_backward(
         grad_scores.to(acc_dtype(logits.dtype)).contiguous(), logits.contiguous(), score_function, grad_logits
     )
     return grad_logits
@@ -295,7 +295,7 @@ aux_loss_scores.register_autograd(_aux_scores_backward, setup_context=_aux_score
 @_op("load_balancing_loss")
 def load_balancing_loss(probs: Tensor, tokens_per_expert: Tensor, num_seqs: int, scale: float) -> Tensor:
     """scale * sum_{b,e} (sum of probs[t, e] over the tokens t of sequence b) * tokens_per_expert[b, e]."""
-    value = _native.load_balancing_loss_forward(
+    value = _native.ops.load_balancing_loss_forward(
         probs.contiguous(), tokens_per_expert.to(torch.float64).contiguous(), num_seqs, scale
     )
     return torch.tensor(value, dtype=probs.dtype, device=probs.device)
@@ -311,7 +311,7 @@ def load_balancing_loss_backward(
     grad: Tensor, probs: Tensor, tokens_per_expert: Tensor, num_seqs: int, scale: float
 ) -> Tensor:
     grad_probs = torch.empty_like(probs, memory_format=torch.contiguous_format)
-    _native.load_balancing_loss_backward(
+    _native.ops.load_balancing_loss_backward(
         float(grad.item()), tokens_per_expert.to(torch.float64).contiguous(), num_seqs, scale, grad_probs
     )
     return grad_probs
@@ -342,7 +342,7 @@ load_balancing_loss.register_autograd(_lbl_backward, setup_context=_lbl_setup)
 def z_loss(logits: Tensor, coeff: float) -> Tuple[Tensor, Tensor]:
     """(coeff * mean_t logsumexp(logits[t])^2, logsumexp per token [T] kept for the backward)."""
     lse = _empty((logits.shape[0],), acc_dtype(logits.dtype), logits)
-    value = _native.z_loss_forward(logits.contiguous(), lse)
+    value = _native.ops.z_loss_forward(logits.contiguous(), lse)
     return torch.tensor(value * coeff, dtype=logits.dtype, device=logits.device), lse
 
 
@@ -354,7 +354,7 @@ def _(logits, coeff):
 @_op("z_loss_backward")
 def z_loss_backward(grad: Tensor, logits: Tensor, lse: Tensor, coeff: float) -> Tensor:
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _native.z_loss_backward(float(grad.item()) * coeff, logits.contiguous(), lse.contiguous(), grad_logits)
+    _native.ops.z_loss_backward(float(grad.item()) * coeff, logits.contiguous(), lse.contiguous(), grad_logits)
     return grad_logits
 
 
@@ -382,7 +382,7 @@ z_loss.register_autograd(_z_backward, setup_context=_z_setup)
 @_op("expert_bias_update")
 def expert_bias_update(tokens_per_expert: Tensor, expert_bias: Tensor, rate: float) -> Tensor:
     out = torch.empty_like(expert_bias, dtype=torch.float32, memory_format=torch.contiguous_format)
-    _native.expert_bias_update(
+    _native.ops.expert_bias_update(
         tokens_per_expert.to(torch.float64).contiguous(), expert_bias.to(torch.float32).contiguous(), rate, out
     )
     return out
@@ -399,7 +399,7 @@ def apply_token_dropping(
 ) -> Tuple[Tensor, Tensor]:
     out_probs = torch.empty_like(probs, memory_format=torch.contiguous_format)
     out_map = torch.empty_like(routing_map, memory_format=torch.contiguous_format)
-    _native.token_dropping(
+    _native.ops.token_dropping(
         probs.contiguous(), routing_map.contiguous(), topk, capacity_factor, drop_policy, pad_to_capacity,
         out_probs, out_map,
     )
@@ -450,11 +450,11 @@ def permute(
         capacity = num_out_tokens // e
         sorted_indices = _empty((capacity * e,), torch.int64, tokens)
         pp = None if probs is None else _empty((capacity * e,), probs.dtype, tokens)
-        _native.permute_drop_and_pad_layout(routing_map, capacity, probs_c, sorted_indices, pp)
+        _native.ops.permute_drop_and_pad_layout(routing_map, capacity, probs_c, sorted_indices, pp)
         row_counts = torch.full((e,), capacity, dtype=torch.int64, device=tokens.device)
     else:
         counts = _empty((e,), torch.int64, tokens)
-        _native.count_routing_map(routing_map, counts)
+        _native.ops.count_routing_map(routing_map, counts)
         if align_size > 1:
             counts = (counts + align_size - 1) // align_size * align_size
         rows = int(counts.sum())
@@ -465,9 +465,9 @@ def permute(
         sorted_indices = _empty((rows,), torch.int64, tokens)
         pp = None if probs is None else _empty((rows,), probs.dtype, tokens)
         row_counts = _empty((e,), torch.int64, tokens)
-        _native.permute_map_layout(routing_map, max(align_size, 1), probs_c, sorted_indices, pp, row_counts)
+        _native.ops.permute_map_layout(routing_map, max(align_size, 1), probs_c, sorted_indices, pp, row_counts)
     out = _empty((sorted_indices.shape[0], tokens.shape[1]), tokens.dtype, tokens)
-    _native.gather_rows(tokens.contiguous(), sorted_indices, out)
+    _native.ops.gather_rows(tokens.contiguous(), sorted_indices, out)
     if pp is None:
         pp = _empty((0,), tokens.dtype if probs is None else probs.dtype, tokens)
     return out, pp, sorted_indices, row_counts
@@ -525,19 +525,19 @@ def permute_by_indices(
     """The index form of permute: (permuted_tokens, permuted_probs, sorted_indices, rows per expert)."""
     indices = indices.contiguous()
     counts = _empty((num_experts,), torch.int64, tokens)
-    _native.count_indices(indices, num_experts, counts)
+    _native.ops.count_indices(indices, num_experts, counts)
     if align_size > 1:
         counts = (counts + align_size - 1) // align_size * align_size
     rows = int(counts.sum())
     sorted_indices = _empty((rows,), torch.int64, tokens)
     pp = None if probs is None else _empty((rows,), probs.dtype, tokens)
     row_counts = _empty((num_experts,), torch.int64, tokens)
-    _native.permute_index_layout(
+    _native.ops.permute_index_layout(
         indices, num_experts, max(align_size, 1), None if probs is None else probs.contiguous(),
         sorted_indices, pp, row_counts,
     )
     out = _empty((rows, tokens.shape[1]), tokens.dtype, tokens)
-    _native.gather_rows(tokens.contiguous(), sorted_indices, out)
+    _native.ops.gather_rows(tokens.contiguous(), sorted_indices, out)
     if pp is None:
         pp = _empty((0,), tokens.dtype, tokens)
     return out, pp, sorted_indices, row_counts
@@ -589,7 +589,7 @@ def unpermute(
     """out[t] = sum over rows r of token t (ascending) of permuted_tokens[r] * row_weights[r]."""
     out = _empty((num_tokens, permuted_tokens.shape[1]), permuted_tokens.dtype, permuted_tokens)
     w = None if row_weights is None else row_weights.to(acc_dtype(permuted_tokens.dtype)).contiguous()
-    _native.unpermute(permuted_tokens.contiguous(), sorted_indices.contiguous(), w, out)
+    _native.ops.unpermute(permuted_tokens.contiguous(), sorted_indices.contiguous(), w, out)
     return out
 
 
@@ -611,7 +611,7 @@ def unpermute_backward(
     grad_x = _empty((n, grad_out.shape[1]), grad_out.dtype, grad_out)
     grad_w = None if permuted_tokens is None else _empty((n,), acc, grad_out)
     w = None if row_weights is None else row_weights.to(acc).contiguous()
-    _native.unpermute_backward(
+    _native.ops.unpermute_backward(
         grad_out.contiguous(), None if permuted_tokens is None else permuted_tokens.contiguous(),
         sorted_indices.contiguous(), w, grad_x, grad_w,
     )
@@ -649,7 +649,7 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 def row_weights(probs: Tensor, sorted_indices: Tensor, row_counts: Tensor, acc: torch.dtype) -> Tensor:
     """w[r] = probs[sorted_indices[r], expert(r)] (0 for padding rows), in dtype ``acc``."""
     w = _empty((sorted_indices.shape[0],), acc, probs)
-    _native.row_weights(probs.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), w)
+    _native.ops.row_weights(probs.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), w)
     return w
 
 
@@ -680,7 +680,7 @@ row_weights.register_autograd(_row_weights_backward, setup_context=_row_weights_
 def scatter_rows(values: Tensor, sorted_indices: Tensor, row_counts: Tensor, num_tokens: int, num_experts: int) -> Tensor:
     """Dense [T, E]: values[r] at (sorted_indices[r], expert(r)), zeros elsewhere."""
     out = _empty((num_tokens, num_experts), values.dtype, values)
-    _native.scatter_rows_to_dense(values.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), out)
+    _native.ops.scatter_rows_to_dense(values.contiguous(), sorted_indices.contiguous(), row_counts.contiguous(), out)
     return out
 
 
@@ -693,7 +693,7 @@ def _(values, sorted_indices, row_counts, num_tokens, num_experts):
 def sort_chunks(input: Tensor, split_sizes: Tensor, sorted_idxs: Tensor) -> Tensor:
     """Rows split into chunks of ``split_sizes``, written in the chunk order ``sorted_idxs``."""
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
-    _native.sort_chunks(input.contiguous(), split_sizes.contiguous(), sorted_idxs.contiguous(), out)
+    _native.ops.sort_chunks(input.contiguous(), split_sizes.contiguous(), sorted_idxs.contiguous(), out)
     return out
 
 

@@ -99,7 +99,7 @@ def get_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_
     capacity_factor = _checks.real(capacity_factor, "capacity_factor", positive=True)
     if min_capacity is not None:
         min_capacity = _checks.integer(min_capacity, "min_capacity", minimum=0)
-    return _native.get_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
+    return _native.ops.get_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
 
 
 def apply_token_dropping(

@@ -154,7 +154,7 @@ def calibrate(
         for _, _, base in resolved:
             cfg = {s: dict(v) for s, v in base.items()}
             cfg["cluster"].update(eff)
-            rep = json.loads(_native.sim_simulate(_entries(cfg)))
+            rep = json.loads(_native.sim.sim_simulate(_entries(cfg)))
             out.append(rep["time"][metric])
         return out
 

@@ -83,7 +83,7 @@ def _model_preset(name: str) -> dict:
 
 def config_keys() -> Dict[str, List[str]]:
     """The keys of each configuration section (Megatron's argument names where one exists)."""
-    return {s: list(k) for s, k in _native.sim_keys()}
+    return {s: list(k) for s, k in _native.sim.sim_keys()}
 
 
 def _read_file(path: Union[str, os.PathLike]) -> dict:

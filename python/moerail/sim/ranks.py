@@ -64,5 +64,5 @@ def rank_groups(
             _positive_int("hierarchical_context_parallel_sizes", int(x) if not isinstance(x, bool) else x)
             for x in hierarchical_context_parallel_sizes
         ]
-    groups = _native.rank_groups(world_size, tp, cp, pp, ep, etp, order, inst, hcp)
+    groups = _native.parallel.rank_groups(world_size, tp, cp, pp, ep, etp, order, inst, hcp)
     return dict(groups)

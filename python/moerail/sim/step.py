@@ -43,7 +43,7 @@ def simulate(
     cfg = resolve_config(
         config, model=model, cluster=cluster, devices=devices, megatron_args=megatron_args, **overrides
     )
-    return json.loads(_native.sim_simulate(_entries(cfg)))
+    return json.loads(_native.sim.sim_simulate(_entries(cfg)))
 
 
 def _progress_bar(enabled: bool) -> Tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
@@ -126,7 +126,7 @@ def search(
     else:
         cb, close = _progress_bar(bool(progress))
     try:
-        text = _native.sim_search(_entries(cfg), sp, top, bool(include_oom), cb)
+        text = _native.sim.sim_search(_entries(cfg), sp, top, bool(include_oom), cb)
     finally:
         close()
     return json.loads(text)

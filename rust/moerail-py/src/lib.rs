@@ -16,8 +16,7 @@
 //! | (here) | `moerail._native.util` | `moerail_core::util::pool` |
 //! | [`aot`] | C symbols `moerail_aot_*` | `moerail_core::ops::permute` |
 //!
-//! Every function is also registered flat on `moerail._native` under the same name, which the
-//! Python package calls today; the submodules are where new call sites go.
+//! Python calls them by submodule (`_native.ep.a2a_route`): one name, one home.
 //!
 //! Shared by all: [`error`] (the one error bridge), [`args`] (argument specs), [`tensor`]
 //! (the checked view of a torch tensor).
@@ -68,14 +67,13 @@ const SUBMODULES: [(&str, Register); 8] = [
 ];
 
 /// Registers `register`'s functions in the submodule `moerail._native.<name>` (also put in
-/// `sys.modules`, so `import moerail._native.<name>` works) and flat on `parent`.
+/// `sys.modules`, so `import moerail._native.<name>` works).
 fn add_submodule(parent: &Bound<'_, PyModule>, name: &str, register: Register) -> PyResult<()> {
     let py = parent.py();
     let qualified = format!("moerail._native.{name}");
     // Created under its full name, so its functions' __module__ says where they live.
     let sub = PyModule::new(py, &qualified)?;
     register(&sub)?;
-    register(parent)?;
     parent.add(name, &sub)?;
     py.import("sys")?.getattr("modules")?.set_item(qualified, &sub)?;
     Ok(())
