@@ -9,7 +9,7 @@ import torch
 
 import _common
 import moerail
-from moerail.ep.plan import _make_plan
+from moerail.ep.plan import _links, _make_plan, _strategies
 
 TITLE = "Expert-parallel exchange: flat vs 2dh vs dedup on two emulated nodes, planning time"
 
@@ -31,10 +31,16 @@ def _planning(quick: bool) -> str:
         gathered = vec.repeat(w, 1)
         pargs = (gathered, w, rpn, e // w, "auto", 7168, 2, True, None)
         plan = _common.timeit(lambda a=pargs: _make_plan(*a), repeat=7)
+        # What a dispatch runs: the same plans and choice, plus rank 0's route (every hop's index
+        # and row counts), in one call (the identity placement: slot = expert).
+        rargs = (gathered, idx, 0, rpn, e // w, _strategies("auto"), 7168, 2, True, _links(None))
+        route = _common.timeit(lambda a=rargs: moerail._native.ep.a2a_route(*a), repeat=7)
         rows.append([f"T={t}, k={k}, EP={w} ({w // rpn} nodes x {rpn}), {e} experts",
-                     " / ".join(f"{layout[n] * 1e6:.0f}" for n in sorted(layout)), f"{plan * 1e6:.0f}"])
+                     " / ".join(f"{layout[n] * 1e6:.0f}" for n in sorted(layout)), f"{plan * 1e6:.0f}",
+                     f"{route * 1e6:.0f}"])
     return _common.table(["size", "dispatch layout of one rank, 1 / all threads (us)",
-                          "4 plans + auto, Python objects incl. (us)"], rows)
+                          "4 plans + auto, Python objects incl. (us)",
+                          "4 plans + auto + this rank's route, one call (us)"], rows)
 
 
 def run(quick: bool) -> str:
@@ -46,7 +52,9 @@ def run(quick: bool) -> str:
         "through the Python binding as the dispatcher calls it (slot ids range-checked, no repeat check: they come "
         f"from a routing map), on 1 and on {moerail.get_num_threads()} thread(s); target 50 us. The plans of all four "
         "strategies from the gathered counts, with their traffic of all four passes as Python dicts, and the `auto` "
-        "choice.",
+        "choice; the last column is what `AllToAllDispatcher.dispatch` calls: the same plans and choice plus this "
+        "rank's route (every hop's gather index and row counts, the output order), built in Rust in one call "
+        "(`_native.ep.a2a_route`).",
         "",
         _planning(quick),
         "",

@@ -313,25 +313,6 @@ def test_token_dropping_and_losses(dev, policy, pad):
     same(moerail.expert_bias_update(tpe, bias.to(dev), 1e-3), ref(moerail.expert_bias_update, tpe, bias, 1e-3), "bias")
 
 
-def test_dispatch_layout(dev):
-    t, k, e, ranks, rpn = 70, 4, 16, 8, 4
-    g = torch.Generator().manual_seed(13)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    idx[3, 1] = -1  # a masked slot (DeepEP's convention)
-    expert_rank = torch.arange(e) // (e // ranks)
-    tpr, tpn, tpe, tir = _device.dispatch_layout(idx.to(dev), expert_rank.to(dev), ranks, rpn)
-    valid = idx >= 0
-    rank_of = torch.where(valid, expert_rank[idx.clamp_min(0)], torch.full_like(idx, -1))
-    want_tir = torch.zeros(t, ranks, dtype=torch.bool)
-    for r in range(ranks):
-        want_tir[:, r] = (rank_of == r).any(dim=1)
-    want_tpn = torch.stack([want_tir[:, n * rpn:(n + 1) * rpn].any(dim=1) for n in range(ranks // rpn)], 1).sum(0)
-    same(tir, want_tir, "token_in_rank")
-    same(tpr, want_tir.sum(0), "tokens_per_rank")
-    same(tpn, want_tpn, "tokens_per_node")
-    same(tpe, torch.bincount(idx[valid], minlength=e), "tokens_per_expert")
-
-
 def test_training_step_matches_cpu(dev):
     """Router -> permute -> expert matmul -> unpermute, forward and backward, bf16."""
     t, e, k, h = 48, 8, 2, 32

@@ -14,20 +14,6 @@ import torch
 import moerail
 
 
-def _device_module():
-    """moerail's CUDA glue module (``moerail._device``; ``moerail.backends.cuda`` after the move)."""
-    import importlib
-
-    for name in ("moerail.backends.cuda", "moerail._device"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "dispatch_layout"):
-            return mod
-    raise ImportError("no moerail module with dispatch_layout (moerail._device / moerail.backends.cuda)")
-
-
 def cases(dev):
     g = torch.Generator().manual_seed(0)
 
@@ -99,13 +85,6 @@ def cases(dev):
         y.float().sum().backward()
 
     yield "sort_chunks bf16", chunks
-
-    def layout():
-        t, k, e, ranks = 70, 4, 16, 8
-        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(dev)
-        _device_module().dispatch_layout(idx, (torch.arange(e) // (e // ranks)).to(dev), ranks, 4)
-
-    yield "dispatch layout", layout
 
 
 def main() -> int:

@@ -8,7 +8,6 @@
 #include <string>
 #include <utility>
 
-#include "dispatch_layout.cu"
 #include "permute.cu"
 #include "router.cu"
 #include "sort_chunks.cu"

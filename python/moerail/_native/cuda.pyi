@@ -113,18 +113,6 @@ def device_sort_chunks(
     workspace: Tensor,
     stream: int,
 ) -> None: ...
-def device_dispatch_layout(
-    topk_idx: Tensor,
-    num_experts: int,
-    expert_rank: Tensor,
-    ranks_per_node: int,
-    tokens_per_rank: Tensor,
-    tokens_per_node: Tensor,
-    tokens_per_expert: Tensor,
-    token_in_rank: Tensor,
-    status: Tensor,
-    stream: int,
-) -> None: ...
 def device_workspace_bytes(kind: str, a: int, b: int = 0) -> int:
     """Bytes of the workspace an op needs: `layout` (t, e), `unpermute` (t, rows), `offsets` (e), `sort_chunks` (chunks)."""
 

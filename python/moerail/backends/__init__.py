@@ -74,7 +74,7 @@ def report(probe: bool = True) -> Dict[str, Any]:
 
 
 _KERNEL_OPS = ["topk_route", "routing_scores_for_aux_loss", "permute", "permute_by_indices", "unpermute",
-               "sort_chunks_by_idxs", "dispatch layout (planner)"]
+               "sort_chunks_by_idxs"]
 _TORCH_OPS = ["apply_token_dropping", "switch/sequence load-balancing loss", "z_loss", "expert_bias_update"]
 
 

@@ -499,28 +499,6 @@ def sort_chunks(input, split_sizes, sorted_idxs):
     return out
 
 
-def dispatch_layout(topk_idx: Tensor, expert_rank: Tensor, num_ranks: int, ranks_per_node: int):
-    """The planner's dispatch layout on the device: (tokens_per_rank [R], tokens_per_node [N],
-    tokens_per_expert [E], token_in_rank bool [T, R]) from top-k expert ids and the rank of
-    each expert (``-1`` ids are skipped)."""
-    s = _launch_ready(topk_idx)
-    t = topk_idx.shape[0]
-    e = expert_rank.shape[0]
-    dev = topk_idx.device
-    tpr = torch.zeros((num_ranks,), dtype=torch.int64, device=dev)
-    tpn = torch.zeros((num_ranks // max(ranks_per_node, 1),), dtype=torch.int64, device=dev)
-    tpe = torch.zeros((e,), dtype=torch.int64, device=dev)
-    tir = torch.zeros((t, num_ranks), dtype=torch.bool, device=dev)
-    status = torch.zeros((1,), dtype=torch.int32, device=dev)
-    _native.cuda.device_dispatch_layout(
-        topk_idx.contiguous(), e, expert_rank.to(torch.int64).contiguous(), ranks_per_node,
-        tpr, tpn, tpe, tir, status, s,
-    )
-    if _syncs_allowed(topk_idx):
-        _bad_status(status, "topk_idx")
-    return tpr, tpn, tpe, tir
-
-
 def status(probe_driver: bool = True, probe_nvrtc: bool = True) -> dict:
     """The CUDA side as ``moerail doctor`` reports it (see ``moerail.backends``). Without
     ``probe_nvrtc`` nothing is searched or loaded for NVRTC."""

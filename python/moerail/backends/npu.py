@@ -405,24 +405,6 @@ def sort_chunks(input, split_sizes, sorted_idxs):
     return torch.cat([chunks[i] for i in order]).contiguous()
 
 
-def dispatch_layout(topk_idx: Tensor, expert_rank: Tensor, num_ranks: int, ranks_per_node: int):
-    t = topk_idx.shape[0]
-    e = expert_rank.shape[0]
-    valid = topk_idx >= 0
-    if _checks(topk_idx) and topk_idx.numel() and bool((topk_idx >= e).any() | (topk_idx < -1).any()):
-        raise ValueError(f"topk_idx: expert ids must be in [0, {e}) or -1")
-    ids = topk_idx.clamp(min=0)
-    tpe = torch.bincount(topk_idx[valid], minlength=e)
-    ranks = expert_rank.to(torch.int64)[ids]
-    token_in_rank = torch.zeros((t, num_ranks), dtype=torch.bool, device=topk_idx.device)
-    rows = torch.arange(t, device=topk_idx.device).unsqueeze(1).expand_as(ranks)
-    token_in_rank[rows[valid], ranks[valid]] = True
-    tpr = token_in_rank.sum(dim=0)
-    rpn = max(ranks_per_node, 1)
-    tpn = token_in_rank.reshape(t, num_ranks // rpn, rpn).any(dim=-1).sum(dim=0)
-    return tpr, tpn, tpe, token_in_rank
-
-
 def status() -> dict:
     """What ``moerail doctor`` reports for NPU tensors."""
     mod = torch_npu()

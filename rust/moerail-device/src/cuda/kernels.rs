@@ -19,7 +19,6 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("permute", csrc!("permute.cu")),
     ("unpermute", csrc!("unpermute.cu")),
     ("sort_chunks", csrc!("sort_chunks.cu")),
-    ("dispatch_layout", csrc!("dispatch_layout.cu")),
 ];
 
 const DEF: &str = csrc!("kernels.def");

@@ -850,58 +850,6 @@ pub unsafe fn sort_chunks(
     }
 }
 
-/// Outputs of [`dispatch_layout`]: counts (int64, zeroed) and `token_in_rank bool [t, ranks]`.
-pub struct DispatchLayout {
-    pub tokens_per_rank: u64,
-    pub tokens_per_node: u64,
-    pub tokens_per_expert: u64,
-    pub token_in_rank: u64,
-    pub status: u64,
-}
-
-/// The planner's dispatch layout from top-k ids `[t, k]` and `expert_rank [e]` (int64).
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn dispatch_layout(
-    s: &Stream,
-    idx: u64,
-    t: usize,
-    k: usize,
-    e: usize,
-    expert_rank: u64,
-    ranks: usize,
-    ranks_per_node: usize,
-    out: &DispatchLayout,
-) -> Result<()> {
-    if ranks == 0 || ranks_per_node == 0 || ranks % ranks_per_node != 0 {
-        return Err(invalid(
-            "ranks_per_node",
-            format!("must divide the number of ranks ({ranks}), got {ranks_per_node}"),
-        ));
-    }
-    let mut a = Args::new();
-    a.ptr(idx)
-        .i64(t as i64)
-        .i32(k as i32)
-        .i32(e as i32)
-        .ptr(expert_rank)
-        .i32(ranks as i32)
-        .i32(ranks_per_node as i32)
-        .ptr(out.tokens_per_rank)
-        .ptr(out.tokens_per_node)
-        .ptr(out.tokens_per_expert)
-        .ptr(out.token_in_rank)
-        .ptr(out.status);
-    unsafe {
-        s.launch(
-            "moerail_dispatch_layout",
-            blocks(t as u64, 256, 65535),
-            256,
-            0,
-            &mut a,
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

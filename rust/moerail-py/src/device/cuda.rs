@@ -597,55 +597,6 @@ fn device_sort_chunks(
     target.run(py, |s| unsafe { ops::sort_chunks(s, xp, n_rows, rb, sp, ip, n_chunks, op, wsp) })
 }
 
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn device_dispatch_layout(
-    py: Python<'_>,
-    topk_idx: &Arg<'_>,
-    num_experts: usize,
-    expert_rank: &Arg<'_>,
-    ranks_per_node: usize,
-    tokens_per_rank: &Arg<'_>,
-    tokens_per_node: &Arg<'_>,
-    tokens_per_expert: &Arg<'_>,
-    token_in_rank: &Arg<'_>,
-    status: &Arg<'_>,
-    stream: u64,
-) -> PyResult<()> {
-    let ix = arg(topk_idx, "topk_idx").int64().ndim(2, "[num_tokens, topk]").read()?;
-    let (t, k) = dims2(&ix);
-    let er = int64_vector(expert_rank, "expert_rank").len(num_experts).read()?;
-    let tir =
-        arg(token_in_rank, "token_in_rank").bool().ndim(2, "[num_tokens, num_ranks]").read()?;
-    let ranks = tir.shape[1];
-    tir.expect_shape(&[t, ranks])?;
-    if ranks_per_node == 0 || ranks % ranks_per_node != 0 {
-        return Err(PyValueError::new_err(format!(
-            "ranks_per_node: must divide the number of ranks ({ranks}), got {ranks_per_node}"
-        )));
-    }
-    let tpr = int64_vector(tokens_per_rank, "tokens_per_rank").len(ranks).read()?;
-    let tpn =
-        int64_vector(tokens_per_node, "tokens_per_node").len(ranks / ranks_per_node).read()?;
-    let tpe = int64_vector(tokens_per_expert, "tokens_per_expert").len(num_experts).read()?;
-    let st = arg(status, "status").int32().len(1).read()?;
-    check_disjoint(&[&tpr, &tpn, &tpe, &tir, &st], &[&ix, &er])?;
-    let target = Target::of(&[&ix, &er, &tpr, &tpn, &tpe, &tir, &st], stream)?;
-    let out = ops::DispatchLayout {
-        tokens_per_rank: tpr.ptr as u64,
-        tokens_per_node: tpn.ptr as u64,
-        tokens_per_expert: tpe.ptr as u64,
-        token_in_rank: tir.ptr as u64,
-        status: st.ptr as u64,
-    };
-    let (ip, ep) = (ix.ptr as u64, er.ptr as u64);
-    // SAFETY: as in device_router_forward; the kernel flags ids outside [0, E) and ranks
-    // outside [0, ranks) in `status` instead of using them.
-    target.run(py, |s| unsafe {
-        ops::dispatch_layout(s, ip, t, k, num_experts, ep, ranks, ranks_per_node, &out)
-    })
-}
-
 /// Bytes of the workspace an op needs: `layout` (t, e), `unpermute` (t, rows), `offsets` (e),
 /// `sort_chunks` (chunks).
 #[pyfunction]
@@ -775,7 +726,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device_row_weights, m)?)?;
     m.add_function(wrap_pyfunction!(device_scatter_rows, m)?)?;
     m.add_function(wrap_pyfunction!(device_sort_chunks, m)?)?;
-    m.add_function(wrap_pyfunction!(device_dispatch_layout, m)?)?;
     m.add_function(wrap_pyfunction!(device_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(device_configure, m)?)?;
     m.add_function(wrap_pyfunction!(device_set_emulator, m)?)?;
