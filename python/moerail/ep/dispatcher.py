@@ -529,7 +529,7 @@ class AllToAllDispatcher:
         if name != "hccl":
             return self.exchange
         if self._hccl is None:  # collective: every rank gets here in its first exchange
-            from .ascend import HcclExchange
+            from ..backends.hccl import HcclExchange
 
             self._hccl = HcclExchange.from_group(self.ep_group)
         return self._hccl
