@@ -684,6 +684,8 @@ def test_cli_plan_json_is_one_object(tmp_path, capsys):
     assert cli.main(["plan", "--config", str(path), "--json"]) == 0
     out = capsys.readouterr().out
     rep = json.loads(out)
+    flags = rep.pop("megatron_flags")  # the layout as Megatron-LM flags (tests/test_cli_plan.py)
+    assert flags[:2] == ["--tensor-model-parallel-size", str(rep["layout"]["tp"])]
     assert rep == sim.simulate(cfg)
     for key in ("model", "layout", "time", "breakdown_s", "memory_gib", "fits"):
         assert key in rep

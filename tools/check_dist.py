@@ -97,7 +97,10 @@ def main(argv=None) -> int:
         install_and_smoke(wheel, tmp, "wheel-venv", version)
         if a.sdist:
             built = tmp / "from-sdist"
+            # The dev profile: the sdist's build is checked, not its speed, and `cargo test` has
+            # already built the dependencies in that profile (release would build them all again).
             env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+            env.setdefault("MATURIN_PEP517_ARGS", "--profile dev")
             run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", built, sdist],
                 env=env, cwd=tmp)
             (sw,) = sorted(built.glob("moerail-*.whl"))
