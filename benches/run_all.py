@@ -64,8 +64,11 @@ def main() -> None:
     if args.only and out.exists():
         # Replace (or append) just this bench's section; the rest of the file stays as measured.
         body = "\n".join(parts[parts.index(next(p for p in parts if p.startswith("## "))):])
+        # A section measured alone names its own machine and load (the header's is the full run's).
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         body = body.replace("Source: `benches/", f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
-                            f"(`make bench` with --only {args.only}). Source: `benches/", 1)
+                            f"(`make bench` with --only {args.only}) on {_common.machine()}, load average "
+                            f"{load:.1f}. Source: `benches/", 1)
         title = body.split("\n", 1)[0]
         text = out.read_text()
         start = text.find(title + "\n")
