@@ -133,7 +133,7 @@ fuzz: $(BUILD_STAMP)
 	@set -o pipefail; end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 30 )); seed=1000; \
 	while [ $$(date +%s) -lt $$end ]; do \
 		MOERAIL_FUZZ_SEED=$$seed MOERAIL_FUZZ_CASES=2000 cargo test -p moerail-core -q --test fuzz -- --nocapture \
-			| grep '^fuzz ' || exit 1; seed=$$((seed + 1)); done; echo "core fuzz: seeds 1000..$$seed"
+			| grep -o 'fuzz .*' || exit 1; seed=$$((seed + 1)); done; echo "core fuzz: seeds 1000..$$seed"
 	$(PY) tests/fuzz_entry_points.py --examples 1000000 --seconds $$(( $(FUZZ_MINUTES) * 30 / 26 ))
 
 bench: $(BUILD_STAMP)
