@@ -147,3 +147,8 @@ def test_load_tracker_recovers_after_a_bad_step():
     tr.record(0, torch.tensor([2.0, 3.0]))
     rec = tr.step()
     assert rec["loads"] == [[2.0, 3.0]]
+
+
+def test_sort_chunks_zero_dim_probs_found_by_the_fuzzer():
+    with pytest.raises(ValueError, match="^probs: "):
+        moerail.sort_chunks_by_idxs(torch.randn(10, 3), [2, 3, 5], [2, 0, 1], probs=torch.tensor(1.5))

@@ -251,6 +251,8 @@ def sort_chunks_by_idxs(
     permuted_probs = None
     if probs is not None:
         probs = _checks.tensor(probs, "probs")
+        if probs.dim() < 1:
+            raise ValueError("probs: expected at least one dimension (its rows are split like input's)")
         _checks.same_rows(input, "input", probs, "probs")
         permuted_probs = _ops.sort_chunks(probs, split_sizes, sorted_idxs)
     return out, permuted_probs
