@@ -178,7 +178,19 @@ def fuzz_one(name: str, fn, base: dict, examples: int, deadline: float) -> tuple
     return stats["cases"], stats["errors"]
 
 
+def _limit_memory(gib: float) -> None:
+    """Caps this process's address space, so a size that fits int64 but not memory fails as an
+    allocation error (a clean exception) instead of waking the OOM killer on a shared machine."""
+    import resource
+
+    cap = int(gib * 2**30)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or hard > cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
 def main() -> int:
+    _limit_memory(float(os.environ.get("MOERAIL_FUZZ_MEMORY_GIB", "10")))
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=60)
     ap.add_argument("--seconds", type=float, default=1e9, help="time budget per entry point")

@@ -152,3 +152,19 @@ def test_load_tracker_recovers_after_a_bad_step():
 def test_sort_chunks_zero_dim_probs_found_by_the_fuzzer():
     with pytest.raises(ValueError, match="^probs: "):
         moerail.sort_chunks_by_idxs(torch.randn(10, 3), [2, 3, 5], [2, 0, 1], probs=torch.tensor(1.5))
+
+
+def test_permute_by_indices_many_experts_is_an_error_not_an_abort():
+    # Found by the fuzzer: num_experts sizes the layout's per-expert tables; under a memory cap
+    # their allocation failed inside Rust and aborted the process (now a clean error).
+    p = run_child("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        import torch, moerail
+        try:
+            moerail.permute_by_indices(torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.int64), 2**27)
+            print("RAISED none")
+        except (ValueError, RuntimeError) as e:
+            print("RAISED", type(e).__name__, e)
+        """)
+    assert p.returncode == 0 and "RAISED" in p.stdout, (p.returncode, p.stderr[-1500:])

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::error::{checked_mul, ensure, invalid, Result};
+use crate::error::{checked_mul, ensure, invalid, try_zeroed, Result};
 use crate::util::elem::prelude::*;
 use crate::util::pool;
 
@@ -137,7 +137,7 @@ fn block_counts<A: Assignments>(a: &A, blocks: &[Range<usize>]) -> Result<Vec<Ve
             .par_iter()
             .map(|r| {
                 a.check(r.clone())?;
-                let mut c = vec![0i64; e_n];
+                let mut c = try_zeroed::<i64>(e_n, "num_experts")?;
                 a.visit(r.clone(), |_, e, _| c[e] += 1);
                 Ok(c)
             })
@@ -209,7 +209,8 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     })?;
     let blocks = token_blocks(a.num_tokens());
     let counts = block_counts(a, &blocks)?;
-    let mut totals = vec![0i64; e_n];
+    // Per-expert tables sized by the caller's `num_experts`: fallible allocations.
+    let mut totals = try_zeroed::<i64>(e_n, "num_experts")?;
     for c in &counts {
         for (t, v) in totals.iter_mut().zip(c) {
             *t += v;
@@ -217,8 +218,8 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     }
     // Padded row counts and offsets in checked arithmetic: a huge `align` must not wrap them
     // (the writes below are bounded by `expert_start[e_n] == sorted_indices.len()`).
-    let mut expert_start = vec![0i64; e_n + 1];
-    let mut padded = vec![0i64; e_n];
+    let mut expert_start = try_zeroed::<i64>(e_n + 1, "num_experts")?;
+    let mut padded = try_zeroed::<i64>(e_n, "num_experts")?;
     for e in 0..e_n {
         padded[e] = align_up(totals[e], align)
             .filter(|&p| p <= isize::MAX as i64)
@@ -264,7 +265,9 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     let mut cursor: Vec<Vec<i64>> = Vec::with_capacity(counts.len());
     let mut next = expert_start[..e_n].to_vec();
     for c in &counts {
-        cursor.push(next.clone());
+        let mut cur = try_zeroed::<i64>(e_n, "num_experts")?;
+        cur.copy_from_slice(&next);
+        cursor.push(cur);
         for (n, v) in next.iter_mut().zip(c) {
             *n += v;
         }
@@ -424,7 +427,7 @@ fn token_rows(sorted_indices: &[i64], num_tokens: usize) -> Result<TokenRows> {
             )
         },
     )?;
-    let mut start = vec![0usize; num_tokens + 1];
+    let mut start = try_zeroed::<usize>(num_tokens + 1, "restore_shape")?;
     for &t in sorted_indices {
         if t >= 0 {
             start[t as usize + 1] += 1;
