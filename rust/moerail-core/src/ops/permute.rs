@@ -263,7 +263,8 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     }
     // Row where each block starts writing for each expert.
     let mut cursor: Vec<Vec<i64>> = Vec::with_capacity(counts.len());
-    let mut next = expert_start[..e_n].to_vec();
+    let mut next = try_zeroed::<i64>(e_n, "num_experts")?;
+    next.copy_from_slice(&expert_start[..e_n]);
     for c in &counts {
         let mut cur = try_zeroed::<i64>(e_n, "num_experts")?;
         cur.copy_from_slice(&next);
@@ -436,7 +437,8 @@ fn token_rows(sorted_indices: &[i64], num_tokens: usize) -> Result<TokenRows> {
     for i in 0..num_tokens {
         start[i + 1] += start[i];
     }
-    let mut fill = start[..num_tokens].to_vec();
+    let mut fill = try_zeroed::<usize>(num_tokens, "restore_shape")?;
+    fill.copy_from_slice(&start[..num_tokens]);
     let mut rows = vec![0u32; start[num_tokens]];
     for (r, &t) in sorted_indices.iter().enumerate() {
         if t >= 0 {
