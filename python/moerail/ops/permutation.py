@@ -96,6 +96,12 @@ def permute(
         drop_and_pad = False  # Megatron: drop_and_pad without num_out_tokens is the dropless path.
     if tokens_per_expert is not None:
         tokens_per_expert = _counts_arg(tokens_per_expert, num_experts)
+    if n_out >= 0 and align_size > 1 and not drop_and_pad:
+        # num_out_tokens counts the routed copies before padding (Megatron's), on every backend;
+        # the aligned row count is read back anyway, so this costs no extra synchronisation.
+        routed = int(routing_map.sum())
+        if routed != n_out:
+            raise ValueError(f"num_out_tokens: routing_map routes {routed} token copies, but num_out_tokens={n_out}")
     out, pp, sorted_indices, row_counts = _ops.permute(
         tokens, routing_map, probs, n_out, bool(drop_and_pad), align_size
     )
