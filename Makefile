@@ -7,6 +7,8 @@
 #   make docs    the API reference from the docstrings -> site/ (mkdocs --strict)
 #   make gpu-bundle  the offline bundle for benches/gpu_check.sh on a GPU machine -> gpu-bundle/
 #   make stubs   regenerate the type stubs of moerail._native from the built extension
+#   make fuzz    the fuzzers for FUZZ_MINUTES (default 20): the core's harness (cargo, overflow checks
+#                on) with fresh seeds, then every Python entry point in a child process
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -24,7 +26,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: all setup build demo test test-rust test-python test-dist bench lint fmt clean gpu-bundle wheel docs stubs
+.PHONY: all setup build demo test test-rust test-python test-dist bench lint fmt clean gpu-bundle wheel docs stubs fuzz
 
 all: test
 
@@ -123,6 +125,16 @@ test: test-rust test-python test-dist docs
 # extension; tests/test_native_stubs.py fails when they are stale.
 stubs: $(BUILD_STAMP)
 	$(PY) tools/gen_stubs.py
+
+# The long fuzz run (make test runs the same fuzzers briefly): half the time the core's harness,
+# seed after seed, half the Python entry points (tests/fuzz_entry_points.py), each in a child.
+FUZZ_MINUTES ?= 20
+fuzz: $(BUILD_STAMP)
+	@set -o pipefail; end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 30 )); seed=1000; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		MOERAIL_FUZZ_SEED=$$seed MOERAIL_FUZZ_CASES=2000 cargo test -p moerail-core -q --test fuzz -- --nocapture \
+			| grep -o 'fuzz .*' || exit 1; seed=$$((seed + 1)); done; echo "core fuzz: seeds 1000..$$seed"
+	$(PY) tests/fuzz_entry_points.py --examples 1000000 --seconds $$(( $(FUZZ_MINUTES) * 30 / 26 ))
 
 bench: $(BUILD_STAMP)
 	# torch's OpenMP workers spin for milliseconds after each parallel region by default and take

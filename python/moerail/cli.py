@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -432,6 +433,36 @@ def _need(module: str, flag: str, extra: str) -> None:
         raise ValueError(f"{flag}: needs {module}, which is not installed: pip install 'moerail[{extra}]'")
 
 
+def _read_current(path: str):
+    """``--current``: a phy2log ``[L, R]`` (.pt / .npy / .csv / .json), read with the flag named."""
+    import torch
+
+    from . import balance
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--current: {path}: no such file")
+    try:
+        if path.endswith((".pt", ".pth")):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = obj.get("phy2log") if isinstance(obj, dict) else obj
+            if not isinstance(obj, torch.Tensor):
+                raise ValueError("holds no phy2log tensor")
+            return obj
+        return balance.load_loads(path).to(torch.int64)
+    except ValueError as e:
+        raise ValueError(f"--current: {path}: {str(e).removeprefix('loads: ')}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises anything
+        raise ValueError(f"--current: {path} is not a readable placement ({type(e).__name__}: {e})") from None
+
+
+def _check_writable(path: str, flag: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a folder")
+
+
 def cmd_balance(args: argparse.Namespace) -> int:
     import torch
 
@@ -439,6 +470,9 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
     if args.plot:
         _need("matplotlib", "--plot", "plot")
+        _check_writable(args.plot, "--plot")
+    if args.save:
+        _check_writable(args.save, "--save")
     try:
         load = balance.load_loads(args.loads)
     except OSError as e:
@@ -448,7 +482,11 @@ def cmd_balance(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-redundant-experts: must be >= 0, got {args.redundant}")
     replicas = args.slots if args.slots is not None else num_experts + (args.redundant or 0)
     slots_flag = "--slots" if args.slots is not None else "--num-redundant-experts"
-    if args.devices < 1 or args.nodes < 1 or args.devices % args.nodes:
+    if args.devices < 1:
+        raise ValueError(f"--expert-model-parallel-size (--gpus): must be >= 1, got {args.devices}")
+    if args.nodes < 1:
+        raise ValueError(f"--nodes: must be >= 1, got {args.nodes}")
+    if args.devices % args.nodes:
         raise ValueError(f"--nodes: {args.nodes} nodes must divide --expert-model-parallel-size {args.devices}")
     if replicas < num_experts or replicas % args.devices:
         raise ValueError(
@@ -456,16 +494,17 @@ def cmd_balance(args: argparse.Namespace) -> int:
             f"--expert-model-parallel-size {args.devices} (slots = experts + --num-redundant-experts)"
         )
     groups = args.groups if args.groups is not None else 1
+    if not 1 <= groups <= num_experts:
+        raise ValueError(f"--moe-router-num-groups (--groups): must be in [1, {num_experts}] (the experts), got {groups}")
+    if args.max_moves is not None and not 0 <= args.max_moves < 2**62:
+        raise ValueError(f"--max-moves: must be >= 0, got {args.max_moves}")
     print(
         f"loads: {args.loads} ({num_layers} layers x {num_experts} experts, {load.sum():.0f} tokens); "
         f"{replicas} slots on {args.devices} devices in {args.nodes} nodes, {groups} groups "
         f"({'hierarchical' if groups % args.nodes == 0 else 'global'} policy)"
     )
     if args.current is not None:
-        before = balance.load_loads(args.current).to(torch.int64) if not args.current.endswith((".pt", ".pth")) else None
-        if before is None:
-            obj = torch.load(args.current, map_location="cpu", weights_only=True)
-            before = obj["phy2log"] if isinstance(obj, dict) else obj
+        before = _read_current(args.current)
         before_name = "current"
     elif num_experts % args.devices == 0:
         before = balance.default_placement(num_layers, num_experts, args.devices)
@@ -530,6 +569,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
                                        horizon_steps=args.horizon, log=False)  # fmt: skip
             print(str(d))
     if args.save:
+        _check_writable(args.save, "--save")
         torch.save({"phy2log": best[0], "log2phy": best[1], "logcnt": best[2]}, args.save)
         print(f"wrote {args.save}")
     if args.plot:
@@ -654,6 +694,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, TypeError) as e:
         print(f"moerail {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"moerail {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback (MOERAIL_DEBUG=1 shows it)
+        if os.environ.get("MOERAIL_DEBUG"):
+            raise
+        print(f"moerail {args.command}: error: {type(e).__name__}: {e} (MOERAIL_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moerail {args.command}: interrupted", file=sys.stderr)

@@ -42,5 +42,12 @@ def _placement(x, name: str, num_layers: Optional[int] = None) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=torch.int64).contiguous()
 
 
+# The most layers / experts / slots / devices a placement table has (the core's MAX_REPLICAS):
+# outputs are allocated from these sizes, so a larger one is a ValueError, not an overflow.
+MAX_SIZE = 1 << 24
+
+
 def _int(v, name: str, minimum: int = 1) -> int:
+    if name.startswith("num_"):
+        return _checks.integer(v, name, minimum=minimum, maximum=MAX_SIZE)
     return _checks.integer(v, name, minimum=minimum)

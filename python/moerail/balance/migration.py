@@ -343,6 +343,17 @@ def migrate_experts(
             _aligned(t.numel() * t.element_size()) for (layer, _, _, _, _, d_slot) in rows for t in get(layer, d_slot)
         )
 
+    # A fixed-size header first: ranks holding different plans or expert shapes would post
+    # sends and receives of different sizes (a hang or a size error); they all raise here instead.
+    from .. import _agree
+
+    sig = _agree.shapes_key(get(0, 0)) if len(tr) else ()
+    _agree.agree(
+        _agree.all_gather_fixed(dist, group, device=device),
+        "migrate_experts", "the plan (phy2log, transfers) or the shapes and dtypes of the slot tensors",
+        _agree.config_hash(plan.phy2log.tolist(), tr, sig), len(tr),
+    )
+
     local = [r for r in tr if r[2] == rank and r[4] == rank]
     sends: Dict[int, list] = {}
     recvs: Dict[int, list] = {}

@@ -19,10 +19,17 @@ __all__ = ["allreduce_replica_grads", "select_replicas", "select_replicas_map"]
 # ------------------------------------------------------------------------------------------------
 
 
+def _as_tensor(v, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(v)
+    except (RuntimeError, TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name}: expected an integer tensor, got {type(v).__name__}") from None
+
+
 def _table(log2phy, logcnt) -> Tuple[torch.Tensor, torch.Tensor]:
-    t = _checks.tensor(torch.as_tensor(log2phy), "log2phy", ndim=2, dtypes=_checks.INT_DTYPES,
+    t = _checks.tensor(_as_tensor(log2phy, "log2phy"), "log2phy", ndim=2, dtypes=_checks.INT_DTYPES,
                        shape_doc="[num_experts, max_replicas] (one layer)")
-    c = _checks.tensor(torch.as_tensor(logcnt), "logcnt", ndim=1, dtypes=_checks.INT_DTYPES, shape_doc="[num_experts]")
+    c = _checks.tensor(_as_tensor(logcnt, "logcnt"), "logcnt", ndim=1, dtypes=_checks.INT_DTYPES, shape_doc="[num_experts]")
     if c.shape[0] != t.shape[0]:
         raise ValueError(f"logcnt: expected {t.shape[0]} entries (the rows of log2phy), got {c.shape[0]}")
     return t.detach().to("cpu", torch.int64).contiguous(), c.detach().to("cpu", torch.int64).contiguous()

@@ -33,49 +33,80 @@ def load_loads(path: str) -> torch.Tensor:
     columns ``step,layer,expert,tokens``, or a plain matrix with one layer a row), ``.json`` (a
     LoadTracker trace, or a nested list ``[L][E]``). Returns ``[L, E]`` float64; a trace gives the
     mean over its steps, a ``[T, L, E]`` array the mean over ``T``."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".npy":
-        arr = torch.as_tensor(np.load(path))
-    elif ext in (".pt", ".pth"):
-        arr = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(arr, dict):
-            arr = arr.get("loads", arr.get("history"))
-    elif ext == ".json":
-        with open(path) as f:
-            data = json.load(f)
-        if isinstance(data, dict) and "steps" in data:
-            arr = torch.tensor([s["loads"] for s in data["steps"]], dtype=torch.float64)
-        elif isinstance(data, dict) and "loads" in data:
-            arr = torch.tensor(data["loads"], dtype=torch.float64)
-        else:
-            arr = torch.tensor(data, dtype=torch.float64)
-    elif ext == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if rows and [c.strip() for c in rows[0][:4]] == ["step", "layer", "expert", "tokens"]:
-            body = np.array([[float(c) for c in r[:4]] for r in rows[1:] if r], dtype=np.float64)
-            steps = np.unique(body[:, 0])
-            num_layers = int(body[:, 1].max()) + 1
-            num_experts = int(body[:, 2].max()) + 1
-            a = np.zeros((len(steps), num_layers, num_experts))
-            step_index = {s: i for i, s in enumerate(steps)}
-            for s, layer, expert, tokens in body:
-                a[step_index[s], int(layer), int(expert)] = tokens
-            arr = torch.as_tensor(a)
-        else:
-            arr = torch.as_tensor(np.array([[float(c) for c in r] for r in rows if r], dtype=np.float64))
-    else:
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in (".npy", ".pt", ".pth", ".json", ".csv"):
         raise ValueError(f"loads: unknown file type {ext!r} (expected .npy, .pt, .csv or .json)")
+    try:
+        arr = _read_loads(path, ext)
+    except OSError as e:
+        raise ValueError(f"loads: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        if str(e).startswith("loads: "):
+            raise
+        raise ValueError(f"loads: {path} is not a valid {ext} loads file: {e}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt files raise anything (pickle, zip, json, numpy)
+        raise ValueError(f"loads: {path} is not a valid {ext} loads file ({type(e).__name__}: {e})") from None
     if not isinstance(arr, torch.Tensor):
         raise ValueError(f"loads: {path} holds no tensor")
+    if arr.is_complex():
+        raise ValueError(f"loads: {path} holds complex values ({arr.dtype}); token counts are real")
+    if not (arr.is_floating_point() or arr.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"loads: {path} holds {arr.dtype} values; expected numbers")
     arr = arr.to(torch.float64)
     if arr.dim() == 3:
+        if arr.shape[0] == 0:
+            raise ValueError(f"loads: {path} holds no step")
         arr = arr.mean(0)
     if arr.dim() == 1:
         arr = arr.unsqueeze(0)
     if arr.dim() != 2:
         raise ValueError(f"loads: expected [num_layers, num_experts] in {path}, got shape {tuple(arr.shape)}")
+    if arr.numel() == 0:
+        raise ValueError(f"loads: {path} is empty (shape {tuple(arr.shape)}); expected [num_layers, num_experts]")
+    if not bool(torch.isfinite(arr).all()) or bool((arr < 0).any()):
+        raise ValueError(f"loads: {path} holds negative or non-finite counts")
     return arr.contiguous()
+
+
+def _read_loads(path: str, ext: str):
+    if ext == ".npy":
+        a = np.load(path, allow_pickle=False)
+        if a.dtype.kind not in "biuf c":
+            raise ValueError(f"loads: {path} holds {a.dtype} values; expected numbers")
+        return torch.as_tensor(a) if a.dtype.kind != "b" else torch.as_tensor(a.astype(np.float64))
+    if ext in (".pt", ".pth"):
+        arr = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(arr, dict):
+            arr = arr.get("loads", arr.get("history"))
+        return arr
+    if ext == ".json":
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "steps" in data:
+            return torch.tensor([s["loads"] for s in data["steps"]], dtype=torch.float64)
+        if isinstance(data, dict) and "loads" in data:
+            return torch.tensor(data["loads"], dtype=torch.float64)
+        return torch.tensor(data, dtype=torch.float64)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if rows and [c.strip() for c in rows[0][:4]] == ["step", "layer", "expert", "tokens"]:
+        body = np.array([[float(c) for c in r[:4]] for r in rows[1:] if r], dtype=np.float64)
+        if body.shape[0] == 0:
+            raise ValueError(f"loads: the trace {path} has a header but no rows")
+        if body.ndim != 2 or body.shape[1] != 4:
+            raise ValueError(f"loads: every row of the trace {path} needs step,layer,expert,tokens")
+        ids = body[:, 1:3]
+        if (ids < 0).any() or (ids != np.floor(ids)).any() or (ids > 2**20).any():
+            raise ValueError(f"loads: the trace {path} has a layer or expert id that is not an integer in [0, 2**20]")
+        steps = np.unique(body[:, 0])
+        num_layers = int(body[:, 1].max()) + 1
+        num_experts = int(body[:, 2].max()) + 1
+        a = np.zeros((len(steps), num_layers, num_experts))
+        step_index = {s: i for i, s in enumerate(steps)}
+        for s, layer, expert, tokens in body:
+            a[step_index[s], int(layer), int(expert)] = tokens
+        return torch.as_tensor(a)
+    return torch.as_tensor(np.array([[float(c) for c in r] for r in rows if r], dtype=np.float64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,14 +216,25 @@ class LoadTracker:
         acc = self._acc
         if acc is None:
             acc = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        # The step is closed whatever happens below: a bad step (NaN counts) raises once and the
+        # next step starts from zero.
+        self._acc = None if self._acc is None else torch.zeros_like(self._acc)
         if self.group is not None:
             import torch.distributed as dist
 
+            from .. import _agree
+
+            # A fixed-size header first: ranks that disagree on the matrix's shape raise here
+            # instead of failing the all-reduce's size check.
+            _agree.agree(
+                _agree.all_gather_fixed(dist, self.group, device=acc.device),
+                "LoadTracker.group", "num_layers, num_experts",
+                _agree.config_hash(self.num_layers, self.num_experts), acc.numel(),
+            )
             dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=self.group)
         loads = acc.detach().to("cpu", copy=True)
         if bool((loads < 0).any()) or not bool(torch.isfinite(loads).all()):
             raise ValueError("tokens_per_expert: recorded counts must be finite and >= 0")
-        self._acc = None if self._acc is None else torch.zeros_like(self._acc)
         self._history.append(loads)
         rec = self._record(self._steps, loads)
         self._steps += 1

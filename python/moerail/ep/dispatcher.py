@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, List, Optional
@@ -15,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .. import _checks, _native
+from .. import _agree, _checks, _native
 from ..backends import cuda as _device
 from ..balance import LinkModel, select_replicas
 from ..ops import custom_ops as ops
@@ -261,14 +260,20 @@ class AllToAllDispatcher:
     # -- helpers --------------------------------------------------------------------------------
 
     def _wait(self, work) -> None:
-        if not work.wait(self.timeout):
+        try:
+            done = work.wait(self.timeout)
+        except RuntimeError as e:  # a peer exited, was killed or never arrived
+            raise RuntimeError(
+                f"ep_group: a collective failed (a peer rank exited, was killed or did not arrive within "
+                f"{self.timeout}): {e}"
+            ) from e
+        if not done:
             raise RuntimeError(f"ep_group: collective did not finish within {self.timeout}")
 
     def _config_hash(self, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-        key = repr((self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
-                    self.num_chunks, hidden, str(dtype), device.type, self._executor_name(device),
-                    self.phy2log.tolist()))
-        return zlib.crc32(key.encode())
+        return _agree.config_hash(self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
+                                  self.num_chunks, hidden, str(dtype), device.type, self._executor_name(device),
+                                  self.phy2log.tolist())
 
     def _count_device(self, hidden, group=None) -> torch.device:
         """Where the small count vectors go for ``ep_group``'s collectives: the host for a group
@@ -336,28 +341,29 @@ class AllToAllDispatcher:
         w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
         vec = torch.zeros(v, dtype=torch.int64)
+        cfg = 0
         if error is None:
             hidden, weights, slots = prepared
-            vec[3] = self._config_hash(hidden.shape[1], hidden.dtype, hidden.device)
+            cfg = self._config_hash(hidden.shape[1], hidden.dtype, hidden.device)
+            vec[3] = cfg
             try:
                 # Distinct experts of a routing-map row map to distinct slots: no repeat check.
-                _native.ep.a2a_counts(slots, w, rpn, loc, 0, int(vec[3]), vec, False)
+                _native.ep.a2a_counts(slots, w, rpn, loc, 0, cfg, vec, False)
             except ValueError as e:
                 error = e
-        if error is not None:
-            vec.zero_()
-            vec[0] = 1
+        # The first collective has a fixed size on every rank (status, configuration hash, the
+        # count vector's length): a rank configured otherwise makes every rank raise here, before
+        # the count vectors, whose length depends on the configuration, are gathered.
+        _agree.agree(
+            lambda hdr: self._gather_counts(hdr, raw_hidden),
+            "ep_group",
+            "num_experts, placement slots, ranks_per_node, strategy, num_chunks, hidden size or dtype",
+            cfg, v, error, ("dispatch", "dispatcher"),
+        )
         gathered = self._gather_counts(vec, raw_hidden)
-        bad = (gathered[:, 0] != 0).nonzero().flatten().tolist()
-        if error is not None:
-            raise error
-        if bad:
-            raise RuntimeError(f"ep_group: rank(s) {bad} rejected their dispatch arguments (see their errors)")
         hashes = gathered[:, 3].tolist()
-        if len(set(hashes)) != 1:
-            raise RuntimeError(
-                "ep_group: the ranks disagree on the dispatcher configuration (num_experts, placement, "
-                f"ranks_per_node, strategy, num_chunks, hidden size or dtype): per-rank hashes {hashes}")
+        if len(set(hashes)) != 1:  # cannot happen after the header check; kept as a guard
+            raise RuntimeError(f"ep_group: the ranks disagree on the dispatcher configuration: per-rank hashes {hashes}")
         h, dtype = hidden.shape[1], hidden.dtype
         # The plan of every candidate, the cheapest, and this rank's route: one call.
         native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),

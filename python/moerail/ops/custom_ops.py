@@ -455,13 +455,15 @@ def permute(
     else:
         counts = _empty((e,), torch.int64, tokens)
         _native.ops.count_routing_map(routing_map, counts)
-        if align_size > 1:
-            counts = (counts + align_size - 1) // align_size * align_size
         rows = int(counts.sum())
-        if num_out_tokens >= 0 and align_size <= 1 and num_out_tokens != rows:
+        # num_out_tokens counts the routed copies (Megatron's), before any alignment padding.
+        if num_out_tokens >= 0 and num_out_tokens != rows:
             raise ValueError(
                 f"num_out_tokens: routing_map routes {rows} token copies, but num_out_tokens={num_out_tokens}"
             )
+        if align_size > 1:
+            counts = (counts + align_size - 1) // align_size * align_size
+            rows = int(counts.sum())
         sorted_indices = _empty((rows,), torch.int64, tokens)
         pp = None if probs is None else _empty((rows,), probs.dtype, tokens)
         row_counts = _empty((e,), torch.int64, tokens)

@@ -28,6 +28,18 @@ def _tokens(tokens) -> torch.Tensor:
     return tokens
 
 
+def _align_size(align_size, num_tokens: int, num_experts: int, row_bytes: int) -> int:
+    """``align_size`` checked so that every expert's padded row count, their sum and the bytes of
+    that many rows fit int64 (at most ``num_tokens + align_size - 1`` rows per expert)."""
+    align_size = _checks.integer(align_size, "align_size", minimum=0)
+    if align_size > 1 and num_experts * (num_tokens + align_size) * max(row_bytes, 8) >= 2**63:
+        raise ValueError(
+            f"align_size: {align_size} is too large: padding {num_experts} experts' rows to a multiple of it "
+            "overflows int64 row or byte counts"
+        )
+    return align_size
+
+
 def _pad_offsets(row_counts: torch.Tensor, counts: torch.Tensor) -> Optional[torch.Tensor]:
     pads = row_counts - counts
     if not bool(pads.any()):
@@ -69,7 +81,7 @@ def permute(
     num_tokens, num_experts = routing_map.shape
     if num_experts < 1:
         raise ValueError("routing_map: expected at least one expert column")
-    align_size = _checks.integer(align_size, "align_size", minimum=0)
+    align_size = _align_size(align_size, num_tokens, num_experts, tokens.shape[1] * tokens.element_size())
     n_out = -1
     if num_out_tokens is not None:
         n_out = _checks.integer(num_out_tokens, "num_out_tokens", minimum=0, maximum=num_tokens * num_experts)
@@ -84,12 +96,26 @@ def permute(
         drop_and_pad = False  # Megatron: drop_and_pad without num_out_tokens is the dropless path.
     if tokens_per_expert is not None:
         tokens_per_expert = _counts_arg(tokens_per_expert, num_experts)
+    if n_out >= 0 and align_size > 1 and not drop_and_pad:
+        # num_out_tokens counts the routed copies before padding (Megatron's), on every backend;
+        # the aligned row count is read back anyway, so this costs no extra synchronisation.
+        routed = int(routing_map.sum())
+        if routed != n_out:
+            raise ValueError(f"num_out_tokens: routing_map routes {routed} token copies, but num_out_tokens={n_out}")
     out, pp, sorted_indices, row_counts = _ops.permute(
         tokens, routing_map, probs, n_out, bool(drop_and_pad), align_size
     )
     pad_offsets = None
     if align_size > 1:
-        counts = routing_map.sum(dim=0) if tokens_per_expert is None else tokens_per_expert.to(torch.int64)
+        counts = routing_map.sum(dim=0)
+        if tokens_per_expert is not None and not torch.equal(
+            tokens_per_expert.to(device=counts.device, dtype=torch.int64), counts.to(torch.int64)
+        ):
+            # Counts that disagree with the map would give negative pad offsets.
+            raise ValueError(
+                f"tokens_per_expert: {tokens_per_expert.tolist()} disagrees with routing_map, which routes "
+                f"{counts.tolist()} tokens to each expert"
+            )
         pad_offsets = _pad_offsets(row_counts, counts)
     return out, (pp if probs is not None else None), sorted_indices, pad_offsets, row_counts
 
@@ -118,7 +144,8 @@ def permute_by_indices(
         probs = _checks.tensor(probs, "probs", ndim=2, dtypes=_checks.FLOAT_DTYPES)
         if probs.shape != indices.shape:
             raise ValueError(f"probs: expected shape {tuple(indices.shape)} (the shape of indices), got {tuple(probs.shape)}")
-    align_size = _checks.integer(align_size, "align_size", minimum=0)
+    align_size = _align_size(align_size, indices.shape[0] * indices.shape[1], num_experts,
+                             tokens.shape[1] * tokens.element_size())
     out, pp, sorted_indices, row_counts = _ops.permute_by_indices(
         tokens, indices.to(torch.int64), num_experts, probs, align_size
     )
@@ -230,6 +257,8 @@ def sort_chunks_by_idxs(
     permuted_probs = None
     if probs is not None:
         probs = _checks.tensor(probs, "probs")
+        if probs.dim() < 1:
+            raise ValueError("probs: expected at least one dimension (its rows are split like input's)")
         _checks.same_rows(input, "input", probs, "probs")
         permuted_probs = _ops.sort_chunks(probs, split_sizes, sorted_idxs)
     return out, permuted_probs

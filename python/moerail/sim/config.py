@@ -90,12 +90,20 @@ def _read_file(path: Union[str, os.PathLike]) -> dict:
     p = pathlib.Path(path)
     if not p.exists():
         raise ValueError(f"config: file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise ValueError(f"config: {p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config: cannot read {p}: {e}") from None
     if p.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"config: {p}: invalid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {p}: expected a JSON object with sections, got a {type(data).__name__}")
+        return data
     if p.suffix.lower() == ".toml":
         try:
             import tomllib  # Python >= 3.11
@@ -294,9 +302,14 @@ def parse_megatron_args(argv: Union[str, Sequence[str]]) -> Tuple[Dict[str, dict
     not model are listed, not rejected, so a full training command line can be pasted.
     """
     if isinstance(argv, str):
-        tokens = shlex.split(argv)
+        try:
+            tokens = shlex.split(argv)
+        except ValueError as e:
+            raise ValueError(f"megatron_args: cannot split the command line: {e}") from None
     else:
         tokens = [str(t) for t in argv]
+    if not tokens:
+        raise ValueError("megatron_args: the command line is empty")
     keys = config_keys()
     where: Dict[str, str] = {}
     for s, ks in keys.items():

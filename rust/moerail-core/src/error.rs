@@ -37,3 +37,20 @@ pub fn checked_mul(a: usize, b: usize, arg: &str) -> Result<usize> {
     a.checked_mul(b)
         .ok_or_else(|| invalid(arg, format!("size {a} x {b} overflows")))
 }
+
+/// `vec![T::default(); n]` for a size that comes from user input: an allocation failure is an
+/// error naming `arg` (Rust's `vec!` aborts the process on one).
+pub fn try_zeroed<T: Clone + Default>(n: usize, arg: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        invalid(
+            arg,
+            format!(
+                "{n} entries of {} bytes do not fit in memory",
+                std::mem::size_of::<T>()
+            ),
+        )
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}

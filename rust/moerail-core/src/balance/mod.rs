@@ -68,6 +68,9 @@ pub struct Topology {
     pub num_gpus: usize,
 }
 
+/// The most slots a layer (`num_replicas`) a [`Topology`] takes.
+pub const MAX_REPLICAS: usize = 1 << 24;
+
 impl Topology {
     /// Checks the sizes; errors name the argument at fault.
     pub fn new(
@@ -94,6 +97,11 @@ impl Topology {
             format!(
                 "must be >= the number of experts ({num_experts}): every expert needs a slot, got {num_replicas}"
             )
+        })?;
+        // Placements are `[layers, num_replicas]` tables: a size no cluster has is an error
+        // naming the argument, not an allocation failure that aborts the process.
+        ensure(num_replicas <= MAX_REPLICAS, "num_replicas", || {
+            format!("at most {MAX_REPLICAS} slots a layer, got {num_replicas}")
         })?;
         ensure(num_replicas % num_gpus == 0, "num_replicas", || {
             format!(
@@ -322,6 +330,7 @@ pub fn rebalance_experts(
     mode: Mode,
 ) -> Result<Placement> {
     let (e_n, r_n) = (topo.num_experts, topo.num_replicas);
+    crate::error::checked_mul(layers, r_n, "weight")?;
     let mut p = Placement {
         num_layers: layers,
         num_experts: e_n,

@@ -131,17 +131,22 @@ impl Counts {
             }
             let slots = &self.slot_counts[src * r_n..(src + 1) * r_n];
             let mut copies = 0i64;
+            let wraps = || bad("the counts' sum overflows int64".into());
             for dst in 0..w_n {
-                let c: i64 = slots[dst * l_n..(dst + 1) * l_n].iter().sum();
                 if slots[dst * l_n..(dst + 1) * l_n]
                     .iter()
                     .any(|&x| x < 0 || x > t)
                 {
                     return Err(bad(format!("a slot count on rank {dst} outside [0, {t}]")));
                 }
-                copies += c;
+                let c = slots[dst * l_n..(dst + 1) * l_n]
+                    .iter()
+                    .try_fold(0i64, |a, &x| a.checked_add(x))
+                    .ok_or_else(wraps)?;
+                copies = copies.checked_add(c).ok_or_else(wraps)?;
                 let rt = self.rank_tokens[src * w_n + dst];
-                let lo = (c + l_n as i64 - 1) / l_n as i64;
+                // ceil(c / l_n) without `c + l_n - 1`, which wraps near i64::MAX.
+                let lo = c / l_n as i64 + i64::from(c % l_n as i64 != 0);
                 if rt < lo || rt > c.min(t) {
                     return Err(bad(format!(
                         "{rt} tokens for rank {dst}, which gets {c} copies (expected {lo}..={})",
@@ -162,7 +167,10 @@ impl Counts {
                 let nt = self.node_tokens[src * n_n + n];
                 let (lo, hi) = (
                     per.iter().copied().max().unwrap_or(0),
-                    per.iter().sum::<i64>().min(t),
+                    per.iter()
+                        .try_fold(0i64, |a, &x| a.checked_add(x))
+                        .ok_or_else(wraps)?
+                        .min(t),
                 );
                 if nt < lo || nt > hi {
                     return Err(bad(format!(
@@ -171,7 +179,31 @@ impl Counts {
                 }
             }
         }
-        Ok(())
+        self.total_rows(topo).map(|_| ())
+    }
+
+    /// An upper bound of the rows any strategy's stages move in one pass, summed over all
+    /// stages (every copy, plus every token once per node): checked, so that the stages' sums
+    /// and their byte counts can be bounded before they are computed.
+    pub fn total_rows(&self, topo: &EpGroup) -> Result<i64> {
+        let wraps = || invalid("counts", "the rows of all ranks overflow int64");
+        let n_n = i64::try_from(topo.nodes()).map_err(|_| wraps())?;
+        let mut total = 0i64;
+        for (src, &t) in self.tokens.iter().enumerate() {
+            let r_n = topo.slots();
+            let copies = self.slot_counts[src * r_n..(src + 1) * r_n]
+                .iter()
+                .try_fold(0i64, |a, &x| a.checked_add(x.max(0)))
+                .ok_or_else(wraps)?;
+            total = t
+                .max(0)
+                .checked_mul(n_n)
+                .and_then(|x| x.checked_add(copies))
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(total))
+                .ok_or_else(wraps)?;
+        }
+        Ok(total)
     }
 
     /// `C [W, W]`: copies per (source rank, destination rank).
@@ -267,7 +299,31 @@ impl RowFormat {
                 format!("element size must be 1, 2, 4 or 8 bytes, got {v}")
             })?;
         }
-        Ok(())
+        self.max_stride().map(|_| ())
+    }
+
+    /// An upper bound of every pass's row stride, in checked arithmetic: once it fits an `i64`,
+    /// [`RowFormat::row`]'s sums cannot overflow.
+    pub fn max_stride(&self) -> Result<i64> {
+        let big = || {
+            invalid(
+                "hidden_size",
+                format!(
+                    "{} elements of {} bytes (with {} weights per row) overflow a row's byte count",
+                    self.hidden, self.hidden_elem, self.entries
+                ),
+            )
+        };
+        let hidden = self.hidden.checked_mul(self.hidden_elem).ok_or_else(big)?;
+        let extra = self
+            .entries
+            .checked_mul(self.prob_elem + 4)
+            .and_then(|x| x.checked_add(3 * 8))
+            .ok_or_else(big)?;
+        hidden
+            .checked_add(extra)
+            .and_then(|x| i64::try_from(x).ok())
+            .ok_or_else(big)
     }
 
     /// The row of `pass` for copy rows (`flat`, `2dh`) or token rows (`dedup`, `allgather`).
@@ -532,6 +588,15 @@ pub fn plan_best(
     })?;
     fmt.check()?;
     links.check()?;
+    // Every byte count below is at most `total_rows * max_stride`: check that product once.
+    let rows = counts.total_rows(topo)?;
+    let stride = fmt.max_stride()?;
+    ensure(rows.checked_mul(stride).is_some(), "hidden_size", || {
+        format!(
+            "{rows} rows of up to {stride} bytes (hidden_size={}) overflow an int64 byte count",
+            fmt.hidden
+        )
+    })?;
     let mut plans = Vec::with_capacity(candidates.len());
     let mut secs = Vec::with_capacity(candidates.len());
     let mut best = 0;

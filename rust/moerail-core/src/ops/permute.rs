@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::error::{checked_mul, ensure, invalid, Result};
+use crate::error::{checked_mul, ensure, invalid, try_zeroed, Result};
 use crate::util::elem::prelude::*;
 use crate::util::pool;
 
@@ -137,7 +137,7 @@ fn block_counts<A: Assignments>(a: &A, blocks: &[Range<usize>]) -> Result<Vec<Ve
             .par_iter()
             .map(|r| {
                 a.check(r.clone())?;
-                let mut c = vec![0i64; e_n];
+                let mut c = try_zeroed::<i64>(e_n, "num_experts")?;
                 a.visit(r.clone(), |_, e, _| c[e] += 1);
                 Ok(c)
             })
@@ -161,13 +161,14 @@ pub fn count_tokens_per_expert<A: Assignments>(a: &A, counts: &mut [i64]) -> Res
     Ok(())
 }
 
-/// `count` rounded up to a multiple of `align` (`align <= 1`: unchanged).
-pub fn align_up(count: i64, align: usize) -> i64 {
+/// `count` rounded up to a multiple of `align` (`align <= 1`: unchanged); `None` when the
+/// result does not fit an `i64` (a `count` is never negative).
+pub fn align_up(count: i64, align: usize) -> Option<i64> {
     if align <= 1 {
-        count
+        Some(count)
     } else {
-        let a = align as i64;
-        (count + a - 1) / a * a
+        let a = i64::try_from(align).ok()?;
+        count.checked_add(a - 1).map(|c| c / a)?.checked_mul(a)
     }
 }
 
@@ -208,16 +209,35 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     })?;
     let blocks = token_blocks(a.num_tokens());
     let counts = block_counts(a, &blocks)?;
-    let mut totals = vec![0i64; e_n];
+    // Per-expert tables sized by the caller's `num_experts`: fallible allocations.
+    let mut totals = try_zeroed::<i64>(e_n, "num_experts")?;
     for c in &counts {
         for (t, v) in totals.iter_mut().zip(c) {
             *t += v;
         }
     }
-    let mut expert_start = vec![0i64; e_n + 1];
+    // Padded row counts and offsets in checked arithmetic: a huge `align` must not wrap them
+    // (the writes below are bounded by `expert_start[e_n] == sorted_indices.len()`).
+    let mut expert_start = try_zeroed::<i64>(e_n + 1, "num_experts")?;
+    let mut padded = try_zeroed::<i64>(e_n, "num_experts")?;
     for e in 0..e_n {
-        padded_counts[e] = align_up(totals[e], align);
-        expert_start[e + 1] = expert_start[e] + padded_counts[e];
+        padded[e] = align_up(totals[e], align)
+            .filter(|&p| p <= isize::MAX as i64)
+            .ok_or_else(|| {
+                invalid(
+                    "align_size",
+                    format!(
+                        "{align} is too large: expert {e}'s {} rows padded to a multiple of it overflow int64",
+                        totals[e]
+                    ),
+                )
+            })?;
+        expert_start[e + 1] = expert_start[e].checked_add(padded[e]).ok_or_else(|| {
+            invalid(
+                "align_size",
+                format!("{align} is too large: the padded row count overflows int64"),
+            )
+        })?;
     }
     let num_rows = expert_start[e_n] as usize;
     ensure(sorted_indices.len() == num_rows, "num_out_tokens", || {
@@ -226,6 +246,7 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
             sorted_indices.len()
         )
     })?;
+    padded_counts.copy_from_slice(&padded);
     if let Some(pp) = &permuted_probs {
         ensure(pp.len() == num_rows, "permuted_probs", || {
             format!("must have {num_rows} rows")
@@ -242,9 +263,12 @@ pub fn permute_layout<A: Assignments, P: Copy + Default + Send + Sync>(
     }
     // Row where each block starts writing for each expert.
     let mut cursor: Vec<Vec<i64>> = Vec::with_capacity(counts.len());
-    let mut next = expert_start[..e_n].to_vec();
+    let mut next = try_zeroed::<i64>(e_n, "num_experts")?;
+    next.copy_from_slice(&expert_start[..e_n]);
     for c in &counts {
-        cursor.push(next.clone());
+        let mut cur = try_zeroed::<i64>(e_n, "num_experts")?;
+        cur.copy_from_slice(&next);
+        cursor.push(cur);
         for (n, v) in next.iter_mut().zip(c) {
             *n += v;
         }
@@ -404,7 +428,7 @@ fn token_rows(sorted_indices: &[i64], num_tokens: usize) -> Result<TokenRows> {
             )
         },
     )?;
-    let mut start = vec![0usize; num_tokens + 1];
+    let mut start = try_zeroed::<usize>(num_tokens + 1, "restore_shape")?;
     for &t in sorted_indices {
         if t >= 0 {
             start[t as usize + 1] += 1;
@@ -413,7 +437,8 @@ fn token_rows(sorted_indices: &[i64], num_tokens: usize) -> Result<TokenRows> {
     for i in 0..num_tokens {
         start[i + 1] += start[i];
     }
-    let mut fill = start[..num_tokens].to_vec();
+    let mut fill = try_zeroed::<usize>(num_tokens, "restore_shape")?;
+    fill.copy_from_slice(&start[..num_tokens]);
     let mut rows = vec![0u32; start[num_tokens]];
     for (r, &t) in sorted_indices.iter().enumerate() {
         if t >= 0 {
@@ -666,10 +691,17 @@ fn chunk_moves(
             format!("entry {i} = {} is negative", split_sizes[i]),
         ));
     }
-    let total: i64 = split_sizes.iter().sum();
-    ensure(total as usize == num_rows, "split_sizes", || {
-        format!("sum to {total}, but input has {num_rows} rows")
-    })?;
+    // Checked: sizes whose sum wraps to the row count must not pass (the copies below are
+    // bounded by this sum).
+    let total = split_sizes
+        .iter()
+        .try_fold(0i64, |acc, &s| acc.checked_add(s))
+        .ok_or_else(|| invalid("split_sizes", "the sizes' sum overflows int64"))?;
+    ensure(
+        usize::try_from(total).is_ok_and(|t| t == num_rows),
+        "split_sizes",
+        || format!("sum to {total}, but input has {num_rows} rows"),
+    )?;
     ensure(sorted_idxs.len() == n, "sorted_idxs", || {
         format!(
             "must list each of the {n} chunks once, got {} entries",
@@ -718,10 +750,12 @@ pub fn sort_chunks<T: Copy + Send + Sync>(
     ensure(out.len() == input.len(), "out", || {
         "must have the shape of input".into()
     })?;
-    let num_rows = input
-        .len()
-        .checked_div(row_len)
-        .unwrap_or_else(|| split_sizes.iter().sum::<i64>().max(0) as usize);
+    let num_rows = input.len().checked_div(row_len).unwrap_or_else(|| {
+        split_sizes
+            .iter()
+            .try_fold(0i64, |acc, &s| acc.checked_add(s.max(0)))
+            .map_or(usize::MAX, |t| t as usize)
+    });
     let moves = chunk_moves(split_sizes, sorted_idxs, num_rows)?;
     if row_len == 0 {
         return Ok(());
@@ -768,7 +802,7 @@ mod tests {
         };
         let mut counts = vec![0i64; e];
         count_tokens_per_expert(&a, &mut counts).unwrap();
-        let rows: i64 = counts.iter().map(|&c| align_up(c, align)).sum();
+        let rows: i64 = counts.iter().map(|&c| align_up(c, align).unwrap()).sum();
         let mut si = vec![0i64; rows as usize];
         let mut padded = vec![0i64; e];
         permute_layout::<_, f32>(&a, align, None, &mut si, None, &mut padded).unwrap();
@@ -851,6 +885,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("indices:"));
+    }
+
+    #[test]
+    fn huge_align_is_an_error_naming_align_size_and_writes_nothing() {
+        // 4 tokens, 4 experts, one each: padding to 2**62 or 2**63 - 1 overflows the rows.
+        let map: Vec<bool> = (0..16).map(|i| i % 5 == 0).collect();
+        let a = RoutingMap {
+            map: &map,
+            num_tokens: 4,
+            num_experts: 4,
+        };
+        for align in [1usize << 62, (1usize << 63) - 1, usize::MAX] {
+            let mut si = vec![7i64; 4];
+            let mut padded = vec![7i64; 4];
+            let e =
+                permute_layout::<_, f32>(&a, align, None, &mut si, None, &mut padded).unwrap_err();
+            assert!(e.to_string().starts_with("align_size: "), "{e}");
+            assert_eq!((si, padded), (vec![7; 4], vec![7; 4]));
+        }
+        assert_eq!(align_up(5, 1 << 62), Some(1 << 62));
+        assert_eq!(align_up(1, usize::MAX), None);
+        assert_eq!(align_up(i64::MAX, 2), None);
+    }
+
+    #[test]
+    fn split_sizes_whose_sum_wraps_are_rejected() {
+        let x = vec![0f32; 30];
+        let mut out = vec![1f32; 30];
+        let m = i64::MAX;
+        let e = sort_chunks(&x, 3, &[m, m, 12], &[2, 0, 1], &mut out).unwrap_err();
+        assert!(e.to_string().starts_with("split_sizes: "), "{e}");
+        assert!(out.iter().all(|&v| v == 1.0));
+        // Zero-width rows: the row count comes from the sizes, which must not wrap either.
+        let e = sort_chunks::<f32>(&[], 0, &[m, m, 12], &[2, 0, 1], &mut []).unwrap_err();
+        assert!(e.to_string().starts_with("split_sizes: "), "{e}");
     }
 
     #[test]

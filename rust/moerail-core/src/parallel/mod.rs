@@ -14,6 +14,9 @@
 
 use crate::error::{ensure, invalid, Result};
 
+/// The most ranks a [`ParallelLayout`] lists (about 20 kinds x this many `usize`s).
+pub const MAX_LISTED_RANKS: usize = 1 << 20;
+
 /// The five dimensions of Megatron's rank grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dim {
@@ -338,6 +341,7 @@ impl ParallelLayout {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// A layout of `world_size` ranks; every size is checked (errors name the argument).
     pub fn with_options(
         world_size: usize,
         tp: usize,
@@ -350,6 +354,11 @@ impl ParallelLayout {
     ) -> Result<Self> {
         ensure(world_size >= 1, "world_size", || {
             format!("must be >= 1, got {world_size}")
+        })?;
+        // The layout lists every rank of every group: the world is capped so that a huge one is
+        // an error naming `world_size`, not an allocation failure that aborts the process.
+        ensure(world_size <= MAX_LISTED_RANKS, "world_size", || {
+            format!("{world_size} ranks are more than the {MAX_LISTED_RANKS} a layout lists")
         })?;
         let etp = etp.unwrap_or(tp);
         for (name, v) in [("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep), ("etp", etp)] {
@@ -446,6 +455,7 @@ impl ParallelLayout {
     }
 
     /// Every group `initialize_model_parallel` creates, kind by kind, in its order.
+    ///
     pub fn groups(&self) -> Result<Vec<(GroupKind, Vec<Vec<usize>>)>> {
         let a = &self.attn;
         let e = &self.expert;
@@ -688,5 +698,11 @@ mod tests {
         assert_eq!((dp.size, dp.nodes, dp.min_per_node), (8, 2, 4));
         let pp = l.attention().span("pp", 8).unwrap();
         assert_eq!((pp.nodes, pp.min_per_node), (8, 1));
+    }
+
+    #[test]
+    fn a_huge_world_is_an_error_not_an_abort() {
+        let e = ParallelLayout::new(1 << 40, 1, 1, 1, 1, None, "tp-cp-ep-dp-pp").unwrap_err();
+        assert!(e.to_string().starts_with("world_size: "), "{e}");
     }
 }
