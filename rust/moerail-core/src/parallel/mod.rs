@@ -154,38 +154,68 @@ impl RankGenerator {
     }
 
     fn groups_for_mask(&self, mask: &[bool]) -> Vec<Vec<usize>> {
+        let grid = GroupGrid::new(&self.sizes, mask);
+        (0..self.world_size / grid.size)
+            .map(|g| {
+                let base = grid.base(g);
+                (0..grid.size).map(|r| base + grid.member(r)).collect()
+            })
+            .collect()
+    }
+}
+
+/// The groups of one kind on the rank grid: the masked dimensions index a group's members,
+/// the others the groups (first dimension fastest), so rank = base(group) + member(index).
+struct GroupGrid {
+    in_shape: Vec<usize>,
+    in_stride: Vec<usize>,
+    out_shape: Vec<usize>,
+    out_stride: Vec<usize>,
+    /// Ranks in a group.
+    size: usize,
+}
+
+impl GroupGrid {
+    fn new(sizes: &[usize], mask: &[bool]) -> Self {
+        let mut g = GroupGrid {
+            in_shape: Vec::new(),
+            in_stride: Vec::new(),
+            out_shape: Vec::new(),
+            out_stride: Vec::new(),
+            size: 1,
+        };
         let mut stride = 1usize;
-        let (mut in_shape, mut in_stride, mut out_shape, mut out_stride) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (&s, &m) in self.sizes.iter().zip(mask) {
+        for (&s, &m) in sizes.iter().zip(mask) {
             if m {
-                in_shape.push(s);
-                in_stride.push(stride);
+                g.in_shape.push(s);
+                g.in_stride.push(stride);
             } else {
-                out_shape.push(s);
-                out_stride.push(stride);
+                g.out_shape.push(s);
+                g.out_stride.push(stride);
             }
             stride *= s;
         }
-        let group_size: usize = in_shape.iter().product();
-        let num_groups = self.world_size / group_size;
-        let offsets = |index: usize, shape: &[usize], strides: &[usize]| -> usize {
-            let mut rem = index;
-            let mut off = 0;
-            for (&s, &st) in shape.iter().zip(strides) {
-                off += (rem % s) * st;
-                rem /= s;
-            }
-            off
-        };
-        (0..num_groups)
-            .map(|g| {
-                let base = offsets(g, &out_shape, &out_stride);
-                (0..group_size)
-                    .map(|r| base + offsets(r, &in_shape, &in_stride))
-                    .collect()
-            })
-            .collect()
+        g.size = g.in_shape.iter().product();
+        g
+    }
+
+    /// The rank offset of mixed-radix `index` over `shape` (first digit fastest).
+    fn decompose(index: usize, shape: &[usize], strides: &[usize]) -> usize {
+        let mut rem = index;
+        let mut off = 0;
+        for (&s, &st) in shape.iter().zip(strides) {
+            off += (rem % s) * st;
+            rem /= s;
+        }
+        off
+    }
+
+    fn base(&self, group: usize) -> usize {
+        Self::decompose(group, &self.out_shape, &self.out_stride)
+    }
+
+    fn member(&self, index: usize) -> usize {
+        Self::decompose(index, &self.in_shape, &self.in_stride)
     }
 }
 
@@ -566,40 +596,17 @@ impl RankGenerator {
             "must be >= 1".into()
         })?;
         let mask = self.mask(token)?;
-        let mut stride = 1usize;
-        let (mut in_shape, mut in_stride, mut out_shape, mut out_stride) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (&s, &m) in self.sizes.iter().zip(&mask) {
-            if m {
-                in_shape.push(s);
-                in_stride.push(stride);
-            } else {
-                out_shape.push(s);
-                out_stride.push(stride);
-            }
-            stride *= s;
-        }
-        let size: usize = in_shape.iter().product();
+        let grid = GroupGrid::new(&self.sizes, &mask);
+        let size = grid.size;
         let groups = self.world_size / size;
-        let decompose = |index: usize, shape: &[usize], strides: &[usize]| -> usize {
-            let mut rem = index;
-            let mut off = 0;
-            for (&s, &st) in shape.iter().zip(strides) {
-                off += (rem % s) * st;
-                rem /= s;
-            }
-            off
-        };
         let mut members: Vec<usize> = Vec::with_capacity(size);
         let (mut worst_nodes, mut worst_min) = (0usize, usize::MAX);
         // Groups of one kind are translates of each other, and node boundaries repeat with
         // the fastest grid dimensions: the first groups (up to 32) show the worst case.
         for g in 0..groups.min(32) {
-            let base = decompose(g, &out_shape, &out_stride);
+            let base = grid.base(g);
             members.clear();
-            members.extend(
-                (0..size).map(|r| (base + decompose(r, &in_shape, &in_stride)) / devices_per_node),
-            );
+            members.extend((0..size).map(|r| (base + grid.member(r)) / devices_per_node));
             members.sort_unstable();
             let (mut nodes, mut min_run, mut run) = (1usize, usize::MAX, 1usize);
             for w in members.windows(2) {
