@@ -63,6 +63,8 @@ def integer(v, name: str, *, minimum: Optional[int] = None, maximum: Optional[in
             raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
     if minimum is not None and v < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+    if not -(2**63) <= v < 2**63:  # every size and count is an int64 (Rust, torch)
+        raise ValueError(f"{name}: must fit int64, got {v}")
     if maximum is not None and v > maximum:
         raise ValueError(f"{name}: must be <= {maximum}, got {v}")
     return v

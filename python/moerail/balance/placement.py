@@ -147,7 +147,7 @@ def expand_placement(phy2log, num_replicas: int, num_gpus: int) -> torch.Tensor:
     num_layers, r0 = p.shape
     if r0 == num_replicas:
         return p
-    if r0 % num_gpus or num_replicas % num_gpus or num_replicas < r0:
+    if r0 == 0 or r0 % num_gpus or num_replicas % num_gpus or num_replicas < r0:
         raise ValueError(
             f"num_replicas: expected a multiple of num_gpus ({num_gpus}) no smaller than the current {r0} slots, "
             f"got {num_replicas}"

@@ -230,6 +230,8 @@ def plan_all_to_all(
         tpe = _checks.tensor(tokens_per_expert, "tokens_per_expert", ndim=2, dtypes=_checks.INT_DTYPES,
                              shape_doc="[num_ranks, num_experts]")
         w, e = tpe.shape
+        if w < 1 or e < 1:
+            raise ValueError(f"tokens_per_expert: expected at least one rank and one expert, got shape {tuple(tpe.shape)}")
         if num_tokens is None or len(num_tokens) != w:
             raise ValueError(f"num_tokens: expected {w} values (one per rank)")
     phy2log, log2phy, logcnt = _placement_tables(placement, e, w)

@@ -139,7 +139,7 @@ def permute_by_indices(
     tokens = _tokens(tokens)
     indices = _checks.tensor(indices, "indices", ndim=2, dtypes=_checks.INT_DTYPES, shape_doc="[num_tokens, topk]")
     _checks.same_rows(tokens, "tokens", indices, "indices")
-    num_experts = _checks.integer(num_experts, "num_experts", minimum=1)
+    num_experts = _checks.integer(num_experts, "num_experts", minimum=1, maximum=1 << 24)
     if probs is not None:
         probs = _checks.tensor(probs, "probs", ndim=2, dtypes=_checks.FLOAT_DTYPES)
         if probs.shape != indices.shape:

@@ -17,6 +17,8 @@ def _positive_int(name: str, value: Any) -> int:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name}: must be >= 1, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{name}: must fit int64, got {value}")
     return value
 
 
