@@ -218,3 +218,14 @@ def test_router_config_parses_the_score_function_once():
     cfg.validate(64, True)
     with pytest.raises(ValueError, match="score_function: expected 'softmax', 'sigmoid' or 'sqrtsoftplus'"):
         moerail._native.ops.RouterConfig(4, "relu")
+
+
+def test_scaling_factor_tensor_is_a_clear_error():
+    """A multi-element tensor as scaling_factor names the argument (it hit torch's truth test);
+    a 0-d tensor is a number, as Megatron passes it."""
+    logits = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="scaling_factor: expected a number"):
+        moerail.topk_route(logits, 2, scaling_factor=torch.ones(3))
+    a = moerail.topk_route(logits, 2, scaling_factor=torch.tensor(2.5))
+    b = moerail.topk_route(logits, 2, scaling_factor=2.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -75,7 +75,7 @@ def topk_route(
         num_groups = _checks.integer(num_groups, "num_groups", minimum=1, maximum=_INT64_MAX)
     if group_topk is not None:
         group_topk = _checks.integer(group_topk, "group_topk", minimum=1, maximum=_INT64_MAX)
-    sf = None if not scaling_factor else _checks.real(scaling_factor, "scaling_factor")
+    sf = None if scaling_factor is None else (_checks.real(scaling_factor, "scaling_factor") or None)
     if not torch.compiler.is_compiling():  # traced: the kernel runs the same check when it runs
         config = _native.ops.RouterConfig(topk, score_function, bool(use_pre_softmax), num_groups, group_topk, sf)
         config.validate(num_experts, expert_bias is not None)
