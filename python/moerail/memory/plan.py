@@ -1,0 +1,184 @@
+"""The memory plan: for every layer (and virtual pipeline stage), what happens to each module's
+saved activations between its forward and its backward.
+
+A plan is a typed value, checked once when it is built, and shared by the three users of it:
+the planner (`moerail.memory.plan_memory`, costs from the simulator's model or from
+`moerail.memory.profile`), the executor (`moerail.memory.executor`, `saved_tensors_hooks` and
+output-discarding checkpoints) and the Megatron-Core integration
+(`moerail.integrations.megatron.apply_memory_plan`, `MemoryPlan.to_megatron_flags`).
+
+Actions:
+
+* ``keep`` — autograd keeps the saved tensors (the default; what Megatron does without flags).
+* ``recompute`` — the module's output is freed once its consumer has saved what it needs and
+  rebuilt just before the backward needs it; the replay reuses the saved routing map, sorted
+  indices, split sizes and RNG state, so routing and exchanges cannot change.
+* ``swap`` — the saved tensors go to a pinned host pool (a side stream on GPU, a copy thread on
+  CPU) and come back before the backward uses them; every swap-in waits on its own swap-out.
+* ``recompute_exchange`` — expert inputs only: the dispatched rows are dropped and the exchange
+  is run again in the backward (MindSpeed's "zero memory" idea).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+
+class Action(str, enum.Enum):
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    SWAP = "swap"
+    RECOMPUTE_EXCHANGE = "recompute_exchange"
+
+
+# The modules of one transformer layer whose saved activations a plan decides, in forward order.
+MODULES: Tuple[str, ...] = (
+    "layernorm",  # the pre-attention and pre-MLP norms
+    "attention",  # core attention (QKV projections stay with it)
+    "router",  # gate logits, top-k, aux losses
+    "permute",  # the local permute before the exchange
+    "expert_fc1",  # the expert inputs (dispatched rows) and fc1's output
+    "expert_act",  # the activation (SwiGLU / GeLU) inside the experts
+    "expert_fc2",  # fc2's input and output
+    "unpermute",  # the combine after the exchange back
+    "shared_expert",  # the shared expert's MLP, where the model has one
+)
+
+# `recompute_exchange` drops the dispatched rows, which only the expert inputs hold.
+_EXCHANGE_MODULES = frozenset({"expert_fc1"})
+
+
+def _action(value, where: str) -> Action:
+    if isinstance(value, Action):
+        return value
+    try:
+        return Action(value)
+    except ValueError:
+        known = ", ".join(a.value for a in Action)
+        raise ValueError(f"{where}: unknown action {value!r}; expected one of {known}") from None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The actions of one layer. `layer` is the global layer number (0-based, Megatron's
+    `layer_number - 1`); `vpp_stage` the virtual pipeline stage it runs in (0 without VPP).
+    Modules not named keep their activations."""
+
+    layer: int
+    actions: Mapping[str, Action] = field(default_factory=dict)
+    vpp_stage: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer: expected an int >= 0, got {self.layer!r}")
+        if isinstance(self.vpp_stage, bool) or not isinstance(self.vpp_stage, int) or self.vpp_stage < 0:
+            raise ValueError(f"vpp_stage: expected an int >= 0, got {self.vpp_stage!r}")
+        checked: Dict[str, Action] = {}
+        for module, value in dict(self.actions).items():
+            if module not in MODULES:
+                raise ValueError(
+                    f"layer {self.layer}: unknown module {module!r}; expected one of {', '.join(MODULES)}"
+                )
+            action = _action(value, f"layer {self.layer} module {module!r}")
+            if action is Action.RECOMPUTE_EXCHANGE and module not in _EXCHANGE_MODULES:
+                raise ValueError(
+                    f"layer {self.layer} module {module!r}: recompute_exchange applies to the expert "
+                    f"inputs only ({', '.join(sorted(_EXCHANGE_MODULES))})"
+                )
+            checked[module] = action
+        object.__setattr__(self, "actions", checked)
+
+    def action(self, module: str) -> Action:
+        if module not in MODULES:
+            raise ValueError(f"module: unknown module {module!r}; expected one of {', '.join(MODULES)}")
+        return self.actions.get(module, Action.KEEP)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-layer actions plus what the planner predicted for them.
+
+    `predicted_peak_bytes` is the peak device memory on the pipeline schedule's timeline (weights,
+    gradients, optimizer state and the activations of the micro-batches in flight);
+    `predicted_added_seconds` the step time the plan exposes (recompute plus unhidden swap);
+    `host_bytes` the pinned host memory the swaps need per device."""
+
+    layers: Tuple[LayerPlan, ...]
+    budget_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[float] = None
+    predicted_added_seconds: Optional[float] = None
+    host_bytes: int = 0
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        seen = set()
+        for lp in layers:
+            if not isinstance(lp, LayerPlan):
+                raise TypeError(f"layers: expected LayerPlan entries, got {type(lp).__name__}")
+            key = (lp.layer, lp.vpp_stage)
+            if key in seen:
+                raise ValueError(f"layers: layer {lp.layer} (vpp stage {lp.vpp_stage}) appears twice")
+            seen.add(key)
+        object.__setattr__(self, "layers", layers)
+        if self.budget_bytes is not None and (
+            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+        ):
+            raise ValueError(f"budget_bytes: expected a positive int, got {self.budget_bytes!r}")
+        if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
+            raise ValueError(f"host_bytes: expected an int >= 0, got {self.host_bytes!r}")
+
+    @classmethod
+    def uniform(cls, num_layers: int, actions: Mapping[str, Action], **kw) -> MemoryPlan:
+        """The same actions in every one of `num_layers` layers."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+            raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}")
+        return cls(tuple(LayerPlan(i, dict(actions)) for i in range(num_layers)), **kw)
+
+    def action(self, layer: int, module: str, vpp_stage: int = 0) -> Action:
+        for lp in self.layers:
+            if lp.layer == layer and lp.vpp_stage == vpp_stage:
+                return lp.action(module)
+        if module not in MODULES:
+            raise ValueError(f"module: unknown module {module!r}; expected one of {', '.join(MODULES)}")
+        return Action.KEEP
+
+    def modules_with(self, action: Action) -> Iterable[Tuple[int, str]]:
+        for lp in self.layers:
+            for module, a in lp.actions.items():
+                if a is action:
+                    yield lp.layer, module
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [
+                {"layer": lp.layer, "vpp_stage": lp.vpp_stage, "actions": {m: a.value for m, a in lp.actions.items()}}
+                for lp in self.layers
+            ],
+            "budget_bytes": self.budget_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "predicted_added_seconds": self.predicted_added_seconds,
+            "host_bytes": self.host_bytes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MemoryPlan:
+        if not isinstance(d, Mapping) or not isinstance(d.get("layers"), list):
+            raise ValueError("plan: expected an object with a 'layers' list")
+        layers = []
+        for i, entry in enumerate(d["layers"]):
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("actions", {}), Mapping):
+                raise ValueError(f"plan: layers[{i}]: expected an object with 'layer' and 'actions'")
+            layers.append(LayerPlan(entry.get("layer"), dict(entry.get("actions", {})), entry.get("vpp_stage", 0)))
+        return cls(
+            tuple(layers),
+            budget_bytes=d.get("budget_bytes"),
+            predicted_peak_bytes=d.get("predicted_peak_bytes"),
+            predicted_added_seconds=d.get("predicted_added_seconds"),
+            host_bytes=d.get("host_bytes", 0),
+        )
