@@ -416,7 +416,12 @@ class AllToAllDispatcher:
             return self.combine(experts(out, per_slot, p), route)
         h, wts, slots = prepared
         bounds = torch.linspace(0, h.shape[0], n + 1).round().long().tolist()
-        chunks = [(a, b, slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        chunks = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            # As one dispatch would compact it: as many entry columns as the chunk's fullest token.
+            s = slots[a:b]
+            width = int((s >= 0).sum(1).max()) if s.numel() else 0
+            chunks.append((a, b, s[:, :width].contiguous()))
         return Overlapped.apply(h, wts, self, chunks, experts, torch.is_grad_enabled())
 
     def _note_overlap(self, n: int, work: float, exposed: float, backward: bool = False) -> None:

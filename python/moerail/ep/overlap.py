@@ -74,7 +74,8 @@ def _timed(fn: Callable[[], None]) -> float:
 
 class Overlapped(torch.autograd.Function):
     """``forward(ctx, hidden [T, H], weights [T, K], disp, chunks, experts, build_graph)``:
-    ``chunks`` is a list of ``(start, stop, slots)`` token ranges; ``experts(rows,
+    ``chunks`` is a list of ``(start, stop, slots)`` token ranges (``slots [stop - start, k]``, the
+    first ``k`` entry columns of ``weights`` for those tokens); ``experts(rows,
     tokens_per_local_expert, probs) -> rows``; ``build_graph``: whether grad mode was on at the
     call (inside ``forward`` it is off), so the experts' graphs are kept for the backward. Returns the combined ``[T, H]``; the seconds of exchange work and of waiting
     for it go to ``disp._overlap`` (this call) and ``disp.overlap_totals`` (running sums)."""
@@ -92,15 +93,15 @@ class Overlapped(torch.autograd.Function):
         ys: list = [None] * n
 
         def dispatch(i):
-            a, b, _ = chunks[i]
-            rows[i] = disp._forward_pass(routes[i], h_all[a:b], w_all[a:b], "dispatch")
+            a, b, slots = chunks[i]
+            rows[i] = disp._forward_pass(routes[i], h_all[a:b], w_all[a:b, : slots.shape[1]], "dispatch")
 
         def combine(i):
             outs[i], _ = disp._reverse_pass(routes[i], ys[i].detach().contiguous(), None, "combine")
 
         def plan():
-            routes[:] = disp._route_chunks([(h_all[a:b], w_all[a:b], s) for a, b, s in chunks], None, hidden,
-                                           probs_grad)
+            routes[:] = disp._route_chunks([(h_all[a:b], w_all[a:b, : s.shape[1]], s) for a, b, s in chunks], None,
+                                           hidden, probs_grad)
             dispatch(0)
 
         work = _timed(plan)
@@ -125,7 +126,7 @@ class Overlapped(torch.autograd.Function):
         if build_graph:
             ctx.disp, ctx.chunks, ctx.routes = disp, chunks, routes
             ctx.xs, ctx.ps, ctx.ys = xs, ps, ys
-            ctx.weights_dtype = weights.dtype
+            ctx.weights_dtype, ctx.weights_shape = weights.dtype, weights.shape
         return torch.cat(outs)
 
     @staticmethod
@@ -165,6 +166,9 @@ class Overlapped(torch.autograd.Function):
         disp._note_overlap(n, work, exposed, backward=True)
         ctx.xs = ctx.ps = ctx.ys = None
         gw = None
-        if g_w[0] is not None:
-            gw = torch.cat(g_w).to(ctx.weights_dtype)
+        if any(x is not None for x in g_w):
+            gw = torch.zeros(ctx.weights_shape, dtype=ctx.weights_dtype, device=grad_out.device)
+            for (a, b, slots), x in zip(chunks, g_w):
+                if x is not None:
+                    gw[a:b, : slots.shape[1]] = x
         return torch.cat(g_h), gw, None, None, None, None
