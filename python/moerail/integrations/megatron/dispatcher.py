@@ -133,9 +133,11 @@ def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: st
     ``num_chunks > 1`` hides the exchange behind the experts: the layer's ``dispatch``,
     ``routed_experts_compute`` and ``combine`` become one pipeline over ``num_chunks`` chunks of
     its tokens (the exchange of the others runs while the experts compute one, in the forward and
-    in the backward; see ``AllToAllDispatcher.forward``). Each chunk is planned on its own (two
-    small all-gathers), so it pays where the experts' compute is comparable to the exchange's
-    transfer time, not where per-message latency dominates. Returns the layer."""
+    in the backward; see ``AllToAllDispatcher.forward``). One all-gather plans every chunk, but each
+    chunk's rows travel in their own messages: it pays where the exchange runs beside the experts
+    (NICs and copy engines beside the GPU's SMs) and the experts' compute is comparable to the
+    transfer time, not where per-message latency dominates or the exchange needs the experts' own
+    cores (CPU ranks). Returns the layer."""
     from datetime import timedelta  # noqa: PLC0415
 
     if not hasattr(moe_layer, "token_dispatcher") or not hasattr(moe_layer, "router"):
