@@ -3,7 +3,8 @@ nodes, stock vs moerail, the arms trained side by side in the same processes.
 
 Two runs of the example on 4 ranks as 2 nodes x 2 (network namespaces joined by a ``tc``-shaped veth,
 loopback inside a node; the link measured in the same run): uniform routing (stock, patched,
-moerail) and skewed routing (a fixed Zipf prior on the router logits; stock, moerail, placed). Per
+moerail, overlap, stock_ulp) and skewed routing (a fixed Zipf prior on the router logits; stock,
+moerail, placed). Per
 arm: tokens/s (median over the steps after warm-up, and the mean over them, which counts the
 re-placement steps), the step-time breakdown, inter-node bytes per step, the busiest/mean device
 load; a PNG beside BENCHMARKS.md with the losses and tokens/s. Re-run alone:
@@ -29,7 +30,11 @@ import _common  # noqa: E402
 TITLE = "End to end: Megatron-Core's training loop on two emulated nodes, stock vs moerail"
 PNG = HERE / "e2e.png"
 RESULTS = HERE / "e2e_results.json"
-LINK_MBIT = 1000
+# 250 Mbit/s between the nodes: relative to what a rank computes here, still a faster network than
+# GPU nodes have (the section states the ratio measured in the run next to an H100 node's).
+LINK_MBIT = 250
+#: An H100 SXM node: 989 TFLOP/s dense BF16 at 40% MFU per GPU, one 400 Gbit/s NIC (50 GB/s) per GPU.
+GPU_FLOP_PER_BYTE = 989e12 * 0.4 / 50e9
 MODEL = ["--layers", "4", "--hidden", "128", "--ffn", "128", "--heads", "4", "--experts", "32", "--topk", "8",
          "--seq", "128", "--micro-batch", "4", "--micro-batches", "2"]
 TARGETS = {"moerail": 1.5, "placed": 1.73}
@@ -38,9 +43,9 @@ TARGETS = {"moerail": 1.5, "placed": 1.73}
 def _runs(quick: bool) -> List[Dict]:
     steps, warmup = (8, 2) if quick else (30, 5)
     return [
-        {"name": "uniform routing", "argv": ["--arms", "stock,patched,moerail,stock_ulp"]},
-        {"name": f"skewed routing (Zipf prior 1.0, re-placement every {5 if quick else 10} steps)",
-         "argv": ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--rebalance-every", "5" if quick else "10"]},
+        {"name": "uniform routing", "argv": ["--arms", "stock,patched,moerail,overlap,stock_ulp"]},
+        {"name": "skewed routing (Zipf prior 1.0, re-placement every 5 steps)",
+         "argv": ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--rebalance-every", "5"]},
     ], ["--steps", str(steps), "--warmup", str(warmup)]
 
 
@@ -63,7 +68,9 @@ def _arm_rows(res: Dict) -> List[Dict]:
         bd = h["breakdown"][warm:]
         parts = {k: _median([b[k] for b in bd]) for k in bd[0]}
         med = _median(steps)
+        hidden = parts.pop("exchange hidden", 0.0)  # ran beside the experts: not part of the step's sum
         parts["rest"] = max(0.0, med - sum(parts.values()))
+        parts["exchange hidden"] = hidden
         out.append({"arm": name, "tps": tok / med, "tps_mean": tok * len(steps) / sum(steps), "step_s": med,
                     "parts": parts, "inter": _median(h["inter_node_bytes"][warm:]),
                     "intra": _median(h["intra_node_bytes"][warm:]),
@@ -128,13 +135,44 @@ def _intro() -> str:
         "step of each in turn, so a busy machine slows them alike and the ratios are taken in the same run. "
         "Arms: `stock` (Megatron's alltoall dispatcher), `patched` (`patch_moe_utils()` only), `moerail` "
         "(`use_moerail`: moerail's router and `AllToAllDispatcher`, strategy `auto` planned with the link measured "
-        "below), `placed` (`moerail` plus `update_expert_placement` at global-batch boundaries, weights and Adam "
-        "state moved).",
+        "below), `overlap` (`moerail` with `use_moerail(num_chunks=2)`: each MoE layer's dispatch, experts and "
+        "combine as a two-chunk pipeline, one chunk's exchange in a helper thread while the experts compute the "
+        "other, forward and backward), `placed` (`moerail` plus `update_expert_placement` every 5 "
+        "steps, at a global-batch boundary, for the load `LoadTracker.predict(\"ema\")` expects in the next 5 "
+        "steps; weights and Adam state moved), `stock_ulp` (stock with its router weights one ulp off: the noise "
+        "floor).",
         "",
         f"Model: {' '.join(MODEL)} (4096 tokens a step). Inter-node link: veth shaped to {LINK_MBIT} Mbit/s each "
         "way by `tc tbf`, loopback inside a node. Raw results: `benches/e2e_results.json`; "
         "`python benches/bench_e2e.py --render` re-writes this section from them.",
     ])
+
+
+def _train_flops_per_token(c: Dict) -> float:
+    """Training FLOPs per token (3x the forward's matmuls): attention projections, scores and
+    context (not halved for the causal mask), router, top-k experts (fc1 + fc2), output layer."""
+    h, s, f = c["hidden"], c["seq"], c["ffn"]
+    layer = 8 * h * h + 4 * s * h + 2 * h * c["experts"] + c["topk"] * 4 * h * f
+    return 3 * (c["layers"] * layer + 2 * h * 256)
+
+
+def _compute_to_network(res: Dict, link: Dict) -> str:
+    """What a rank computes per byte its share of the inter-node link carries, here and on GPU nodes."""
+    run = res["runs"][0]
+    st = _arm_rows(res)[0]
+    compute_s = max(1e-9, st["step_s"] - st["parts"]["exchange"])
+    flops = _train_flops_per_token(run["config"]) * run["tokens_per_step"]
+    rank_flops = flops / compute_s / run["config"]["world"]
+    rank_bw = link["inter_node_bw"] / run["ranks_per_node"]
+    here = rank_flops / rank_bw
+    return (f"Compute against network: stock's step outside the exchange ({compute_s:.2f} s) does "
+            f"{flops / 1e9:.0f} GFLOP (training FLOPs of the model, 4096 tokens), {rank_flops / 1e9:.1f} GFLOP/s a "
+            f"rank; a rank's share of the measured inter-node link is {rank_bw / 1e6:.1f} MB/s: {here:.0f} FLOP per "
+            f"inter-node byte. An H100 node (989 TFLOP/s dense BF16 at 40% MFU, one 400 Gbit/s NIC per GPU) does "
+            f"{GPU_FLOP_PER_BYTE:.0f}: the emulated link is still {GPU_FLOP_PER_BYTE / here:.0f}x faster relative to "
+            f"compute than such a cluster's ({GPU_FLOP_PER_BYTE / here / 2:.0f}x counting that these rows are fp32, "
+            "twice BF16's bytes), so the exchange weighs less in this step than it would on GPU nodes, not more. "
+            "The same link for every arm.")
 
 
 def render(saved: Dict) -> str:
@@ -155,6 +193,8 @@ def render(saved: Dict) -> str:
         f"{link['inter_node_bw'] * 8 / 1e6:.0f} Mbit/s a node, latency {link['inter_node_latency'] * 1e3:.2f} ms; "
         f"intra-node {link['intra_node_bw'] * 8 / 1e9:.1f} Gbit/s, latency {link['latency'] * 1e3:.2f} ms.",
         "",
+        _compute_to_network(first, link),
+        "",
     ]
     verdicts, notes = [], []
     for r, (name, res) in zip(saved["runs"], results):
@@ -169,8 +209,11 @@ def render(saved: Dict) -> str:
               f"{x['loss'][-1]:.4f}"] for x in rows]))
         keys = list(rows[0]["parts"])
         parts += ["", "Step-time breakdown (seconds a step, median over steps after warm-up, mean over ranks; "
-                  "`exchange`: every all-to-all, forward and backward, until it returns, including the wait for "
-                  "the slowest rank; none overlaps compute in these arms, so all of it is exposed, 0 hidden):", ""]
+                  "`exchange`: the exposed exchange, every all-to-all forward and backward until it returns, "
+                  "including the wait for the slowest rank; in `overlap` the seconds the step waited for its "
+                  "pipeline's exchange work (packing, all-to-alls, sums; `permute` / `combine` then hold only the "
+                  "reshaping around it), and `exchange hidden` the rest of that work, which ran beside the experts "
+                  "and is not part of the step's sum; `rest`: attention, embeddings, loss, backward compute):", ""]
         parts.append(_common.table(["arm", *keys], [[x["arm"], *[f"{x['parts'][k]:.3f}" for k in keys]] for x in rows]))
         diffs = res["runs"][0]["param_diff_vs_first"]
         stock = rows[0]["loss"]
@@ -198,45 +241,80 @@ def render(saved: Dict) -> str:
         parts += ["", text]
         for x in rows:
             if x["rebalances"]:
-                parts.append("Re-placements (predicted busiest/mean device load on the window's load, before -> "
-                             "after; experts moved): " + ", ".join(
-                                 f"step {b['step']}: {b['before']:.2f} -> {b['after']:.2f} ({b['moved']})"
-                                 for b in x["rebalances"]) + ".")
+                parts.append("Re-placements (busiest/mean device load: measured over the 5 steps before, then "
+                             "predicted for the next 5 with the current placement -> with the new one; experts "
+                             "moved, of " f"{4 * 32} in 4 layers): " + ", ".join(
+                                 f"step {b['step']}: {b.get('window', float('nan')):.2f}; {b['before']:.2f} -> "
+                                 f"{b['after']:.2f} ({b['moved']})" for b in x["rebalances"]) + ".")
         m = {x["arm"]: x for x in rows}
         for x in rows:
             if x["arm"] in TARGETS:
                 verdicts.append((f"{x['arm']} vs stock", name, x["tps"] / base, TARGETS[x["arm"]], False))
         if "placed" in m and "moerail" in m:
             verdicts.append(("placed vs moerail", name, m["placed"]["tps"] / m["moerail"]["tps"], 1.0, True))
+        short = name.split(" (")[0]
         if "moerail" in m and "stock" in m and not notes:
             st, mo = m["stock"], m["moerail"]
             ceiling = st["step_s"] / max(1e-9, st["step_s"] - st["parts"]["exchange"])
             notes.append(
-                f"Where the time goes ({name.split(' (')[0]}): moerail changes the exchange only, {st['parts']['exchange']:.2f} s -> "
+                f"Where the time goes ({short}): moerail changes the exchange, {st['parts']['exchange']:.2f} s -> "
                 f"{mo['parts']['exchange']:.2f} s a step ({st['inter'] / max(1, mo['inter']):.1f}x fewer inter-node "
                 f"bytes: `{mo['strategy']}` sends a token once per node, Megatron once per expert); everything else "
                 f"(attention, embeddings, loss, backward compute, experts) is the same code in both arms and takes "
-                f"{st['step_s'] - st['parts']['exchange']:.2f} s of stock's {st['step_s']:.2f} s step. Even a free "
-                f"exchange would give at most {ceiling:.2f}x here. What would reach the targets: a link slower "
-                "relative to compute (on these 2 shared CPU cores a step computes at a few GFLOP/s, so 1 Gbit/s is a "
-                "fast network for it; GPUs on real inter-node links are the exchange-bound case), and hiding the "
-                "exchange behind compute (moerail's chunked overlap, `AllToAllDispatcher(num_chunks>1).forward`, is "
-                "not used through Megatron's six-method dispatcher API, so nothing is hidden here).")
-        if "placed" in m and len(notes) < 2:
-            pl, mo = m["placed"], m["moerail"]
-            pred = [b["after"] for b in pl["rebalances"]]
-            later = [f"{b['before']:.2f}" for b in pl["rebalances"][1:]]
+                f"{st['step_s'] - st['parts']['exchange']:.2f} s of stock's {st['step_s']:.2f} s step, so a free "
+                f"exchange would give at most {ceiling:.2f}x here. What is left of moerail's exchange "
+                f"({mo['parts']['exchange']:.2f} s) is mostly the link: its inter-node bytes (each node sends half) "
+                f"need {mo['inter'] / 2 / (LINK_MBIT * 1e6 / 8):.2f} s at the shaped {LINK_MBIT} Mbit/s and "
+                f"{mo['inter'] / 2 / link['inter_node_bw']:.2f} s at the rate measured at the start under this "
+                "load; the rest is per-message cost and waiting for the slowest rank (8 MoE layer passes a step, "
+                "4 layers x 2 micro-batches, each with two small all-gathers for the plan and, for `dedup`, two "
+                "hops each way forward and backward). Less would need fewer bytes: BF16 rows (half), or "
+                "node-limited routing (fewer nodes per token), both choices of the model, not of the exchange.")
+        if "overlap" in m and "moerail" in m:
+            ov, mo = m["overlap"], m["moerail"]
+            work = ov["parts"]["exchange"] + ov["parts"]["exchange hidden"]
+            faster = ov["tps"] > mo["tps"]
             notes.append(
-                f"Placement ({name.split(' (')[0]}): each re-placement predicts busiest/mean "
-                f"{min(pred) if pred else float('nan'):.2f} on the load of the window before it, but the windows "
-                f"after them measured {', '.join(later) or 'n/a'} (the next re-placement's 'before'), and the mean "
-                f"over the steps after warm-up is {pl['load']:.2f} (moerail without it: {mo['load']:.2f}): the "
-                "router keeps learning, so the hot experts move between windows. And the experts' compute is "
-                f"{mo['parts']['experts']:.2f} s of a "
-                f"{mo['step_s']:.2f} s step (forward; about 3x that with backward), the bound on what balance can "
-                "save; with top-8 of 32 experts on 2 nodes nearly every token reaches both nodes whatever the "
-                "placement, so the inter-node bytes do not drop either. A model whose step is expert-bound and a "
-                "placement that also groups co-activated experts by node would be needed for +73%.")
+                f"Overlap ({short}): `use_moerail(num_chunks=2)` hid {ov['parts']['exchange hidden']:.2f} s of its "
+                f"{work:.2f} s of exchange work a step behind the experts and waited {ov['parts']['exchange']:.2f} s "
+                f"(moerail without it: {mo['parts']['exchange']:.2f} s exposed, plus "
+                f"{mo['parts']['permute'] + mo['parts']['combine']:.2f} s of packing in `permute` / `combine`); "
+                f"{ov['tps'] / mo['tps']:.2f}x moerail's tokens/s. "
+                + ("It pays here. " if faster else
+                   f"It does not pay on this machine: the exchange's work (packing, gloo's copies, the TCP stack that "
+                   f"moves the bytes) runs on the same 2 CPU cores as the experts, so the work the helper thread "
+                   f"hides is taken from the experts' cores (experts {ov['parts']['experts']:.2f} s forward against "
+                   f"{mo['parts']['experts']:.2f} s without overlap), and a second chunk adds a round of messages. ")
+                + "On GPUs the exchange runs on the NICs and copy engines beside the SMs, which is where the "
+                "pipeline is meant to hide it; there it wants experts whose compute is comparable to the "
+                "exchange's transfer time. The `moerail` and `placed` arms do not use it.")
+        if "placed" in m and "moerail" in m:
+            pl, mo = m["placed"], m["moerail"]
+            later = [f"{b['window']:.2f}" for b in pl["rebalances"][1:] if "window" in b]
+            moved = [b["moved"] for b in pl["rebalances"]]
+            balanced = pl["load"] < mo["load"] - 0.02
+            verdict = (f"placed/moerail: {pl['tps'] / mo['tps']:.2f}x. " + (
+                "" if balanced else "Placement hardly changed the measured balance, so that difference is "
+                "re-placement's cost plus this run's timing noise (`stock_ulp` in the uniform run shows the noise of "
+                "a ratio), not a balance gain. "))
+            notes.append(
+                f"Placement ({short}): busiest/mean device load, mean over the steps after warm-up, {pl['load']:.2f} "
+                f"with re-placement against {mo['load']:.2f} without (the windows after each re-placement measured "
+                f"{', '.join(later) or 'n/a'}, where each placement predicted 1.00: early in training, with Adam, the "
+                "aux loss and the expert bias moving the router every step, the load of the last steps predicts "
+                "the next ones hardly better than no re-placement at all); "
+                f"{', '.join(str(x) for x in moved) or 'no'} experts moved at the re-placements. Inter-node bytes "
+                f"{pl['inter'] / 1e6:.1f} MB against {mo['inter'] / 1e6:.1f} MB a step: with top-8 of 32 experts on 2 "
+                "nodes nearly every token reaches both nodes whatever the placement. So placement changes only the "
+                f"experts' balance, and the experts' compute is {mo['parts']['experts']:.2f} s of a "
+                f"{mo['step_s']:.2f} s step (forward; about 3x that with backward); on 2 CPU cores shared by 4 ranks "
+                "a rank that waits frees its core for the others, so imbalance costs less here than on one "
+                "accelerator per rank. " + verdict + "What would make placement pay: "
+                "a router that has settled (training past its first steps, where the load of one window predicts "
+                "the next), a step where the experts are a large share (bigger or more experts per rank, one "
+                "accelerator per rank), or replicas of the hot experts on both nodes so that tokens stay in their node (the "
+                "planner takes replicas; Megatron's experts module holds E/EP experts a rank, so the integration "
+                "cannot give it spare slots yet).")
         parts.append("")
     _plot(results, PNG)
     parts += ["### Targets", ""]

@@ -16,10 +16,13 @@ in turn, so a busy machine slows them alike):
 3. ``moerail`` moerail's router and ``AllToAllDispatcher`` (``with_moerail_dispatcher(spec,
    strategy=...)``, the exchange planned every step: ``auto`` picks flat / 2dh / dedup / allgather);
 4. ``placed``  arm 3 plus dynamic expert placement: the load each layer's router sends every expert is
-   summed over the EP group, and every ``--rebalance-every`` steps (a global-batch boundary)
-   ``update_expert_placement`` re-places the experts and moves their weights and Adam state.
+   summed over the EP group every step (``moerail.LoadTracker``), and every ``--rebalance-every``
+   steps (a global-batch boundary) ``update_expert_placement`` re-places the experts for the
+   tracker's EMA (``--placement-mode``) and moves their weights and Adam state.
 
-A fifth arm, ``stock_ulp``, is stock Megatron with every router weight moved by one ulp
+``overlap`` is arm 3 with ``use_moerail(num_chunks=--num-chunks)``: each MoE layer's dispatch,
+experts and combine run as a chunked pipeline, one chunk's exchange beside the experts' compute of
+another, forward and backward. A last arm, ``stock_ulp``, is stock Megatron with every router weight moved by one ulp
 (``torch.nextafter``): how far Megatron's own training drifts from a rounding-sized change, the
 floor against which the other arms' agreement is read.
 
@@ -61,13 +64,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-ARMS = ("stock", "patched", "moerail", "placed", "stock_ulp")
+ARMS = ("stock", "patched", "moerail", "placed", "overlap", "stock_ulp")
 ARM_DOC = {
     "stock": "stock Megatron-Core (alltoall dispatcher)",
     "stock_ulp": "stock Megatron-Core, router weights one ulp off (the noise floor)",
     "patched": "patch_moe_utils() only",
     "moerail": "moerail router + AllToAllDispatcher",
     "placed": "moerail + dynamic expert placement",
+    "overlap": "moerail, exchange overlapped with the experts (num_chunks)",
 }
 STRATEGIES = ("auto", "flat", "2dh", "dedup", "allgather")
 
@@ -96,6 +100,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks a node for moerail's planner (default: 2 with --cluster netns, else the EP size)")
     ap.add_argument("--strategy", default="auto", help=f"moerail's exchange strategy: {', '.join(STRATEGIES)}")
+    ap.add_argument("--num-chunks", type=int, default=2,
+                    help="arm 'overlap': use_moerail(num_chunks=N), the exchange of a MoE layer's tokens in N chunks, "
+                         "each one's hidden behind the experts' compute of another, forward and backward")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s median")
     ap.add_argument("--layers", type=int, default=4)
@@ -112,6 +119,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--expert-bias", type=int, default=1, help="1: aux-loss-free expert bias on (sigmoid router)")
     ap.add_argument("--zipf", type=float, default=0.0, help="Zipf prior on the router logits (0: none)")
     ap.add_argument("--rebalance-every", type=int, default=5, help="arm 'placed': steps between re-placements")
+    ap.add_argument("--placement-mode", default="refine", choices=("refine", "eplb", "incremental"),
+                    help="arm 'placed': update_expert_placement's mode (incremental: improve the current placement "
+                         "by swaps, few experts move; refine / eplb: place from scratch)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None, help="folder for results.json")
     ap.add_argument("--no-progress", action="store_true")
@@ -154,7 +164,7 @@ def check_config(a: argparse.Namespace) -> Optional[str]:
         return f"--arms: unknown arm(s) {bad or '(none)'}; expected some of {', '.join(ARMS)}"
     if a.strategy not in STRATEGIES:
         return f"--strategy: moerail knows {', '.join(STRATEGIES)}, got {a.strategy!r}"
-    for name in ("world", "tp", "pp", "ep", "steps", "layers", "hidden", "ffn", "heads", "experts", "topk", "seq",
+    for name in ("world", "tp", "pp", "ep", "num_chunks", "steps", "layers", "hidden", "ffn", "heads", "experts", "topk", "seq",
                  "micro_batch", "micro_batches"):
         if getattr(a, name) < 1:
             return f"--{name.replace('_', '-')}: must be at least 1, got {getattr(a, name)}"
@@ -302,9 +312,16 @@ class Profile:
     the exchange (Megatron's six-method API, the same in both dispatchers), less the exchange inside
     them; ``grad sync`` is ``finalize_model_grads`` (DDP's all-reduces, the expert-bias step);
     ``optimizer`` the optimizer step; ``rest`` all else (attention, embeddings, loss and the
-    backward compute). Bytes: the rows each rank sends to ranks of another node."""
+    backward compute). Bytes: the rows each rank sends to ranks of another node.
 
-    KEYS = ("router", "permute", "exchange", "experts", "combine", "grad sync", "optimizer")
+    With ``--num-chunks N > 1`` (moerail's overlapped pipeline) the exchange runs in a helper
+    thread beside the experts: ``exchange`` is then the seconds the step waited for it (the first
+    chunk's dispatch, the last one's combine, and whatever the experts did not cover, forward and
+    backward) and ``exchange hidden`` the rest of its work (plans, packing, all-to-alls, sums) that
+    ran while the experts computed; ``permute`` / ``combine`` keep only the reshaping around it.
+    ``exchange hidden`` is not part of the step's sum."""
+
+    KEYS = ("router", "permute", "exchange", "experts", "combine", "grad sync", "optimizer", "exchange hidden")
 
     def __init__(self, node_of_global: List[int]) -> None:
         self.node_of = node_of_global
@@ -313,10 +330,20 @@ class Profile:
         self.intra_bytes = 0
         self._a2a = 0.0  # exchange seconds so far (to take off the methods around it)
         self._nodes: Dict[object, List[int]] = {}
+        self.overlapped: List = []  # AllToAllDispatchers running the chunked pipeline (they time it)
 
     def reset(self) -> None:
         self.acc = {k: 0.0 for k in self.KEYS}
         self.inter_bytes = self.intra_bytes = 0
+        for ex in self.overlapped:
+            ex.overlap_totals.update(exchange_seconds=0.0, exposed_seconds=0.0)
+
+    def finish(self) -> None:
+        """Takes in the overlapped pipelines' own timings (waited for, and hidden)."""
+        for ex in self.overlapped:
+            t = ex.overlap_totals
+            self.acc["exchange"] += t["exposed_seconds"]
+            self.acc["exchange hidden"] += max(0.0, t["exchange_seconds"] - t["exposed_seconds"])
 
     def timed(self, key: str, fn):
         prof = self
@@ -370,6 +397,9 @@ def instrument(model: torch.nn.Module, prof: Profile, loads: List[torch.Tensor])
         prof.module(layer.router, "router")
         prof.module(layer.experts, "experts")
         td = layer.token_dispatcher
+        ex = getattr(td, "exchange", None)
+        if ex is not None and ex.num_chunks > 1:
+            prof.overlapped.append(ex)
         for name, key in (("dispatch_preprocess", "permute"), ("token_dispatch", "permute"),
                           ("dispatch_postprocess", "permute"), ("combine_preprocess", "combine"),
                           ("token_combine", "combine"), ("combine_postprocess", "combine")):
@@ -425,9 +455,10 @@ def build_arm(arm: str, a: argparse.Namespace, cfg, link, rpn: int):
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=False)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if arm in ("moerail", "placed"):
+    if arm in ("moerail", "placed", "overlap"):
+        chunks = getattr(a, "num_chunks", 2) if arm == "overlap" else 1
         for layer in layers:  # moerail's router and AllToAllDispatcher in Megatron's own MoELayer
-            mi.use_moerail(layer, ranks_per_node=rpn, strategy=a.strategy, link=link)
+            mi.use_moerail(layer, ranks_per_node=rpn, strategy=a.strategy, link=link, num_chunks=chunks)
     if arm == "stock_ulp":
         with torch.no_grad():
             for layer in layers:
@@ -500,7 +531,6 @@ class Arm:
         self.prof = Profile(node_of)
         self.loads: List[torch.Tensor] = []
         instrument(self.model, self.prof, self.loads)
-        self.window = [torch.zeros_like(x) for x in self.loads]
         self.cfg.no_sync_func = self.model.no_sync
         self.cfg.grad_scale_func = self.optimizer.scale_loss
         self.cfg.finalize_model_grads_func = self.prof.timed("grad sync", finalize_model_grads)
@@ -511,6 +541,17 @@ class Arm:
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
         self.layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.tracker = None
+        if name == "placed" and self.loads:
+            import moerail
+
+            # Load per expert, summed over the EP group every step; its EMA (the load the next
+            # window is expected to bring) drives the re-placement.
+            self.tracker = moerail.LoadTracker(len(self.loads), a.experts, window=4 * a.rebalance_every,
+                                               group=self._ep_group(), keep_trace=False)
+
+    def _ep_group(self):
+        return self.layers[0].token_dispatcher.exchange.ep_group
 
     def _phy2log(self, layer) -> torch.Tensor:
         ex = getattr(layer.token_dispatcher, "exchange", None)
@@ -537,12 +578,13 @@ class Arm:
             _, grad_norm, _ = self.optimizer.step()
             self.prof.acc["optimizer"] += time.perf_counter() - t1
             rebalance = None
-            if self.name == "placed":
-                for w, x in zip(self.window, self.loads):
-                    w += x
+            if self.tracker is not None:
+                self.tracker.record_all(torch.stack(self.loads))
+                self.tracker.step()
                 if i % a.rebalance_every == 0:
                     rebalance = self._rebalance()
             dt = time.perf_counter() - t0
+            self.prof.finish()
         finally:
             if self.name == "patched":
                 mi.unpatch_moe_utils()
@@ -576,23 +618,27 @@ class Arm:
             h["rebalances"].append({"step": i, **rebalance})
 
     def _rebalance(self) -> Dict:
-        """Re-places this stage's experts for the load since the last re-placement (global-batch
-        boundary, after the optimizer step) and moves weights and Adam state."""
+        """Re-places this stage's experts for the load the tracker's EMA predicts for the next window
+        (global-batch boundary, after the optimizer step) and moves weights and Adam state."""
+        import moerail
         from moerail.integrations import megatron as mi
 
-        g = self.layers[0].token_dispatcher.exchange.ep_group
-        load = torch.stack(self.window)
-        dist.all_reduce(load, group=g)
-        for x in self.window:
-            x.zero_()
+        a = self.a
+        g = self._ep_group()
+        world = dist.get_world_size(g)
+        rpn = self.layers[0].token_dispatcher.exchange.ranks_per_node
+        nodes = max(1, world // rpn)
+        hist = self.tracker.history[-a.rebalance_every:].mean(0)
+        current = torch.stack([self._phy2log(layer) for layer in self.layers])
+        window = moerail.placement_metrics(hist, current, world, nodes)["summary"]["max_mean_device"]
+        load = self.tracker.predict("ema", horizon=a.rebalance_every)
         states = {}
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             states.update(opt.optimizer.state)
-        rpn = self.layers[0].token_dispatcher.exchange.ranks_per_node
-        nodes = max(1, dist.get_world_size(g) // rpn)
-        info = mi.update_expert_placement(self.model, load, types.SimpleNamespace(state=states), num_nodes=nodes)
-        return {"migrated": bool(info["migrated"]), "before": float(info["before"]), "after": float(info["after"]),
-                "moved": len(info["plan"].transfers)}
+        info = mi.update_expert_placement(self.model, load, types.SimpleNamespace(state=states), num_nodes=nodes,
+                                          mode=a.placement_mode)
+        return {"migrated": bool(info["migrated"]), "window": float(window), "before": float(info["before"]),
+                "after": float(info["after"]), "moved": len(info["plan"].transfers)}
 
     def params(self) -> Dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.module.named_parameters()}
@@ -692,11 +738,12 @@ def run_layout(a: argparse.Namespace, rank: int, corpus, corpus_doc: str, link, 
                     + "  | tok/s " + " ".join(f"{tokens_per_step / x.hist['step_s'][-1]:.0f}" for x in arms)
                     + "  | inter-node/step " + " ".join(_fmt_bytes(x.hist["inter_node_bytes"][-1]) for x in arms)
                     + "  | strategy " + ",".join(sorted({str(x.hist["strategy"][-1]) for x in arms
-                                                         if x.name in ("moerail", "placed")})))
+                                                         if x.name in ("moerail", "placed", "overlap")})))
             for x in arms:
                 for rb in x.hist["rebalances"]:
                     if rb["step"] == i:
-                        line += f"  | re-placed: max/mean {rb['before']:.2f} -> {rb['after']:.2f}, {rb['moved']} moved"
+                        line += (f"  | re-placed: max/mean last window {rb['window']:.2f}, predicted {rb['before']:.2f} -> "
+                                 f"{rb['after']:.2f}, {rb['moved']} moved")
             (bar.write if bar is not None else print)(line)
             if bar is not None:
                 bar.update(1)
@@ -744,6 +791,8 @@ def _route_a2a(current: Dict) -> None:
                     prof.intra_bytes += int(n) * row
                 else:
                     prof.inter_bytes += int(n) * row
+        if prof.overlapped:  # the overlapped pipeline times its exchanges itself
+            return orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
         t0 = time.perf_counter()
         work = orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
         if async_op:

@@ -229,7 +229,8 @@ def run_scenario(sc: Dict, rank: int) -> Dict:
 
     disp_layer = build_layer(cfg, moerail_router=False)
     disp_layer.load_state_dict(state)
-    mi.use_moerail(disp_layer, ranks_per_node=sc.get("rpn", 1), strategy=sc.get("strategy", "auto"))
+    mi.use_moerail(disp_layer, ranks_per_node=sc.get("rpn", 1), strategy=sc.get("strategy", "auto"),
+                   num_chunks=sc.get("chunks", 1))
     dispatched = run_layer(disp_layer, sc, rank)
     if sc.get("expert_bias"):
         dispatched["bias"] = _bias_update(disp_layer, cfg, "helper")
@@ -244,7 +245,8 @@ def run_scenario(sc: Dict, rank: int) -> Dict:
         with torch.no_grad():
             before_out = disp_layer(x)[0]
         info = mi.update_expert_placement(disp_layer, load, None, num_nodes=max(1, cfg.expert_model_parallel_size
-                                                                                 // sc.get("rpn", 1)))
+                                                                                 // sc.get("rpn", 1)),
+                                          mode=sc.get("placement_mode", "refine"))
         with torch.no_grad():
             after_out = disp_layer(x)[0]
         migration = {"err": _max_err(before_out, after_out), "moved": int(len(info["plan"].transfers)),
@@ -252,6 +254,8 @@ def run_scenario(sc: Dict, rank: int) -> Dict:
                      "placement": disp_layer.token_dispatcher.exchange.phy2log.tolist()}
 
     res = {
+        "chunks": disp_layer.token_dispatcher.exchange.num_chunks,
+        "hidden_seconds": disp_layer.token_dispatcher.exchange.overlap_totals["exchange_seconds"],
         "dispatcher": compare(stock, dispatched),
         "dispatcher_strategy": stats.get("strategy"),
         "dispatcher_class": type(disp_layer.token_dispatcher).__name__,

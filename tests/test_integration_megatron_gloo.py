@@ -68,6 +68,10 @@ for _w, _scs in SCENARIOS.items():
         _sc["strategy"] = ("flat", "2dh", "dedup", "allgather", "auto")[_i % 5]
         _sc["rpn"] = 2 if _sc["ep"] == 4 else 1
         _sc["migrate"] = _sc["name"] in ("ep2-a2a-dropless", "tp2ep2-a2a-dropless", "ep4-a2a-dropless")
+        # Every other scenario runs moerail's dispatcher as the overlapped pipeline (num_chunks=2);
+        # one re-placement improves the current placement instead of placing from scratch.
+        _sc["chunks"] = 2 if _i % 2 else 1
+        _sc["placement_mode"] = "incremental" if _sc["name"] == "ep4-a2a-dropless" else "refine"
 TIMEOUT_S = {2: 90, 4: 150}
 
 
@@ -112,6 +116,9 @@ def test_same_outputs_and_gradients(runs, world, name):
         assert "permute" not in r["router_calls"], "the router class patches nothing global"
         assert r["router_class"] == "MoerailTopKRouter"
         assert r["dispatcher_class"] == "MoerailTokenDispatcher"
+        sc0 = SCENARIOS[world][[sc["name"] for sc in SCENARIOS[world]].index(name)]
+        assert r["chunks"] == sc0["chunks"]
+        assert (r["hidden_seconds"] > 0) == (sc0["chunks"] > 1), "the overlapped pipeline ran (and only there)"
         sc = SCENARIOS[world][[sc["name"] for sc in SCENARIOS[world]].index(name)]
         assert sc["strategy"] == "auto" or r["dispatcher_strategy"] == sc["strategy"]
         if sc["migrate"]:  # update_expert_placement moved experts; the layer computes the same function

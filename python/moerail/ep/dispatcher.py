@@ -4,7 +4,6 @@ torch.distributed or moerail's HCCL executor, summed back in fp32 in a fixed ord
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from ..backends import cuda as _device
 from ..balance import LinkModel, select_replicas
 from ..ops import custom_ops as ops
 from .autograd import _Combine, _Dispatch, _EtpGather, _EtpReduceScatter
+from .overlap import Overlapped
 from .plan import AllToAllPlan, _compact, _links, _placement_tables, _plan_from, _strategies
 
 __all__ = ["AllToAllDispatcher", "DispatchHandle", "DispatchOutput"]
@@ -230,6 +230,9 @@ class AllToAllDispatcher:
             raise ValueError("num_chunks: chunked overlap is not combined with expert tensor parallelism "
                              "(etp_group of more than one rank); use num_chunks=1")
         self._overlap: Dict[str, float] = {}
+        #: Seconds of exchange work in overlapped passes (``num_chunks > 1``, forward and backward)
+        #: and the part the experts waited for, summed since the caller last reset them.
+        self.overlap_totals: Dict[str, float] = {"exchange_seconds": 0.0, "exposed_seconds": 0.0}
         self.link = link
         self._links = _links(link)
         if not isinstance(timeout, timedelta):
@@ -335,20 +338,38 @@ class AllToAllDispatcher:
             return None, e
 
     def _dispatch_prepared(self, prepared, error, raw_hidden):
-        """The counts' all-gather (with every rank's status and configuration hash), the plan,
-        and the exchange of ``prepared = (hidden, weights, slots)`` (``slots`` on the host;
-        ``raw_hidden``, the caller's argument, says where the collectives run)."""
+        """The plan (:meth:`_route_prepared`) and the exchange of ``prepared = (hidden, weights,
+        slots)``; returns ``(rows, tokens_per_local_expert, probs, route)``."""
+        route = self._route_prepared(prepared, error, raw_hidden)
+        hidden, weights, _ = prepared
+        out, out_probs = _Dispatch.apply(hidden, weights, self, route)
+        return out, route.tokens_per_local_expert, out_probs, route
+
+    def _route_prepared(self, prepared, error, raw_hidden, probs_grad: Optional[bool] = None) -> DispatchHandle:
+        """The counts' all-gather (with every rank's status and configuration hash) and the plan
+        of ``prepared = (hidden, weights, slots)`` (``slots`` on the host; ``raw_hidden``, the
+        caller's argument, says where the collectives run): this rank's route, nothing moved.
+        ``probs_grad``: whether the backward carries the weights' gradient (default: whether
+        ``weights`` requires grad)."""
+        return self._route_chunks([prepared] if error is None else [], error, raw_hidden, probs_grad)[0]
+
+    def _route_chunks(self, chunks, error, raw_hidden, probs_grad: Optional[bool] = None) -> List[DispatchHandle]:
+        """:meth:`_route_prepared` for several token chunks ``[(hidden, weights, slots), ...]`` at
+        once: one header and one all-gather carry every chunk's counts, then each chunk gets its
+        own plan and route (the chunked pipeline plans them all before moving any row)."""
         w, rank, rpn, loc = self.world, self.rank, self.ranks_per_node, self.num_local_experts
         v = 4 + self.num_slots + w + w // rpn
-        vec = torch.zeros(v, dtype=torch.int64)
+        n = max(1, len(chunks))
+        vec = torch.zeros(n, v, dtype=torch.int64)
         cfg = 0
         if error is None:
-            hidden, weights, slots = prepared
+            hidden = chunks[0][0]
             cfg = self._config_hash(hidden.shape[1], hidden.dtype, hidden.device)
-            vec[3] = cfg
             try:
-                # Distinct experts of a routing-map row map to distinct slots: no repeat check.
-                _native.ep.a2a_counts(slots, w, rpn, loc, 0, cfg, vec, False)
+                for i, (_, _, slots) in enumerate(chunks):
+                    vec[i, 3] = cfg
+                    # Distinct experts of a routing-map row map to distinct slots: no repeat check.
+                    _native.ep.a2a_counts(slots, w, rpn, loc, 0, cfg, vec[i], False)
             except ValueError as e:
                 error = e
         # The first collective has a fixed size on every rank (status, configuration hash, the
@@ -358,30 +379,35 @@ class AllToAllDispatcher:
             lambda hdr: self._gather_counts(hdr, raw_hidden),
             "ep_group",
             "num_experts, placement slots, ranks_per_node, strategy, num_chunks, hidden size or dtype",
-            cfg, v, error, ("dispatch", "dispatcher"),
+            cfg, n * v, error, ("dispatch", "dispatcher"),
         )
-        gathered = self._gather_counts(vec, raw_hidden)
-        hashes = gathered[:, 3].tolist()
-        if len(set(hashes)) != 1:  # cannot happen after the header check; kept as a guard
-            raise RuntimeError(f"ep_group: the ranks disagree on the dispatcher configuration: per-rank hashes {hashes}")
-        h, dtype = hidden.shape[1], hidden.dtype
-        # The plan of every candidate, the cheapest, and this rank's route: one call.
-        native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
-                                   weights.requires_grad, self._links)
-        plan = _plan_from(native.plans, gathered, w, rpn, loc)
-        route = DispatchHandle(native, plan, slots, h, dtype, hidden.device)
-        out, out_probs = _Dispatch.apply(hidden, weights, self, route)
-        return out, route.tokens_per_local_expert, out_probs, route
+        gathered_all = self._gather_counts(vec.reshape(-1), raw_hidden).view(w, n, v)
+        routes = []
+        for i, (hidden, weights, slots) in enumerate(chunks):
+            gathered = gathered_all[:, i].contiguous()
+            hashes = gathered[:, 3].tolist()
+            if len(set(hashes)) != 1:  # cannot happen after the header check; kept as a guard
+                raise RuntimeError(
+                    f"ep_group: the ranks disagree on the dispatcher configuration: per-rank hashes {hashes}")
+            h, dtype = hidden.shape[1], hidden.dtype
+            # The plan of every candidate, the cheapest, and this rank's route: one call.
+            native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
+                                       weights.requires_grad if probs_grad is None else probs_grad, self._links)
+            plan = _plan_from(native.plans, gathered, w, rpn, loc)
+            routes.append(DispatchHandle(native, plan, slots, h, dtype, hidden.device))
+        return routes
 
     def forward(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:
         """Dispatch, ``experts(tokens, tokens_per_local_expert, probs) -> expert_output``, combine.
 
         With ``num_chunks > 1`` the tokens go in that many chunks and the exchanges of the other
-        chunks run while the experts compute one (a helper thread issues the collectives, in
-        the same order on every rank: dispatch ``i + 1`` and combine ``i - 1`` while the experts
-        run chunk ``i``). ``last_stats["overlap"]`` reports the exchange seconds, the seconds the
-        experts waited for them, and the fraction hidden. Same outputs and gradients as one
-        chunk (each token's rows are summed in the same order)."""
+        chunks run while the experts compute one, in the forward and in the backward
+        (:mod:`moerail.ep.overlap`: a helper thread issues the collectives, in the same order on
+        every rank). ``last_stats["overlap"]`` reports the exchange seconds, the seconds the
+        experts waited for them, and the fraction hidden. Each token's rows are summed in the same
+        order as with one chunk; the experts see smaller batches of the same rows.
+
+        ``experts`` must make no collective on ``ep_group`` (it runs beside the helper's)."""
         n = self.num_chunks
         prepared, error = self._try_prepare(hidden, probs, routing_map)
         if n == 1 or error is not None:
@@ -390,51 +416,26 @@ class AllToAllDispatcher:
             return self.combine(experts(out, per_slot, p), route)
         h, wts, slots = prepared
         bounds = torch.linspace(0, h.shape[0], n + 1).round().long().tolist()
-        chunks = [(h[a:b], wts[a:b], slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        grad_mode = torch.is_grad_enabled()
-        dispatched: List[Optional[tuple]] = [None] * n
-        combined: List[Optional[torch.Tensor]] = [None] * n
-        ys: List[Optional[torch.Tensor]] = [None] * n
-        exchange_s = exposed_s = 0.0
+        chunks = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            # As one dispatch would compact it: as many entry columns as the chunk's fullest token.
+            s = slots[a:b]
+            width = int((s >= 0).sum(1).max()) if s.numel() else 0
+            chunks.append((a, b, s[:, :width].contiguous()))
+        return Overlapped.apply(h, wts, self, chunks, experts, torch.is_grad_enabled())
 
-        def run_jobs(jobs, box):
-            t0 = time.perf_counter()
-            try:
-                with torch.set_grad_enabled(grad_mode):
-                    for kind, i in jobs:
-                        if kind == "dispatch":
-                            dispatched[i] = self._dispatch_prepared(chunks[i], None, hidden)
-                        else:
-                            combined[i] = _Combine.apply(ys[i], self, dispatched[i][3])
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                box.append(e)
-            box.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        dispatched[0] = self._dispatch_prepared(chunks[0], None, hidden)
-        exchange_s += time.perf_counter() - t0
-        for i in range(n):
-            jobs = ([("combine", i - 1)] if i >= 1 else []) + ([("dispatch", i + 1)] if i + 1 < n else [])
-            box: list = []
-            helper = threading.Thread(target=run_jobs, args=(jobs, box), daemon=True)
-            helper.start()
-            out, per_slot, p, _ = dispatched[i]
-            ys[i] = experts(out, per_slot, p)
-            t_wait = time.perf_counter()
-            helper.join()
-            exposed_s += time.perf_counter() - t_wait
-            if box and isinstance(box[0], BaseException):
-                raise box[0]
-            exchange_s += box[-1]
-        t0 = time.perf_counter()
-        combined[n - 1] = _Combine.apply(ys[n - 1], self, dispatched[n - 1][3])
-        tail = time.perf_counter() - t0
-        exchange_s += tail
-        exposed_s += tail
-        self._last = dispatched[n - 1][3]
-        self._overlap = {"num_chunks": n, "exchange_seconds": exchange_s, "exposed_seconds": exposed_s,
-                         "hidden_fraction": max(0.0, 1.0 - exposed_s / exchange_s) if exchange_s > 0 else 0.0}
-        return torch.cat(combined)
+    def _note_overlap(self, n: int, work: float, exposed: float, backward: bool = False) -> None:
+        """Records one overlapped pass: ``work``, the seconds of exchange work (plans, packing,
+        all-to-alls, sums; in the helper thread or not), ``exposed``, the seconds the experts'
+        thread waited for it. ``last_stats["overlap"]`` holds the last forward's (and its
+        backward's, ``backward_*``); ``overlap_totals`` sums every pass since it was last reset."""
+        if backward:
+            self._overlap.update({"backward_exchange_seconds": work, "backward_exposed_seconds": exposed})
+        else:
+            self._overlap = {"num_chunks": n, "exchange_seconds": work, "exposed_seconds": exposed,
+                             "hidden_fraction": max(0.0, 1.0 - exposed / work) if work > 0 else 0.0}
+        self.overlap_totals["exchange_seconds"] += work
+        self.overlap_totals["exposed_seconds"] += exposed
 
     def _prepare(self, hidden, probs, routing_map):
         hidden = _checks.tensor(hidden, "hidden", ndim=2, dtypes=_checks.FLOAT_DTYPES, shape_doc="[num_tokens, hidden]")

@@ -41,10 +41,15 @@ def _dispatcher_class():
             on, ``token_combine`` runs the reverse exchange (fp32 sums in a fixed order) and
             ``combine_postprocess`` restores the hidden states' shape. Token dropping and padding
             come from the router's routing map. Expert tensor parallelism (``expert_tensor_
-            parallel_size > 1``) is not handled: the constructor refuses it."""
+            parallel_size > 1``) is not handled: the constructor refuses it.
+
+            With ``num_chunks > 1`` (``use_moerail(..., num_chunks=n)``) the layer runs dispatch,
+            experts and combine as one chunked pipeline instead (:meth:`overlapped_experts`): the
+            exchange of the other chunks runs while the experts compute one, forward and
+            backward."""
 
             def __init__(self, base, num_experts: int, *, ranks_per_node: int, strategy: str, placement, link,
-                         timeout) -> None:
+                         timeout, num_chunks: int = 1) -> None:
                 # The groups of the dispatcher it replaces (no ProcessGroupCollection needed).
                 self.config = base.config
                 self.shared_experts = getattr(base, "shared_experts", None)
@@ -64,7 +69,7 @@ def _dispatcher_class():
                 self.local_expert_indices = list(base.local_expert_indices)
                 self.exchange = AllToAllDispatcher(num_experts, self.ep_group, ranks_per_node=ranks_per_node,
                                                    strategy=strategy, placement=placement, link=link,
-                                                   timeout=timeout)
+                                                   timeout=timeout, num_chunks=num_chunks)
                 if self.exchange.num_local_experts != self.num_local_experts:
                     raise ValueError(
                         f"placement: {self.exchange.num_slots} slots give {self.exchange.num_local_experts} a rank, "
@@ -95,13 +100,27 @@ def _dispatcher_class():
             def combine_postprocess(self, hidden_states):
                 return hidden_states.view(self.hidden_shape)
 
+            def overlapped_experts(self, hidden_states, probs, experts):
+                """Dispatch, ``experts`` (Megatron's experts module: ``(rows, tokens_per_expert,
+                probs) -> (output, bias)``) and combine of the tokens ``dispatch_preprocess`` gave,
+                as ``AllToAllDispatcher.forward``'s chunked pipeline; returns the combined
+                ``[T, H]`` (``combine_postprocess`` restores the shape)."""
+
+                def run(rows, tokens_per_expert, row_probs):
+                    out, bias = experts(rows, tokens_per_expert, row_probs)
+                    if bias is not None:
+                        raise NotImplementedError("use_moerail(num_chunks > 1): experts with a bias output")
+                    return out
+
+                return self.exchange.forward(hidden_states, probs, self.routing_map, run)
+
         MoerailTokenDispatcher.__module__ = __package__  # moerail.integrations.megatron, which resolves it
         _DISPATCHER_CLASS = MoerailTokenDispatcher
         return _DISPATCHER_CLASS
 
 
 def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: str = "auto", placement=None,
-                router: bool = True, link=None, timeout=None):
+                router: bool = True, link=None, timeout=None, num_chunks: int = 1):
     """Puts moerail into an existing Megatron ``MoELayer``: its router becomes
     ``MoerailTopKRouter`` (same parameters and state; ``router=False`` keeps it) and its token
     dispatcher a :class:`MoerailTokenDispatcher` over :class:`moerail.AllToAllDispatcher` on the
@@ -109,7 +128,16 @@ def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: st
     ``auto``, ``flat``, ``2dh``, ``dedup`` or ``allgather``) for ``ranks_per_node`` ranks a node
     (default: ``LOCAL_WORLD_SIZE`` as torchrun sets it, else the whole EP group on one node).
     ``placement`` (slot -> expert, one entry per expert of the layer) says which expert each local
-    expert module of each rank holds (default: Megatron's contiguous blocks). Returns the layer."""
+    expert module of each rank holds (default: Megatron's contiguous blocks).
+
+    ``num_chunks > 1`` hides the exchange behind the experts: the layer's ``dispatch``,
+    ``routed_experts_compute`` and ``combine`` become one pipeline over ``num_chunks`` chunks of
+    its tokens (the exchange of the others runs while the experts compute one, in the forward and
+    in the backward; see ``AllToAllDispatcher.forward``). One all-gather plans every chunk, but each
+    chunk's rows travel in their own messages: it pays where the exchange runs beside the experts
+    (NICs and copy engines beside the GPU's SMs) and the experts' compute is comparable to the
+    transfer time, not where per-message latency dominates or the exchange needs the experts' own
+    cores (CPU ranks). Returns the layer."""
     from datetime import timedelta  # noqa: PLC0415
 
     if not hasattr(moe_layer, "token_dispatcher") or not hasattr(moe_layer, "router"):
@@ -122,8 +150,11 @@ def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: st
             ranks_per_node = base.ep_size
     cls = _dispatcher_class()
     num_experts = moe_layer.config.num_moe_experts
-    moe_layer.token_dispatcher = cls(base, num_experts, ranks_per_node=ranks_per_node, strategy=strategy,
-                                     placement=placement, link=link, timeout=timeout or timedelta(minutes=10))
+    td = cls(base, num_experts, ranks_per_node=ranks_per_node, strategy=strategy, placement=placement, link=link,
+             timeout=timeout or timedelta(minutes=10), num_chunks=num_chunks)
+    moe_layer.token_dispatcher = td
+    if td.exchange.num_chunks > 1:
+        _overlap_layer(moe_layer)
     if router:
         from megatron.core.transformer.moe.router import TopKRouter  # noqa: PLC0415
 
@@ -132,16 +163,30 @@ def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: st
     return moe_layer
 
 
-def with_moerail_dispatcher(spec, *, ranks_per_node: Optional[int] = None, strategy: str = "auto"):
+def _overlap_layer(layer) -> None:
+    """``MoELayer.forward`` calls ``dispatch`` -> ``routed_experts_compute`` -> ``combine``; the
+    whole pipeline runs in the middle one (the layer's own methods, per instance)."""
+
+    def routed_experts_compute(hidden_states, probs):
+        return layer.token_dispatcher.overlapped_experts(hidden_states, probs, layer.experts), None
+
+    layer.dispatch = lambda hidden_states, probs: (hidden_states, probs)
+    layer.routed_experts_compute = routed_experts_compute
+    layer.combine = lambda output: output
+
+
+def with_moerail_dispatcher(spec, *, ranks_per_node: Optional[int] = None, strategy: str = "auto",
+                            num_chunks: int = 1):
     """A copy of a Megatron layer spec whose MoE layers are built with moerail's router and
-    dispatcher (:func:`use_moerail` applied to each ``MoELayer`` the spec builds)."""
+    dispatcher (:func:`use_moerail` applied to each ``MoELayer`` the spec builds, with these
+    arguments)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: PLC0415
     from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: PLC0415
 
     layer_cls = type("MoerailMoELayer", (MoELayer,), {
         "__module__": __package__,
         "__doc__": "Megatron's MoELayer with moerail's router and AllToAllDispatcher (see use_moerail).",
-        "__init__": _moerail_layer_init(MoELayer, ranks_per_node, strategy),
+        "__init__": _moerail_layer_init(MoELayer, ranks_per_node, strategy, num_chunks),
     })
 
     def replace(obj):
@@ -157,9 +202,9 @@ def with_moerail_dispatcher(spec, *, ranks_per_node: Optional[int] = None, strat
     return out
 
 
-def _moerail_layer_init(base_cls, ranks_per_node, strategy):
+def _moerail_layer_init(base_cls, ranks_per_node, strategy, num_chunks=1):
     def __init__(self, *args, **kwargs):
         base_cls.__init__(self, *args, **kwargs)
-        use_moerail(self, ranks_per_node=ranks_per_node, strategy=strategy)
+        use_moerail(self, ranks_per_node=ranks_per_node, strategy=strategy, num_chunks=num_chunks)
 
     return __init__

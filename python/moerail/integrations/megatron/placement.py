@@ -26,7 +26,9 @@ def update_expert_placement(model, load, optimizer=None, *, num_nodes: int = 1, 
     every rank of the EP group at a global-batch boundary, after the optimizer step.
 
     Megatron's experts module holds ``E / ep`` experts a rank, so the new placement packs experts
-    onto ranks (``rebalance_experts(load, E, 1, num_nodes, ep, mode)``, no replicas); the move is
+    onto ranks (``rebalance_experts(load, E, 1, num_nodes, ep, mode)``, no replicas; with
+    ``mode="incremental"``, ``improve_placement(load, current, ep, num_nodes)``: the current
+    placement improved by swaps, so fewer experts move and re-placing often stays cheap); the move is
     planned to keep experts where they are (``plan_migration``), and with ``seconds_per_token`` and
     ``horizon_steps`` it is made only when ``should_migrate`` says it pays. ``migrate_experts``
     moves each expert's weights and, with ``optimizer`` (a torch optimizer holding them, e.g.
@@ -51,7 +53,10 @@ def update_expert_placement(model, load, optimizer=None, *, num_nodes: int = 1, 
         raise ValueError(f"load: expected shape ({len(layers)}, {e}) (moerail MoE layers x experts), got "
                          f"{tuple(load.shape)}")
     current = torch.stack([m.token_dispatcher.exchange.phy2log for m in layers])
-    new, _, _ = moerail.rebalance_experts(load, e, 1, num_nodes, w, mode=mode)
+    if mode == "incremental":
+        new, _, _ = moerail.improve_placement(load, current, w, num_nodes)
+    else:
+        new, _, _ = moerail.rebalance_experts(load, e, 1, num_nodes, w, mode=mode)
     tensors = moerail.expert_slot_tensors(slot_params, optimizer)
     expert_bytes = sum(t.numel() * t.element_size() for t in tensors[0][0])
     plan = moerail.plan_migration(current, new, w, num_nodes, expert_bytes=expert_bytes)
