@@ -10,6 +10,9 @@ use crate::error::{ensure, Result};
 pub struct Efficiency {
     /// Fraction of peak a large GEMM reaches.
     pub gemm_efficiency: f64,
+    /// Fraction of the FP8 peak a large FP8 GEMM reaches (FP8 tensor cores run further from
+    /// their peak than 16-bit ones: scaling, and operands fed at twice the rate).
+    pub fp8_gemm_efficiency: f64,
     /// GEMM dimension at which that fraction halves (per dimension: `d / (d + knee)`).
     pub gemm_dim_knee: f64,
     /// Fraction of the 16-bit peak flash attention reaches (forward; backward the same on
@@ -34,6 +37,7 @@ impl Default for Efficiency {
         // Priors: published H100 microbenchmarks (see the `sim` module docs).
         Self {
             gemm_efficiency: 0.75,
+            fp8_gemm_efficiency: 0.55,
             gemm_dim_knee: 64.0,
             attention_efficiency: 0.55,
             memory_efficiency: 0.7,
@@ -49,6 +53,7 @@ impl Default for Efficiency {
 impl Efficiency {
     pub const KEYS: &'static [&'static str] = &[
         "gemm_efficiency",
+        "fp8_gemm_efficiency",
         "gemm_dim_knee",
         "attention_efficiency",
         "memory_efficiency",
@@ -69,6 +74,7 @@ impl Efficiency {
         };
         match key {
             "gemm_efficiency" => self.gemm_efficiency = frac(v)?,
+            "fp8_gemm_efficiency" => self.fp8_gemm_efficiency = frac(v)?,
             "gemm_dim_knee" => self.gemm_dim_knee = v.nonneg_f64(arg)?,
             "attention_efficiency" => self.attention_efficiency = frac(v)?,
             "memory_efficiency" => self.memory_efficiency = frac(v)?,
