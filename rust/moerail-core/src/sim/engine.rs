@@ -674,8 +674,12 @@ impl<'a> Engine<'a> {
             window_b += compute_f;
         }
         let oe = e.overlap_efficiency;
-        let exp_f = self.overlap(exch, window_f, oe);
-        let exp_b = self.overlap(exch, window_b, oe);
+        // The hidden part still costs: the exchange's kernels hold a share of the SMs, and the
+        // compute beside them runs that much slower for as long as they run.
+        let sm = e.comm_sm_fraction;
+        let contended = |exposed: f64| exposed + (exch - exposed) * sm / (1.0 - sm);
+        let exp_f = contended(self.overlap(exch, window_f, oe));
+        let exp_b = contended(self.overlap(exch, window_b, oe));
         f.x(EP, exch, exp_f);
         bw.x(EP, exch, exp_b);
         f.x(ETP, etp_comm, etp_comm);

@@ -27,6 +27,9 @@ pub struct Efficiency {
     pub kernel_overhead_us: f64,
     /// Fraction of TP communication hidden behind GEMMs with `tp_comm_overlap`.
     pub tp_overlap_efficiency: f64,
+    /// Share of the device's SMs / cores an overlapped EP exchange occupies (DeepEP's kernels
+    /// take 24 of an H100's 132 SMs): compute beside it runs that much slower.
+    pub comm_sm_fraction: f64,
     /// Fraction of the available compute that can hide overlapped communication (EP
     /// all-to-all with shared-expert or 1F1B overlap, DP reduce, CP ring exchange).
     pub overlap_efficiency: f64,
@@ -46,6 +49,7 @@ impl Default for Efficiency {
             kernel_overhead_us: 4.0,
             tp_overlap_efficiency: 0.8,
             overlap_efficiency: 0.8,
+            comm_sm_fraction: 24.0 / 132.0,
         }
     }
 }
@@ -62,6 +66,7 @@ impl Efficiency {
         "kernel_overhead_us",
         "tp_overlap_efficiency",
         "overlap_efficiency",
+        "comm_sm_fraction",
     ];
 
     pub(super) fn set(&mut self, key: &str, arg: &str, v: &Value) -> Result<()> {
@@ -83,6 +88,11 @@ impl Efficiency {
             "kernel_overhead_us" => self.kernel_overhead_us = v.nonneg_f64(arg)?,
             "tp_overlap_efficiency" => self.tp_overlap_efficiency = v.fraction(arg)?,
             "overlap_efficiency" => self.overlap_efficiency = v.fraction(arg)?,
+            "comm_sm_fraction" => {
+                let x = v.fraction(arg)?;
+                ensure(x < 1.0, arg, || format!("must be below 1, got {x}"))?;
+                self.comm_sm_fraction = x;
+            }
             _ => return Err(unknown(arg, Self::KEYS)),
         }
         Ok(())
