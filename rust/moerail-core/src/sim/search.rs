@@ -175,8 +175,9 @@ pub fn uneven_split(layers: usize, pp: usize) -> Option<(usize, usize)> {
 
 /// A `pipeline_model_parallel_layout` putting `layers` transformer layers and `mtp` MTP layers
 /// on `pp * vpp` chunks of equal slots, as a run pads its layers with no-op layers (Pangu Ultra
-/// MoE: 61 layers + MTP on PP16 x VPP2 x 2 slots): the spare slots are taken from the chunks
-/// before the last, from the end; the MTP layers sit with the loss in the last chunk. `None`
+/// MoE: 61 layers + MTP on PP16 x VPP2 x 2 slots): the spare slots are taken from the last
+/// chunk (which also holds the output layer and loss) down to its MTP layers, then from the
+/// chunks before it, from the end. `None`
 /// when the layers fill the slots exactly or the padding does not fit.
 pub fn padded_layout(layers: usize, mtp: usize, pp: usize, vpp: usize) -> Option<String> {
     let chunks = pp * vpp.max(1);
@@ -189,8 +190,12 @@ pub fn padded_layout(layers: usize, mtp: usize, pp: usize, vpp: usize) -> Option
     if pad == 0 || pad > chunks - 2 || k <= mtp {
         return None;
     }
+    // The last chunk (output layer, loss, MTP) sheds its spare slots first, down to its MTP
+    // layers; the rest come off the chunks before it, from the end.
     let mut counts = vec![k; chunks];
-    for c in counts.iter_mut().rev().skip(1).take(pad) {
+    let from_last = pad.min(k - mtp.max(1).min(k));
+    counts[chunks - 1] -= from_last;
+    for c in counts.iter_mut().rev().skip(1).take(pad - from_last) {
         *c -= 1;
     }
     let mut out = String::with_capacity(total + 2 * chunks);
@@ -456,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn padded_layouts_place_noop_slots_before_the_last_chunk() {
+    fn padded_layouts_put_noop_slots_at_the_end() {
         // Pangu Ultra MoE: 61 layers + 1 MTP on PP16 x VPP2 chunks of 2 slots.
         let l = padded_layout(61, 1, 16, 2).unwrap();
         let chunks = crate::sim::config::parse_layout(&l).unwrap();
@@ -466,8 +471,9 @@ mod tests {
             .map(|c| c.iter().filter(|&&x| x == 't' || x == 'm').count())
             .collect();
         assert_eq!(sizes.iter().sum::<usize>(), 62);
-        assert_eq!(&sizes[28..], &[2, 1, 1, 2]);
-        assert_eq!(chunks[31], vec!['t', 'm', 'L']);
+        assert_eq!(&sizes[28..], &[2, 2, 1, 1]);
+        assert_eq!(chunks[31], vec!['m', 'L']);
+        assert_eq!(l, "Ett|".to_string() + &"tt|".repeat(29) + "t|mL");
         // Exact fits and impossible paddings have none.
         assert_eq!(padded_layout(64, 0, 16, 2), None);
         assert_eq!(padded_layout(61, 1, 1, 4), None);
