@@ -40,9 +40,9 @@ def _mae(xs) -> float:
 def _groups(row: dict, cfg_row: dict) -> list:
     out = []
     m = sim.model_presets()[cfg_row["model"]]["model"]
-    experts, ffn = m.get("num_moe_experts", 0), m.get("moe_ffn_hidden_size", m.get("ffn_hidden_size", 0))
-    fine = experts >= 64 and ffn * 4 <= m["hidden_size"] * 2
-    out.append("fine-grained experts (>= 64, FFN <= hidden/2)" if fine else "coarse experts")
+    experts = m.get("num_moe_experts", 0)
+    fine = experts >= 64 and m.get("moe_router_topk", 2) >= 6
+    out.append("fine-grained experts (>= 64, top-k >= 6)" if fine else "coarse experts (8, top-2)")
     out.append(f"{row['family']}")
     mb = int(cfg_row["global_batch_size"]) // (int(cfg_row["micro_batch_size"]) * int(cfg_row["devices"])
                                                 // (int(cfg_row["tp"]) * int(cfg_row["cp"]) * int(cfg_row["pp"])))
@@ -120,7 +120,8 @@ def run(quick: bool) -> str:
         f"per run. For each family `moerail.sim.validation.fit` fits {', '.join('`' + k + '`' for k in val.FIT_PARAMETERS)} "
         "(maximum a posteriori: 3% noise on each published number, a log-normal prior around the H100 microbenchmark "
         f"values of width {val.PRIOR_WIDTH['hopper']} on Hopper and {val.PRIOR_WIDTH['blackwell']} elsewhere) on that "
-        "family's rows. *In-sample*: fitted on all of them. *Leave-one-out*: each row predicted by a fit on the family's "
+        "family's rows (not on dropless runs with real routing: no source publishes their expert load imbalance, so "
+        "they are predicted and reported, not fitted). *In-sample*: fitted on all of them. *Leave-one-out*: each row predicted by a fit on the family's "
         "other rows. *Leave-one-source-out*: each row predicted by a fit on the family's rows of the other sources (a "
         "family with no other source falls back to the priors). Error = predicted / published throughput - 1 (the same "
         f"as the MFU error under any fixed FLOPs convention). {n_src} sources; {wall:.0f} s for all fits on this machine."

@@ -37,15 +37,22 @@
 //!
 //! # Calibration
 //!
-//! The efficiency parameters are per device type, never per case. Their priors come from
+//! The efficiency parameters are per device family, never per case. Their priors come from
 //! public microbenchmarks (H100 BF16 GEMMs reach ~0.75 of peak, flash attention ~0.55,
-//! element-wise kernels ~0.7 of HBM bandwidth, NCCL ~0.75-0.8 of link bandwidth). The H100
-//! values in `python/moerail/presets/clusters/h100-sxm.json` were then fitted by
-//! `moerail.sim.calibrate` (maximum a posteriori: the squared log-error of predicted MFU on
-//! the calibration runs plus a Gaussian penalty of width 0.15 in log space around each
-//! prior, minimised by Nelder-Mead) on the four published MoE Parallel Folding runs (Mixtral
-//! 8x22B on 128 H100, Qwen2-57B-A14B on 64 H100, folded and coupled layouts). The fitted
-//! values and residuals are listed in that module's docstring and in `benches/BENCHMARKS.md`.
+//! element-wise kernels ~0.7 of HBM bandwidth, NCCL ~0.75-0.8 of link bandwidth, FP8 GEMMs ~1.5x
+//! BF16). The values in `python/moerail/presets/clusters/*.json` are the maximum a posteriori
+//! fit per family (Hopper, Blackwell; Ascend keeps its priors) on the public table of
+//! published MoE runs `benches/sim_validation.csv` (`moerail.sim.validation`), whose
+//! leave-one-out and leave-one-source-out errors `benches/BENCHMARKS.md` reports.
+//!
+//! # Layouts it expresses
+//!
+//! Megatron's folded layouts (attention TP x CP x DP x PP, experts ETP x EP x EDP x PP),
+//! uneven first / last stages, `pipeline_model_parallel_layout` (virtual stages of any size;
+//! empty slots are no-op layers, as Pangu Ultra MoE pads 61 layers + MTP to 64 slots), MindSpeed's
+//! `--moe-tp-extend-ep` (experts over TP x EP ranks = EP tp*ep with ETP 1), the all-to-all,
+//! all-gather and DeepEP / HybridEP (`flex`) dispatchers, 1F1B EP overlap (its kernels holding
+//! `comm_sm_fraction` of the SMs), FP8 GEMMs (`fp8_gemm_efficiency`, operand quantization).
 
 pub mod config;
 pub mod engine;
