@@ -217,7 +217,7 @@ def run(quick: bool) -> str:
                f"{rep['memory_gib']['capacity']:.0f} (fits: {rep['fits']}).")
     out.append("")
     # moerail plan on the same case: the whole search, and the published shape within it.
-    base = val.row_config(by_id[pangu["id"]], fitted["ascend"])
+    base = val.row_config(by_id[pangu["id"]])
     t1 = time.perf_counter()
     best = sim.search(base, top=3)
     wall = time.perf_counter() - t1
@@ -232,7 +232,7 @@ def run(quick: bool) -> str:
 
     out.append(
         f"`moerail plan` on the same case (6144 NPUs, GBS 6144, seq 4096, the row's training settings, the Ascend "
-        f"efficiencies fitted above): {best['stats']['candidates']:,} layouts, {best['stats']['fit']:,} fit, "
+        f"preset's efficiencies: the priors): {best['stats']['candidates']:,} layouts, {best['stats']['fit']:,} fit, "
         f"{best['stats']['candidates'] / wall:,.0f} layouts/s on this machine (load average {_load():.1f}). MFU here is "
         "Megatron's causal convention (the report's is about 17% higher a token at seq 4096)."
     )
