@@ -269,6 +269,38 @@ mod tests {
     }
 
     #[test]
+    fn fp8_and_overlap_costs() {
+        let bf16 = simulate(&mixtral_8x22b(2, 8, 8, 1)).unwrap();
+        let mut c = mixtral_8x22b(2, 8, 8, 1);
+        c.set("precision", &Value::Str("fp8".into())).unwrap();
+        c.set("peak_tflops_fp8", &Value::Float(1979.0)).unwrap();
+        let fp8 = simulate(&c).unwrap();
+        // FP8 GEMMs are faster, but far from twice: efficiency below the 16-bit one, and the
+        // operand quantization is memory traffic.
+        assert!(
+            fp8.step_time < bf16.step_time,
+            "{} {}",
+            fp8.step_time,
+            bf16.step_time
+        );
+        assert!(fp8.step_time > 0.6 * bf16.step_time);
+        c.set("fp8_gemm_efficiency", &Value::Float(0.75)).unwrap();
+        let eff = simulate(&c).unwrap();
+        assert!(eff.step_time < fp8.step_time);
+        // An overlapped EP exchange costs the SM share its kernels hold.
+        let mut o = mixtral_8x22b(2, 8, 8, 1);
+        o.set("overlap_moe_expert_parallel_comm", &Value::Bool(true))
+            .unwrap();
+        let with_sm = simulate(&o).unwrap();
+        o.set("comm_sm_fraction", &Value::Float(0.0)).unwrap();
+        let free = simulate(&o).unwrap();
+        assert!(free.step_time < with_sm.step_time);
+        assert!(with_sm.step_time < bf16.step_time);
+        let e = o.set("comm_sm_fraction", &Value::Float(1.0)).unwrap_err();
+        assert!(e.to_string().starts_with("comm_sm_fraction:"), "{e}");
+    }
+
+    #[test]
     fn bad_layouts_name_the_argument() {
         let c = mixtral_8x22b(2, 7, 8, 1);
         let e = simulate(&c).unwrap_err().to_string();
