@@ -67,3 +67,23 @@ def test_search_pads_uneven_layers_with_noop_layers():
     best = out["results"][0]
     assert best["layout"]["padded_with_noop_layers"] is True
     assert best["report"]["layout"]["pipeline_model_parallel_layout"].endswith("|t|mL")
+
+
+def test_plan_prints_the_padded_layout_as_a_megatron_flag(capsys):
+    import shlex
+
+    from moerail import cli
+
+    argv = ["plan", "--model", "Pangu-Ultra-MoE-718B", "--cluster", "Ascend-800T-A2", "--devices", "6144", "--gbs",
+            "6144", "--top", "1", "--quiet"]
+    for dim in ("tp=8", "cp=1", "pp=16", "vpp=2", "ep=32", "etp=1"):
+        argv += ["--space", dim]
+    assert cli.main(argv) in (0, None)
+    out = capsys.readouterr().out
+    line = out.split("Megatron-LM flags of #1:")[1].strip().splitlines()[0]
+    flags = shlex.split(line)
+    i = flags.index("--pipeline-model-parallel-layout")
+    assert flags[i + 1].endswith("|t|mL")
+    cfg, ignored = sim.parse_megatron_args(line)
+    assert cfg["layout"]["pipeline_model_parallel_layout"] == flags[i + 1]
+    assert "--num-layers-per-virtual-pipeline-stage" not in flags
