@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -174,7 +175,10 @@ def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers:
         "--expert-tensor-parallel-size", str(layout["etp"]),
     ]  # fmt: skip
     account = bool(layout.get("account_for_embedding_and_loss_in_pipeline_split"))
-    if layout.get("vpp", 1) > 1:
+    if layout.get("pipeline_model_parallel_layout"):
+        # Explicit placement (chunks of layers; short chunks hold the no-op padding).
+        flags += ["--pipeline-model-parallel-layout", str(layout["pipeline_model_parallel_layout"])]
+    elif layout.get("vpp", 1) > 1:
         if num_layers is None:
             raise ValueError("num_layers: needed for a virtual pipeline layout")
         per_stage = (num_layers + 2 * account) // layout["pp"]
@@ -210,7 +214,8 @@ def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers:
 
 
 def _flags_line(layout: Dict[str, Any], training: Dict[str, Any], num_layers: Optional[int] = None) -> str:
-    return " ".join(megatron_flags(layout, training, num_layers))
+    # Quoted for a shell: a pipeline layout holds '|' and '*'.
+    return shlex.join(megatron_flags(layout, training, num_layers))
 
 
 def _require_inputs(cfg: Dict[str, Any]) -> None:

@@ -38,41 +38,21 @@ A configuration file (TOML; JSON takes the same structure)::
 without a ``[layout]`` (or with ``--top``) it searches the layouts instead.
 
 The cost model itself lives in Rust (``moerail_core::sim``; its module documentation describes
-it). Its efficiency parameters are per device type and were fitted once, by
-:func:`calibrate`, on the four published MoE Parallel Folding runs on H100 (arXiv 2504.14960,
-seq 4096, GBS 256, token drop with capacity factor 1, BF16, MFU against 989.5 TFLOPS counted
-with non-causal attention):
+it). Its efficiency parameters are per device family (Hopper, Blackwell, Ascend), never per run:
+the presets hold the maximum a posteriori fit per family (:func:`moerail.sim.validation.fit`) on
+the public table of published MoE training runs ``benches/sim_validation.csv`` (MoE Parallel
+Folding, Megatron-MoE-ModelZoo, Megatron-Bridge, DeepSeek-V3, Pangu Ultra MoE; each row with its
+source and stated settings). ``benches/bench_sim_validation.py`` refits with each run and each
+source held out (:func:`moerail.sim.validation.cross_validate`) and ``benches/BENCHMARKS.md``
+reports those errors by source and by group; read them before trusting a prediction on a kind of
+run the table does not hold. Ascend keeps its priors: the table has one Ascend run.
 
-=====================================================  ==========  =======  ======
-run                                                    published   moerail  error
-=====================================================  ==========  =======  ======
-Mixtral-8x22B, 128 GPUs, TP2 PP8 EP8 ETP1 (folded)     49.3 %      48.6 %   -1.5 %
-Mixtral-8x22B, 128 GPUs, TP2 PP8 EP4 ETP2 (coupled)    46.3 %      45.4 %   -1.9 %
-Qwen2-57B-A14B, 64 GPUs, TP2 PP4 EP4 ETP1 (folded)     39.0 %      40.2 %   +3.2 %
-Qwen2-57B-A14B, 64 GPUs, TP2 PP4 EP4 ETP2 (coupled)    35.3 %      35.6 %   +0.9 %
-=====================================================  ==========  =======  ======
-
-Fitted H100 values (priors in brackets): ``gemm_efficiency`` 0.7493 (0.75),
-``attention_efficiency`` 0.5605 (0.55), ``memory_efficiency`` 0.5721 (0.70),
-``intra_node_comm_efficiency`` 0.6454 (0.75), ``kernel_overhead_us`` 4.08 (4.0); unfitted
-priors: ``gemm_dim_knee`` 64, ``inter_node_comm_efficiency`` 0.8, ``tp_overlap_efficiency``
-0.8, ``overlap_efficiency`` 0.8.
-
-Fitting procedure (:func:`calibrate`): maximum a posteriori over the log of five parameters
-(``gemm_efficiency``, ``attention_efficiency``, ``memory_efficiency``,
-``intra_node_comm_efficiency``, ``kernel_overhead_us``). The objective is
-``sum_runs (log(pred / published) / 0.02)^2 + sum_params (log(value / prior) / 0.15)^2``: a
-2 % measurement noise on each published MFU and a Gaussian prior of width 0.15 (in log space)
-around each microbenchmark-based prior, minimised by Nelder-Mead from the priors. The other
-parameters stay at their priors. The fitted values are stored in
-``presets/clusters/h100-sxm.json`` (H800 and H200 share them: same Hopper silicon), and listed
-by :data:`H100_CALIBRATION`. Ascend efficiencies are uncalibrated priors. The folded layouts
-come out faster than the coupled ones because the model charges the expert-TP all-gather /
-reduce-scatter and the narrower expert GEMMs, not because the fit is told so: the ordering
-holds at the priors already.
+:func:`calibrate` is the older fit on the four Parallel Folding runs (:data:`PUBLISHED`), kept for
+fitting one's own measured runs.
 
 Modules: :mod:`.ranks` (process groups), :mod:`.config` (presets, files, Megatron command lines),
-:mod:`.step` (simulate, search), :mod:`.calibration` (fitted efficiencies).
+:mod:`.step` (simulate, search), :mod:`.calibration` (fitting efficiencies), :mod:`.validation`
+(the published-runs table, per-family fit, cross-validation).
 """
 
 from __future__ import annotations

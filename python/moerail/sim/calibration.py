@@ -69,7 +69,8 @@ PRIORS: Dict[str, float] = {
     "kernel_overhead_us": 4.0,
 }
 
-#: The H100 efficiencies in use (the cluster preset's ``efficiency`` table).
+#: The H100 efficiencies in use (the cluster preset's ``efficiency`` table: the Hopper fit on
+#: ``benches/sim_validation.csv``, see :mod:`moerail.sim.validation`).
 H100_CALIBRATION: Dict[str, float] = dict(_find_preset("clusters", "h100-sxm").get("efficiency") or {})
 
 _UPPER = {

@@ -114,6 +114,7 @@ def search(
         "expert_tensor_parallel_size",
         "decoder_first_pipeline_num_layers",
         "decoder_last_pipeline_num_layers",
+        "pipeline_model_parallel_layout",
     ):
         cfg["layout"].pop(k, None)
     for k in ("micro_batch_size", "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules"):

@@ -153,7 +153,7 @@ impl<'a> Engine<'a> {
         let n_full = b * s / p.cp as f64;
         let n_loc = if sp { n_full / p.tp as f64 } else { n_full };
         let stages = crate::sim::config::stage_layers(&cfg.model, p)?;
-        if vpp > 1 {
+        if vpp > 1 && p.pipeline_model_parallel_layout.is_none() {
             for (i, st) in stages.iter().enumerate() {
                 // An embedding / loss counted in the split is a layer of its first / last chunk.
                 let extra =
@@ -201,10 +201,23 @@ impl<'a> Engine<'a> {
         }
         let e = &self.cfg.cluster.efficiency;
         let f = |d: f64| d / (d + e.gemm_dim_knee);
-        let eff = e.gemm_efficiency * f(m) * f(n) * f(k);
+        let fp8 = self.cfg.training.precision == Precision::Fp8;
+        let top = if fp8 {
+            e.fp8_gemm_efficiency
+        } else {
+            e.gemm_efficiency
+        };
+        let eff = top * f(m) * f(n) * f(k);
         let flops = 2.0 * m * n * k;
         let bytes = BF16 * (m * k + k * n + m * n);
-        (flops / (self.peak_gemm * eff)).max(bytes / self.hbm)
+        let t = (flops / (self.peak_gemm * eff)).max(bytes / self.hbm);
+        if fp8 {
+            // The activation operand is quantized first: read in 16 bits, written as FP8
+            // row-wise and column-wise (the transpose the backward pass needs).
+            t + self.mem(m * k * (BF16 + 2.0))
+        } else {
+            t
+        }
     }
 
     /// Flash attention forward with `flops` FLOPs (16-bit peak).
@@ -661,8 +674,12 @@ impl<'a> Engine<'a> {
             window_b += compute_f;
         }
         let oe = e.overlap_efficiency;
-        let exp_f = self.overlap(exch, window_f, oe);
-        let exp_b = self.overlap(exch, window_b, oe);
+        // The hidden part still costs: the exchange's kernels hold a share of the SMs, and the
+        // compute beside them runs that much slower for as long as they run.
+        let sm = e.comm_sm_fraction;
+        let contended = |exposed: f64| exposed + (exch - exposed) * sm / (1.0 - sm);
+        let exp_f = contended(self.overlap(exch, window_f, oe));
+        let exp_b = contended(self.overlap(exch, window_b, oe));
         f.x(EP, exch, exp_f);
         bw.x(EP, exch, exp_b);
         f.x(ETP, etp_comm, etp_comm);

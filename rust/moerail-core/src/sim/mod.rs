@@ -37,15 +37,22 @@
 //!
 //! # Calibration
 //!
-//! The efficiency parameters are per device type, never per case. Their priors come from
+//! The efficiency parameters are per device family, never per case. Their priors come from
 //! public microbenchmarks (H100 BF16 GEMMs reach ~0.75 of peak, flash attention ~0.55,
-//! element-wise kernels ~0.7 of HBM bandwidth, NCCL ~0.75-0.8 of link bandwidth). The H100
-//! values in `python/moerail/presets/clusters/h100-sxm.json` were then fitted by
-//! `moerail.sim.calibrate` (maximum a posteriori: the squared log-error of predicted MFU on
-//! the calibration runs plus a Gaussian penalty of width 0.15 in log space around each
-//! prior, minimised by Nelder-Mead) on the four published MoE Parallel Folding runs (Mixtral
-//! 8x22B on 128 H100, Qwen2-57B-A14B on 64 H100, folded and coupled layouts). The fitted
-//! values and residuals are listed in that module's docstring and in `benches/BENCHMARKS.md`.
+//! element-wise kernels ~0.7 of HBM bandwidth, NCCL ~0.75-0.8 of link bandwidth, FP8 GEMMs ~1.5x
+//! BF16). The values in `python/moerail/presets/clusters/*.json` are the maximum a posteriori
+//! fit per family (Hopper, Blackwell; Ascend keeps its priors) on the public table of
+//! published MoE runs `benches/sim_validation.csv` (`moerail.sim.validation`), whose
+//! leave-one-out and leave-one-source-out errors `benches/BENCHMARKS.md` reports.
+//!
+//! # Layouts it expresses
+//!
+//! Megatron's folded layouts (attention TP x CP x DP x PP, experts ETP x EP x EDP x PP),
+//! uneven first / last stages, `pipeline_model_parallel_layout` (virtual stages of any size;
+//! empty slots are no-op layers, as Pangu Ultra MoE pads 61 layers + MTP to 64 slots), MindSpeed's
+//! `--moe-tp-extend-ep` (experts over TP x EP ranks = EP tp*ep with ETP 1), the all-to-all,
+//! all-gather and DeepEP / HybridEP (`flex`) dispatchers, 1F1B EP overlap (its kernels holding
+//! `comm_sm_fraction` of the SMs), FP8 GEMMs (`fp8_gemm_efficiency`, operand quantization).
 
 pub mod config;
 pub mod engine;
@@ -259,6 +266,38 @@ mod tests {
         );
         let nan = report::Named(vec![("x", f64::NAN)]);
         assert_eq!(serde_json::to_string(&nan).unwrap(), r#"{"x":null}"#);
+    }
+
+    #[test]
+    fn fp8_and_overlap_costs() {
+        let bf16 = simulate(&mixtral_8x22b(2, 8, 8, 1)).unwrap();
+        let mut c = mixtral_8x22b(2, 8, 8, 1);
+        c.set("precision", &Value::Str("fp8".into())).unwrap();
+        c.set("peak_tflops_fp8", &Value::Float(1979.0)).unwrap();
+        let fp8 = simulate(&c).unwrap();
+        // FP8 GEMMs are faster, but far from twice: efficiency below the 16-bit one, and the
+        // operand quantization is memory traffic.
+        assert!(
+            fp8.step_time < bf16.step_time,
+            "{} {}",
+            fp8.step_time,
+            bf16.step_time
+        );
+        assert!(fp8.step_time > 0.6 * bf16.step_time);
+        c.set("fp8_gemm_efficiency", &Value::Float(0.75)).unwrap();
+        let eff = simulate(&c).unwrap();
+        assert!(eff.step_time < fp8.step_time);
+        // An overlapped EP exchange costs the SM share its kernels hold.
+        let mut o = mixtral_8x22b(2, 8, 8, 1);
+        o.set("overlap_moe_expert_parallel_comm", &Value::Bool(true))
+            .unwrap();
+        let with_sm = simulate(&o).unwrap();
+        o.set("comm_sm_fraction", &Value::Float(0.0)).unwrap();
+        let free = simulate(&o).unwrap();
+        assert!(free.step_time < with_sm.step_time);
+        assert!(with_sm.step_time < bf16.step_time);
+        let e = o.set("comm_sm_fraction", &Value::Float(1.0)).unwrap_err();
+        assert!(e.to_string().starts_with("comm_sm_fraction:"), "{e}");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct LayoutReport {
     pub recompute: Option<String>,
     /// Transformer layers per pipeline stage.
     pub stage_layers: Vec<usize>,
+    /// Megatron's `pipeline_model_parallel_layout` when one places the layers.
+    pub pipeline_model_parallel_layout: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -160,6 +162,9 @@ pub struct CandidateReport {
     pub decoder_first_pipeline_num_layers: Option<usize>,
     pub decoder_last_pipeline_num_layers: Option<usize>,
     pub account_for_embedding_and_loss_in_pipeline_split: bool,
+    /// The layers sit on equal chunks padded with no-op layers (the report's
+    /// `layout.pipeline_model_parallel_layout` says where).
+    pub padded_with_noop_layers: bool,
 }
 
 impl From<&Candidate> for CandidateReport {
@@ -176,6 +181,7 @@ impl From<&Candidate> for CandidateReport {
             decoder_first_pipeline_num_layers: (c.first > 0).then_some(c.first),
             decoder_last_pipeline_num_layers: (c.last > 0).then_some(c.last),
             account_for_embedding_and_loss_in_pipeline_split: c.account,
+            padded_with_noop_layers: c.padded,
         }
     }
 }
@@ -346,6 +352,7 @@ impl Evaluation {
                 num_microbatches: self.num_microbatches,
                 recompute,
                 stage_layers: self.stage_layers.iter().map(|&(d, m)| d + m).collect(),
+                pipeline_model_parallel_layout: p.pipeline_model_parallel_layout.clone(),
             },
             time: TimeReport {
                 step_s: self.step_time,

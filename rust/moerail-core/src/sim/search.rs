@@ -92,6 +92,9 @@ pub struct Candidate {
     pub last: usize,
     /// Count the embedding and the loss as one layer each in the pipeline split.
     pub account: bool,
+    /// Place the layers (and MTP layers) by a [`padded_layout`] of `pp * vpp` equal chunks,
+    /// the spare slots no-op layers.
+    pub padded: bool,
 }
 
 impl Candidate {
@@ -110,6 +113,16 @@ impl Candidate {
         p.decoder_last_pipeline_num_layers = (self.last > 0).then_some(self.last);
         p.account_for_embedding_in_pipeline_split = self.account;
         p.account_for_loss_in_pipeline_split = self.account;
+        p.pipeline_model_parallel_layout = if self.padded {
+            padded_layout(
+                c.model.num_layers,
+                c.model.mtp_num_layers,
+                self.pp,
+                self.vpp,
+            )
+        } else {
+            None
+        };
         c.training.micro_batch_size = self.mbs;
         self.recompute.apply(&mut c);
         c
@@ -158,6 +171,48 @@ pub fn uneven_split(layers: usize, pp: usize) -> Option<(usize, usize)> {
         let first = rest - last;
         (last >= 1 && first <= q).then_some((first, last))
     })
+}
+
+/// A `pipeline_model_parallel_layout` putting `layers` transformer layers and `mtp` MTP layers
+/// on `pp * vpp` chunks of equal slots, as a run pads its layers with no-op layers (Pangu Ultra
+/// MoE: 61 layers + MTP on PP16 x VPP2 x 2 slots): the spare slots are taken from the last
+/// chunk (which also holds the output layer and loss) down to its MTP layers, then from the
+/// chunks before it, from the end. `None`
+/// when the layers fill the slots exactly or the padding does not fit.
+pub fn padded_layout(layers: usize, mtp: usize, pp: usize, vpp: usize) -> Option<String> {
+    let chunks = pp * vpp.max(1);
+    let total = layers + mtp;
+    if pp < 2 || chunks < 3 || total < chunks {
+        return None;
+    }
+    let k = total.div_ceil(chunks);
+    let pad = chunks * k - total;
+    if pad == 0 || pad > chunks - 2 || k <= mtp {
+        return None;
+    }
+    // The last chunk (output layer, loss, MTP) sheds its spare slots first, down to its MTP
+    // layers; the rest come off the chunks before it, from the end.
+    let mut counts = vec![k; chunks];
+    let from_last = pad.min(k - mtp.max(1).min(k));
+    counts[chunks - 1] -= from_last;
+    for c in counts.iter_mut().rev().skip(1).take(pad - from_last) {
+        *c -= 1;
+    }
+    let mut out = String::with_capacity(total + 2 * chunks);
+    let mut placed = 0;
+    for (i, &n) in counts.iter().enumerate() {
+        if i > 0 {
+            out.push('|');
+        } else {
+            out.push('E');
+        }
+        for _ in 0..n {
+            out.push(if placed < layers { 't' } else { 'm' });
+            placed += 1;
+        }
+    }
+    out.push('L');
+    Some(out)
 }
 
 /// Every candidate of `space` that passes the cheap divisibility checks.
@@ -243,10 +298,33 @@ pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
                 } else {
                     vec![1]
                 };
-                for &vpp in &vpps {
-                    if vpp > 1 && (pp == 1 || per_stage == 0 || per_stage % vpp != 0) {
+                // Layers that do not split evenly may also be padded with no-op layers to
+                // equal chunks (with interleaving where the chunks allow it).
+                let mut shapes: Vec<(usize, bool)> = vpps.iter().map(|&v| (v, false)).collect();
+                if pp > 1 && (first > 0 || account) {
+                    let total = m.num_layers + m.mtp_num_layers;
+                    let vs: Vec<usize> = if space.vpp.is_empty() {
+                        (1..=(total / pp).min(4)).collect()
+                    } else {
+                        space.vpp.clone()
+                    };
+                    shapes.extend(
+                        vs.into_iter()
+                            .filter(|&v| {
+                                padded_layout(m.num_layers, m.mtp_num_layers, pp, v).is_some()
+                            })
+                            .map(|v| (v, true)),
+                    );
+                }
+                for &(vpp, padded) in &shapes {
+                    if !padded && vpp > 1 && (pp == 1 || per_stage == 0 || per_stage % vpp != 0) {
                         continue;
                     }
+                    let (first, last, account) = if padded {
+                        (0, 0, false)
+                    } else {
+                        (first, last, account)
+                    };
                     for &ep in &eps {
                         for &etp in &etps {
                             let etp = if m.is_moe() { etp } else { tp };
@@ -277,6 +355,7 @@ pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
                                         first,
                                         last,
                                         account,
+                                        padded,
                                     });
                                 }
                             }
@@ -379,6 +458,26 @@ mod tests {
         assert!(f <= (61 - f - l) / 6 && l >= 1);
         assert_eq!(uneven_split(11, 2), Some((6, 5)));
         assert_eq!(uneven_split(3, 4), None);
+    }
+
+    #[test]
+    fn padded_layouts_put_noop_slots_at_the_end() {
+        // Pangu Ultra MoE: 61 layers + 1 MTP on PP16 x VPP2 chunks of 2 slots.
+        let l = padded_layout(61, 1, 16, 2).unwrap();
+        let chunks = crate::sim::config::parse_layout(&l).unwrap();
+        assert_eq!(chunks.len(), 32);
+        let sizes: Vec<usize> = chunks
+            .iter()
+            .map(|c| c.iter().filter(|&&x| x == 't' || x == 'm').count())
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 62);
+        assert_eq!(&sizes[28..], &[2, 2, 1, 1]);
+        assert_eq!(chunks[31], vec!['m', 'L']);
+        assert_eq!(l, "Ett|".to_string() + &"tt|".repeat(29) + "t|mL");
+        // Exact fits and impossible paddings have none.
+        assert_eq!(padded_layout(64, 0, 16, 2), None);
+        assert_eq!(padded_layout(61, 1, 1, 4), None);
+        assert_eq!(padded_layout(5, 0, 2, 4), None);
     }
 
     #[test]

@@ -10,6 +10,9 @@ use crate::error::{ensure, Result};
 pub struct Efficiency {
     /// Fraction of peak a large GEMM reaches.
     pub gemm_efficiency: f64,
+    /// Fraction of the FP8 peak a large FP8 GEMM reaches (FP8 tensor cores run further from
+    /// their peak than 16-bit ones: scaling, and operands fed at twice the rate).
+    pub fp8_gemm_efficiency: f64,
     /// GEMM dimension at which that fraction halves (per dimension: `d / (d + knee)`).
     pub gemm_dim_knee: f64,
     /// Fraction of the 16-bit peak flash attention reaches (forward; backward the same on
@@ -24,6 +27,9 @@ pub struct Efficiency {
     pub kernel_overhead_us: f64,
     /// Fraction of TP communication hidden behind GEMMs with `tp_comm_overlap`.
     pub tp_overlap_efficiency: f64,
+    /// Share of the device's SMs / cores an overlapped EP exchange occupies (DeepEP's kernels
+    /// take 24 of an H100's 132 SMs): compute beside it runs that much slower.
+    pub comm_sm_fraction: f64,
     /// Fraction of the available compute that can hide overlapped communication (EP
     /// all-to-all with shared-expert or 1F1B overlap, DP reduce, CP ring exchange).
     pub overlap_efficiency: f64,
@@ -34,6 +40,7 @@ impl Default for Efficiency {
         // Priors: published H100 microbenchmarks (see the `sim` module docs).
         Self {
             gemm_efficiency: 0.75,
+            fp8_gemm_efficiency: 0.55,
             gemm_dim_knee: 64.0,
             attention_efficiency: 0.55,
             memory_efficiency: 0.7,
@@ -42,6 +49,7 @@ impl Default for Efficiency {
             kernel_overhead_us: 4.0,
             tp_overlap_efficiency: 0.8,
             overlap_efficiency: 0.8,
+            comm_sm_fraction: 24.0 / 132.0,
         }
     }
 }
@@ -49,6 +57,7 @@ impl Default for Efficiency {
 impl Efficiency {
     pub const KEYS: &'static [&'static str] = &[
         "gemm_efficiency",
+        "fp8_gemm_efficiency",
         "gemm_dim_knee",
         "attention_efficiency",
         "memory_efficiency",
@@ -57,6 +66,7 @@ impl Efficiency {
         "kernel_overhead_us",
         "tp_overlap_efficiency",
         "overlap_efficiency",
+        "comm_sm_fraction",
     ];
 
     pub(super) fn set(&mut self, key: &str, arg: &str, v: &Value) -> Result<()> {
@@ -69,6 +79,7 @@ impl Efficiency {
         };
         match key {
             "gemm_efficiency" => self.gemm_efficiency = frac(v)?,
+            "fp8_gemm_efficiency" => self.fp8_gemm_efficiency = frac(v)?,
             "gemm_dim_knee" => self.gemm_dim_knee = v.nonneg_f64(arg)?,
             "attention_efficiency" => self.attention_efficiency = frac(v)?,
             "memory_efficiency" => self.memory_efficiency = frac(v)?,
@@ -77,6 +88,11 @@ impl Efficiency {
             "kernel_overhead_us" => self.kernel_overhead_us = v.nonneg_f64(arg)?,
             "tp_overlap_efficiency" => self.tp_overlap_efficiency = v.fraction(arg)?,
             "overlap_efficiency" => self.overlap_efficiency = v.fraction(arg)?,
+            "comm_sm_fraction" => {
+                let x = v.fraction(arg)?;
+                ensure(x < 1.0, arg, || format!("must be below 1, got {x}"))?;
+                self.comm_sm_fraction = x;
+            }
             _ => return Err(unknown(arg, Self::KEYS)),
         }
         Ok(())

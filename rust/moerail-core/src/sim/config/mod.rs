@@ -31,7 +31,7 @@ mod value;
 
 pub use cluster::{Cluster, Efficiency};
 pub use model::{LayerFreq, Model, Normalization};
-pub use parallel::{stage_layers, Parallel, Stage};
+pub use parallel::{parse_layout, stage_layers, Parallel, Stage};
 pub use training::{Dispatcher, Precision, Recompute, RecomputeMethod, RecomputeModules, Training};
 pub use value::Value;
 
@@ -284,6 +284,12 @@ impl SimConfig {
     /// Virtual pipeline size in effect (`None` = no interleaving).
     pub fn vpp(&self) -> Result<Option<usize>> {
         let p = &self.parallel;
+        if let Some(text) = &p.pipeline_model_parallel_layout {
+            let chunks = parallel::parse_layout(text)
+                .map_err(|e| invalid("pipeline_model_parallel_layout", e))?
+                .len();
+            return Ok(Some(chunks / p.pp.max(1)).filter(|&v| v > 1));
+        }
         let v = match (p.vpp, p.num_layers_per_virtual_pipeline_stage) {
             (Some(v), _) => Some(v),
             (None, Some(n)) => {

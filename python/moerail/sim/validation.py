@@ -1,0 +1,262 @@
+"""The simulator against a table of published MoE training runs (:func:`load_table`,
+:func:`row_config`, :func:`predict`, :func:`fit`, :func:`cross_validate`).
+
+The table (``benches/sim_validation.csv`` in the source tree) holds one published run a row:
+its source (paper and table, or repository, file and commit), the stated settings (model,
+device, precision, sequence, batch, layout, pipeline layout, dispatcher, token dropping or
+balance, recomputation, overlaps), the published throughput and the FLOPs convention it was
+counted under. A row the source contradicts itself on has ``status`` ``excluded`` and says why.
+
+Efficiencies are per device family (Hopper: H100, H800, H200; Blackwell: B200, GB200; Ascend),
+never per run: :func:`fit` fits one family's parameters on the rows of that family it is given;
+:func:`cross_validate` refits with each row (leave-one-out) or each source (leave-one-source-out)
+held out and predicts the held-out rows from the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .. import _native
+from .calibration import PRIORS, _nelder_mead
+from .config import _entries, _find_preset, resolve_config
+
+__all__ = ["fits_on", "FAMILIES", "FIT_PARAMETERS", "FIT_PRIORS", "PRIOR_WIDTH", "load_table", "row_config", "predict", "fit", "cross_validate"]
+
+#: Device family of each cluster preset: the unit the efficiencies are fitted per.
+FAMILIES: Dict[str, str] = {
+    "H100-SXM": "hopper",
+    "H800": "hopper",
+    "H200": "hopper",
+    "B200": "blackwell",
+    "GB200": "blackwell",
+    "Ascend-800T-A2": "ascend",
+}
+
+#: The efficiency parameters fitted per family (the others keep their priors).
+FIT_PARAMETERS = [*PRIORS, "fp8_gemm_efficiency", "inter_node_comm_efficiency", "overlap_efficiency"]
+
+#: Priors: the H100 microbenchmark values of :data:`PRIORS`, and FP8 GEMMs at 0.55 of the FP8
+#: peak (Transformer Engine's FP8 GEMMs run ~1.5x its BF16 ones on H100: 0.75 * 1.5 / 2).
+FIT_PRIORS = {**PRIORS, "fp8_gemm_efficiency": 0.55, "inter_node_comm_efficiency": 0.8, "overlap_efficiency": 0.8}
+
+#: Width (log space) of the Gaussian prior per family: tight where the priors were measured on
+#: that silicon (Hopper), loose where they were not (Blackwell, Ascend).
+PRIOR_WIDTH = {"hopper": 0.15, "blackwell": 0.5, "ascend": 0.5}
+
+_METRICS = ("mfu_noncausal", "tflops_per_device", "tokens_per_s_per_device")
+
+_RECOMPUTE_MODULES = {"layernorm", "moe_act", "mla_up_proj", "core_attn", "mlp", "moe", "shared_experts"}
+
+_OVERLAPS = {
+    "tp_comm": "tp_comm_overlap",
+    "ep_overlap": "overlap_moe_expert_parallel_comm",
+    "shared_overlap": "moe_shared_expert_overlap",
+}
+
+
+def load_table(path: Union[str, pathlib.Path]) -> List[Dict[str, str]]:
+    """Reads the validation table; checks every row names its source and a known metric."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("id", "source", "reference", "model", "cluster", "metric", "published", "flops_convention", "status"):
+            if not (r.get(k) or "").strip():
+                raise ValueError(f"{path}: row {r.get('id')!r}: column {k!r} is empty")
+        if r["metric"] not in _METRICS:
+            raise ValueError(f"{path}: row {r['id']}: metric {r['metric']!r} (expected one of {_METRICS})")
+    return rows
+
+
+def _value(text: str) -> Any:
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        return t
+
+
+def row_config(row: Mapping[str, str], efficiency: Optional[Mapping[str, float]] = None) -> Dict[str, dict]:
+    """The simulator configuration of one table row (``efficiency`` overrides the preset's)."""
+    i = lambda k: int(row[k])  # noqa: E731
+    training: Dict[str, Any] = {
+        "seq_length": i("seq_length"),
+        "global_batch_size": i("global_batch_size"),
+        "micro_batch_size": i("micro_batch_size"),
+        "precision": row["precision"],
+        "moe_token_dispatcher_type": row["dispatcher"],
+        "use_distributed_optimizer": True,
+        "overlap_grad_reduce": True,
+        "overlap_param_gather": True,
+    }
+    if row["balance"] == "capacity" and row["dispatcher"] != "flex":
+        # Token drop at capacity factor 1 with padding. With the flex (DeepEP / HybridEP)
+        # dispatcher, which does not pad, balanced routing at capacity factor 1 moves exactly
+        # the dropless load, so such rows are simulated dropless.
+        training.update(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)
+    rc = row["recompute"].strip()
+    if rc.startswith("selective:"):
+        mods = rc.split(":", 1)[1].split("+")
+        unknown = set(mods) - _RECOMPUTE_MODULES
+        if unknown:
+            raise ValueError(f"row {row['id']}: recompute modules {sorted(unknown)}")
+        training.update(recompute_granularity="selective", recompute_modules=mods)
+    elif rc.startswith("full:"):
+        _, method, n = rc.split(":")
+        training.update(recompute_granularity="full", recompute_method=method, recompute_num_layers=int(n))
+    elif rc != "none":
+        raise ValueError(f"row {row['id']}: recompute {rc!r}")
+    for flag in filter(None, row["overlap"].split("+")):
+        training[_OVERLAPS[flag]] = True
+    tp, ep, etp = i("tp"), i("ep"), i("etp")
+    layout: Dict[str, Any] = {
+        "tensor_model_parallel_size": tp,
+        "context_parallel_size": i("cp"),
+        "pipeline_model_parallel_size": i("pp"),
+        "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": etp,
+    }
+    if i("vpp") > 1:
+        layout["virtual_pipeline_model_parallel_size"] = i("vpp")
+    if row["pipeline_layout"].strip():
+        layout["pipeline_model_parallel_layout"] = row["pipeline_layout"].strip()
+    for item in filter(None, row["settings"].split(";")):
+        k, v = item.split("=", 1)
+        k, v = k.strip(), _value(v)
+        if k == "moe_tp_extend_ep":
+            # MindSpeed's --moe-tp-extend-ep: the experts are split over the TP x EP ranks with
+            # no expert tensor parallelism, i.e. EP = tp * ep, ETP = 1 in Megatron's folding.
+            if v:
+                layout["expert_model_parallel_size"] = tp * ep
+                layout["expert_tensor_parallel_size"] = 1
+        elif k in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+            layout[k] = v
+        else:
+            training[k] = v
+    cluster: Dict[str, Any] = {"preset": row["cluster"], "devices": i("devices")}
+    if efficiency:
+        cluster.update(efficiency)
+    return {"model": {"preset": row["model"]}, "cluster": cluster, "training": training, "layout": layout}
+
+
+def family(row: Mapping[str, str]) -> str:
+    return FAMILIES[_find_preset("clusters", row["cluster"])["name"]]
+
+
+class _Row:
+    """One row resolved once (presets looked up), simulated with any efficiencies."""
+
+    def __init__(self, row: Mapping[str, str]):
+        self.row = row
+        self.id = row["id"]
+        self.family = family(row)
+        self.metric = row["metric"]
+        self.published = float(row["published"])
+        self.base = resolve_config(row_config(row))
+
+    def report(self, eff: Mapping[str, float]) -> dict:
+        cfg = {s: dict(v) for s, v in self.base.items()}
+        cfg["cluster"].update(eff)
+        return json.loads(_native.sim.sim_simulate(_entries(cfg)))
+
+    def predict(self, eff: Mapping[str, float]) -> float:
+        return self.report(eff)["time"][self.metric]
+
+
+def _resolve(rows: Iterable[Union[Mapping[str, str], _Row]]) -> List[_Row]:
+    return [r if isinstance(r, _Row) else _Row(r) for r in rows]
+
+
+def predict(rows: Sequence[Mapping[str, str]], efficiency: Mapping[str, Mapping[str, float]]) -> List[Dict[str, Any]]:
+    """Predicted metric of each row with ``efficiency[family]``; relative errors."""
+    out = []
+    for r in _resolve(rows):
+        rep = r.report(efficiency.get(r.family, {}))
+        p = rep["time"][r.metric]
+        out.append({"id": r.id, "family": r.family, "published": r.published, "predicted": p,
+                    "error": p / r.published - 1.0, "report": rep})
+    return out
+
+
+def fit(
+    rows: Sequence[Union[Mapping[str, str], _Row]],
+    *,
+    noise: float = 0.03,
+    prior_width: Optional[float] = None,
+    iters: int = 300,
+    start: Optional[Mapping[str, float]] = None,
+) -> Dict[str, float]:
+    """Fits one family's :data:`FIT_PARAMETERS` (maximum a posteriori, as :func:`calibrate`) on
+    ``rows``; with no rows the priors come back."""
+    res = _resolve(rows)
+    fams = {r.family for r in res}
+    if len(fams) > 1:
+        raise ValueError(f"rows: one device family at a time (got {sorted(fams)})")
+    pri = {k: FIT_PRIORS[k] for k in FIT_PARAMETERS}
+    if not res:
+        return dict(pri)
+    if prior_width is None:
+        prior_width = PRIOR_WIDTH[res[0].family]
+    names = list(pri)
+
+    def decode(x: Sequence[float]) -> Dict[str, float]:
+        eff = {}
+        for k, v in zip(names, x):
+            val = pri[k] * math.exp(v)
+            eff[k] = min(val, 1.0) if k.endswith("efficiency") else val
+        return eff
+
+    def objective(x: Sequence[float]) -> float:
+        eff = decode(x)
+        try:
+            err = sum((math.log(r.predict(eff) / r.published) / noise) ** 2 for r in res)
+        except ValueError:
+            return 1e12
+        return err + sum((v / prior_width) ** 2 for v in x)
+
+    x0 = [math.log(start[k] / pri[k]) for k in names] if start else [0.0] * len(names)
+    best = _nelder_mead(objective, x0, step=0.05 if start else 0.1, iters=iters)
+    return {k: round(v, 4) for k, v in decode(best).items()}
+
+
+def fits_on(row: Mapping[str, str]) -> bool:
+    """Whether a row may be fitted on: not when it ran dropless on real routing, whose expert
+    load imbalance no source publishes (the model would be fitted to a setting it is not
+    told); such rows are predicted, and their errors reported, like every other row."""
+    return row["balance"] != "dropless"
+
+
+def cross_validate(rows: Sequence[Mapping[str, str]], *, iters: int = 300) -> Dict[str, Any]:
+    """In-sample fit, leave-one-out and leave-one-source-out over the rows with status ``ok``.
+
+    Returns ``{"fitted": {family: eff}, "rows": [{id, source, family, published, in_sample,
+    loo, loso}]}`` (relative errors of the predicted metric)."""
+    res = [r for r in _resolve(rows) if r.row["status"] == "ok"]
+    fams = sorted({r.family for r in res})
+    fitting = [r for r in res if fits_on(r.row)]
+    fitted = {f: fit([r for r in fitting if r.family == f], iters=iters) for f in fams}
+    out = []
+    loso_cache: Dict[tuple, Dict[str, float]] = {}
+    for r in res:
+        same = [o for o in fitting if o.family == r.family]
+        ins = r.predict(fitted[r.family]) / r.published - 1.0
+        loo_eff = fit([o for o in same if o is not r], iters=iters, start=fitted[r.family])
+        loo = r.predict(loo_eff) / r.published - 1.0
+        key = (r.family, r.row["source"])
+        if key not in loso_cache:
+            loso_cache[key] = fit([o for o in same if o.row["source"] != r.row["source"]], iters=iters,
+                                  start=fitted[r.family])
+        loso = r.predict(loso_cache[key]) / r.published - 1.0
+        out.append({"id": r.id, "source": r.row["source"], "family": r.family, "model": r.row["model"],
+                    "published": r.published, "in_sample": ins, "loo": loo, "loso": loso})
+    return {"fitted": fitted, "rows": out}
