@@ -6,7 +6,8 @@ schedule, host memory and link), built from the simulator or from measurements.
 """
 
 from .costs import LayerCosts, MemoryCosts, ModuleCost, tokens_per_expert_skew
-from .plan import MODULES, Action, LayerPlan, MemoryPlan
+from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
+from .planner import StaticSetting, evaluate_plan, megatron_static_plans, parse_bytes, plan_memory
 
 __all__ = [
     "MODULES",
@@ -14,7 +15,13 @@ __all__ = [
     "LayerCosts",
     "LayerPlan",
     "MemoryCosts",
+    "MegatronFlags",
     "MemoryPlan",
     "ModuleCost",
+    "StaticSetting",
+    "evaluate_plan",
+    "megatron_static_plans",
+    "parse_bytes",
+    "plan_memory",
     "tokens_per_expert_skew",
 ]
