@@ -1144,7 +1144,7 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
         return Err(invalid(
             "budget_bytes",
             format!(
-                "{:.2} GiB is not above the memory weights, gradients and optimizer state take on this device ({:.2} GiB)",
+                "{:.2} GiB is not above what the weights, gradients and optimizer state take on this device ({:.2} GiB)",
                 budget / GIB,
                 costs.static_bytes / GIB
             ),

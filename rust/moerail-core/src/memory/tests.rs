@@ -163,6 +163,7 @@ fn check_against_exhaustive(
         let c = case(&mut rng, layers, s, host);
         let keep = evaluate(&c, &vec![[Action::Keep; 9]; layers]).unwrap();
         let mut o = Options::new(0.0);
+        o.frontier_limit = 1 << 16;
         let lo = c.static_bytes + 0.2 * keep.activation_bytes;
         let frac = rng.unit();
         o.budget_bytes = lo + frac * (keep.peak_bytes - lo);
@@ -309,4 +310,23 @@ fn swap_is_free_when_the_schedule_hides_it() {
     c.host_link_bytes_per_second = 1e3;
     let w = c.swap_windows();
     assert!(w[0].iter().all(|&x| x.abs() < 1e-9), "{w:?}");
+}
+
+#[test]
+fn thinned_frontiers_stay_feasible_and_beat_every_uniform_plan() {
+    let mut rng = Rng(21);
+    for s in [sched(4, 0, 1, 8), sched(4, 0, 2, 8)] {
+        let c = case(&mut rng, 6, s, true);
+        let keep = evaluate(&c, &vec![[Action::Keep; 9]; 6]).unwrap();
+        for frac in [0.3, 0.5, 0.8] {
+            let mut o = Options::new(c.static_bytes + frac * (keep.peak_bytes - c.static_bytes));
+            o.frontier_limit = 16;
+            let (Ok(p), Some(u)) = (solve(&c, &o), solve_uniform(&c, &o).unwrap()) else {
+                continue;
+            };
+            assert!(p.evaluation.peak_bytes <= o.budget_bytes * (1.0 + 1e-9));
+            assert!(p.evaluation.host_bytes <= c.host_bytes * (1.0 + 1e-9));
+            assert!(p.evaluation.added_seconds <= u.evaluation.added_seconds + 1e-12);
+        }
+    }
 }

@@ -64,13 +64,13 @@ fn with_modules(base: &SimConfig, f: impl Fn(&mut RecomputeModules)) -> SimConfi
 
 /// The difference one Megatron recompute flag makes to a layer: (bytes freed, seconds added).
 fn flag_cost(
-    base: &SimConfig,
+    eng: &Engine,
     keep: &LayerCost,
     moe: bool,
     f: impl Fn(&mut RecomputeModules),
 ) -> Result<ModuleCost> {
-    let c = with_modules(base, f);
-    let with = Engine::new(&c)?.layer(moe);
+    let c = with_modules(eng.cfg, f);
+    let with = eng.with_recompute(&c).layer(moe);
     Ok(ModuleCost {
         saved_bytes: (kept(keep) - kept(&with)).max(0.0),
         recompute_seconds: with.recompute.time(),
@@ -79,8 +79,8 @@ fn flag_cost(
 }
 
 /// Per-layer costs of one layer kind (dense or MoE) for one micro-batch.
-fn layer_costs(base: &SimConfig, moe: bool) -> Result<LayerCosts> {
-    let eng = Engine::new(base)?;
+fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
+    let base = eng.cfg;
     let lc = eng.layer(moe);
     let m = &base.model;
     let mut out = LayerCosts {
@@ -89,16 +89,16 @@ fn layer_costs(base: &SimConfig, moe: bool) -> Result<LayerCosts> {
         transient_bytes: lc.transient,
         ..Default::default()
     };
-    out.modules[LAYERNORM] = flag_cost(base, &lc, moe, |r| r.layernorm = true)?;
+    out.modules[LAYERNORM] = flag_cost(eng, &lc, moe, |r| r.layernorm = true)?;
     let mla = m.multi_latent_attention;
-    out.modules[ATTENTION] = flag_cost(base, &lc, moe, |r| {
+    out.modules[ATTENTION] = flag_cost(eng, &lc, moe, |r| {
         r.core_attn = true;
         r.mla_up_proj = mla;
     })?;
     if moe {
-        out.modules[EXPERT_ACT] = flag_cost(base, &lc, moe, |r| r.moe_act = true)?;
+        out.modules[EXPERT_ACT] = flag_cost(eng, &lc, moe, |r| r.moe_act = true)?;
         if m.shared_ffn() > 0 {
-            out.modules[SHARED] = flag_cost(base, &lc, moe, |r| r.shared_experts = true)?;
+            out.modules[SHARED] = flag_cost(eng, &lc, moe, |r| r.shared_experts = true)?;
         }
         let p = &base.parallel;
         let t = &base.training;
@@ -161,6 +161,17 @@ pub fn memory_costs(
     stage: Option<usize>,
     host_bytes: f64,
 ) -> Result<StageMemoryCosts> {
+    costs_with(cfg, stage, host_bytes, None)
+}
+
+/// [`memory_costs`], reusing `keep_all` when the caller already simulated `cfg` without
+/// recomputation or offloading.
+fn costs_with(
+    cfg: &SimConfig,
+    stage: Option<usize>,
+    host_bytes: f64,
+    keep_all: Option<super::Evaluation>,
+) -> Result<StageMemoryCosts> {
     if !host_bytes.is_finite() || host_bytes < 0.0 {
         return Err(invalid(
             "host_bytes",
@@ -170,7 +181,10 @@ pub fn memory_costs(
     let mut base = cfg.clone();
     base.training.recompute_granularity = Recompute::None;
     base.training.cpu_offloading_num_layers = 0;
-    let ev = super::simulate(&base)?;
+    let ev = match keep_all {
+        Some(e) => e,
+        None => super::simulate(&base)?,
+    };
     let eng = Engine::new(&base)?;
     let reserved = base.cluster.memory_reserved_gib * GIB;
     let pp = base.parallel.pp;
@@ -199,9 +213,9 @@ pub fn memory_costs(
     };
     let sc = &ev.stages[stage];
     let (dense, moe) = ev.stage_layers[stage];
-    let dense_c = layer_costs(&base, false)?;
+    let dense_c = layer_costs(&eng, false)?;
     let moe_c = if moe > 0 {
-        Some(layer_costs(&base, true)?)
+        Some(layer_costs(&eng, true)?)
     } else {
         None
     };
@@ -259,7 +273,9 @@ pub fn plan_evaluation(cfg: &SimConfig) -> Result<(super::Evaluation, Option<Eva
     if e.fits {
         return Ok((e, None));
     }
-    let smc = memory_costs(cfg, None, 0.0)?;
+    let plain = cfg.training.recompute_granularity == Recompute::None
+        && cfg.training.cpu_offloading_num_layers == 0;
+    let smc = costs_with(cfg, None, 0.0, plain.then(|| e.clone()))?;
     let mut opts = Options::new(e.memory_capacity);
     opts.allow_swap = false;
     let Some(plan) = solve_uniform(&smc.costs, &opts)? else {
