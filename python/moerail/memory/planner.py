@@ -232,12 +232,11 @@ def megatron_static_plans(
     off_names = list(MEGATRON_OFFLOAD_MODULES) if offload and costs.host_bytes > 0 else []
     seen = set()
     out: List[StaticSetting] = []
-    n_layers = len(costs.layers)
 
     def add(recompute: Tuple[str, ...], off: Tuple[str, ...], actions: Dict[str, Action]) -> None:
         actions = {m: a for m, a in actions.items() if m in has}
         key = tuple(sorted((m, a.value) for m, a in actions.items()))
-        if key in seen:
+        if key in seen and recompute != ("full",):
             return
         seen.add(key)
         plan = MemoryPlan(tuple(LayerPlan(lc.layer, dict(actions), lc.vpp_stage) for lc in costs.layers))
@@ -265,7 +264,6 @@ def megatron_static_plans(
     if "expert_fc1" in has:
         full["expert_fc1"] = Action.RECOMPUTE_EXCHANGE
     add(("full",), (), full)
-    del n_layers
     return out
 
 
