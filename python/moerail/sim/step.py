@@ -95,7 +95,8 @@ def search(
     recomputation. By default recomputation is ``plan``: the memory planner
     (:mod:`moerail.memory`) keeps everything when the layout fits and otherwise picks the
     cheapest per-module recompute plan (the same for every layer, no host memory) that fits the
-    device, charging its added time to the step. The fixed choices ``none``, ``light`` = norms +
+    device, charging its added time to the step, or ``light`` where the simulator predicts that
+    faster (the planner recomputes MLA's up-projections only together with core attention). The fixed choices ``none``, ``light`` = norms +
     expert activations (+ MLA up-projections), ``heavy`` = also core attention and shared
     experts, and ``full`` can be asked for through ``space``. ``space`` restricts any of
     ``tp, cp, pp, vpp, ep, etp, mbs`` (lists of sizes) and ``recompute`` (list of names).

@@ -302,6 +302,23 @@ pub struct Ranked {
 }
 
 /// Counts of a search.
+/// The `plan` choice: the memory planner's uniform plan, or Megatron's `light` selective
+/// recompute where the engine predicts it faster (the planner's `attention` module holds core
+/// attention and the MLA up-projections together, so it cannot recompute the up-projections
+/// alone as `light` does on MLA models).
+fn plan_or_light(cfg: &SimConfig) -> Result<Evaluation> {
+    let (e, plan) = crate::sim::memory::plan_evaluation(cfg)?;
+    if plan.is_none() && e.fits {
+        return Ok(e);
+    }
+    let mut light = cfg.clone();
+    RecomputeChoice::Light.apply(&mut light);
+    match simulate(&light) {
+        Ok(l) if l.fits && (!e.fits || l.tokens_per_s > e.tokens_per_s) => Ok(l),
+        _ => Ok(e),
+    }
+}
+
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SearchStats {
     pub candidates: usize,
@@ -335,7 +352,7 @@ pub fn search(
                 .map(|c| {
                     let cfg = c.apply(base);
                     let e = if c.recompute == RecomputeChoice::Plan {
-                        crate::sim::memory::plan_evaluation(&cfg).map(|(e, _)| e)
+                        plan_or_light(&cfg)
                     } else {
                         simulate(&cfg)
                     };
