@@ -541,7 +541,12 @@ impl<'a> Ctx<'a> {
     fn new(costs: &'a MemoryCosts) -> Result<Self> {
         costs.validate()?;
         let mixes = costs.schedule.inflight_mixes();
-        let windows = costs.swap_windows();
+        // The swap windows need a timed replay; without a host link nothing swaps.
+        let windows = if costs.host_link_bytes_per_second > 0.0 && costs.host_bytes > 0.0 {
+            costs.swap_windows()
+        } else {
+            vec![Vec::new(); costs.layers.len()]
+        };
         let m = costs.schedule.num_microbatches as f64;
         let compute = m * costs
             .layers
@@ -600,7 +605,12 @@ impl<'a> Ctx<'a> {
                         ),
                     ));
                 }
-                latency += swap_latency(e.swapped, c.host_link_bytes_per_second, &self.windows[i]);
+                latency += if self.windows[i].is_empty() {
+                    // No host memory, so no replay: count every copy as exposed.
+                    m * 2.0 * e.swapped / c.host_link_bytes_per_second
+                } else {
+                    swap_latency(e.swapped, c.host_link_bytes_per_second, &self.windows[i])
+                };
                 swapped_total += e.swapped;
             }
         }

@@ -170,7 +170,7 @@ fn costs_with(
     cfg: &SimConfig,
     stage: Option<usize>,
     host_bytes: f64,
-    keep_all: Option<super::Evaluation>,
+    keep_all: Option<(&Engine, super::Evaluation)>,
 ) -> Result<StageMemoryCosts> {
     if !host_bytes.is_finite() || host_bytes < 0.0 {
         return Err(invalid(
@@ -181,11 +181,15 @@ fn costs_with(
     let mut base = cfg.clone();
     base.training.recompute_granularity = Recompute::None;
     base.training.cpu_offloading_num_layers = 0;
-    let ev = match keep_all {
-        Some(e) => e,
-        None => super::simulate(&base)?,
+    let own;
+    let (eng, ev) = match keep_all {
+        Some((eng, e)) => (eng.with_recompute(&base), e),
+        None => {
+            own = Engine::new(&base)?;
+            let e = super::simulate_engine(&own)?;
+            (own.with_recompute(&base), e)
+        }
     };
-    let eng = Engine::new(&base)?;
     let reserved = base.cluster.memory_reserved_gib * GIB;
     let pp = base.parallel.pp;
     let stage = match stage {
@@ -269,13 +273,19 @@ fn costs_with(
 /// memory assumed) of the stage with the most memory under the device memory, its added time
 /// on the step and its peak as the memory; unchanged (not fitting) when no plan fits.
 pub fn plan_evaluation(cfg: &SimConfig) -> Result<(super::Evaluation, Option<Evaluation>)> {
-    let e = super::simulate(cfg)?;
+    plan_evaluation_engine(&Engine::new(cfg)?)
+}
+
+/// [`plan_evaluation`] with the engine already built.
+pub fn plan_evaluation_engine(eng: &Engine) -> Result<(super::Evaluation, Option<Evaluation>)> {
+    let cfg = eng.cfg;
+    let e = super::simulate_engine(eng)?;
     if e.fits {
         return Ok((e, None));
     }
     let plain = cfg.training.recompute_granularity == Recompute::None
         && cfg.training.cpu_offloading_num_layers == 0;
-    let smc = costs_with(cfg, None, 0.0, plain.then(|| e.clone()))?;
+    let smc = costs_with(cfg, None, 0.0, plain.then(|| (eng, e.clone())))?;
     let mut opts = Options::new(e.memory_capacity);
     opts.allow_swap = false;
     let Some(plan) = solve_uniform(&smc.costs, &opts)? else {

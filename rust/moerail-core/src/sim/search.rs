@@ -307,13 +307,14 @@ pub struct Ranked {
 /// attention and the MLA up-projections together, so it cannot recompute the up-projections
 /// alone as `light` does on MLA models).
 fn plan_or_light(cfg: &SimConfig) -> Result<Evaluation> {
-    let (e, plan) = crate::sim::memory::plan_evaluation(cfg)?;
+    let eng = crate::sim::engine::Engine::new(cfg)?;
+    let (e, plan) = crate::sim::memory::plan_evaluation_engine(&eng)?;
     if plan.is_none() && e.fits {
         return Ok(e);
     }
     let mut light = cfg.clone();
     RecomputeChoice::Light.apply(&mut light);
-    match simulate(&light) {
+    match crate::sim::simulate_engine(&eng.with_recompute(&light)) {
         Ok(l) if l.fits && (!e.fits || l.tokens_per_s > e.tokens_per_s) => Ok(l),
         _ => Ok(e),
     }
