@@ -192,6 +192,31 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// This engine reading `cfg`, a configuration that differs from its own only in the
+    /// recomputation settings: no validation, no rank groups again (the memory planner asks
+    /// for a layer under each recompute flag).
+    pub fn with_recompute<'b>(&self, cfg: &'b SimConfig) -> Engine<'b> {
+        Engine {
+            cfg,
+            world: self.world,
+            dp: self.dp,
+            edp: self.edp,
+            etp: self.etp,
+            vpp: self.vpp,
+            nmb: self.nmb,
+            sp: self.sp,
+            b: self.b,
+            s: self.s,
+            n_full: self.n_full,
+            n_loc: self.n_loc,
+            peak_gemm: self.peak_gemm,
+            peak16: self.peak16,
+            hbm: self.hbm,
+            spans: self.spans,
+            stages: self.stages.clone(),
+        }
+    }
+
     // ---------------------------------------------------------------- device primitives
 
     /// One `m x k` by `k x n` GEMM in the training precision.

@@ -56,6 +56,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod memory;
 pub mod model;
 pub mod report;
 pub mod search;
@@ -100,7 +101,12 @@ pub struct Evaluation {
 
 /// Simulates one training step.
 pub fn simulate(cfg: &SimConfig) -> Result<Evaluation> {
-    let eng = Engine::new(cfg)?;
+    simulate_engine(&Engine::new(cfg)?)
+}
+
+/// [`simulate`] with the engine already built (the memory planner reuses one).
+pub fn simulate_engine(eng: &Engine) -> Result<Evaluation> {
+    let cfg = eng.cfg;
     let stages = eng.stages();
     let times: Vec<f64> = stages
         .iter()

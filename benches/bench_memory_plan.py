@@ -1,0 +1,184 @@
+"""Issue 17: the activation memory plan (keep / recompute / swap per module and layer) by
+simulation, for Pangu Ultra MoE 718B on its published layout and DeepSeek-V3 on 1024 H100,
+against every static Megatron-Core setting (recompute_modules x offload_modules, and full
+recompute) under the same budget and the same cost model."""
+
+from __future__ import annotations
+
+from _common import table
+from moerail.memory import MemoryCosts, MemoryPlan, evaluate_plan, megatron_static_plans, plan_memory
+from moerail.memory.planner import best_static
+
+TITLE = "Activation memory plan, by simulation"
+G = 2**30
+
+# 61 layers (3 dense) + MTP on PP16 x VPP2: the published layout pads to 64 slots with no-op
+# layers; here the 3 pad slots are simulated as MoE layers (conservative: more memory and time
+# on the last stages). The planned stage, stage 0 (the most micro-batches in flight), holds
+# layers 0-1 and 32-33 in both.
+PANGU = dict(
+    model="Pangu-Ultra-MoE-718B", cluster="Ascend-800T-A2", devices=6144, seq_length=4096, global_batch_size=6144,
+    micro_batch_size=1, tensor_model_parallel_size=8, pipeline_model_parallel_size=16,
+    virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=32, expert_tensor_parallel_size=1,
+    num_layers=64, moe_layer_freq=[0, 0, 0] + [1] * 61,
+)  # fmt: skip
+# Megatron-Bridge's DeepSeek-V3 recipe on 1024 H100 (TP2 PP8 VPP4 EP64, GBS 8192); its layout
+# Et|(tt|)*30mL is simulated as an even split of 64 layers (stage 0: 8 layers instead of 7).
+DSV3 = dict(
+    model="DeepSeek-V3", cluster="H100-SXM", devices=1024, seq_length=4096, global_batch_size=8192, micro_batch_size=1,
+    tensor_model_parallel_size=2, pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=4,
+    expert_model_parallel_size=64, expert_tensor_parallel_size=1, num_layers=64, moe_layer_freq=[0, 0, 0] + [1] * 61,
+)  # fmt: skip
+CASES = [
+    ("Pangu Ultra MoE 718B, 6144 x Ascend 800T A2 (64 GB), TP8 PP16 VPP2 EP32", PANGU, 64 * G),
+    ("DeepSeek-V3, 1024 x H100 (80 GB), TP2 PP8 VPP4 EP64", DSV3, 128 * G),
+]
+
+
+SUMMARY: list = []
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _budget_rows(costs, statics, budgets, act, step):
+    rows = []
+    for label, b in budgets:
+        if b > costs.device_bytes:
+            rows.append([label, f"{b / G:.1f}", "above the device's memory: not a budget", "", "", "", ""])
+            continue
+        bs = best_static(statics, b)
+        ms = "none fits" if bs is None else f"{bs.name}: {bs.plan.predicted_added_seconds:.3f} ({_pct(bs.plan.predicted_added_seconds / step)})"
+        try:
+            p = plan_memory(costs, b)
+        except ValueError as e:
+            rows.append([label, f"{b / G:.1f}", f"refused: {e}", "", "", "", ms])
+            continue
+        pe = p.evaluation
+        rows.append(
+            [
+                label,
+                f"{b / G:.1f}",
+                f"{pe['peak_bytes'] / G:.1f}",
+                _pct(1 - pe["activation_bytes"] / act),
+                f"{pe['added_seconds']:.3f} ({_pct(pe['added_seconds'] / step)})",
+                f"{pe['host_bytes'] / G:.1f}",
+                ms,
+            ]
+        )
+    return table(
+        ["budget", "GiB", "moerail peak GiB", "activations saved", "moerail added s (of step)", "host GiB",
+         "best Megatron static setting that fits: added s (of step)"],
+        rows,
+    )  # fmt: skip
+
+
+def _plan_line(p) -> str:
+    groups = {}
+    for lp in p.layers:
+        key = ", ".join(f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all"
+        groups.setdefault(key, []).append(lp.layer)
+    flags = p.to_megatron_flags(multi_latent_attention=True)
+    text = "; ".join(f"layers {v}: {k}" for k, v in groups.items())
+    fl = " ".join(flags.args) or "(none)"
+    notes = f" (not expressible: {'; '.join(flags.notes)})" if flags.notes else ""
+    return f"{text}. As Megatron flags: `{fl}`{notes}."
+
+
+def case(name: str, cfg: dict, host: float) -> str:
+    out = [f"#### {name}", ""]
+    for h in (0.0, host):
+        costs = MemoryCosts.from_simulator(host_bytes=h, **cfg)
+        keep = evaluate_plan(costs, MemoryPlan(()))
+        ev = keep.evaluation
+        act = ev["activation_bytes_keep_all"]
+        step = costs.step_seconds
+        statics = megatron_static_plans(costs, multi_latent_attention=True)
+        if h == 0:
+            out.append(
+                f"Stage {costs.pipeline_rank} of {costs.pipeline_size} (the one with the most memory), "
+                f"{len(costs.layers)} layers in {costs.virtual_pipeline_size} model chunk(s), {costs.num_microbatches} "
+                f"micro-batches; static (weights, gradients, optimizer, reserve) {costs.static_bytes / G:.1f} GiB; "
+                f"keep-all activations in flight {act / G:.1f} GiB, peak {ev['peak_bytes'] / G:.1f} GiB of "
+                f"{costs.device_bytes / G:.0f} GiB; predicted step {step:.2f} s."
+            )
+            out.append("")
+            out.append("Recompute only (no host memory):")
+        else:
+            out.append(
+                f"With swap: {h / G:.0f} GiB of pinned host memory a device (assumed), host link "
+                f"{costs.host_link_bytes_per_second / 1e9:.0f} GB/s (the cluster preset's):"
+            )
+        out.append("")
+        budgets = [("70% of activations saved", int(costs.static_bytes + 0.30 * act + ev["transient_bytes"]))]
+        for want in (("layernorm", "moe_act"), ("moe",), ("full",)):
+            for st in statics:
+                if tuple(sorted(st.recompute)) == tuple(sorted(want)) and not st.offload:
+                    budgets.append((f"as Megatron {st.name}", int(st.plan.predicted_peak_bytes) + 1))
+        out.append(_budget_rows(costs, statics, budgets, act, step))
+        out.append("")
+        try:
+            p70 = plan_memory(costs, budgets[0][1])
+            out.append("Plan at the 70% budget: " + _plan_line(p70))
+            bs = best_static(statics, budgets[0][1])
+            SUMMARY.append(
+                (
+                    name.split(",")[0],
+                    "swap and recompute" if h else "recompute only",
+                    1 - p70.evaluation["activation_bytes"] / act,
+                    p70.predicted_added_seconds / step,
+                    None if bs is None else bs.plan.predicted_added_seconds / step,
+                )
+            )
+        except ValueError as e:
+            out.append(f"At the 70% budget: {e}")
+        out.append(
+            f"Megatron settings compared: {len(statics)} (every accepted recompute_modules"
+            f"{' x offload_modules' if h else ''} combination with a distinct effect, and full recompute)."
+        )
+        out.append("")
+    return "\n".join(out)
+
+
+def run(quick: bool) -> str:
+    out = [
+        "Method: `MemoryCosts.from_simulator` (the simulator's cost model: per-module bytes and rebuild times from the "
+        "engine with each of Megatron's recompute flags, the router and expert inputs from its formulas), "
+        "`plan_memory` (exact Pareto-frontier solve, local search when a frontier is thinned) and, for the "
+        "comparison, every static Megatron setting as a uniform plan evaluated by the same model. The peak counts the "
+        "micro-batches in flight on the interleaved schedule (replayed), static memory and one layer's transient. "
+        "Added time = recompute + repeated exchange + swap time not hidden behind this stage's compute. All numbers "
+        "are predictions of the model, not measurements.",
+        "",
+    ]
+    SUMMARY.clear()
+    for name, cfg, host in CASES:
+        out.append(case(name, cfg, host))
+    rows = [
+        [n, mode, _pct(saved), _pct(added), "none fits" if meg is None else _pct(meg),
+         "yes" if saved >= 0.70 and added <= 0.05 else "no",
+         "yes" if meg is None or added < meg else ("tie" if added == meg else "no")]
+        for n, mode, saved, added, meg in SUMMARY
+    ]  # fmt: skip
+    out.append("#### The issue's targets at the 70% budget")
+    out.append("")
+    out.append(
+        table(
+            ["model", "actions", "activations saved", "added step time", "best Megatron setting's added time",
+             ">= 70% saved at <= 5%", "less than Megatron's best"],
+            rows,
+        )  # fmt: skip
+    )
+    out.append("")
+    out.append(
+        "With host memory the copies of the planned stage hide behind its compute in this model (many micro-batches "
+        "in flight: long windows), for moerail's plan and for Megatron's offload_modules alike, so both cost 0 s "
+        "there: a tie, not a win. Recompute only, moerail's per-layer plan costs less than half of Megatron's best "
+        "static setting at the same budget but misses the 5% target on these layouts."
+    )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(run(quick=False))
