@@ -123,6 +123,9 @@ impl Counts {
             "counts",
             || format!("expected the counts of {w_n} ranks, {r_n} slots and {n_n} nodes"),
         )?;
+        // total_rows, summed here from the copies this loop counts anyway (no second pass).
+        let mut total = 0i64;
+        let n_n_i = i64::try_from(n_n).map_err(|_| invalid("counts", "too many nodes"))?;
         for src in 0..w_n {
             let t = self.tokens[src];
             let bad = |what: String| invalid("counts", format!("rank {src}: {what}"));
@@ -164,6 +167,12 @@ impl Counts {
                     self.entries
                 )));
             }
+            total = t
+                .checked_mul(n_n_i)
+                .and_then(|x| x.checked_add(copies))
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(total))
+                .ok_or_else(|| invalid("counts", "the rows of all ranks overflow int64"))?;
             for n in 0..n_n {
                 let per: Vec<i64> = (0..g_n)
                     .map(|g| self.rank_tokens[src * w_n + topo.rank(n, g)])
@@ -183,7 +192,7 @@ impl Counts {
                 }
             }
         }
-        self.total_rows(topo).map(|_| ())
+        Ok(())
     }
 
     /// An upper bound of the rows any strategy's stages move in one pass, summed over all
