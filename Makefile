@@ -127,14 +127,11 @@ stubs: $(BUILD_STAMP)
 	$(PY) tools/gen_stubs.py
 
 # The long fuzz run (make test runs the same fuzzers briefly): half the time the core's harness,
-# seed after seed, half the Python entry points (tests/fuzz_entry_points.py), each in a child.
+# seed after seed, half the Python entry points (tests/fuzz_entry_points.py), each in a child; ends
+# with the cases, clean errors and crashes per entry point (tools/fuzz_run.py).
 FUZZ_MINUTES ?= 20
 fuzz: $(BUILD_STAMP)
-	@set -o pipefail; end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 30 )); seed=1000; \
-	while [ $$(date +%s) -lt $$end ]; do \
-		MOERAIL_FUZZ_SEED=$$seed MOERAIL_FUZZ_CASES=2000 cargo test -p moerail-core -q --test fuzz -- --nocapture \
-			| grep -o 'fuzz .*' || exit 1; seed=$$((seed + 1)); done; echo "core fuzz: seeds 1000..$$seed"
-	$(PY) tests/fuzz_entry_points.py --examples 1000000 --seconds $$(( $(FUZZ_MINUTES) * 30 / 26 ))
+	$(PY) tools/fuzz_run.py --minutes $(FUZZ_MINUTES)
 
 bench: $(BUILD_STAMP)
 	# torch's OpenMP workers spin for milliseconds after each parallel region by default and take

@@ -79,8 +79,26 @@ def main() -> None:
             text = text[:start] + body.rstrip("\n") + ("\n" + text[end:] if end >= 0 else "\n")
         out.write_text(text)
     else:
-        out.write_text("\n".join(parts))
+        out.write_text("\n".join(parts + _kept_sections(out)))
     print(f"wrote {args.out}")
+
+
+KEEP = "<!-- measured by hand, kept by make bench -->"
+
+
+def _kept_sections(out: pathlib.Path) -> list:
+    """Sections of the existing file that no bench module writes (measurements that need two
+    builds or a long run, e.g. the checks' cost and the fuzz run): they carry :data:`KEEP` on the
+    line after their title and stay as measured."""
+    if not out.exists():
+        return []
+    text = out.read_text()
+    kept = []
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        lines = chunk.split("\n")
+        if len(lines) > 1 and lines[1].strip() == KEEP:
+            kept += ["## " + chunk.rstrip("\n"), ""]
+    return kept
 
 
 if __name__ == "__main__":

@@ -297,6 +297,45 @@ def hccl_unavailable_worker(rank: int, world: int, port: int, empty_dir: str, ou
         out_q.put((rank, traceback.format_exc()))
 
 
+HCCL_MISMATCHES = ["counts", "row", "bad_args"]
+
+
+def hccl_mismatch_worker(rank: int, world: int, port: int, out_q) -> None:
+    """``HcclExchange.exchange`` on 2 ranks whose arguments disagree (rank 1 sends rank 0 more rows
+    than rank 0 expects; rows of another width; rank 1's own bad send_rows): every rank must raise,
+    before HCCL sees the counts; then a consistent exchange still works."""
+    try:
+        from moerail.backends.hccl import HcclExchange
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        x = HcclExchange.from_group(None)
+        send, recv = ([1, 2], [1, 2]) if rank == 0 else ([2, 2], [2, 2])
+        res = {}
+        for name in HCCL_MISMATCHES:
+            s, width = list(send), 8
+            if rank == 1 and name == "counts":
+                s = [3, 2]
+            if rank == 1 and name == "row":
+                width = 16
+            if rank == 1 and name == "bad_args":
+                s = [2, 2, 0]
+            buf = torch.zeros(sum(s), width)
+            try:
+                x.exchange(buf, s, recv, stream=0)
+                res[name] = "no error"
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                res[name] = f"{type(e).__name__}: {e}"
+        buf = torch.arange(sum(send) * 8, dtype=torch.float32).reshape(-1, 8) + 100 * rank
+        out = x.exchange(buf, send, recv, stream=0)
+        res["after"] = (tuple(out.shape), out[:, 0].tolist())
+        x.close()
+        out_q.put((rank, res))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        out_q.put((rank, traceback.format_exc()))
+
+
 def handles_worker(rank: int, world: int, port: int, strategy: str, out_q) -> None:
     """Two micro-batches dispatched one after the other and combined in reverse order, each by
     its own handle (as a pipeline schedule that overlaps them does), against dispatch-then-

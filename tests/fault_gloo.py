@@ -89,6 +89,55 @@ def mismatch_worker(rank: int, world: int, port: int, out_q) -> None:
     os._exit(0)
 
 
+ETP_MISMATCHES = ["etp_num_experts", "etp_hidden", "etp_bad_args"]
+
+
+def _etp_mismatch(name: str, rank: int, ep_group, etp_group) -> None:
+    """EP2 x ETP2 on 4 ranks (ETP groups {0,1} {2,3}, EP groups {0,2} {1,3}): the EP group of
+    ranks 1 and 3 is configured otherwise, so each EP group agrees with itself and only the ETP
+    gathers (count vectors of the local experts, then rows of the hidden size) see the mismatch."""
+    odd = rank % 2 == 1
+    experts, hidden = 4, HIDDEN
+    if name == "etp_num_experts":
+        experts = 8 if odd else 4  # 4 local experts against 2: count vectors of another length
+    elif name == "etp_hidden":
+        hidden = 16 if odd else HIDDEN  # rows of another width
+    disp = moerail.AllToAllDispatcher(experts, ep_group, ranks_per_node=1, strategy="flat", etp_group=etp_group,
+                                      timeout=timedelta(seconds=20))
+    h, p, m = _inputs(rank, experts, hidden)
+    if name == "etp_bad_args" and rank == 1:
+        m = m[:, :3]  # a routing map of the wrong width: rank 1's own ValueError
+    disp.dispatch(h, p, m)
+
+
+def etp_worker(rank: int, world: int, port: int, out_q) -> None:
+    os.environ["MOERAIL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        etp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        ep, etp = ep_groups[rank % 2], etp_groups[rank // 2]
+        for name in ETP_MISMATCHES:
+            t0 = time.monotonic()
+            try:
+                _etp_mismatch(name, rank, ep, etp)
+                res[name] = ("no error", time.monotonic() - t0)
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                res[name] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
+        disp = moerail.AllToAllDispatcher(4, ep, ranks_per_node=1, etp_group=etp, timeout=timedelta(seconds=20))
+        out = disp.dispatch(*_inputs(rank, 4))
+        res["after"] = (f"ok {tuple(out[0].shape)}", 0.0)
+    except BaseException:  # noqa: BLE001
+        res["crash"] = (traceback.format_exc(), 0.0)
+    out_q.put((rank, res))
+    out_q.close()
+    out_q.join_thread()
+    os._exit(0)
+
+
 def peer_worker(rank: int, world: int, port: int, mode: str, out_q) -> None:
     """Rank 1 exits, is killed, or never arrives at the dispatch; rank 0 dispatches."""
     os.environ["MOERAIL_NUM_THREADS"] = "1"

@@ -8,7 +8,7 @@ Every call must return or raise TypeError / ValueError (or torch's allocation er
 RuntimeError saying it cannot allocate, for sizes that fit int64 but not memory); any other
 exception fails, and a signal kills the child, which the parent reports.
 
-    python tests/fuzz_entry_points.py [--examples N] [--seconds S] [--only NAME]
+    python tests/fuzz_entry_points.py [--examples N] [--seconds S] [--only NAME] [--list]
 prints one line per entry point: ``fuzz <name>: <cases> cases, <errors> clean errors``."""
 
 from __future__ import annotations
@@ -195,7 +195,11 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=60)
     ap.add_argument("--seconds", type=float, default=1e9, help="time budget per entry point")
     ap.add_argument("--only", default=None, help="comma-separated entry point names")
+    ap.add_argument("--list", action="store_true", help="print the entry points' names and stop")
     a = ap.parse_args()
+    if a.list:
+        print("\n".join(baselines()))
+        return 0
     failed = False
     for name, (fn, base) in baselines().items():
         if a.only and name not in a.only.split(","):

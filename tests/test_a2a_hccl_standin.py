@@ -122,6 +122,33 @@ def test_rank_without_hccl_fails_everywhere(ascend_standin, tmp_path):
         assert str(empty) in err, err  # names where it looked
 
 
+def test_exchange_arguments_that_disagree_fail_everywhere(ascend_standin, tmp_path):
+    # HcclExchange.exchange's fixed-size header: before it, counts that disagree went to
+    # HcclAlltoAllV (on real HCCL: a hang or rows read past a buffer), and a rank whose own
+    # arguments failed left its peer waiting in the collective.
+    env = {"MOERAIL_ASCEND_LIB_DIR": str(ascend_standin / "lib64"), "STANDIN_RDV_DIR": str(tmp_path),
+           "MOERAIL_QUIET": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        out = a2a_gloo.spawn(a2a_gloo.hccl_mismatch_worker, 2, timeout=150)
+    for rank in range(2):
+        assert not isinstance(out[rank], str), f"rank {rank} failed:\n{out[rank]}"
+    want = {
+        "counts": ["RuntimeError: HCCL exchange: the ranks' send_rows and recv_rows disagree: rank 1 sends rank 0 3 "
+                   "rows, rank 0 expects 2"] * 2,
+        "row": ["RuntimeError: HCCL exchange: the ranks disagree on the configuration (row shape, dtype)"] * 2,
+        "bad_args": ["RuntimeError: HCCL exchange: rank(s) [1] rejected their arguments",
+                     "ValueError: send_rows: expected 2 entries (one per rank), got 3"],
+    }
+    for name, msgs in want.items():
+        for rank in range(2):
+            assert out[rank][name].startswith(msgs[rank]), (name, rank, out[rank][name])
+    # Rank 0 sends 1 row to itself and 2 to rank 1; rank 1 sends 2 to rank 0 and 2 to itself.
+    assert out[0]["after"] == ((3, 8), [0.0, 100.0, 108.0])
+    assert out[1]["after"] == ((4, 8), [8.0, 16.0, 116.0, 124.0])
+
+
 BAD_ARGS = r"""
 import os, torch, torch.distributed as dist
 from datetime import timedelta

@@ -34,7 +34,7 @@ from moerail.backends.hccl import HcclExchange
 root = HcclExchange.root_info()
 x = HcclExchange(4, 2, root)
 buf = torch.arange(6 * 8, dtype=torch.bfloat16).reshape(6, 8)
-out = x.exchange(buf, [1, 0, 3, 2], [2, 1, 3, 0], stream=0xabc)
+out = x.exchange(buf, [1, 0, 3, 2], [2, 1, 3, 0], stream=0xabc, check=False)  # one process of 4: no peers to agree with
 assert out.shape == (6, 8), out.shape
 # rank 2 sends rows 1..4 to itself; they land after the 3 rows from ranks 0 and 1
 assert torch.equal(out[3:6], buf[1:4]), (out, buf)
@@ -52,14 +52,14 @@ before = buf.clone()
 for args, exc, arg in [(([1, 1], [2, 1, 3, 0]), ValueError, "send_rows"), (([1, 0, 3, 2], [2, 1, -3, 6]), ValueError, "recv_rows"),
                        (([1, 0, 3, 1], [2, 1, 3, 0]), ValueError, "send_rows"), (("ab", [2, 1, 3, 0]), TypeError, "send_rows")]:
     try:
-        x.exchange(buf, *args)
+        x.exchange(buf, *args, check=False)
     except exc as e:
         assert str(e).startswith(arg), e
     else:
         raise AssertionError(f"accepted {args}")
 assert torch.equal(buf, before)
 try:
-    x.exchange([1, 2], [1, 0, 0, 0], [1, 0, 0, 0])
+    x.exchange([1, 2], [1, 0, 0, 0], [1, 0, 0, 0], check=False)
 except TypeError as e:
     assert str(e).startswith("buf"), e
 x.close()

@@ -2,7 +2,9 @@
 slots, ranks_per_node, the strategy, the dtype or the hidden size (and a LoadTracker or a
 migration over ranks that disagree) all raise moerail's own error, the same on every rank, and
 the group still works; a peer that exits, is killed or never arrives makes the surviving rank
-raise moerail's message within its timeout, and its process exits."""
+raise moerail's message within its timeout, and its process exits. With expert tensor parallelism
+(EP2 x ETP2 on 4 ranks), EP groups configured otherwise, or a rank whose dispatch failed, make
+every rank of the ETP groups raise too."""
 
 from __future__ import annotations
 
@@ -74,6 +76,40 @@ def test_mismatch_raises_the_same_error_on_every_rank(mismatches, name):
 def test_the_group_works_after_the_rejected_calls(mismatches):
     out, _ = mismatches
     for rank in (0, 1):
+        assert out[rank]["after"][0].startswith("ok"), out[rank]
+
+
+@pytest.fixture(scope="module")
+def etp_mismatches():
+    return _spawn(fault_gloo.etp_worker, 4)
+
+
+@pytest.mark.parametrize("name", fault_gloo.ETP_MISMATCHES)
+def test_etp_mismatch_raises_on_every_rank(etp_mismatches, name):
+    # EP2 x ETP2: each EP group agrees with itself, the ETP groups see the mismatch. Before the
+    # ETP header, the count vectors of another length (or rows of another width) went straight
+    # into gloo's all-gather.
+    out, codes = etp_mismatches
+    assert set(out) == {0, 1, 2, 3}, (out, codes)
+    for rank in range(4):
+        assert "crash" not in out[rank], out[rank]["crash"][0]
+        msg, secs = out[rank][name]
+        assert secs < 15, (rank, secs)
+        if name == "etp_bad_args":
+            want = {1: "ValueError: routing_map", 3: "RuntimeError: ep_group: rank(s) [0] rejected their dispatch"}.get(
+                rank, "RuntimeError: etp_group: rank(s) [1] rejected their dispatch arguments")
+            assert msg.startswith(want), (rank, msg)
+        else:
+            assert msg.startswith("RuntimeError: etp_group: the ranks disagree on the expert-tensor-parallel "
+                                  "configuration"), (rank, msg)
+    if name != "etp_bad_args":
+        assert out[0][name][0] == out[1][name][0] and out[2][name][0] == out[3][name][0]
+    assert codes == {r: 0 for r in range(4)}, codes
+
+
+def test_etp_group_works_after_the_rejected_calls(etp_mismatches):
+    out, _ = etp_mismatches
+    for rank in range(4):
         assert out[rank]["after"][0].startswith("ok"), out[rank]
 
 

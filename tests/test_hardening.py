@@ -37,16 +37,67 @@ def expect_value_error(call: str, arg: str) -> None:
 # -------------------------------------------------------------------------- memory safety / aborts
 
 
-def test_permute_align_size_beyond_memory_is_an_exception():
-    # Fits int64 but not memory: torch's allocation error, not a crash.
-    p = run_child("""
-        import torch, moerail
-        try:
+_CAPPED = """
+    import resource, torch, moerail
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))  # an allocation error, never the OOM killer
+    from moerail import _checks
+    mem = _checks.device_memory(torch.device("cpu"))
+"""
+
+
+_BEYOND_MEMORY = [
+    "moerail.permute(torch.randn(4, 8), torch.eye(4, dtype=torch.bool), align_size={align})",
+    "moerail.permute(torch.randn(4, 8), torch.eye(4, dtype=torch.bool), probs=torch.eye(4), align_size={align})",
+    "moerail.permute_by_indices(torch.randn(4, 8), torch.arange(4).view(4, 1), 4, align_size={align})",
+]
+
+
+def test_align_size_beyond_memory_is_a_value_error():
+    # Fits int64, but 4 experts padded to a multiple of it need more bytes than the machine has
+    # (2**40: 160 TiB; the other: twice its RAM): was torch's allocation error (or, without an
+    # address-space cap, the kernel's OOM killer while the padding is zeroed). One child runs all.
+    calls = [c.format(align=a) for a in ("2**40", "mem // 40 // 2 + 1") for c in _BEYOND_MEMORY]
+    body = "".join(f"""
+    try:
+        {c}
+        print("RETURNED")
+    except ValueError as e:
+        print("VALUEERROR", e)
+    except BaseException as e:
+        print("OTHER", type(e).__name__, e)
+    """ for c in calls)
+    p = run_child(_CAPPED + body)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == len(calls), p.stdout
+    for c, line in zip(calls, lines):
+        assert line.startswith("VALUEERROR align_size: ") and " bytes (" in line and "of memory of cpu" in line, \
+            f"{c}: {line}"
+
+
+def test_padded_rows_limit_is_the_device_memory():
+    from moerail import _checks
+
+    cpu = torch.device("cpu")
+    mem = _checks.device_memory(cpu)
+    assert 0 < mem <= 1 << 47
+    _checks.padded_rows_fit(mem // 40, 40, 16, cpu)  # exactly fits: fine
+    with pytest.raises(ValueError, match=rf"^align_size: padding .* multiple of 16 gives {mem // 40 + 1} rows, "):
+        _checks.padded_rows_fit(mem // 40 + 1, 40, 16, cpu)
+    # An ordinary alignment still works and pads as before.
+    out = moerail.permute(torch.randn(4, 8), torch.eye(4, dtype=torch.bool), align_size=128)
+    assert out[0].shape == (512, 8) and out[4].tolist() == [128] * 4
+
+
+def test_align_size_beyond_memory_on_the_npu_path():
+    from moerail.backends import npu as _npu
+
+    _npu.use_for_cpu(True)
+    try:
+        with pytest.raises(ValueError, match="^align_size: .* of memory of cpu"):
             moerail.permute(torch.randn(4, 8), torch.eye(4, dtype=torch.bool), align_size=2**40)
-        except (RuntimeError, MemoryError) as e:
-            print("RAISED", type(e).__name__)
-        """)
-    assert p.returncode == 0 and "RAISED" in p.stdout, (p.returncode, p.stderr[-2000:])
+    finally:
+        _npu.use_for_cpu(False)
 
 
 @pytest.mark.parametrize("align", [2**61, 2**62, 2**63 - 1])

@@ -109,3 +109,50 @@ def one_of(v, name: str, choices: Iterable[str]) -> str:
     if v not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
     return v
+
+
+_ADDRESSABLE = 1 << 47  # what one process can map on 64-bit Linux (4-level page tables)
+_MEMORY: dict = {}
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has (cached): the machine's RAM for the CPU, the card's for a
+    CUDA or NPU device; the 64-bit user address space when it cannot be read."""
+    key = (device.type, device.index)
+    mem = _MEMORY.get(key)
+    if mem is None:
+        mem = 0
+        try:
+            if device.type == "cpu":
+                import os
+
+                mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            elif device.type in ("cuda", "npu"):
+                mod = getattr(torch, device.type)
+                mem = int(mod.get_device_properties(device.index if device.index is not None
+                                                    else mod.current_device()).total_memory)
+        except (AttributeError, OSError, RuntimeError, ValueError):
+            mem = 0
+        mem = min(mem, _ADDRESSABLE) if mem > 0 else _ADDRESSABLE
+        _MEMORY[key] = mem
+    return mem
+
+
+def padded_rows_fit(rows: int, row_bytes: int, align_size: int, device: torch.device) -> None:
+    """Raises a ValueError naming ``align_size`` when ``rows`` rows of ``row_bytes`` (a permuted
+    row, its index and its prob), padded to multiples of ``align_size``, need more bytes than
+    ``device`` has: before anything that size is allocated (an allocation error at best, the
+    kernel's OOM killer at worst)."""
+    need = rows * row_bytes
+    mem = device_memory(device)
+    if need > mem:
+        raise ValueError(
+            f"align_size: padding each expert's rows to a multiple of {align_size} gives {rows} rows, "
+            f"{need} bytes ({need / 2**30:.1f} GiB) for the permuted rows and their indices, more than the "
+            f"{mem} bytes ({mem / 2**30:.1f} GiB) of memory of {device}"
+        )
+
+
+def permuted_row_bytes(tokens: torch.Tensor, probs: Optional[torch.Tensor]) -> int:
+    """Bytes one row of a permute's outputs takes: the row, its int64 index, its prob."""
+    return tokens.shape[1] * tokens.element_size() + 8 + (0 if probs is None else probs.element_size())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -326,6 +327,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         v = getattr(args, flag)
         if v is not None:
             overrides[f"layout.{key}"] = v
+    ignored: List[str] = []
+    if args.megatron_args is not None:
+        try:
+            _, ignored = sim.parse_megatron_args(args.megatron_args)
+        except ValueError as e:  # the library names its parameter; the user typed the flag
+            raise ValueError(re.sub(r"^megatron_args\b", "--megatron-args", str(e))) from None
     cfg = sim.resolve_config(
         args.config,
         model=args.model,
@@ -334,9 +341,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         megatron_args=args.megatron_args,
         **overrides,
     )
-    ignored: List[str] = []
     if args.megatron_args is not None:
-        _, ignored = sim.parse_megatron_args(args.megatron_args)
         if ignored and not args.json and not args.quiet:
             print(f"(not modelled, ignored: {' '.join(ignored)})", file=sys.stderr)
     if not cfg["training"].get("seq_length"):

@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _checks, _native
 
 _emulator: Optional[str] = None
 _configured = False
@@ -367,6 +367,8 @@ def _layout(tokens, routing, num_experts, probs, num_out_tokens, align_size, wha
         # The output size depends on the routing: one read of the row count (and the status).
         rows = int(meta.item())
         _bad_status(status, what)
+        if align > 1:
+            _checks.padded_rows_fit(rows, _checks.permuted_row_bytes(tokens, probs), align, tokens.device)
         if num_out_tokens >= 0 and align <= 1 and num_out_tokens != rows:
             raise ValueError(
                 f"num_out_tokens: routing_map routes {rows} token copies, but num_out_tokens={num_out_tokens}"

@@ -28,6 +28,14 @@ def _npu_stream(t: torch.Tensor) -> int:
     return 0
 
 
+def _default_device() -> torch.device:
+    """Where a header goes when the caller's buffer is not a tensor: the current NPU, else the host."""
+    npu = getattr(torch, "npu", None)
+    if npu is not None and getattr(npu, "is_available", lambda: False)():
+        return torch.device("npu", npu.current_device())
+    return torch.device("cpu")
+
+
 def _hccl_missing() -> Optional[str]:
     """Why ``libhccl.so`` cannot be used here (None: it can)."""
     st = _native.ascend.ascend_status(False)
@@ -82,24 +90,59 @@ class HcclExchange:
         return self.comm.n_ranks
 
     def exchange(self, buf: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int],
-                 stream: Optional[int] = None) -> torch.Tensor:
+                 stream: Optional[int] = None, check: bool = True) -> torch.Tensor:
         """Rows ``buf[sum(send_rows[:p]) : ...]`` go to peer ``p``; returns the rows received,
-        packed in peer order (``sum(recv_rows)`` rows)."""
-        if not isinstance(buf, torch.Tensor):
-            raise TypeError(f"buf: expected a torch.Tensor, got {type(buf).__name__}")
-        if buf.dim() < 1:
-            raise ValueError("buf: expected rows (at least one dimension)")
-        send_rows = self._rows(send_rows, "send_rows")
-        recv_rows = self._rows(recv_rows, "recv_rows")
-        buf = buf.contiguous()
-        row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
-        if sum(send_rows) != buf.shape[0]:
-            raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
+        packed in peer order (``sum(recv_rows)`` rows).
+
+        With ``check`` (the default), the ranks first all-gather a fixed-size header (status, a
+        hash of the row size and dtype, every rank's send and receive rows: ``4 + 2 * n_ranks``
+        int64), and every rank raises the same error unless each rank sends every peer exactly
+        the rows that peer expects, of the same size and dtype: HCCL never sees counts that
+        disagree, and a rank whose arguments failed makes its peers raise instead of waiting.
+        ``AllToAllDispatcher`` passes ``check=False``: its ranks agreed on the plan already."""
+        error = None
+        try:
+            if not isinstance(buf, torch.Tensor):
+                raise TypeError(f"buf: expected a torch.Tensor, got {type(buf).__name__}")
+            if buf.dim() < 1:
+                raise ValueError("buf: expected rows (at least one dimension)")
+            send_rows = self._rows(send_rows, "send_rows")
+            recv_rows = self._rows(recv_rows, "recv_rows")
+            buf = buf.contiguous()
+            row = buf[0].numel() if buf.shape[0] else int(torch.Size(buf.shape[1:]).numel())
+            if sum(send_rows) != buf.shape[0]:
+                raise ValueError(f"send_rows: sum to {sum(send_rows)}, but buf has {buf.shape[0]} rows")
+        except (TypeError, ValueError) as e:
+            if not check:
+                raise
+            error = e
+        if check:
+            self._agree(buf, send_rows, recv_rows, error, stream)
         sc, sd = _native.ascend.hccl_counts_from_rows(send_rows, row)
         rc, rd = _native.ascend.hccl_counts_from_rows(recv_rows, row)
         out = torch.empty((sum(recv_rows), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
         self.comm.alltoallv(buf, sc, sd, out, rc, rd, _npu_stream(buf) if stream is None else stream)
         return out
+
+    def _agree(self, buf, send_rows, recv_rows, error: Optional[BaseException], stream: Optional[int]) -> None:
+        """The fixed-size header before an exchange (see :meth:`exchange`); raises on every rank alike."""
+        from .. import _agree
+
+        n = self.n_ranks
+        ok = error is None
+        device = buf.device if isinstance(buf, torch.Tensor) else _default_device()
+        cfg = _agree.config_hash(tuple(buf.shape[1:]), str(buf.dtype)) if ok else 0
+        rows = (list(send_rows) + list(recv_rows)) if ok else [0] * (2 * n)
+        mine = torch.cat([_agree.header(0 if ok else 1, cfg, n if ok else 0), torch.tensor(rows, dtype=torch.int64)])
+        g = self.all_gather(mine.to(device), stream).cpu()
+        _agree.check_headers(g[:, : _agree.HEADER_LEN], "HCCL exchange", "row shape, dtype", error)
+        sends, recvs = g[:, _agree.HEADER_LEN : _agree.HEADER_LEN + n], g[:, _agree.HEADER_LEN + n :]
+        bad = (sends != recvs.t()).nonzero().tolist()
+        if bad:
+            pairs = "; ".join(f"rank {p} sends rank {q} {int(sends[p, q])} rows, rank {q} expects {int(recvs[q, p])}"
+                              for p, q in bad[:4])
+            raise RuntimeError(f"HCCL exchange: the ranks' send_rows and recv_rows disagree: {pairs}"
+                               + (f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""))
 
     def _rows(self, rows: Sequence[int], name: str) -> List[int]:
         """One non-negative int per rank."""

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _checks as _args
 from .. import _native
 from . import cuda as _device
 from .cuda import acc_dtype
@@ -223,9 +224,10 @@ def _rows_from_inverse(inverse: Tensor, topk: int, rows: int) -> Tensor:
     return sorted_indices
 
 
-def _map_layout(routing_map: Tensor, probs: Optional[Tensor], align_size: int):
+def _map_layout(routing_map: Tensor, probs: Optional[Tensor], align_size: int, tokens: Tensor):
     """Megatron's dropless layout: rows by expert, then token, each expert's rows padded with -1
-    up to a multiple of ``align_size``. (sorted_indices, permuted_probs or None, row_counts)."""
+    up to a multiple of ``align_size`` (the padded rows of ``tokens`` must fit the device).
+    (sorted_indices, permuted_probs or None, row_counts)."""
     t, e = routing_map.shape
     counts = routing_map.sum(dim=0)
     tokens_of = torch.arange(t, device=routing_map.device).expand(e, t).masked_select(routing_map.t())
@@ -238,6 +240,7 @@ def _map_layout(routing_map: Tensor, probs: Optional[Tensor], align_size: int):
     rank = torch.arange(n, device=routing_map.device) - (counts.cumsum(0) - counts)[experts]
     row = (padded.cumsum(0) - padded)[experts] + rank
     total = int(padded.sum())
+    _args.padded_rows_fit(total, _args.permuted_row_bytes(tokens, probs), align_size, tokens.device)
     sorted_indices = torch.full((total,), -1, dtype=torch.int64, device=routing_map.device)
     sorted_indices[row] = tokens_of
     pp_padded = None
@@ -283,7 +286,7 @@ def permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad, align_size
             out, pp, sorted_indices = _fused_permute_map(tokens, routing_map, probs, k)
             row_counts = routing_map.sum(dim=0)
         else:
-            sorted_indices, pp, row_counts = _map_layout(routing_map, probs, align_size)
+            sorted_indices, pp, row_counts = _map_layout(routing_map, probs, align_size, tokens)
             out = _gather(tokens, sorted_indices)
         rows = sorted_indices.numel()
         if num_out_tokens >= 0 and align_size <= 1 and num_out_tokens != rows:
@@ -317,7 +320,7 @@ def permute_by_indices(tokens, indices, num_experts, probs, align_size):
         sorted_indices = _rows_from_inverse(inverse, k, t * k)
         pp = torch.empty((0,), dtype=tokens.dtype, device=tokens.device)
         return out, pp, sorted_indices, routing_map.sum(dim=0)
-    sorted_indices, pp, row_counts = _map_layout(routing_map, dense_probs, align_size)
+    sorted_indices, pp, row_counts = _map_layout(routing_map, dense_probs, align_size, tokens)
     out = _gather(tokens, sorted_indices)
     if pp is None:
         pp = torch.empty((0,), dtype=tokens.dtype, device=tokens.device)

@@ -311,11 +311,34 @@ class AllToAllDispatcher:
         tokens_per_local_expert [L], probs [N])``, a tuple whose ``handle`` attribute
         :meth:`combine` takes: ``out = disp.combine(expert_output, result.handle)``."""
         prepared, error = self._try_prepare(hidden, probs, routing_map)
-        out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error, hidden)
+        try:
+            out, per_slot, out_probs, route = self._dispatch_prepared(prepared, error, hidden)
+        except Exception as e:
+            if self.etp_size > 1:  # the ETP peers (in other EP groups) wait in the ETP header: tell them
+                self._etp_agree(hidden, e)
+            raise
         self._last = route
         if self.etp_size > 1:
+            self._etp_agree(out, None)
             out, per_slot, out_probs = self._etp_gather(route, out, per_slot, out_probs)
         return DispatchOutput(out, per_slot, out_probs, route)
+
+    def _etp_agree(self, rows, error: Optional[BaseException]) -> None:
+        """The ETP group's fixed-size header before its gathers, whose sizes depend on the
+        configuration (the local experts' count vector, then rows of the hidden size): ranks of
+        different EP groups configured otherwise all raise here, and a rank whose dispatch failed
+        (``error``) makes its ETP peers raise instead of waiting for its rows."""
+        cfg = length = 0
+        if error is None:
+            cfg = _agree.config_hash(self.num_local_experts, self.etp_size, tuple(rows.shape[1:]), str(rows.dtype),
+                                     rows.device.type)
+            length = self.num_local_experts
+        _agree.agree(
+            lambda hdr: self._gather_counts(hdr, rows, self.etp_group),
+            "etp_group",
+            "local experts, etp_size, hidden size or dtype",
+            cfg, length, error, ("dispatch", "expert-tensor-parallel"),
+        )
 
     def _etp_gather(self, route: DispatchHandle, rows, per_slot, probs):
         """Expert tensor parallelism: every rank of ``etp_group`` gets the rows of all of them
@@ -517,7 +540,10 @@ class AllToAllDispatcher:
         t0 = time.perf_counter()
         executor = self._executor(buf.device)
         if executor is not None:
-            out = executor.exchange(buf, send, recv)
+            if executor is self._hccl:  # the ranks agreed on the plan (the dispatch's header): no second header
+                out = executor.exchange(buf, send, recv, check=False)
+            else:
+                out = executor.exchange(buf, send, recv)
         else:
             out = torch.empty(sum(recv), buf.shape[1], dtype=buf.dtype, device=buf.device)
             self._wait(dist.all_to_all_single(out, buf.contiguous(), output_split_sizes=recv,

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import _checks, _native, backends
 from ..backends import cuda as _device
 from ..backends import npu as _npu
 
@@ -464,6 +464,7 @@ def permute(
         if align_size > 1:
             counts = (counts + align_size - 1) // align_size * align_size
             rows = int(counts.sum())
+            _checks.padded_rows_fit(rows, _checks.permuted_row_bytes(tokens, probs), align_size, tokens.device)
         sorted_indices = _empty((rows,), torch.int64, tokens)
         pp = None if probs is None else _empty((rows,), probs.dtype, tokens)
         row_counts = _empty((e,), torch.int64, tokens)
@@ -531,6 +532,8 @@ def permute_by_indices(
     if align_size > 1:
         counts = (counts + align_size - 1) // align_size * align_size
     rows = int(counts.sum())
+    if align_size > 1:
+        _checks.padded_rows_fit(rows, _checks.permuted_row_bytes(tokens, probs), align_size, tokens.device)
     sorted_indices = _empty((rows,), torch.int64, tokens)
     pp = None if probs is None else _empty((rows,), probs.dtype, tokens)
     row_counts = _empty((num_experts,), torch.int64, tokens)

@@ -123,6 +123,9 @@ impl Counts {
             "counts",
             || format!("expected the counts of {w_n} ranks, {r_n} slots and {n_n} nodes"),
         )?;
+        // total_rows, summed here from the copies this loop counts anyway (no second pass).
+        let mut total = 0i64;
+        let n_n_i = i64::try_from(n_n).map_err(|_| invalid("counts", "too many nodes"))?;
         for src in 0..w_n {
             let t = self.tokens[src];
             let bad = |what: String| invalid("counts", format!("rank {src}: {what}"));
@@ -132,17 +135,21 @@ impl Counts {
             let slots = &self.slot_counts[src * r_n..(src + 1) * r_n];
             let mut copies = 0i64;
             let wraps = || bad("the counts' sum overflows int64".into());
+            // Every slot count is checked to lie in [0, t] before it is summed, so this rank's
+            // sums are at most r_n * t: when that fits, plain (vectorised) sums cannot wrap.
+            let bounded = t.checked_mul(r_n as i64).is_some();
             for dst in 0..w_n {
-                if slots[dst * l_n..(dst + 1) * l_n]
-                    .iter()
-                    .any(|&x| x < 0 || x > t)
-                {
+                let s = &slots[dst * l_n..(dst + 1) * l_n];
+                if s.iter().any(|&x| x < 0 || x > t) {
                     return Err(bad(format!("a slot count on rank {dst} outside [0, {t}]")));
                 }
-                let c = slots[dst * l_n..(dst + 1) * l_n]
-                    .iter()
-                    .try_fold(0i64, |a, &x| a.checked_add(x))
-                    .ok_or_else(wraps)?;
+                let c = if bounded {
+                    s.iter().sum::<i64>()
+                } else {
+                    s.iter()
+                        .try_fold(0i64, |a, &x| a.checked_add(x))
+                        .ok_or_else(wraps)?
+                };
                 copies = copies.checked_add(c).ok_or_else(wraps)?;
                 let rt = self.rank_tokens[src * w_n + dst];
                 // ceil(c / l_n) without `c + l_n - 1`, which wraps near i64::MAX.
@@ -160,6 +167,12 @@ impl Counts {
                     self.entries
                 )));
             }
+            total = t
+                .checked_mul(n_n_i)
+                .and_then(|x| x.checked_add(copies))
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(total))
+                .ok_or_else(|| invalid("counts", "the rows of all ranks overflow int64"))?;
             for n in 0..n_n {
                 let per: Vec<i64> = (0..g_n)
                     .map(|g| self.rank_tokens[src * w_n + topo.rank(n, g)])
@@ -179,7 +192,7 @@ impl Counts {
                 }
             }
         }
-        self.total_rows(topo).map(|_| ())
+        Ok(())
     }
 
     /// An upper bound of the rows any strategy's stages move in one pass, summed over all
@@ -189,12 +202,20 @@ impl Counts {
         let wraps = || invalid("counts", "the rows of all ranks overflow int64");
         let n_n = i64::try_from(topo.nodes()).map_err(|_| wraps())?;
         let mut total = 0i64;
+        let r_n = topo.slots();
         for (src, &t) in self.tokens.iter().enumerate() {
-            let r_n = topo.slots();
-            let copies = self.slot_counts[src * r_n..(src + 1) * r_n]
-                .iter()
-                .try_fold(0i64, |a, &x| a.checked_add(x.max(0)))
-                .ok_or_else(wraps)?;
+            let slots = &self.slot_counts[src * r_n..(src + 1) * r_n];
+            // The largest term bounds the sum: when max * r_n fits, a plain (vectorised) sum is
+            // exact; only counts near the int64 edge take the checked path.
+            let max = slots.iter().map(|&x| x.max(0)).max().unwrap_or(0);
+            let copies = if max.checked_mul(r_n as i64).is_some() {
+                slots.iter().map(|&x| x.max(0)).sum::<i64>()
+            } else {
+                slots
+                    .iter()
+                    .try_fold(0i64, |a, &x| a.checked_add(x.max(0)))
+                    .ok_or_else(wraps)?
+            };
             total = t
                 .max(0)
                 .checked_mul(n_n)
