@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -132,6 +133,19 @@ class SavedTensorCounter:
             if self._ptr_key.get(ptr) == key:
                 del self._ptr_key[ptr]
 
+    def hooks(self, params: Iterable[torch.Tensor] = ()):
+        """A ``saved_tensors_hooks`` context that counts every tensor saved inside it (parameters
+        left out): put it around a whole step to measure any model, with or without a plan
+        (recomputations in the backward, e.g. Megatron's own, are counted too)."""
+        ptrs = {p.untyped_storage().data_ptr() for p in params}
+
+        def pack(t):
+            if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in ptrs:
+                return t
+            return self.hold(t, None)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
+
     def hold(self, t: torch.Tensor, tag) -> Any:
         key = self.add(t, tag)
         return t if key is None else _Held(t, self, key)
@@ -191,8 +205,8 @@ def _map_tensors(obj, fn):
     return obj
 
 
-def _rng_state(devices) -> dict:
-    st = {"cpu": torch.get_rng_state()}
+def _rng_state(devices, extra=()) -> dict:
+    st = {"cpu": torch.get_rng_state(), "extra": [get() for get, _ in extra]}
     for d in devices:
         mod = getattr(torch, d.type, None)
         if mod is not None and hasattr(mod, "get_rng_state"):
@@ -200,11 +214,13 @@ def _rng_state(devices) -> dict:
     return st
 
 
-def _set_rng_state(st: dict) -> None:
+def _set_rng_state(st: dict, extra=()) -> None:
     torch.set_rng_state(st["cpu"])
     for d, s in st.items():
-        if d != "cpu":
+        if d not in ("cpu", "extra"):
             getattr(torch, d.type).set_rng_state(s, d)
+    for (_, set_), s in zip(extra, st["extra"]):
+        set_(s)
 
 
 class _Replay(torch.autograd.Function):
@@ -271,7 +287,7 @@ class _Region:
         args = _map_tensors(self.args, det)
         kwargs = _map_tensors(self.kwargs, det)
         self.replay_inputs = [det(x) for x in self.grad_inputs]
-        current_rng = _rng_state(ex._rng_devices)
+        current_rng = _rng_state(ex._rng_devices, ex.rng_sources)
         current_state = dict(self.owner.__dict__) if self.owner is not None else None
         bufs = []
         if self.buffers_of is not None:
@@ -286,7 +302,7 @@ class _Region:
             return t
 
         try:
-            _set_rng_state(self.rng)
+            _set_rng_state(self.rng, ex.rng_sources)
             if self.owner is not None:
                 self.owner.__dict__.clear()
                 self.owner.__dict__.update(self.owner_state)
@@ -295,7 +311,7 @@ class _Region:
                 out = self.replay_fn(*args, **kwargs)
         finally:
             ex._replaying -= 1
-            _set_rng_state(current_rng)
+            _set_rng_state(current_rng, ex.rng_sources)
             if self.owner is not None:
                 self.owner.__dict__.clear()
                 self.owner.__dict__.update(current_state)
@@ -361,7 +377,7 @@ class LayerRun:
         self.swapped: Dict[str, List[SwappedTensor]] = {g: [] for g in GROUPS}
         self.triggered: Dict[str, bool] = {g: False for g in GROUPS}
         self.has_trigger: Dict[str, bool] = {g: False for g in GROUPS}
-        self._dedup: Dict[tuple, SwappedTensor] = {}
+        self._dedup: Dict[tuple, tuple] = {}
         self.in_forward = True
 
     def action(self, module: str) -> Action:
@@ -451,6 +467,9 @@ class Executor:
         # Callables returning a restore closure, called around every replay (e.g. Megatron's
         # aux-loss tracker): state a replay must not change.
         self.state_guards: List[Callable[[], Callable[[], None]]] = []
+        # (get, set) pairs of further RNG states a replay must see as the forward saw them (e.g.
+        # Megatron's model-parallel CUDA RNG tracker).
+        self.rng_sources: List[Tuple[Callable[[], Any], Callable[[Any], None]]] = []
         self.stats = {"swapped_bytes": 0, "swapped_tensors": 0, "recompute_seconds": 0.0, "replays": 0,
                       "regions": 0}
         self.timing: Optional[Dict[Tuple[int, str], float]] = None  # profile: forward seconds per tag
@@ -483,15 +502,17 @@ class Executor:
         if (run is not None and module is not None and run.action(module) is Action.SWAP and not self._replaying
                 and t.device == self.device and t.numel() * t.element_size() >= self.min_swap_bytes
                 and _dense(t) and t.untyped_storage().nbytes() > 0):
+            # The same tensor saved by several ops goes once. The weak reference makes sure it is that
+            # tensor (a later one at the same address, after the first was freed, is another).
             key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-            st = run._dedup.get(key)
-            if st is not None:
-                return st
+            hit = run._dedup.get(key)
+            if hit is not None and hit[1]() is t:
+                return hit[0]
             nbytes = t.numel() * t.element_size()
             buf = self.pool.take(nbytes)
             if buf is not None:
                 st = SwappedTensor(t, buf, self.pool, self.swapper)
-                run._dedup[key] = st
+                run._dedup[key] = (st, weakref.ref(t))
                 run.swapped[self._group_of(module)].append(st)
                 self._pending_out.setdefault(ptr, []).append(st)
                 self.stats["swapped_bytes"] += nbytes
@@ -603,7 +624,7 @@ class Executor:
             if (run is None or ex._replaying or not torch.is_grad_enabled()
                     or run.action(module) not in actions):
                 return tagged(*args, **kwargs)
-            rng = _rng_state(ex._rng_devices)
+            rng = _rng_state(ex._rng_devices, ex.rng_sources)
             state = dict(owner.__dict__) if owner is not None else None
             with ex._tagged(tag_module, group if tag_module == "layernorm" else None):
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: None, _dropped):

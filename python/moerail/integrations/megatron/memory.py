@@ -37,7 +37,7 @@ import torch
 from ...memory.executor import Executor
 from ...memory.plan import Action, MemoryPlan
 
-__all__ = ["apply_memory_plan", "memory_plan_layers"]
+__all__ = ["apply_memory_plan", "memory_plan_layers", "validate_memory_plan"]
 
 
 def _chunks(model) -> List[torch.nn.Module]:
@@ -248,6 +248,13 @@ def apply_memory_plan(model, plan: MemoryPlan, *, min_swap_bytes: int = 1 << 16,
     ex = Executor(plan, device=device, min_swap_bytes=min_swap_bytes, throttle_s=throttle_s,
                   prefetch_delay_s=prefetch_delay_s, count=count, params=params)
     ex.state_guards.append(_tracker_guard)
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415
+
+        tracker = get_cuda_rng_tracker()
+        ex.rng_sources.append((tracker.get_states, tracker.set_states))
+    except Exception:  # noqa: BLE001 - no model-parallel RNG tracker: the torch generators suffice
+        pass
     for vpp, idx, layer in memory_plan_layers(chunks):
         _wrap_layer(ex, layer, idx, vpp)
     return ex
