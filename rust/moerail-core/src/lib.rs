@@ -17,6 +17,8 @@
 //!   placement, replica choice per token, migration planning.
 //! * [`parallel`]: Megatron-Core's rank groups (`RankGenerator`) of a [`parallel::ParallelLayout`]
 //!   (tp/cp/pp/ep/etp with MoE Parallel Folding).
+//! * [`memory`]: the activation memory planner (keep / recompute / swap per module and layer
+//!   under a budget, on the pipeline schedule's timeline).
 //! * [`sim`]: the training-step simulator (step time, MFU, memory) and the layout search.
 //!
 //! Every function validates its arguments and returns [`Error::InvalidArgument`] naming the
@@ -25,6 +27,7 @@
 pub mod balance;
 pub mod ep;
 pub mod error;
+pub mod memory;
 pub mod ops;
 pub mod parallel;
 pub mod sim;

@@ -49,6 +49,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod memory;
 pub mod model;
 pub mod report;
 pub mod search;

@@ -1,0 +1,1147 @@
+//! Activation memory planning: for every layer of one device and every module of the layer,
+//! keep its saved tensors, recompute them in the backward, swap them to host memory, or (for
+//! the expert inputs) drop them and run the dispatch exchange again — chosen to minimise the
+//! step time the plan exposes under a device memory budget.
+//!
+//! # Model
+//!
+//! * **Peak memory** = static bytes (weights, gradients, optimizer state) + the kept
+//!   activations of the micro-batches in flight + the transient of one layer's backward (its
+//!   working buffers plus the tensors rebuilt or swapped back in for it). The micro-batches in
+//!   flight come from a step-by-step replay of Megatron-Core's schedule on this stage
+//!   ([`Schedule`]): 1F1B holds `min(p - rank, m)`; the interleaved schedule warms up
+//!   `2 (p - rank - 1) + (v - 1) p` chunk-micro-batches (Megatron's count) and its in-flight
+//!   mix of model chunks changes during the steady state, so every distinct mix is a
+//!   constraint, not one sum.
+//! * **Exposed time** per step = `m` x (recompute seconds + exchange seconds of
+//!   `recompute_exchange`) + the swap time the schedule cannot hide: per layer and
+//!   micro-batch, `2 S / B` (out and back in over the host link) minus the compute between the
+//!   layer's forward and its backward on this stage's timeline, and never less than the
+//!   link's total busy time beyond the step's compute (`m sum S / B - compute`): all swaps in
+//!   flight share the link.
+//! * **Host memory** = the swapped bytes of the micro-batches in flight (same mixes).
+//!
+//! # Solver
+//!
+//! Per layer, every combination of module actions is an option with recompute seconds,
+//! unhidden swap latency, a transient (its working buffers plus what it rebuilds or swaps back
+//! in), kept bytes and swapped bytes. The objective and every constraint grow with each of
+//! these (the peak and the host memory with the per-chunk sums weighted by every in-flight
+//! mix, the transient as a running maximum, the link term with the swapped sum), so the
+//! multiple-choice knapsack over layers is solved exactly by merging Pareto frontiers layer by
+//! layer: a partial plan is dropped only when another is no worse in every criterion, or when
+//! it is already over the device or host budget. The cheapest complete plan by the exact
+//! model wins. When a frontier grows past [`Options::frontier_limit`] points it is thinned
+//! (the cheapest point per size bucket) and a local search (one layer's option at a time)
+//! polishes the result; [`Plan::exact`] says whether that happened. Tests check the solver
+//! against exhaustive search.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// The modules of one transformer layer, in forward order (`moerail.memory.MODULES`).
+pub const MODULES: [&str; 9] = [
+    "layernorm",
+    "attention",
+    "router",
+    "permute",
+    "expert_fc1",
+    "expert_act",
+    "expert_fc2",
+    "unpermute",
+    "shared_expert",
+];
+/// Index of the one module whose exchange `recompute_exchange` repeats (the expert inputs).
+pub const EXCHANGE_MODULE: usize = 4;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// What happens to one module's saved tensors between its forward and its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Keep,
+    Recompute,
+    Swap,
+    RecomputeExchange,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [
+        Action::Keep,
+        Action::Recompute,
+        Action::Swap,
+        Action::RecomputeExchange,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Keep => "keep",
+            Action::Recompute => "recompute",
+            Action::Swap => "swap",
+            Action::RecomputeExchange => "recompute_exchange",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+            invalid(
+                "action",
+                format!("unknown action {s:?}; expected keep, recompute, swap or recompute_exchange"),
+            )
+        })
+    }
+}
+
+/// One module of one layer, per micro-batch (see `moerail.memory.ModuleCost`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleCost {
+    pub saved_bytes: f64,
+    pub recompute_seconds: f64,
+    #[serde(default)]
+    pub exchange_seconds: f64,
+    #[serde(default)]
+    pub exchange_bytes: f64,
+}
+
+/// One layer on this device, per micro-batch (see `moerail.memory.LayerCosts`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerCosts {
+    pub layer: usize,
+    #[serde(default)]
+    pub vpp_stage: usize,
+    /// Indexed like [`MODULES`]; an absent module is all zeros.
+    pub modules: [ModuleCost; 9],
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    #[serde(default)]
+    pub other_saved_bytes: f64,
+    #[serde(default)]
+    pub transient_bytes: f64,
+}
+
+/// Megatron-Core's pipeline schedule as seen from one stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub pipeline_size: usize,
+    pub pipeline_rank: usize,
+    pub virtual_pipeline_size: usize,
+    pub num_microbatches: usize,
+}
+
+/// One operation of the schedule on this stage: a forward or backward of `chunk` for micro-batch
+/// `microbatch` (numbered per chunk, in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub forward: bool,
+    pub chunk: usize,
+    pub microbatch: usize,
+}
+
+impl Schedule {
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        if s.pipeline_size == 0 {
+            return Err(invalid("pipeline_size", "expected >= 1"));
+        }
+        if s.pipeline_rank >= s.pipeline_size {
+            return Err(invalid(
+                "pipeline_rank",
+                format!(
+                    "expected 0..{}, got {}",
+                    s.pipeline_size - 1,
+                    s.pipeline_rank
+                ),
+            ));
+        }
+        if s.virtual_pipeline_size == 0 {
+            return Err(invalid("virtual_pipeline_size", "expected >= 1"));
+        }
+        if s.num_microbatches == 0 {
+            return Err(invalid("num_microbatches", "expected >= 1"));
+        }
+        if s.num_microbatches.saturating_mul(s.virtual_pipeline_size) > 1 << 22 {
+            return Err(invalid(
+                "num_microbatches",
+                "too many micro-batches to replay",
+            ));
+        }
+        Ok(())
+    }
+
+    fn interleaved(&self) -> bool {
+        self.virtual_pipeline_size > 1 && self.pipeline_size > 1
+    }
+
+    /// Megatron-Core's warm-up count (`get_pp_rank_microbatches`), over chunk-micro-batches.
+    pub fn warmup(&self) -> usize {
+        let (p, r, v) = (
+            self.pipeline_size,
+            self.pipeline_rank,
+            self.virtual_pipeline_size,
+        );
+        let total = self.num_microbatches * v;
+        let w = if p == 1 {
+            0
+        } else if !self.interleaved() {
+            p - r - 1
+        } else if self.num_microbatches == p {
+            total
+        } else {
+            2 * (p - r - 1) + (v - 1) * p
+        };
+        w.min(total)
+    }
+
+    /// The model chunk of the `k`-th forward (`get_schedule_table`, group size = `p`).
+    fn table(&self) -> Vec<usize> {
+        let (m, v, g) = (
+            self.num_microbatches,
+            self.virtual_pipeline_size,
+            self.pipeline_size.max(1),
+        );
+        let mut t = Vec::with_capacity(m * v);
+        let mut lo = 0;
+        while lo < m {
+            let hi = if lo + g >= m { m } else { lo + g };
+            for c in 0..v {
+                for _ in lo..hi {
+                    t.push(c);
+                }
+            }
+            lo = hi;
+        }
+        t
+    }
+
+    /// The operations of one step on this stage, in order: warm-up forwards, then one forward
+    /// and one backward at a time, then the cool-down backwards.
+    pub fn ops(&self) -> Vec<Op> {
+        let v = self.virtual_pipeline_size;
+        let table = self.table();
+        let total = table.len();
+        let w = self.warmup();
+        let mut fcount = vec![0usize; v];
+        let mut bcount = vec![0usize; v];
+        let mut ops = Vec::with_capacity(2 * total);
+        let fwd = |k: usize, ops: &mut Vec<Op>, fcount: &mut Vec<usize>| {
+            let c = table[k];
+            ops.push(Op {
+                forward: true,
+                chunk: c,
+                microbatch: fcount[c],
+            });
+            fcount[c] += 1;
+        };
+        let bwd = |k: usize, ops: &mut Vec<Op>, bcount: &mut Vec<usize>| {
+            let c = v - 1 - table[k];
+            ops.push(Op {
+                forward: false,
+                chunk: c,
+                microbatch: bcount[c],
+            });
+            bcount[c] += 1;
+        };
+        for k in 0..w {
+            fwd(k, &mut ops, &mut fcount);
+        }
+        for i in 0..total - w {
+            fwd(w + i, &mut ops, &mut fcount);
+            bwd(i, &mut ops, &mut bcount);
+        }
+        for i in total - w..total {
+            bwd(i, &mut ops, &mut bcount);
+        }
+        ops
+    }
+
+    /// Every distinct mix of in-flight micro-batches per chunk right after a forward (where the
+    /// live activations peak), with the mixes another one dominates removed.
+    pub fn inflight_mixes(&self) -> Vec<Vec<u32>> {
+        let v = self.virtual_pipeline_size;
+        let mut n = vec![0u32; v];
+        let mut mixes: Vec<Vec<u32>> = Vec::new();
+        for op in self.ops() {
+            if op.forward {
+                n[op.chunk] += 1;
+                if !mixes.contains(&n) {
+                    mixes.push(n.clone());
+                }
+            } else {
+                n[op.chunk] -= 1;
+            }
+        }
+        let dominated = |a: &Vec<u32>, b: &Vec<u32>| a != b && a.iter().zip(b).all(|(x, y)| x <= y);
+        let keep: Vec<Vec<u32>> = mixes
+            .iter()
+            .filter(|a| !mixes.iter().any(|b| dominated(a, b)))
+            .cloned()
+            .collect();
+        keep
+    }
+
+    /// The most chunk-micro-batches in flight at once, in closed form: `min(p - rank, m)` for
+    /// 1F1B, Megatron's warm-up count plus one (at most `m v`) for the interleaved schedule.
+    pub fn peak_inflight(&self) -> usize {
+        let total = self.num_microbatches * self.virtual_pipeline_size;
+        (self.warmup() + 1).min(total)
+    }
+}
+
+/// Everything the planner knows about one device (see `moerail.memory.MemoryCosts`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryCosts {
+    pub layers: Vec<LayerCosts>,
+    pub static_bytes: f64,
+    pub device_bytes: f64,
+    #[serde(default)]
+    pub host_bytes: f64,
+    #[serde(default)]
+    pub host_link_bytes_per_second: f64,
+    pub schedule: Schedule,
+}
+
+impl MemoryCosts {
+    pub fn validate(&self) -> Result<()> {
+        self.schedule.validate()?;
+        if self.layers.is_empty() {
+            return Err(invalid("layers", "expected at least one layer"));
+        }
+        let finite = |x: f64, name: &str| -> Result<()> {
+            if x.is_finite() && x >= 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(
+                    name,
+                    format!("expected a finite number >= 0, got {x}"),
+                ))
+            }
+        };
+        finite(self.static_bytes, "static_bytes")?;
+        finite(self.device_bytes, "device_bytes")?;
+        finite(self.host_bytes, "host_bytes")?;
+        finite(
+            self.host_link_bytes_per_second,
+            "host_link_bytes_per_second",
+        )?;
+        for lc in &self.layers {
+            if lc.vpp_stage >= self.schedule.virtual_pipeline_size {
+                return Err(invalid(
+                    "layers",
+                    format!(
+                        "layer {} is in vpp stage {}, but virtual_pipeline_size is {}",
+                        lc.layer, lc.vpp_stage, self.schedule.virtual_pipeline_size
+                    ),
+                ));
+            }
+            finite(lc.forward_seconds, "forward_seconds")?;
+            finite(lc.backward_seconds, "backward_seconds")?;
+            finite(lc.other_saved_bytes, "other_saved_bytes")?;
+            finite(lc.transient_bytes, "transient_bytes")?;
+            for (i, mc) in lc.modules.iter().enumerate() {
+                let n = MODULES[i];
+                finite(mc.saved_bytes, &format!("modules[{n}].saved_bytes"))?;
+                finite(
+                    mc.recompute_seconds,
+                    &format!("modules[{n}].recompute_seconds"),
+                )?;
+                finite(
+                    mc.exchange_seconds,
+                    &format!("modules[{n}].exchange_seconds"),
+                )?;
+                finite(mc.exchange_bytes, &format!("modules[{n}].exchange_bytes"))?;
+                if mc.exchange_bytes > mc.saved_bytes {
+                    return Err(invalid(
+                        format!("modules[{n}].exchange_bytes"),
+                        "is more than saved_bytes",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per layer and micro-batch, the compute between the end of the layer's forward and the
+    /// start of its backward on this stage's serial timeline (waits for other stages only add
+    /// to it, so this is the least the schedule hides).
+    pub fn swap_windows(&self) -> Vec<Vec<f64>> {
+        let v = self.schedule.virtual_pipeline_size;
+        let m = self.schedule.num_microbatches;
+        let mut fsum = vec![0.0; v];
+        let mut bsum = vec![0.0; v];
+        for lc in &self.layers {
+            fsum[lc.vpp_stage] += lc.forward_seconds;
+            bsum[lc.vpp_stage] += lc.backward_seconds;
+        }
+        let mut fstart = vec![vec![0.0; m]; v];
+        let mut bstart = vec![vec![0.0; m]; v];
+        let mut t = 0.0;
+        for op in self.schedule.ops() {
+            if op.forward {
+                fstart[op.chunk][op.microbatch] = t;
+                t += fsum[op.chunk];
+            } else {
+                bstart[op.chunk][op.microbatch] = t;
+                t += bsum[op.chunk];
+            }
+        }
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (i, lc) in self.layers.iter().enumerate() {
+            let c = lc.vpp_stage;
+            let before: f64 = self.layers[..=i]
+                .iter()
+                .filter(|l| l.vpp_stage == c)
+                .map(|l| l.forward_seconds)
+                .sum();
+            let after: f64 = self.layers[i + 1..]
+                .iter()
+                .filter(|l| l.vpp_stage == c)
+                .map(|l| l.backward_seconds)
+                .sum();
+            out.push(
+                (0..m)
+                    .map(|mb| (bstart[c][mb] + after - fstart[c][mb] - before).max(0.0))
+                    .collect(),
+            );
+        }
+        out
+    }
+}
+
+/// What a plan costs, by the model above.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Predicted peak device memory: static + activations in flight + one layer's transient.
+    pub peak_bytes: f64,
+    pub static_bytes: f64,
+    /// Kept activations of the micro-batches in flight at their peak.
+    pub activation_bytes: f64,
+    /// The same with every module keeping.
+    pub activation_bytes_keep_all: f64,
+    pub transient_bytes: f64,
+    /// Pinned host memory the swaps need at their peak.
+    pub host_bytes: f64,
+    /// Step time the plan adds: recompute + exchange + exposed swap.
+    pub added_seconds: f64,
+    pub recompute_seconds: f64,
+    pub exchange_seconds: f64,
+    pub swap_exposed_seconds: f64,
+    /// Bytes copied to the host per step (one direction).
+    pub swapped_bytes_per_step: f64,
+}
+
+/// A plan's actions: one row of [`MODULES`] actions per layer of [`MemoryCosts::layers`].
+pub type Actions = Vec<[Action; 9]>;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Effect {
+    kept: f64,
+    rebuilt: f64,
+    swapped: f64,
+    seconds: f64,
+    exchange: f64,
+}
+
+/// The effect of `a` on module `i` of a layer, or `None` where the action does not apply
+/// (recompute_exchange outside the expert inputs) or frees nothing.
+fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
+    let s = mc.saved_bytes;
+    match a {
+        Action::Keep => Some(Effect {
+            kept: s,
+            ..Default::default()
+        }),
+        Action::Recompute => {
+            let freed = s - mc.exchange_bytes;
+            (freed > 0.0).then_some(Effect {
+                kept: s - freed,
+                rebuilt: freed,
+                seconds: mc.recompute_seconds,
+                ..Default::default()
+            })
+        }
+        Action::Swap => (s > 0.0).then_some(Effect {
+            rebuilt: s,
+            swapped: s,
+            ..Default::default()
+        }),
+        Action::RecomputeExchange => {
+            (i == EXCHANGE_MODULE && mc.exchange_bytes > 0.0).then_some(Effect {
+                rebuilt: s,
+                seconds: mc.recompute_seconds,
+                exchange: mc.exchange_seconds,
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// Sum of the module effects of one layer under `actions`; errors name the layer and module.
+fn layer_effect(lc: &LayerCosts, actions: &[Action; 9]) -> Result<Effect> {
+    let mut e = Effect {
+        kept: lc.other_saved_bytes,
+        ..Default::default()
+    };
+    for (i, (mc, &a)) in lc.modules.iter().zip(actions).enumerate() {
+        let x = match effect(i, mc, a) {
+            Some(x) => x,
+            None if a == Action::RecomputeExchange && i != EXCHANGE_MODULE => {
+                return Err(invalid(
+                    "plan",
+                    format!(
+                        "layer {} module {:?}: recompute_exchange applies to the expert inputs (expert_fc1) only",
+                        lc.layer, MODULES[i]
+                    ),
+                ))
+            }
+            // Frees nothing: same as keep.
+            None => effect(i, mc, Action::Keep).unwrap_or_default(),
+        };
+        e.kept += x.kept;
+        e.rebuilt += x.rebuilt;
+        e.swapped += x.swapped;
+        e.seconds += x.seconds;
+        e.exchange += x.exchange;
+    }
+    Ok(e)
+}
+
+fn swap_latency(swapped: f64, link: f64, windows: &[f64]) -> f64 {
+    if swapped <= 0.0 {
+        return 0.0;
+    }
+    let copy = 2.0 * swapped / link;
+    windows.iter().map(|w| (copy - w).max(0.0)).sum()
+}
+
+fn weighted(mixes: &[Vec<u32>], per_chunk: &[f64]) -> f64 {
+    mixes
+        .iter()
+        .map(|mix| {
+            mix.iter()
+                .zip(per_chunk)
+                .map(|(&n, &a)| n as f64 * a)
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Precomputed schedule facts shared by every evaluation of one [`MemoryCosts`].
+struct Ctx<'a> {
+    costs: &'a MemoryCosts,
+    mixes: Vec<Vec<u32>>,
+    windows: Vec<Vec<f64>>,
+    compute: f64,
+    keep_all: f64,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(costs: &'a MemoryCosts) -> Result<Self> {
+        costs.validate()?;
+        let mixes = costs.schedule.inflight_mixes();
+        let windows = costs.swap_windows();
+        let m = costs.schedule.num_microbatches as f64;
+        let compute = m * costs
+            .layers
+            .iter()
+            .map(|l| l.forward_seconds + l.backward_seconds)
+            .sum::<f64>();
+        let mut ctx = Ctx {
+            costs,
+            mixes,
+            windows,
+            compute,
+            keep_all: 0.0,
+        };
+        let v = costs.schedule.virtual_pipeline_size;
+        let mut per = vec![0.0; v];
+        for lc in &costs.layers {
+            per[lc.vpp_stage] +=
+                lc.other_saved_bytes + lc.modules.iter().map(|m| m.saved_bytes).sum::<f64>();
+        }
+        ctx.keep_all = weighted(&ctx.mixes, &per);
+        Ok(ctx)
+    }
+
+    fn evaluate(&self, actions: &Actions) -> Result<Evaluation> {
+        let c = self.costs;
+        if actions.len() != c.layers.len() {
+            return Err(invalid(
+                "plan",
+                format!("has {} layers, the costs {}", actions.len(), c.layers.len()),
+            ));
+        }
+        let v = c.schedule.virtual_pipeline_size;
+        let m = c.schedule.num_microbatches as f64;
+        let (mut kept, mut host) = (vec![0.0; v], vec![0.0; v]);
+        let mut ev = Evaluation {
+            static_bytes: c.static_bytes,
+            activation_bytes_keep_all: self.keep_all,
+            ..Default::default()
+        };
+        let mut latency = 0.0;
+        let mut swapped_total = 0.0;
+        for (i, (lc, a)) in c.layers.iter().zip(actions).enumerate() {
+            let e = layer_effect(lc, a)?;
+            kept[lc.vpp_stage] += e.kept;
+            host[lc.vpp_stage] += e.swapped;
+            ev.transient_bytes = ev.transient_bytes.max(lc.transient_bytes + e.rebuilt);
+            ev.recompute_seconds += m * e.seconds;
+            ev.exchange_seconds += m * e.exchange;
+            if e.swapped > 0.0 {
+                if c.host_link_bytes_per_second <= 0.0 {
+                    return Err(invalid(
+                        "plan",
+                        format!(
+                            "layer {} swaps, but host_link_bytes_per_second is 0 (no host link)",
+                            lc.layer
+                        ),
+                    ));
+                }
+                latency += swap_latency(e.swapped, c.host_link_bytes_per_second, &self.windows[i]);
+                swapped_total += e.swapped;
+            }
+        }
+        ev.activation_bytes = weighted(&self.mixes, &kept);
+        ev.host_bytes = weighted(&self.mixes, &host);
+        ev.peak_bytes = c.static_bytes + ev.activation_bytes + ev.transient_bytes;
+        ev.swapped_bytes_per_step = m * swapped_total;
+        let busy = if swapped_total > 0.0 {
+            m * swapped_total / c.host_link_bytes_per_second
+        } else {
+            0.0
+        };
+        ev.swap_exposed_seconds = latency.max(busy - self.compute);
+        ev.added_seconds = ev.recompute_seconds + ev.exchange_seconds + ev.swap_exposed_seconds;
+        Ok(ev)
+    }
+}
+
+/// The exact cost of a plan under the model.
+pub fn evaluate(costs: &MemoryCosts, actions: &Actions) -> Result<Evaluation> {
+    Ctx::new(costs)?.evaluate(actions)
+}
+
+/// Evaluates a given plan and refuses it when it cannot run: over `budget_bytes` (when given),
+/// or swapping more than the host memory holds, or swapping without host memory.
+pub fn check(
+    costs: &MemoryCosts,
+    actions: &Actions,
+    budget_bytes: Option<f64>,
+) -> Result<Evaluation> {
+    let e = evaluate(costs, actions)?;
+    if e.host_bytes > 0.0 && costs.host_bytes <= 0.0 {
+        return Err(invalid(
+            "plan",
+            "swaps activations, but no host memory is given for them (host_bytes is 0)",
+        ));
+    }
+    if e.host_bytes > costs.host_bytes * (1.0 + 1e-9) {
+        return Err(invalid(
+            "plan",
+            format!(
+                "swaps {:.2} GiB of activations to host memory, more than the {:.2} GiB given (host_bytes)",
+                e.host_bytes / GIB,
+                costs.host_bytes / GIB
+            ),
+        ));
+    }
+    if let Some(b) = budget_bytes {
+        if e.peak_bytes > b * (1.0 + 1e-9) {
+            return Err(invalid(
+                "plan",
+                format!(
+                    "its peak {:.2} GiB is over the budget of {:.2} GiB",
+                    e.peak_bytes / GIB,
+                    b / GIB
+                ),
+            ));
+        }
+    }
+    Ok(e)
+}
+
+/// Solver settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    /// Device memory the plan may use, bytes.
+    pub budget_bytes: f64,
+    /// Consider swapping to host memory (needs host memory and a host link).
+    pub allow_swap: bool,
+    /// Consider `recompute_exchange` for the expert inputs.
+    pub allow_recompute_exchange: bool,
+    /// Consider recomputation (off: swap only).
+    pub allow_recompute: bool,
+    /// Most points kept on a Pareto frontier; beyond it the frontier is thinned (and the result
+    /// is no longer guaranteed optimal).
+    pub frontier_limit: usize,
+}
+
+impl Options {
+    pub fn new(budget_bytes: f64) -> Self {
+        Options {
+            budget_bytes,
+            allow_swap: true,
+            allow_recompute_exchange: true,
+            allow_recompute: true,
+            frontier_limit: 2048,
+        }
+    }
+}
+
+/// A solved plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub actions: Actions,
+    pub evaluation: Evaluation,
+    /// True when no frontier was thinned: the plan is optimal for the model.
+    pub exact: bool,
+}
+
+#[derive(Clone, Debug)]
+struct LayerOption {
+    actions: [Action; 9],
+    /// Recompute and exchange seconds per step.
+    seconds: f64,
+    /// Swap seconds per step the layer's own windows do not hide.
+    latency: f64,
+    kept: f64,
+    rebuilt: f64,
+    swapped: f64,
+}
+
+fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
+    let lc = &ctx.costs.layers[i];
+    let link = ctx.costs.host_link_bytes_per_second;
+    let swap_ok = opts.allow_swap && link > 0.0 && ctx.costs.host_bytes > 0.0;
+    let m = ctx.costs.schedule.num_microbatches as f64;
+    let mut out = vec![LayerOption {
+        actions: [Action::Keep; 9],
+        seconds: 0.0,
+        latency: 0.0,
+        kept: lc.other_saved_bytes,
+        rebuilt: 0.0,
+        swapped: 0.0,
+    }];
+    for (j, mc) in lc.modules.iter().enumerate() {
+        // The actions that do something for this module.
+        let mut acts = vec![(
+            Action::Keep,
+            effect(j, mc, Action::Keep).unwrap_or_default(),
+        )];
+        for a in [Action::Recompute, Action::Swap, Action::RecomputeExchange] {
+            let allowed = match a {
+                Action::Recompute => opts.allow_recompute,
+                Action::Swap => swap_ok,
+                Action::RecomputeExchange => opts.allow_recompute_exchange,
+                Action::Keep => true,
+            };
+            if allowed {
+                if let Some(e) = effect(j, mc, a) {
+                    acts.push((a, e));
+                }
+            }
+        }
+        let mut next = Vec::with_capacity(out.len() * acts.len());
+        for o in &out {
+            for (a, e) in &acts {
+                let mut n = o.clone();
+                n.actions[j] = *a;
+                n.kept += e.kept;
+                n.rebuilt += e.rebuilt;
+                n.swapped += e.swapped;
+                n.seconds += m * (e.seconds + e.exchange);
+                next.push(n);
+            }
+        }
+        out = next;
+    }
+    for o in &mut out {
+        if o.swapped > 0.0 {
+            o.latency = swap_latency(o.swapped, link, &ctx.windows[i]);
+        }
+    }
+    out
+}
+
+/// One partial plan over layers `0..=k`: its criteria (`[seconds, latency, transient,
+/// kept per chunk.., swapped per chunk..]`, all to be minimised, and every constraint and the
+/// objective grow with each), the option picked at layer `k` and the point it extends.
+#[derive(Clone, Debug)]
+struct Point {
+    key: Vec<f64>,
+    option: u32,
+    parent: u32,
+}
+
+fn dominates(a: &[f64], b: &[f64]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x <= y)
+}
+
+/// Keeps the points no other point dominates (ties: one of them). Beyond `limit` points, keeps
+/// the cheapest in each of `limit` buckets of `size(key)`; returns whether it had to.
+fn pareto(points: Vec<Point>, limit: usize, size: impl Fn(&[f64]) -> f64) -> (Vec<Point>, bool) {
+    let mut points = points;
+    points.sort_by(|a, b| {
+        (a.key[0] + a.key[1])
+            .total_cmp(&(b.key[0] + b.key[1]))
+            .then_with(|| {
+                a.key
+                    .iter()
+                    .zip(&b.key)
+                    .map(|(x, y)| x.total_cmp(y))
+                    .find(|o| o.is_ne())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+    });
+    let mut out: Vec<Point> = Vec::with_capacity(points.len().min(limit.saturating_mul(2)));
+    for p in points {
+        if !out.iter().any(|q| dominates(&q.key, &p.key)) {
+            out.push(p);
+        }
+    }
+    if out.len() <= limit {
+        return (out, false);
+    }
+    let sizes: Vec<f64> = out.iter().map(|p| size(&p.key)).collect();
+    let lo = sizes.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = sizes.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let step = ((hi - lo) / limit as f64).max(f64::MIN_POSITIVE);
+    let mut taken = vec![false; limit + 1];
+    let mut kept = Vec::with_capacity(limit + 1);
+    // `out` is in cost order: the first point of a bucket is its cheapest.
+    for (p, sz) in out.into_iter().zip(sizes) {
+        let b = (((sz - lo) / step) as usize).min(limit);
+        if !taken[b] {
+            taken[b] = true;
+            kept.push(p);
+        }
+    }
+    (kept, true)
+}
+
+struct Solved {
+    actions: Actions,
+    evaluation: Evaluation,
+}
+
+/// The multiple-choice knapsack over layers, by Pareto frontiers: every partial plan no other
+/// beats in every criterion, partial plans over the device or host budget dropped. Returns
+/// the cheapest complete plan by the exact model, or `None`; sets `thinned`.
+fn knapsack(
+    ctx: &Ctx,
+    options: &[Vec<LayerOption>],
+    budget: f64,
+    host_cap: f64,
+    limit: usize,
+    thinned: &mut bool,
+) -> Result<Option<Solved>> {
+    let c = ctx.costs;
+    let v = c.schedule.virtual_pipeline_size;
+    let dims = 3 + 2 * v;
+    let mixes: Vec<Vec<f64>> = ctx
+        .mixes
+        .iter()
+        .map(|m| m.iter().map(|&n| n as f64).collect())
+        .collect();
+    let worst = |xs: &[f64]| -> f64 {
+        mixes
+            .iter()
+            .map(|m| m.iter().zip(xs).map(|(n, x)| n * x).sum::<f64>())
+            .fold(0.0, f64::max)
+    };
+    let over = |key: &[f64]| -> bool {
+        c.static_bytes + key[2] + worst(&key[3..3 + v]) > budget * (1.0 + 1e-9)
+            || worst(&key[3 + v..]) > host_cap * (1.0 + 1e-9)
+    };
+    let size = |key: &[f64]| key[2] + worst(&key[3..3 + v]);
+    let mut levels: Vec<Vec<Point>> = Vec::with_capacity(c.layers.len() + 1);
+    levels.push(vec![Point {
+        key: vec![0.0; dims],
+        option: 0,
+        parent: 0,
+    }]);
+    for (i, lc) in c.layers.iter().enumerate() {
+        let ch = lc.vpp_stage;
+        // The layer's own undominated options first.
+        let own: Vec<Point> = options[i]
+            .iter()
+            .enumerate()
+            .map(|(k, o)| {
+                let mut key = vec![0.0; dims];
+                key[0] = o.seconds;
+                key[1] = o.latency;
+                key[2] = o.rebuilt + lc.transient_bytes;
+                key[3 + ch] = o.kept;
+                key[3 + v + ch] = o.swapped;
+                Point {
+                    key,
+                    option: k as u32,
+                    parent: 0,
+                }
+            })
+            .collect();
+        let (own, _) = pareto(own, usize::MAX, size);
+        let prev = levels.last().expect("the first level is there");
+        let mut next = Vec::with_capacity(prev.len() * own.len());
+        for (pi, p) in prev.iter().enumerate() {
+            for o in &own {
+                let mut key = p.key.clone();
+                key[0] += o.key[0];
+                key[1] += o.key[1];
+                key[2] = key[2].max(o.key[2]);
+                for (k, x) in key.iter_mut().zip(&o.key).skip(3) {
+                    *k += x;
+                }
+                if !over(&key) {
+                    next.push(Point {
+                        key,
+                        option: o.option,
+                        parent: pi as u32,
+                    });
+                }
+            }
+        }
+        if next.is_empty() {
+            return Ok(None);
+        }
+        let (next, t) = pareto(next, limit, size);
+        *thinned |= t;
+        levels.push(next);
+    }
+    // The exact objective of each complete plan: recompute + the larger of the unhidden copy
+    // latency and the link's busy time beyond the compute.
+    let m = c.schedule.num_microbatches as f64;
+    let link = c.host_link_bytes_per_second;
+    let last = levels.last().expect("one level per layer");
+    let objective = |key: &[f64]| -> f64 {
+        let swapped: f64 = key[3 + v..].iter().sum();
+        let busy = if swapped > 0.0 {
+            m * swapped / link
+        } else {
+            0.0
+        };
+        key[0] + key[1].max(busy - ctx.compute)
+    };
+    let Some((mut idx, _)) = last
+        .iter()
+        .enumerate()
+        .min_by(|a, b| objective(&a.1.key).total_cmp(&objective(&b.1.key)))
+    else {
+        return Ok(None);
+    };
+    let mut actions = vec![[Action::Keep; 9]; c.layers.len()];
+    for i in (0..c.layers.len()).rev() {
+        let p = &levels[i + 1][idx];
+        actions[i] = options[i][p.option as usize].actions;
+        idx = p.parent as usize;
+    }
+    let evaluation = ctx.evaluate(&actions)?;
+    Ok(Some(Solved {
+        actions,
+        evaluation,
+    }))
+}
+
+/// The plan that minimises the exposed time under `opts.budget_bytes`.
+///
+/// Errors (`InvalidArgument`, naming the argument): a budget at or below the static bytes, a
+/// budget above the device, a budget no plan reaches (the message gives the least reachable
+/// peak), swaps that need more host memory than given.
+pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
+    let ctx = Ctx::new(costs)?;
+    let budget = opts.budget_bytes;
+    if !budget.is_finite() || budget <= 0.0 {
+        return Err(invalid(
+            "budget_bytes",
+            format!("expected a positive number of bytes, got {budget}"),
+        ));
+    }
+    if budget > costs.device_bytes * (1.0 + 1e-9) {
+        return Err(invalid(
+            "budget_bytes",
+            format!(
+                "{:.2} GiB is more than the device's {:.2} GiB",
+                budget / GIB,
+                costs.device_bytes / GIB
+            ),
+        ));
+    }
+    if budget <= costs.static_bytes {
+        return Err(invalid(
+            "budget_bytes",
+            format!(
+                "{:.2} GiB is not above the memory weights, gradients and optimizer state take on this device ({:.2} GiB)",
+                budget / GIB,
+                costs.static_bytes / GIB
+            ),
+        ));
+    }
+    let options: Vec<Vec<LayerOption>> = (0..costs.layers.len())
+        .map(|i| layer_options(&ctx, i, opts))
+        .collect();
+    let mut thinned = false;
+    let limit = opts.frontier_limit.max(16);
+    let host_cap = costs.host_bytes;
+    let mut best = knapsack(&ctx, &options, budget, host_cap, limit, &mut thinned)?;
+    if thinned {
+        // The frontier was thinned: polish by changing one layer at a time.
+        if let Some(b) = best.as_mut() {
+            local_search(&ctx, &options, budget, host_cap, b)?;
+        }
+    }
+    match best {
+        Some(s) => Ok(Plan {
+            actions: s.actions,
+            evaluation: s.evaluation,
+            exact: !thinned,
+        }),
+        None => {
+            let mut t = false;
+            let no_host_limit = knapsack(&ctx, &options, budget, f64::INFINITY, limit, &mut t)?;
+            if no_host_limit.is_some() {
+                return Err(invalid(
+                    "host_bytes",
+                    format!(
+                        "the plans that reach {:.2} GiB swap more than the {:.2} GiB of host memory given",
+                        budget / GIB,
+                        host_cap / GIB
+                    ),
+                ));
+            }
+            let least = min_peak(&ctx, &options)?;
+            Err(invalid(
+                "budget_bytes",
+                format!(
+                    "{:.2} GiB cannot be reached: the least this device needs is {:.2} GiB ({:.2} GiB static + activations with everything recomputed{})",
+                    budget / GIB,
+                    least / GIB,
+                    costs.static_bytes / GIB,
+                    if opts.allow_swap && costs.host_bytes > 0.0 { " or swapped" } else { "" }
+                ),
+            ))
+        }
+    }
+}
+
+fn local_search(
+    ctx: &Ctx,
+    options: &[Vec<LayerOption>],
+    budget: f64,
+    host_cap: f64,
+    best: &mut Solved,
+) -> Result<()> {
+    for _round in 0..8 {
+        let mut improved = false;
+        for (i, os) in options.iter().enumerate() {
+            for o in os {
+                if o.actions == best.actions[i] {
+                    continue;
+                }
+                let mut trial = best.actions.clone();
+                trial[i] = o.actions;
+                let e = ctx.evaluate(&trial)?;
+                if e.peak_bytes <= budget * (1.0 + 1e-9)
+                    && e.host_bytes <= host_cap * (1.0 + 1e-9)
+                    && e.added_seconds < best.evaluation.added_seconds * (1.0 - 1e-12)
+                {
+                    best.actions = trial;
+                    best.evaluation = e;
+                    improved = true;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The least peak any plan reaches (everything that frees memory, trying every transient
+/// cap), host memory ignored.
+fn min_peak(ctx: &Ctx, options: &[Vec<LayerOption>]) -> Result<f64> {
+    let costs = ctx.costs;
+    let mut ts: Vec<f64> = costs
+        .layers
+        .iter()
+        .zip(options)
+        .flat_map(|(lc, os)| os.iter().map(move |o| o.rebuilt + lc.transient_bytes))
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts.dedup();
+    let mut least = f64::INFINITY;
+    for t in ts {
+        let mut acts = Vec::with_capacity(costs.layers.len());
+        let mut ok = true;
+        for (lc, os) in costs.layers.iter().zip(options) {
+            match os
+                .iter()
+                .filter(|o| o.rebuilt + lc.transient_bytes <= t)
+                .min_by(|a, b| a.kept.total_cmp(&b.kept))
+            {
+                Some(o) => acts.push(o.actions),
+                None => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            least = least.min(ctx.evaluate(&acts)?.peak_bytes);
+        }
+    }
+    Ok(least)
+}
+
+/// Every plan, evaluated (tests: the optimum on small cases). `None` when none fits.
+pub fn exhaustive(costs: &MemoryCosts, opts: &Options) -> Result<Option<Plan>> {
+    let ctx = Ctx::new(costs)?;
+    let options: Vec<Vec<LayerOption>> = (0..costs.layers.len())
+        .map(|i| layer_options(&ctx, i, opts))
+        .collect();
+    let total: usize = options.iter().map(|o| o.len()).product();
+    if total > 5_000_000 {
+        return Err(invalid("costs", "too many plans for exhaustive search"));
+    }
+    let mut idx = vec![0usize; options.len()];
+    let mut best: Option<Plan> = None;
+    loop {
+        let acts: Actions = idx
+            .iter()
+            .zip(&options)
+            .map(|(&k, o)| o[k].actions)
+            .collect();
+        let e = ctx.evaluate(&acts)?;
+        if e.peak_bytes <= opts.budget_bytes * (1.0 + 1e-9)
+            && e.host_bytes <= costs.host_bytes * (1.0 + 1e-9)
+            && best
+                .as_ref()
+                .is_none_or(|b| e.added_seconds < b.evaluation.added_seconds)
+        {
+            best = Some(Plan {
+                actions: acts,
+                evaluation: e,
+                exact: true,
+            });
+        }
+        // Next combination.
+        let mut k = 0;
+        loop {
+            if k == idx.len() {
+                return Ok(best);
+            }
+            idx[k] += 1;
+            if idx[k] < options[k].len() {
+                break;
+            }
+            idx[k] = 0;
+            k += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

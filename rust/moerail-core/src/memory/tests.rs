@@ -1,0 +1,312 @@
+use super::*;
+
+/// A small deterministic generator (xorshift) for random cases.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn module(saved: f64, rc: f64) -> ModuleCost {
+    ModuleCost {
+        saved_bytes: saved,
+        recompute_seconds: rc,
+        ..Default::default()
+    }
+}
+
+fn case(rng: &mut Rng, layers: usize, sched: Schedule, host: bool) -> MemoryCosts {
+    let mut out = Vec::new();
+    let per_chunk = layers.div_ceil(sched.virtual_pipeline_size);
+    for l in 0..layers {
+        let mut lc = LayerCosts {
+            layer: l,
+            vpp_stage: l / per_chunk,
+            forward_seconds: 0.5 + rng.unit(),
+            backward_seconds: 1.0 + 2.0 * rng.unit(),
+            other_saved_bytes: 10.0 * rng.unit(),
+            transient_bytes: 20.0 * rng.unit(),
+            ..Default::default()
+        };
+        lc.modules[0] = module(5.0 + 10.0 * rng.unit(), 0.01 + 0.05 * rng.unit());
+        lc.modules[1] = module(20.0 + 40.0 * rng.unit(), 0.1 + 0.5 * rng.unit());
+        let rows = 10.0 + 30.0 * rng.unit();
+        lc.modules[EXCHANGE_MODULE] = ModuleCost {
+            saved_bytes: rows + 30.0 * rng.unit(),
+            recompute_seconds: 0.1 + 0.3 * rng.unit(),
+            exchange_seconds: 0.05 + 0.5 * rng.unit(),
+            exchange_bytes: rows,
+        };
+        out.push(lc);
+    }
+    MemoryCosts {
+        layers: out,
+        static_bytes: 100.0,
+        device_bytes: 1e9,
+        host_bytes: if host { 60.0 + 400.0 * rng.unit() } else { 0.0 },
+        host_link_bytes_per_second: if host { 5.0 + 60.0 * rng.unit() } else { 0.0 },
+        schedule: sched,
+    }
+}
+
+fn sched(p: usize, r: usize, v: usize, m: usize) -> Schedule {
+    Schedule {
+        pipeline_size: p,
+        pipeline_rank: r,
+        virtual_pipeline_size: v,
+        num_microbatches: m,
+    }
+}
+
+/// A step-by-step replay of the schedule that counts live chunk-micro-batches.
+fn replay_peak(s: &Schedule) -> usize {
+    let (mut live, mut peak) = (0usize, 0usize);
+    for op in s.ops() {
+        if op.forward {
+            live += 1;
+            peak = peak.max(live);
+        } else {
+            live -= 1;
+        }
+    }
+    peak
+}
+
+#[test]
+fn one_f_one_b_holds_p_minus_rank() {
+    for p in 1..=8 {
+        for r in 0..p {
+            for m in 1..=20 {
+                let s = sched(p, r, 1, m);
+                assert_eq!(replay_peak(&s), (p - r).min(m), "p={p} r={r} m={m}");
+                assert_eq!(s.peak_inflight(), (p - r).min(m));
+                assert_eq!(s.inflight_mixes(), vec![vec![(p - r).min(m) as u32]]);
+            }
+        }
+    }
+}
+
+#[test]
+fn interleaved_closed_form_matches_replay() {
+    for p in 2..=8 {
+        for v in 2..=4 {
+            for r in 0..p {
+                for k in 1..=4 {
+                    let m = p * k;
+                    let s = sched(p, r, v, m);
+                    assert_eq!(
+                        replay_peak(&s),
+                        s.peak_inflight(),
+                        "p={p} v={v} r={r} m={m}"
+                    );
+                    // Every forward and backward happens once per chunk and micro-batch, and
+                    // each backward follows its forward.
+                    let ops = s.ops();
+                    assert_eq!(ops.len(), 2 * m * v);
+                    let mut seen = vec![vec![false; m]; v];
+                    for op in &ops {
+                        if op.forward {
+                            seen[op.chunk][op.microbatch] = true;
+                        } else {
+                            assert!(seen[op.chunk][op.microbatch]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Megatron's numbers: p=4, v=2, rank 0 warms up 2*3 + 4 = 10, so 11 in flight; the last
+    // rank 4 + 1.
+    assert_eq!(sched(4, 0, 2, 8).peak_inflight(), 11);
+    assert_eq!(sched(4, 3, 2, 8).peak_inflight(), 5);
+    // m == p: everything is warm-up.
+    assert_eq!(sched(4, 0, 2, 4).peak_inflight(), 8);
+}
+
+#[test]
+fn peak_is_weighted_by_inflight_not_summed_over_modules() {
+    let mut rng = Rng(7);
+    let c = case(&mut rng, 2, sched(4, 1, 1, 8), false);
+    let keep = vec![[Action::Keep; 9]; 2];
+    let e = evaluate(&c, &keep).unwrap();
+    let per_mb: f64 = c
+        .layers
+        .iter()
+        .map(|l| l.other_saved_bytes + l.modules.iter().map(|m| m.saved_bytes).sum::<f64>())
+        .sum();
+    assert!((e.activation_bytes - 3.0 * per_mb).abs() < 1e-9);
+    let t = c
+        .layers
+        .iter()
+        .map(|l| l.transient_bytes)
+        .fold(0.0, f64::max);
+    assert!((e.peak_bytes - (100.0 + 3.0 * per_mb + t)).abs() < 1e-9);
+    assert_eq!(e.added_seconds, 0.0);
+}
+
+fn check_against_exhaustive(
+    seed: u64,
+    s: Schedule,
+    layers: usize,
+    host: bool,
+) -> (usize, usize, f64) {
+    let mut rng = Rng(seed);
+    let (mut exact_cases, mut cases, mut worst) = (0, 0, 0.0f64);
+    for _ in 0..12 {
+        let c = case(&mut rng, layers, s, host);
+        let keep = evaluate(&c, &vec![[Action::Keep; 9]; layers]).unwrap();
+        let mut o = Options::new(0.0);
+        let lo = c.static_bytes + 0.2 * keep.activation_bytes;
+        let frac = rng.unit();
+        o.budget_bytes = lo + frac * (keep.peak_bytes - lo);
+        let ex = exhaustive(&c, &o).unwrap();
+        let got = solve(&c, &o);
+        match (ex, got) {
+            (None, Err(e)) => assert!(
+                e.to_string().contains("cannot be reached") || e.to_string().contains("host"),
+                "{e}"
+            ),
+            (None, Ok(p)) => panic!("solver found {:?} where nothing fits", p.evaluation),
+            (Some(b), Err(e)) => panic!("solver failed ({e}) where {:?} fits", b.evaluation),
+            (Some(b), Ok(p)) => {
+                cases += 1;
+                assert!(p.evaluation.peak_bytes <= o.budget_bytes * (1.0 + 1e-9));
+                assert!(p.evaluation.host_bytes <= c.host_bytes * (1.0 + 1e-9));
+                let (opt, got) = (b.evaluation.added_seconds, p.evaluation.added_seconds);
+                assert!(got >= opt - 1e-9);
+                if p.exact {
+                    exact_cases += 1;
+                    assert!(
+                        (got - opt).abs() <= 1e-9 * (1.0 + opt),
+                        "exact solve {got} vs optimum {opt}"
+                    );
+                }
+                if opt > 0.0 {
+                    worst = worst.max(got / opt - 1.0);
+                }
+            }
+        }
+    }
+    (exact_cases, cases, worst)
+}
+
+#[test]
+fn optimal_against_exhaustive_search_recompute_only() {
+    for (seed, s, l) in [
+        (1, sched(1, 0, 1, 4), 3),
+        (2, sched(4, 0, 1, 8), 3),
+        (3, sched(4, 2, 1, 8), 2),
+        (4, sched(8, 7, 1, 16), 3),
+    ] {
+        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, false);
+        assert!(cases >= 6, "{cases}");
+        assert_eq!(
+            exact, cases,
+            "without swap or interleaving every solve is exact"
+        );
+        assert!(worst < 1e-9);
+    }
+}
+
+#[test]
+fn optimal_against_exhaustive_search_with_swap_and_interleaving() {
+    // Swap couples the layers through the host memory and the link, the interleaved schedule
+    // through several in-flight mixes: the frontiers carry every criterion, so the solve stays
+    // exact.
+    for (seed, s, l, host) in [
+        (11, sched(2, 0, 1, 4), 2, true),
+        (12, sched(4, 1, 1, 8), 2, true),
+        (13, sched(2, 0, 2, 4), 2, false),
+        (14, sched(4, 0, 2, 8), 2, true),
+    ] {
+        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, host);
+        assert!(cases >= 4, "{cases}");
+        assert_eq!(exact, cases);
+        assert!(worst < 1e-9, "seed {seed}: {worst}");
+    }
+}
+
+#[test]
+fn a_larger_budget_never_costs_more() {
+    let mut rng = Rng(99);
+    for s in [sched(4, 0, 1, 8), sched(2, 1, 1, 6), sched(1, 0, 1, 2)] {
+        let c = case(&mut rng, 4, s, false);
+        let keep = evaluate(&c, &vec![[Action::Keep; 9]; 4]).unwrap();
+        let least = c.static_bytes + 0.25 * keep.activation_bytes;
+        let mut last = f64::INFINITY;
+        for k in 0..=40 {
+            let b = least + k as f64 / 40.0 * (keep.peak_bytes - least);
+            if let Ok(p) = solve(&c, &Options::new(b)) {
+                assert!(
+                    p.evaluation.added_seconds <= last + 1e-12,
+                    "budget {b}: {} > {last}",
+                    p.evaluation.added_seconds
+                );
+                last = p.evaluation.added_seconds;
+            }
+        }
+        assert_eq!(last, 0.0, "keep-all fits its own peak");
+    }
+}
+
+#[test]
+fn bad_budgets_are_refused_naming_the_argument() {
+    let mut rng = Rng(5);
+    let c = case(&mut rng, 2, sched(2, 0, 1, 4), false);
+    let e = solve(&c, &Options::new(50.0)).unwrap_err().to_string();
+    assert!(
+        e.starts_with("budget_bytes:") && e.contains("weights"),
+        "{e}"
+    );
+    let e = solve(&c, &Options::new(101.0)).unwrap_err().to_string();
+    assert!(
+        e.starts_with("budget_bytes:") && e.contains("the least this device needs"),
+        "{e}"
+    );
+    let e = solve(&c, &Options::new(2e9)).unwrap_err().to_string();
+    assert!(e.contains("more than the device"), "{e}");
+    // A plan that swaps without host memory.
+    let mut acts = vec![[Action::Keep; 9]; 2];
+    acts[0][1] = Action::Swap;
+    let mut c2 = c.clone();
+    c2.host_link_bytes_per_second = 10.0;
+    let e = check(&c2, &acts, None).unwrap_err().to_string();
+    assert!(e.contains("no host memory"), "{e}");
+    c2.host_bytes = 1.0;
+    let e = check(&c2, &acts, None).unwrap_err().to_string();
+    assert!(e.contains("more than the"), "{e}");
+    acts[0][1] = Action::RecomputeExchange;
+    let e = evaluate(&c, &acts).unwrap_err().to_string();
+    assert!(e.contains("expert_fc1"), "{e}");
+}
+
+#[test]
+fn swap_is_free_when_the_schedule_hides_it() {
+    // Stage 0 of 4 keeps 4 micro-batches in flight: long windows; a fast link hides the copy.
+    let mut rng = Rng(3);
+    let mut c = case(&mut rng, 2, sched(4, 0, 1, 8), true);
+    c.host_bytes = 1e6;
+    c.host_link_bytes_per_second = 1e6;
+    let mut acts = vec![[Action::Keep; 9]; 2];
+    acts[0][1] = Action::Swap;
+    let e = evaluate(&c, &acts).unwrap();
+    assert_eq!(e.swap_exposed_seconds, 0.0);
+    // A slow link: the copy outlasts the window and the rest shows.
+    c.host_link_bytes_per_second = 1.0;
+    let e = evaluate(&c, &acts).unwrap();
+    assert!(e.swap_exposed_seconds > 0.0);
+    // The last stage's window of its last layer is only its own backward tail: 0 compute
+    // between; any copy shows.
+    let mut c = case(&mut rng, 1, sched(4, 3, 1, 8), true);
+    c.host_bytes = 1e6;
+    c.host_link_bytes_per_second = 1e3;
+    let w = c.swap_windows();
+    assert!(w[0].iter().all(|&x| x.abs() < 1e-9), "{w:?}");
+}
