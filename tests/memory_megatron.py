@@ -184,7 +184,8 @@ class Arm:
         return {"loss": loss, "losses": [x["lm loss"].clone() for x in losses] if losses else [], "grads": grads,
                 "tracker": tracker, "counts": self.counts, "bias": bias, "peak": self.counter.peak,
                 "step_s": dt, "replays": self.executor.stats["replays"] if self.executor else 0,
-                "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0}
+                "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
+                "waits": dict(self.executor._swapper.stats) if self.executor and self.executor._swapper else {}}
 
 
 def _diff(a, b) -> float:
@@ -215,7 +216,7 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
     built = [Arm(spec, m, tp, pp, ep) for spec in arms]
     fb = get_forward_backward_func()
     hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "peak", "diff", "replays",
-                                                                  "swapped")} for a in built}
+                                                                  "swapped", "waits")} for a in built}
     for _ in range(steps):
         res = {}
         for a in built:
@@ -226,12 +227,40 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
             h["peak"].append(r["peak"])
             h["replays"].append(r["replays"])
             h["swapped"].append(r["swapped"])
+            h["waits"].append(r["waits"])
             ref = a.spec.get("ref")
             if ref:
                 b = res[ref]
                 h["diff"].append({k: _diff(r[k], b[k]) for k in ("losses", "grads", "tracker", "counts", "bias")})
     ps.destroy_model_parallel()
     return hist
+
+
+def refusals(layout, bad_plans: List[Dict], m: Dict, rank: int) -> List[str]:
+    """What ``apply_memory_plan`` says to each bad plan (``""``: it was accepted). A plan given as
+    ``{"per_rank": [plan_dict, ...]}`` is a different plan on each rank."""
+    from megatron.core import parallel_state as ps
+
+    from moerail.integrations import megatron as mi
+    from moerail.memory import MemoryPlan
+
+    if not bad_plans:
+        return []
+    tp, pp, ep = layout
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                                 create_gloo_process_groups=False)
+    out = []
+    for bad in bad_plans:
+        arm = Arm({"name": "bad", "dispatcher": "moerail"}, m, tp, pp, ep)
+        d = bad["per_rank"][rank] if "per_rank" in bad else bad
+        try:
+            mi.apply_memory_plan(arm.model.module, MemoryPlan.from_dict(d))
+            out.append("")
+        except ValueError as e:
+            out.append(str(e))
+    ps.destroy_model_parallel()
+    return out
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
@@ -252,11 +281,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
         import megatron.core as mc
 
         result["megatron_core"] = mc.__version__
-        result["layouts"] = []
-        for layout in job["layouts"]:
-            result["layouts"].append({"layout": list(layout),
-                                      "arms": run_layout(tuple(layout), job["arms"], {**SMALL, **job.get("model", {})},
-                                                         job["steps"])})
+        result["runs"] = []
+        for r in job["runs"]:
+            m = {**SMALL, **r.get("model", {})}
+            result["runs"].append({"layout": list(r["layout"]),
+                                   "arms": run_layout(tuple(r["layout"]), r["arms"], m, job["steps"]),
+                                   "refused": refusals(tuple(r["layout"]), r.get("bad_plans", []), m, rank)})
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001
         result["error"] = traceback.format_exc()
@@ -270,8 +300,8 @@ def _free_port() -> int:
 
 
 def run(job: Dict, out_dir: str, world: int = 4, timeout_s: float = 300.0) -> List[Dict]:
-    """Runs ``job`` (``layouts``: [(tp, pp, ep)], ``arms``, ``steps``, ``model`` overrides) on
-    ``world`` gloo ranks; returns each rank's result (a rank that hangs is killed after
+    """Runs ``job`` (``runs``: [{``layout``: (tp, pp, ep), ``arms``, ``model`` overrides,
+    ``bad_plans``}], ``steps``) on ``world`` gloo ranks; returns each rank's result (a rank that hangs is killed after
     ``timeout_s``)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = mp.get_context("spawn")

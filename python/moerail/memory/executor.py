@@ -390,12 +390,13 @@ class LayerRun:
             return
         self.triggered[group] = True
         ex = self.executor
-        for st in self.swapped[group]:
+        # Last saved, first used: the copies back go in reverse forward order.
+        for st in reversed(self.swapped[group]):
             st.prefetch()
         if ex.lookahead:
             nxt = (self, "attn") if group == "mlp" else (self.prev, "mlp")
             if nxt[0] is not None:
-                for st in nxt[0].swapped[nxt[1]]:
+                for st in reversed(nxt[0].swapped[nxt[1]]):
                     st.prefetch()
         for r in self.regions[group]:
             r.ensure_replayed()
@@ -473,9 +474,20 @@ class Executor:
         self.stats = {"swapped_bytes": 0, "swapped_tensors": 0, "recompute_seconds": 0.0, "replays": 0,
                       "regions": 0}
         self.timing: Optional[Dict[Tuple[int, str], float]] = None  # profile: forward seconds per tag
+        # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls]
+        self.layer_stats: Optional[Dict[Tuple[int, int], list]] = None
         self._anchor = torch.empty(0, requires_grad=True)
 
     # -- plan ---------------------------------------------------------------------------------------
+
+    def set_plan(self, plan: MemoryPlan) -> None:
+        """Another plan for the same wrapped model (e.g. after profiling with keep-all), from the next
+        layer forward on. Micro-batches already in flight finish under the actions they started with."""
+        if not isinstance(plan, MemoryPlan):
+            raise TypeError(f"plan: expected a moerail.memory.MemoryPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self._actions = {(lp.layer, lp.vpp_stage): dict(lp.actions) for lp in plan.layers}
+        self.pool.capacity = plan.host_bytes
 
     def action(self, layer: int, module: str, vpp_stage: int = 0) -> Action:
         acts = self._actions.get((layer, vpp_stage))
@@ -551,12 +563,22 @@ class Executor:
             run = LayerRun(ex, layer, vpp_stage, prev)
             outer = ex._run
             ex._run = run
+            measure = ex.layer_stats is not None and ex.counter is not None
+            if measure:
+                before, t0 = ex.counter.current, time.perf_counter()
             try:
                 with torch.autograd.graph.saved_tensors_hooks(ex._pack, _unpack):
                     out = fn(*args, **kwargs)
             finally:
                 ex._run = outer
             run.end_forward()
+            if measure:
+                if ex.device.type == "cuda":
+                    torch.cuda.synchronize(ex.device)
+                st = ex.layer_stats.setdefault((layer, vpp_stage), [0, 0.0, 0])
+                st[0] += ex.counter.current - before
+                st[1] += time.perf_counter() - t0
+                st[2] += 1
             ex._last_run = run
             ex._pending_out = {}
             return out

@@ -7,8 +7,9 @@ swap-out.
   read it, and an event marks the end of the copy. The swap-in is enqueued on the same side stream
   after ``wait_event(swap-out done)`` and ends in its own event, which the compute stream waits on
   before the backward reads the tensor.
-* On the CPU a thread pool does the copies: the swap-out is a future; the swap-in job first waits on
-  that future (``result()``), then copies; the backward waits on the swap-in's future.
+* On the CPU two copy threads (one for swap-outs, one for swap-ins, as a GPU has a copy engine each
+  way) do the copies: the swap-out is a future; the swap-in job first waits on that future
+  (``result()``), then copies; the backward waits on the swap-in's future.
 
 No global synchronisation is ever used: each tensor carries its own event / future pair.
 ``throttle_s`` slows every copy (a sleep in the copy thread, ``torch.cuda._sleep`` on the side
@@ -122,12 +123,19 @@ class Swapper:
         self.throttle_s = float(throttle_s)
         self.prefetch_delay_s = float(prefetch_delay_s)
         self.accel = device.type != "cpu"
+        # How often a swap-in found its swap-out still running, and a backward found its swap-in still
+        # running (the waits that keep the data right; the stress tests make both happen).
+        self.stats = {"in_waited_on_out": 0, "backward_waited_on_in": 0}
         if self.accel:
             mod = getattr(torch, device.type)
             self._mod = mod
+            # Device-to-host and host-to-device copies on their own streams (their own copy engines):
+            # only the per-tensor events order a swap-in after its swap-out.
             self.stream = mod.Stream(device=device)
+            self.in_stream = mod.Stream(device=device)
         else:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moerail-swap")
+            self._out_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moerail-swap-out")
+            self._in_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moerail-swap-in")
 
     def _sleep_on_stream(self) -> None:
         if self.throttle_s > 0 and self.device.type == "cuda":
@@ -159,7 +167,7 @@ class Swapper:
             st._src = None
             return True
 
-        return self._pool.submit(job)
+        return self._out_pool.submit(job)
 
     def wait_out(self, st: SwappedTensor) -> None:
         if isinstance(st.out_done, Future):
@@ -172,19 +180,23 @@ class Swapper:
             dev = torch.empty_strided(st.shape, st.stride, dtype=st.dtype, device=st.device)
             alloc = self._mod.Event()
             alloc.record(self._mod.current_stream(self.device))
-            with self._mod.stream(self.stream), torch.no_grad():
-                self.stream.wait_event(st.out_done)  # this tensor's own swap-out
-                self.stream.wait_event(alloc)
+            if not st.out_done.query():
+                self.stats["in_waited_on_out"] += 1
+            with self._mod.stream(self.in_stream), torch.no_grad():
+                self.in_stream.wait_event(st.out_done)  # this tensor's own swap-out
+                self.in_stream.wait_event(alloc)
                 self._sleep_on_stream()
                 dev.copy_(_host_view(st.buf, dev), non_blocking=True)
-                dev.record_stream(self.stream)
+                dev.record_stream(self.in_stream)
                 done = self._mod.Event()
-                done.record(self.stream)
+                done.record(self.in_stream)
             return (dev, done)
         out_done = st.out_done
         buf = st.buf
 
         def job():
+            if not out_done.done():
+                self.stats["in_waited_on_out"] += 1
             out_done.result()  # this tensor's own swap-out first
             if self.prefetch_delay_s:
                 time.sleep(self.prefetch_delay_s)
@@ -195,15 +207,20 @@ class Swapper:
                 dev.copy_(_host_view(buf, dev))
             return dev
 
-        return self._pool.submit(job)
+        return self._in_pool.submit(job)
 
     def wait_in(self, st: SwappedTensor) -> torch.Tensor:
         if self.accel:
             dev, done = st.in_done
+            if not done.query():
+                self.stats["backward_waited_on_in"] += 1
             self._mod.current_stream(self.device).wait_event(done)
             return dev
+        if not st.in_done.done():
+            self.stats["backward_waited_on_in"] += 1
         return st.in_done.result()
 
     def close(self) -> None:
         if not self.accel:
-            self._pool.shutdown(wait=True)
+            self._out_pool.shutdown(wait=True)
+            self._in_pool.shutdown(wait=True)
