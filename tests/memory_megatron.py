@@ -107,8 +107,11 @@ def _forward_step(data_iterator, model):
 class Arm:
     def __init__(self, spec: Dict, m: Dict, tp: int, pp: int, ep: int) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.models.gpt import GPTModel
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -215,6 +218,15 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
                                  create_gloo_process_groups=False)
     built = [Arm(spec, m, tp, pp, ep) for spec in arms]
     fb = get_forward_backward_func()
+    profiles = {}
+    for a in built:
+        if a.spec.get("profile"):
+            from moerail.memory import profile
+
+            costs = profile(a.executor, lambda a=a: a.step(fb), num_microbatches=m["micro_batches"],
+                            pipeline_size=pp, pipeline_rank=ps.get_pipeline_model_parallel_rank(), static_bytes=0.0,
+                            host_bytes=float(1 << 30), warmup=1)
+            profiles[a.name] = costs.to_dict() | {"meta": dict(costs.meta)}
     hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "peak", "diff", "replays",
                                                                   "swapped", "waits")} for a in built}
     for _ in range(steps):
@@ -233,7 +245,7 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
                 b = res[ref]
                 h["diff"].append({k: _diff(r[k], b[k]) for k in ("losses", "grads", "tracker", "counts", "bias")})
     ps.destroy_model_parallel()
-    return hist
+    return hist | ({"_profiles": profiles} if profiles else {})
 
 
 def refusals(layout, bad_plans: List[Dict], m: Dict, rank: int) -> List[str]:

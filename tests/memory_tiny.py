@@ -197,7 +197,8 @@ def attach(ex: Executor, model: Model) -> Executor:
         mlp.register_forward_hook(lambda mod, inp, out: ex.group_output(out, "mlp"))
         mlp.router.forward = ex.region(mlp.router.forward, "router", "mlp", buffers_of=mlp.router)
         td = mlp.token_dispatcher
-        td.dispatch_preprocess = ex.region(td.dispatch_preprocess, "permute", "mlp", owner=td)
+        td.dispatch_preprocess = ex.region(td.dispatch_preprocess, "permute", "mlp", owner=td,
+                                           also=(("expert_fc1", Action.RECOMPUTE_EXCHANGE),))
         for name in ("token_dispatch", "dispatch_postprocess"):
             setattr(td, name, ex.region(getattr(td, name), "expert_fc1", "mlp", owner=td, tag_as="permute",
                                         actions=(Action.RECOMPUTE_EXCHANGE,)))

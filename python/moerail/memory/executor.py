@@ -625,7 +625,7 @@ class Executor:
 
     def region(self, fn: Callable, module: str, group: str, *, actions=(Action.RECOMPUTE,), owner=None,
                buffers_of: Optional[torch.nn.Module] = None, replay: Optional[Callable] = None,
-               tag_as: Optional[str] = None) -> Callable:
+               tag_as: Optional[str] = None, also=()) -> Callable:
         """Wraps ``fn`` (a module's forward or a dispatcher method) as an output-discarding checkpoint
         used when the plan gives ``module`` one of ``actions``; otherwise ``fn`` is only tagged.
         ``owner``: the object whose attributes ``fn`` reads and writes (installed as they were in the
@@ -633,35 +633,47 @@ class Executor:
         ``replay(owner_state_after_forward)``: returns the function the replay calls instead of ``fn``
         (e.g. an exchange with the forward's route); ``tag_as``: the module its saved tensors are
         attributed to when that is not ``module`` (the exchange, decided by ``expert_fc1``'s
-        ``recompute_exchange``, saves as ``permute``)."""
+        ``recompute_exchange``, saves as ``permute``); ``also``: further ``(module, action)`` pairs
+        that make the region recompute (the local permute is replayed with the exchange, so that the
+        exchange's input is not held either)."""
         if group not in GROUPS:
             raise ValueError(f"group: expected one of {GROUPS}, got {group!r}")
         tag_module = tag_as or module
         tagged = self.tag(fn, tag_module, group if tag_module == "layernorm" else None)
         ex = self
         actions = tuple(Action(a) for a in actions)
+        also = tuple((m, Action(a)) for m, a in also)
 
         def wrapped(*args, **kwargs):
             run = ex._run
             if (run is None or ex._replaying or not torch.is_grad_enabled()
-                    or run.action(module) not in actions):
+                    or (run.action(module) not in actions and not any(run.action(m) is a for m, a in also))):
                 return tagged(*args, **kwargs)
             rng = _rng_state(ex._rng_devices, ex.rng_sources)
             state = dict(owner.__dict__) if owner is not None else None
+            dropped = []
+
+            def drop(t):
+                dropped.append(True)
+
             with ex._tagged(tag_module, group if tag_module == "layernorm" else None):
-                with torch.autograd.graph.saved_tensors_hooks(lambda t: None, _dropped):
+                with torch.autograd.graph.saved_tensors_hooks(drop, _dropped):
                     out = fn(*args, **kwargs)
             outs = _tensors_in(out)
             diff = [t for t in outs if t.requires_grad]
             if not diff:
                 return out
             inputs = _tensors_in((args, kwargs))
+            keep_ptrs = {x.untyped_storage().data_ptr() for x in inputs} | ex._param_ptrs
+            if not dropped and all(t.untyped_storage().data_ptr() in keep_ptrs for t in diff):
+                # Nothing was saved and every output aliases an input (a view, a pass-through): the
+                # graph is whole, and holding the inputs for a replay would only add memory.
+                return out
             region = _Region(ex, run, module, group, fn, fn, args, kwargs, rng, owner, state, buffers_of)
             if replay is not None:
                 region.replay_fn = replay(dict(owner.__dict__) if owner is not None else None)
             region.diff_outs = [t.detach() for t in diff]
             region.nondiff_outs = [t for t in outs if not t.requires_grad]
-            keep_ptrs = {x.untyped_storage().data_ptr() for x in inputs} | ex._param_ptrs
             for d in region.diff_outs:
                 st = d.untyped_storage()
                 own = (st.data_ptr() not in keep_ptrs and d.storage_offset() == 0 and d.is_contiguous()

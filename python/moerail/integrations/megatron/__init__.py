@@ -58,6 +58,7 @@ from .adapters import unpermute_v016 as unpermute_v016
 from .adapters import unpermute_v017 as unpermute_v017
 from .adapters import z_loss_func as z_loss_func
 from .dispatcher import _dispatcher_class, use_moerail, with_moerail_dispatcher
+from .memory import apply_memory_plan, validate_memory_plan
 from .patch import (
     MOE_UTILS_FUNCTIONS,
     MoeUtilsPatch,
@@ -68,7 +69,6 @@ from .patch import (
     unpatch_moe_utils,
 )
 from .patch import SERVED_DEVICE_TYPES as SERVED_DEVICE_TYPES
-from .memory import apply_memory_plan, validate_memory_plan
 from .placement import update_expert_placement
 from .router import MOERAIL_TOPK_ROUTER_DOC as MOERAIL_TOPK_ROUTER_DOC
 from .router import _router_class, get_moe_module_spec, update_expert_bias, with_moerail_router

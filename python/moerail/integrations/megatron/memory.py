@@ -11,7 +11,8 @@ Where each module of the plan is in a Megatron ``TransformerLayer``:
 ``permute``        ``mlp.token_dispatcher.dispatch_preprocess`` (and the saved tensors of the
                    exchange and of ``dispatch_postprocess``)
 ``expert_fc1``     every local expert's ``linear_fc1``; ``recompute_exchange``: the dispatcher's
-                   ``token_dispatch`` and ``dispatch_postprocess`` (the exchange runs again)
+                   ``dispatch_preprocess``, ``token_dispatch`` and ``dispatch_postprocess`` (the
+                   permute and the exchange run again from the pre-MLP norm's output)
 ``expert_act``     every local expert's ``activation_func`` (the saved tensors of the rest of the
                    expert MLP between fc1 and fc2 are attributed to it too)
 ``expert_fc2``     every local expert's ``linear_fc2``
@@ -284,7 +285,8 @@ def _wrap_layer(ex: Executor, layer, idx: int, vpp: int) -> None:
     r.forward = ex.region(r.forward, "router", "mlp", buffers_of=r)
     td = mlp.token_dispatcher
     moerail_td = isinstance(td, _dispatcher_class())
-    td.dispatch_preprocess = ex.region(td.dispatch_preprocess, "permute", "mlp", owner=td)
+    td.dispatch_preprocess = ex.region(td.dispatch_preprocess, "permute", "mlp", owner=td,
+                                       also=(("expert_fc1", Action.RECOMPUTE_EXCHANGE),))
     td.token_dispatch = ex.region(td.token_dispatch, "expert_fc1", "mlp", actions=(Action.RECOMPUTE_EXCHANGE,),
                                   owner=td, tag_as="permute",
                                   replay=_moerail_exchange_replay(td) if moerail_td else None)
