@@ -144,6 +144,14 @@ class Arm:
         if self.executor is not None:
             self.executor.counter = self.counter
         self.params = list(model.parameters())
+        self.plain = bool(spec.get("plain"))
+        if self.plain:
+            # No DDP, no optimizer, no schedule: micro-batches forward and backward one after the other
+            # (for Megatron-Core versions whose DDP needs CUDA streams).
+            self.model, self.module = model, model
+            self.data = _Data(m, ps.get_data_parallel_rank())
+            self.m = m
+            return
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=False)
         self.model = DistributedDataParallel(config=self.cfg, ddp_config=ddp_cfg, module=model)
@@ -164,9 +172,39 @@ class Arm:
         self.data = _Data(m, ps.get_data_parallel_rank())
         self.m = m
 
+    def _plain_step(self) -> Dict:
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_utils.clear_aux_losses_tracker()
+        self.model.zero_grad(set_to_none=True)
+        for x in self.moe:
+            x.router.local_tokens_per_expert.zero_()
+        self.counter.reset_peak()
+        dist.barrier()
+        t0 = time.perf_counter()
+        losses = []
+        with self.counter.hooks(self.params):
+            for _ in range(self.m["micro_batches"]):
+                out, loss_func = _forward_step(self.data, self.model)
+                loss, _ = loss_func(out)
+                loss.backward()
+                losses.append(loss.detach().clone())
+        dt = time.perf_counter() - t0
+        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        tracker = {k: v["values"].detach().clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()
+                   if isinstance(v, dict) and isinstance(v.get("values"), torch.Tensor)}
+        return {"loss": float(sum(losses)) / len(losses), "losses": losses, "grads": grads, "tracker": tracker,
+                "counts": [x.router.local_tokens_per_expert.detach().clone() for x in self.moe], "bias": [],
+                "peak": self.counter.peak, "step_s": dt,
+                "replays": self.executor.stats["replays"] if self.executor else 0,
+                "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
+                "waits": dict(self.executor._swapper.stats) if self.executor and self.executor._swapper else {}}
+
     def step(self, fb) -> Dict:
         from megatron.core.transformer.moe import moe_utils
 
+        if self.plain:
+            return self._plain_step()
         moe_utils.clear_aux_losses_tracker()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
