@@ -302,8 +302,9 @@ def refusals(layout, bad_plans: List[Dict], m: Dict, rank: int) -> List[str]:
                                  create_gloo_process_groups=False)
     out = []
     for bad in bad_plans:
-        arm = Arm({"name": "bad", "dispatcher": "moerail"}, m, tp, pp, ep)
-        d = bad["per_rank"][rank] if "per_rank" in bad else bad
+        extra = {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]} if bad.get("megatron") else {}
+        arm = Arm({"name": "bad", "dispatcher": "moerail", "megatron": extra}, m, tp, pp, ep)
+        d = bad["per_rank"][rank] if "per_rank" in bad else {k: v for k, v in bad.items() if k != "megatron"}
         try:
             mi.apply_memory_plan(arm.model.module, MemoryPlan.from_dict(d))
             out.append("")

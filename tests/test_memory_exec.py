@@ -218,6 +218,7 @@ BAD_PLANS = [
     (MemoryPlan.uniform(2, {"expert_fc1": "swap"}).to_dict(), "host_bytes is 0"),
     (_plan(2, {}) | {"budget_bytes": 1000}, "below the weights"),
     ({"per_rank": [_plan(2, {"router": "recompute"} if r == 0 else {}) for r in range(4)]}, "different memory plans"),
+    (_plan(2, {"expert_act": "recompute"}) | {"megatron": True}, "already recomputes"),
 ]
 
 
@@ -307,3 +308,8 @@ def test_plans_are_bit_identical_on_the_next_megatron_core(tmp_path):
                 assert not bad, f"megatron-core {r['megatron_core']} rank {rank} {name} step {step + 1}: {bad}"
             ref = "keep" if name == "mixed" else "keep_mcore"
             assert max(got[name]["peak"]) < max(got[ref]["peak"])
+
+
+def test_an_unknown_module_name_is_refused():
+    with pytest.raises(ValueError, match="unknown module 'moe_act'"):
+        MemoryPlan.from_dict({"layers": [{"layer": 0, "actions": {"moe_act": "recompute"}}]})

@@ -159,6 +159,11 @@ def validate_memory_plan(model, plan: MemoryPlan, *, num_layers: Optional[int] =
             why = _has(layer, module)
             if why:
                 raise ValueError(f"plan: layer {lp.layer} module {module!r} ({action.value}): {why}")
+    acting = [(lp.layer, m) for lp in plan.layers for m, a in lp.actions.items() if a is not Action.KEEP]
+    if acting and getattr(cfg, "recompute_granularity", None) is not None:
+        raise ValueError(f"plan: the model already recomputes with Megatron's recompute_granularity="
+                         f"{cfg.recompute_granularity!r}; use either Megatron's recompute settings or a moerail plan "
+                         "(build the model without recompute_granularity to apply this plan)")
     swaps = list(plan.modules_with(Action.SWAP))
     if swaps:
         if plan.host_bytes <= 0:
