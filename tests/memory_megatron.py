@@ -19,8 +19,9 @@ Per arm and step it reports the loss, the step time, the exact peak of saved-ten
 counter through ``saved_tensors_hooks`` around the whole step, Megatron's own recomputation in the
 backward included), and the differences from its reference.
 
-Test-only stand-ins (these processes only): examples/megatron_pretrain.py's ``cpu_stand_ins`` and,
-for Megatron's checkpoint functions on a machine without CUDA, its CUDA RNG state get/set.
+Test-only stand-ins (these processes only): examples/megatron_pretrain.py's ``cpu_stand_ins``; for
+Megatron's checkpoint functions on a machine without CUDA, its CUDA RNG state get/set; without
+TransformerEngine, the FP8 state its ``CheckpointWithoutOutput`` asks for (FP8 off).
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def _stand_ins() -> None:
     if not torch.cuda.is_available():  # Megatron's checkpoints save and restore the CUDA RNG state
         mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
         mrandom._set_cuda_rng_state = lambda *a, **k: None
+    if not getattr(mrandom, "HAVE_TE", True):
+        # megatron-core 0.16's CheckpointWithoutOutput (its layernorm / moe_act recompute) sets
+        # ``fp8 = fp8 is not None``, True for its default False, and then calls TransformerEngine's FP8
+        # state: without TransformerEngine, FP8 off.
+        import contextlib
+        import types
+
+        mrandom.FP8GlobalStateManager = types.SimpleNamespace(is_fp8_enabled=lambda: False,
+                                                              get_fp8_recipe=lambda: None)
+        mrandom.activation_recompute_forward = lambda *a, **k: contextlib.nullcontext()
+        mrandom.fp8_autocast = lambda *a, **k: contextlib.nullcontext()
 
 
 class _Data:

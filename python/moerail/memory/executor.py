@@ -301,12 +301,12 @@ class _Region:
                 return ex.counter.hold(t, None)
             return t
 
+        ex._replaying += 1
         try:
             _set_rng_state(self.rng, ex.rng_sources)
             if self.owner is not None:
                 self.owner.__dict__.clear()
                 self.owner.__dict__.update(self.owner_state)
-            ex._replaying += 1
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
                 out = self.replay_fn(*args, **kwargs)
         finally:
