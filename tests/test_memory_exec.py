@@ -313,3 +313,25 @@ def test_plans_are_bit_identical_on_the_next_megatron_core(tmp_path):
 def test_an_unknown_module_name_is_refused():
     with pytest.raises(ValueError, match="unknown module 'moe_act'"):
         MemoryPlan.from_dict({"layers": [{"layer": 0, "actions": {"moe_act": "recompute"}}]})
+
+
+def test_profile_measures_what_a_swap_plan_frees():
+    """moerail.memory.profile on the tiny layer: every saved byte of a layer is attributed to a module,
+    and a plan swapping some modules leaves exactly the bytes the profile predicts."""
+    from moerail.memory import MemoryCosts, profile
+
+    model = mt.Model()
+    ex = mt.attach(Executor(MemoryPlan(()), min_swap_bytes=0, count=True), model)
+    costs = profile(ex, lambda: mt.run(model), num_microbatches=2, host_link_bytes_per_second=1e9)
+    assert isinstance(costs, MemoryCosts) and costs.source == "profile" and len(costs.layers) == 2
+    for lc in costs.layers:
+        assert lc.saved_bytes == costs.meta["keep_layer_bytes"][f"{lc.layer}:0"] > 0
+        assert set(lc.modules) == set(MODULES) and lc.forward_seconds > 0
+    swapped = ("attention", "expert_fc1", "expert_act")
+    ex.set_plan(MemoryPlan.uniform(2, {m: "swap" for m in swapped}, host_bytes=1 << 24))
+    ex.layer_stats = {}
+    mt.run(model)
+    for lc in costs.layers:
+        left, _, calls = ex.layer_stats[(lc.layer, 0)]
+        predicted = lc.saved_bytes - sum(lc.modules[m].saved_bytes for m in swapped)
+        assert left / calls == predicted

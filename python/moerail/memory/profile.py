@@ -4,13 +4,12 @@ Given an :class:`~moerail.memory.executor.Executor` attached to the model (for M
 ``apply_memory_plan(model, MemoryPlan(()))``) and a function that runs one training step, it
 measures per layer and module, per micro-batch:
 
-* the saved-tensor bytes each action really takes off the device: one step keeping everything,
-  then one step per module with that module recomputed (and one swapped, and for the expert
-  inputs one with ``recompute_exchange``) in every layer; the saving is the difference of the
-  bytes the layer's forward left saved (counted exactly through the executor's
-  ``saved_tensors_hooks``). A module's ``saved_bytes`` is the smaller of its recompute and swap
-  savings (a plan never frees less than the planner counted on); ``exchange_bytes`` what
-  ``recompute_exchange`` frees beyond it;
+* the saved-tensor bytes of each module (counted exactly through the executor's
+  ``saved_tensors_hooks`` in a keep-all step), or, with ``measure="actions"``, what each action
+  really takes off the device: one step per module with that module recomputed (and one swapped,
+  and for the expert inputs one with ``recompute_exchange``) in every layer, the saving being the
+  difference of the bytes the layer's forward left saved; ``saved_bytes`` is then the smaller of
+  the recompute and swap savings, ``exchange_bytes`` what ``recompute_exchange`` frees beyond it;
 * the forward time of each module (its recompute cost), of the dispatcher's permute and exchange
   (``recompute_exchange``'s cost) and of each layer; the backward is taken as twice the forward;
 * the keep-all step time, and the host link (a timed copy to pinned host memory).
@@ -62,16 +61,22 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             pipeline_rank: int = 0, virtual_pipeline_size: int = 1, static_bytes: float = 0.0,
             device_bytes: Optional[float] = None, host_bytes: float = 0.0,
             host_link_bytes_per_second: Optional[float] = None, warmup: int = 1,
-            modules: Optional[Tuple[str, ...]] = None) -> MemoryCosts:
+            modules: Optional[Tuple[str, ...]] = None, measure: str = "tags") -> MemoryCosts:
     """Measures ``MemoryCosts`` on the running model (see the module docstring). ``run_step()`` runs
-    one training step (all its micro-batches) on this rank; it is called ``warmup + 2 +
-    2 * len(modules)`` times (with every action tried on every module). ``static_bytes``: the
+    one training step (all its micro-batches) on this rank. ``measure="tags"`` (default): one step
+    keeping everything after ``warmup``; a module's ``saved_bytes`` are the bytes its forward saved
+    (attributed through the hooks, each storage to the first module that saved it), what swapping it
+    moves. ``measure="actions"``: also one step per module and action (recompute, swap, and
+    ``recompute_exchange`` for the expert inputs) in every layer; ``saved_bytes`` is then the smaller
+    measured saving (steps see other data and routing: noisier on small models). ``static_bytes``: the
     memory no plan changes (weights, gradients, optimizer state) to plan around; ``device_bytes``:
     the device's capacity (default: the accelerator's, or this machine's memory on the CPU)."""
     if not isinstance(executor, Executor):
         raise TypeError(f"executor: expected a moerail.memory.executor.Executor, got {type(executor).__name__}")
     if not callable(run_step):
         raise TypeError("run_step: expected a function that runs one training step")
+    if measure not in ("tags", "actions"):
+        raise ValueError(f"measure: expected 'tags' or 'actions', got {measure!r}")
     if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
         raise ValueError(f"num_microbatches: expected an int >= 1, got {num_microbatches!r}")
     ex = executor
@@ -84,8 +89,10 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
         for _ in range(warmup):
             run_step()
         ex.timing = {}
+        ex.counter.reset_peak()
         keep, step_s = _per_layer(ex, run_step)
         timing, ex.timing = ex.timing, None
+        tagged = dict(ex.counter.by_tag)
         layers = sorted(keep)
         present: Dict[int, set] = {}
         for (layer, module) in timing:
@@ -98,9 +105,11 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
                                     if module in present.get(layer, ())), host_bytes=big_host)
 
         saving: Dict[Tuple[str, str], Dict[Tuple[int, int], float]] = {}
-        trials = [(m, Action.RECOMPUTE) for m in wanted] + [(m, Action.SWAP) for m in wanted]
-        if "expert_fc1" in wanted:
-            trials.append(("expert_fc1", Action.RECOMPUTE_EXCHANGE))
+        trials = []
+        if measure == "actions":
+            trials = [(m, Action.RECOMPUTE) for m in wanted] + [(m, Action.SWAP) for m in wanted]
+            if "expert_fc1" in wanted:
+                trials.append(("expert_fc1", Action.RECOMPUTE_EXCHANGE))
         for module, action in trials:
             ex.set_plan(uniform(module, action))
             got, _ = _per_layer(ex, run_step)
@@ -120,13 +129,16 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
         for m in wanted:
             if m not in present.get(layer, ()):
                 continue
-            rc = saving.get((m, "recompute"), {}).get(key, 0.0)
-            sw = saving.get((m, "swap"), {}).get(key, 0.0)
-            saved = max(0.0, min(rc, sw))
+            if measure == "actions":
+                rc = saving.get((m, "recompute"), {}).get(key, 0.0)
+                sw = saving.get((m, "swap"), {}).get(key, 0.0)
+                saved = max(0.0, min(rc, sw))
+            else:
+                saved = tagged.get((layer, m), 0) / calls
             secs = max(0.0, timing.get((layer, m), 0.0) / calls)
             kw = {}
             if m == "expert_fc1":
-                rx = saving.get((m, "recompute_exchange"), {}).get(key, 0.0)
+                rx = saving.get((m, "recompute_exchange"), {}).get(key, saved)
                 kw = {"exchange_bytes": max(0.0, rx - saved),
                       "exchange_seconds": max(0.0, timing.get((layer, "permute"), 0.0) / calls)}
             mods[m] = ModuleCost(saved_bytes=saved, recompute_seconds=secs, **kw)
