@@ -12,7 +12,7 @@ import moerail._native as native
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STUBS = ROOT / "python" / "moerail" / "_native"
-SUBMODULES = ["util", "ops", "ep", "balance", "parallel", "sim", "cuda", "ascend"]
+SUBMODULES = ["util", "ops", "ep", "balance", "parallel", "memory", "sim", "cuda", "ascend"]
 
 
 def _stub_functions(path: pathlib.Path) -> dict:

@@ -193,8 +193,9 @@ LAYERS = {
     "ops": {"backends"},
     "balance": set(),
     "sim": set(),
+    "memory": {"sim"},
     "ep": {"ops", "backends", "balance"},
-    "integrations": {"ops", "backends", "balance", "ep", "sim"},
+    "integrations": {"ops", "backends", "balance", "ep", "sim", "memory"},
 }
 
 

@@ -1,7 +1,7 @@
 """Generates the type stubs of ``moerail._native`` from the built extension.
 
 ``moerail._native`` is a package of submodules that mirror moerail-core (``ops``, ``ep``,
-``balance``, ``parallel``, ``sim``, ``cuda``, ``ascend``, ``util``). The stubs are a stub package:
+``balance``, ``parallel``, ``memory``, ``sim``, ``cuda``, ``ascend``, ``util``). The stubs are a stub package:
 ``python/moerail/_native/__init__.pyi`` (the submodules) and one
 ``python/moerail/_native/<submodule>.pyi`` each.
 
@@ -49,6 +49,7 @@ DOCS = {
     "ep": "The expert-parallel exchange: dispatch layout, plans, row indices (moerail_core::ep).",
     "balance": "Expert load balancing: placement, metrics, predictors, migration, replicas (moerail_core::balance).",
     "parallel": "Megatron-Core's rank groups of a parallel layout (moerail_core::parallel).",
+    "memory": "The activation memory planner (moerail_core::memory); costs, plans and evaluations are JSON text.",
     "sim": "The training-step simulator (moerail_core::sim); reports are JSON text.",
     "cuda": "The CUDA kernels (moerail_device::cuda): CUDA tensors, `stream` is torch's current stream.",
     "ascend": "CANN / HCCL (moerail_device::ascend).",
@@ -403,6 +404,29 @@ TYPES = {
         "List[Tuple[str, List[List[int]]]]",
     ),
     "sim_simulate": ({"entries": "Sequence[Tuple[str, Any]]"}, "str"),
+    "sim_memory_costs": (
+        {"entries": "Sequence[Tuple[str, Any]]", "stage": "Optional[int]", "host_bytes": "float"},
+        "str",
+    ),
+    "plan": (
+        {
+            "costs_json": "str",
+            "budget_bytes": "float",
+            "allow_swap": "bool",
+            "allow_recompute_exchange": "bool",
+            "allow_recompute": "bool",
+            "frontier_limit": "int",
+        },
+        "str",
+    ),
+    "evaluate": (
+        {"costs_json": "str", "actions": "List[List[str]]", "budget_bytes": "Optional[float]"},
+        "str",
+    ),
+    "inflight_mixes": (
+        {"pipeline_size": "int", "pipeline_rank": "int", "virtual_pipeline_size": "int", "num_microbatches": "int"},
+        "List[List[int]]",
+    ),
     "sim_keys": ({}, "List[Tuple[str, List[str]]]"),
     "sim_search": (
         {

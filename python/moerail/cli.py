@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # ----------------------------------------------------------------------------- plan
 
@@ -341,6 +341,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cluster_name = cfg["cluster"].get("name", "")
     has_layout = any(k in cfg["layout"] for k in _LAYOUT_KEYS)
     searching = args.search or args.top is not None or not has_layout
+    if args.memory is not None:
+        _check_memory_flags(args)
+        if searching:
+            raise ValueError("--memory: plans one layout; give it (--tp/--pp/--ep/... or a config's [layout]), not a search")
     if searching:
         space: Dict[str, List[Any]] = {}
         for k, v in _kv_list(args.space, "--space").items():
@@ -368,6 +372,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"moerail plan: no layout fits: {_why_nothing_fits(cfg, args, space, st)}", file=sys.stderr)
             return 1
         return 0
+    if args.memory is not None:
+        return _cmd_memory(args, cfg)
     rep = sim.simulate(cfg)
     if args.json:
         rep["megatron_flags"] = megatron_flags(rep["layout"], cfg["training"], nl)
@@ -375,6 +381,115 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         _print_report(rep, cluster_name, cfg["training"], nl)
     return 0
+
+
+def _check_memory_flags(args: argparse.Namespace) -> None:
+    from .memory import parse_bytes
+
+    args.memory_bytes = parse_bytes(args.memory, "--memory")
+    args.host_memory_bytes = 0 if args.host_memory in (None, "0") else parse_bytes(args.host_memory, "--host-memory")
+    if args.stage is not None and args.stage < 0:
+        raise ValueError(f"--stage: expected a pipeline stage >= 0, got {args.stage}")
+    if args.percentile is not None and not 0 < args.percentile <= 100:
+        raise ValueError(f"--percentile: expected a number in (0, 100], got {args.percentile}")
+
+
+def _groups(plan) -> List[Tuple[List[int], str]]:
+    """Consecutive layers with the same actions, as (layers, text)."""
+    out: List[Tuple[List[int], str]] = []
+    for lp in plan.layers:
+        acts = ", ".join(f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all"
+        if lp.vpp_stage:
+            acts = f"{acts}"
+        if out and out[-1][1] == acts and out[-1][0][-1] + 1 == lp.layer:
+            out[-1][0].append(lp.layer)
+        else:
+            out.append(([lp.layer], acts))
+    return out
+
+
+def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
+    from . import memory
+
+    G = 2**30
+    tpe = None
+    if args.loads is not None:
+        tpe = _read_loads(args.loads)
+    costs = memory.MemoryCosts.from_simulator(
+        cfg,
+        pipeline_rank=args.stage,
+        tokens_per_expert=tpe,
+        percentile=args.percentile if args.percentile is not None else 99.0,
+        host_bytes=args.host_memory_bytes,
+    )
+    try:
+        plan = memory.plan_memory(costs, args.memory_bytes)
+    except ValueError as e:
+        text = str(e).replace("budget_bytes:", "--memory:", 1).replace("host_bytes:", "--host-memory:", 1)
+        raise ValueError(text) from None
+    mla = bool(cfg["model"].get("multi_latent_attention"))
+    flags = plan.to_megatron_flags(multi_latent_attention=mla)
+    statics = memory.megatron_static_plans(costs, multi_latent_attention=mla)
+    best = memory.planner.best_static(statics, args.memory_bytes)
+    ev = plan.evaluation
+    keep = ev["activation_bytes_keep_all"]
+    saved = 1 - ev["activation_bytes"] / keep if keep > 0 else 0.0
+    step = costs.step_seconds
+    if args.json:
+        out = {
+            "plan": plan.to_dict(),
+            "stage": costs.meta.get("stage"),
+            "megatron_flags": list(flags.args),
+            "megatron_notes": list(flags.notes),
+            "best_megatron_setting": None
+            if best is None
+            else {"name": best.name, "added_seconds": best.plan.predicted_added_seconds,
+                  "peak_bytes": best.plan.predicted_peak_bytes},
+        }  # fmt: skip
+        print(json.dumps(out))
+        return 0
+    name = cfg["model"].get("name") or args.model or "model"
+    print(f"memory plan for {name}, pipeline stage {costs.pipeline_rank} of {costs.pipeline_size}"
+          f"{f' (VPP {costs.virtual_pipeline_size})' if costs.virtual_pipeline_size > 1 else ''}, "
+          f"{costs.num_microbatches} micro-batches, budget {args.memory_bytes / G:.1f} GiB a device")  # fmt: skip
+    if costs.routing_skew > 1:
+        print(f"  routing skew: p{args.percentile or 99:g} of tokens per expert rank = {costs.routing_skew:.2f} x the mean")
+    for layers, acts in _groups(plan):
+        span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+        print(f"  {span:<14} {acts}")
+    print(f"predicted peak      {ev['peak_bytes'] / G:.1f} GiB (static {ev['static_bytes'] / G:.1f}, activations in "
+          f"flight {ev['activation_bytes'] / G:.1f}, one layer's transient {ev['transient_bytes'] / G:.1f})")  # fmt: skip
+    print(f"activations saved   {100 * saved:.1f}% of keep-all ({keep / G:.1f} GiB -> {ev['activation_bytes'] / G:.1f} GiB)")
+    pct = f" ({100 * ev['added_seconds'] / step:.2f}% of the {step:.2f} s step)" if step > 0 else ""
+    print(f"added step time     {ev['added_seconds']:.3f} s{pct}: recompute {ev['recompute_seconds']:.3f} s, "
+          f"exchange {ev['exchange_seconds']:.3f} s, unhidden swap {ev['swap_exposed_seconds']:.3f} s")  # fmt: skip
+    print(f"host memory used    {ev['host_bytes'] / G:.1f} GiB of {costs.host_bytes / G:.1f} GiB"
+          + ("" if costs.host_bytes > 0 else " (no --host-memory: no swap)"))
+    if best is not None:
+        print(f"best Megatron static setting that fits: {best.name}: +{best.plan.predicted_added_seconds:.3f} s")
+    else:
+        print("no Megatron static setting (recompute_modules / offload_modules / full) fits this budget")
+    print("Megatron flags: " + (" ".join(flags.args) or "(none: keep everything)"))
+    for n in flags.notes:
+        print(f"  note: {n}")
+    return 0
+
+
+def _read_loads(path: str):
+    import numpy as np
+
+    if path.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+    elif path.endswith(".pt"):
+        import torch
+
+        arr = torch.load(path, map_location="cpu", weights_only=True)
+        arr = arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
+    elif path.endswith(".csv"):
+        arr = np.loadtxt(path, delimiter=",", ndmin=2)
+    else:
+        raise ValueError(f"--loads: expected a .npy, .pt or .csv of tokens per expert (steps x experts), got {path}")
+    return arr
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
@@ -402,13 +517,21 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search", action="store_true", help="search layouts even if a layout is given")
     p.add_argument("--top", type=int, help="how many layouts to print (search; default 10)")
     p.add_argument(
-        "--space", action="append", metavar="DIM=V1,V2", help="restrict a search dimension: tp, cp, pp, vpp, ep, etp, mbs, recompute"
+        "--space", action="append", metavar="DIM=V1,V2", help="restrict a search dimension: tp, cp, pp, vpp, ep, etp, mbs, recompute (plan, none, light, heavy, full)"
     )
     p.add_argument("--include-oom", action="store_true", help="rank layouts that do not fit in memory too")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
     p.add_argument("--progress", action="store_true", help="progress bar even with --json")
     p.add_argument("--list-presets", action="store_true", help="list model and cluster presets")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="plan activation memory per layer (keep / recompute / swap) to fit SIZE a device, e.g. 60GiB")
+    p.add_argument("--host-memory", metavar="SIZE",
+                   help="with --memory: pinned host memory a device may use for swapped activations (default 0: no swap)")
+    p.add_argument("--stage", type=int, help="with --memory: the pipeline stage to plan (default: the one with the most memory)")
+    p.add_argument("--loads", metavar="FILE",
+                   help="with --memory: tokens per expert (steps x experts, .npy/.pt/.csv) to plan for their skew")
+    p.add_argument("--percentile", type=float, help="with --loads: the percentile of tokens per expert rank to plan for (99)")
     p.set_defaults(func=cmd_plan)
 
 

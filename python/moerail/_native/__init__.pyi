@@ -8,6 +8,7 @@ from . import ascend as ascend
 from . import balance as balance
 from . import cuda as cuda
 from . import ep as ep
+from . import memory as memory
 from . import ops as ops
 from . import parallel as parallel
 from . import sim as sim

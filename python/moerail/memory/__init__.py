@@ -9,7 +9,8 @@ Megatron-Core model); `profile.py` measures the costs on the running job.
 
 from .costs import LayerCosts, MemoryCosts, ModuleCost, tokens_per_expert_skew
 from .executor import Executor, SavedTensorCounter
-from .plan import MODULES, Action, LayerPlan, MemoryPlan
+from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
+from .planner import StaticSetting, evaluate_plan, megatron_static_plans, parse_bytes, plan_memory
 from .profile import measure_host_link, profile
 
 __all__ = [
@@ -22,7 +23,13 @@ __all__ = [
     "LayerCosts",
     "LayerPlan",
     "MemoryCosts",
+    "MegatronFlags",
     "MemoryPlan",
     "ModuleCost",
+    "StaticSetting",
+    "evaluate_plan",
+    "megatron_static_plans",
+    "parse_bytes",
+    "plan_memory",
     "tokens_per_expert_skew",
 ]

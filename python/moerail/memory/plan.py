@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 
 class Action(str, enum.Enum):
@@ -111,6 +111,9 @@ class MemoryPlan:
     predicted_peak_bytes: Optional[float] = None
     predicted_added_seconds: Optional[float] = None
     host_bytes: int = 0
+    # What the planner's model says about the plan (peak by part, seconds by kind, keep-all
+    # activations, whether the solve was exact); empty for a plan built by hand.
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -161,6 +164,7 @@ class MemoryPlan:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "predicted_added_seconds": self.predicted_added_seconds,
             "host_bytes": self.host_bytes,
+            **({"evaluation": dict(self.evaluation)} if self.evaluation else {}),
         }
 
     def to_json(self) -> str:
@@ -181,4 +185,113 @@ class MemoryPlan:
             predicted_peak_bytes=d.get("predicted_peak_bytes"),
             predicted_added_seconds=d.get("predicted_added_seconds"),
             host_bytes=d.get("host_bytes", 0),
+            evaluation=dict(d.get("evaluation") or {}),
         )
+
+    def to_megatron_flags(self, *, multi_latent_attention: bool = False, strict: bool = False) -> MegatronFlags:
+        """The plan as Megatron-Core's own settings, where they can say it.
+
+        Megatron's settings are the same for every layer: ``--recompute-granularity selective
+        --recompute-modules ...`` (TransformerConfig ``recompute_modules``), ``--recompute-
+        granularity full --recompute-method uniform --recompute-num-layers 1`` when every module
+        is rebuilt, and ``--fine-grained-activation-offloading --offload-modules ...``
+        (``offload_modules``). Module names: ``layernorm`` -> ``layernorm`` (recompute) /
+        ``attn_norm`` + ``mlp_norm`` (offload); ``attention`` -> ``core_attn`` (plus
+        ``mla_up_proj`` with ``multi_latent_attention``) / ``core_attn``; ``expert_act`` ->
+        ``moe_act``; ``shared_expert`` -> ``shared_experts``; ``expert_fc1`` swapped ->
+        ``expert_fc1``; router + expert inputs with the exchange + activation (+ shared expert)
+        recomputed -> ``moe``. What Megatron cannot say (different actions per layer, the router
+        or the expert inputs alone, swapping the router or the shared expert) goes to
+        ``notes``; with ``strict`` it raises ``ValueError`` instead."""
+        return _megatron_flags(self, multi_latent_attention, strict)
+
+
+@dataclass(frozen=True)
+class MegatronFlags:
+    """A plan as Megatron-Core's settings: ``args`` (the command line), ``config``
+    (TransformerConfig fields) and ``notes`` (what they cannot express; empty when exact)."""
+
+    args: Tuple[str, ...]
+    config: Mapping[str, Any]
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return not self.notes
+
+    def __str__(self) -> str:
+        return " ".join(self.args)
+
+
+_RECOMPUTE_NAMES = {"layernorm": ("layernorm",), "expert_act": ("moe_act",), "shared_expert": ("shared_experts",)}
+_OFFLOAD_NAMES = {
+    "layernorm": ("attn_norm", "mlp_norm"),
+    "attention": ("core_attn",),
+    "expert_fc1": ("expert_fc1",),
+    "expert_act": ("moe_act",),
+}
+
+
+def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
+    notes: List[str] = []
+    rows = {tuple(sorted((m, a.value) for m, a in lp.actions.items() if a is not Action.KEEP)) for lp in plan.layers}
+    if len(rows) > 1:
+        notes.append(
+            f"the plan differs between layers ({len(rows)} different layer plans); Megatron's settings apply to "
+            "every layer alike, so these flags take the union (more memory saved, more time) of the layers' actions"
+        )
+    union: Dict[str, Action] = {}
+    rank = {Action.KEEP: 0, Action.SWAP: 1, Action.RECOMPUTE: 2, Action.RECOMPUTE_EXCHANGE: 3}
+    for lp in plan.layers:
+        for m, a in lp.actions.items():
+            if rank[a] > rank[union.get(m, Action.KEEP)]:
+                union[m] = a
+    rec = {m for m, a in union.items() if a in (Action.RECOMPUTE, Action.RECOMPUTE_EXCHANGE)}
+    swp = {m for m, a in union.items() if a is Action.SWAP}
+    args: List[str] = []
+    config: Dict[str, Any] = {}
+    everything = set(MODULES) - {"permute", "expert_fc2", "unpermute"}
+    if rec >= everything - {"shared_expert"} and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE and not swp:
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+        config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    else:
+        names: List[str] = []
+        moe_block = {"router", "expert_fc1", "expert_act"}
+        if moe_block <= rec and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE:
+            names.append("moe")
+            rec = rec - moe_block - {"shared_expert"}
+        else:
+            for m in sorted(rec & {"router", "expert_fc1"}):
+                notes.append(
+                    f"{m} is recomputed{' with the exchange' if union[m] is Action.RECOMPUTE_EXCHANGE else ''}: "
+                    "Megatron recomputes it only with the whole MoE block ('moe'); left out"
+                )
+            rec = rec - {"router", "expert_fc1"}
+        for m in sorted(rec, key=MODULES.index):
+            if m == "attention":
+                names += ["core_attn"] + (["mla_up_proj"] if mla else [])
+            elif m in _RECOMPUTE_NAMES:
+                names += list(_RECOMPUTE_NAMES[m])
+            else:
+                notes.append(f"{m} is recomputed: Megatron has no recompute module for it; left out")
+        if names:
+            args += ["--recompute-granularity", "selective", "--recompute-modules", *names]
+            config.update(recompute_granularity="selective", recompute_modules=names)
+    if swp:
+        off: List[str] = []
+        for m in sorted(swp, key=MODULES.index):
+            if m in _OFFLOAD_NAMES:
+                off += list(_OFFLOAD_NAMES[m])
+            else:
+                notes.append(f"{m} is swapped: Megatron has no offload module for it; left out")
+        if "moe" in config.get("recompute_modules", []):
+            dropped = [o for o in off if o in ("expert_fc1", "moe_act")]
+            if dropped:
+                notes.append(f"Megatron cannot offload {', '.join(dropped)} inside a recomputed 'moe' block; left out")
+                off = [o for o in off if o not in dropped]
+        if off:
+            args += ["--fine-grained-activation-offloading", "--offload-modules", *off]
+            config.update(fine_grained_activation_offloading=True, offload_modules=off)
+    if strict and notes:
+        raise ValueError("plan: Megatron's flags cannot express it: " + "; ".join(notes))
+    return MegatronFlags(tuple(args), config, tuple(notes))

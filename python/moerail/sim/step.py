@@ -92,8 +92,12 @@ def search(
 
     The space covers TP, CP, PP (uneven first/last stages when PP does not divide the
     layers), virtual pipeline, EP, ETP (folded and coupled), micro-batch size and
-    recomputation (``none``, ``light`` = norms + expert activations (+ MLA up-projections),
-    ``heavy`` = also core attention and shared experts, ``full``). ``space`` restricts any of
+    recomputation. By default recomputation is ``plan``: the memory planner
+    (:mod:`moerail.memory`) keeps everything when the layout fits and otherwise picks the
+    cheapest per-module recompute plan (the same for every layer, no host memory) that fits the
+    device, charging its added time to the step. The fixed choices ``none``, ``light`` = norms +
+    expert activations (+ MLA up-projections), ``heavy`` = also core attention and shared
+    experts, and ``full`` can be asked for through ``space``. ``space`` restricts any of
     ``tp, cp, pp, vpp, ep, etp, mbs`` (lists of sizes) and ``recompute`` (list of names).
     ``progress``: True for a progress bar on stderr, or a callable ``(done, total)``.
 

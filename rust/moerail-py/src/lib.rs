@@ -10,6 +10,7 @@
 //! | [`ep`] | `moerail._native.ep` | `moerail_core::ep` |
 //! | [`balance`] | `moerail._native.balance` | `moerail_core::balance` |
 //! | [`parallel`] | `moerail._native.parallel` | `moerail_core::parallel` |
+//! | [`memory`] | `moerail._native.memory` | `moerail_core::memory` |
 //! | [`sim`] | `moerail._native.sim` | `moerail_core::sim` |
 //! | [`device::cuda`] | `moerail._native.cuda` | `moerail_device::cuda` |
 //! | [`device::ascend`] | `moerail._native.ascend` | `moerail_device::ascend` |
@@ -29,6 +30,7 @@ mod balance;
 mod device;
 mod ep;
 pub mod error;
+mod memory;
 mod ops;
 mod parallel;
 mod sim;
@@ -55,12 +57,13 @@ fn register_util(m: &Bound<'_, PyModule>) -> PyResult<()> {
 type Register = fn(&Bound<'_, PyModule>) -> PyResult<()>;
 
 /// The submodules of `moerail._native`, in the order of the core's folders.
-const SUBMODULES: [(&str, Register); 8] = [
+const SUBMODULES: [(&str, Register); 9] = [
     ("util", register_util),
     ("ops", ops::register),
     ("ep", ep::register),
     ("balance", balance::register),
     ("parallel", parallel::register),
+    ("memory", memory::register),
     ("sim", sim::register),
     ("cuda", device::cuda::register),
     ("ascend", device::ascend::register),

@@ -191,9 +191,16 @@ pub fn sim_search(
             let (best, stats) = search::search(&base, &cands, top, include_oom, &mut cb)?;
             let results = best
                 .iter()
-                .map(|r| SearchResult {
-                    layout: CandidateReport::from(&r.candidate),
-                    report: r.evaluation.report(&r.candidate.apply(&base)),
+                .map(|r| {
+                    let mut report = r.evaluation.report(&r.candidate.apply(&base));
+                    if r.candidate.recompute == RecomputeChoice::Plan {
+                        // The memory plan's peak, not the keep-all one the stages hold.
+                        let gib = 1024.0 * 1024.0 * 1024.0;
+                        report.memory_gib.total = r.evaluation.memory_peak / gib;
+                        report.memory_gib.fits = r.evaluation.fits;
+                        report.fits = r.evaluation.fits;
+                    }
+                    SearchResult { layout: CandidateReport::from(&r.candidate), report }
                 })
                 .collect();
             to_json(&SearchReport { results, stats })
@@ -205,7 +212,31 @@ pub fn sim_search(
     out
 }
 
+/// The memory planner's costs for one stage (`None`: the stage with the most memory) from the
+/// simulator's model, as JSON `{"costs": <core MemoryCosts>, "step_seconds", "stage",
+/// "head_bytes"}`.
+#[pyfunction]
+#[pyo3(signature = (entries, stage=None, host_bytes=0.0))]
+pub fn sim_memory_costs(
+    py: Python<'_>,
+    entries: &Bound<'_, PyAny>,
+    stage: Option<usize>,
+    host_bytes: f64,
+) -> PyResult<String> {
+    let cfg = config(entries)?;
+    run(py, move || {
+        let s = moerail_core::sim::memory::memory_costs(&cfg, stage, host_bytes)?;
+        to_json(&serde_json::json!({
+            "costs": s.costs,
+            "step_seconds": s.step_seconds,
+            "stage": s.stage,
+            "head_bytes": s.head_bytes,
+        }))
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sim_memory_costs, m)?)?;
     m.add_function(wrap_pyfunction!(sim_simulate, m)?)?;
     m.add_function(wrap_pyfunction!(sim_keys, m)?)?;
     m.add_function(wrap_pyfunction!(sim_search, m)?)?;

@@ -663,6 +663,84 @@ pub fn check(
     Ok(e)
 }
 
+/// The cheapest plan that takes the same action for a module in every layer, as Megatron's
+/// static settings do, among the actions `opts` allows. Tries every combination over the
+/// modules the layers have; `None` when none fits `opts.budget_bytes` (and the host memory).
+pub fn solve_uniform(costs: &MemoryCosts, opts: &Options) -> Result<Option<Plan>> {
+    let ctx = Ctx::new(costs)?;
+    uniform(&ctx, opts)
+}
+
+fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
+    let costs = ctx.costs;
+    let budget_bytes = opts.budget_bytes;
+    let swap_ok =
+        opts.allow_swap && costs.host_link_bytes_per_second > 0.0 && costs.host_bytes > 0.0;
+    let allowed: Vec<Action> = Action::ALL
+        .into_iter()
+        .filter(|a| match a {
+            Action::Keep => true,
+            Action::Recompute => opts.allow_recompute,
+            Action::Swap => swap_ok,
+            Action::RecomputeExchange => opts.allow_recompute_exchange,
+        })
+        .collect();
+    let mut present = [false; 9];
+    for lc in &costs.layers {
+        for (j, mc) in lc.modules.iter().enumerate() {
+            present[j] |= mc.saved_bytes > 0.0;
+        }
+    }
+    let mods: Vec<usize> = (0..9).filter(|&j| present[j]).collect();
+    let per: Vec<Vec<Action>> = (0..9)
+        .map(|j| {
+            allowed
+                .iter()
+                .copied()
+                .filter(|&a| a != Action::RecomputeExchange || j == EXCHANGE_MODULE)
+                .collect()
+        })
+        .collect();
+    let choices = |j: usize| -> &[Action] { &per[j] };
+    let total: usize = mods.iter().map(|&j| choices(j).len()).product();
+    let mut best: Option<Plan> = None;
+    for mut k in 0..total {
+        let mut row = [Action::Keep; 9];
+        for &j in &mods {
+            let c = choices(j);
+            row[j] = c[k % c.len()];
+            k /= c.len();
+        }
+        let acts: Actions = costs
+            .layers
+            .iter()
+            .map(|lc| {
+                let mut r = row;
+                for (j, mc) in lc.modules.iter().enumerate() {
+                    if effect(j, mc, r[j]).is_none() {
+                        r[j] = Action::Keep;
+                    }
+                }
+                r
+            })
+            .collect();
+        let e = ctx.evaluate(&acts)?;
+        if e.peak_bytes <= budget_bytes * (1.0 + 1e-9)
+            && e.host_bytes <= costs.host_bytes * (1.0 + 1e-9)
+            && best
+                .as_ref()
+                .is_none_or(|b| e.added_seconds < b.evaluation.added_seconds)
+        {
+            best = Some(Plan {
+                actions: acts,
+                evaluation: e,
+                exact: false,
+            });
+        }
+    }
+    Ok(best)
+}
+
 /// Solver settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Options {
@@ -686,7 +764,7 @@ impl Options {
             allow_swap: true,
             allow_recompute_exchange: true,
             allow_recompute: true,
-            frontier_limit: 2048,
+            frontier_limit: 512,
         }
     }
 }
@@ -822,6 +900,66 @@ fn pareto(points: Vec<Point>, limit: usize, size: impl Fn(&[f64]) -> f64) -> (Ve
     (kept, true)
 }
 
+/// The fast frontier for large merges: undominated in (cost, transient, `size`) only — the
+/// bound every in-flight mix meets — then thinned to `limit`. Not exact (another criterion
+/// may have kept a point); the caller marks the result so.
+fn pareto_fast(points: Vec<Point>, limit: usize, size: impl Fn(&[f64]) -> f64) -> Vec<Point> {
+    let mut pts: Vec<(f64, f64, f64, Point)> = points
+        .into_iter()
+        .map(|p| (p.key[0] + p.key[1], p.key[2], size(&p.key), p))
+        .collect();
+    pts.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then(a.1.total_cmp(&b.1))
+            .then(a.2.total_cmp(&b.2))
+    });
+    let mut ts: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    ts.sort_by(f64::total_cmp);
+    ts.dedup();
+    // Fenwick tree of prefix minima of size over the transient's rank.
+    let n = ts.len();
+    let mut tree = vec![f64::INFINITY; n + 1];
+    let mut out = Vec::new();
+    for (_, t, sz, p) in pts {
+        let r = ts.partition_point(|&x| x < t) + 1;
+        let mut i = r;
+        let mut best = f64::INFINITY;
+        while i > 0 {
+            best = best.min(tree[i]);
+            i &= i - 1;
+        }
+        if best <= sz {
+            continue;
+        }
+        let mut i = r;
+        while i <= n {
+            tree[i] = tree[i].min(sz);
+            i += i & i.wrapping_neg();
+        }
+        out.push(p);
+    }
+    if out.len() <= limit {
+        return out;
+    }
+    let sizes: Vec<f64> = out.iter().map(|p| size(&p.key) + p.key[2]).collect();
+    let lo = sizes.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = sizes.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let step = ((hi - lo) / limit as f64).max(f64::MIN_POSITIVE);
+    let mut taken = vec![false; limit + 1];
+    let mut kept = Vec::with_capacity(limit + 1);
+    for (p, sz) in out.into_iter().zip(sizes) {
+        let b = (((sz - lo) / step) as usize).min(limit);
+        if !taken[b] {
+            taken[b] = true;
+            kept.push(p);
+        }
+    }
+    kept
+}
+
+/// Above this many candidates a merge uses [`pareto_fast`].
+const EXACT_MERGE: usize = 40_000;
+
 struct Solved {
     actions: Actions,
     evaluation: Evaluation,
@@ -857,6 +995,19 @@ fn knapsack(
             || worst(&key[3 + v..]) > host_cap * (1.0 + 1e-9)
     };
     let size = |key: &[f64]| key[2] + worst(&key[3..3 + v]);
+    // Criteria that cannot bind are left at 0, so they do not split the frontiers: the swapped
+    // bytes matter only when the host memory or the link's busy time can bind, the latency
+    // apart from the recompute seconds only when the link's busy time can.
+    let m = c.schedule.num_microbatches as f64;
+    let link = c.host_link_bytes_per_second;
+    let mut max_swapped = vec![0.0; v];
+    for (lc, os) in c.layers.iter().zip(options) {
+        max_swapped[lc.vpp_stage] += os.iter().map(|o| o.swapped).fold(0.0, f64::max);
+    }
+    let total_swapped: f64 = max_swapped.iter().sum();
+    let busy_binds = total_swapped > 0.0 && m * total_swapped / link > ctx.compute;
+    let host_binds = worst(&max_swapped) > host_cap * (1.0 + 1e-9);
+    let track_swapped = busy_binds || host_binds;
     let mut levels: Vec<Vec<Point>> = Vec::with_capacity(c.layers.len() + 1);
     levels.push(vec![Point {
         key: vec![0.0; dims],
@@ -871,11 +1022,17 @@ fn knapsack(
             .enumerate()
             .map(|(k, o)| {
                 let mut key = vec![0.0; dims];
-                key[0] = o.seconds;
-                key[1] = o.latency;
+                if busy_binds {
+                    key[0] = o.seconds;
+                    key[1] = o.latency;
+                } else {
+                    key[0] = o.seconds + o.latency;
+                }
                 key[2] = o.rebuilt + lc.transient_bytes;
                 key[3 + ch] = o.kept;
-                key[3 + v + ch] = o.swapped;
+                if track_swapped {
+                    key[3 + v + ch] = o.swapped;
+                }
                 Point {
                     key,
                     option: k as u32,
@@ -907,14 +1064,28 @@ fn knapsack(
         if next.is_empty() {
             return Ok(None);
         }
-        let (next, t) = pareto(next, limit, size);
-        *thinned |= t;
+        let next = if next.len() > EXACT_MERGE {
+            *thinned = true;
+            // Bound every mix by the per-chunk maxima of the in-flight counts.
+            let safe: Vec<f64> = (0..v)
+                .map(|ch| mixes.iter().map(|m| m[ch]).fold(0.0, f64::max))
+                .collect();
+            pareto_fast(next, limit, |k: &[f64]| {
+                k[3..3 + v]
+                    .iter()
+                    .zip(&safe)
+                    .map(|(x, w)| x * w)
+                    .sum::<f64>()
+            })
+        } else {
+            let (next, t) = pareto(next, limit, size);
+            *thinned |= t;
+            next
+        };
         levels.push(next);
     }
     // The exact objective of each complete plan: recompute + the larger of the unhidden copy
     // latency and the link's busy time beyond the compute.
-    let m = c.schedule.num_microbatches as f64;
-    let link = c.host_link_bytes_per_second;
     let last = levels.last().expect("one level per layer");
     let objective = |key: &[f64]| -> f64 {
         let swapped: f64 = key[3 + v..].iter().sum();
@@ -987,7 +1158,20 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
     let host_cap = costs.host_bytes;
     let mut best = knapsack(&ctx, &options, budget, host_cap, limit, &mut thinned)?;
     if thinned {
-        // The frontier was thinned: polish by changing one layer at a time.
+        // The frontier was thinned: start from the better of it and the best uniform plan
+        // (so the result never loses to one of Megatron's static settings), then polish by
+        // changing one layer at a time.
+        if let Some(u) = uniform(&ctx, opts)? {
+            if best
+                .as_ref()
+                .is_none_or(|b| u.evaluation.added_seconds < b.evaluation.added_seconds)
+            {
+                best = Some(Solved {
+                    actions: u.actions,
+                    evaluation: u.evaluation,
+                });
+            }
+        }
         if let Some(b) = best.as_mut() {
             local_search(&ctx, &options, budget, host_cap, b)?;
         }

@@ -11,7 +11,10 @@
 //! Dense layers' MLP activations stay with the layer (`other_saved_bytes`).
 
 use crate::error::{invalid, Result};
-use crate::memory::{LayerCosts, MemoryCosts, ModuleCost, Schedule, EXCHANGE_MODULE};
+use crate::memory::{
+    solve_uniform, Evaluation, LayerCosts, MemoryCosts, ModuleCost, Options, Schedule,
+    EXCHANGE_MODULE,
+};
 
 use super::config::{Recompute, RecomputeModules, SimConfig};
 use super::engine::{Engine, LayerCost, EP, ETP};
@@ -60,12 +63,16 @@ fn with_modules(base: &SimConfig, f: impl Fn(&mut RecomputeModules)) -> SimConfi
 }
 
 /// The difference one Megatron recompute flag makes to a layer: (bytes freed, seconds added).
-fn flag_cost(base: &SimConfig, moe: bool, f: impl Fn(&mut RecomputeModules)) -> Result<ModuleCost> {
-    let keep = Engine::new(base)?.layer(moe);
+fn flag_cost(
+    base: &SimConfig,
+    keep: &LayerCost,
+    moe: bool,
+    f: impl Fn(&mut RecomputeModules),
+) -> Result<ModuleCost> {
     let c = with_modules(base, f);
     let with = Engine::new(&c)?.layer(moe);
     Ok(ModuleCost {
-        saved_bytes: (kept(&keep) - kept(&with)).max(0.0),
+        saved_bytes: (kept(keep) - kept(&with)).max(0.0),
         recompute_seconds: with.recompute.time(),
         ..Default::default()
     })
@@ -82,16 +89,16 @@ fn layer_costs(base: &SimConfig, moe: bool) -> Result<LayerCosts> {
         transient_bytes: lc.transient,
         ..Default::default()
     };
-    out.modules[LAYERNORM] = flag_cost(base, moe, |r| r.layernorm = true)?;
+    out.modules[LAYERNORM] = flag_cost(base, &lc, moe, |r| r.layernorm = true)?;
     let mla = m.multi_latent_attention;
-    out.modules[ATTENTION] = flag_cost(base, moe, |r| {
+    out.modules[ATTENTION] = flag_cost(base, &lc, moe, |r| {
         r.core_attn = true;
         r.mla_up_proj = mla;
     })?;
     if moe {
-        out.modules[EXPERT_ACT] = flag_cost(base, moe, |r| r.moe_act = true)?;
+        out.modules[EXPERT_ACT] = flag_cost(base, &lc, moe, |r| r.moe_act = true)?;
         if m.shared_ffn() > 0 {
-            out.modules[SHARED] = flag_cost(base, moe, |r| r.shared_experts = true)?;
+            out.modules[SHARED] = flag_cost(base, &lc, moe, |r| r.shared_experts = true)?;
         }
         let p = &base.parallel;
         let t = &base.training;
@@ -241,6 +248,34 @@ pub fn memory_costs(
         stage,
         head_bytes,
     })
+}
+
+/// The layout search's evaluation with the memory plan: the step as simulated with every
+/// activation kept when that fits, otherwise with the cheapest uniform recompute plan (no host
+/// memory assumed) of the stage with the most memory under the device memory, its added time
+/// on the step and its peak as the memory; unchanged (not fitting) when no plan fits.
+pub fn plan_evaluation(cfg: &SimConfig) -> Result<(super::Evaluation, Option<Evaluation>)> {
+    let e = super::simulate(cfg)?;
+    if e.fits {
+        return Ok((e, None));
+    }
+    let smc = memory_costs(cfg, None, 0.0)?;
+    let mut opts = Options::new(e.memory_capacity);
+    opts.allow_swap = false;
+    let Some(plan) = solve_uniform(&smc.costs, &opts)? else {
+        return Ok((e, None));
+    };
+    let pe = plan.evaluation;
+    let mut out = e;
+    let step = out.step_time + pe.added_seconds;
+    let scale = out.step_time / step;
+    out.tokens_per_s *= scale;
+    out.mfu *= scale;
+    out.mfu_noncausal *= scale;
+    out.step_time = step;
+    out.memory_peak = pe.peak_bytes;
+    out.fits = pe.peak_bytes <= out.memory_capacity;
+    Ok((out, Some(pe)))
 }
 
 #[cfg(test)]

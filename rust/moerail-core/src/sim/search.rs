@@ -19,6 +19,9 @@ pub enum RecomputeChoice {
     Heavy,
     /// Full, uniform, one layer per checkpoint.
     Full,
+    /// The memory planner's cheapest plan that fits (`crate::memory`): nothing when the layout
+    /// fits as it is, else per-module recompute chosen by exposed time per byte.
+    Plan,
 }
 
 impl RecomputeChoice {
@@ -35,9 +38,10 @@ impl RecomputeChoice {
             "light" | "selective" => Ok(Self::Light),
             "heavy" => Ok(Self::Heavy),
             "full" => Ok(Self::Full),
+            "plan" => Ok(Self::Plan),
             other => Err(crate::error::invalid(
                 "recompute",
-                format!("unknown choice '{other}' (expected none, light, heavy or full)"),
+                format!("unknown choice '{other}' (expected plan, none, light, heavy or full)"),
             )),
         }
     }
@@ -48,6 +52,7 @@ impl RecomputeChoice {
             Self::Light => "light",
             Self::Heavy => "heavy",
             Self::Full => "full",
+            Self::Plan => "plan",
         }
     }
 
@@ -55,7 +60,7 @@ impl RecomputeChoice {
         let t = &mut cfg.training;
         let mla = cfg.model.multi_latent_attention;
         match self {
-            Self::None => t.recompute_granularity = Recompute::None,
+            Self::None | Self::Plan => t.recompute_granularity = Recompute::None,
             Self::Light | Self::Heavy => {
                 t.recompute_granularity = Recompute::Selective;
                 t.recompute_modules = RecomputeModules {
@@ -194,7 +199,7 @@ pub fn enumerate(base: &SimConfig, space: &Space) -> Result<Vec<Candidate>> {
     };
     let mbss = or(&space.mbs, vec![1, 2, 4]);
     let recs = if space.recompute.is_empty() {
-        RecomputeChoice::ALL.to_vec()
+        vec![RecomputeChoice::Plan]
     } else {
         space.recompute.clone()
     };
@@ -327,7 +332,15 @@ pub fn search(
     for (ci, part) in candidates.chunks(chunk).enumerate() {
         let results: Vec<Option<(Candidate, Evaluation)>> = pool::install(|| {
             part.par_iter()
-                .map(|c| simulate(&c.apply(base)).ok().map(|e| (*c, e)))
+                .map(|c| {
+                    let cfg = c.apply(base);
+                    let e = if c.recompute == RecomputeChoice::Plan {
+                        crate::sim::memory::plan_evaluation(&cfg).map(|(e, _)| e)
+                    } else {
+                        simulate(&cfg)
+                    };
+                    e.ok().map(|e| (*c, e))
+                })
                 .collect()
         });
         for r in results {

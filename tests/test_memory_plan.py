@@ -1,0 +1,341 @@
+"""Issue 17, the planner side: the costs interface, the plan solver (against exhaustive search),
+the in-flight micro-batches of Megatron's own schedule table, Megatron's flags (checked by
+Megatron-Core's TransformerConfig), the simulator's costs, and `moerail plan --memory`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from moerail import _native, cli
+from moerail.memory import (
+    MODULES,
+    Action,
+    LayerCosts,
+    LayerPlan,
+    MemoryCosts,
+    MemoryPlan,
+    ModuleCost,
+    evaluate_plan,
+    megatron_static_plans,
+    parse_bytes,
+    plan_memory,
+)
+from moerail.memory.planner import best_static
+
+G = 2**30
+
+
+def small_costs(seed: int, layers: int = 2, pp: int = 4, rank: int = 0, vpp: int = 1, m: int = 8, host: float = 0.0):
+    rng = random.Random(seed)
+    out = []
+    per = -(-layers // vpp)
+    for i in range(layers):
+        rows = rng.uniform(10, 40)
+        out.append(
+            LayerCosts(
+                layer=i,
+                vpp_stage=i // per,
+                modules={
+                    "layernorm": ModuleCost(rng.uniform(5, 15), rng.uniform(0.01, 0.06)),
+                    "attention": ModuleCost(rng.uniform(20, 60), rng.uniform(0.1, 0.6)),
+                    "expert_fc1": ModuleCost(rows + rng.uniform(0, 30), rng.uniform(0.1, 0.4), rng.uniform(0.05, 0.5), rows),
+                },
+                forward_seconds=rng.uniform(0.5, 1.5),
+                backward_seconds=rng.uniform(1, 3),
+                other_saved_bytes=rng.uniform(0, 10),
+                transient_bytes=rng.uniform(0, 20),
+            )
+        )
+    return MemoryCosts(
+        tuple(out),
+        static_bytes=100.0,
+        device_bytes=1e9,
+        host_bytes=host,
+        host_link_bytes_per_second=20.0 if host else 0.0,
+        pipeline_size=pp,
+        pipeline_rank=rank,
+        virtual_pipeline_size=vpp,
+        num_microbatches=m,
+    )
+
+
+def all_plans(costs: MemoryCosts):
+    choices = []
+    for lc in costs.layers:
+        per_mod = []
+        for name in lc.modules:
+            acts = [Action.KEEP, Action.RECOMPUTE]
+            if costs.host_bytes > 0:
+                acts.append(Action.SWAP)
+            if name == "expert_fc1":
+                acts.append(Action.RECOMPUTE_EXCHANGE)
+            per_mod.append([(name, a) for a in acts])
+        choices.append([dict(c) for c in itertools.product(*per_mod)])
+    for combo in itertools.product(*choices):
+        yield MemoryPlan(tuple(LayerPlan(lc.layer, acts, lc.vpp_stage) for lc, acts in zip(costs.layers, combo)))
+
+
+# ----------------------------------------------------------------------------- the costs interface
+
+
+def test_costs_are_checked_naming_the_field():
+    with pytest.raises(ValueError, match="saved_bytes"):
+        ModuleCost(-1, 0)
+    with pytest.raises(ValueError, match="unknown module 'mlp'"):
+        LayerCosts(0, {"mlp": ModuleCost(1, 1)}, 1, 1)
+    with pytest.raises(ValueError, match="only expert_fc1"):
+        LayerCosts(0, {"attention": ModuleCost(1, 1, 1, 1)}, 1, 1)
+    with pytest.raises(ValueError, match="pipeline_rank"):
+        small_costs(0, pp=2, rank=2)
+    with pytest.raises(ValueError, match="num_microbatches"):
+        small_costs(0, pp=4, vpp=2, m=6)
+    c = small_costs(1)
+    assert MemoryCosts.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+def megatron_mixes(p: int, r: int, v: int, m: int):
+    """The in-flight micro-batches per model chunk after each forward, replaying Megatron-Core's
+    own schedule table (`get_schedule_table`: which chunk each forward and backward runs) with
+    its warm-up count (`get_pp_rank_microbatches`); the undominated mixes."""
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    total = m * v
+    if v == 1:
+        warm = p - r - 1
+    else:
+        warm = 2 * (p - r - 1) + (v - 1) * p
+        if m == p:
+            warm = total
+    warm = min(warm, total)
+    table = get_schedule_table(m, v, p)
+    assert len(table) == total
+    live = [0] * v
+    mixes = []
+
+    def fwd(k):
+        live[table[k][1]] += 1
+        mixes.append(tuple(live))
+
+    def bwd(k):
+        live[v - 1 - table[k][1]] -= 1
+
+    for k in range(warm):
+        fwd(k)
+    for i in range(total - warm):
+        fwd(warm + i)
+        bwd(i)
+    for i in range(total - warm, total):
+        bwd(i)
+    assert live == [0] * v
+    uniq = set(mixes)
+    return {a for a in uniq if not any(a != b and all(x <= y for x, y in zip(a, b)) for b in uniq)}
+
+
+@pytest.mark.parametrize("p,v", [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (4, 3), (8, 2)])
+def test_inflight_matches_megatrons_schedule(p, v):
+    pytest.importorskip("megatron.core")
+    for r in range(p):
+        for m in sorted({p, 2 * p, 3 * p, 4 * p}) if v > 1 else (1, 3, p, 2 * p + 1):
+            mixes = _native.memory.inflight_mixes(p, r, v, m)
+            assert {tuple(x) for x in mixes} == megatron_mixes(p, r, v, m), (p, r, v, m)
+            if v == 1:
+                assert mixes == [[min(p - r, m)]]
+
+
+# ----------------------------------------------------------------------------- the solver
+
+
+@pytest.mark.parametrize(
+    "seed,pp,rank,vpp,m,host",
+    [(1, 4, 0, 1, 8, 0.0), (2, 4, 3, 1, 8, 0.0), (3, 2, 0, 1, 4, 300.0), (4, 4, 1, 2, 8, 200.0), (5, 1, 0, 1, 2, 80.0)],
+)
+def test_plan_is_optimal_against_exhaustive_search(seed, pp, rank, vpp, m, host):
+    c = small_costs(seed, pp=pp, rank=rank, vpp=vpp, m=m, host=host)
+    plans = []
+    for p in all_plans(c):
+        try:
+            plans.append(evaluate_plan(c, p))
+        except ValueError as e:  # swaps past the host memory
+            assert "host" in str(e)
+    keep = evaluate_plan(c, MemoryPlan(()))
+    lo = min(p.predicted_peak_bytes for p in plans)
+    for frac in (0.05, 0.3, 0.6, 0.9):
+        budget = int(lo + frac * (keep.predicted_peak_bytes - lo)) + 1
+        fits = [p for p in plans if p.predicted_peak_bytes <= budget and p.host_bytes <= host + 1]
+        got = plan_memory(c, budget, frontier_limit=1 << 16)
+        best = min(p.predicted_added_seconds for p in fits)
+        assert got.predicted_peak_bytes <= budget
+        assert got.predicted_added_seconds == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert got.evaluation["exact"]
+
+
+def test_a_larger_budget_never_costs_more():
+    c = small_costs(7, layers=4, pp=4, rank=0, m=8)
+    keep = evaluate_plan(c, MemoryPlan(())).predicted_peak_bytes
+    last = float("inf")
+    for k in range(30):
+        budget = int(c.static_bytes + 60 + k / 29 * (keep - c.static_bytes - 60)) + 1
+        try:
+            t = plan_memory(c, budget).predicted_added_seconds
+        except ValueError:
+            continue
+        assert t <= last + 1e-12
+        last = t
+    assert last == 0.0
+
+
+def test_bad_budgets_and_plans_are_refused():
+    c = small_costs(3)
+    with pytest.raises(ValueError, match=r"^budget_bytes: .*weights, gradients and optimizer state"):
+        plan_memory(c, 50)
+    with pytest.raises(ValueError, match=r"^budget_bytes: .*cannot be reached: the least this device needs is"):
+        plan_memory(c, 101)
+    with pytest.raises(ValueError, match="budget_bytes: expected a size"):
+        plan_memory(c, "sixty")
+    with pytest.raises(ValueError, match="unknown module 'moe_fc'"):
+        LayerPlan(0, {"moe_fc": "recompute"})
+    swap = MemoryPlan((LayerPlan(0, {"attention": "swap"}),))
+    with pytest.raises(ValueError, match="no host link|no host memory"):
+        evaluate_plan(c, swap)
+    c2 = small_costs(3, host=1.0)
+    with pytest.raises(ValueError, match="more than the"):
+        evaluate_plan(c2, swap)
+    with pytest.raises(ValueError, match="not one of this device's layers"):
+        evaluate_plan(c, MemoryPlan((LayerPlan(7, {"attention": "recompute"}),)))
+
+
+def test_parse_bytes():
+    assert parse_bytes("60GiB") == 60 * G
+    assert parse_bytes("64 GB") == 64 * 10**9
+    assert parse_bytes("1.5g") == int(1.5 * G)
+    assert parse_bytes(1e9) == 10**9
+    for bad in ("", "-5GiB", "5 parsecs", "0", True, None):
+        with pytest.raises(ValueError, match="budget_bytes"):
+            parse_bytes(bad)
+
+
+# ----------------------------------------------------------------------------- Megatron's flags
+
+
+def _transformer_config(**kw):
+    pytest.importorskip("megatron.core")
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_moe_experts=4, moe_grouped_gemm=True,
+        moe_shared_expert_intermediate_size=32, **kw,
+    )  # fmt: skip
+
+
+def test_megatron_flags_are_megatrons_own():
+    uni = MemoryPlan.uniform(4, {"layernorm": "recompute", "expert_act": "recompute"})
+    f = uni.to_megatron_flags()
+    assert f.exact and f.args == ("--recompute-granularity", "selective", "--recompute-modules", "layernorm", "moe_act")
+    _transformer_config(**f.config)  # Megatron-Core accepts them
+    moe = MemoryPlan.uniform(
+        4, {"router": "recompute", "expert_fc1": "recompute_exchange", "expert_act": "recompute", "attention": "swap"}
+    )
+    f = moe.to_megatron_flags()
+    assert f.config["recompute_modules"] == ["moe"] and f.config["offload_modules"] == ["core_attn"]
+    _transformer_config(**f.config)
+    full = MemoryPlan.uniform(
+        2, {m: ("recompute_exchange" if m == "expert_fc1" else "recompute") for m in MODULES if m not in ("permute", "expert_fc2", "unpermute")}
+    )
+    assert full.to_megatron_flags().config == {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    mixed = MemoryPlan((LayerPlan(0, {"attention": "recompute"}), LayerPlan(1, {"router": "swap"})))
+    f = mixed.to_megatron_flags()
+    assert not f.exact and any("differs between layers" in n for n in f.notes) and any("router" in n for n in f.notes)
+    with pytest.raises(ValueError, match="cannot express"):
+        mixed.to_megatron_flags(strict=True)
+
+
+def test_plan_beats_every_megatron_static_setting_at_its_own_budget():
+    c = small_costs(11, layers=3, pp=4, rank=0, m=8, host=400.0)
+    c = MemoryCosts(
+        tuple(
+            LayerCosts(lc.layer, {**lc.modules, "expert_act": ModuleCost(25, 0.05), "router": ModuleCost(3, 0.02)},
+                       lc.forward_seconds, lc.backward_seconds, lc.vpp_stage, lc.other_saved_bytes, lc.transient_bytes)
+            for lc in c.layers
+        ),
+        **{k: v for k, v in c.to_dict().items() if k not in ("layers",)},
+    )  # fmt: skip
+    statics = megatron_static_plans(c)
+    assert len(statics) > 20
+    for s in statics:
+        budget = int(s.plan.predicted_peak_bytes) + 1
+        ours = plan_memory(c, budget)
+        assert ours.predicted_added_seconds <= s.plan.predicted_added_seconds + 1e-12, s.name
+        assert best_static(statics, budget) is not None
+
+
+# ----------------------------------------------------------------------------- from the simulator
+
+MIXTRAL = dict(
+    model="Mixtral-8x22B", cluster="H100-SXM", devices=128, seq_length=4096, global_batch_size=256, micro_batch_size=1,
+    tensor_model_parallel_size=2, pipeline_model_parallel_size=8, expert_model_parallel_size=8,
+    expert_tensor_parallel_size=1,
+)  # fmt: skip
+
+
+def test_simulator_costs_and_routing_skew():
+    c = MemoryCosts.from_simulator(**MIXTRAL)
+    assert c.pipeline_size == 8 and c.pipeline_rank == 0 and c.source == "simulator"
+    assert {"layernorm", "attention", "router", "expert_fc1", "expert_act"} <= set(c.layers[0].modules)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    loads = rng.gamma(2.0, 50.0, size=(64, 8))
+    skewed = MemoryCosts.from_simulator(**MIXTRAL, tokens_per_expert=loads, percentile=99)
+    assert skewed.routing_skew > 1.2
+    a = c.layers[0].modules["expert_fc1"].saved_bytes
+    b = skewed.layers[0].modules["expert_fc1"].saved_bytes
+    assert b == pytest.approx(a * skewed.routing_skew, rel=1e-6)
+    # Megatron's moe_act + layernorm, evaluated by the planner's model, frees what the
+    # simulator's own selective recompute frees.
+    from moerail import sim
+
+    light = sim.simulate(**MIXTRAL, recompute_granularity="selective", recompute_modules=["moe_act", "layernorm"])
+    none = sim.simulate(**MIXTRAL)
+    plan = evaluate_plan(c, MemoryPlan.uniform(0, {}).__class__(
+        tuple(LayerPlan(lc.layer, {"layernorm": "recompute", "expert_act": "recompute"}) for lc in c.layers)))  # fmt: skip
+    keep = evaluate_plan(c, MemoryPlan(()))
+    freed_model = (keep.evaluation["activation_bytes"] - plan.evaluation["activation_bytes"]) / G
+    freed_sim = none["memory_gib"]["activations"]["total"] - light["memory_gib"]["activations"]["total"]
+    assert freed_model == pytest.approx(freed_sim, rel=1e-6)
+
+
+def test_cli_memory_plan(capsys):
+    args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
+            "--tp", "2", "--pp", "8", "--ep", "8", "--memory", "40GiB", "--host-memory", "64GiB"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for text in ("predicted peak", "activations saved", "added step time", "host memory used", "Megatron flags"):
+        assert text in out
+    assert cli.main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["plan"]["predicted_peak_bytes"] <= 40 * G
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--memory", "sixty"], "--memory: expected a size"),
+        (["--memory=-3GiB"], "--memory: expected a"),
+        (["--memory", "1GiB"], "--memory: "),
+        (["--memory", "40GiB", "--host-memory", "lots"], "--host-memory"),
+        (["--memory", "40GiB", "--stage", "-1"], "--stage"),
+    ],
+)
+def test_cli_memory_bad_input(capsys, extra, needle):
+    args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
+            "--tp", "2", "--pp", "8", "--ep", "8", *extra]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
