@@ -74,6 +74,19 @@ class _Held:
             c._release(self.key)
 
 
+class _Bytes:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def nbytes(self) -> int:
+        return self.n
+
+    def data_ptr(self) -> int:
+        return -1
+
+
 class SavedTensorCounter:
     """The bytes of the tensors autograd holds for the backward, counted exactly through the
     ``saved_tensors_hooks`` of the executor: each distinct storage once (a tensor saved by several
@@ -121,6 +134,14 @@ class SavedTensorCounter:
             self.by_tag[tag] = self.by_tag.get(tag, 0) + st.nbytes()
         self.sample()
         return key
+
+    def add_bytes(self, nbytes: int, tag=None) -> int:
+        """Counts ``nbytes`` held by something that is not a saved tensor yet (a swap-in's buffer on
+        the device from the moment it is requested); ``_release(key)`` ends it."""
+        self._key += 1
+        self._live[self._key] = [_Bytes(nbytes), 1, tag]
+        self.sample()
+        return self._key
 
     def _release(self, key) -> None:
         e = self._live.get(key)
@@ -524,6 +545,7 @@ class Executor:
             buf = self.pool.take(nbytes)
             if buf is not None:
                 st = SwappedTensor(t, buf, self.pool, self.swapper)
+                st.counter = self.counter
                 run._dedup[key] = (st, weakref.ref(t))
                 run.swapped[self._group_of(module)].append(st)
                 self._pending_out.setdefault(ptr, []).append(st)

@@ -93,6 +93,7 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
         keep, step_s = _per_layer(ex, run_step)
         timing, ex.timing = ex.timing, None
         tagged = dict(ex.counter.by_tag)
+        keep_peak = ex.counter.peak
         layers = sorted(keep)
         present: Dict[int, set] = {}
         for (layer, module) in timing:
@@ -155,8 +156,22 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     meta = {"keep_layer_bytes": {f"{k[0]}:{k[1]}": keep[k][0] / max(1, keep[k][2]) for k in layers},
             "savings": {f"{m}:{a}": {f"{k[0]}:{k[1]}": v for k, v in d.items()} for (m, a), d in saving.items()},
             "min_swap_bytes": ex.min_swap_bytes}
-    return MemoryCosts(layers=tuple(out), static_bytes=float(static_bytes), device_bytes=float(device_bytes),
-                       host_bytes=float(host_bytes), host_link_bytes_per_second=float(host_link_bytes_per_second),
-                       pipeline_size=pipeline_size, pipeline_rank=pipeline_rank,
-                       virtual_pipeline_size=virtual_pipeline_size, num_microbatches=num_microbatches,
-                       step_seconds=step_s, source="profile", meta=meta)
+    kw = dict(layers=tuple(out), device_bytes=float(device_bytes), host_bytes=float(host_bytes),
+              host_link_bytes_per_second=float(host_link_bytes_per_second), pipeline_size=pipeline_size,
+              pipeline_rank=pipeline_rank, virtual_pipeline_size=virtual_pipeline_size,
+              num_microbatches=num_microbatches, step_seconds=step_s, source="profile")
+    costs = MemoryCosts(static_bytes=float(static_bytes), meta=meta, **kw)
+    # What the step saved outside the layers (embeddings, the output layer and loss) is in no module:
+    # the keep-all step's measured peak calibrates it, as memory no plan changes.
+    meta["keep_peak_saved_bytes"] = keep_peak
+    try:
+        from .planner import evaluate_plan
+
+        predicted = evaluate_plan(costs, MemoryPlan(())).predicted_peak_bytes
+    except Exception:  # noqa: BLE001 - no planner in this build: leave the costs uncalibrated
+        predicted = None
+    if predicted is not None and keep_peak > predicted - static_bytes:
+        extra = keep_peak - (predicted - static_bytes)
+        meta["unattributed_bytes"] = extra
+        costs = MemoryCosts(static_bytes=float(static_bytes) + extra, meta=meta, **kw)
+    return costs

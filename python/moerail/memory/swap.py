@@ -72,7 +72,7 @@ class SwappedTensor:
     """One saved tensor living in the host pool between its forward and its backward."""
 
     __slots__ = ("shape", "stride", "dtype", "device", "pool", "buf", "out_done", "in_done", "dev", "_swapper",
-                 "_src", "__weakref__")
+                 "_src", "counter", "_count_key", "__weakref__")
 
     def __init__(self, t: torch.Tensor, buf: torch.Tensor, pool: HostPool, swapper: Swapper) -> None:
         self.shape, self.stride, self.dtype, self.device = t.shape, t.stride(), t.dtype, t.device
@@ -80,6 +80,8 @@ class SwappedTensor:
         self.in_done = None
         self.dev: Optional[torch.Tensor] = None
         self._src = t
+        self.counter = None  # a SavedTensorCounter: the device copy counts from its swap-in on
+        self._count_key = None
         self.out_done = swapper.swap_out(self, t)
 
     # -- the backward side ------------------------------------------------------------------------
@@ -87,6 +89,11 @@ class SwappedTensor:
     def prefetch(self) -> None:
         """Starts the copy back (after this tensor's own swap-out); returns at once."""
         if self.in_done is None and self.dev is None:
+            if self.counter is not None:
+                n = 1
+                for d in self.shape:
+                    n *= d
+                self._count_key = self.counter.add_bytes(n * self.dtype.itemsize)
             self.in_done = self._swapper.swap_in(self)
 
     def get(self) -> torch.Tensor:
@@ -106,6 +113,12 @@ class SwappedTensor:
         self._swapper.wait_out(self)
 
     def __del__(self):
+        key = getattr(self, "_count_key", None)
+        if key is not None:
+            try:
+                self.counter._release(key)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
         buf = getattr(self, "buf", None)
         if buf is not None:
             try:
