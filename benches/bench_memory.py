@@ -23,7 +23,10 @@ Peak: the largest number of saved-tensor bytes held for the backward during a st
 through ``saved_tensors_hooks`` around the whole step (Megatron's recomputation in the backward
 included; parameters excluded), the largest over ranks and steps. Added time: the median step time
 of the arm minus keep-all's, both over the same steps. The planner's costs come from
-``moerail.memory.profile`` run on the keep-all model in the first launch; the plans are made for
+``moerail.memory.profile`` run on the keep-all model in the first launch: each module's saved bytes
+(``measure="tags"``, what a swap moves), and, for the "measured savings" rows,
+``profile(measure="actions", saved_as="recompute")``: what recomputing each module really freed
+(a recompute also frees the outputs its consumers saved, and holds its inputs); the plans are made for
 the measured peaks and run in a second launch with all arms again. Predicted vs measured: the plan's
 ``predicted_peak_bytes`` / ``predicted_added_seconds`` against what the second launch measured.
 """
@@ -83,12 +86,18 @@ def run(quick: bool = False) -> str:
     model = {"layers": 2, "hidden": 64, "ffn": 64, "experts": 8, "topk": 2, "seq": 64, "micro_batches": 2}
     t0 = time.monotonic()
     first = [{"name": "profile", "dispatcher": "megatron", "plan": {"layers": []}, "profile": True,
-              "min_swap_bytes": 0}] + _arms()
+              "min_swap_bytes": 0},
+             {"name": "profile_recompute", "dispatcher": "megatron", "plan": {"layers": []},
+              "profile": {"measure": "actions", "saved_as": "recompute"}, "min_swap_bytes": 0}] + _arms()
     res1 = mm.run({"steps": steps, "runs": [{"layout": (1, 1, 4), "arms": first, "model": model}]},
                   tempfile.mkdtemp(), timeout_s=1800)
     meas1 = _summary(res1)
-    costs = [MemoryCosts.from_dict({k: v for k, v in r["runs"][0]["arms"]["_profiles"]["profile"].items()
-                                    if k != "meta"}) for r in res1]
+    def costs_of(name):
+        return [MemoryCosts.from_dict({k: v for k, v in r["runs"][0]["arms"]["_profiles"][name].items()
+                                       if k != "meta"}) for r in res1]
+
+    costs = costs_of("profile")
+    costs_rc = costs_of("profile_recompute")
     try:
         from moerail.memory import plan_memory
     except ImportError:
@@ -99,14 +108,17 @@ def run(quick: bool = False) -> str:
     if plan_memory is not None:
         # One plan for every rank (they must agree): planned on the rank whose keep-all activations are largest.
         c = max(costs, key=lambda x: x.activation_bytes_keep_all)
+        c_rc = max(costs_rc, key=lambda x: x.activation_bytes_keep_all)
         for name, _ in MEGATRON_ARMS:
             budget = int(meas1[name]["peak"])
             short = name.split(" ", 1)[1]
             # On CPU ranks a swap copies host memory to host memory on the same cores: the recompute-only
-            # plans are the like-for-like comparison with Megatron's recompute here.
-            for label, kw in (("", {}), (" recompute only", {"allow_swap": False})):
+            # plans are the like-for-like comparison with Megatron's recompute here, planned from the
+            # saved bytes and from each module's measured recompute saving.
+            for label, kw, cc in (("", {}, c), (" recompute only", {"allow_swap": False}, c),
+                                  (" recompute only, measured savings", {"allow_swap": False}, c_rc)):
                 try:
-                    plan = plan_memory(c, budget_bytes=budget, **kw)
+                    plan = plan_memory(cc, budget_bytes=budget, **kw)
                 except ValueError as e:
                     refused[f"{name}{label}"] = f"{budget} B: {e}"
                     continue

@@ -273,9 +273,10 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
         if a.spec.get("profile"):
             from moerail.memory import profile
 
+            kw = a.spec["profile"] if isinstance(a.spec["profile"], dict) else {}
             costs = profile(a.executor, lambda a=a: a.step(fb), num_microbatches=m["micro_batches"],
                             pipeline_size=pp, pipeline_rank=ps.get_pipeline_model_parallel_rank(), static_bytes=0.0,
-                            host_bytes=float(1 << 30), warmup=1)
+                            host_bytes=float(1 << 30), warmup=1, **kw)
             profiles[a.name] = costs.to_dict() | {"meta": dict(costs.meta)}
     hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "peak", "diff", "replays",
                                                                   "swapped", "waits")} for a in built}

@@ -61,20 +61,26 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             pipeline_rank: int = 0, virtual_pipeline_size: int = 1, static_bytes: float = 0.0,
             device_bytes: Optional[float] = None, host_bytes: float = 0.0,
             host_link_bytes_per_second: Optional[float] = None, warmup: int = 1,
-            modules: Optional[Tuple[str, ...]] = None, measure: str = "tags") -> MemoryCosts:
+            modules: Optional[Tuple[str, ...]] = None, measure: str = "tags",
+            saved_as: str = "min") -> MemoryCosts:
     """Measures ``MemoryCosts`` on the running model (see the module docstring). ``run_step()`` runs
     one training step (all its micro-batches) on this rank. ``measure="tags"`` (default): one step
     keeping everything after ``warmup``; a module's ``saved_bytes`` are the bytes its forward saved
     (attributed through the hooks, each storage to the first module that saved it), what swapping it
     moves. ``measure="actions"``: also one step per module and action (recompute, swap, and
     ``recompute_exchange`` for the expert inputs) in every layer; ``saved_bytes`` is then the smaller
-    measured saving (steps see other data and routing: noisier on small models). ``static_bytes``: the
+    measured saving (steps see other data and routing: noisier on small models), or with
+    ``saved_as="recompute"`` / ``"swap"`` that action's (for a plan that uses only that one: a
+    recompute frees its module's saved tensors and the outputs its consumers saved, and holds its
+    inputs, so its saving differs from a swap's). ``static_bytes``: the
     memory no plan changes (weights, gradients, optimizer state) to plan around; ``device_bytes``:
     the device's capacity (default: the accelerator's, or this machine's memory on the CPU)."""
     if not isinstance(executor, Executor):
         raise TypeError(f"executor: expected a moerail.memory.executor.Executor, got {type(executor).__name__}")
     if not callable(run_step):
         raise TypeError("run_step: expected a function that runs one training step")
+    if saved_as not in ("min", "recompute", "swap"):
+        raise ValueError(f"saved_as: expected 'min', 'recompute' or 'swap', got {saved_as!r}")
     if measure not in ("tags", "actions"):
         raise ValueError(f"measure: expected 'tags' or 'actions', got {measure!r}")
     if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -133,7 +139,7 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             if measure == "actions":
                 rc = saving.get((m, "recompute"), {}).get(key, 0.0)
                 sw = saving.get((m, "swap"), {}).get(key, 0.0)
-                saved = max(0.0, min(rc, sw))
+                saved = max(0.0, {"min": min(rc, sw), "recompute": rc, "swap": sw}[saved_as])
             else:
                 saved = tagged.get((layer, m), 0) / calls
             secs = max(0.0, timing.get((layer, m), 0.0) / calls)
