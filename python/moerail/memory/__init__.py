@@ -2,16 +2,24 @@
 
 `plan.py` holds the plan (the typed value the planner, the executor and the Megatron-Core
 integration share); `costs.py` what the planner reads (per-module bytes and times, the
-schedule, host memory and link), built from the simulator or from measurements.
+schedule, host memory and link), built from the simulator or from measurements; `executor.py`
+(with `swap.py`) carries a plan out exactly (`moerail.integrations.megatron.apply_memory_plan` on a
+Megatron-Core model); `profile.py` measures the costs on the running job.
 """
 
 from .costs import LayerCosts, MemoryCosts, ModuleCost, tokens_per_expert_skew
+from .executor import Executor, SavedTensorCounter
 from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
 from .planner import StaticSetting, evaluate_plan, megatron_static_plans, parse_bytes, plan_memory
+from .profile import measure_host_link, profile
 
 __all__ = [
     "MODULES",
     "Action",
+    "Executor",
+    "SavedTensorCounter",
+    "measure_host_link",
+    "profile",
     "LayerCosts",
     "LayerPlan",
     "MemoryCosts",

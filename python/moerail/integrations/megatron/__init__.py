@@ -25,10 +25,12 @@ Nothing here imports Megatron at import time: the adapters are usable (and teste
 * ``use_moerail(layer)`` / ``with_moerail_dispatcher(spec)``: moerail's router and
   ``AllToAllDispatcher`` in a Megatron ``MoELayer``; ``update_expert_placement`` re-places and
   migrates its experts.
+* ``apply_memory_plan(model, plan)``: a :class:`moerail.memory.MemoryPlan` (keep / recompute / swap /
+  recompute_exchange per layer and module) carried out on a built model, checked against it first.
 
 Modules: :mod:`.adapters` (the per-version adapters), :mod:`.patch` (``patch_moe_utils``),
 :mod:`.router` (``MoerailTopKRouter``, specs, expert bias), :mod:`.dispatcher` (``use_moerail``),
-:mod:`.placement` (``update_expert_placement``). ``MoerailTopKRouter`` and
+:mod:`.placement` (``update_expert_placement``), :mod:`.memory` (``apply_memory_plan``). ``MoerailTopKRouter`` and
 ``MoerailTokenDispatcher`` are built from the installed Megatron-Core on first access (resolving
 them imports Megatron-Core).
 """
@@ -56,6 +58,7 @@ from .adapters import unpermute_v016 as unpermute_v016
 from .adapters import unpermute_v017 as unpermute_v017
 from .adapters import z_loss_func as z_loss_func
 from .dispatcher import _dispatcher_class, use_moerail, with_moerail_dispatcher
+from .memory import apply_memory_plan, validate_memory_plan
 from .patch import (
     MOE_UTILS_FUNCTIONS,
     MoeUtilsPatch,
@@ -71,6 +74,8 @@ from .router import MOERAIL_TOPK_ROUTER_DOC as MOERAIL_TOPK_ROUTER_DOC
 from .router import _router_class, get_moe_module_spec, update_expert_bias, with_moerail_router
 
 __all__ = [
+    "apply_memory_plan",
+    "validate_memory_plan",
     "API_2_TUPLE",
     "API_3_TUPLE",
     "API_5_TUPLE",

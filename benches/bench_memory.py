@@ -1,0 +1,168 @@
+"""Activation memory of a Megatron-Core GPT-MoE on 4 CPU gloo ranks (EP 4): Megatron's own recompute
+settings against moerail's plans at the same budgets, measured in the same run.
+
+Method. One model (Megatron's local GPT layer spec: attention + MoE layers, ``SequentialMLP``
+experts, Megatron's alltoall dispatcher, sigmoid router with aux loss and expert bias), trained in
+Megatron's own loop (DDP, Adam, ``get_forward_backward_func``) by several arms side by side, one step
+each in turn, same weights and data (tests/memory_megatron.py):
+
+1. keep-all;
+2. Megatron ``recompute_granularity="selective", recompute_modules=["layernorm"]`` (Megatron refuses
+   ``"moe_act"`` unless the experts are grouped GEMMs, TransformerEngine's or the ``grouped_gemm``
+   package's, neither of which runs on these CPU ranks: "moe_act in recompute_modules is only
+   supported with moe_grouped_gemm"; moerail's ``expert_act`` works on ``SequentialMLP`` experts);
+3. Megatron ``recompute_modules=["moe"]``;
+4. Megatron full recompute (``recompute_granularity="full"``, uniform, 1 layer a checkpoint);
+5. moerail's plan (``plan_memory``) at the budget each Megatron setting reached, carried out by
+   ``apply_memory_plan`` on the same stock model; and the recompute-only plan (``allow_swap=False``):
+   on CPU ranks a "swap" copies host memory to host memory on the cores that compute, so only the
+   recompute-only plans compare like for like with Megatron's recompute here (on a GPU the swaps
+   run on the copy engines).
+
+Peak: the largest number of saved-tensor bytes held for the backward during a step, counted exactly
+through ``saved_tensors_hooks`` around the whole step (Megatron's recomputation in the backward
+included; parameters excluded), the largest over ranks and steps. Added time: the median step time
+of the arm minus keep-all's, both over the same steps. The planner's costs come from
+``moerail.memory.profile`` run on the keep-all model in the first launch: each module's saved bytes
+(``measure="tags"``, what a swap moves), and, for the "measured savings" rows,
+``profile(measure="actions", saved_as="recompute")``: what recomputing each module really freed
+(a recompute also frees the outputs its consumers saved, and holds its inputs); the plans are made for
+the measured peaks and run in a second launch with all arms again. Predicted vs measured: the plan's
+``predicted_peak_bytes`` / ``predicted_added_seconds`` against what the second launch measured.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+TITLE = "Activation memory: Megatron's recompute settings vs moerail's memory plans (Megatron-Core, 4 gloo ranks)"
+
+MEGATRON_ARMS = [
+    # Megatron refuses moe_act without grouped-GEMM experts (TransformerEngine or grouped_gemm, not on CPU):
+    # on this SequentialMLP model its nearest setting is layernorm alone.
+    ("megatron layernorm", {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}),
+    ("megatron moe", {"recompute_granularity": "selective", "recompute_modules": ["moe"]}),
+    ("megatron full", {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
+]
+
+
+def _arms(plans=None):
+    arms = [{"name": "keep", "dispatcher": "megatron"}]
+    arms += [{"name": n, "dispatcher": "megatron", "megatron": cfg} for n, cfg in MEGATRON_ARMS]
+    for name, plan in (plans or {}).items():
+        arms.append({"name": name, "dispatcher": "megatron", "plan": plan, "ref": "keep", "min_swap_bytes": 0})
+    return arms
+
+
+def _summary(res, run=0):
+    out = {}
+    names = list(res[0]["runs"][run]["arms"])
+    for name in names:
+        if name.startswith("_"):
+            continue
+        hs = [r["runs"][run]["arms"][name] for r in res]
+        steps = len(hs[0]["step_s"])
+        # a step lasts until the slowest rank is done
+        step_s = [max(h["step_s"][i] for h in hs) for i in range(steps)]
+        out[name] = {"peak": max(max(h["peak"]) for h in hs), "step_s": statistics.median(step_s[1:] or step_s),
+                     "diff": max((v for h in hs for d in h["diff"] for v in d.values()), default=0.0)}
+    return out
+
+
+def run(quick: bool = False) -> str:
+    import memory_megatron as mm
+
+    from moerail.memory import MemoryCosts
+
+    steps = 6 if quick else 12
+    model = {"layers": 2, "hidden": 64, "ffn": 64, "experts": 8, "topk": 2, "seq": 64, "micro_batches": 2}
+    t0 = time.monotonic()
+    first = [{"name": "profile", "dispatcher": "megatron", "plan": {"layers": []}, "profile": True,
+              "min_swap_bytes": 0},
+             {"name": "profile_recompute", "dispatcher": "megatron", "plan": {"layers": []},
+              "profile": {"measure": "actions", "saved_as": "recompute"}, "min_swap_bytes": 0}] + _arms()
+    res1 = mm.run({"steps": steps, "runs": [{"layout": (1, 1, 4), "arms": first, "model": model}]},
+                  tempfile.mkdtemp(), timeout_s=1800)
+    meas1 = _summary(res1)
+    def costs_of(name):
+        return [MemoryCosts.from_dict({k: v for k, v in r["runs"][0]["arms"]["_profiles"][name].items()
+                                       if k != "meta"}) for r in res1]
+
+    costs = costs_of("profile")
+    costs_rc = costs_of("profile_recompute")
+    try:
+        from moerail.memory import plan_memory
+    except ImportError:
+        plan_memory = None
+    lines = [__doc__.split("\n\n", 1)[1].strip(), ""]
+    plans = {}
+    refused = {}
+    if plan_memory is not None:
+        # One plan for every rank (they must agree): planned on the rank whose keep-all activations are largest.
+        c = max(costs, key=lambda x: x.activation_bytes_keep_all)
+        c_rc = max(costs_rc, key=lambda x: x.activation_bytes_keep_all)
+        for name, _ in MEGATRON_ARMS:
+            budget = int(meas1[name]["peak"])
+            short = name.split(" ", 1)[1]
+            # On CPU ranks a swap copies host memory to host memory on the same cores: the recompute-only
+            # plans are the like-for-like comparison with Megatron's recompute here, planned from the
+            # saved bytes and from each module's measured recompute saving.
+            for label, kw, cc in (("", {}, c), (" recompute only", {"allow_swap": False}, c),
+                                  (" recompute only, measured savings", {"allow_swap": False}, c_rc)):
+                try:
+                    plan = plan_memory(cc, budget_bytes=budget, **kw)
+                except ValueError as e:
+                    refused[f"{name}{label}"] = f"{budget} B: {e}"
+                    continue
+                plans[f"moerail{label} @ {short}"] = plan.to_dict()
+    arms2 = _arms(plans)
+    res2 = mm.run({"steps": steps, "runs": [{"layout": (1, 1, 4), "arms": arms2, "model": model}]},
+                  tempfile.mkdtemp(), timeout_s=1800)
+    meas = _summary(res2)
+    keep = meas["keep"]
+    lines += [f"Model: GPTModel {model['layers']} layers, hidden {model['hidden']}, {model['experts']} experts top-"
+              f"{model['topk']}, seq {model['seq']}, {model['micro_batches']} micro-batches; TP1 PP1 EP4 DP4, "
+              f"megatron-core {res2[0]['megatron_core']}; {steps} steps an arm; total {time.monotonic() - t0:.0f} s.", ""]
+    lines += ["| arm | peak saved bytes (max over ranks) | vs keep-all | step (median, s) | added time vs keep-all |"
+              " predicted peak | predicted added s | bit-identical to keep-all |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, m in meas.items():
+        p = plans.get(name)
+        pred_peak = f"{p['predicted_peak_bytes']:.0f} ({(m['peak'] / p['predicted_peak_bytes'] - 1) * 100:+.1f}%)" \
+            if p and p.get("predicted_peak_bytes") else ""
+        pred_t = f"{p['predicted_added_seconds']:.4f}" if p and p.get("predicted_added_seconds") is not None else ""
+        same = "yes" if name in plans and m["diff"] == 0.0 else ("no" if name in plans else "")
+        lines.append(f"| {name} | {m['peak']:.0f} | {m['peak'] / keep['peak']:.2f} | {m['step_s']:.3f} | "
+                     f"{m['step_s'] - keep['step_s']:+.3f} | {pred_peak} | {pred_t} | {same} |")
+    for name, why in refused.items():
+        lines += ["", f"moerail's planner refused the budget {name} reached: {why}"]
+    lines += ["", "Step times are medians over the steps of one run on a shared CPU machine: differences "
+              "under ~0.02 s are noise at this size (4 ranks on the machine's cores, gloo)."]
+    if plans:
+        lines += ["", "The plans (per layer):", ""]
+        for name, p in plans.items():
+            acts = "; ".join(f"layer {lp['layer']}: " + ", ".join(f"{m} {a}" for m, a in lp["actions"].items())
+                             for lp in p["layers"] if lp["actions"])
+            lines.append(f"- {name} (budget {p['budget_bytes']} B): {acts or 'keep everything'}")
+    if plan_memory is None:
+        lines += ["", "moerail's rows are missing: `moerail.memory.plan_memory` (the planner) is not in this build "
+                  "yet. The profile the planner would read was measured (per layer, per micro-batch):", ""]
+        c = costs[0]
+        for lc in c.layers:
+            mods = ", ".join(f"{k} {v.saved_bytes:.0f} B / {v.recompute_seconds * 1e3:.2f} ms"
+                             for k, v in lc.modules.items())
+            lines.append(f"- layer {lc.layer}: other {lc.other_saved_bytes:.0f} B; {mods}")
+    lines += ["", "Raw: " + json.dumps({"first_launch": meas1, "second_launch": meas})]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))
