@@ -111,7 +111,7 @@ pub struct Engine<'a> {
 }
 
 /// Node spans of the groups the step communicates in.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spans {
     pub tp: Span,
     pub cp: Span,
@@ -120,6 +120,47 @@ pub struct Spans {
     pub ep: Span,
     pub etp: Span,
     pub edp: Span,
+}
+
+impl Spans {
+    /// The spans of the attention grid `(tp, cp, dp, pp)` and the expert grid `(etp, ep, edp,
+    /// pp)` in `order` on nodes of `dpn` devices.
+    pub fn compute(dims: [usize; 8], order: &str) -> Result<Self> {
+        let [tp, cp, dp, pp, etp, ep, edp, dpn] = dims;
+        let attn = RankGenerator::new(tp, 1, dp, pp, cp, order)?;
+        let expert = RankGenerator::new(etp, ep, edp, pp, 1, order)?;
+        Ok(Spans {
+            tp: attn.span("tp", dpn)?,
+            cp: attn.span("cp", dpn)?,
+            dp_cp: attn.span("dp-cp", dpn)?,
+            pp: attn.span("pp", dpn)?,
+            ep: expert.span("ep", dpn)?,
+            etp: expert.span("tp", dpn)?,
+            edp: expert.span("dp", dpn)?,
+        })
+    }
+
+    /// [`Spans::compute`], remembered per thread: a layout search simulates the same rank grids
+    /// under many pipeline splits, micro-batch sizes and recomputations, and on thousands of
+    /// devices walking the groups' ranks was most of a simulation's time.
+    pub fn cached(dims: [usize; 8], order: &str) -> Result<Self> {
+        thread_local! {
+            static CACHE: std::cell::RefCell<std::collections::HashMap<([usize; 8], String), Spans>> =
+                std::cell::RefCell::new(std::collections::HashMap::new());
+        }
+        if let Some(s) = CACHE.with(|c| c.borrow().get(&(dims, order.to_string())).copied()) {
+            return Ok(s);
+        }
+        let s = Self::compute(dims, order)?;
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= 4096 {
+                c.clear();
+            }
+            c.insert((dims, order.to_string()), s);
+        });
+        Ok(s)
+    }
 }
 
 const BF16: f64 = 2.0;
@@ -135,18 +176,11 @@ impl<'a> Engine<'a> {
         let edp = world / (etp * p.ep * p.pp);
         let vpp = cfg.vpp()?.unwrap_or(1);
         let nmb = t.global_batch_size / (t.micro_batch_size * dp);
-        let attn = RankGenerator::new(p.tp, 1, dp, p.pp, p.cp, &p.order)?;
-        let expert = RankGenerator::new(etp, p.ep, edp, p.pp, 1, &p.order)?;
         let dpn = cfg.cluster.devices_per_node;
-        let spans = Spans {
-            tp: attn.span("tp", dpn)?,
-            cp: attn.span("cp", dpn)?,
-            dp_cp: attn.span("dp-cp", dpn)?,
-            pp: attn.span("pp", dpn)?,
-            ep: expert.span("ep", dpn)?,
-            etp: expert.span("tp", dpn)?,
-            edp: expert.span("dp", dpn)?,
-        };
+        let spans = Spans::cached(
+            [p.tp, p.cp, dp, p.pp, etp, p.ep, edp, dpn],
+            &p.order,
+        )?;
         let sp = p.tp > 1 && t.sequence_parallel;
         let b = t.micro_batch_size as f64;
         let s = t.seq_length as f64;
