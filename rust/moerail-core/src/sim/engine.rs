@@ -177,10 +177,7 @@ impl<'a> Engine<'a> {
         let vpp = cfg.vpp()?.unwrap_or(1);
         let nmb = t.global_batch_size / (t.micro_batch_size * dp);
         let dpn = cfg.cluster.devices_per_node;
-        let spans = Spans::cached(
-            [p.tp, p.cp, dp, p.pp, etp, p.ep, edp, dpn],
-            &p.order,
-        )?;
+        let spans = Spans::cached([p.tp, p.cp, dp, p.pp, etp, p.ep, edp, dpn], &p.order)?;
         let sp = p.tp > 1 && t.sequence_parallel;
         let b = t.micro_batch_size as f64;
         let s = t.seq_length as f64;
@@ -699,7 +696,20 @@ impl<'a> Engine<'a> {
             window_f += shared.time();
             window_b += 2.0 * shared.time();
         }
-        let exch = 2.0 * a2a;
+        // One direction of each pass may send FP8 rows (1 byte, plus a 4-byte scale per 128
+        // elements) instead of BF16: the dispatch forward, the gradients' scatter backward.
+        let a2a_in = if t.moe_dispatch_fp8 {
+            self.dispatch(
+                nl,
+                h * (1.0 + 4.0 / 128.0),
+                send / nl.max(1.0),
+                self.spans.ep,
+                imbalance,
+            )
+        } else {
+            a2a
+        };
+        let exch = a2a + a2a_in;
         let etp_comm = 2.0 * etp_ag;
         if t.overlap_moe_expert_parallel_comm {
             // 1F1B all-to-all overlap: another micro-batch's computation hides the exchange.
