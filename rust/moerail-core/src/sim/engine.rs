@@ -251,6 +251,31 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Time the weight-gradient GEMM of the `m x k` by `k x n` GEMM [`Engine::gemm`] takes
+    /// beyond that GEMM's own time (the backward pass is charged twice the forward): Megatron
+    /// accumulates each micro-batch's weight gradient into the main gradient inside the GEMM
+    /// (`gradient_accumulation_fusion`), reading and writing all `k x n` of it in its dtype
+    /// (fp32) besides the two 16-bit activation operands (the same memory roofline as
+    /// [`Engine::gemm`]). Zero where the GEMM stays compute-bound;
+    /// it binds on expert GEMMs with few tokens an expert (fine-grained experts).
+    pub fn wgrad_accumulation(&self, m: f64, n: f64, k: f64) -> f64 {
+        if m <= 0.0 || n <= 0.0 || k <= 0.0 {
+            return 0.0;
+        }
+        let e = &self.cfg.cluster.efficiency;
+        let f = |d: f64| d / (d + e.gemm_dim_knee);
+        let top = if self.cfg.training.precision == Precision::Fp8 {
+            e.fp8_gemm_efficiency
+        } else {
+            e.gemm_efficiency
+        };
+        let compute = 2.0 * m * n * k / (self.peak_gemm * top * f(m) * f(n) * f(k));
+        let fwd_bytes = BF16 * (m * k + k * n + m * n);
+        let charged = compute.max(fwd_bytes / self.hbm);
+        let wgrad_bytes = BF16 * (m * k + m * n) + 2.0 * self.cfg.training.grad_bytes() * k * n;
+        (compute.max(wgrad_bytes / self.hbm) - charged).max(0.0)
+    }
+
     /// Flash attention forward with `flops` FLOPs (16-bit peak).
     fn attention(&self, flops: f64) -> f64 {
         flops / (self.peak16 * self.cfg.cluster.efficiency.attention_efficiency)
@@ -660,8 +685,11 @@ impl<'a> Engine<'a> {
         let fc1 = local * self.gemm(per_expert, fe * gate / etp, h);
         let fc2 = local * self.gemm(per_expert, h, fe / etp);
         let actk = self.mem(tokens_here * fe / etp * (gate + 1.0) * BF16 + tokens_here * 4.0);
+        let wgrad = local
+            * (self.wgrad_accumulation(per_expert, fe * gate / etp, h)
+                + self.wgrad_accumulation(per_expert, h, fe / etp));
         f.c(EXPERTS, fc1 + fc2 + actk);
-        bw.c(EXPERTS, 2.0 * (fc1 + fc2) + 2.0 * actk);
+        bw.c(EXPERTS, 2.0 * (fc1 + fc2) + 2.0 * actk + wgrad);
         let fc1_out = tokens_here * fe * gate / etp * BF16;
         let act_out = tokens_here * fe / etp * BF16;
         act += tokens_here * h * BF16 + fc1_out + tokens_here * 4.0;
