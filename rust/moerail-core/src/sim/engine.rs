@@ -111,7 +111,7 @@ pub struct Engine<'a> {
 }
 
 /// Node spans of the groups the step communicates in.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spans {
     pub tp: Span,
     pub cp: Span,
@@ -120,6 +120,47 @@ pub struct Spans {
     pub ep: Span,
     pub etp: Span,
     pub edp: Span,
+}
+
+impl Spans {
+    /// The spans of the attention grid `(tp, cp, dp, pp)` and the expert grid `(etp, ep, edp,
+    /// pp)` in `order` on nodes of `dpn` devices.
+    pub fn compute(dims: [usize; 8], order: &str) -> Result<Self> {
+        let [tp, cp, dp, pp, etp, ep, edp, dpn] = dims;
+        let attn = RankGenerator::new(tp, 1, dp, pp, cp, order)?;
+        let expert = RankGenerator::new(etp, ep, edp, pp, 1, order)?;
+        Ok(Spans {
+            tp: attn.span("tp", dpn)?,
+            cp: attn.span("cp", dpn)?,
+            dp_cp: attn.span("dp-cp", dpn)?,
+            pp: attn.span("pp", dpn)?,
+            ep: expert.span("ep", dpn)?,
+            etp: expert.span("tp", dpn)?,
+            edp: expert.span("dp", dpn)?,
+        })
+    }
+
+    /// [`Spans::compute`], remembered per thread: a layout search simulates the same rank grids
+    /// under many pipeline splits, micro-batch sizes and recomputations, and on thousands of
+    /// devices walking the groups' ranks was most of a simulation's time.
+    pub fn cached(dims: [usize; 8], order: &str) -> Result<Self> {
+        thread_local! {
+            static CACHE: std::cell::RefCell<std::collections::HashMap<([usize; 8], String), Spans>> =
+                std::cell::RefCell::new(std::collections::HashMap::new());
+        }
+        if let Some(s) = CACHE.with(|c| c.borrow().get(&(dims, order.to_string())).copied()) {
+            return Ok(s);
+        }
+        let s = Self::compute(dims, order)?;
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= 4096 {
+                c.clear();
+            }
+            c.insert((dims, order.to_string()), s);
+        });
+        Ok(s)
+    }
 }
 
 const BF16: f64 = 2.0;
@@ -135,18 +176,8 @@ impl<'a> Engine<'a> {
         let edp = world / (etp * p.ep * p.pp);
         let vpp = cfg.vpp()?.unwrap_or(1);
         let nmb = t.global_batch_size / (t.micro_batch_size * dp);
-        let attn = RankGenerator::new(p.tp, 1, dp, p.pp, p.cp, &p.order)?;
-        let expert = RankGenerator::new(etp, p.ep, edp, p.pp, 1, &p.order)?;
         let dpn = cfg.cluster.devices_per_node;
-        let spans = Spans {
-            tp: attn.span("tp", dpn)?,
-            cp: attn.span("cp", dpn)?,
-            dp_cp: attn.span("dp-cp", dpn)?,
-            pp: attn.span("pp", dpn)?,
-            ep: expert.span("ep", dpn)?,
-            etp: expert.span("tp", dpn)?,
-            edp: expert.span("dp", dpn)?,
-        };
+        let spans = Spans::cached([p.tp, p.cp, dp, p.pp, etp, p.ep, edp, dpn], &p.order)?;
         let sp = p.tp > 1 && t.sequence_parallel;
         let b = t.micro_batch_size as f64;
         let s = t.seq_length as f64;
@@ -243,6 +274,31 @@ impl<'a> Engine<'a> {
         } else {
             t
         }
+    }
+
+    /// Time the weight-gradient GEMM of the `m x k` by `k x n` GEMM [`Engine::gemm`] takes
+    /// beyond that GEMM's own time (the backward pass is charged twice the forward): Megatron
+    /// accumulates each micro-batch's weight gradient into the main gradient inside the GEMM
+    /// (`gradient_accumulation_fusion`), reading and writing all `k x n` of it in its dtype
+    /// (fp32) besides the two 16-bit activation operands (the same memory roofline as
+    /// [`Engine::gemm`]). Zero where the GEMM stays compute-bound;
+    /// it binds on expert GEMMs with few tokens an expert (fine-grained experts).
+    pub fn wgrad_accumulation(&self, m: f64, n: f64, k: f64) -> f64 {
+        if m <= 0.0 || n <= 0.0 || k <= 0.0 {
+            return 0.0;
+        }
+        let e = &self.cfg.cluster.efficiency;
+        let f = |d: f64| d / (d + e.gemm_dim_knee);
+        let top = if self.cfg.training.precision == Precision::Fp8 {
+            e.fp8_gemm_efficiency
+        } else {
+            e.gemm_efficiency
+        };
+        let compute = 2.0 * m * n * k / (self.peak_gemm * top * f(m) * f(n) * f(k));
+        let fwd_bytes = BF16 * (m * k + k * n + m * n);
+        let charged = compute.max(fwd_bytes / self.hbm);
+        let wgrad_bytes = BF16 * (m * k + m * n) + 2.0 * self.cfg.training.grad_bytes() * k * n;
+        (compute.max(wgrad_bytes / self.hbm) - charged).max(0.0)
     }
 
     /// Flash attention forward with `flops` FLOPs (16-bit peak).
@@ -654,8 +710,11 @@ impl<'a> Engine<'a> {
         let fc1 = local * self.gemm(per_expert, fe * gate / etp, h);
         let fc2 = local * self.gemm(per_expert, h, fe / etp);
         let actk = self.mem(tokens_here * fe / etp * (gate + 1.0) * BF16 + tokens_here * 4.0);
+        let wgrad = local
+            * (self.wgrad_accumulation(per_expert, fe * gate / etp, h)
+                + self.wgrad_accumulation(per_expert, h, fe / etp));
         f.c(EXPERTS, fc1 + fc2 + actk);
-        bw.c(EXPERTS, 2.0 * (fc1 + fc2) + 2.0 * actk);
+        bw.c(EXPERTS, 2.0 * (fc1 + fc2) + 2.0 * actk + wgrad);
         let fc1_out = tokens_here * fe * gate / etp * BF16;
         let act_out = tokens_here * fe / etp * BF16;
         act += tokens_here * h * BF16 + fc1_out + tokens_here * 4.0;
@@ -690,7 +749,20 @@ impl<'a> Engine<'a> {
             window_f += shared.time();
             window_b += 2.0 * shared.time();
         }
-        let exch = 2.0 * a2a;
+        // One direction of each pass may send FP8 rows (1 byte, plus a 4-byte scale per 128
+        // elements) instead of BF16: the dispatch forward, the gradients' scatter backward.
+        let a2a_in = if t.moe_dispatch_fp8 {
+            self.dispatch(
+                nl,
+                h * (1.0 + 4.0 / 128.0),
+                send / nl.max(1.0),
+                self.spans.ep,
+                imbalance,
+            )
+        } else {
+            a2a
+        };
+        let exch = a2a + a2a_in;
         let etp_comm = 2.0 * etp_ag;
         if t.overlap_moe_expert_parallel_comm {
             // 1F1B all-to-all overlap: another micro-batch's computation hides the exchange.

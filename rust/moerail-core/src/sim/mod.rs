@@ -11,7 +11,10 @@
 //!   16-bit peak on the causal half of the scores (backward 2.5x forward), memory-bound
 //!   kernels (norms, RoPE, activations, router, permutation, cross entropy) at
 //!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel.
-//!   Backward GEMMs cost twice the forward ones (data and weight gradients).
+//!   Backward GEMMs cost twice the forward ones (data and weight gradients); an expert's weight
+//!   gradient also reads and writes the fp32 main gradient it accumulates into, every
+//!   micro-batch ([`engine::Engine::wgrad_accumulation`]: it binds with few tokens an expert).
+//!   With `moe_dispatch_fp8` the dispatch sends FP8 rows (DeepSeek-V3's recipe).
 //! * **Communication** uses the rank groups of [`crate::parallel`] and where they sit on the
 //!   nodes: all-gather / reduce-scatter are hierarchical (inside the node over NVLink/HCCS,
 //!   then across nodes over the NICs), all-reduce is twice that, all-to-all sends each peer's
@@ -304,6 +307,36 @@ mod tests {
         assert!(with_sm.step_time < bf16.step_time);
         let e = o.set("comm_sm_fraction", &Value::Float(1.0)).unwrap_err();
         assert!(e.to_string().starts_with("comm_sm_fraction:"), "{e}");
+    }
+
+    #[test]
+    fn wgrad_accumulation_binds_on_small_expert_gemms_only() {
+        use crate::sim::engine::Engine;
+        let c = mixtral_8x22b(2, 8, 8, 1);
+        let eng = Engine::new(&c).unwrap();
+        // Qwen3-235B-like expert: 256 tokens an expert, 4096 x 1536. The fp32 main gradient is
+        // read and written (8 bytes an element): memory-bound on H100, slower than the forward.
+        let small = eng.wgrad_accumulation(256.0, 1536.0, 4096.0);
+        assert!(small > 0.2 * eng.gemm(256.0, 1536.0, 4096.0), "{small}");
+        let hbm = 3350e9 * c.cluster.efficiency.memory_efficiency;
+        let bytes = (8.0 * 1536.0 * 4096.0 + 2.0 * 256.0 * (1536.0 + 4096.0)) / hbm;
+        assert!(small < bytes, "{small} {bytes}");
+        // Mixtral's coarse experts (thousands of tokens each) stay compute-bound.
+        assert_eq!(eng.wgrad_accumulation(8192.0, 16384.0, 6144.0), 0.0);
+        assert_eq!(eng.wgrad_accumulation(0.0, 16384.0, 6144.0), 0.0);
+    }
+
+    #[test]
+    fn fp8_dispatch_halves_one_direction_of_the_exchange() {
+        use crate::sim::engine::Engine;
+        let c = mixtral_8x22b(2, 8, 8, 1);
+        let mut d = c.clone();
+        d.set("moe_dispatch_fp8", &Value::Bool(true)).unwrap();
+        let ep = |cfg: &SimConfig| Engine::new(cfg).unwrap().layer(true).fwd.comm[engine::EP];
+        let (bf16, fp8) = (ep(&c), ep(&d));
+        // Dispatch in FP8 (1 + 4/128 bytes an element), combine in BF16: just over 3/4.
+        assert!(fp8 < bf16 && fp8 > 0.74 * bf16, "{fp8} {bf16}");
+        assert!(simulate(&d).unwrap().step_time < simulate(&c).unwrap().step_time);
     }
 
     #[test]

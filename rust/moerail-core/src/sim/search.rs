@@ -482,6 +482,24 @@ mod tests {
     use crate::sim::tests::mixtral_8x22b;
 
     #[test]
+    fn cached_spans_are_the_computed_ones() {
+        use crate::sim::engine::Spans;
+        for dims in [
+            [2, 1, 8, 8, 1, 8, 16, 8],
+            [4, 1, 96, 16, 1, 16, 24, 8],
+            [1, 2, 4, 8, 2, 4, 4, 8],
+        ] {
+            let want = Spans::compute(dims, "tp-cp-ep-dp-pp").unwrap();
+            assert_eq!(Spans::cached(dims, "tp-cp-ep-dp-pp").unwrap(), want);
+            assert_eq!(Spans::cached(dims, "tp-cp-ep-dp-pp").unwrap(), want);
+        }
+        assert_ne!(
+            Spans::cached([2, 1, 8, 8, 1, 8, 16, 8], "tp-cp-ep-dp-pp").unwrap(),
+            Spans::cached([2, 1, 8, 8, 1, 8, 16, 8], "tp-cp-ep-pp-dp").unwrap()
+        );
+    }
+
+    #[test]
     fn uneven_splits() {
         assert_eq!(uneven_split(61, 16), Some((3, 2)));
         let (f, l) = uneven_split(61, 8).unwrap();

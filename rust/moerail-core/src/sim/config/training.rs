@@ -116,6 +116,10 @@ pub struct Training {
     /// moerail: the busiest expert-parallel rank's load over the mean in dropless training
     /// (1.0 = perfectly balanced, e.g. with forced balancing).
     pub moe_expert_load_imbalance: f64,
+    /// moerail: the dispatch (forward) and the scatter of output gradients to the experts
+    /// (backward) send FP8 rows with a 32-bit scale per 128 elements; the combine and its
+    /// backward stay BF16 (DeepSeek-V3, arXiv 2412.19437, Section 3.3.2). Default false.
+    pub moe_dispatch_fp8: bool,
     /// Default all-to-all (Megatron's own default is allgather).
     pub moe_token_dispatcher_type: Dispatcher,
     /// Default true (Megatron: false).
@@ -163,6 +167,7 @@ impl Default for Training {
             moe_expert_capacity_factor: None,
             moe_pad_expert_input_to_capacity: false,
             moe_expert_load_imbalance: 1.0,
+            moe_dispatch_fp8: false,
             moe_token_dispatcher_type: Dispatcher::AllToAll,
             moe_grouped_gemm: true,
             use_distributed_optimizer: true,
@@ -205,6 +210,7 @@ impl Training {
         "moe_expert_capacity_factor",
         "moe_pad_expert_input_to_capacity",
         "moe_expert_load_imbalance",
+        "moe_dispatch_fp8",
         "moe_token_dispatcher_type",
         "moe_grouped_gemm",
         "use_distributed_optimizer",
@@ -311,6 +317,7 @@ impl Training {
                 })?;
                 self.moe_expert_load_imbalance = x;
             }
+            "moe_dispatch_fp8" => self.moe_dispatch_fp8 = v.bool(arg)?,
             "moe_token_dispatcher_type" => {
                 self.moe_token_dispatcher_type = match v.str(arg)?.as_str() {
                     "alltoall" | "alltoall_seq" => Dispatcher::AllToAll,
