@@ -108,10 +108,10 @@ def run(quick: bool) -> str:
             )
         else:
             text = "none fits"
-        rows.append([f"{model} on {devices} x {cluster}, GBS {gbs}", st["candidates"], st["fit"], f"{statistics.median(rates):,.0f}", text])
+        rows.append([f"{model} on {devices} x {cluster}, GBS {gbs}", st["candidates"], st["fit"], st.get("pruned", 0), f"{statistics.median(rates):,.0f}", text])
     out.append("### Layout search speed")
     out.append("")
-    out.append(table(["search", "layouts", "fit", "layouts/s (wall, median)", "best predicted layout"], rows))
+    out.append(table(["search", "layouts", "fit", "not planned (slower than the best even keeping all)", "layouts/s (wall, median)", "best predicted layout"], rows))
     out.append("")
     out.append(
         "Layouts per second count every enumerated layout simulated (TP x CP x PP x VPP x EP x ETP x micro-batch x "

@@ -125,6 +125,7 @@ def _print_search(
     print(
         f"searched {st['evaluated']} layouts in {st['seconds']:.2f} s ({rate:,.0f}/s): "
         f"{st['fit']} fit in memory, {st['invalid']} invalid"
+        + (f", {st['pruned']} not planned (slower than the best even keeping every activation)" if st.get("pruned") else "")
     )
     if not out["results"]:
         return

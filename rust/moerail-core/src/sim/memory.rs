@@ -278,8 +278,19 @@ pub fn plan_evaluation(cfg: &SimConfig) -> Result<(super::Evaluation, Option<Eva
 
 /// [`plan_evaluation`] with the engine already built.
 pub fn plan_evaluation_engine(eng: &Engine) -> Result<(super::Evaluation, Option<Evaluation>)> {
-    let cfg = eng.cfg;
     let e = super::simulate_engine(eng)?;
+    if e.fits {
+        return Ok((e, None));
+    }
+    plan_evaluation_from(eng, e)
+}
+
+/// `plan_evaluation_engine` for a layout whose keep-all evaluation `e` (from `eng`) is known.
+pub fn plan_evaluation_from(
+    eng: &Engine,
+    e: super::Evaluation,
+) -> Result<(super::Evaluation, Option<Evaluation>)> {
+    let cfg = eng.cfg;
     if e.fits {
         return Ok((e, None));
     }

@@ -385,17 +385,25 @@ pub struct Ranked {
 /// recompute where the engine predicts it faster (the planner's `attention` module holds core
 /// attention and the MLA up-projections together, so it cannot recompute the up-projections
 /// alone as `light` does on MLA models).
-fn plan_or_light(cfg: &SimConfig) -> Result<Evaluation> {
+///
+/// `bound`: the tokens/s a layout must beat to enter the ranking. Recompute only adds time, so a
+/// layout that does not fit and whose keep-all tokens/s is already below it cannot rank; it is
+/// not planned (`Ok(None)`), which keeps the search fast without changing what it returns.
+fn plan_or_light(cfg: &SimConfig, bound: Option<f64>) -> Result<Option<Evaluation>> {
     let eng = crate::sim::engine::Engine::new(cfg)?;
-    let (e, plan) = crate::sim::memory::plan_evaluation_engine(&eng)?;
-    if plan.is_none() && e.fits {
-        return Ok(e);
+    let keep_all = crate::sim::simulate_engine(&eng)?;
+    if keep_all.fits {
+        return Ok(Some(keep_all));
     }
+    if bound.is_some_and(|b| keep_all.tokens_per_s < b) {
+        return Ok(None);
+    }
+    let (e, _) = crate::sim::memory::plan_evaluation_from(&eng, keep_all)?;
     let mut light = cfg.clone();
     RecomputeChoice::Light.apply(&mut light);
     match crate::sim::simulate_engine(&eng.with_recompute(&light)) {
-        Ok(l) if l.fits && (!e.fits || l.tokens_per_s > e.tokens_per_s) => Ok(l),
-        _ => Ok(e),
+        Ok(l) if l.fits && (!e.fits || l.tokens_per_s > e.tokens_per_s) => Ok(Some(l)),
+        _ => Ok(Some(e)),
     }
 }
 
@@ -405,12 +413,21 @@ pub struct SearchStats {
     pub evaluated: usize,
     pub invalid: usize,
     pub fit: usize,
+    /// Layouts that did not fit without recompute and were not planned: even keeping every
+    /// activation they were slower than the `top` already found (see `plan_or_light`).
+    pub pruned: usize,
     pub seconds: f64,
 }
 
 /// Simulates every candidate (in parallel) and returns the `top` fastest that fit in memory
 /// (or, with `include_oom`, the fastest regardless). `progress(done, total)` is called
 /// between chunks; returning `false` stops the search early.
+///
+/// Two passes, so that the memory planner (the `plan` choice) runs only where it can matter:
+/// first every layout keeping all activations (what fits is final), then the `plan` layouts that
+/// did not fit, fastest first, each planned only while its keep-all speed can still reach the
+/// ranking (recompute only adds time). The bound moves between fixed-size chunks, so the result
+/// does not depend on the thread count, and it is the one planning every layout would give.
 pub fn search(
     base: &SimConfig,
     candidates: &[Candidate],
@@ -420,60 +437,119 @@ pub fn search(
 ) -> Result<(Vec<Ranked>, SearchStats)> {
     ensure(top >= 1, "top", || "must be >= 1".into())?;
     let start = std::time::Instant::now();
+    let total = candidates.len();
     let mut stats = SearchStats {
-        candidates: candidates.len(),
+        candidates: total,
         ..Default::default()
     };
     let mut best: Vec<Ranked> = Vec::new();
-    let chunk = 4096;
-    for (ci, part) in candidates.chunks(chunk).enumerate() {
-        let results: Vec<Option<(Candidate, Evaluation)>> = pool::install(|| {
+    let mut pending: Vec<(Candidate, f64)> = Vec::new();
+    for part in candidates.chunks(4096) {
+        let results: Vec<Option<FirstPass>> =
+            pool::install(|| part.par_iter().map(|c| first_pass(base, c)).collect());
+        for r in results {
+            match r {
+                None => {
+                    stats.evaluated += 1;
+                    stats.invalid += 1;
+                }
+                Some(FirstPass::Done(c, e)) => {
+                    stats.evaluated += 1;
+                    record(&mut stats, &mut best, c, *e, include_oom);
+                }
+                Some(FirstPass::Plan(c, keep_all_tokens_per_s)) => {
+                    pending.push((c, keep_all_tokens_per_s))
+                }
+            }
+        }
+        rank(&mut best, top);
+        if !progress(stats.evaluated, total) {
+            stats.seconds = start.elapsed().as_secs_f64();
+            return Ok((best, stats));
+        }
+    }
+    // Stable: equal speeds keep the candidates' order.
+    pending.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (pi, part) in pending.chunks(256).enumerate() {
+        let bound =
+            (!include_oom && best.len() >= top).then(|| best[top - 1].evaluation.tokens_per_s);
+        if bound.is_some_and(|b| part[0].1 < b) {
+            // Sorted: no layout left can rank.
+            let left = pending.len() - pi * 256;
+            stats.evaluated += left;
+            stats.pruned += left;
+            progress(stats.evaluated, total);
+            break;
+        }
+        let results: Vec<Option<(Candidate, Option<Evaluation>)>> = pool::install(|| {
             part.par_iter()
-                .map(|c| {
-                    let cfg = c.apply(base);
-                    let e = if c.recompute == RecomputeChoice::Plan {
-                        plan_or_light(&cfg)
-                    } else {
-                        simulate(&cfg)
-                    };
-                    e.ok().map(|e| (*c, e))
-                })
+                .map(|(c, _)| plan_or_light(&c.apply(base), bound).ok().map(|e| (*c, e)))
                 .collect()
         });
         for r in results {
             stats.evaluated += 1;
             match r {
                 None => stats.invalid += 1,
-                Some((c, e)) => {
-                    if e.fits {
-                        stats.fit += 1;
-                    }
-                    if e.fits || include_oom {
-                        best.push(Ranked {
-                            candidate: c,
-                            evaluation: e,
-                        });
-                    }
-                }
+                Some((_, None)) => stats.pruned += 1,
+                Some((c, Some(e))) => record(&mut stats, &mut best, c, e, include_oom),
             }
         }
-        best.sort_by(|a, b| {
-            b.evaluation
-                .tokens_per_s
-                .total_cmp(&a.evaluation.tokens_per_s)
-                .then(
-                    a.evaluation
-                        .memory_peak
-                        .total_cmp(&b.evaluation.memory_peak),
-                )
-        });
-        best.truncate(top);
-        if !progress(((ci + 1) * chunk).min(candidates.len()), candidates.len()) {
+        rank(&mut best, top);
+        if !progress(stats.evaluated, total) {
             break;
         }
     }
     stats.seconds = start.elapsed().as_secs_f64();
     Ok((best, stats))
+}
+
+/// A layout's first-pass result: final, or (the `plan` choice, not fitting while keeping every
+/// activation) its keep-all tokens/s, the bound on what planning can reach.
+enum FirstPass {
+    Done(Candidate, Box<Evaluation>),
+    Plan(Candidate, f64),
+}
+
+fn first_pass(base: &SimConfig, c: &Candidate) -> Option<FirstPass> {
+    // `plan` applies no recompute: this is the keep-all evaluation.
+    let e = simulate(&c.apply(base)).ok()?;
+    Some(if c.recompute == RecomputeChoice::Plan && !e.fits {
+        FirstPass::Plan(*c, e.tokens_per_s)
+    } else {
+        FirstPass::Done(*c, Box::new(e))
+    })
+}
+
+fn record(
+    stats: &mut SearchStats,
+    best: &mut Vec<Ranked>,
+    c: Candidate,
+    e: Evaluation,
+    include_oom: bool,
+) {
+    if e.fits {
+        stats.fit += 1;
+    }
+    if e.fits || include_oom {
+        best.push(Ranked {
+            candidate: c,
+            evaluation: e,
+        });
+    }
+}
+
+fn rank(best: &mut Vec<Ranked>, top: usize) {
+    best.sort_by(|a, b| {
+        b.evaluation
+            .tokens_per_s
+            .total_cmp(&a.evaluation.tokens_per_s)
+            .then(
+                a.evaluation
+                    .memory_peak
+                    .total_cmp(&b.evaluation.memory_peak),
+            )
+    });
+    best.truncate(top);
 }
 
 #[cfg(test)]
@@ -551,6 +627,36 @@ mod tests {
         assert!(best.iter().all(|r| r.evaluation.fits));
         for w in best.windows(2) {
             assert!(w[0].evaluation.tokens_per_s >= w[1].evaluation.tokens_per_s);
+        }
+    }
+
+    #[test]
+    fn pruning_by_the_keep_all_bound_changes_nothing() {
+        // The `plan` choice skips layouts whose keep-all tokens/s cannot reach the ranking; the
+        // ranking must equal the one evaluating every layout (top = all: the bound never applies).
+        let base = mixtral_8x22b(1, 1, 1, 1);
+        let space = Space {
+            mbs: vec![1, 2],
+            recompute: vec![RecomputeChoice::Plan],
+            ..Default::default()
+        };
+        let cands = enumerate(&base, &space).unwrap();
+        let (all, full_stats) =
+            search(&base, &cands, cands.len(), false, &mut |_, _| true).unwrap();
+        assert_eq!(full_stats.pruned, 0);
+        for top in [1, 3, 10] {
+            let (best, stats) = search(&base, &cands, top, false, &mut |_, _| true).unwrap();
+            assert_eq!(stats.evaluated, cands.len());
+            let want: Vec<_> = all
+                .iter()
+                .take(top)
+                .map(|r| (r.candidate, r.evaluation.tokens_per_s))
+                .collect();
+            let got: Vec<_> = best
+                .iter()
+                .map(|r| (r.candidate, r.evaluation.tokens_per_s))
+                .collect();
+            assert_eq!(got, want, "top {top}");
         }
     }
 }
