@@ -357,6 +357,7 @@ def test_recompute_frees_recompute_saved_bytes_and_swap_saved_bytes():
                         num_microbatches=1)
     back = core_to_costs(json.loads(costs_to_core(costs)))
     assert back.layers[0].modules["layernorm"].recompute_saved_bytes == 160
+    assert MemoryCosts.from_dict(costs.to_dict()) == costs
     keep = evaluate_plan(costs, MemoryPlan(())).evaluation["activation_bytes"]
     assert keep == 550
     for m, action, freed in (("layernorm", "recompute", 160), ("layernorm", "swap", 100),

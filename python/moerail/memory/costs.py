@@ -224,6 +224,7 @@ class MemoryCosts:
                             "recompute_seconds": c.recompute_seconds,
                             "exchange_seconds": c.exchange_seconds,
                             "exchange_bytes": c.exchange_bytes,
+                            "recompute_saved_bytes": c.recompute_saved_bytes,
                         }
                         for m, c in lc.modules.items()
                     },

@@ -8,8 +8,8 @@ measures per layer and module, per micro-batch:
   ``saved_tensors_hooks`` in a keep-all step), or, with ``measure="actions"``, what each action
   really takes off the device: one step per module with that module recomputed (and one swapped,
   and for the expert inputs one with ``recompute_exchange``) in every layer, the saving being the
-  difference of the bytes the layer's forward left saved; ``saved_bytes`` is then the swap's
-  saving, ``recompute_saved_bytes`` the recompute's and ``exchange_bytes`` what
+  difference of the bytes the layer's forward left saved; ``recompute_saved_bytes`` is then the
+  recompute's saving (``saved_bytes`` stay the tagged bytes, what a swap moves) and ``exchange_bytes`` what
   ``recompute_exchange`` frees beyond it;
 * the forward time of each module (its recompute cost), of the dispatcher's permute and exchange
   (``recompute_exchange``'s cost) and of each layer; the backward is taken as twice the forward;
@@ -70,7 +70,8 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     (attributed through the hooks, each storage to the first module that saved it), what swapping it
     moves. ``measure="actions"``: also one step per module and action (recompute, swap, and
     ``recompute_exchange`` for the expert inputs) in every layer. ``saved_as="each"`` (default):
-    ``saved_bytes`` is the swap's measured saving and ``recompute_saved_bytes`` the recompute's (a
+    ``saved_bytes`` are the bytes its forward saved (as with ``"tags"``, what a swap moves) and
+    ``recompute_saved_bytes`` the recompute's measured saving (a
     recompute frees its module's saved tensors and the outputs its consumers saved, and holds its
     inputs, so its saving differs from a swap's); ``"min"``: both the smaller of the two (steps see
     other data and routing: noisier on small models); ``"recompute"`` / ``"swap"``: both that
@@ -144,10 +145,10 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
                 rc = saving.get((m, "recompute"), {}).get(key, 0.0)
                 sw = saving.get((m, "swap"), {}).get(key, 0.0)
                 if saved_as == "each":
-                    # Each action's own measured saving: a swap's as saved_bytes, a recompute's
-                    # (with the exchange's rows on top for recompute_exchange) as
-                    # recompute_saved_bytes.
-                    saved, rsaved = max(0.0, sw), max(0.0, rc)
+                    # What a swap moves is exactly the module's saved tensors (the tags); what a
+                    # recompute frees is measured (with the exchange's rows on top for
+                    # recompute_exchange).
+                    saved, rsaved = tagged.get((layer, m), 0) / calls, max(0.0, rc)
                 else:
                     saved = max(0.0, {"min": min(rc, sw), "recompute": rc, "swap": sw}[saved_as])
                     rsaved = saved
