@@ -23,10 +23,10 @@ Peak: the largest number of saved-tensor bytes held for the backward during a st
 through ``saved_tensors_hooks`` around the whole step (Megatron's recomputation in the backward
 included; parameters excluded), the largest over ranks and steps. Added time: the median step time
 of the arm minus keep-all's, both over the same steps. The planner's costs come from
-``moerail.memory.profile`` run on the keep-all model in the first launch: each module's saved bytes
-(``measure="tags"``, what a swap moves), and, for the "measured savings" rows,
-``profile(measure="actions", saved_as="recompute")``: what recomputing each module really freed
-(a recompute also frees the outputs its consumers saved, and holds its inputs); the plans are made for
+``moerail.memory.profile(measure="actions")`` run on the keep-all model in the first launch: the bytes
+each module's forward saved (``saved_bytes``, what a swap moves) and what recomputing it really freed
+(``recompute_saved_bytes``: a recompute also frees the outputs its consumers saved, and holds its
+inputs), one step per module and action; the plans are made for
 the measured peaks and run in a second launch with all arms again. Predicted vs measured: the plan's
 ``predicted_peak_bytes`` / ``predicted_added_seconds`` against what the second launch measured.
 """
@@ -85,10 +85,8 @@ def run(quick: bool = False) -> str:
     steps = 6 if quick else 12
     model = {"layers": 2, "hidden": 64, "ffn": 64, "experts": 8, "topk": 2, "seq": 64, "micro_batches": 2}
     t0 = time.monotonic()
-    first = [{"name": "profile", "dispatcher": "megatron", "plan": {"layers": []}, "profile": True,
-              "min_swap_bytes": 0},
-             {"name": "profile_recompute", "dispatcher": "megatron", "plan": {"layers": []},
-              "profile": {"measure": "actions", "saved_as": "recompute"}, "min_swap_bytes": 0}] + _arms()
+    first = [{"name": "profile", "dispatcher": "megatron", "plan": {"layers": []},
+              "profile": {"measure": "actions"}, "min_swap_bytes": 0}] + _arms()
     res1 = mm.run({"steps": steps, "runs": [{"layout": (1, 1, 4), "arms": first, "model": model}]},
                   tempfile.mkdtemp(), timeout_s=1800)
     meas1 = _summary(res1)
@@ -97,7 +95,6 @@ def run(quick: bool = False) -> str:
                                        if k != "meta"}) for r in res1]
 
     costs = costs_of("profile")
-    costs_rc = costs_of("profile_recompute")
     try:
         from moerail.memory import plan_memory
     except ImportError:
@@ -108,17 +105,14 @@ def run(quick: bool = False) -> str:
     if plan_memory is not None:
         # One plan for every rank (they must agree): planned on the rank whose keep-all activations are largest.
         c = max(costs, key=lambda x: x.activation_bytes_keep_all)
-        c_rc = max(costs_rc, key=lambda x: x.activation_bytes_keep_all)
         for name, _ in MEGATRON_ARMS:
             budget = int(meas1[name]["peak"])
             short = name.split(" ", 1)[1]
             # On CPU ranks a swap copies host memory to host memory on the same cores: the recompute-only
-            # plans are the like-for-like comparison with Megatron's recompute here, planned from the
-            # saved bytes and from each module's measured recompute saving.
-            for label, kw, cc in (("", {}, c), (" recompute only", {"allow_swap": False}, c),
-                                  (" recompute only, measured savings", {"allow_swap": False}, c_rc)):
+            # plans are the like-for-like comparison with Megatron's recompute here.
+            for label, kw in (("", {}), (" recompute only", {"allow_swap": False})):
                 try:
-                    plan = plan_memory(cc, budget_bytes=budget, **kw)
+                    plan = plan_memory(c, budget_bytes=budget, **kw)
                 except ValueError as e:
                     refused[f"{name}{label}"] = f"{budget} B: {e}"
                     continue
@@ -145,7 +139,12 @@ def run(quick: bool = False) -> str:
     for name, why in refused.items():
         lines += ["", f"moerail's planner refused the budget {name} reached: {why}"]
     lines += ["", "Step times are medians over the steps of one run on a shared CPU machine: differences "
-              "under ~0.02 s are noise at this size (4 ranks on the machine's cores, gloo)."]
+              "under ~0.02 s are noise at this size (4 ranks on the machine's cores, gloo).",
+              "", "The planner adds the modules' savings up: each recompute's saving is measured alone, and "
+              "recomputing neighbouring modules together frees more than the sum (each recompute holds its inputs, "
+              "which the neighbour's recompute frees), so a recompute plan of several adjacent modules lands under "
+              "its predicted peak. Predicted added time counts each module's forward once per replay; what the "
+              "step measured on CPU ranks also holds the replays' hooks and the swaps' copies on the compute cores."]
     if plans:
         lines += ["", "The plans (per layer):", ""]
         for name, p in plans.items():
@@ -158,6 +157,14 @@ def run(quick: bool = False) -> str:
         c = costs[0]
         for lc in c.layers:
             mods = ", ".join(f"{k} {v.saved_bytes:.0f} B / {v.recompute_seconds * 1e3:.2f} ms"
+                             for k, v in lc.modules.items())
+            lines.append(f"- layer {lc.layer}: other {lc.other_saved_bytes:.0f} B; {mods}")
+    if costs:
+        lines += ["", "The profile the plans were made from (rank with the most activations, per layer and micro-batch): "
+                  "module: bytes its forward saved (what a swap moves) / bytes a recompute of it freed (measured) / "
+                  "recompute seconds.", ""]
+        for lc in max(costs, key=lambda x: x.activation_bytes_keep_all).layers:
+            mods = ", ".join(f"{k} {v.saved_bytes:.0f} / {v.recompute_saved_bytes:.0f} B / {v.recompute_seconds * 1e3:.2f} ms"
                              for k, v in lc.modules.items())
             lines.append(f"- layer {lc.layer}: other {lc.other_saved_bytes:.0f} B; {mods}")
     lines += ["", "Raw: " + json.dumps({"first_launch": meas1, "second_launch": meas})]

@@ -336,3 +336,31 @@ def test_profile_measures_what_a_swap_plan_frees():
         left, _, calls = ex.layer_stats[(lc.layer, 0)]
         predicted = lc.saved_bytes - sum(lc.modules[m].saved_bytes for m in swapped)
         assert left / calls == predicted
+
+
+def test_profile_measures_what_a_recompute_frees_apart_from_a_swap():
+    """profile(measure="actions") keeps each action's own saving: a recompute frees the copies of
+    its module's outputs that its consumers saved and holds its inputs, so it frees other bytes
+    than a swap; what a recompute plan leaves is what recompute_saved_bytes predicts, and a swap
+    plan's what saved_bytes does."""
+    from moerail.memory import evaluate_plan, profile
+
+    model = mt.Model()
+    ex = mt.attach(Executor(MemoryPlan(()), min_swap_bytes=0, count=True), model)
+    costs = profile(ex, lambda: mt.run(model), num_microbatches=2, host_link_bytes_per_second=1e9,
+                    host_bytes=1 << 24, measure="actions")
+    differ = [m for lc in costs.layers for m, c in lc.modules.items()
+              if c.recompute_saved_bytes != c.saved_bytes]
+    assert differ, "every module's recompute freed what its swap did: the test shows nothing"
+    for action, field in (("recompute", "recompute_saved_bytes"), ("swap", "saved_bytes")):
+        for m in ("layernorm", "attention", "expert_act"):
+            plan = MemoryPlan.uniform(2, {m: action}, host_bytes=1 << 24)
+            ex.set_plan(plan)
+            ex.layer_stats = {}
+            mt.run(model)
+            for lc in costs.layers:
+                left, _, calls = ex.layer_stats[(lc.layer, 0)]
+                predicted = max(0.0, lc.saved_bytes - getattr(lc.modules[m], field))
+                # The expert activations' bytes follow the routing, which the steps' data moves a little.
+                assert abs(left / calls - predicted) <= 0.02 * lc.saved_bytes, (action, m, lc.layer)
+            assert evaluate_plan(costs, plan).predicted_peak_bytes < evaluate_plan(costs, MemoryPlan(())).predicted_peak_bytes

@@ -339,3 +339,28 @@ def test_cli_memory_bad_input(capsys, extra, needle):
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_recompute_frees_recompute_saved_bytes_and_swap_saved_bytes():
+    """ModuleCost.recompute_saved_bytes (default saved_bytes) is what the planner takes a recompute
+    to free; a swap frees saved_bytes; the field survives the trip through the core."""
+    from moerail.memory import evaluate_plan
+    from moerail.memory.simcosts import core_to_costs, costs_to_core
+
+    assert ModuleCost(5, 1).recompute_saved_bytes == 5
+    with pytest.raises(ValueError, match="exchange_bytes"):
+        ModuleCost(10, 1, exchange_bytes=4, recompute_saved_bytes=3)
+    mods = {"layernorm": ModuleCost(100, 0.01, recompute_saved_bytes=160),
+            "attention": ModuleCost(400, 0.1, recompute_saved_bytes=300)}
+    costs = MemoryCosts(layers=(LayerCosts(0, mods, 1, 2, other_saved_bytes=50),), static_bytes=0,
+                        device_bytes=1e6, host_bytes=1e6, host_link_bytes_per_second=1e9,
+                        num_microbatches=1)
+    back = core_to_costs(json.loads(costs_to_core(costs)))
+    assert back.layers[0].modules["layernorm"].recompute_saved_bytes == 160
+    assert MemoryCosts.from_dict(costs.to_dict()) == costs
+    keep = evaluate_plan(costs, MemoryPlan(())).evaluation["activation_bytes"]
+    assert keep == 550
+    for m, action, freed in (("layernorm", "recompute", 160), ("layernorm", "swap", 100),
+                             ("attention", "recompute", 300), ("attention", "swap", 400)):
+        ev = evaluate_plan(costs, MemoryPlan.uniform(1, {m: action}, host_bytes=10**6)).evaluation
+        assert ev["activation_bytes"] == pytest.approx(keep - freed), (m, action)

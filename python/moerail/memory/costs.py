@@ -48,16 +48,30 @@ class ModuleCost:
       ``recompute_exchange``; 0 where the module has no exchange to repeat.
     * ``exchange_bytes`` — the part of ``saved_bytes`` that ``recompute_exchange`` frees on top of
       ``recompute`` (the dispatched rows); 0 elsewhere.
+    * ``recompute_saved_bytes`` — the bytes *recompute* takes off the device (with
+      ``recompute_exchange``; plain ``recompute`` frees this less ``exchange_bytes``). A
+      recompute also frees the copies of the module's outputs that its consumers saved and holds
+      the inputs it recomputes from, so it need not free what a swap (``saved_bytes``) frees.
+      ``None`` (default): ``saved_bytes``.
     """
 
     saved_bytes: float
     recompute_seconds: float
     exchange_seconds: float = 0.0
     exchange_bytes: float = 0.0
+    recompute_saved_bytes: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("saved_bytes", "recompute_seconds", "exchange_seconds", "exchange_bytes"):
+        if self.recompute_saved_bytes is None:
+            object.__setattr__(self, "recompute_saved_bytes", self.saved_bytes)
+        for name in ("saved_bytes", "recompute_seconds", "exchange_seconds", "exchange_bytes",
+                     "recompute_saved_bytes"):
             object.__setattr__(self, name, _nonneg(getattr(self, name), name))
+        if self.exchange_bytes > self.recompute_saved_bytes:
+            raise ValueError(
+                f"exchange_bytes: {self.exchange_bytes} is more than recompute_saved_bytes "
+                f"{self.recompute_saved_bytes} (the rows are part of what recompute_exchange frees)"
+            )
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,7 @@ class MemoryCosts:
                             "recompute_seconds": c.recompute_seconds,
                             "exchange_seconds": c.exchange_seconds,
                             "exchange_bytes": c.exchange_bytes,
+                            "recompute_saved_bytes": c.recompute_saved_bytes,
                         }
                         for m, c in lc.modules.items()
                     },

@@ -224,7 +224,7 @@ def megatron_static_plans(
     way are left out; those that swap past the host memory too."""
     has = set()
     for lc in costs.layers:
-        has.update(m for m, c in lc.modules.items() if c.saved_bytes > 0)
+        has.update(m for m, c in lc.modules.items() if c.saved_bytes > 0 or c.recompute_saved_bytes > 0)
     mla = multi_latent_attention
     rec_names = [n for n in MEGATRON_RECOMPUTE_MODULES if n != "mla_up_proj" or mla]
     if "shared_expert" not in has:

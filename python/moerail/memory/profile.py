@@ -8,8 +8,9 @@ measures per layer and module, per micro-batch:
   ``saved_tensors_hooks`` in a keep-all step), or, with ``measure="actions"``, what each action
   really takes off the device: one step per module with that module recomputed (and one swapped,
   and for the expert inputs one with ``recompute_exchange``) in every layer, the saving being the
-  difference of the bytes the layer's forward left saved; ``saved_bytes`` is then the smaller of
-  the recompute and swap savings, ``exchange_bytes`` what ``recompute_exchange`` frees beyond it;
+  difference of the bytes the layer's forward left saved; ``recompute_saved_bytes`` is then the
+  recompute's saving (``saved_bytes`` stay the tagged bytes, what a swap moves) and ``exchange_bytes`` what
+  ``recompute_exchange`` frees beyond it;
 * the forward time of each module (its recompute cost), of the dispatcher's permute and exchange
   (``recompute_exchange``'s cost) and of each layer; the backward is taken as twice the forward;
 * the keep-all step time, and the host link (a timed copy to pinned host memory).
@@ -62,25 +63,27 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             device_bytes: Optional[float] = None, host_bytes: float = 0.0,
             host_link_bytes_per_second: Optional[float] = None, warmup: int = 1,
             modules: Optional[Tuple[str, ...]] = None, measure: str = "tags",
-            saved_as: str = "min") -> MemoryCosts:
+            saved_as: str = "each") -> MemoryCosts:
     """Measures ``MemoryCosts`` on the running model (see the module docstring). ``run_step()`` runs
     one training step (all its micro-batches) on this rank. ``measure="tags"`` (default): one step
     keeping everything after ``warmup``; a module's ``saved_bytes`` are the bytes its forward saved
     (attributed through the hooks, each storage to the first module that saved it), what swapping it
     moves. ``measure="actions"``: also one step per module and action (recompute, swap, and
-    ``recompute_exchange`` for the expert inputs) in every layer; ``saved_bytes`` is then the smaller
-    measured saving (steps see other data and routing: noisier on small models), or with
-    ``saved_as="recompute"`` / ``"swap"`` that action's (for a plan that uses only that one: a
+    ``recompute_exchange`` for the expert inputs) in every layer. ``saved_as="each"`` (default):
+    ``saved_bytes`` are the bytes its forward saved (as with ``"tags"``, what a swap moves) and
+    ``recompute_saved_bytes`` the recompute's measured saving (a
     recompute frees its module's saved tensors and the outputs its consumers saved, and holds its
-    inputs, so its saving differs from a swap's). ``static_bytes``: the
+    inputs, so its saving differs from a swap's); ``"min"``: both the smaller of the two (steps see
+    other data and routing: noisier on small models); ``"recompute"`` / ``"swap"``: both that
+    action's. ``static_bytes``: the
     memory no plan changes (weights, gradients, optimizer state) to plan around; ``device_bytes``:
     the device's capacity (default: the accelerator's, or this machine's memory on the CPU)."""
     if not isinstance(executor, Executor):
         raise TypeError(f"executor: expected a moerail.memory.executor.Executor, got {type(executor).__name__}")
     if not callable(run_step):
         raise TypeError("run_step: expected a function that runs one training step")
-    if saved_as not in ("min", "recompute", "swap"):
-        raise ValueError(f"saved_as: expected 'min', 'recompute' or 'swap', got {saved_as!r}")
+    if saved_as not in ("each", "min", "recompute", "swap"):
+        raise ValueError(f"saved_as: expected 'each', 'min', 'recompute' or 'swap', got {saved_as!r}")
     if measure not in ("tags", "actions"):
         raise ValueError(f"measure: expected 'tags' or 'actions', got {measure!r}")
     if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -136,20 +139,30 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
         for m in wanted:
             if m not in present.get(layer, ()):
                 continue
+            secs = max(0.0, timing.get((layer, m), 0.0) / calls)
+            kw = {}
             if measure == "actions":
                 rc = saving.get((m, "recompute"), {}).get(key, 0.0)
                 sw = saving.get((m, "swap"), {}).get(key, 0.0)
-                saved = max(0.0, {"min": min(rc, sw), "recompute": rc, "swap": sw}[saved_as])
+                if saved_as == "each":
+                    # What a swap moves is exactly the module's saved tensors (the tags); what a
+                    # recompute frees is measured (with the exchange's rows on top for
+                    # recompute_exchange).
+                    saved, rsaved = tagged.get((layer, m), 0) / calls, max(0.0, rc)
+                else:
+                    saved = max(0.0, {"min": min(rc, sw), "recompute": rc, "swap": sw}[saved_as])
+                    rsaved = saved
             else:
-                saved = tagged.get((layer, m), 0) / calls
-            secs = max(0.0, timing.get((layer, m), 0.0) / calls)
-            kw = {}
+                saved = rsaved = tagged.get((layer, m), 0) / calls
             if m == "expert_fc1":
-                rx = saving.get((m, "recompute_exchange"), {}).get(key, saved)
-                kw = {"exchange_bytes": max(0.0, rx - saved),
+                rx = saving.get((m, "recompute_exchange"), {}).get(key, rsaved)
+                kw = {"exchange_bytes": max(0.0, rx - rsaved),
                       "exchange_seconds": max(0.0, timing.get((layer, "permute"), 0.0) / calls)}
-            mods[m] = ModuleCost(saved_bytes=saved, recompute_seconds=secs, **kw)
-        other = max(0.0, keep[key][0] / calls - sum(c.saved_bytes + c.exchange_bytes for c in mods.values()))
+                rsaved += kw["exchange_bytes"]
+                if saved_as != "each":
+                    saved = rsaved
+            mods[m] = ModuleCost(saved_bytes=saved, recompute_seconds=secs, recompute_saved_bytes=rsaved, **kw)
+        other = max(0.0, keep[key][0] / calls - sum(c.saved_bytes for c in mods.values()))
         out.append(LayerCosts(layer=layer, vpp_stage=vpp, modules=mods, forward_seconds=fwd,
                               backward_seconds=2 * fwd, other_saved_bytes=other))
     if device_bytes is None:

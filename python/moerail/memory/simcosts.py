@@ -63,6 +63,7 @@ def costs_to_core(costs: MemoryCosts) -> str:
                     "recompute_seconds": c.recompute_seconds,
                     "exchange_seconds": c.exchange_seconds,
                     "exchange_bytes": c.exchange_bytes,
+                    "recompute_saved_bytes": c.recompute_saved_bytes,
                 }
             )
         layers.append(

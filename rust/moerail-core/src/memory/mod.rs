@@ -104,6 +104,19 @@ pub struct ModuleCost {
     pub exchange_seconds: f64,
     #[serde(default)]
     pub exchange_bytes: f64,
+    /// What `recompute_exchange` takes off the device (`recompute` frees this less
+    /// `exchange_bytes`): a recompute also frees the copies of the module's outputs its
+    /// consumers saved and holds its inputs, so it need not free what a swap (`saved_bytes`)
+    /// does. `None`: `saved_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_saved_bytes: Option<f64>,
+}
+
+impl ModuleCost {
+    /// The bytes `recompute_exchange` frees (`recompute`: less `exchange_bytes`).
+    pub fn recompute_bytes(&self) -> f64 {
+        self.recompute_saved_bytes.unwrap_or(self.saved_bytes)
+    }
 }
 
 /// One layer on this device, per micro-batch (see `moerail.memory.LayerCosts`).
@@ -352,10 +365,13 @@ impl MemoryCosts {
                     &format!("modules[{n}].exchange_seconds"),
                 )?;
                 finite(mc.exchange_bytes, &format!("modules[{n}].exchange_bytes"))?;
-                if mc.exchange_bytes > mc.saved_bytes {
+                if let Some(r) = mc.recompute_saved_bytes {
+                    finite(r, &format!("modules[{n}].recompute_saved_bytes"))?;
+                }
+                if mc.exchange_bytes > mc.recompute_bytes() {
                     return Err(invalid(
                         format!("modules[{n}].exchange_bytes"),
-                        "is more than saved_bytes",
+                        "is more than recompute_saved_bytes",
                     ));
                 }
             }
@@ -454,7 +470,7 @@ fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
             ..Default::default()
         }),
         Action::Recompute => {
-            let freed = s - mc.exchange_bytes;
+            let freed = mc.recompute_bytes() - mc.exchange_bytes;
             (freed > 0.0).then_some(Effect {
                 kept: s - freed,
                 rebuilt: freed,
@@ -469,7 +485,8 @@ fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
         }),
         Action::RecomputeExchange => {
             (i == EXCHANGE_MODULE && mc.exchange_bytes > 0.0).then_some(Effect {
-                rebuilt: s,
+                kept: s - mc.recompute_bytes(),
+                rebuilt: mc.recompute_bytes(),
                 seconds: mc.recompute_seconds,
                 exchange: mc.exchange_seconds,
                 ..Default::default()
@@ -505,6 +522,9 @@ fn layer_effect(lc: &LayerCosts, actions: &[Action; 9]) -> Result<Effect> {
         e.seconds += x.seconds;
         e.exchange += x.exchange;
     }
+    // A recompute may free more than its module saved (its consumers' copies of its
+    // outputs), never more than the layer keeps.
+    e.kept = e.kept.max(0.0);
     Ok(e)
 }
 
@@ -698,7 +718,7 @@ fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
     let mut present = [false; 9];
     for lc in &costs.layers {
         for (j, mc) in lc.modules.iter().enumerate() {
-            present[j] |= mc.saved_bytes > 0.0;
+            present[j] |= mc.saved_bytes > 0.0 || mc.recompute_bytes() > 0.0;
         }
     }
     let mods: Vec<usize> = (0..9).filter(|&j| present[j]).collect();
@@ -847,6 +867,7 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
         out = next;
     }
     for o in &mut out {
+        o.kept = o.kept.max(0.0);
         if o.swapped > 0.0 {
             o.latency = swap_latency(o.swapped, link, &ctx.windows[i]);
         }

@@ -37,12 +37,17 @@ fn case(rng: &mut Rng, layers: usize, sched: Schedule, host: bool) -> MemoryCost
         };
         lc.modules[0] = module(5.0 + 10.0 * rng.unit(), 0.01 + 0.05 * rng.unit());
         lc.modules[1] = module(20.0 + 40.0 * rng.unit(), 0.1 + 0.5 * rng.unit());
+        // A recompute frees its consumers' copies of its outputs and holds its inputs: not
+        // what a swap frees (more in even layers, less in odd ones).
+        let f = if l % 2 == 0 { 1.1 } else { 0.6 } + 0.3 * rng.unit();
+        lc.modules[1].recompute_saved_bytes = Some(lc.modules[1].saved_bytes * f);
         let rows = 10.0 + 30.0 * rng.unit();
         lc.modules[EXCHANGE_MODULE] = ModuleCost {
             saved_bytes: rows + 30.0 * rng.unit(),
             recompute_seconds: 0.1 + 0.3 * rng.unit(),
             exchange_seconds: 0.05 + 0.5 * rng.unit(),
             exchange_bytes: rows,
+            ..Default::default()
         };
         out.push(lc);
     }
@@ -329,4 +334,40 @@ fn thinned_frontiers_stay_feasible_and_beat_every_uniform_plan() {
             assert!(p.evaluation.added_seconds <= u.evaluation.added_seconds + 1e-12);
         }
     }
+}
+
+#[test]
+fn recompute_frees_its_own_bytes_not_a_swaps() {
+    let mut c = case(&mut Rng(7), 2, sched(1, 0, 1, 4), true);
+    let l0 = c.layers[0].clone();
+    let mc = l0.modules[1];
+    let r = mc.recompute_saved_bytes.unwrap();
+    assert!((r - mc.saved_bytes).abs() > 1.0);
+    let mut actions = vec![[Action::Keep; 9]; 2];
+    let keep = evaluate(&c, &actions).unwrap();
+    actions[0][1] = Action::Recompute;
+    let rc = evaluate(&c, &actions).unwrap();
+    let peak = c.schedule.peak_inflight() as f64;
+    assert!(
+        (keep.activation_bytes - rc.activation_bytes - peak * r).abs()
+            < 1e-6 * keep.activation_bytes
+    );
+    actions[0][1] = Action::Swap;
+    let sw = evaluate(&c, &actions).unwrap();
+    assert!(
+        (keep.activation_bytes - sw.activation_bytes - peak * mc.saved_bytes).abs()
+            < 1e-6 * keep.activation_bytes
+    );
+    // The default (no recompute_saved_bytes) is the swap's bytes, as before the field.
+    c.layers[0].modules[1].recompute_saved_bytes = None;
+    actions[0][1] = Action::Recompute;
+    let old = evaluate(&c, &actions).unwrap();
+    assert!(
+        (keep.activation_bytes - old.activation_bytes - peak * mc.saved_bytes).abs()
+            < 1e-6 * keep.activation_bytes
+    );
+    // A recompute never frees more than its layer keeps.
+    c.layers[0].modules[1].recompute_saved_bytes = Some(1e9);
+    let all = evaluate(&c, &actions).unwrap();
+    assert!(all.activation_bytes >= 0.0);
 }

@@ -71,9 +71,13 @@ fn flag_cost(
 ) -> Result<ModuleCost> {
     let c = with_modules(eng.cfg, f);
     let with = eng.with_recompute(&c).layer(moe);
+    // The engine models Megatron's recompute flags, whose saving already counts the copies
+    // of the module's outputs its consumers saved: a swap of the module is charged the same.
+    let freed = (kept(keep) - kept(&with)).max(0.0);
     Ok(ModuleCost {
-        saved_bytes: (kept(keep) - kept(&with)).max(0.0),
+        saved_bytes: freed,
         recompute_seconds: with.recompute.time(),
+        recompute_saved_bytes: Some(freed),
         ..Default::default()
     })
 }
@@ -145,6 +149,7 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
             recompute_seconds: local * eng.gemm(per_expert, fe * gate / etp, h),
             exchange_seconds: exchange,
             exchange_bytes: rows,
+            ..Default::default()
         };
     }
     let all = lc.act_attn_no_recompute + lc.act_mlp_no_recompute;
