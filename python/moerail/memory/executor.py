@@ -444,6 +444,15 @@ class LayerRun:
             ex.counter.sample()
 
 
+def _refuse_whole_layers(plan: MemoryPlan) -> None:
+    whole = [lp.layer for lp in plan.layers if lp.recompute_layer]
+    if whole:
+        raise ValueError(
+            f"plan: layers {whole} are recomputed whole (recompute_layer), which this executor does not carry "
+            "out yet; use Megatron's --recompute-granularity full (plan.to_megatron_flags()) for them"
+        )
+
+
 class Executor:
     """Carries out ``plan`` on the layers registered with it (see the module docstring).
 
@@ -466,6 +475,8 @@ class Executor:
             throttle_s = float(os.environ.get("MOERAIL_SWAP_THROTTLE_S", "0") or 0)
         if throttle_s < 0 or prefetch_delay_s < 0:
             raise ValueError("throttle_s / prefetch_delay_s: expected seconds >= 0")
+        if plan is not None:
+            _refuse_whole_layers(plan)
         self.plan = plan
         self._actions: Dict[Tuple[int, int], Dict[str, Action]] = {}
         if plan is not None:
@@ -506,6 +517,7 @@ class Executor:
         layer forward on. Micro-batches already in flight finish under the actions they started with."""
         if not isinstance(plan, MemoryPlan):
             raise TypeError(f"plan: expected a moerail.memory.MemoryPlan, got {type(plan).__name__}")
+        _refuse_whole_layers(plan)
         self.plan = plan
         self._actions = {(lp.layer, lp.vpp_stage): dict(lp.actions) for lp in plan.layers}
         self.pool.capacity = plan.host_bytes

@@ -110,7 +110,8 @@ def _has(layer, module: str) -> Optional[str]:
 
 
 def _plan_hash(plan: MemoryPlan) -> int:
-    h = hashlib.sha256(repr(sorted((lp.layer, lp.vpp_stage, sorted((m, a.value) for m, a in lp.actions.items()))
+    h = hashlib.sha256(repr(sorted((lp.layer, lp.vpp_stage, lp.recompute_layer,
+                                    sorted((m, a.value) for m, a in lp.actions.items()))
                                    for lp in plan.layers)).encode()).digest()
     return int.from_bytes(h[:7], "little")
 
