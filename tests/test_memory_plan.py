@@ -483,15 +483,3 @@ def test_simulator_full_recompute_matches_the_simulator():
     freed_model = (keep.evaluation["activation_bytes"] - plan.evaluation["activation_bytes"]) / G
     freed_sim = none["memory_gib"]["activations"]["total"] - full["memory_gib"]["activations"]["total"]
     assert freed_model == pytest.approx(freed_sim, rel=1e-6)
-
-
-def test_the_executor_refuses_whole_layer_plans_it_cannot_carry_out():
-    from moerail.memory.executor import Executor
-
-    plan = MemoryPlan((LayerPlan(0, recompute_layer=True),))
-    with pytest.raises(ValueError, match="recompute_layer"):
-        Executor(plan)
-    ex = Executor(MemoryPlan(()))
-    with pytest.raises(ValueError, match="recompute_layer"):
-        ex.set_plan(plan)
-    ex.close()
