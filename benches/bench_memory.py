@@ -148,8 +148,9 @@ def run(quick: bool = False) -> str:
     if plans:
         lines += ["", "The plans (per layer):", ""]
         for name, p in plans.items():
-            acts = "; ".join(f"layer {lp['layer']}: " + ", ".join(f"{m} {a}" for m, a in lp["actions"].items())
-                             for lp in p["layers"] if lp["actions"])
+            acts = "; ".join(f"layer {lp['layer']}: " + ("whole layer recomputed" if lp.get("recompute_layer") else
+                                                          ", ".join(f"{m} {a}" for m, a in lp["actions"].items()))
+                             for lp in p["layers"] if lp["actions"] or lp.get("recompute_layer"))
             lines.append(f"- {name} (budget {p['budget_bytes']} B): {acts or 'keep everything'}")
     if plan_memory is None:
         lines += ["", "moerail's rows are missing: `moerail.memory.plan_memory` (the planner) is not in this build "
@@ -166,7 +167,8 @@ def run(quick: bool = False) -> str:
         for lc in max(costs, key=lambda x: x.activation_bytes_keep_all).layers:
             mods = ", ".join(f"{k} {v.saved_bytes:.0f} / {v.recompute_saved_bytes:.0f} B / {v.recompute_seconds * 1e3:.2f} ms"
                              for k, v in lc.modules.items())
-            lines.append(f"- layer {lc.layer}: other {lc.other_saved_bytes:.0f} B; {mods}")
+            inp = f"input {lc.input_bytes:.0f} B (what a whole-layer recompute holds); " if lc.input_bytes else ""
+            lines.append(f"- layer {lc.layer}: {inp}other {lc.other_saved_bytes:.0f} B; {mods}")
     lines += ["", "Raw: " + json.dumps({"first_launch": meas1, "second_launch": meas})]
     return "\n".join(lines)
 

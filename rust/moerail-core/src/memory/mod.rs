@@ -23,7 +23,9 @@
 //!
 //! # Solver
 //!
-//! Per layer, every combination of module actions is an option with recompute seconds,
+//! Per layer, every combination of module actions is an option (and, where the layer's
+//! `input_bytes` is known, whole-layer recompute: the input kept, every activation rebuilt by
+//! one more forward, all of them in the transient) with recompute seconds,
 //! unhidden swap latency, a transient (its working buffers plus what it rebuilds or swaps back
 //! in), kept bytes and swapped bytes. The objective and every constraint grow with each of
 //! these (the peak and the host memory with the per-chunk sums weighted by every in-flight
