@@ -76,7 +76,8 @@ def _budget_rows(costs, statics, budgets, act, step):
 def _plan_line(p) -> str:
     groups = {}
     for lp in p.layers:
-        key = ", ".join(f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all"
+        key = "whole layer recomputed" if lp.recompute_layer else (
+            ", ".join(f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all")
         groups.setdefault(key, []).append(lp.layer)
     flags = p.to_megatron_flags(multi_latent_attention=True)
     text = "; ".join(f"layers {v}: {k}" for k, v in groups.items())

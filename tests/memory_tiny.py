@@ -186,7 +186,7 @@ def attach(ex: Executor, model: Model) -> Executor:
     ex.state_guards.append(_tracker_guard)
     for layer in model.layers:
         i = layer.layer
-        layer.forward = ex.layer(layer.forward, i)
+        layer.forward = ex.layer(layer.forward, i, owner=layer.mlp.token_dispatcher, buffers_of=layer)
         for name, group in (("input_layernorm", "attn"), ("pre_mlp_layernorm", "mlp")):
             m = getattr(layer, name)
             m.forward = ex.region(m.forward, "layernorm", group, buffers_of=m)

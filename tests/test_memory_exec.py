@@ -98,6 +98,34 @@ def test_every_action_is_exact_on_a_tiny_moe_layer(name, keep_all):
         assert ex.stats["replays"] == ex.stats["regions"] > 0
 
 
+WHOLE_PLANS = {
+    "whole_all": (True, True),
+    "whole_first_mixed_second": (True, False),
+    "mixed_first_whole_second": (False, True),
+}
+
+
+@pytest.mark.parametrize("name", list(WHOLE_PLANS))
+def test_whole_layer_recompute_is_exact_on_a_tiny_moe_layer(name, keep_all):
+    from moerail.memory import LayerPlan
+
+    ref, keep_peak = keep_all
+    whole = WHOLE_PLANS[name]
+    plan = MemoryPlan(tuple(LayerPlan(i, {} if w else TINY_PLANS["mixed"], recompute_layer=w)
+                            for i, w in enumerate(whole)), host_bytes=1 << 24)
+    model = mt.Model()
+    ex = mt.attach(Executor(plan, min_swap_bytes=0, count=True), model)
+    calls = mt._Exchange.calls
+    got = mt.run(model)
+    _assert_same(ref, got, name)  # outputs, gradients, router counts, aux losses counted once
+    assert ex.counter.current == 0
+    assert ex.counter.peak < keep_peak, f"{name}: saved-tensor peak {ex.counter.peak} vs keep-all {keep_peak}"
+    micro = 2
+    # Dispatch and combine in every layer's forward, again in each whole layer's replay.
+    assert mt._Exchange.calls - calls == 2 * micro * (len(whole) + sum(whole))
+    assert ex.stats["replays"] == ex.stats["regions"] > 0
+
+
 def test_throttled_copies_and_late_prefetch_stay_exact(keep_all):
     ref, _ = keep_all
     model = mt.Model()
@@ -213,6 +241,18 @@ MIXED = [
 ]
 EXCHANGE = {"expert_fc1": "recompute_exchange", "router": "recompute", "unpermute": "recompute"}
 
+
+def _whole_plan(whole, acts=None):
+    """Layers recomputed whole where ``whole`` says so, the others with ``acts[i]``."""
+    from moerail.memory import LayerPlan
+
+    return MemoryPlan(tuple(LayerPlan(i, {} if w else (acts or [{}] * len(whole))[i], recompute_layer=w)
+                            for i, w in enumerate(whole)), host_bytes=1 << 28).to_dict()
+
+
+WHOLE = _whole_plan((True, True))
+WHOLE_MIXED = _whole_plan((False, True), MIXED)
+
 BAD_PLANS = [
     (_plan(2, {}) | {"layers": [{"layer": 5, "actions": {"router": "recompute"}}]}, "layer 5 is beyond the model's 2"),
     (_plan(2, {"shared_expert": "recompute"}), "no shared experts"),
@@ -236,11 +276,15 @@ def megatron_run(tmp_path_factory):
          "throttle_s": 0.0005, "prefetch_delay_s": 0.001},
         {"name": "keep_mcore", "dispatcher": "megatron"},
         {"name": "mixed_mcore", "dispatcher": "megatron", "plan": _plan(2, MIXED), "ref": "keep_mcore"},
+        {"name": "whole", "dispatcher": "moerail", "plan": WHOLE, "ref": "keep"},
+        {"name": "whole_mixed_mcore", "dispatcher": "megatron", "plan": WHOLE_MIXED, "ref": "keep_mcore"},
     ]
     pp2 = [
         {"name": "keep", "dispatcher": "moerail"},
         {"name": "mixed", "dispatcher": "moerail", "plan": _plan(2, MIXED), "ref": "keep"},
         {"name": "exchange", "dispatcher": "moerail", "plan": _plan(2, EXCHANGE), "ref": "keep"},
+        {"name": "whole", "dispatcher": "moerail", "plan": WHOLE, "ref": "keep"},
+        {"name": "whole_mixed", "dispatcher": "moerail", "plan": WHOLE_MIXED, "ref": "keep"},
     ]
     job = {"steps": steps, "runs": [
         {"layout": (1, 1, 4), "arms": ep4},
@@ -249,7 +293,7 @@ def megatron_run(tmp_path_factory):
     ]}
     t0 = time.monotonic()
     res = mm.run(job, str(tmp_path_factory.mktemp("memory_megatron")), timeout_s=400)
-    print(f"megatron-core {res[0]['megatron_core']}: 2 layouts, 8 arms x {steps} steps in "
+    print(f"megatron-core {res[0]['megatron_core']}: 2 layouts, 12 arms x {steps} steps in "
           f"{time.monotonic() - t0:.0f} s")
     return res, steps
 
@@ -266,7 +310,11 @@ def test_plans_are_bit_identical_in_megatrons_loop(megatron_run, run):
                 assert not bad, f"rank {rank} arm {name} step {step + 1}: differs from keep-all in {bad}"
             if h["diff"]:
                 ref = arms["keep_mcore"] if name.endswith("mcore") else arms["keep"]
-                assert max(h["peak"]) < max(ref["peak"]), f"rank {rank} {name}: saved-tensor peak not lower"
+                # A whole layer rebuilt in its backward holds its input as well as everything it
+                # saves: it lowers the peak only where more than one micro-batch is in flight, not on
+                # PP2's last stage (ranks 2, 3: one in flight under 1F1B), as for Megatron's own.
+                if not (name.startswith("whole") and run == 1 and rank >= 2):
+                    assert max(h["peak"]) < max(ref["peak"]), f"rank {rank} {name}: saved-tensor peak not lower"
                 assert sum(h["replays"]) > 0 or sum(h["swapped"]) > 0
     losses = res[-1]["runs"][run]["arms"]["keep"]["loss"]
     assert all(x is not None and x == x for x in losses), "the last stage reports a finite loss every step"
@@ -333,9 +381,20 @@ def test_profile_measures_what_a_swap_plan_frees():
     ex.layer_stats = {}
     mt.run(model)
     for lc in costs.layers:
-        left, _, calls = ex.layer_stats[(lc.layer, 0)]
+        left, _, calls, _ = ex.layer_stats[(lc.layer, 0)]
         predicted = lc.saved_bytes - sum(lc.modules[m].saved_bytes for m in swapped)
         assert left / calls == predicted
+    # The layer input (8 x 2 x 16 float32), what a whole-layer recompute holds: a plan rebuilding
+    # every layer leaves exactly that.
+    from moerail.memory import LayerPlan
+
+    assert all(lc.input_bytes == 8 * 2 * 16 * 4 for lc in costs.layers)
+    ex.set_plan(MemoryPlan(tuple(LayerPlan(i, recompute_layer=True) for i in range(2))))
+    ex.layer_stats = {}
+    mt.run(model)
+    for lc in costs.layers:
+        left, _, calls, _ = ex.layer_stats[(lc.layer, 0)]
+        assert left / calls == lc.input_bytes
 
 
 def test_profile_measures_what_a_recompute_frees_apart_from_a_swap():
@@ -359,7 +418,7 @@ def test_profile_measures_what_a_recompute_frees_apart_from_a_swap():
             ex.layer_stats = {}
             mt.run(model)
             for lc in costs.layers:
-                left, _, calls = ex.layer_stats[(lc.layer, 0)]
+                left, _, calls, _ = ex.layer_stats[(lc.layer, 0)]
                 predicted = max(0.0, lc.saved_bytes - getattr(lc.modules[m], field))
                 # The expert activations' bytes follow the routing, which the steps' data moves a little.
                 assert abs(left / calls - predicted) <= 0.02 * lc.saved_bytes, (action, m, lc.layer)

@@ -364,3 +364,122 @@ def test_recompute_frees_recompute_saved_bytes_and_swap_saved_bytes():
                              ("attention", "recompute", 300), ("attention", "swap", 400)):
         ev = evaluate_plan(costs, MemoryPlan.uniform(1, {m: action}, host_bytes=10**6)).evaluation
         assert ev["activation_bytes"] == pytest.approx(keep - freed), (m, action)
+
+
+# ----------------------------------------------------------------------------- whole-layer recompute
+
+
+def with_inputs(c: MemoryCosts, frac: float = 0.3, extra: float = 0.0) -> MemoryCosts:
+    """`c` with every layer's input size (a fraction of what no module frees) and `extra` bytes
+    more of that unfreeable store."""
+    d = c.to_dict()
+    for lc in d["layers"]:
+        lc["other_saved_bytes"] += extra
+        lc["input_bytes"] = frac * lc["other_saved_bytes"]
+    return MemoryCosts.from_dict(d)
+
+
+def test_recompute_layer_plan_type():
+    lp = LayerPlan(3, {"attention": "keep"}, 1, recompute_layer=True)
+    assert lp.actions == {} and lp.action("attention") is Action.KEEP
+    with pytest.raises(ValueError, match="cannot also recompute or swap"):
+        LayerPlan(0, {"attention": "recompute"}, recompute_layer=True)
+    with pytest.raises(ValueError, match="recompute_layer: expected a bool"):
+        LayerPlan(0, recompute_layer=1)
+    plan = MemoryPlan((lp, LayerPlan(4, {"router": "swap"})))
+    d = plan.to_dict()
+    assert d["layers"][0]["recompute_layer"] is True and "recompute_layer" not in d["layers"][1]
+    assert MemoryPlan.from_dict(json.loads(plan.to_json())) == plan
+    assert plan.recompute_layer(3, 1) and not plan.recompute_layer(3) and not plan.recompute_layer(4)
+    # Costs: the input size is optional, checked, and round-trips.
+    c = with_inputs(small_costs(1))
+    assert MemoryCosts.from_dict(c.to_dict()) == c
+    assert "input_bytes" not in small_costs(1).to_dict()["layers"][0]
+    with pytest.raises(ValueError, match="input_bytes"):
+        LayerCosts(0, {}, 1.0, 1.0, input_bytes=-1)
+
+
+def test_recompute_layer_megatron_flags():
+    full = MemoryPlan(tuple(LayerPlan(i, recompute_layer=True) for i in range(4)))
+    f = full.to_megatron_flags(strict=True)
+    assert f.args == ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
+    _transformer_config(**f.config)
+    # The first two layers of each model chunk: Megatron's block method.
+    block = MemoryPlan(tuple(LayerPlan(i, recompute_layer=i % 3 < 2, vpp_stage=i // 3) for i in range(6)))
+    f = block.to_megatron_flags(strict=True)
+    assert f.config == {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2}
+    _transformer_config(**f.config)
+    scattered = MemoryPlan((LayerPlan(0), LayerPlan(1, recompute_layer=True)))
+    f = scattered.to_megatron_flags()
+    assert not f.exact and f.config["recompute_method"] == "uniform"
+    with pytest.raises(ValueError, match="cannot express"):
+        scattered.to_megatron_flags(strict=True)
+    mixed = MemoryPlan((LayerPlan(0, recompute_layer=True), LayerPlan(1, {"attention": "recompute"})))
+    assert any("cannot be combined" in n for n in mixed.to_megatron_flags().notes)
+
+
+def _all_plans_whole(costs: MemoryCosts):
+    for p in all_plans(costs):
+        yield p
+        for mask in itertools.product((False, True), repeat=len(costs.layers)):
+            if any(mask):
+                yield MemoryPlan(
+                    tuple(
+                        LayerPlan(lp.layer, {} if w else dict(lp.actions), lp.vpp_stage, recompute_layer=w)
+                        for lp, w in zip(p.layers, mask)
+                    )
+                )
+
+
+@pytest.mark.parametrize("seed,pp,rank,vpp,m", [(21, 4, 0, 1, 8), (22, 2, 1, 1, 4), (23, 2, 0, 2, 4)])
+def test_recompute_layer_plan_is_optimal_against_exhaustive_search(seed, pp, rank, vpp, m):
+    c = with_inputs(small_costs(seed, pp=pp, rank=rank, vpp=vpp, m=m), extra=30.0)
+    plans = [evaluate_plan(c, p) for p in _all_plans_whole(c)]
+    keep = evaluate_plan(c, MemoryPlan(()))
+    lo = min(p.predicted_peak_bytes for p in plans)
+    chosen_whole = 0
+    for frac in (0.0, 0.05, 0.3, 0.6, 0.9):
+        budget = int(lo + frac * (keep.predicted_peak_bytes - lo)) + 1
+        best = min(p.predicted_added_seconds for p in plans if p.predicted_peak_bytes <= budget)
+        got = plan_memory(c, budget, frontier_limit=1 << 16)
+        assert got.predicted_peak_bytes <= budget and got.evaluation["exact"]
+        assert got.predicted_added_seconds == pytest.approx(best, rel=1e-9, abs=1e-12)
+        chosen_whole += any(lp.recompute_layer for lp in got.layers)
+    assert chosen_whole
+
+
+def test_a_budget_only_whole_layer_recompute_reaches():
+    base = small_costs(5, layers=3, pp=4, rank=0, m=8)
+    c = with_inputs(base, frac=0.05, extra=60.0)
+    without = MemoryCosts.from_dict({**c.to_dict(), "layers": [
+        {k: v for k, v in lc.items() if k != "input_bytes"} for lc in c.to_dict()["layers"]]})  # fmt: skip
+    statics = megatron_static_plans(c)
+    full = next(s for s in statics if s.recompute == ("full",))
+    assert all(lp.recompute_layer for lp in full.plan.layers)
+    budget = int(full.plan.predicted_peak_bytes) + 1
+    with pytest.raises(ValueError, match="cannot be reached"):
+        plan_memory(without, budget)
+    ours = plan_memory(c, budget)
+    assert any(lp.recompute_layer for lp in ours.layers)
+    assert ours.predicted_added_seconds <= full.plan.predicted_added_seconds + 1e-12
+    # Every layer rebuilt costs one forward of each per micro-batch.
+    assert full.plan.evaluation["recompute_seconds"] == pytest.approx(8 * sum(lc.forward_seconds for lc in c.layers))
+    for s in statics:
+        b = int(s.plan.predicted_peak_bytes) + 1
+        assert plan_memory(c, b).predicted_added_seconds <= s.plan.predicted_added_seconds + 1e-12, s.name
+    with pytest.raises(ValueError, match="cannot be reached"):
+        plan_memory(c, budget, allow_recompute=False)
+
+
+def test_simulator_full_recompute_matches_the_simulator():
+    c = MemoryCosts.from_simulator(**MIXTRAL)
+    assert all(lc.input_bytes and lc.input_bytes > 0 for lc in c.layers)
+    from moerail import sim
+
+    full = sim.simulate(**MIXTRAL, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    none = sim.simulate(**MIXTRAL)
+    plan = evaluate_plan(c, MemoryPlan(tuple(LayerPlan(lc.layer, recompute_layer=True) for lc in c.layers)))
+    keep = evaluate_plan(c, MemoryPlan(()))
+    freed_model = (keep.evaluation["activation_bytes"] - plan.evaluation["activation_bytes"]) / G
+    freed_sim = none["memory_gib"]["activations"]["total"] - full["memory_gib"]["activations"]["total"]
+    assert freed_model == pytest.approx(freed_sim, rel=1e-6)

@@ -409,7 +409,8 @@ def _groups(plan) -> List[Tuple[List[int], str]]:
     """Consecutive layers with the same actions, as (layers, text)."""
     out: List[Tuple[List[int], str]] = []
     for lp in plan.layers:
-        acts = ", ".join(f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all"
+        acts = "recompute whole layer" if lp.recompute_layer else ", ".join(
+            f"{m} {a.value}" for m, a in lp.actions.items()) or "keep all"
         if lp.vpp_stage:
             acts = f"{acts}"
         if out and out[-1][1] == acts and out[-1][0][-1] + 1 == lp.layer:

@@ -88,6 +88,9 @@ class LayerCosts:
       residual stream, dropout masks).
     * ``transient_bytes`` — working memory alive only while the layer runs (dispatch buffers,
       gradients of the activations); counted once, on top of the activations in flight.
+    * ``input_bytes`` — the layer's input (the residual stream entering it), all that a
+      whole-layer recompute (``LayerPlan(recompute_layer=True)``) keeps; ``None`` (unknown):
+      the planner does not consider whole-layer recompute for this layer.
     """
 
     layer: int
@@ -97,6 +100,7 @@ class LayerCosts:
     vpp_stage: int = 0
     other_saved_bytes: float = 0.0
     transient_bytes: float = 0.0
+    input_bytes: Optional[float] = None
 
     def __post_init__(self):
         _int(self.layer, "layer", 0)
@@ -123,6 +127,8 @@ class LayerCosts:
         object.__setattr__(self, "modules", {m: checked[m] for m in MODULES if m in checked})
         for name in ("forward_seconds", "backward_seconds", "other_saved_bytes", "transient_bytes"):
             object.__setattr__(self, name, _nonneg(getattr(self, name), name))
+        if self.input_bytes is not None:
+            object.__setattr__(self, "input_bytes", _nonneg(self.input_bytes, "input_bytes"))
 
     @property
     def saved_bytes(self) -> float:
@@ -218,6 +224,7 @@ class MemoryCosts:
                     "backward_seconds": lc.backward_seconds,
                     "other_saved_bytes": lc.other_saved_bytes,
                     "transient_bytes": lc.transient_bytes,
+                    **({"input_bytes": lc.input_bytes} if lc.input_bytes is not None else {}),
                     "modules": {
                         m: {
                             "saved_bytes": c.saved_bytes,

@@ -34,6 +34,11 @@ The actions:
   starts, with the forward's split sizes / route. Every rank of the expert-parallel group reaches
   that point at the same autograd node of the same micro-batch (same plan, same graph, the same
   schedule in a pipeline stage), so the replayed collectives pair up as the forward's did.
+* **recompute_layer** (a whole layer) — one such region over the layer's forward (passed to
+  :meth:`Executor.layer` with the token dispatcher as ``owner`` and the layer as ``buffers_of``):
+  the module regions and tags inside step aside, only the layer's inputs are held, and the
+  backward of its outputs replays the whole layer (exchanges included) with the forward's RNG
+  states and dispatcher attributes; buffers and the aux-loss tracker are restored after it.
 """
 
 from __future__ import annotations
@@ -468,9 +473,11 @@ class Executor:
             raise ValueError("throttle_s / prefetch_delay_s: expected seconds >= 0")
         self.plan = plan
         self._actions: Dict[Tuple[int, int], Dict[str, Action]] = {}
+        self._whole: set = set()
         if plan is not None:
             for lp in plan.layers:
                 self._actions[(lp.layer, lp.vpp_stage)] = dict(lp.actions)
+            self._whole = {(lp.layer, lp.vpp_stage) for lp in plan.layers if lp.recompute_layer}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.min_swap_bytes = min_swap_bytes
         self.lookahead = lookahead
@@ -495,7 +502,8 @@ class Executor:
         self.stats = {"swapped_bytes": 0, "swapped_tensors": 0, "recompute_seconds": 0.0, "replays": 0,
                       "regions": 0}
         self.timing: Optional[Dict[Tuple[int, str], float]] = None  # profile: forward seconds per tag
-        # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls]
+        # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls,
+        # input bytes]
         self.layer_stats: Optional[Dict[Tuple[int, int], list]] = None
         self._anchor = torch.empty(0, requires_grad=True)
 
@@ -508,6 +516,7 @@ class Executor:
             raise TypeError(f"plan: expected a moerail.memory.MemoryPlan, got {type(plan).__name__}")
         self.plan = plan
         self._actions = {(lp.layer, lp.vpp_stage): dict(lp.actions) for lp in plan.layers}
+        self._whole = {(lp.layer, lp.vpp_stage) for lp in plan.layers if lp.recompute_layer}
         self.pool.capacity = plan.host_bytes
 
     def action(self, layer: int, module: str, vpp_stage: int = 0) -> Action:
@@ -572,40 +581,96 @@ class Executor:
 
     # -- what the glue calls ------------------------------------------------------------------------
 
-    def layer(self, fn: Callable, layer: int, vpp_stage: int = 0) -> Callable:
-        """Wraps a layer's forward: a :class:`LayerRun` per call, the pack hooks around it."""
+    def layer(self, fn: Callable, layer: int, vpp_stage: int = 0, *, owner: Any = None,
+              buffers_of: Optional[torch.nn.Module] = None) -> Callable:
+        """Wraps a layer's forward: a :class:`LayerRun` per call, the pack hooks around it. For a
+        layer the plan recomputes whole, one output-discarding region over the whole forward (the
+        modules' own regions and tags step aside); ``owner``: the object whose attributes the forward
+        changes (the token dispatcher), installed as they were for the replay and restored after it;
+        ``buffers_of``: the module whose buffers the replay must not change (the layer)."""
         ex = self
 
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled() or ex._replaying:
                 return fn(*args, **kwargs)
-            prev = ex._last_run
-            if prev is not None and (prev.layer != layer - 1 or prev.vpp_stage != vpp_stage):
-                prev = None
-            run = LayerRun(ex, layer, vpp_stage, prev)
-            outer = ex._run
-            ex._run = run
             measure = ex.layer_stats is not None and ex.counter is not None
             if measure:
                 before, t0 = ex.counter.current, time.perf_counter()
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(ex._pack, _unpack):
-                    out = fn(*args, **kwargs)
-            finally:
-                ex._run = outer
-            run.end_forward()
+            if (layer, vpp_stage) in ex._whole:
+                out = ex._whole_layer(fn, layer, vpp_stage, owner, buffers_of, args, kwargs)
+            else:
+                prev = ex._last_run
+                if prev is not None and (prev.layer != layer - 1 or prev.vpp_stage != vpp_stage):
+                    prev = None
+                run = LayerRun(ex, layer, vpp_stage, prev)
+                outer = ex._run
+                ex._run = run
+                try:
+                    with torch.autograd.graph.saved_tensors_hooks(ex._pack, _unpack):
+                        out = fn(*args, **kwargs)
+                finally:
+                    ex._run = outer
+                run.end_forward()
+                ex._last_run = run
+                ex._pending_out = {}
             if measure:
                 if ex.device.type == "cuda":
                     torch.cuda.synchronize(ex.device)
-                st = ex.layer_stats.setdefault((layer, vpp_stage), [0, 0.0, 0])
+                st = ex.layer_stats.setdefault((layer, vpp_stage), [0, 0.0, 0, 0])
                 st[0] += ex.counter.current - before
                 st[1] += time.perf_counter() - t0
                 st[2] += 1
-            ex._last_run = run
-            ex._pending_out = {}
+                # The layer's input (what a whole-layer recompute holds): its differentiable inputs.
+                st[3] += sum({x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
+                              for x in _tensors_in((args, kwargs)) if x.requires_grad}.values())
             return out
 
         return forward
+
+    def _whole_layer(self, fn, layer, vpp_stage, owner, buffers_of, args, kwargs):
+        """Whole-layer recompute: the forward runs once keeping nothing (inner regions and tags see
+        no layer run and step aside), its inputs stay, and the backward runs it again with the
+        forward's RNG states and the owner's attributes as they were, then differentiates that."""
+        ex = self
+        rng = _rng_state(ex._rng_devices, ex.rng_sources)
+        state = dict(owner.__dict__) if owner is not None else None
+        outer = ex._run
+        ex._run = None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: None, _dropped):
+                out = fn(*args, **kwargs)
+        finally:
+            ex._run = outer
+        outs = _tensors_in(out)
+        diff = [t for t in outs if t.requires_grad]
+        if not diff:
+            return out
+        run = LayerRun(ex, layer, vpp_stage, None)
+        region = _Region(ex, run, "layer", "mlp", fn, fn, args, kwargs, rng, owner, state, buffers_of)
+        region.diff_outs = [t.detach() for t in diff]
+        region.nondiff_outs = [t for t in outs if not t.requires_grad]
+        # The outputs stay: they are the next layer's input (kept there, or by whatever follows).
+        region.discard = [None] * len(diff)
+        region.nbytes = [None] * len(diff)
+        inputs = _tensors_in((args, kwargs))
+        if ex.counter is not None:
+            region.input_tokens = [ex.counter.add(x, (layer, "layer")) for x in inputs
+                                   if x.untyped_storage().data_ptr() not in ex._param_ptrs]
+        seen = set()
+        for x in inputs:
+            if x.requires_grad and id(x) not in seen:
+                seen.add(id(x))
+                region.grad_inputs.append(x)
+        res = _Replay.apply(region, ex._anchor, *region.grad_inputs)
+        res = list(res) if isinstance(res, tuple) else [res]
+        region.diff_outs = res
+        ex.stats["regions"] += 1
+        ex._last_run = None
+        ex._pending_out = {}
+        if ex.counter is not None:
+            ex.counter.sample()
+        it = iter(res)
+        return _map_tensors(out, lambda t: next(it) if t.requires_grad else t)
 
     @contextlib.contextmanager
     def _tagged(self, module: str, group: Optional[str] = None):

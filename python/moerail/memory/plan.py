@@ -17,6 +17,10 @@ Actions:
   CPU) and come back before the backward uses them; every swap-in waits on its own swap-out.
 * ``recompute_exchange`` — expert inputs only: the dispatched rows are dropped and the exchange
   is run again in the backward (MindSpeed's "zero memory" idea).
+
+A layer may instead be recomputed whole (``LayerPlan(layer, recompute_layer=True)``): only its
+input is kept and its backward runs its forward again first, as Megatron's
+``recompute_granularity="full"`` does per layer; its modules then take no action of their own.
 """
 
 from __future__ import annotations
@@ -65,11 +69,13 @@ def _action(value, where: str) -> Action:
 class LayerPlan:
     """The actions of one layer. `layer` is the global layer number (0-based, Megatron's
     `layer_number - 1`); `vpp_stage` the virtual pipeline stage it runs in (0 without VPP).
-    Modules not named keep their activations."""
+    Modules not named keep their activations. `recompute_layer`: the whole layer is rebuilt
+    from its input in the backward (no module actions then)."""
 
     layer: int
     actions: Mapping[str, Action] = field(default_factory=dict)
     vpp_stage: int = 0
+    recompute_layer: bool = False
 
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -89,6 +95,16 @@ class LayerPlan:
                     f"inputs only ({', '.join(sorted(_EXCHANGE_MODULES))})"
                 )
             checked[module] = action
+        if not isinstance(self.recompute_layer, bool):
+            raise ValueError(f"layer {self.layer}: recompute_layer: expected a bool, got {self.recompute_layer!r}")
+        if self.recompute_layer:
+            acting = sorted(m for m, a in checked.items() if a is not Action.KEEP)
+            if acting:
+                raise ValueError(
+                    f"layer {self.layer}: recompute_layer rebuilds the whole layer; its modules cannot also "
+                    f"recompute or swap ({', '.join(acting)})"
+                )
+            checked = {}
         object.__setattr__(self, "actions", checked)
 
     def action(self, module: str) -> Action:
@@ -148,6 +164,10 @@ class MemoryPlan:
             raise ValueError(f"module: unknown module {module!r}; expected one of {', '.join(MODULES)}")
         return Action.KEEP
 
+    def recompute_layer(self, layer: int, vpp_stage: int = 0) -> bool:
+        """Whether `layer` (in `vpp_stage`) is recomputed whole."""
+        return any(lp.recompute_layer for lp in self.layers if lp.layer == layer and lp.vpp_stage == vpp_stage)
+
     def modules_with(self, action: Action) -> Iterable[Tuple[int, str]]:
         for lp in self.layers:
             for module, a in lp.actions.items():
@@ -157,7 +177,12 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {
             "layers": [
-                {"layer": lp.layer, "vpp_stage": lp.vpp_stage, "actions": {m: a.value for m, a in lp.actions.items()}}
+                {
+                    "layer": lp.layer,
+                    "vpp_stage": lp.vpp_stage,
+                    "actions": {m: a.value for m, a in lp.actions.items()},
+                    **({"recompute_layer": True} if lp.recompute_layer else {}),
+                }
                 for lp in self.layers
             ],
             "budget_bytes": self.budget_bytes,
@@ -178,7 +203,14 @@ class MemoryPlan:
         for i, entry in enumerate(d["layers"]):
             if not isinstance(entry, Mapping) or not isinstance(entry.get("actions", {}), Mapping):
                 raise ValueError(f"plan: layers[{i}]: expected an object with 'layer' and 'actions'")
-            layers.append(LayerPlan(entry.get("layer"), dict(entry.get("actions", {})), entry.get("vpp_stage", 0)))
+            layers.append(
+                LayerPlan(
+                    entry.get("layer"),
+                    dict(entry.get("actions", {})),
+                    entry.get("vpp_stage", 0),
+                    entry.get("recompute_layer", False),
+                )
+            )
         return cls(
             tuple(layers),
             budget_bytes=d.get("budget_bytes"),
@@ -200,7 +232,10 @@ class MemoryPlan:
         ``mla_up_proj`` with ``multi_latent_attention``) / ``core_attn``; ``expert_act`` ->
         ``moe_act``; ``shared_expert`` -> ``shared_experts``; ``expert_fc1`` swapped ->
         ``expert_fc1``; router + expert inputs with the exchange + activation (+ shared expert)
-        recomputed -> ``moe``. What Megatron cannot say (different actions per layer, the router
+        recomputed -> ``moe``. Whole-layer recompute (``recompute_layer``) in every layer ->
+        ``--recompute-granularity full --recompute-method uniform --recompute-num-layers 1``; in
+        the first N layers of every model chunk (and nothing else anywhere) ->
+        ``--recompute-method block --recompute-num-layers N``. What Megatron cannot say (different actions per layer, the router
         or the expert inputs alone, swapping the router or the shared expert) goes to
         ``notes``; with ``strict`` it raises ``ValueError`` instead."""
         return _megatron_flags(self, multi_latent_attention, strict)
@@ -232,7 +267,46 @@ _OFFLOAD_NAMES = {
 }
 
 
+def _full_flags(plan: MemoryPlan, strict: bool) -> Optional[MegatronFlags]:
+    """Megatron's full recompute where the plan rebuilds whole layers; `None` when it does not."""
+    whole = [lp for lp in plan.layers if lp.recompute_layer]
+    if not whole:
+        return None
+    notes: List[str] = []
+    chunks: Dict[int, List[LayerPlan]] = {}
+    for lp in plan.layers:
+        chunks.setdefault(lp.vpp_stage, []).append(lp)
+    prefixes = set()
+    for lps in chunks.values():
+        flags = [lp.recompute_layer for lp in sorted(lps, key=lambda lp: lp.layer)]
+        n = flags.index(False) if False in flags else len(flags)
+        prefixes.add(n if not any(flags[n:]) else -1)
+    if len(whole) == len(plan.layers):
+        method, n = "uniform", 1
+    else:
+        method, n = "block", (prefixes.pop() if len(prefixes) == 1 else -1)
+        if n <= 0:
+            notes.append(
+                "whole layers are recomputed other than the first N of every model chunk; Megatron's "
+                "--recompute-method block recomputes those only, so these flags recompute every layer"
+            )
+            method, n = "uniform", 1
+    if any(lp.actions for lp in plan.layers if not lp.recompute_layer):
+        notes.append(
+            "other layers recompute or swap modules; Megatron's full recompute cannot be combined with "
+            "recompute_modules or offload_modules; left out"
+        )
+    if strict and notes:
+        raise ValueError("plan: Megatron's flags cannot express it: " + "; ".join(notes))
+    args = ("--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", str(n))
+    config = {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": n}
+    return MegatronFlags(args, config, tuple(notes))
+
+
 def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
+    full = _full_flags(plan, strict)
+    if full is not None:
+        return full
     notes: List[str] = []
     rows = {tuple(sorted((m, a.value) for m, a in lp.actions.items() if a is not Action.KEEP)) for lp in plan.layers}
     if len(rows) > 1:

@@ -71,10 +71,17 @@ def parse_bytes(value: Union[str, int, float], name: str = "budget_bytes") -> in
     return int(x)
 
 
+# The core's action name for a row rebuilt whole (in every module of the row).
+_WHOLE = "recompute_layer"
+
+
 def _rows(costs: MemoryCosts, plan: MemoryPlan) -> List[List[str]]:
     rows = []
     for lc in costs.layers:
-        rows.append([plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES])
+        if plan.recompute_layer(lc.layer, lc.vpp_stage):
+            rows.append([_WHOLE] * len(MODULES))
+        else:
+            rows.append([plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES])
     known = {(lc.layer, lc.vpp_stage) for lc in costs.layers}
     for lp in plan.layers:
         if (lp.layer, lp.vpp_stage) not in known:
@@ -87,7 +94,9 @@ def _rows(costs: MemoryCosts, plan: MemoryPlan) -> List[List[str]]:
 
 def _to_plan(costs: MemoryCosts, rows: Sequence[Sequence[str]], ev: Mapping[str, Any], budget: Optional[int]) -> MemoryPlan:
     layers = tuple(
-        LayerPlan(lc.layer, {m: Action(a) for m, a in zip(MODULES, row) if a != "keep"}, lc.vpp_stage)
+        LayerPlan(lc.layer, {}, lc.vpp_stage, recompute_layer=True)
+        if all(a == _WHOLE for a in row)
+        else LayerPlan(lc.layer, {m: Action(a) for m, a in zip(MODULES, row) if a != "keep"}, lc.vpp_stage)
         for lc, row in zip(costs.layers, rows)
     )
     evaluation = dict(ev)
@@ -233,13 +242,15 @@ def megatron_static_plans(
     seen = set()
     out: List[StaticSetting] = []
 
-    def add(recompute: Tuple[str, ...], off: Tuple[str, ...], actions: Dict[str, Action]) -> None:
-        actions = {m: a for m, a in actions.items() if m in has}
+    def add(recompute: Tuple[str, ...], off: Tuple[str, ...], actions: Dict[str, Action], whole: bool = False) -> None:
+        actions = {} if whole else {m: a for m, a in actions.items() if m in has}
         key = tuple(sorted((m, a.value) for m, a in actions.items()))
         if key in seen and recompute != ("full",):
             return
         seen.add(key)
-        plan = MemoryPlan(tuple(LayerPlan(lc.layer, dict(actions), lc.vpp_stage) for lc in costs.layers))
+        plan = MemoryPlan(
+            tuple(LayerPlan(lc.layer, dict(actions), lc.vpp_stage, recompute_layer=whole) for lc in costs.layers)
+        )
         try:
             plan = evaluate_plan(costs, plan)
         except ValueError:
@@ -260,10 +271,15 @@ def megatron_static_plans(
                     for n in rec:
                         actions.update(_MEG_RECOMPUTE[n])  # recompute wins over offload
                     add(rec, off, actions)
-    full = {m: Action.RECOMPUTE for m in has}
-    if "expert_fc1" in has:
-        full["expert_fc1"] = Action.RECOMPUTE_EXCHANGE
-    add(("full",), (), full)
+    if costs.layers and all(lc.input_bytes is not None for lc in costs.layers):
+        # What Megatron's full recompute does: every layer rebuilt from its input.
+        add(("full",), (), {}, whole=True)
+    else:
+        # Without the layers' input sizes: every module recomputed, the closest the model says.
+        full = {m: Action.RECOMPUTE for m in has}
+        if "expert_fc1" in has:
+            full["expert_fc1"] = Action.RECOMPUTE_EXCHANGE
+        add(("full",), (), full)
     return out
 
 

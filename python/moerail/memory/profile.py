@@ -164,7 +164,8 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             mods[m] = ModuleCost(saved_bytes=saved, recompute_seconds=secs, recompute_saved_bytes=rsaved, **kw)
         other = max(0.0, keep[key][0] / calls - sum(c.saved_bytes for c in mods.values()))
         out.append(LayerCosts(layer=layer, vpp_stage=vpp, modules=mods, forward_seconds=fwd,
-                              backward_seconds=2 * fwd, other_saved_bytes=other))
+                              backward_seconds=2 * fwd, other_saved_bytes=other,
+                              input_bytes=keep[key][3] / calls))
     if device_bytes is None:
         if ex.device.type == "cuda":
             device_bytes = float(torch.cuda.get_device_properties(ex.device).total_memory)

@@ -30,6 +30,7 @@ def core_to_costs(d: dict, **extra: Any) -> MemoryCosts:
                 backward_seconds=entry["backward_seconds"],
                 other_saved_bytes=entry["other_saved_bytes"],
                 transient_bytes=entry["transient_bytes"],
+                input_bytes=entry.get("input_bytes"),
             )
         )
     s = d["schedule"]
@@ -75,6 +76,7 @@ def costs_to_core(costs: MemoryCosts) -> str:
                 "backward_seconds": lc.backward_seconds,
                 "other_saved_bytes": lc.other_saved_bytes,
                 "transient_bytes": lc.transient_bytes,
+                **({"input_bytes": lc.input_bytes} if lc.input_bytes is not None else {}),
             }
         )
     return json.dumps(

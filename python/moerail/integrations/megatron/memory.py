@@ -110,7 +110,8 @@ def _has(layer, module: str) -> Optional[str]:
 
 
 def _plan_hash(plan: MemoryPlan) -> int:
-    h = hashlib.sha256(repr(sorted((lp.layer, lp.vpp_stage, sorted((m, a.value) for m, a in lp.actions.items()))
+    h = hashlib.sha256(repr(sorted((lp.layer, lp.vpp_stage, lp.recompute_layer,
+                                    sorted((m, a.value) for m, a in lp.actions.items()))
                                    for lp in plan.layers)).encode()).digest()
     return int.from_bytes(h[:7], "little")
 
@@ -160,6 +161,7 @@ def validate_memory_plan(model, plan: MemoryPlan, *, num_layers: Optional[int] =
             if why:
                 raise ValueError(f"plan: layer {lp.layer} module {module!r} ({action.value}): {why}")
     acting = [(lp.layer, m) for lp in plan.layers for m, a in lp.actions.items() if a is not Action.KEEP]
+    acting += [(lp.layer, "layer") for lp in plan.layers if lp.recompute_layer]
     if acting and getattr(cfg, "recompute_granularity", None) is not None:
         raise ValueError(f"plan: the model already recomputes with Megatron's recompute_granularity="
                          f"{cfg.recompute_granularity!r}; use either Megatron's recompute settings or a moerail plan "
@@ -271,7 +273,8 @@ def _wrap_layer(ex: Executor, layer, idx: int, vpp: int) -> None:
 
     from .dispatcher import _dispatcher_class  # noqa: PLC0415
 
-    layer.forward = ex.layer(layer.forward, idx, vpp)
+    td = getattr(layer.mlp, "token_dispatcher", None)
+    layer.forward = ex.layer(layer.forward, idx, vpp, owner=td, buffers_of=layer)
     if not _is_identity(layer.input_layernorm):
         m = layer.input_layernorm
         m.forward = ex.region(m.forward, "layernorm", "attn", buffers_of=m)

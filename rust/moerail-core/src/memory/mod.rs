@@ -23,7 +23,9 @@
 //!
 //! # Solver
 //!
-//! Per layer, every combination of module actions is an option with recompute seconds,
+//! Per layer, every combination of module actions is an option (and, where the layer's
+//! `input_bytes` is known, whole-layer recompute: the input kept, every activation rebuilt by
+//! one more forward, all of them in the transient) with recompute seconds,
 //! unhidden swap latency, a transient (its working buffers plus what it rebuilds or swaps back
 //! in), kept bytes and swapped bytes. The objective and every constraint grow with each of
 //! these (the peak and the host memory with the per-chunk sums weighted by every in-flight
@@ -65,14 +67,19 @@ pub enum Action {
     Recompute,
     Swap,
     RecomputeExchange,
+    /// The whole layer: only its input is kept and the backward runs its forward again
+    /// (Megatron's `recompute_granularity="full"` for one layer). A row takes it in every
+    /// module or in none.
+    RecomputeLayer,
 }
 
 impl Action {
-    pub const ALL: [Action; 4] = [
+    pub const ALL: [Action; 5] = [
         Action::Keep,
         Action::Recompute,
         Action::Swap,
         Action::RecomputeExchange,
+        Action::RecomputeLayer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +88,7 @@ impl Action {
             Action::Recompute => "recompute",
             Action::Swap => "swap",
             Action::RecomputeExchange => "recompute_exchange",
+            Action::RecomputeLayer => "recompute_layer",
         }
     }
 
@@ -88,7 +96,9 @@ impl Action {
         Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
             invalid(
                 "action",
-                format!("unknown action {s:?}; expected keep, recompute, swap or recompute_exchange"),
+                format!(
+                    "unknown action {s:?}; expected keep, recompute, swap, recompute_exchange or recompute_layer"
+                ),
             )
         })
     }
@@ -133,6 +143,17 @@ pub struct LayerCosts {
     pub other_saved_bytes: f64,
     #[serde(default)]
     pub transient_bytes: f64,
+    /// The layer's input, the one tensor a whole-layer recompute keeps; `None` (unknown): no
+    /// whole-layer recompute is planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_bytes: Option<f64>,
+}
+
+impl LayerCosts {
+    /// Every activation the layer saves when it keeps all of them.
+    pub fn saved_bytes(&self) -> f64 {
+        self.other_saved_bytes + self.modules.iter().map(|m| m.saved_bytes).sum::<f64>()
+    }
 }
 
 /// Megatron-Core's pipeline schedule as seen from one stage.
@@ -353,6 +374,9 @@ impl MemoryCosts {
             finite(lc.backward_seconds, "backward_seconds")?;
             finite(lc.other_saved_bytes, "other_saved_bytes")?;
             finite(lc.transient_bytes, "transient_bytes")?;
+            if let Some(b) = lc.input_bytes {
+                finite(b, "input_bytes")?;
+            }
             for (i, mc) in lc.modules.iter().enumerate() {
                 let n = MODULES[i];
                 finite(mc.saved_bytes, &format!("modules[{n}].saved_bytes"))?;
@@ -483,6 +507,7 @@ fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
             swapped: s,
             ..Default::default()
         }),
+        Action::RecomputeLayer => None,
         Action::RecomputeExchange => {
             (i == EXCHANGE_MODULE && mc.exchange_bytes > 0.0).then_some(Effect {
                 kept: s - mc.recompute_bytes(),
@@ -497,6 +522,30 @@ fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
 
 /// Sum of the module effects of one layer under `actions`; errors name the layer and module.
 fn layer_effect(lc: &LayerCosts, actions: &[Action; 9]) -> Result<Effect> {
+    let whole = actions
+        .iter()
+        .filter(|&&a| a == Action::RecomputeLayer)
+        .count();
+    if whole == 9 {
+        return whole_layer(lc).ok_or_else(|| {
+            invalid(
+                "plan",
+                format!(
+                    "layer {}: recompute_layer needs the layer's input size (input_bytes)",
+                    lc.layer
+                ),
+            )
+        });
+    }
+    if whole > 0 {
+        return Err(invalid(
+            "plan",
+            format!(
+                "layer {}: recompute_layer rebuilds the whole layer; it cannot be mixed with module actions",
+                lc.layer
+            ),
+        ));
+    }
     let mut e = Effect {
         kept: lc.other_saved_bytes,
         ..Default::default()
@@ -526,6 +575,19 @@ fn layer_effect(lc: &LayerCosts, actions: &[Action; 9]) -> Result<Effect> {
     // outputs), never more than the layer keeps.
     e.kept = e.kept.max(0.0);
     Ok(e)
+}
+
+/// Whole-layer recompute: the input stays, the backward rebuilds every activation of the layer
+/// (its transient) by running the forward again. `None` without `input_bytes`.
+fn whole_layer(lc: &LayerCosts) -> Option<Effect> {
+    let input = lc.input_bytes?;
+    let all = lc.saved_bytes();
+    Some(Effect {
+        kept: input.min(all),
+        rebuilt: all,
+        seconds: lc.forward_seconds,
+        ..Default::default()
+    })
 }
 
 fn swap_latency(swapped: f64, link: f64, windows: &[f64]) -> f64 {
@@ -583,8 +645,7 @@ impl<'a> Ctx<'a> {
         let v = costs.schedule.virtual_pipeline_size;
         let mut per = vec![0.0; v];
         for lc in &costs.layers {
-            per[lc.vpp_stage] +=
-                lc.other_saved_bytes + lc.modules.iter().map(|m| m.saved_bytes).sum::<f64>();
+            per[lc.vpp_stage] += lc.saved_bytes();
         }
         ctx.keep_all = weighted(&ctx.mixes, &per);
         Ok(ctx)
@@ -713,6 +774,7 @@ fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
             Action::Recompute => opts.allow_recompute,
             Action::Swap => swap_ok,
             Action::RecomputeExchange => opts.allow_recompute_exchange,
+            Action::RecomputeLayer => false,
         })
         .collect();
     let mut present = [false; 9];
@@ -734,26 +796,34 @@ fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
     let choices = |j: usize| -> &[Action] { &per[j] };
     let total: usize = mods.iter().map(|&j| choices(j).len()).product();
     let mut best: Option<Plan> = None;
-    for mut k in 0..total {
-        let mut row = [Action::Keep; 9];
-        for &j in &mods {
-            let c = choices(j);
-            row[j] = c[k % c.len()];
-            k /= c.len();
-        }
-        let acts: Actions = costs
-            .layers
-            .iter()
-            .map(|lc| {
-                let mut r = row;
-                for (j, mc) in lc.modules.iter().enumerate() {
-                    if effect(j, mc, r[j]).is_none() {
-                        r[j] = Action::Keep;
-                    }
+    // Megatron's full recompute: every layer rebuilt from its input.
+    let whole = opts.allow_recompute && costs.layers.iter().all(|l| l.input_bytes.is_some());
+    let rows = (0..total).map(Some).chain(whole.then_some(None));
+    for k in rows {
+        let acts: Actions = match k {
+            None => vec![[Action::RecomputeLayer; 9]; costs.layers.len()],
+            Some(mut k) => {
+                let mut row = [Action::Keep; 9];
+                for &j in &mods {
+                    let c = choices(j);
+                    row[j] = c[k % c.len()];
+                    k /= c.len();
                 }
-                r
-            })
-            .collect();
+                costs
+                    .layers
+                    .iter()
+                    .map(|lc| {
+                        let mut r = row;
+                        for (j, mc) in lc.modules.iter().enumerate() {
+                            if effect(j, mc, r[j]).is_none() {
+                                r[j] = Action::Keep;
+                            }
+                        }
+                        r
+                    })
+                    .collect()
+            }
+        };
         let e = ctx.evaluate(&acts)?;
         if e.peak_bytes <= budget_bytes * (1.0 + 1e-9)
             && e.host_bytes <= costs.host_bytes * (1.0 + 1e-9)
@@ -844,7 +914,7 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
                 Action::Recompute => opts.allow_recompute,
                 Action::Swap => swap_ok,
                 Action::RecomputeExchange => opts.allow_recompute_exchange,
-                Action::Keep => true,
+                Action::Keep | Action::RecomputeLayer => true,
             };
             if allowed {
                 if let Some(e) = effect(j, mc, a) {
@@ -865,6 +935,20 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
             }
         }
         out = next;
+    }
+    if opts.allow_recompute {
+        if let Some(e) = whole_layer(lc) {
+            if e.kept < lc.saved_bytes() {
+                out.push(LayerOption {
+                    actions: [Action::RecomputeLayer; 9],
+                    seconds: m * e.seconds,
+                    latency: 0.0,
+                    kept: e.kept,
+                    rebuilt: e.rebuilt,
+                    swapped: 0.0,
+                });
+            }
+        }
     }
     for o in &mut out {
         o.kept = o.kept.max(0.0);

@@ -49,6 +49,9 @@ fn case(rng: &mut Rng, layers: usize, sched: Schedule, host: bool) -> MemoryCost
             exchange_bytes: rows,
             ..Default::default()
         };
+        // The layer input (no draw from `rng`: the earlier cases stay as they were); every
+        // case also offers whole-layer recompute.
+        lc.input_bytes = Some(0.3 * lc.other_saved_bytes);
         out.push(lc);
     }
     MemoryCosts {
@@ -370,4 +373,68 @@ fn recompute_frees_its_own_bytes_not_a_swaps() {
     c.layers[0].modules[1].recompute_saved_bytes = Some(1e9);
     let all = evaluate(&c, &actions).unwrap();
     assert!(all.activation_bytes >= 0.0);
+}
+
+#[test]
+fn whole_layer_recompute_reaches_a_budget_module_actions_cannot() {
+    let mut rng = Rng(2024);
+    let s = sched(4, 0, 1, 8);
+    let mut c = case(&mut rng, 3, s, false);
+    // A layer-level store no module action frees (the norms' and residual copies).
+    for lc in &mut c.layers {
+        lc.other_saved_bytes += 40.0;
+        lc.input_bytes = Some(4.0);
+    }
+    let whole = evaluate(&c, &vec![[Action::RecomputeLayer; 9]; 3]).unwrap();
+    let lc0 = &c.layers[0];
+    let f: f64 = c.layers.iter().map(|l| l.forward_seconds).sum();
+    assert!((whole.recompute_seconds - 8.0 * f).abs() < 1e-9);
+    assert!((whole.activation_bytes - 4.0 * 3.0 * 4.0).abs() < 1e-9);
+    let t = c
+        .layers
+        .iter()
+        .map(|l| l.transient_bytes + l.saved_bytes())
+        .fold(0.0, f64::max);
+    assert!((whole.transient_bytes - t).abs() < 1e-9);
+    assert!(lc0.saved_bytes() > 40.0);
+    let budget = whole.peak_bytes;
+    let mut without = c.clone();
+    for lc in &mut without.layers {
+        lc.input_bytes = None;
+    }
+    let e = solve(&without, &Options::new(budget)).unwrap_err();
+    assert!(e.to_string().contains("cannot be reached"), "{e}");
+    assert!(exhaustive(&without, &Options::new(budget))
+        .unwrap()
+        .is_none());
+    let p = solve(&c, &Options::new(budget)).unwrap();
+    assert!(p.exact);
+    assert!(p.evaluation.peak_bytes <= budget * (1.0 + 1e-9));
+    assert!(p.actions.iter().any(|r| r[0] == Action::RecomputeLayer));
+    let ex = exhaustive(&c, &Options::new(budget)).unwrap().unwrap();
+    assert!((ex.evaluation.added_seconds - p.evaluation.added_seconds).abs() < 1e-9);
+    // Megatron's full recompute is a uniform setting.
+    let u = solve_uniform(&c, &Options::new(budget)).unwrap().unwrap();
+    assert_eq!(u.actions, vec![[Action::RecomputeLayer; 9]; 3]);
+    // Off with recomputation.
+    let mut o = Options::new(budget);
+    o.allow_recompute = false;
+    assert!(solve(&c, &o).is_err());
+}
+
+#[test]
+fn whole_layer_recompute_is_all_or_nothing_in_a_row() {
+    let mut rng = Rng(7);
+    let mut c = case(&mut rng, 2, sched(2, 0, 1, 4), false);
+    let mut row = [Action::RecomputeLayer; 9];
+    row[1] = Action::Recompute;
+    let e = evaluate(&c, &vec![row, [Action::Keep; 9]]).unwrap_err();
+    assert!(e.to_string().contains("cannot be mixed"), "{e}");
+    c.layers[0].input_bytes = None;
+    let e = evaluate(&c, &vec![[Action::RecomputeLayer; 9], [Action::Keep; 9]]).unwrap_err();
+    assert!(e.to_string().contains("input_bytes"), "{e}");
+    assert_eq!(
+        Action::parse("recompute_layer").unwrap(),
+        Action::RecomputeLayer
+    );
 }

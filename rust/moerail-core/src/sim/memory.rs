@@ -91,6 +91,8 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
         forward_seconds: lc.fwd.time(),
         backward_seconds: lc.bwd.time(),
         transient_bytes: lc.transient,
+        // The residual stream entering the layer, what Megatron's full recompute keeps.
+        input_bytes: Some(eng.n_loc * m.hidden_size as f64 * BF16),
         ..Default::default()
     };
     out.modules[LAYERNORM] = flag_cost(eng, &lc, moe, |r| r.layernorm = true)?;
