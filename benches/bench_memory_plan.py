@@ -161,7 +161,7 @@ def run(quick: bool) -> str:
          "yes" if meg is None or added < meg else ("tie" if added == meg else "no")]
         for n, mode, saved, added, meg in SUMMARY
     ]  # fmt: skip
-    out.append("#### The issue's targets at the 70% budget")
+    out.append("#### Targets at the 70% budget")
     out.append("")
     out.append(
         table(
