@@ -25,8 +25,7 @@ MODEL=(
 LAYOUT=(
   --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 --context-parallel-size 1
   --expert-model-parallel-size 8 --expert-tensor-parallel-size 1 --num-layers-per-virtual-pipeline-stage 1
-  --micro-batch-size 2 --global-batch-size 512 --seq-length 4096
-  --recompute-granularity selective --recompute-modules moe_act layernorm
+  --micro-batch-size 1 --global-batch-size 512 --seq-length 4096
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm --use-distributed-optimizer
   --overlap-grad-reduce --overlap-param-gather
 )
