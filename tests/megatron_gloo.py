@@ -320,17 +320,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_scenarios(world: int, scenarios: List[Dict], out_dir: str, timeout_s: float = 50.0) -> List[Dict]:
-    """Runs the scenarios on ``world`` spawned gloo ranks; returns each rank's results (killed
-    after ``timeout_s``: a hang fails instead of blocking)."""
+def spawn_ranks(worker, world: int, payload, out_dir: str, timeout_s: float) -> List[Dict]:
+    """Runs ``worker(rank, world, port, out_dir, payload)`` on ``world`` spawned gloo ranks and
+    loads each rank's ``rank{r}.pt``; a rank that hangs is killed after ``timeout_s`` and fails
+    the call instead of blocking it."""
+    import time
+
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, scenarios), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, out_dir, payload), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    import time
-
     deadline = time.monotonic() + timeout_s
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))
@@ -347,6 +348,12 @@ def run_scenarios(world: int, scenarios: List[Dict], out_dir: str, timeout_s: fl
         if not os.path.exists(path):
             raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no results")
         out.append(torch.load(path, weights_only=False))
+    return out
+
+
+def run_scenarios(world: int, scenarios: List[Dict], out_dir: str, timeout_s: float = 50.0) -> List[Dict]:
+    """Runs the scenarios on ``world`` spawned gloo ranks; returns each rank's results."""
+    out = spawn_ranks(_worker, world, scenarios, out_dir, timeout_s)
     for r, res in enumerate(out):
         if "_fatal" in res:
             raise RuntimeError(f"rank {r}:\n{res['_fatal']['error']}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import sys
 import time
 import traceback
@@ -38,7 +37,6 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -103,17 +101,9 @@ class _Data:
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    tokens, labels = batch["tokens"], batch["labels"]
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    mask = torch.triu(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool), 1)[None, None]
-    out = model(tokens, pos, mask, labels=labels)
+    import megatron_pretrain as ex  # the example's step: the same loss in both harnesses
 
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        return loss, {"lm loss": loss.detach()}
-
-    return out, loss_func
+    return ex.forward_step(data_iterator, model)
 
 
 class Arm:
@@ -357,38 +347,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(job: Dict, out_dir: str, world: int = 4, timeout_s: float = 300.0) -> List[Dict]:
     """Runs ``job`` (``runs``: [{``layout``: (tp, pp, ep), ``arms``, ``model`` overrides,
     ``bad_plans``}], ``steps``) on ``world`` gloo ranks; returns each rank's result (a rank that hangs is killed after
     ``timeout_s``)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, job), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    if hung:
-        raise TimeoutError(f"ranks {hung} did not finish within {timeout_s:.0f} s")
-    out = []
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank{r}.pt")
-        if not os.path.exists(path):
-            raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no results")
-        out.append(torch.load(path, weights_only=False))
+    from megatron_gloo import spawn_ranks
+
+    out = spawn_ranks(_worker, world, job, out_dir, timeout_s)
     for r, res in enumerate(out):
         if "error" in res:
             raise RuntimeError(f"rank {r}:\n{res['error']}")

@@ -414,3 +414,16 @@ def test_wrappers_keep_megatron_metadata(mcore):
             orig = info.originals[n]
             assert w.__name__ == orig.__name__ and w.__doc__ == orig.__doc__ and w.__wrapped__ is orig
     assert info.sites
+
+
+def test_use_moerail_refuses_chunks_with_expert_bias_before_touching_the_layer():
+    """The chunked pipeline combines expert outputs without a bias (Megatron's alltoall dispatcher
+    refuses one too): a layer with add_bias_linear=True is refused by name, and left as it was."""
+    from moerail.integrations.megatron import use_moerail
+
+    dispatcher, router = object(), object()
+    layer = types.SimpleNamespace(token_dispatcher=dispatcher, router=router,
+                                  config=types.SimpleNamespace(add_bias_linear=True, num_moe_experts=8))
+    with pytest.raises(ValueError, match="num_chunks"):
+        use_moerail(layer, num_chunks=2)
+    assert layer.token_dispatcher is dispatcher and layer.router is router

@@ -108,8 +108,8 @@ def _dispatcher_class():
 
                 def run(rows, tokens_per_expert, row_probs):
                     out, bias = experts(rows, tokens_per_expert, row_probs)
-                    if bias is not None:
-                        raise NotImplementedError("use_moerail(num_chunks > 1): experts with a bias output")
+                    if bias is not None:  # use_moerail refuses num_chunks > 1 with add_bias_linear
+                        raise RuntimeError("num_chunks > 1: the experts returned a bias output")
                     return out
 
                 return self.exchange.forward(hidden_states, probs, self.routing_map, run)
@@ -142,6 +142,13 @@ def use_moerail(moe_layer, *, ranks_per_node: Optional[int] = None, strategy: st
 
     if not hasattr(moe_layer, "token_dispatcher") or not hasattr(moe_layer, "router"):
         raise TypeError(f"moe_layer: expected a Megatron MoELayer, got {type(moe_layer).__name__}")
+    if num_chunks != 1 and getattr(moe_layer.config, "add_bias_linear", False):
+        # The pipeline combines each chunk's expert output as it comes; an expert bias (which
+        # Megatron's alltoall dispatcher refuses as well) would have to travel with it.
+        raise ValueError(
+            f"num_chunks: {num_chunks} chunks need experts without a bias output; this layer has "
+            "add_bias_linear=True (use num_chunks=1)"
+        )
     base = moe_layer.token_dispatcher
     if ranks_per_node is None:
         env = os.environ.get("LOCAL_WORLD_SIZE")
