@@ -190,10 +190,11 @@ def run(quick: bool) -> str:
     out.append(
         f"No strong-scaling sweep: the table has no run at a fixed global batch on a growing number of devices, and "
         f"{few} of its {len(res)} runs have fewer than 4 x pp micro-batches per pipeline. None of the sources cited "
-        "here states the layout and throughput of each point of such a sweep (the MoE Parallel Folding paper and "
-        "MegaScale-MoE (arXiv 2505.11432) show scaling to 1,024 and 1,440 GPUs as figures, MegaScale-MoE on a model "
-        "whose configuration it does not publish; the Megatron-Bridge performance summaries and the Megatron-MoE "
-        "model zoo give one device count a model), so whether the model is biased at the largest device counts, "
+        "here states the layout and throughput of each point of such a sweep (the MoE Parallel Folding paper reports "
+        "scaling to 1,024 GPUs, but not as a table this one can cite; MegaScale-MoE (arXiv 2505.11432) states its 352B "
+        "model's throughput on 1,440 GPUs against Megatron-LM's, not a sweep; the Megatron-Bridge performance "
+        "summaries and the Megatron-MoE model zoo give one device count a model), so whether the model is biased at "
+        "the largest device counts, "
         "where few micro-batches fill each pipeline, is not tested here."
     )
     out.append("")
