@@ -127,11 +127,31 @@ def run(quick: bool) -> str:
         f"as the MFU error under any fixed FLOPs convention). {n_src} sources; {wall:.0f} s for all fits on this machine."
     )
     out.append("")
+    out.append(
+        "Cost terms beyond FLOPs and bytes: every block pays `kernel_overhead_us` per kernel it launches, at Megatron-Core's "
+        "approximate kernel counts (attention 25 with GQA, 40 with MLA; router 25, dispatch preprocessing 10, dispatch and "
+        "combine 15, grouped experts 10, dense or shared MLP 10; one more per linear layer in FP8; twice as many backward), "
+        "so the many small kernels of a fine-grained MoE layer weigh most where a micro-batch has few tokens; a scope the "
+        "run captured as a CUDA graph (`cuda_graph_scope`: `attn`, `moe_router`, `moe_preprocess`, as the Megatron-Bridge "
+        "recipes set them on B200 / GB200) launches once."
+    )
+    out.append("")
     out.append("Fitted efficiencies (all rows of the family):")
     out.append("")
     out.append(table(["family", *val.FIT_PARAMETERS],
                      [[f, *[f"{fitted[f][k]:.4g}" for k in val.FIT_PARAMETERS]] for f in fitted]))
     out.append("")
+    hop, bw = fitted.get("hopper", {}), fitted.get("blackwell", {})
+    if hop and bw:
+        out.append(
+            f"Not yet physical: `memory_efficiency` fits at {hop['memory_efficiency']:.2f} (Hopper) and "
+            f"{bw['memory_efficiency']:.2f} (Blackwell) of the HBM bandwidth, well below the 0.7-0.9 that large "
+            "element-wise kernels reach: the model still lacks memory-bound work (or launch gaps) of the MoE layer that "
+            "this parameter absorbs. Every Blackwell row is FP8, so the table does not constrain Blackwell's BF16 "
+            f"`gemm_efficiency`: the fit's {bw['gemm_efficiency']:.2f} is not a measurement, and the B200 / GB200 presets "
+            "keep its prior (0.75)."
+        )
+        out.append("")
 
     loo = [r["loo"] for r in res]
     loso = [r["loso"] for r in res]
@@ -171,8 +191,19 @@ def run(quick: bool) -> str:
         f"No strong-scaling sweep: the table has no run at a fixed global batch on a growing number of devices, and "
         f"{few} of its {len(res)} runs have fewer than 4 x pp micro-batches per pipeline. None of the sources cited "
         "here states the layout and throughput of each point of such a sweep (the MoE Parallel Folding paper reports "
-        "scaling to 1,024 GPUs, but not as a table this one can cite), so whether the model is biased at the largest "
-        "device counts, where few micro-batches fill each pipeline, is not tested here."
+        "scaling to 1,024 GPUs, but not as a table this one can cite; MegaScale-MoE (arXiv 2505.11432) states its 352B "
+        "model's throughput on 1,440 GPUs against Megatron-LM's, not a sweep; the Megatron-Bridge performance "
+        "summaries and the Megatron-MoE model zoo give one device count a model), so whether the model is biased at "
+        "the largest device counts, "
+        "where few micro-batches fill each pipeline, is not tested here."
+    )
+    out.append("")
+    out.append(
+        "No memory validation against a published figure: none of the table's sources states per-device memory for a "
+        "configuration it also states in full (the Megatron-Core MoE report, arXiv 2603.07685, quotes 199.5 GB a GPU "
+        "for DeepSeek-V3 without the layout it was counted for). The simulator's weight, gradient and optimizer bytes are "
+        "checked against Megatron-LM's `theoretical_memory_usage` in its tests instead; activations are not checked "
+        "against a published figure."
     )
     out.append("")
 

@@ -87,3 +87,30 @@ def test_plan_prints_the_padded_layout_as_a_megatron_flag(capsys):
     cfg, ignored = sim.parse_megatron_args(line)
     assert cfg["layout"]["pipeline_model_parallel_layout"] == flags[i + 1]
     assert "--num-layers-per-virtual-pipeline-stage" not in flags
+
+
+def test_cuda_graph_scope_launches_captured_scopes_once():
+    # A Megatron-Bridge GB200 recipe captures attention, router and dispatch preprocessing as CUDA
+    # graphs: every kernel keeps its own time, only the per-kernel launch overhead of those scopes goes.
+    row = next(r for r in ROWS if "cuda_graph_scope=attn+moe_router+moe_preprocess" in r["settings"])
+    cfg = val.row_config(row)
+    assert cfg["training"]["cuda_graph_scope"] == ["attn", "moe_router", "moe_preprocess"]
+    graphed = sim.simulate(cfg)["breakdown_s"]["compute"]
+    cfg["training"].pop("cuda_graph_scope")
+    eager = sim.simulate(cfg)["breakdown_s"]["compute"]
+    for part, t in eager.items():
+        if part != "kernel_overhead":
+            assert graphed[part] == pytest.approx(t), part
+    assert 0 < graphed["kernel_overhead"] < eager["kernel_overhead"]
+    cfg["training"]["cuda_graph_scope"] = ["attention"]
+    with pytest.raises(ValueError, match="cuda_graph_scope"):
+        sim.simulate(cfg)
+
+
+def test_cuda_graph_scope_needs_a_graph_implementation_in_megatron_flags():
+    cfg, ignored = sim.parse_megatron_args("--cuda-graph-impl transformer_engine --cuda-graph-scope attn moe_router")
+    assert cfg["training"]["cuda_graph_scope"] == ["attn", "moe_router"]
+    # Megatron captures nothing without --cuda-graph-impl: the scope alone is listed as ignored.
+    cfg, ignored = sim.parse_megatron_args("--cuda-graph-scope attn")
+    assert "cuda_graph_scope" not in cfg["training"]
+    assert "--cuda-graph-scope" in ignored

@@ -2,7 +2,10 @@
 # Mixtral-8x7B on Megatron-LM with moerail: one node of 8 GPUs per torchrun (run it on each node with
 # NODE_RANK / MASTER_ADDR set). The layout is what `moerail plan` printed for 64 H100s:
 #
-#   moerail plan --model Mixtral-8x7B --cluster H100-SXM --devices 64 --gbs 512 --top 3
+#   moerail plan --model Mixtral-8x7B --cluster H100-SXM --devices 64 --gbs 512 --top 3 --space recompute=none,light,heavy,full
+#
+# (recomputation restricted to what Megatron's flags say; without --space the best layouts may
+# need a per-layer memory plan, which `moerail plan --memory` prints for the chosen layout)
 #
 # Switching moerail on is the two lines at the top of moerail_pretrain_gpt.py (patch_moe_utils);
 # MOERAIL_DISPATCHER=auto adds moerail's expert-parallel dispatcher. Data and tokenizer paths are yours.
@@ -25,7 +28,8 @@ MODEL=(
 LAYOUT=(
   --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 --context-parallel-size 1
   --expert-model-parallel-size 8 --expert-tensor-parallel-size 1 --num-layers-per-virtual-pipeline-stage 1
-  --micro-batch-size 1 --global-batch-size 512 --seq-length 4096
+  --micro-batch-size 2 --global-batch-size 512 --seq-length 4096
+  --recompute-granularity selective --recompute-modules moe_act layernorm
   --moe-token-dispatcher-type alltoall --moe-grouped-gemm --use-distributed-optimizer
   --overlap-grad-reduce --overlap-param-gather
 )

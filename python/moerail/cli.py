@@ -167,7 +167,7 @@ def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers:
     """Megatron-LM command-line flags of a simulated layout (a report's ``layout`` section; for a
     search result, merged with the result's ``layout``) and of the training settings the simulation
     assumed where Megatron's defaults differ (dispatcher, grouped GEMM, distributed optimizer,
-    overlaps, sequence parallelism, recomputation, batch sizes)."""
+    overlaps, sequence parallelism, recomputation, CUDA graph scopes, batch sizes)."""
     t = {**_SIM_TRAINING, **{k: v for k, v in training.items() if v is not None}}
     flags = [
         "--tensor-model-parallel-size", str(layout["tp"]),
@@ -206,6 +206,8 @@ def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers:
     flags += ["--moe-token-dispatcher-type", str(t["moe_token_dispatcher_type"])]
     if t["moe_grouped_gemm"]:
         flags.append("--moe-grouped-gemm")
+    if t.get("cuda_graph_scope"):
+        flags += ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-scope", *t["cuda_graph_scope"]]
     if t["use_distributed_optimizer"]:
         flags.append("--use-distributed-optimizer")
     if t["overlap_grad_reduce"]:

@@ -319,6 +319,7 @@ def parse_megatron_args(argv: Union[str, Sequence[str]]) -> Tuple[Dict[str, dict
     for s, d in _MEGATRON_DEFAULTS.items():
         out[s].update(d)
     ignored: List[str] = []
+    graph_impl: Optional[str] = None
     i = 0
     skip = {"python", "torchrun", "pretrain_gpt.py"}
     while i < len(tokens):
@@ -356,14 +357,22 @@ def parse_megatron_args(argv: Union[str, Sequence[str]]) -> Tuple[Dict[str, dict
         if key == "moe_layer_freq":
             out["model"]["moe_layer_freq"] = _eval_layer_freq(" ".join(values))
             continue
+        if key == "cuda_graph_impl":
+            graph_impl = values[0] if values else None
+            ignored.append(tok)
+            continue
         if key not in where or key in _IGNORED_VALUE_FLAGS:
             ignored.append(tok)
             continue
         if not values:
             value: Any = True
-        elif key == "recompute_modules" or len(values) > 1:
+        elif key in ("recompute_modules", "cuda_graph_scope") or len(values) > 1:
             value = [_scalar(v) for v in values]
         else:
             value = _scalar(values[0])
         out[where[key]][key] = value
+    # Megatron captures the scopes only with a CUDA graph implementation chosen.
+    if graph_impl in (None, "none") and "cuda_graph_scope" in out["training"]:
+        out["training"].pop("cuda_graph_scope")
+        ignored.append("--cuda-graph-scope")
     return out, ignored

@@ -139,6 +139,8 @@ def row_config(row: Mapping[str, str], efficiency: Optional[Mapping[str, float]]
             if v:
                 layout["expert_model_parallel_size"] = tp * ep
                 layout["expert_tensor_parallel_size"] = 1
+        elif k == "cuda_graph_scope":
+            training[k] = str(v).split("+")
         elif k in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
             layout[k] = v
         else:

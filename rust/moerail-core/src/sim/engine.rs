@@ -165,6 +165,29 @@ impl Spans {
 
 const BF16: f64 = 2.0;
 
+/// Kernels one forward pass of a block launches in Megatron-Core's eager modules (Transformer
+/// Engine layers), approximate counts of their code paths; each costs `kernel_overhead_us`
+/// beyond its own work, and the backward pass launches twice as many. With few tokens a
+/// micro-batch these gaps are a large share of a fine-grained MoE layer (the host-boundedness
+/// the Megatron-Core MoE report, arXiv 2603.07685, names among the costs CUDA graphs remove).
+/// Attention with GQA: norm, QKV projection, split, RoPE, flash attention and its layout
+/// copies, output projection, bias-dropout-add.
+const KERNELS_GQA: f64 = 25.0;
+/// Multi-latent attention: the down and up projections, their norms, the split and concat of
+/// the RoPE part besides the GQA kernels.
+const KERNELS_MLA: f64 = 40.0;
+/// Dense MLP (and shared experts): fc1, activation, fc2 and their casts and views.
+const KERNELS_MLP: f64 = 10.0;
+/// MoE router: logits, score function, (group-limited) top-k, normalisation, the auxiliary
+/// and z losses, the routing map.
+const KERNELS_ROUTER: f64 = 25.0;
+/// Token dispatch preprocessing: per-expert counts and split sizes from the routing map.
+const KERNELS_PREPROCESS: f64 = 10.0;
+/// Token dispatch and combine: permute, exchange, sort by expert, and back.
+const KERNELS_DISPATCH: f64 = 15.0;
+/// Grouped expert GEMMs with the activation and probability scaling between them.
+const KERNELS_EXPERTS: f64 = 10.0;
+
 impl<'a> Engine<'a> {
     pub fn new(cfg: &'a SimConfig) -> Result<Self> {
         cfg.validate()?;
@@ -592,7 +615,19 @@ impl<'a> Engine<'a> {
         if m.hidden_dropout > 0.0 {
             act += nl * h;
         }
-        let kernels = if m.multi_latent_attention { 14.0 } else { 9.0 };
+        let fp8 = if t.precision == Precision::Fp8 {
+            1.0
+        } else {
+            0.0
+        };
+        // FP8: one quantization kernel per linear layer; a CUDA graph launches once.
+        let kernels = if t.cuda_graph_scope.attn {
+            1.0
+        } else if m.multi_latent_attention {
+            KERNELS_MLA + 5.0 * fp8
+        } else {
+            KERNELS_GQA + 2.0 * fp8 + if m.qk_layernorm { 4.0 } else { 0.0 }
+        };
         let ko = self.cfg.cluster.efficiency.kernel_overhead_us * 1e-6;
         f.c(OVERHEAD, kernels * ko);
         bw.c(OVERHEAD, 2.0 * kernels * ko);
@@ -634,8 +669,13 @@ impl<'a> Engine<'a> {
         self.tp_exit(&mut f, &mut bw, h, fc2);
         act += nf * ffn * gate / tp * BF16 + nf * ffn / tp * BF16;
         let ko = self.cfg.cluster.efficiency.kernel_overhead_us * 1e-6;
-        f.c(OVERHEAD, 5.0 * ko);
-        bw.c(OVERHEAD, 10.0 * ko);
+        let q = if self.cfg.training.precision == Precision::Fp8 {
+            2.0
+        } else {
+            0.0
+        };
+        f.c(OVERHEAD, (KERNELS_MLP + q) * ko);
+        bw.c(OVERHEAD, 2.0 * (KERNELS_MLP + q) * ko);
         lc.fwd.add(&f, 1.0);
         lc.bwd.add(&bw, 1.0);
         lc.full_fwd.add(&f, 1.0);
@@ -724,9 +764,24 @@ impl<'a> Engine<'a> {
         } else {
             act += act_out;
         }
-        let expert_kernels = if t.moe_grouped_gemm { 2.0 } else { 2.0 * local };
-        f.c(OVERHEAD, (14.0 + expert_kernels) * ko);
-        bw.c(OVERHEAD, (28.0 + 2.0 * expert_kernels) * ko);
+        let q = if t.precision == Precision::Fp8 {
+            2.0
+        } else {
+            0.0
+        };
+        let expert_kernels = if t.moe_grouped_gemm {
+            KERNELS_EXPERTS + q
+        } else {
+            KERNELS_EXPERTS + (2.0 + q) * (local - 1.0)
+        };
+        let g = &t.cuda_graph_scope;
+        let graphed = |on: bool, n: f64| if on { 1.0 } else { n };
+        let kernels = graphed(g.moe_router, KERNELS_ROUTER)
+            + graphed(g.moe_preprocess, KERNELS_PREPROCESS)
+            + KERNELS_DISPATCH
+            + expert_kernels;
+        f.c(OVERHEAD, kernels * ko);
+        bw.c(OVERHEAD, 2.0 * kernels * ko);
         // Shared experts: a TP-sharded dense MLP beside the routed experts.
         let mut shared = Pass::default();
         if m.shared_ffn() > 0 {

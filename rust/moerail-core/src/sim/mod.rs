@@ -10,7 +10,9 @@
 //!   never faster than their memory traffic), flash attention at `attention_efficiency` of the
 //!   16-bit peak on the causal half of the scores (backward 2.5x forward), memory-bound
 //!   kernels (norms, RoPE, activations, router, permutation, cross entropy) at
-//!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel.
+//!   `memory_efficiency` of the memory bandwidth, plus `kernel_overhead_us` per kernel
+//!   launched (Megatron-Core's approximate kernel counts per block, twice as many backward; a
+//!   scope captured as a CUDA graph with `cuda_graph_scope` launches once).
 //!   Backward GEMMs cost twice the forward ones (data and weight gradients); an expert's weight
 //!   gradient also reads and writes the fp32 main gradient it accumulates into, every
 //!   micro-batch ([`engine::Engine::wgrad_accumulation`]: it binds with few tokens an expert).

@@ -32,7 +32,9 @@ mod value;
 pub use cluster::{Cluster, Efficiency};
 pub use model::{LayerFreq, Model, Normalization};
 pub use parallel::{parse_layout, stage_layers, Parallel, Stage};
-pub use training::{Dispatcher, Precision, Recompute, RecomputeMethod, RecomputeModules, Training};
+pub use training::{
+    CudaGraphScope, Dispatcher, Precision, Recompute, RecomputeMethod, RecomputeModules, Training,
+};
 pub use value::Value;
 
 use crate::error::{ensure, invalid, Result};

@@ -32,6 +32,40 @@ pub enum Dispatcher {
     Flex,
 }
 
+/// Megatron's `--cuda-graph-scope` (with `--cuda-graph-impl transformer_engine`): the parts
+/// of each layer captured as CUDA graphs, launched as one graph instead of kernel by kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaGraphScope {
+    pub attn: bool,
+    pub moe_router: bool,
+    pub moe_preprocess: bool,
+}
+
+impl CudaGraphScope {
+    pub const NAMES: &'static [&'static str] = &["attn", "moe_router", "moe_preprocess"];
+
+    pub fn parse(names: &[String], key: &str) -> Result<Self> {
+        let mut g = Self::default();
+        for n in names {
+            match n.as_str() {
+                "attn" => g.attn = true,
+                "moe_router" => g.moe_router = true,
+                "moe_preprocess" => g.moe_preprocess = true,
+                other => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "unknown scope '{other}' (expected some of {})",
+                            Self::NAMES.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
 /// Megatron's `--recompute-modules`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecomputeModules {
@@ -120,6 +154,8 @@ pub struct Training {
     /// (backward) send FP8 rows with a 32-bit scale per 128 elements; the combine and its
     /// backward stay BF16 (DeepSeek-V3, arXiv 2412.19437, Section 3.3.2). Default false.
     pub moe_dispatch_fp8: bool,
+    /// Parts of each layer launched as CUDA graphs (`cuda_graph_scope`).
+    pub cuda_graph_scope: CudaGraphScope,
     /// Default all-to-all (Megatron's own default is allgather).
     pub moe_token_dispatcher_type: Dispatcher,
     /// Default true (Megatron: false).
@@ -168,6 +204,7 @@ impl Default for Training {
             moe_pad_expert_input_to_capacity: false,
             moe_expert_load_imbalance: 1.0,
             moe_dispatch_fp8: false,
+            cuda_graph_scope: CudaGraphScope::default(),
             moe_token_dispatcher_type: Dispatcher::AllToAll,
             moe_grouped_gemm: true,
             use_distributed_optimizer: true,
@@ -211,6 +248,7 @@ impl Training {
         "moe_pad_expert_input_to_capacity",
         "moe_expert_load_imbalance",
         "moe_dispatch_fp8",
+        "cuda_graph_scope",
         "moe_token_dispatcher_type",
         "moe_grouped_gemm",
         "use_distributed_optimizer",
@@ -318,6 +356,9 @@ impl Training {
                 self.moe_expert_load_imbalance = x;
             }
             "moe_dispatch_fp8" => self.moe_dispatch_fp8 = v.bool(arg)?,
+            "cuda_graph_scope" => {
+                self.cuda_graph_scope = CudaGraphScope::parse(&v.strs(arg)?, arg)?
+            }
             "moe_token_dispatcher_type" => {
                 self.moe_token_dispatcher_type = match v.str(arg)?.as_str() {
                     "alltoall" | "alltoall_seq" => Dispatcher::AllToAll,
