@@ -96,6 +96,24 @@ def test_search_prints_megatron_flags_of_the_best(capsys):
         assert args.tensor_model_parallel_size == best["tp"] and args.expert_model_parallel_size == best["ep"]
 
 
+def test_search_whose_best_needs_a_memory_plan_says_how_to_get_it(capsys):
+    # Without --space the best layout may fit only with a per-layer plan, which Megatron's
+    # one-setting-for-every-layer flags cannot say: the output says so, and the command it names
+    # (the printed flags plus --memory at the device's capacity) prints a plan that fits.
+    rc, out, err = run(capsys, *BASE, "--devices", "64", "--gbs", "512", "--top", "1")
+    assert rc == 0, err
+    rows = out.split("Megatron-LM flags of #1:")
+    best_row = [x for x in rows[0].splitlines() if x.strip().startswith("1 ")][0]
+    flags, note = rows[1].strip().splitlines()[:2]
+    if " plan " not in best_row:
+        pytest.skip("the best layout fits without a memory plan with these presets")
+    assert "per-layer memory plan" in note and "--memory" in note
+    mem = note.split("--memory ")[1].split("`")[0]
+    rc, out, err = run(capsys, *BASE, "--devices", "64", "--megatron-args", flags.strip(), "--memory", mem)
+    assert rc == 0, err
+    assert "predicted peak" in out and "Megatron flags:" in out
+
+
 def test_simulation_prints_megatron_flags(capsys):
     rc, out, err = run(capsys, *BASE, "--devices", "64", "--gbs", "512", "--tp", "2", "--pp", "4", "--ep", "8")
     assert rc == 0, err

@@ -148,7 +148,15 @@ def _print_search(
     print(f"(cluster {cluster}; MFU with causal attention FLOPs, Megatron's current formula)")
     best = out["results"][0]
     print("Megatron-LM flags of #1:")
-    print("  " + _flags_line({**best["layout"], **best["report"]["layout"]}, training or {}, num_layers))
+    line = _flags_line({**best["layout"], **best["report"]["layout"]}, training or {}, num_layers)
+    print("  " + line)
+    if best["layout"]["recompute"] == "plan":
+        # Megatron's flags apply one recompute setting to every layer; a per-layer plan is printed
+        # (and, where flags can say it, turned into flags) by the memory planner for this layout.
+        cap = best["report"]["memory_gib"]["capacity"]
+        print(f"  #1 fits only with moerail's per-layer memory plan ('plan'), which these flags leave out: "
+              f"`moerail plan ... --megatron-args '<the flags above>' --memory {cap:g}GiB` prints it, with the "
+              "Megatron flags that come closest; moerail.integrations.megatron.apply_memory_plan carries it out")
 
 
 
