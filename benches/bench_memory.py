@@ -186,8 +186,9 @@ def run(quick: bool = False) -> str:
         lines += ["", f"Predicted peaks: within {worst:.1%} of the measured ones for every plan. Predicted added "
                   f"times: within 10% of the measured ones for {len(t_in)} of {len(rows)} plans"
                   + (f" ({', '.join(t_in)})" if t_in else "") + "; the measured added times are differences of "
-                  "two step times on this shared machine, and the predictions add up trial steps measured under "
-                  "the same load."]
+                  "two step times on this shared machine, a few milliseconds to hundredths of a second at this "
+                  "size, and the predictions add up trial steps of the first launch, which ran under its own "
+                  "load: at this size the machine's load moves them more than 10%."]
     for name, short in (("megatron layernorm", "layernorm"), ("megatron moe", "moe"), ("megatron full", "full")):
         mg = meas.get(name)
         ours = [(n, meas[n]) for n in (f"moerail @ {short}", f"moerail recompute only @ {short}") if n in meas]
