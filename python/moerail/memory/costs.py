@@ -157,6 +157,11 @@ class MemoryCosts:
     * ``routing_skew`` — the factor expert-side costs were scaled by: the high percentile of
       tokens per expert rank over its mean (1.0 = the mean, no skew applied).
     * ``source`` — ``"simulator"`` or ``"profile"``, for reports.
+    * ``saved_tensors`` — from ``profile``: which storages each module saved, each recompute
+      region's inputs and outputs, per micro-batch, and the measured seconds of each action per
+      layer (see ``moerail.memory.exact``). When present (and without virtual pipeline stages),
+      the planner computes the bytes a plan holds as the size of a union of those storages and
+      its added time from those seconds, instead of adding per-module savings up.
     """
 
     layers: Tuple[LayerCosts, ...]
@@ -172,6 +177,7 @@ class MemoryCosts:
     routing_skew: float = 1.0
     source: str = "simulator"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    saved_tensors: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -213,6 +219,15 @@ class MemoryCosts:
             )
         if self.source not in ("simulator", "profile"):
             raise ValueError(f"source: expected 'simulator' or 'profile', got {self.source!r}")
+        if self.saved_tensors is not None and (
+            not isinstance(self.saved_tensors, Mapping) or not isinstance(self.saved_tensors.get("microbatches"), list)
+        ):
+            raise ValueError("saved_tensors: expected the profile's record (a dict with a 'microbatches' list)")
+
+    @property
+    def exact_model(self) -> bool:
+        """Whether the planner uses the held-bytes model of ``saved_tensors`` for these costs."""
+        return self.saved_tensors is not None and self.virtual_pipeline_size == 1
 
     def to_dict(self) -> dict:
         return {
@@ -249,6 +264,7 @@ class MemoryCosts:
             "step_seconds": self.step_seconds,
             "routing_skew": self.routing_skew,
             "source": self.source,
+            **({"saved_tensors": self.saved_tensors} if self.saved_tensors is not None else {}),
         }
 
     @classmethod

@@ -88,9 +88,6 @@ class _Bytes:
     def nbytes(self) -> int:
         return self.n
 
-    def data_ptr(self) -> int:
-        return -1
-
 
 class SavedTensorCounter:
     """The bytes of the tensors autograd holds for the backward, counted exactly through the
@@ -106,7 +103,9 @@ class SavedTensorCounter:
         self._key = 0
         self.peak = 0
         self.by_tag: Dict[Tuple[Any, str], int] = {}
-        self._ptr_key: Dict[int, int] = {}
+        self._ident_key: Dict[int, int] = {}
+        # Called with (tensor, tag) for every tensor held (profiling: the executor's save trace).
+        self.observer: Optional[Callable[[torch.Tensor, Any], None]] = None
 
     @property
     def current(self) -> int:
@@ -124,17 +123,19 @@ class SavedTensorCounter:
 
     def add(self, t: torch.Tensor, tag) -> Optional[int]:
         st = t.untyped_storage()
-        ptr = st.data_ptr()
         if st.nbytes() == 0:
             return None
-        key = self._ptr_key.get(ptr)
+        # The storage's identity, not its address: a storage an output-discarding checkpoint freed
+        # and refilled has a new address, and a freed one's address may be given to another.
+        ident = st._cdata
+        key = self._ident_key.get(ident)
         if key is not None and key in self._live:
             self._live[key][1] += 1
             return key
         self._key += 1
         key = self._key
-        self._live[key] = [st, 1, tag]
-        self._ptr_key[ptr] = key
+        self._live[key] = [st, 1, tag, ident]
+        self._ident_key[ident] = key
         if tag is not None:
             self.by_tag[tag] = self.by_tag.get(tag, 0) + st.nbytes()
         self.sample()
@@ -144,7 +145,7 @@ class SavedTensorCounter:
         """Counts ``nbytes`` held by something that is not a saved tensor yet (a swap-in's buffer on
         the device from the moment it is requested); ``_release(key)`` ends it."""
         self._key += 1
-        self._live[self._key] = [_Bytes(nbytes), 1, tag]
+        self._live[self._key] = [_Bytes(nbytes), 1, tag, None]
         self.sample()
         return self._key
 
@@ -155,9 +156,8 @@ class SavedTensorCounter:
         e[1] -= 1
         if e[1] <= 0:
             del self._live[key]
-            ptr = e[0].data_ptr()
-            if self._ptr_key.get(ptr) == key:
-                del self._ptr_key[ptr]
+            if e[3] is not None and self._ident_key.get(e[3]) == key:
+                del self._ident_key[e[3]]
 
     def hooks(self, params: Iterable[torch.Tensor] = ()):
         """A ``saved_tensors_hooks`` context that counts every tensor saved inside it (parameters
@@ -173,6 +173,8 @@ class SavedTensorCounter:
         return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
     def hold(self, t: torch.Tensor, tag) -> Any:
+        if self.observer is not None:
+            self.observer(t, tag)
         key = self.add(t, tag)
         return t if key is None else _Held(t, self, key)
 
@@ -322,8 +324,9 @@ class _Region:
         saved_ptrs = set()
 
         def pack(t):
-            saved_ptrs.add(t.untyped_storage().data_ptr())
-            if ex.counter is not None:
+            ptr = t.untyped_storage().data_ptr()
+            saved_ptrs.add(ptr)
+            if ex.counter is not None and not isinstance(t, torch.nn.Parameter) and ptr not in ex._param_ptrs:
                 return ex.counter.hold(t, None)
             return t
 
@@ -372,7 +375,11 @@ class _Region:
                 if n.untyped_storage().data_ptr() not in saved_ptrs and n._base is None and n.is_contiguous():
                     n.untyped_storage().resize_(0)
         self.replay_outs = new_diff
-        ex.stats["recompute_seconds"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        ex.stats["recompute_seconds"] += dt
+        if ex.replay_seconds is not None:
+            key = (self.run.layer, self.run.vpp_stage)
+            ex.replay_seconds[key] = ex.replay_seconds.get(key, 0.0) + dt
         ex.stats["replays"] += 1
         if ex.counter is not None:
             ex.counter.sample()
@@ -387,6 +394,122 @@ class _Region:
                 if k is not None:
                     self.executor.counter._release(k)
         self.input_tokens = []
+
+
+# ------------------------------------------------------------------------------------------------
+# The save trace (profiling): which storages each module saved, for the exact held-bytes model
+# ------------------------------------------------------------------------------------------------
+
+
+class SaveTrace:
+    """Records, during keep-all steps, what the held-bytes model of :mod:`.exact` needs, per
+    micro-batch: every storage saved for the backward (its bytes, the layer, module and group whose
+    forward saved it, the view's bytes and whether a swap would move it), every call of a region
+    (the module and actions that make it recompute, its inputs, the outputs it would free and the
+    storages saved inside it), every layer call's inputs, and the bytes saved outside the layers
+    before the first layer (``pre``) and after the last (``post``). Storages are named by small
+    ints, kept alive while the trace lives (so no address is reused)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.ex = executor
+        self.microbatches: List[dict] = []
+        self.cur: Optional[dict] = None
+        self.state = "backward"
+        self._ids: Dict[int, int] = {}
+        self._alive: List[Any] = []
+        self.open: List[Tuple[int, List[int]]] = []  # (call, storages saved inside) of the region calls running
+        self.calls = 0
+
+    def _new_microbatch(self) -> None:
+        self.cur = {"bytes": {}, "saves": [], "regions": [], "layers": {}, "pre": [], "post": []}
+        self.microbatches.append(self.cur)
+
+    def sid(self, t: torch.Tensor) -> Optional[int]:
+        st = t.untyped_storage()
+        n = st.nbytes()
+        if n == 0:
+            return None
+        ptr = st.data_ptr()
+        i = self._ids.get(ptr)
+        if i is None:
+            i = self._ids[ptr] = len(self._ids)
+            self._alive.append(st)
+        if self.cur is not None:
+            self.cur["bytes"][i] = n
+        return i
+
+    def _sids(self, obj) -> List[int]:
+        ex = self.ex
+        out = []
+        for x in _tensors_in(obj):
+            if x.untyped_storage().data_ptr() in ex._param_ptrs or isinstance(x, torch.nn.Parameter):
+                continue
+            i = self.sid(x)
+            if i is not None and i not in out:
+                out.append(i)
+        return out
+
+    def on_save(self, t: torch.Tensor, tag) -> None:
+        ex = self.ex
+        if ex._replaying:
+            return
+        run = ex._run
+        if run is None:
+            if self.cur is None or self.state == "backward":
+                self._new_microbatch()
+                self.state = "pre"
+            i = self.sid(t)
+            if i is not None:
+                self.cur["pre" if self.state == "pre" else "post"].append(i)
+                if self.state != "pre":
+                    self.state = "post"
+            return
+        i = self.sid(t)
+        if i is None:
+            return
+        module = self.ex._tags[-1][1] if self.ex._tags and self.ex._tags[-1][0] is run else None
+        group = ex._group_of(module) if module is not None else None
+        nbytes = t.numel() * t.element_size()
+        swappable = t.device == ex.device and nbytes >= ex.min_swap_bytes and _dense(t)
+        view = (i, t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype), t._version)
+        self.cur["saves"].append({"sid": i, "layer": [run.layer, run.vpp_stage], "module": module, "group": group,
+                                  "view": repr(view), "view_bytes": nbytes, "swappable": bool(swappable),
+                                  "calls": [c for c, _ in self.open]})
+        for _, inside in self.open:
+            inside.append(i)
+
+    def on_layer(self, layer: int, vpp_stage: int, args, kwargs) -> None:
+        key = f"{layer}:{vpp_stage}"
+        if self.cur is None or self.state in ("backward", "post") or key in self.cur["layers"]:
+            self._new_microbatch()
+        self.state = "layers"
+        self.cur["layers"][key] = {"inputs": self._sids((args, kwargs)), "order": len(self.cur["layers"])}
+
+    def on_region(self, run: LayerRun, module: str, group: str, actions, also, args, kwargs, out,
+                  call: int, inside: List[int]) -> None:
+        ex = self.ex
+        outs = _tensors_in(out)
+        diff = [t for t in outs if t.requires_grad]
+        inputs = _tensors_in((args, kwargs))
+        keep_ptrs = {x.untyped_storage().data_ptr() for x in inputs} | ex._param_ptrs
+        if diff and not inside and all(t.untyped_storage().data_ptr() in keep_ptrs for t in diff):
+            return  # no region: the graph is whole (see Executor.region)
+        own = []
+        for d in diff:
+            st = d.untyped_storage()
+            if (st.data_ptr() not in keep_ptrs and d.storage_offset() == 0 and d.is_contiguous()
+                    and st.nbytes() == d.numel() * d.element_size() and d._base is None):
+                i = self.sid(d)
+                if i is not None:
+                    own.append(i)
+        self.cur["regions"].append({
+            "layer": [run.layer, run.vpp_stage], "module": module, "group": group,
+            "actions": [a.value for a in actions], "also": [[m, a.value] for m, a in also],
+            "inputs": self._sids((args, kwargs)) if diff else [], "outputs": own,
+            "inside": sorted(set(inside)), "call": call})
+
+    def to_dict(self) -> dict:
+        return {"microbatches": self.microbatches}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,6 +539,8 @@ class LayerRun:
             return
         self.triggered[group] = True
         ex = self.executor
+        if ex.trace is not None:
+            ex.trace.state = "backward"
         # Last saved, first used: the copies back go in reverse forward order.
         for st in reversed(self.swapped[group]):
             st.prefetch()
@@ -505,6 +630,9 @@ class Executor:
         # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls,
         # input bytes]
         self.layer_stats: Optional[Dict[Tuple[int, int], list]] = None
+        # profile: the save trace of keep-all steps, and the seconds of the replays per (layer, vpp stage)
+        self.trace: Optional[SaveTrace] = None
+        self.replay_seconds: Optional[Dict[Tuple[int, int], float]] = None
         self._anchor = torch.empty(0, requires_grad=True)
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -603,6 +731,8 @@ class Executor:
                 if prev is not None and (prev.layer != layer - 1 or prev.vpp_stage != vpp_stage):
                     prev = None
                 run = LayerRun(ex, layer, vpp_stage, prev)
+                if ex.trace is not None:
+                    ex.trace.on_layer(layer, vpp_stage, args, kwargs)
                 outer = ex._run
                 ex._run = run
                 try:
@@ -735,7 +865,18 @@ class Executor:
             run = ex._run
             if (run is None or ex._replaying or not torch.is_grad_enabled()
                     or (run.action(module) not in actions and not any(run.action(m) is a for m, a in also))):
-                return tagged(*args, **kwargs)
+                if ex.trace is None or run is None or ex._replaying or not torch.is_grad_enabled():
+                    return tagged(*args, **kwargs)
+                inside: List[int] = []
+                ex.trace.calls += 1
+                call = ex.trace.calls
+                ex.trace.open.append((call, inside))
+                try:
+                    out = tagged(*args, **kwargs)
+                finally:
+                    ex.trace.open.pop()
+                ex.trace.on_region(run, module, group, actions, also, args, kwargs, out, call, inside)
+                return out
             rng = _rng_state(ex._rng_devices, ex.rng_sources)
             state = dict(owner.__dict__) if owner is not None else None
             dropped = []

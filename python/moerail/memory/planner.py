@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _native
+from . import exact
 from .costs import MemoryCosts
 from .plan import MODULES, Action, LayerPlan, MemoryPlan
 from .simcosts import costs_to_core
@@ -146,6 +147,8 @@ def plan_memory(
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if isinstance(frontier_limit, bool) or not isinstance(frontier_limit, int) or frontier_limit < 16:
         raise ValueError(f"frontier_limit: expected an int >= 16, got {frontier_limit!r}")
+    if costs.exact_model:
+        return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
     out = json.loads(
         _native.memory.plan(
             costs_to_core(costs), float(budget), allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit
@@ -154,6 +157,32 @@ def plan_memory(
     ev = dict(out["evaluation"])
     ev["exact"] = bool(out["exact"])
     return _to_plan(costs, out["actions"], ev, budget)
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB ({b:.0f} B)" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchange: bool,
+                allow_recompute: bool) -> MemoryPlan:
+    if budget <= costs.static_bytes:
+        raise ValueError(
+            f"budget_bytes: {_size(budget)} is not above the weights, gradients and optimizer state "
+            f"({_size(costs.static_bytes)})"
+        )
+    if budget > costs.device_bytes:
+        raise ValueError(f"budget_bytes: {_size(budget)} is more than the device's {_size(costs.device_bytes)}")
+    assignment, ev, is_exact = exact.search(costs, float(budget), allow_swap=allow_swap,
+                                            allow_recompute=allow_recompute, allow_exchange=allow_exchange)
+    if assignment is None:
+        what = "recomputed or swapped" if allow_swap and costs.host_bytes > 0 else "recomputed"
+        raise ValueError(
+            f"budget_bytes: {_size(budget)} cannot be reached: the least this device needs is "
+            f"{_size(ev['peak_bytes'])} ({_size(costs.static_bytes)} static + activations with the most {what})"
+        )
+    ev = dict(ev)
+    ev["exact"] = bool(is_exact)
+    return _to_plan(costs, exact.rows_of(assignment, costs), ev, budget)
 
 
 def evaluate_plan(
@@ -169,6 +198,20 @@ def evaluate_plan(
         raise TypeError(f"plan: expected a MemoryPlan, got {type(plan).__name__}")
     budget = None if budget_bytes is None else parse_bytes(budget_bytes, "budget_bytes")
     rows = _rows(costs, plan)
+    if costs.exact_model:
+        ev = exact.evaluate(costs, exact.assignment_of(plan, costs))
+        if budget is not None and ev["peak_bytes"] > budget:
+            raise ValueError(
+                f"budget_bytes: the plan's predicted peak {ev['peak_bytes'] / 2**30:.2f} GiB is over the budget "
+                f"{budget / 2**30:.2f} GiB"
+            )
+        if ev["host_bytes"] > costs.host_bytes + 1e-9:
+            raise ValueError(
+                f"plan: its swaps need {ev['host_bytes'] / 2**30:.2f} GiB of host memory, more than host_bytes "
+                f"{costs.host_bytes / 2**30:.2f} GiB"
+            )
+        ev["exact"] = True
+        return _to_plan(costs, rows, ev, budget)
     ev = json.loads(
         _native.memory.evaluate(costs_to_core(costs), rows, None if budget is None else float(budget))
     )

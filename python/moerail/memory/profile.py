@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .costs import LayerCosts, MemoryCosts, ModuleCost
-from .executor import Executor, SavedTensorCounter
+from .executor import Executor, SavedTensorCounter, SaveTrace
 from .plan import MODULES, Action, LayerPlan, MemoryPlan
 
 __all__ = ["profile", "measure_host_link"]
@@ -49,13 +49,46 @@ def measure_host_link(device: torch.device, nbytes: int = 1 << 26) -> float:
     return 3 * nbytes / max(time.perf_counter() - t0, 1e-9)
 
 
-def _per_layer(ex: Executor, run_step: Callable[[], object]) -> Tuple[Dict[Tuple[int, int], list], float]:
-    ex.layer_stats = {}
-    t0 = time.perf_counter()
-    run_step()
-    dt = time.perf_counter() - t0
-    stats, ex.layer_stats = ex.layer_stats, None
-    return stats, dt
+def _per_layer(ex: Executor, run_step: Callable[[], object], repeats: int = 1
+               ) -> Tuple[Dict[Tuple[int, int], list], float, Dict[Tuple[int, int], float]]:
+    """The layer stats of one step, the fastest step time of ``repeats`` steps (on a shared
+    machine other work only ever adds time) and the replay seconds per layer (per step)."""
+    times, replay = [], {}
+    for i in range(repeats):
+        ex.layer_stats = {} if i == 0 else None
+        ex.replay_seconds = {}
+        t0 = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - t0)
+        for k, v in ex.replay_seconds.items():
+            replay[k] = replay.get(k, 0.0) + v / repeats
+        if i == 0:
+            stats = ex.layer_stats
+    ex.layer_stats = ex.replay_seconds = None
+    return stats, min(times), replay
+
+
+def _trial_seconds(replay: Dict[Tuple[int, int], float], key: Tuple[int, int], added: float, calls: int) -> float:
+    """A recompute's seconds in one layer and micro-batch: what its trial step added over keep-all,
+    shared between the layers as their replays' times, and never less than the replay itself (the
+    step's time also holds the regions' hooks in the forward and the replays' separate backward
+    passes, which the replay's timer does not see)."""
+    total = sum(replay.values())
+    own = replay.get(key, 0.0)
+    share = own / total if total > 0 else 1.0 / max(1, len(replay))
+    return max(own, max(0.0, added) * share) / calls
+
+
+def _trace(ex: Executor, run_step: Callable[[], object], steps: int) -> dict:
+    """Keep-all steps with the save trace on (see ``SaveTrace``)."""
+    ex.trace = SaveTrace(ex)
+    ex.counter.observer = ex.trace.on_save
+    try:
+        for _ in range(steps):
+            run_step()
+    finally:
+        trace, ex.trace, ex.counter.observer = ex.trace, None, None
+    return trace.to_dict()
 
 
 def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatches: int, pipeline_size: int = 1,
@@ -63,7 +96,7 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             device_bytes: Optional[float] = None, host_bytes: float = 0.0,
             host_link_bytes_per_second: Optional[float] = None, warmup: int = 1,
             modules: Optional[Tuple[str, ...]] = None, measure: str = "tags",
-            saved_as: str = "each") -> MemoryCosts:
+            saved_as: str = "each", repeats: int = 1, trace_steps: int = 1) -> MemoryCosts:
     """Measures ``MemoryCosts`` on the running model (see the module docstring). ``run_step()`` runs
     one training step (all its micro-batches) on this rank. ``measure="tags"`` (default): one step
     keeping everything after ``warmup``; a module's ``saved_bytes`` are the bytes its forward saved
@@ -77,7 +110,20 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     other data and routing: noisier on small models); ``"recompute"`` / ``"swap"``: both that
     action's. ``static_bytes``: the
     memory no plan changes (weights, gradients, optimizer state) to plan around; ``device_bytes``:
-    the device's capacity (default: the accelerator's, or this machine's memory on the CPU)."""
+    the device's capacity (default: the accelerator's, or this machine's memory on the CPU).
+
+    ``trace_steps`` more keep-all steps record which storages each module saved (``saved_tensors``, the
+    planner's held-bytes model; see ``moerail.memory.exact``) and, with ``measure="actions"``, one
+    trial per action (and one recomputing every layer whole) measures each action's added seconds
+    per layer: what its fastest of ``repeats`` steps added over keep-all's fastest, shared between
+    the layers as their replays' times (a recompute, at least its replay as the executor timed it)
+    or as the bytes they swap (a swap; on CPU ranks at least its memory copies, which run on the
+    cores that compute). The held bytes follow the routing
+    (tokens per expert differ between micro-batches and steps): the planner plans for the largest
+    of the recorded micro-batches, so more ``trace_steps`` cover more of the routing's spread."""
+    for name, v in (("repeats", repeats), ("trace_steps", trace_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     if not isinstance(executor, Executor):
         raise TypeError(f"executor: expected a moerail.memory.executor.Executor, got {type(executor).__name__}")
     if not callable(run_step):
@@ -99,10 +145,13 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             run_step()
         ex.timing = {}
         ex.counter.reset_peak()
-        keep, step_s = _per_layer(ex, run_step)
+        keep, step_s, _ = _per_layer(ex, run_step)
         timing, ex.timing = ex.timing, None
         tagged = dict(ex.counter.by_tag)
         keep_peak = ex.counter.peak
+        trace = _trace(ex, run_step, trace_steps)
+        if repeats > 1:
+            step_s = _per_layer(ex, run_step, repeats)[1]
         layers = sorted(keep)
         present: Dict[int, set] = {}
         for (layer, module) in timing:
@@ -115,6 +164,8 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
                                     if module in present.get(layer, ())), host_bytes=big_host)
 
         saving: Dict[Tuple[str, str], Dict[Tuple[int, int], float]] = {}
+        trial_s: Dict[str, float] = {}
+        replay_s: Dict[str, Dict[Tuple[int, int], float]] = {}
         trials = []
         if measure == "actions":
             trials = [(m, Action.RECOMPUTE) for m in wanted] + [(m, Action.SWAP) for m in wanted]
@@ -122,9 +173,13 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
                 trials.append(("expert_fc1", Action.RECOMPUTE_EXCHANGE))
         for module, action in trials:
             ex.set_plan(uniform(module, action))
-            got, _ = _per_layer(ex, run_step)
+            got, trial_s[f"{module}:{action.value}"], replay_s[f"{module}:{action.value}"] = _per_layer(
+                ex, run_step, repeats)
             saving[(module, action.value)] = {
                 k: (keep[k][0] - got[k][0]) / max(1, keep[k][2]) for k in keep if k in got}
+        if measure == "actions":
+            ex.set_plan(MemoryPlan(tuple(LayerPlan(layer, {}, vpp, recompute_layer=True) for layer, vpp in layers)))
+            _, trial_s["layer:recompute"], replay_s["layer:recompute"] = _per_layer(ex, run_step, repeats)
     finally:
         ex.timing = ex.layer_stats = None
         ex.counter = saved_counter
@@ -173,14 +228,48 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             device_bytes = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if host_link_bytes_per_second is None:
         host_link_bytes_per_second = measure_host_link(ex.device)
+    # Seconds each action adds per layer and micro-batch (the planner's held-bytes model reads them).
+    seconds: Dict[str, Dict[str, float]] = {}
+    for key in layers:
+        layer, vpp = key
+        calls = max(1, keep[key][2])
+        sec = seconds.setdefault(f"{layer}:{vpp}", {})
+        for m in wanted:
+            if m not in present.get(layer, ()):
+                continue
+            fwd_m = max(0.0, timing.get((layer, m), 0.0) / calls)
+            for a in ("recompute", "recompute_exchange"):
+                if f"{m}:{a}" in replay_s:
+                    sec[f"{m}:{a}"] = _trial_seconds(replay_s[f"{m}:{a}"], key, trial_s[f"{m}:{a}"] - step_s, calls)
+                elif a == "recompute":
+                    sec[f"{m}:{a}"] = fwd_m
+            moved = tagged.get((layer, m), 0) / calls
+            if f"{m}:swap" in trial_s:
+                total = sum(tagged.get((lk, m), 0) for lk, _ in layers) or 1
+                share = tagged.get((layer, m), 0) / total
+                sec[f"{m}:swap"] = max(0.0, trial_s[f"{m}:swap"] - step_s) * share / num_microbatches
+                if ex.device.type == "cpu":
+                    # No copy engine: the copies out and back run on the cores that compute, at least
+                    # their memory-copy time.
+                    sec[f"{m}:swap"] = max(sec[f"{m}:swap"], 2 * moved / max(host_link_bytes_per_second, 1.0))
+            else:
+                sec[f"{m}:swap"] = 2 * moved / max(host_link_bytes_per_second, 1.0)
+        if "layer:recompute" in replay_s:
+            sec["layer:recompute"] = _trial_seconds(replay_s["layer:recompute"], key,
+                                                    trial_s["layer:recompute"] - step_s, calls)
+        else:
+            sec["layer:recompute"] = keep[key][1] / calls
+    trace["seconds"] = seconds
     meta = {"keep_layer_bytes": {f"{k[0]}:{k[1]}": keep[k][0] / max(1, keep[k][2]) for k in layers},
             "savings": {f"{m}:{a}": {f"{k[0]}:{k[1]}": v for k, v in d.items()} for (m, a), d in saving.items()},
-            "min_swap_bytes": ex.min_swap_bytes}
+            "min_swap_bytes": ex.min_swap_bytes, "trial_step_seconds": trial_s}
     kw = dict(layers=tuple(out), device_bytes=float(device_bytes), host_bytes=float(host_bytes),
               host_link_bytes_per_second=float(host_link_bytes_per_second), pipeline_size=pipeline_size,
               pipeline_rank=pipeline_rank, virtual_pipeline_size=virtual_pipeline_size,
               num_microbatches=num_microbatches, step_seconds=step_s, source="profile")
-    costs = MemoryCosts(static_bytes=float(static_bytes), meta=meta, **kw)
+    costs = MemoryCosts(static_bytes=float(static_bytes), meta=meta, saved_tensors=trace, **kw)
+    if costs.exact_model:
+        return costs  # the bytes outside the layers are in the trace, placed in time
     # What the step saved outside the layers (embeddings, the output layer and loss) is in no module:
     # the keep-all step's measured peak calibrates it, as memory no plan changes.
     meta["keep_peak_saved_bytes"] = keep_peak
@@ -193,5 +282,5 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     if predicted is not None and keep_peak > predicted - static_bytes:
         extra = keep_peak - (predicted - static_bytes)
         meta["unattributed_bytes"] = extra
-        costs = MemoryCosts(static_bytes=float(static_bytes) + extra, meta=meta, **kw)
+        costs = MemoryCosts(static_bytes=float(static_bytes) + extra, meta=meta, saved_tensors=trace, **kw)
     return costs

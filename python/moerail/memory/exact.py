@@ -1,0 +1,473 @@
+"""The held-bytes model of profiled costs: what a plan leaves on the device, as the size of a union
+of the storages a keep-all step saved, and the plan with the least added time under a budget.
+
+``moerail.memory.profile`` records (:class:`~moerail.memory.executor.SaveTrace`) which storages each
+module's forward saved, each region's inputs, the outputs a recompute frees and what it saves
+inside; this module applies the executor's rules to them for any per-layer assignment of actions:
+
+* a *kept* module's saved storages stay; a *swapped* module's go to the host (those a swap moves:
+  dense, on the device, over ``min_swap_bytes``) and come back, one device copy per saved view,
+  when the backward of their group starts (with the next group's, one group ahead);
+* a *recomputed* module's region drops everything saved inside it, holds its inputs, and frees the
+  outputs it owns at the end of the layer's forward (whoever else saved them); when its group's
+  backward starts it saves the same storages again and refills its outputs;
+* a layer *recomputed whole* holds only its inputs, and rebuilds all it saved at its backward.
+
+Neighbouring modules interact through the union: a recompute's inputs that another recompute's
+outputs are count nothing, a storage two modules saved stays while either keeps it. The peak is
+the largest of: the end of the forward (everything held, the bytes saved outside the layers
+before and after them), each layer's forward before it frees its recomputed outputs, and each
+group's backward start (the layers before it held, its own kept bytes, its replays and swap-ins);
+with ``k`` micro-batches in flight, ``k - 1`` whole ones under it. The added time is what the
+profile measured per layer and action: a recompute's replay (its hooks included), a swap's cost
+to the step (on CPU ranks the copies run on the cores that compute), a whole layer's replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from .plan import MODULES, Action
+
+__all__ = ["evaluate", "search", "in_flight"]
+
+WHOLE = "whole"
+
+
+def in_flight(costs) -> int:
+    """Micro-batches whose activations are alive at once on this stage (1F1B: ``p - rank``)."""
+    if costs.pipeline_size <= 1:
+        return 1
+    return max(1, min(costs.num_microbatches, costs.pipeline_size - costs.pipeline_rank))
+
+
+def _size(nb: Mapping[int, int], ids) -> int:
+    return sum(nb.get(i, 0) for i in ids)
+
+
+class _Layer:
+    """One layer of one micro-batch in the trace, indexed for the set arithmetic."""
+
+    def __init__(self, key: str, mb: Mapping[str, Any]) -> None:
+        self.key = key
+        self.inputs = set(mb["layers"][key]["inputs"])
+        self.saves = [s for s in mb["saves"] if f"{s['layer'][0]}:{s['layer'][1]}" == key]
+        self.regions = [r for r in mb["regions"] if f"{r['layer'][0]}:{r['layer'][1]}" == key]
+        self.all_saved = {s["sid"] for s in self.saves}
+
+    def sets(self, acts) -> dict:
+        if acts == WHOLE:
+            return {"held": set(self.inputs), "freed": set(), "fwd": set(self.inputs),
+                    "bm": self.all_saved | self.inputs, "ba": set(), "swap_m": 0, "swap_a": 0, "host": 0}
+        active = [r for r in self.regions
+                  if acts.get(r["module"], "keep") in r["actions"] or any(acts.get(m) == a for m, a in r["also"])]
+        # A save made inside an active region is dropped (the same storage saved elsewhere stays).
+        calls = {r["call"] for r in active}
+        kept: Dict[int, set] = {}
+        swapped: Dict[str, Dict[str, int]] = {"attn": {}, "mlp": {}}
+        for s in self.saves:
+            if calls.intersection(s["calls"]):
+                continue
+            if acts.get(s["module"]) == "swap" and s["swappable"]:
+                swapped[s["group"] or "mlp"][s["view"]] = s["view_bytes"]
+                continue
+            kept.setdefault(s["sid"], set()).add(s["group"])
+        by = {g: {"in": set(), "out": set(), "inside": set()} for g in ("attn", "mlp")}
+        for r in active:
+            b = by[r["group"]]
+            b["in"].update(r["inputs"])
+            b["out"].update(r["outputs"])
+            b["inside"].update(r["inside"])
+        inputs = by["attn"]["in"] | by["mlp"]["in"]
+        freed = by["attn"]["out"] | by["mlp"]["out"]
+        kept_all = set(kept)
+        kept_attn = {i for i, gs in kept.items() if "attn" in gs or None in gs}
+        sw_m, sw_a = sum(swapped["mlp"].values()), sum(swapped["attn"].values())
+        return {
+            "held": (kept_all | inputs) - freed,
+            "freed": freed,
+            "fwd": kept_all | inputs,
+            "bm": (kept_all | inputs | by["mlp"]["inside"] | by["mlp"]["out"]) - by["attn"]["out"],
+            "ba": kept_attn | by["attn"]["in"] | by["attn"]["inside"] | by["attn"]["out"],
+            "swap_m": sw_m + sw_a,  # the attention group's come back one group ahead
+            "swap_a": sw_a,
+            "swap_mlp_only": sw_m,
+            "host": sw_m + sw_a,
+        }
+
+
+class Model:
+    """The trace of ``costs.saved_tensors`` indexed per micro-batch and layer."""
+
+    def __init__(self, costs) -> None:
+        st = costs.saved_tensors
+        self.costs = costs
+        self.keys = [f"{lc.layer}:{lc.vpp_stage}" for lc in costs.layers]
+        self.mbs = []
+        for mb in st["microbatches"]:
+            if not all(k in mb["layers"] for k in self.keys):
+                continue  # a partial micro-batch (a forward without grad, a trailing save)
+            order = sorted(self.keys, key=lambda k: mb["layers"][k]["order"])
+            nb = {int(k): v for k, v in mb["bytes"].items()}
+            self.mbs.append({"bytes": nb, "order": order, "layers": {k: _Layer(k, mb) for k in order},
+                             "pre": set(mb["pre"]), "post": set(mb["post"])})
+        if not self.mbs:
+            raise ValueError("costs: saved_tensors holds no complete micro-batch of this device's layers")
+        self.seconds: Mapping[str, Mapping[str, float]] = st.get("seconds", {})
+        self.k = in_flight(costs)
+
+    # -- options ----------------------------------------------------------------------------------
+
+    def choices(self, key: str, allow_swap: bool, allow_recompute: bool, allow_exchange: bool) -> List[Dict[str, List[str]]]:
+        """Per module of the layer, the actions the trace says it can take."""
+        out: Dict[str, List[str]] = {}
+        for mb in self.mbs:
+            lay = mb["layers"][key]
+            for s in lay.saves:
+                if s["module"] is not None:
+                    acts = out.setdefault(s["module"], ["keep"])
+                    if allow_swap and s["swappable"] and "swap" not in acts:
+                        acts.append("swap")
+            for r in lay.regions:
+                acts = out.setdefault(r["module"], ["keep"])
+                for a in r["actions"]:
+                    ok = allow_exchange if a == Action.RECOMPUTE_EXCHANGE.value else allow_recompute
+                    if ok and a not in acts:
+                        acts.append(a)
+        return {m: out[m] for m in MODULES if m in out}
+
+    def seconds_of(self, key: str, acts) -> float:
+        sec = self.seconds.get(key, {})
+        if acts == WHOLE:
+            return float(sec.get("layer:recompute", 0.0))
+        return float(sum(sec.get(f"{m}:{a}", 0.0) for m, a in acts.items() if a != "keep"))
+
+    def option_table(self, key: str, options: _Options) -> np.ndarray:
+        """``layer_summary`` of every assignment in ``options`` (rows), as boolean matrices."""
+        vals = np.zeros((len(options), 6))
+        for mb in self.mbs:
+            vals = np.maximum(vals, _vector_sizes(mb["layers"][key], mb["bytes"], options))
+        return np.concatenate([vals, options.seconds(self.seconds.get(key, {}))[:, None]], axis=1)
+
+    def layer_summary(self, key: str, acts) -> Tuple[float, ...]:
+        """(held, forward, mlp backward, attention backward, mlp swap-ins, host, seconds): bytes of
+        this layer alone, the largest over micro-batches."""
+        vals = np.zeros(6)
+        for mb in self.mbs:
+            nb = mb["bytes"]
+            s = mb["layers"][key].sets(acts)
+            v = (_size(nb, s["held"]), _size(nb, s["fwd"]), _size(nb, s["bm"]) + s["swap_m"],
+                 _size(nb, s["ba"]) + s["swap_a"],
+                 s.get("swap_mlp_only", 0), s["host"])
+            vals = np.maximum(vals, v)
+        return (*vals, self.seconds_of(key, acts))
+
+    # -- the exact evaluation -----------------------------------------------------------------------
+
+    def evaluate(self, assignment: Mapping[str, Any]) -> dict:
+        """The peak (static bytes included), host bytes and added seconds of an assignment
+        ``{layer_key: {module: action}}`` or ``{layer_key: WHOLE}``."""
+        peak_one = end_max = 0.0
+        host = 0.0
+        where = ""
+        for mb in self.mbs:
+            nb = mb["bytes"]
+
+            def size(x, nb=nb):
+                return _size(nb, x)
+
+            sets = {k: mb["layers"][k].sets(assignment.get(k, {})) for k in mb["order"]}
+            held_all = set(mb["pre"]) | mb["post"]
+            freed_all = set()
+            for k in mb["order"]:
+                held_all |= sets[k]["held"]
+                freed_all |= sets[k]["freed"]
+            end = size(held_all - freed_all)
+            end_max = max(end_max, end)
+            cands = [(end, "end of the forward")]
+            before, freed_before = set(mb["pre"]), set()
+            prev = None
+            for k in mb["order"]:
+                s = sets[k]
+                cands.append((size((before | s["fwd"]) - freed_before), f"layer {k.split(':')[0]} forward"))
+                cands.append((size((before | s["bm"]) - freed_before) + s["swap_m"],
+                              f"layer {k.split(':')[0]} MLP backward"))
+                if assignment.get(k) != WHOLE:
+                    look = prev.get("swap_mlp_only", 0) if prev is not None else 0
+                    cands.append((size((before | s["ba"]) - freed_before) + s["swap_a"] + look,
+                                  f"layer {k.split(':')[0]} attention backward"))
+                before = before | s["held"]
+                freed_before = freed_before | s["freed"]
+                prev = s
+            best = max(cands)
+            if best[0] > peak_one:
+                peak_one, where = best
+            host = max(host, sum(s["host"] for s in sets.values()))
+        k = self.k
+        added = sum(self.seconds_of(key, assignment.get(key, {})) * self.costs.num_microbatches
+                    for key in self.keys)
+        peak = self.costs.static_bytes + (k - 1) * end_max + peak_one
+        return {"peak_bytes": peak, "activation_bytes": k * end_max, "activation_bytes_keep_all":
+                k * self._keep_end(), "transient_bytes": peak_one - end_max, "host_bytes": host * k,
+                "added_seconds": added, "recompute_seconds": added, "exchange_seconds": 0.0,
+                "swap_exposed_seconds": 0.0, "peak_at": where, "model": "saved tensors"}
+
+    def _keep_end(self) -> float:
+        out = 0.0
+        for mb in self.mbs:
+            ids = set(mb["pre"]) | mb["post"]
+            for lay in mb["layers"].values():
+                ids |= lay.all_saved
+            out = max(out, sum(mb["bytes"].get(i, 0) for i in ids))
+        return out
+
+    def pre_post(self) -> Tuple[float, float]:
+        pre = max(sum(mb["bytes"].get(i, 0) for i in mb["pre"]) for mb in self.mbs)
+        post = max(sum(mb["bytes"].get(i, 0) for i in mb["post"]) for mb in self.mbs)
+        return pre, post
+
+
+class _Options:
+    """Every assignment of ``choices`` (module -> its actions) as a matrix of action codes."""
+
+    def __init__(self, choices: Mapping[str, List[str]]) -> None:
+        self.names = list(choices)
+        self.acts = [list(choices[m]) for m in self.names]
+        sizes = [len(a) for a in self.acts]
+        self.codes = np.indices(sizes).reshape(len(sizes), -1).T if sizes else np.zeros((1, 0), dtype=int)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def is_(self, module: str, action: str) -> np.ndarray:
+        if module not in self.names or action not in self.acts[self.names.index(module)]:
+            return np.full(len(self), action == "keep")
+        i = self.names.index(module)
+        return self.codes[:, i] == self.acts[i].index(action)
+
+    def __getitem__(self, row: int) -> Dict[str, str]:
+        return {m: a[c] for m, a, c in zip(self.names, self.acts, self.codes[row]) if a[c] != "keep"}
+
+    def seconds(self, sec: Mapping[str, float]) -> np.ndarray:
+        out = np.zeros(len(self))
+        for i, m in enumerate(self.names):
+            per = np.array([float(sec.get(f"{m}:{a}", 0.0)) if a != "keep" else 0.0 for a in self.acts[i]])
+            out += per[self.codes[:, i]]
+        return out
+
+
+def _vector_sizes(lay: _Layer, nb: Mapping[int, int], opts) -> np.ndarray:
+    """(held, forward, mlp backward, attention backward, mlp swap-ins, host) for each option: what
+    ``_Layer.sets`` computes, for all options at once."""
+    sids = sorted(lay.all_saved | lay.inputs | {i for r in lay.regions for f in ("inputs", "outputs", "inside")
+                                                 for i in r[f]})
+    at = {s: j for j, s in enumerate(sids)}
+    b = np.array([nb.get(s, 0) for s in sids], dtype=np.float64)
+    n = len(opts)
+    if isinstance(opts, _Options):
+        is_ = opts.is_
+    else:
+        def is_(m, a):
+            return np.array([o.get(m, "keep") == a for o in opts])
+
+    R = lay.regions
+    act = np.zeros((n, len(R)), dtype=bool)
+    for j, r in enumerate(R):
+        v = np.zeros(n, dtype=bool)
+        for a in r["actions"]:
+            v |= is_(r["module"], a)
+        for m, a in r["also"]:
+            v |= is_(m, a)
+        act[:, j] = v
+
+    def mat(field, which):
+        M = np.zeros((len(R), len(sids)))
+        for j, r in enumerate(R):
+            if which is None or r["group"] == which:
+                M[j, [at[i] for i in r[field]]] = 1
+        return M
+
+    actf = act.astype(np.float64)
+
+    def hit(field, which=None):
+        return (actf @ mat(field, which)) > 0
+
+    SV = lay.saves
+    sv_sid = np.array([at[s["sid"]] for s in SV], dtype=int)
+    C = np.zeros((len(R), len(SV)))
+    for j, r in enumerate(R):
+        for k, sv in enumerate(SV):
+            if r["call"] in sv["calls"]:
+                C[j, k] = 1
+    swap_ok = np.array([s["swappable"] for s in SV], dtype=bool)
+    swap_of = {m: is_(m, "swap") for m in {s["module"] for s in SV}}
+    sw = np.zeros((n, len(SV)), dtype=bool)
+    for j, s in enumerate(SV):
+        sw[:, j] = swap_of[s["module"]] & swap_ok[j]
+    live = (actf @ C) == 0
+    sw &= live
+    kp = live & ~sw
+
+    def to_sid(mask, cols):
+        M = np.zeros((len(SV), len(sids)))
+        M[cols, sv_sid[cols]] = 1
+        return (mask.astype(np.float64) @ M) > 0
+
+    allc = np.arange(len(SV))
+    attn_c = np.array([j for j, s in enumerate(SV) if s["group"] in ("attn", None)], dtype=int)
+    kept_all = to_sid(kp, allc)
+    kept_attn = to_sid(kp, attn_c)
+    views: Dict[str, int] = {}
+    for s in SV:
+        views.setdefault(s["view"], len(views))
+
+    def swapped_bytes(group):
+        cols = [j for j, s in enumerate(SV) if (s["group"] or "mlp") == group]
+        V = np.zeros((len(SV), len(views)))
+        vb = np.zeros(len(views))
+        for j in cols:
+            V[j, views[SV[j]["view"]]] = 1
+            vb[views[SV[j]["view"]]] = SV[j]["view_bytes"]
+        return ((sw.astype(np.float64) @ V) > 0) @ vb
+
+    sw_m, sw_a = swapped_bytes("mlp"), swapped_bytes("attn")
+    in_a, in_m = hit("inputs", "attn"), hit("inputs", "mlp")
+    out_a, out_m = hit("outputs", "attn"), hit("outputs", "mlp")
+    ins_a, ins_m = hit("inside", "attn"), hit("inside", "mlp")
+    fwd = kept_all | in_a | in_m
+    held = fwd & ~(out_a | out_m)
+    bm = (fwd | ins_m | out_m) & ~out_a
+    ba = kept_attn | in_a | ins_a | out_a
+    return np.stack([held @ b, fwd @ b, bm @ b + sw_m + sw_a, ba @ b + sw_a, sw_m, sw_m + sw_a], axis=1)
+
+
+def _pareto(points: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Indices of the rows no other row is <= in every column (the first of equal rows kept).
+    In lexicographic order no row is dominated by a later one, so each chunk of rows is checked
+    against the rows kept before it at once, then among itself."""
+    order = np.lexsort(points.T[::-1])
+    kept: List[int] = []
+    kept_pts = np.zeros((0, points.shape[1]))
+    for start in range(0, len(order), chunk):
+        ids = order[start:start + chunk]
+        pts = points[ids]
+        if len(kept_pts):
+            dom = np.zeros(len(ids), dtype=bool)
+            for k0 in range(0, len(kept_pts), 2048):
+                q = kept_pts[k0:k0 + 2048]
+                dom |= (q[None, :, :] <= pts[:, None, :]).all(axis=2).any(axis=1)
+            ids, pts = ids[~dom], pts[~dom]
+        mine: List[int] = []
+        for r in range(len(ids)):
+            if mine and (pts[mine] <= pts[r]).all(axis=1).any():
+                continue
+            mine.append(r)
+        kept.extend(ids[mine].tolist())
+        kept_pts = np.concatenate([kept_pts, pts[mine]])
+    return np.array(kept, dtype=int)
+
+
+def evaluate(costs, assignment) -> dict:
+    return Model(costs).evaluate(assignment)
+
+
+def search(costs, budget: float, *, allow_swap: bool = True, allow_recompute: bool = True,
+           allow_exchange: bool = True, frontier_limit: int = 2048):
+    """The assignment with the least added seconds whose peak fits ``budget``: every per-layer
+    assignment of the actions the trace allows (and the whole-layer recompute), their frontier,
+    then the layers combined in forward order (sum of held bytes, the largest candidate so far),
+    the winner evaluated exactly. Returns ``(assignment, evaluation, exact)``; ``None`` for the
+    assignment when no plan fits (the evaluation is then the least peak reachable)."""
+    model = Model(costs)
+    pre, post = model.pre_post()
+    k = model.k
+    static = costs.static_bytes
+    order = model.mbs[0]["order"]
+    per_layer = []
+    for key in order:
+        options = _Options(model.choices(key, allow_swap and costs.host_bytes > 0, allow_recompute, allow_exchange))
+        vals = model.option_table(key, options)
+        opts: List[Any] = list(range(len(options)))
+        if allow_recompute:
+            vals = np.concatenate([vals, np.array([model.layer_summary(key, WHOLE)])])
+            opts.append(WHOLE)
+        # What the combination reads: held, max(forward, MLP backward), attention backward (it
+        # meets the previous layer's MLP swap-ins), MLP swap-ins, host, seconds.
+        H, F, Bm, Ba, Sm, host, t = vals.T
+        swaps = Sm.max() > 0
+        red = np.stack([H, np.maximum(F, Bm) if swaps else np.maximum.reduce([F, Bm, Ba]), Ba if swaps else 0 * Ba,
+                        Sm, host, t], axis=1)
+        cols = [c for c in range(6) if red[:, c].max() > red[:, c].min()]
+        keep = _pareto(red[:, cols]) if cols else np.array([int(np.argmin(t))])
+        per_layer.append(([opts[i] if opts[i] == WHOLE else options[opts[i]] for i in keep], vals[keep]))
+    # states: columns S (held so far), M (largest candidate so far), SIm (last layer's MLP swap-ins),
+    # host, seconds
+    states = np.zeros((1, 5))
+    states[0, 1] = pre
+    choice: List[List[Any]] = [[]]
+    exact = True
+    host_binds = sum(float(v[:, 5].max()) for _, v in per_layer) * k > costs.host_bytes
+    for n, (opts, vals) in enumerate(per_layer):
+        last = n == len(per_layer) - 1
+        H, F, Bm, Ba, Sm, host, t = vals.T
+        S0, M0, Sm0, h0, t0 = (states[:, i:i + 1] for i in range(5))
+        S = S0 + H
+        M = np.maximum.reduce([M0 + 0 * H, pre + S0 + F, pre + S0 + Bm, pre + S0 + Ba + Sm0])
+        hh = h0 + host
+        tt = t0 + t
+        ok = (static + np.maximum(M, pre + S + post) + (k - 1) * (pre + S + post) <= budget * (1 + 1e-12))
+        ok &= hh * k <= costs.host_bytes + 1e-9
+        idx = np.argwhere(ok)
+        if len(idx) == 0:
+            states = None
+            break
+        if last:
+            best = int(np.argmin(tt[ok]))
+            i, j = idx[best]
+            assignment = dict(zip(order, choice[i] + [opts[j]]))
+            return assignment, model.evaluate(assignment), exact
+        cand = np.stack([S[ok], M[ok], np.broadcast_to(Sm, S.shape)[ok], hh[ok], tt[ok]], axis=1)
+        if not host_binds:
+            cand[:, 3] = 0.0
+        if len(cand) > 8 * frontier_limit:
+            first = np.argsort(cand[:, 4], kind="stable")[: 8 * frontier_limit]
+            idx, cand = idx[first], cand[first]
+            exact = False
+        keep = _pareto(cand)
+        if len(keep) > frontier_limit:
+            keep = keep[np.argsort(cand[keep, 4], kind="stable")[:frontier_limit]]
+            exact = False
+        choice = [choice[idx[i][0]] + [opts[idx[i][1]]] for i in keep]
+        states = cand[keep]
+    return None, _least(model, per_layer, order), exact
+
+
+def _least(model: Model, per_layer, order) -> dict:
+    """The evaluation of the assignment with the least held bytes (every layer its smallest)."""
+    assignment = {}
+    for key, (opts, vals) in zip(order, per_layer):
+        assignment[key] = opts[int(np.argmin(vals[:, 0] + vals[:, 2]))]
+    return model.evaluate(assignment)
+
+
+def assignment_of(plan, costs) -> Dict[str, Any]:
+    out = {}
+    for lc in costs.layers:
+        key = f"{lc.layer}:{lc.vpp_stage}"
+        if plan.recompute_layer(lc.layer, lc.vpp_stage):
+            out[key] = WHOLE
+        else:
+            out[key] = {m: plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES
+                        if plan.action(lc.layer, m, lc.vpp_stage) is not Action.KEEP}
+    return out
+
+
+def rows_of(assignment: Mapping[str, Any], costs) -> List[List[str]]:
+    rows = []
+    for lc in costs.layers:
+        a = assignment.get(f"{lc.layer}:{lc.vpp_stage}", {})
+        rows.append(["recompute_layer"] * len(MODULES) if a == WHOLE else [a.get(m, "keep") for m in MODULES])
+    return rows
+
