@@ -47,7 +47,8 @@ def _model(ffn: int) -> List[str]:
 #: Skewed routing: a fixed Zipf prior on the router logits, and DeepSeek-V3's balancing: the
 #: aux-loss-free expert bias with a complementary sequence-wise aux loss of weight 1e-4 (its report,
 #: section 2.1.2), so the skew persists and a placement made for the last steps holds for the next.
-SKEW = ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--aux-loss", "1e-4", "--rebalance-every", "5"]
+SKEW = ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--aux-loss", "1e-4", "--rebalance-every", "5",
+        "--placement-mode", "incremental"]
 
 
 def _runs(quick: bool) -> List[Dict]:
@@ -55,6 +56,7 @@ def _runs(quick: bool) -> List[Dict]:
     return [
         {"name": "uniform routing", "model": MODEL, "argv": ["--arms", "stock,patched,moerail,overlap,stock_ulp"]},
         {"name": "skewed routing (Zipf prior 1.0, re-placement every 5 steps)", "model": MODEL, "argv": SKEW},
+        {"name": "skewed routing, experts 4x larger (expert FFN 512)", "model": _model(512), "argv": SKEW},
         {"name": "skewed routing, experts 8x larger (expert FFN 1024)", "model": _model(1024), "argv": SKEW},
     ], ["--steps", str(steps), "--warmup", str(warmup)]
 
@@ -153,12 +155,13 @@ def _intro() -> str:
         "(`use_moerail`: moerail's router and `AllToAllDispatcher`, strategy `auto` planned with the link measured "
         "below), `overlap` (`moerail` with `use_moerail(num_chunks=2)`: each MoE layer's dispatch, experts and "
         "combine as a two-chunk pipeline, one chunk's exchange in a helper thread while the experts compute the "
-        "other, forward and backward), `placed` (`moerail` plus `update_expert_placement` every 5 "
-        "steps, at a global-batch boundary, for the load `LoadTracker.predict(\"ema\")` expects in the next 5 "
-        "steps; weights and Adam state moved), `stock_ulp` (stock with its router weights one ulp off: the noise "
+        "other, forward and backward), `placed` (`moerail` plus `update_expert_placement(mode=\"incremental\")` "
+        "every 5 steps, at a global-batch boundary, for the load `LoadTracker.predict(\"ema\")` expects in the "
+        "next 5 steps: the current placement improved by swaps within and across nodes; weights and Adam state "
+        "moved), `stock_ulp` (stock with its router weights one ulp off: the noise "
         "floor).",
         "",
-        f"Model: {' '.join(MODEL)} (4096 tokens a step; the last run with experts 8x larger). Inter-node link: veth "
+        f"Model: {' '.join(MODEL)} (4096 tokens a step; the last two runs with experts 4x and 8x larger). Inter-node link: veth "
         f"shaped to {LINK_MBIT} Mbit/s each way by `tc tbf`, loopback inside a node. Each emulated node has its own "
         "CPU cores (`--pin-nodes`, on by default: the cores split in halves, a node's 2 ranks on its half), as real "
         "nodes have: without it a node waiting on the link lends its cores to the other node, which hides any "
