@@ -40,18 +40,30 @@ MODEL = ["--layers", "4", "--hidden", "128", "--ffn", "128", "--heads", "4", "--
 TARGETS = {"moerail": 1.5, "placed": 1.73}
 
 
+def _model(ffn: int) -> List[str]:
+    return [*MODEL[:MODEL.index("--ffn") + 1], str(ffn), *MODEL[MODEL.index("--ffn") + 2:]]
+
+
+#: Skewed routing: a fixed Zipf prior on the router logits, and DeepSeek-V3's balancing: the
+#: aux-loss-free expert bias with a complementary sequence-wise aux loss of weight 1e-4 (its report,
+#: section 2.1.2), so the skew persists and a placement made for the last steps holds for the next.
+SKEW = ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--aux-loss", "1e-4", "--rebalance-every", "5",
+        "--placement-mode", "incremental"]
+
+
 def _runs(quick: bool) -> List[Dict]:
     steps, warmup = (8, 2) if quick else (30, 5)
     return [
-        {"name": "uniform routing", "argv": ["--arms", "stock,patched,moerail,overlap,stock_ulp"]},
-        {"name": "skewed routing (Zipf prior 1.0, re-placement every 5 steps)",
-         "argv": ["--arms", "stock,moerail,placed", "--zipf", "1.0", "--rebalance-every", "5"]},
+        {"name": "uniform routing", "model": MODEL, "argv": ["--arms", "stock,patched,moerail,overlap,stock_ulp"]},
+        {"name": "skewed routing (Zipf prior 1.0, re-placement every 5 steps)", "model": MODEL, "argv": SKEW},
+        {"name": "skewed routing, experts 4x larger (expert FFN 512)", "model": _model(512), "argv": SKEW},
+        {"name": "skewed routing, experts 8x larger (expert FFN 1024)", "model": _model(1024), "argv": SKEW},
     ], ["--steps", str(steps), "--warmup", str(warmup)]
 
 
-def command(extra: List[str]) -> str:
+def command(model: List[str], extra: List[str]) -> str:
     return ("python examples/megatron_pretrain.py --cluster netns --link-mbit "
-            f"{LINK_MBIT} {' '.join(MODEL)} {' '.join(extra)}")
+            f"{LINK_MBIT} {' '.join(model)} {' '.join(extra)}")
 
 
 def _median(xs):
@@ -88,16 +100,21 @@ def _plot(results: List[Dict], path: pathlib.Path) -> None:
 
     fig, axes = plt.subplots(1, 1 + len(results), figsize=(5 * (1 + len(results)), 4))
     bars = []
-    for ax, (name, res) in zip(axes[:-1], results):
+    for j, (ax, (name, res)) in enumerate(zip(axes[:-1], results)):
         for r in _arm_rows(res):
             ax.plot(range(1, len(r["loss"]) + 1), r["loss"], label=r["arm"], lw=1.2)
-            bars.append((f"{r['arm']}\n({name.split(' ')[0]})", r["tps"]))
+            bars.append((r["arm"], r["tps"], j))
         ax.set_title(f"loss, {name.split(' (')[0]}")
         ax.set_xlabel("step")
         ax.legend()
     ax = axes[-1]
-    ax.bar(range(len(bars)), [b[1] for b in bars], color="tab:blue")
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    ax.bar(range(len(bars)), [b[1] for b in bars], color=[colors[b[2] % len(colors)] for b in bars])
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=60)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colors[j % len(colors)], label=name.split(" (")[0])
+                       for j, (name, _) in enumerate(results)], fontsize=7)
     ax.set_title("tokens/s (median after warm-up)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -116,10 +133,11 @@ def run(quick: bool) -> str:
     results = []
     t0 = time.perf_counter()
     for r in runs:
-        argv = ["--cluster", "netns", "--link-mbit", str(LINK_MBIT), *MODEL, *common, *r["argv"], "--no-progress"]
+        argv = ["--cluster", "netns", "--link-mbit", str(LINK_MBIT), *r["model"], *common, *r["argv"], "--no-progress"]
         res = megatron_pretrain.launch(argv)
-        results.append({"name": r["name"], "cmd": command([*common, *r["argv"]]), "res": res})
+        results.append({"name": r["name"], "cmd": command(r["model"], [*common, *r["argv"]]), "res": res})
     saved = {"runs": results, "wall_s": time.perf_counter() - t0, "load_before": load0[0],
+             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "load_after": os.getloadavg()[0], "machine": _common.machine()}
     RESULTS.write_text(json.dumps(saved))
     return render(saved)
@@ -137,13 +155,17 @@ def _intro() -> str:
         "(`use_moerail`: moerail's router and `AllToAllDispatcher`, strategy `auto` planned with the link measured "
         "below), `overlap` (`moerail` with `use_moerail(num_chunks=2)`: each MoE layer's dispatch, experts and "
         "combine as a two-chunk pipeline, one chunk's exchange in a helper thread while the experts compute the "
-        "other, forward and backward), `placed` (`moerail` plus `update_expert_placement` every 5 "
-        "steps, at a global-batch boundary, for the load `LoadTracker.predict(\"ema\")` expects in the next 5 "
-        "steps; weights and Adam state moved), `stock_ulp` (stock with its router weights one ulp off: the noise "
+        "other, forward and backward), `placed` (`moerail` plus `update_expert_placement(mode=\"incremental\")` "
+        "every 5 steps, at a global-batch boundary, for the load `LoadTracker.predict(\"ema\")` expects in the "
+        "next 5 steps: the current placement improved by swaps within and across nodes; weights and Adam state "
+        "moved), `stock_ulp` (stock with its router weights one ulp off: the noise "
         "floor).",
         "",
-        f"Model: {' '.join(MODEL)} (4096 tokens a step). Inter-node link: veth shaped to {LINK_MBIT} Mbit/s each "
-        "way by `tc tbf`, loopback inside a node. Raw results: `benches/e2e_results.json`; "
+        f"Model: {' '.join(MODEL)} (4096 tokens a step; the last two runs with experts 4x and 8x larger). Inter-node link: veth "
+        f"shaped to {LINK_MBIT} Mbit/s each way by `tc tbf`, loopback inside a node. Each emulated node has its own "
+        "CPU cores (`--pin-nodes`, on by default: the cores split in halves, a node's 2 ranks on its half), as real "
+        "nodes have: without it a node waiting on the link lends its cores to the other node, which hides any "
+        "difference of work between the nodes. Raw results: `benches/e2e_results.json`; "
         "`python benches/bench_e2e.py --render` re-writes this section from them.",
     ])
 
@@ -183,7 +205,8 @@ def render(saved: Dict) -> str:
     parts = [
         _intro(),
         "",
-        f"Machine: {saved['machine']}; megatron-core {first['megatron_core']}, torch {first['torch']}. "
+        f"Machine: {saved['machine']}; megatron-core {first['megatron_core']}, torch {first['torch']}"
+        + (f"; finished {saved['finished']}. " if "finished" in saved else ". ") +
         f"Load average {saved['load_before']:.1f} before and {saved['load_after']:.1f} after the "
         f"{saved['wall_s'] / 60:.0f}-minute run: "
         + ("**other jobs shared the 2 cores, so absolute numbers are noisy; the ratios are arm against arm in the "
@@ -292,29 +315,43 @@ def render(saved: Dict) -> str:
             pl, mo = m["placed"], m["moerail"]
             later = [f"{b['window']:.2f}" for b in pl["rebalances"][1:] if "window" in b]
             moved = [b["moved"] for b in pl["rebalances"]]
+            steps = res["runs"][0]["arms"]["placed"]["step_s"]
+            at = {b["step"] - 1 for b in pl["rebalances"]}
+            cost = _median([steps[i] for i in at if i < len(steps)]) - _median(
+                [x for i, x in enumerate(steps) if i not in at])
             balanced = pl["load"] < mo["load"] - 0.02
-            verdict = (f"placed/moerail: {pl['tps'] / mo['tps']:.2f}x. " + (
-                "" if balanced else "Placement hardly changed the measured balance, so that difference is "
-                "re-placement's cost plus this run's timing noise (`stock_ulp` in the uniform run shows the noise of "
-                "a ratio), not a balance gain. "))
+            faster = pl["tps"] > mo["tps"]
+            gain = 3 * mo["parts"]["experts"] * max(0.0, 1 - pl["load"] / mo["load"])
+            predicted = ", ".join(f"{b['after']:.2f}" for b in pl["rebalances"][:-1]) or "n/a"
             notes.append(
                 f"Placement ({short}): busiest/mean device load, mean over the steps after warm-up, {pl['load']:.2f} "
                 f"with re-placement against {mo['load']:.2f} without (the windows after each re-placement measured "
-                f"{', '.join(later) or 'n/a'}, where each placement predicted 1.00: early in training, with Adam, the "
-                "aux loss and the expert bias moving the router every step, the load of the last steps predicts "
-                "the next ones hardly better than no re-placement at all); "
-                f"{', '.join(str(x) for x in moved) or 'no'} experts moved at the re-placements. Inter-node bytes "
+                f"{', '.join(later) or 'n/a'}, where each placement predicted "
+                f"{predicted}: the router keeps "
+                "learning, so a placement made for the last steps fits the next ones less well as they pass); "
+                f"{', '.join(str(x) for x in moved) or 'no'} experts moved at the re-placements, each re-placement "
+                f"step {cost:.2f} s longer than the others (weights and Adam state over the link; in the mean column, "
+                "not in the median). Inter-node bytes "
                 f"{pl['inter'] / 1e6:.1f} MB against {mo['inter'] / 1e6:.1f} MB a step: with top-8 of 32 experts on 2 "
                 "nodes nearly every token reaches both nodes whatever the placement. So placement changes only the "
-                f"experts' balance, and the experts' compute is {mo['parts']['experts']:.2f} s of a "
-                f"{mo['step_s']:.2f} s step (forward; about 3x that with backward); on 2 CPU cores shared by 4 ranks "
-                "a rank that waits frees its core for the others, so imbalance costs less here than on one "
-                "accelerator per rank. " + verdict + "What would make placement pay: "
-                "a router that has settled (training past its first steps, where the load of one window predicts "
-                "the next), a step where the experts are a large share (bigger or more experts per rank, one "
-                "accelerator per rank), or replicas of the hot experts on both nodes so that tokens stay in their node (the "
-                "planner takes replicas; Megatron's experts module holds E/EP experts a rank, so the integration "
-                "cannot give it spare slots yet).")
+                f"experts' balance: the experts' forward is {mo['parts']['experts']:.2f} s of moerail's "
+                f"{mo['step_s']:.2f} s step (about 3x that with backward), and with a balanced load no rank waits "
+                f"in the exchange for the busiest one (exchange {mo['parts']['exchange']:.2f} s -> "
+                f"{pl['parts']['exchange']:.2f} s). Balancing can save at most about {gain:.2f} s a step here "
+                f"({gain / mo['step_s']:.0%}): the busiest device's extra expert work, forward and backward, "
+                f"3 x {mo['parts']['experts']:.2f} s x (1 - {pl['load']:.2f} / {mo['load']:.2f}). "
+                f"placed/moerail: {pl['tps'] / mo['tps']:.2f}x"
+                + (", a difference larger than the balance can account for: timing noise of this run, or a cost of "
+                   "placement that this run does not separate. " if abs(
+                    pl["tps"] / mo["tps"] - 1) > gain / mo["step_s"] and not faster else ". ")
+                + ("" if balanced else "Placement hardly changed the measured balance, so that difference is "
+                   "re-placement's cost plus this run's timing noise, not a balance gain. ")
+                + ("" if faster and pl["tps"] / rows[0]["tps"] >= TARGETS["placed"] else
+                   "What would make placement pay more: a step where the experts are a larger share"
+                   + ("" if "larger" in short else " (the run with larger experts shows the trend)") + ", a router that has settled (later in training, where the load "
+                   "of one window predicts the next), or replicas of the hot experts on both nodes (the planner "
+                   "takes replicas; Megatron's experts module holds E/EP experts a rank, so the integration cannot "
+                   "give it spare slots yet)."))
         parts.append("")
     _plot(results, PNG)
     parts += ["### Targets", ""]

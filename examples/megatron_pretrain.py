@@ -97,6 +97,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--cluster", choices=("local", "netns"), default="local",
                     help="local: every rank on loopback; netns: 2 emulated nodes x 2 ranks joined by a shaped link")
     ap.add_argument("--link-mbit", type=float, default=1000.0, help="netns: bandwidth of the inter-node link")
+    ap.add_argument("--pin-nodes", choices=("auto", "on", "off"), default="auto",
+                    help="netns: give each emulated node its own CPU cores (half of those this process may use), "
+                         "so that a node's compute is its own, as on real nodes; auto: on when there are 2 or more")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks a node for moerail's planner (default: 2 with --cluster netns, else the EP size)")
     ap.add_argument("--strategy", default="auto", help=f"moerail's exchange strategy: {', '.join(STRATEGIES)}")
@@ -128,6 +131,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the launcher kills the ranks")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--master", default="127.0.0.1:0", help=argparse.SUPPRESS)
+    ap.add_argument("--cores", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -654,6 +658,8 @@ def worker(a: argparse.Namespace) -> None:
     if err:
         print(f"megatron_pretrain (rank {rank}): {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if a.cores:
+        os.sched_setaffinity(0, [int(c) for c in a.cores.split(",")])
     warnings.simplefilter("ignore")
     import logging
 
@@ -716,7 +722,8 @@ def run_layout(a: argparse.Namespace, rank: int, corpus, corpus_doc: str, link, 
     if rank == 0:
         print(f"megatron-core {_mcore_version()}: GPTModel {a.layers} layers, hidden {a.hidden}, {a.experts} experts "
               f"top-{a.topk} (expert FFN {a.ffn}), TP{a.tp} PP{a.pp} EP{a.ep} DP{dp} on {a.world} ranks "
-              f"({'2 emulated nodes x 2, ' + f'{a.link_mbit:g} Mbit/s between them' if netns else 'one node'}); "
+              f"({'2 emulated nodes x 2, ' + f'{a.link_mbit:g} Mbit/s between them' if netns else 'one node'}"
+              f"{f', each node on its own CPU cores (rank 0: {a.cores})' if a.cores else ''}); "
               f"{tokens_per_step} tokens a step; data: {corpus_doc}", flush=True)
         if link is not None:
             print(f"link measured: inter-node {link.inter_node_bw * 8 / 1e6:.0f} Mbit/s a node, latency "
@@ -877,6 +884,7 @@ def launch(argv: List[str]) -> Dict:
         host, port = "127.0.0.1", _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MOERAIL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                PYTHONWARNINGS="ignore")
+    node_cores = _node_cores(a) if netns_mod is not None else None
     procs, logs = [], []
     try:
         for r in range(a.world):
@@ -885,6 +893,8 @@ def launch(argv: List[str]) -> Dict:
             env_r = dict(env)
             if netns_mod is not None:
                 node = r // 2
+                if node_cores is not None:
+                    cmd += ["--cores", ",".join(map(str, node_cores[node]))]
                 cmd = ["ip", "netns", "exec", netns_mod.NS[node], *cmd]
                 env_r["GLOO_SOCKET_IFNAME"] = netns_mod.VETH[node]
             log = open(pathlib.Path(out) / f"rank{r}.log", "w+")
@@ -924,6 +934,19 @@ def launch(argv: List[str]) -> Dict:
             log.close()
         if netns_mod is not None:
             netns_mod.teardown()
+
+
+def _node_cores(a: argparse.Namespace) -> Optional[List[List[int]]]:
+    """The CPU cores of each of the 2 emulated nodes: the cores this process may use, split in halves.
+    Without it the 4 ranks share every core, and a node waiting on the link lends its cores to the
+    other node, which real nodes cannot do (it hides any imbalance of work between the nodes)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if a.pin_nodes == "off" or (a.pin_nodes == "auto" and len(cores) < 2):
+        return None
+    if len(cores) < 2:
+        raise SystemExit(f"megatron_pretrain: --pin-nodes on needs 2 or more CPU cores, this process may use {len(cores)}")
+    half = len(cores) // 2
+    return [cores[:half], cores[half:2 * half]]
 
 
 def main(argv: Optional[List[str]] = None) -> None:

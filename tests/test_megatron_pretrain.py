@@ -123,3 +123,21 @@ def test_bad_configuration_one_message_every_rank():
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2, err[-2000:]
         assert f"megatron_pretrain (rank {rank}): " in err and msg in err, err[-2000:]
+
+
+def test_each_emulated_node_gets_its_own_cores(monkeypatch):
+    """``--pin-nodes``: the 2 emulated nodes split the cores this process may use in halves, so a node
+    waiting on the link cannot lend its cores to the other (as real nodes cannot)."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import megatron_pretrain
+
+    def cores(*argv):
+        return megatron_pretrain._node_cores(megatron_pretrain.parse_args([*SMALL, *argv]))
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    assert cores() == [[0, 1], [2, 3]]
+    assert cores("--pin-nodes", "off") is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7})
+    assert cores() is None  # auto: one core cannot be split, every rank shares it
+    with pytest.raises(SystemExit, match="--pin-nodes on needs 2 or more CPU cores"):
+        cores("--pin-nodes", "on")

@@ -27,8 +27,9 @@ def update_expert_placement(model, load, optimizer=None, *, num_nodes: int = 1, 
 
     Megatron's experts module holds ``E / ep`` experts a rank, so the new placement packs experts
     onto ranks (``rebalance_experts(load, E, 1, num_nodes, ep, mode)``, no replicas; with
-    ``mode="incremental"``, ``improve_placement(load, current, ep, num_nodes)``: the current
-    placement improved by swaps, so fewer experts move and re-placing often stays cheap); the move is
+    ``mode="incremental"``, ``improve_placement(load, current, ep, num_nodes, keep_nodes=False)``:
+    the current placement improved by swaps, within and across nodes, so fewer experts move and
+    re-placing often stays cheap); the move is
     planned to keep experts where they are (``plan_migration``), and with ``seconds_per_token`` and
     ``horizon_steps`` it is made only when ``should_migrate`` says it pays. ``migrate_experts``
     moves each expert's weights and, with ``optimizer`` (a torch optimizer holding them, e.g.
@@ -54,7 +55,9 @@ def update_expert_placement(model, load, optimizer=None, *, num_nodes: int = 1, 
                          f"{tuple(load.shape)}")
     current = torch.stack([m.token_dispatcher.exchange.phy2log for m in layers])
     if mode == "incremental":
-        new, _, _ = moerail.improve_placement(load, current, w, num_nodes)
+        # Across nodes too: without replicas every expert is trivially "in one node", and keeping it
+        # there would leave the busiest node's excess where it is.
+        new, _, _ = moerail.improve_placement(load, current, w, num_nodes, keep_nodes=False)
     else:
         new, _, _ = moerail.rebalance_experts(load, e, 1, num_nodes, w, mode=mode)
     tensors = moerail.expert_slot_tensors(slot_params, optimizer)
