@@ -34,7 +34,9 @@ bytes, and with ``--out DIR`` ``results.json`` (every step of every arm, the bre
 ``benches/bench_e2e.py``.
 
 Run (one node): ``python examples/megatron_pretrain.py``; two emulated nodes (root, network
-namespaces and ``tc``): ``python examples/megatron_pretrain.py --cluster netns --link-mbit 1000``.
+namespaces and ``tc``): ``python examples/megatron_pretrain.py --cluster netns --link-mbit 1000``;
+each emulated node runs on its own half of the CPU cores (``--pin-nodes``), as real nodes compute
+apart.
 ``--help`` lists the layout and model options.
 
 On CPU, Megatron-Core makes a few CUDA calls even with gloo; ``cpu_stand_ins`` stands in for them in
