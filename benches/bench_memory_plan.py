@@ -5,7 +5,10 @@ recompute) under the same budget and the same cost model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from _common import table
+from moerail import sim
 from moerail.memory import MemoryCosts, MemoryPlan, evaluate_plan, megatron_static_plans, plan_memory
 from moerail.memory.planner import best_static
 
@@ -28,9 +31,13 @@ DSV3 = dict(
     expert_model_parallel_size=64, expert_tensor_parallel_size=1, num_layers=61, moe_layer_freq=[0, 0, 0] + [1] * 58,
     pipeline_model_parallel_layout="Et|(tt|)*30mL",
 )  # fmt: skip
+# The last field: whether the device's host link also carries its NIC's traffic. DGX H100: each GPU
+# and its ConnectX-7 NIC sit on one PCIe Gen5 switch, so the exchange's GPUDirect RDMA traffic and
+# host copies share the GPU's x16 link. Atlas 800T A2: the Ascend 910's RoCE ports are on the NPU
+# itself, so the exchange does not cross the host link.
 CASES = [
-    ("Pangu Ultra MoE 718B, 6144 x Ascend 800T A2 (64 GB), TP8 PP16 VPP2 EP32", PANGU, 64 * G),
-    ("DeepSeek-V3, 1024 x H100 (80 GB), TP2 PP8 VPP4 EP64", DSV3, 128 * G),
+    ("Pangu Ultra MoE 718B, 6144 x Ascend 800T A2 (64 GB), TP8 PP16 VPP2 EP32", PANGU, 64 * G, False),
+    ("DeepSeek-V3, 1024 x H100 (80 GB), TP2 PP8 VPP4 EP64", DSV3, 128 * G, True),
 ]
 
 
@@ -86,7 +93,34 @@ def _plan_line(p) -> str:
     return f"{text}. As Megatron flags: `{fl}`{notes}."
 
 
-def case(name: str, cfg: dict, host: float) -> str:
+def _link_left_by_exchange(cfg: dict, costs) -> float:
+    """The host link left to swaps, on average, when the NIC traffic of the expert-parallel
+    exchange shares it: the link less the NIC's rate (the cluster's inter-node bandwidth times its
+    efficiency) for the fraction of the step the simulator's exchange runs."""
+    r = sim.simulate(**cfg)
+    ep = r["breakdown_s"]["communication"]["ep"]["total"]
+    cl = costs.meta["config"]["cluster"]
+    nic = cl["inter_node_bandwidth_gb_s"] * 1e9 * cl.get("inter_node_comm_efficiency", 1.0)
+    return max(0.0, costs.host_link_bytes_per_second - nic * min(1.0, ep / r["time"]["step_s"]))
+
+
+def _shared_link_line(name: str, cfg: dict, costs, budget: int, step: float, act: float) -> str:
+    link = _link_left_by_exchange(cfg, costs)
+    shared = dataclasses.replace(costs, host_link_bytes_per_second=link)
+    p = plan_memory(shared, budget)
+    bs = best_static(megatron_static_plans(shared, multi_latent_attention=True), budget)
+    meg = None if bs is None else bs.plan.predicted_added_seconds / step
+    SUMMARY.append((name.split(",")[0], "swap and recompute, host link shared with the NIC",
+                    1 - p.evaluation["activation_bytes"] / act, p.predicted_added_seconds / step, meg))  # fmt: skip
+    return (
+        f"Host link shared with the NIC (this device's PCIe link also carries the exchange's inter-node traffic): "
+        f"{link / 1e9:.0f} GB/s left to swaps on average. At the 70% budget moerail adds "
+        f"{p.predicted_added_seconds:.3f} s ({_pct(p.predicted_added_seconds / step)}); the best Megatron setting "
+        + ("none fits." if bs is None else f"({bs.name}) {bs.plan.predicted_added_seconds:.3f} s ({_pct(meg)}).")
+    )
+
+
+def case(name: str, cfg: dict, host: float, nic_on_host_link: bool) -> str:
     out = [f"#### {name}", ""]
     for h in (0.0, host):
         costs = MemoryCosts.from_simulator(host_bytes=h, **cfg)
@@ -133,6 +167,9 @@ def case(name: str, cfg: dict, host: float) -> str:
             )
         except ValueError as e:
             out.append(f"At the 70% budget: {e}")
+        if h and nic_on_host_link:
+            out.append("")
+            out.append(_shared_link_line(name, cfg, costs, budgets[0][1], step, act))
         out.append(
             f"Megatron settings compared: {len(statics)} (every accepted recompute_modules"
             f"{' x offload_modules' if h else ''} combination with a distinct effect, and full recompute)."
@@ -144,17 +181,21 @@ def case(name: str, cfg: dict, host: float) -> str:
 def run(quick: bool) -> str:
     out = [
         "Method: `MemoryCosts.from_simulator` (the simulator's cost model: per-module bytes and rebuild times from the "
-        "engine with each of Megatron's recompute flags, the router and expert inputs from its formulas), "
+        "engine with each of Megatron's recompute flags, so that core attention (`core_attn`) and MLA's up-projections "
+        "(`mla_up_proj`) are separate modules, as in Megatron; the router and expert inputs from its formulas), "
         "`plan_memory` (exact Pareto-frontier solve, local search when a frontier is thinned) and, for the "
         "comparison, every static Megatron setting as a uniform plan evaluated by the same model. The peak counts the "
         "micro-batches in flight on the interleaved schedule (replayed), static memory and one layer's transient. "
         "Added time = recompute + repeated exchange + swap time not hidden behind this stage's compute. All numbers "
-        "are predictions of the model, not measurements.",
+        "are predictions of the model, not measurements. Megatron's `core_attn` offload moves every tensor core "
+        "attention saves, so with MLA it swaps `attention` and `mla_up_proj` together; a plan that swaps "
+        "`mla_up_proj` alone has no Megatron flag, and `apply_memory_plan` leaves MLA's up-projections to "
+        "Megatron's own `recompute_modules=[\"mla_up_proj\"]`.",
         "",
     ]
     SUMMARY.clear()
-    for name, cfg, host in CASES:
-        out.append(case(name, cfg, host))
+    for name, cfg, host, nic in CASES:
+        out.append(case(name, cfg, host, nic))
     rows = [
         [n, mode, _pct(saved), _pct(added), "none fits" if meg is None else _pct(meg),
          "yes" if saved >= 0.70 and added <= 0.05 else "no",

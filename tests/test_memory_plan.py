@@ -483,3 +483,51 @@ def test_simulator_full_recompute_matches_the_simulator():
     freed_model = (keep.evaluation["activation_bytes"] - plan.evaluation["activation_bytes"]) / G
     freed_sim = none["memory_gib"]["activations"]["total"] - full["memory_gib"]["activations"]["total"]
     assert freed_model == pytest.approx(freed_sim, rel=1e-6)
+
+
+DSV3 = dict(
+    model="DeepSeek-V3", cluster="H100-SXM", devices=1024, seq_length=4096, global_batch_size=8192, micro_batch_size=1,
+    tensor_model_parallel_size=2, pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=4,
+    expert_model_parallel_size=64, expert_tensor_parallel_size=1, num_layers=61, moe_layer_freq=[0, 0, 0] + [1] * 58,
+    pipeline_model_parallel_layout="Et|(tt|)*30mL",
+)  # fmt: skip
+
+
+def test_mla_up_proj_is_its_own_module():
+    # Multi-Latent Attention's up-projections are a module of their own, as Megatron's
+    # recompute_modules=["mla_up_proj"] is: what recomputing them frees is what the simulator's
+    # own mla_up_proj recompute frees, the planner picks them, and the flags name them.
+    c = MemoryCosts.from_simulator(**DSV3)
+    assert all("mla_up_proj" in lc.modules and "attention" in lc.modules for lc in c.layers)
+    from moerail import sim
+
+    up = sim.simulate(**DSV3, recompute_granularity="selective", recompute_modules=["mla_up_proj"])
+    none = sim.simulate(**DSV3)
+    plan = evaluate_plan(c, MemoryPlan(tuple(LayerPlan(lc.layer, {"mla_up_proj": "recompute"}, lc.vpp_stage)
+                                             for lc in c.layers)))  # fmt: skip
+    keep = evaluate_plan(c, MemoryPlan(()))
+    freed_model = (keep.evaluation["activation_bytes"] - plan.evaluation["activation_bytes"]) / G
+    stage = c.meta["stage"]
+    freed_sim = none["memory_gib"]["activations"]["total"] - up["memory_gib"]["activations"]["total"]
+    assert freed_model > 0 and freed_model == pytest.approx(freed_sim, rel=1e-6), stage
+    # A budget that saves 70% of the activations: the plan recomputes the up-projections.
+    act = keep.evaluation["activation_bytes"]
+    budget = int(keep.predicted_peak_bytes - 0.7 * act)
+    ours = plan_memory(c, budget)
+    assert any(m == "mla_up_proj" for _, m in ours.modules_with(Action.RECOMPUTE))
+    f = MemoryPlan.uniform(4, {"mla_up_proj": "recompute"}).to_megatron_flags(multi_latent_attention=True)
+    assert f.exact and f.config["recompute_modules"] == ["mla_up_proj"]
+    _transformer_config(**f.config, multi_latent_attention=True)  # Megatron-Core accepts them
+    f = MemoryPlan.uniform(4, {"mla_up_proj": "recompute"}).to_megatron_flags()
+    assert not f.exact and "mla_up_proj" not in f.config.get("recompute_modules", [])
+    # Megatron's static settings can recompute mla_up_proj without core_attn.
+    statics = megatron_static_plans(c, multi_latent_attention=True, offload=False)
+    assert any(s.recompute == ("mla_up_proj",) for s in statics)
+    # Megatron's core_attn offload moves what core attention saves, MLA's queries, keys and values
+    # included: both modules swapped, and back to that one flag.
+    c_host = MemoryCosts.from_simulator(**DSV3, host_bytes=128 * G)
+    off = [s for s in megatron_static_plans(c_host, multi_latent_attention=True) if s.offload == ("core_attn",)
+           and not s.recompute]  # fmt: skip
+    assert off and off[0].plan.action(c_host.layers[0].layer, "mla_up_proj", c_host.layers[0].vpp_stage) is Action.SWAP
+    f = MemoryPlan.uniform(4, {"attention": "swap", "mla_up_proj": "swap"}).to_megatron_flags(multi_latent_attention=True)
+    assert f.exact and f.config["offload_modules"] == ["core_attn"]

@@ -11,14 +11,14 @@ def plan(
     allow_recompute: bool = True,
     frontier_limit: int = 512,
 ) -> str:
-    """Solves for the plan with the least exposed time under `budget_bytes`; returns JSON `{"actions": [[9 names] per layer], "evaluation": {...}, "exact": bool}`."""
+    """Solves for the plan with the least exposed time under `budget_bytes`; returns JSON `{"actions": [[one name per module] per layer], "evaluation": {...}, "exact": bool}`."""
 
 def evaluate(
     costs_json: str,
     actions: List[List[str]],
     budget_bytes: Optional[float] = None,
 ) -> str:
-    """The exact cost of a given plan (`actions`: 9 action names per layer, in `MODULES` order); refuses one that swaps past the host memory or, with `budget_bytes`, peaks over it."""
+    """The exact cost of a given plan (`actions`: one action name per module and layer, in `MODULES` order); refuses one that swaps past the host memory or, with `budget_bytes`, peaks over it."""
 
 def inflight_mixes(
     pipeline_size: int,

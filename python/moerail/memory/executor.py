@@ -703,7 +703,7 @@ class Executor:
         # attention: tag() records which one is active.
         if module == "layernorm":
             return self._norm_group
-        return "attn" if module == "attention" else "mlp"
+        return "attn" if module in ("attention", "mla_up_proj") else "mlp"
 
     _norm_group = "attn"
 

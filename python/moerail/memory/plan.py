@@ -38,7 +38,9 @@ class Action(str, enum.Enum):
     RECOMPUTE_EXCHANGE = "recompute_exchange"
 
 
-# The modules of one transformer layer whose saved activations a plan decides, in forward order.
+# The modules of one transformer layer whose saved activations a plan decides, in forward order
+# except `mla_up_proj` (it runs before core attention), which comes last so that the others keep
+# their positions in the core's JSON rows.
 MODULES: Tuple[str, ...] = (
     "layernorm",  # the pre-attention and pre-MLP norms
     "attention",  # core attention (QKV projections stay with it)
@@ -49,6 +51,7 @@ MODULES: Tuple[str, ...] = (
     "expert_fc2",  # fc2's input and output
     "unpermute",  # the combine after the exchange back
     "shared_expert",  # the shared expert's MLP, where the model has one
+    "mla_up_proj",  # Multi-Latent Attention's up-projections of queries, keys and values (after RoPE)
 )
 
 # `recompute_exchange` drops the dispatched rows, which only the expert inputs hold.
@@ -228,8 +231,9 @@ class MemoryPlan:
         granularity full --recompute-method uniform --recompute-num-layers 1`` when every module
         is rebuilt, and ``--fine-grained-activation-offloading --offload-modules ...``
         (``offload_modules``). Module names: ``layernorm`` -> ``layernorm`` (recompute) /
-        ``attn_norm`` + ``mlp_norm`` (offload); ``attention`` -> ``core_attn`` (plus
-        ``mla_up_proj`` with ``multi_latent_attention``) / ``core_attn``; ``expert_act`` ->
+        ``attn_norm`` + ``mlp_norm`` (offload); ``attention`` -> ``core_attn``; ``mla_up_proj``
+        -> ``mla_up_proj`` (recompute, only with ``multi_latent_attention``); ``attention`` and
+        ``mla_up_proj`` swapped -> ``core_attn`` (its offload moves both); ``expert_act`` ->
         ``moe_act``; ``shared_expert`` -> ``shared_experts``; ``expert_fc1`` swapped ->
         ``expert_fc1``; router + expert inputs with the exchange + activation (+ shared expert)
         recomputed -> ``moe``. Whole-layer recompute (``recompute_layer``) in every layer ->
@@ -325,7 +329,7 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
     args: List[str] = []
     config: Dict[str, Any] = {}
     everything = set(MODULES) - {"permute", "expert_fc2", "unpermute"}
-    if rec >= everything - {"shared_expert"} and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE and not swp:
+    if rec >= everything - {"shared_expert", "mla_up_proj"} and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE and not swp:
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
         config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     else:
@@ -343,7 +347,12 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
             rec = rec - {"router", "expert_fc1"}
         for m in sorted(rec, key=MODULES.index):
             if m == "attention":
-                names += ["core_attn"] + (["mla_up_proj"] if mla else [])
+                names.append("core_attn")
+            elif m == "mla_up_proj":
+                if mla:
+                    names.append("mla_up_proj")
+                else:
+                    notes.append("mla_up_proj is recomputed: Megatron accepts it only with multi_latent_attention; left out")
             elif m in _RECOMPUTE_NAMES:
                 names += list(_RECOMPUTE_NAMES[m])
             else:
@@ -351,6 +360,8 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
         if names:
             args += ["--recompute-granularity", "selective", "--recompute-modules", *names]
             config.update(recompute_granularity="selective", recompute_modules=names)
+    if {"attention", "mla_up_proj"} <= swp:
+        swp = swp - {"mla_up_proj"}  # Megatron's core_attn offload moves MLA's queries, keys and values too
     if swp:
         off: List[str] = []
         for m in sorted(swp, key=MODULES.index):

@@ -227,7 +227,7 @@ MEGATRON_OFFLOAD_MODULES: Tuple[str, ...] = ("attn_norm", "core_attn", "expert_f
 _MEG_RECOMPUTE = {
     "layernorm": {"layernorm": Action.RECOMPUTE},
     "core_attn": {"attention": Action.RECOMPUTE},
-    "mla_up_proj": {"attention": Action.RECOMPUTE},
+    "mla_up_proj": {"mla_up_proj": Action.RECOMPUTE},
     "moe_act": {"expert_act": Action.RECOMPUTE},
     "shared_experts": {"shared_expert": Action.RECOMPUTE},
     "moe": {
@@ -239,7 +239,9 @@ _MEG_RECOMPUTE = {
 }
 _MEG_OFFLOAD = {
     "attn_norm": {"layernorm": Action.SWAP},
-    "core_attn": {"attention": Action.SWAP},
+    # Megatron's core_attn offload moves every tensor core attention saves, with MLA the
+    # up-projected queries, keys and values (its inputs, mla_up_proj's outputs) too.
+    "core_attn": {"attention": Action.SWAP, "mla_up_proj": Action.SWAP},
     "expert_fc1": {"expert_fc1": Action.SWAP},
     "moe_act": {"expert_act": Action.SWAP},
 }
@@ -302,8 +304,6 @@ def megatron_static_plans(
 
     for r in range(len(rec_names) + 1):
         for rec in itertools.combinations(rec_names, r):
-            if mla and ("core_attn" in rec) != ("mla_up_proj" in rec):
-                continue  # attention is one module here: both or neither
             for k in range(len(off_names) + 1):
                 for off in itertools.combinations(off_names, k):
                     if "moe" in rec and {"expert_fc1", "moe_act"} & set(off):

@@ -2,7 +2,7 @@
 //! in the core's shape (`moerail.memory.planner` writes it from a `MemoryCosts`); plans and
 //! evaluations come back as JSON for `json.loads`.
 
-use moerail_core::memory::{self as core_memory, Action, MemoryCosts, Options};
+use moerail_core::memory::{self as core_memory, Action, MemoryCosts, Options, N_MODULES};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use serde::Serialize;
@@ -28,7 +28,7 @@ fn actions(rows: Vec<Vec<String>>) -> PyResult<core_memory::Actions> {
                     core_memory::MODULES.len()
                 )));
             }
-            let mut out = [Action::Keep; 9];
+            let mut out = [Action::Keep; N_MODULES];
             for (j, name) in row.iter().enumerate() {
                 out[j] = Action::parse(name).map_err(crate::error::to_py_err)?;
             }
@@ -45,7 +45,7 @@ struct PlanOut<'a> {
 }
 
 /// Solves for the plan with the least exposed time under `budget_bytes`; returns JSON
-/// `{"actions": [[9 names] per layer], "evaluation": {...}, "exact": bool}`.
+/// `{"actions": [[one name per module] per layer], "evaluation": {...}, "exact": bool}`.
 #[pyfunction]
 #[pyo3(signature = (costs_json, budget_bytes, allow_swap=true, allow_recompute_exchange=true, allow_recompute=true, frontier_limit=512))]
 pub fn plan(
@@ -75,7 +75,7 @@ pub fn plan(
     })
 }
 
-/// The exact cost of a given plan (`actions`: 9 action names per layer, in `MODULES` order);
+/// The exact cost of a given plan (`actions`: one action name per module and layer, in `MODULES` order);
 /// refuses one that swaps past the host memory or, with `budget_bytes`, peaks over it.
 #[pyfunction]
 #[pyo3(signature = (costs_json, actions, budget_bytes=None))]

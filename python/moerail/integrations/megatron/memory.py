@@ -95,6 +95,11 @@ def _has(layer, module: str) -> Optional[str]:
         return None
     if module == "attention":
         return "it has no self-attention" if _is_identity(layer.self_attention) else None
+    if module == "mla_up_proj":
+        if getattr(layer.self_attention, "linear_kv_up_proj", None) is None:
+            return "it has no Multi-Latent Attention up-projections"
+        return ("apply_memory_plan does not act on Multi-Latent Attention's up-projections; Megatron's own "
+                "recompute_modules=['mla_up_proj'] does (MemoryPlan.to_megatron_flags)")
     if not moe:
         return "it is a dense layer (no MoE block)"
     if module == "shared_expert":

@@ -42,8 +42,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
 
-/// The modules of one transformer layer, in forward order (`moerail.memory.MODULES`).
-pub const MODULES: [&str; 9] = [
+/// The modules of one transformer layer (`moerail.memory.MODULES`): in forward order, except
+/// `mla_up_proj` (Multi-Latent Attention's up-projections, which run before core attention),
+/// last so that the other modules keep their indices.
+pub const MODULES: [&str; N_MODULES] = [
     "layernorm",
     "attention",
     "router",
@@ -53,7 +55,10 @@ pub const MODULES: [&str; 9] = [
     "expert_fc2",
     "unpermute",
     "shared_expert",
+    "mla_up_proj",
 ];
+/// How many modules a layer plan decides.
+pub const N_MODULES: usize = 10;
 /// Index of the one module whose exchange `recompute_exchange` repeats (the expert inputs).
 pub const EXCHANGE_MODULE: usize = 4;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -136,7 +141,7 @@ pub struct LayerCosts {
     #[serde(default)]
     pub vpp_stage: usize,
     /// Indexed like [`MODULES`]; an absent module is all zeros.
-    pub modules: [ModuleCost; 9],
+    pub modules: [ModuleCost; N_MODULES],
     pub forward_seconds: f64,
     pub backward_seconds: f64,
     #[serde(default)]
@@ -473,7 +478,7 @@ pub struct Evaluation {
 }
 
 /// A plan's actions: one row of [`MODULES`] actions per layer of [`MemoryCosts::layers`].
-pub type Actions = Vec<[Action; 9]>;
+pub type Actions = Vec<[Action; N_MODULES]>;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Effect {
@@ -521,12 +526,12 @@ fn effect(i: usize, mc: &ModuleCost, a: Action) -> Option<Effect> {
 }
 
 /// Sum of the module effects of one layer under `actions`; errors name the layer and module.
-fn layer_effect(lc: &LayerCosts, actions: &[Action; 9]) -> Result<Effect> {
+fn layer_effect(lc: &LayerCosts, actions: &[Action; N_MODULES]) -> Result<Effect> {
     let whole = actions
         .iter()
         .filter(|&&a| a == Action::RecomputeLayer)
         .count();
-    if whole == 9 {
+    if whole == N_MODULES {
         return whole_layer(lc).ok_or_else(|| {
             invalid(
                 "plan",
@@ -777,14 +782,14 @@ fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
             Action::RecomputeLayer => false,
         })
         .collect();
-    let mut present = [false; 9];
+    let mut present = [false; N_MODULES];
     for lc in &costs.layers {
         for (j, mc) in lc.modules.iter().enumerate() {
             present[j] |= mc.saved_bytes > 0.0 || mc.recompute_bytes() > 0.0;
         }
     }
-    let mods: Vec<usize> = (0..9).filter(|&j| present[j]).collect();
-    let per: Vec<Vec<Action>> = (0..9)
+    let mods: Vec<usize> = (0..N_MODULES).filter(|&j| present[j]).collect();
+    let per: Vec<Vec<Action>> = (0..N_MODULES)
         .map(|j| {
             allowed
                 .iter()
@@ -801,9 +806,9 @@ fn uniform(ctx: &Ctx, opts: &Options) -> Result<Option<Plan>> {
     let rows = (0..total).map(Some).chain(whole.then_some(None));
     for k in rows {
         let acts: Actions = match k {
-            None => vec![[Action::RecomputeLayer; 9]; costs.layers.len()],
+            None => vec![[Action::RecomputeLayer; N_MODULES]; costs.layers.len()],
             Some(mut k) => {
-                let mut row = [Action::Keep; 9];
+                let mut row = [Action::Keep; N_MODULES];
                 for &j in &mods {
                     let c = choices(j);
                     row[j] = c[k % c.len()];
@@ -880,7 +885,7 @@ pub struct Plan {
 
 #[derive(Clone, Debug)]
 struct LayerOption {
-    actions: [Action; 9],
+    actions: [Action; N_MODULES],
     /// Recompute and exchange seconds per step.
     seconds: f64,
     /// Swap seconds per step the layer's own windows do not hide.
@@ -896,7 +901,7 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
     let swap_ok = opts.allow_swap && link > 0.0 && ctx.costs.host_bytes > 0.0;
     let m = ctx.costs.schedule.num_microbatches as f64;
     let mut out = vec![LayerOption {
-        actions: [Action::Keep; 9],
+        actions: [Action::Keep; N_MODULES],
         seconds: 0.0,
         latency: 0.0,
         kept: lc.other_saved_bytes,
@@ -940,7 +945,7 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
         if let Some(e) = whole_layer(lc) {
             if e.kept < lc.saved_bytes() {
                 out.push(LayerOption {
-                    actions: [Action::RecomputeLayer; 9],
+                    actions: [Action::RecomputeLayer; N_MODULES],
                     seconds: m * e.seconds,
                     latency: 0.0,
                     kept: e.kept,
@@ -1218,7 +1223,7 @@ fn knapsack(
     else {
         return Ok(None);
     };
-    let mut actions = vec![[Action::Keep; 9]; c.layers.len()];
+    let mut actions = vec![[Action::Keep; N_MODULES]; c.layers.len()];
     for i in (0..c.layers.len()).rev() {
         let p = &levels[i + 1][idx];
         actions[i] = options[i][p.option as usize].actions;

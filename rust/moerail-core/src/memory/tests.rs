@@ -142,7 +142,7 @@ fn interleaved_closed_form_matches_replay() {
 fn peak_is_weighted_by_inflight_not_summed_over_modules() {
     let mut rng = Rng(7);
     let c = case(&mut rng, 2, sched(4, 1, 1, 8), false);
-    let keep = vec![[Action::Keep; 9]; 2];
+    let keep = vec![[Action::Keep; N_MODULES]; 2];
     let e = evaluate(&c, &keep).unwrap();
     let per_mb: f64 = c
         .layers
@@ -169,7 +169,7 @@ fn check_against_exhaustive(
     let (mut exact_cases, mut cases, mut worst) = (0, 0, 0.0f64);
     for _ in 0..12 {
         let c = case(&mut rng, layers, s, host);
-        let keep = evaluate(&c, &vec![[Action::Keep; 9]; layers]).unwrap();
+        let keep = evaluate(&c, &vec![[Action::Keep; N_MODULES]; layers]).unwrap();
         let mut o = Options::new(0.0);
         o.frontier_limit = 1 << 16;
         let lo = c.static_bytes + 0.2 * keep.activation_bytes;
@@ -247,7 +247,7 @@ fn a_larger_budget_never_costs_more() {
     let mut rng = Rng(99);
     for s in [sched(4, 0, 1, 8), sched(2, 1, 1, 6), sched(1, 0, 1, 2)] {
         let c = case(&mut rng, 4, s, false);
-        let keep = evaluate(&c, &vec![[Action::Keep; 9]; 4]).unwrap();
+        let keep = evaluate(&c, &vec![[Action::Keep; N_MODULES]; 4]).unwrap();
         let least = c.static_bytes + 0.25 * keep.activation_bytes;
         let mut last = f64::INFINITY;
         for k in 0..=40 {
@@ -282,7 +282,7 @@ fn bad_budgets_are_refused_naming_the_argument() {
     let e = solve(&c, &Options::new(2e9)).unwrap_err().to_string();
     assert!(e.contains("more than the device"), "{e}");
     // A plan that swaps without host memory.
-    let mut acts = vec![[Action::Keep; 9]; 2];
+    let mut acts = vec![[Action::Keep; N_MODULES]; 2];
     acts[0][1] = Action::Swap;
     let mut c2 = c.clone();
     c2.host_link_bytes_per_second = 10.0;
@@ -303,7 +303,7 @@ fn swap_is_free_when_the_schedule_hides_it() {
     let mut c = case(&mut rng, 2, sched(4, 0, 1, 8), true);
     c.host_bytes = 1e6;
     c.host_link_bytes_per_second = 1e6;
-    let mut acts = vec![[Action::Keep; 9]; 2];
+    let mut acts = vec![[Action::Keep; N_MODULES]; 2];
     acts[0][1] = Action::Swap;
     let e = evaluate(&c, &acts).unwrap();
     assert_eq!(e.swap_exposed_seconds, 0.0);
@@ -325,7 +325,7 @@ fn thinned_frontiers_stay_feasible_and_beat_every_uniform_plan() {
     let mut rng = Rng(21);
     for s in [sched(4, 0, 1, 8), sched(4, 0, 2, 8)] {
         let c = case(&mut rng, 6, s, true);
-        let keep = evaluate(&c, &vec![[Action::Keep; 9]; 6]).unwrap();
+        let keep = evaluate(&c, &vec![[Action::Keep; N_MODULES]; 6]).unwrap();
         for frac in [0.3, 0.5, 0.8] {
             let mut o = Options::new(c.static_bytes + frac * (keep.peak_bytes - c.static_bytes));
             o.frontier_limit = 16;
@@ -346,7 +346,7 @@ fn recompute_frees_its_own_bytes_not_a_swaps() {
     let mc = l0.modules[1];
     let r = mc.recompute_saved_bytes.unwrap();
     assert!((r - mc.saved_bytes).abs() > 1.0);
-    let mut actions = vec![[Action::Keep; 9]; 2];
+    let mut actions = vec![[Action::Keep; N_MODULES]; 2];
     let keep = evaluate(&c, &actions).unwrap();
     actions[0][1] = Action::Recompute;
     let rc = evaluate(&c, &actions).unwrap();
@@ -385,7 +385,7 @@ fn whole_layer_recompute_reaches_a_budget_module_actions_cannot() {
         lc.other_saved_bytes += 40.0;
         lc.input_bytes = Some(4.0);
     }
-    let whole = evaluate(&c, &vec![[Action::RecomputeLayer; 9]; 3]).unwrap();
+    let whole = evaluate(&c, &vec![[Action::RecomputeLayer; N_MODULES]; 3]).unwrap();
     let lc0 = &c.layers[0];
     let f: f64 = c.layers.iter().map(|l| l.forward_seconds).sum();
     assert!((whole.recompute_seconds - 8.0 * f).abs() < 1e-9);
@@ -415,7 +415,7 @@ fn whole_layer_recompute_reaches_a_budget_module_actions_cannot() {
     assert!((ex.evaluation.added_seconds - p.evaluation.added_seconds).abs() < 1e-9);
     // Megatron's full recompute is a uniform setting.
     let u = solve_uniform(&c, &Options::new(budget)).unwrap().unwrap();
-    assert_eq!(u.actions, vec![[Action::RecomputeLayer; 9]; 3]);
+    assert_eq!(u.actions, vec![[Action::RecomputeLayer; N_MODULES]; 3]);
     // Off with recomputation.
     let mut o = Options::new(budget);
     o.allow_recompute = false;
@@ -426,12 +426,19 @@ fn whole_layer_recompute_reaches_a_budget_module_actions_cannot() {
 fn whole_layer_recompute_is_all_or_nothing_in_a_row() {
     let mut rng = Rng(7);
     let mut c = case(&mut rng, 2, sched(2, 0, 1, 4), false);
-    let mut row = [Action::RecomputeLayer; 9];
+    let mut row = [Action::RecomputeLayer; N_MODULES];
     row[1] = Action::Recompute;
-    let e = evaluate(&c, &vec![row, [Action::Keep; 9]]).unwrap_err();
+    let e = evaluate(&c, &vec![row, [Action::Keep; N_MODULES]]).unwrap_err();
     assert!(e.to_string().contains("cannot be mixed"), "{e}");
     c.layers[0].input_bytes = None;
-    let e = evaluate(&c, &vec![[Action::RecomputeLayer; 9], [Action::Keep; 9]]).unwrap_err();
+    let e = evaluate(
+        &c,
+        &vec![
+            [Action::RecomputeLayer; N_MODULES],
+            [Action::Keep; N_MODULES],
+        ],
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("input_bytes"), "{e}");
     assert_eq!(
         Action::parse("recompute_layer").unwrap(),

@@ -4,8 +4,9 @@
 //! Every module's saved bytes and rebuild time come from the engine itself where Megatron has a
 //! recompute flag for it: the engine is run with that one flag and the difference in kept
 //! activations and the recompute pass it adds are the module's (`layernorm`; `core_attn` and
-//! `mla_up_proj` for `attention`; `moe_act` for `expert_act`; `shared_experts` for
-//! `shared_expert`). The router's probabilities and the expert inputs (dispatched rows, fc1's
+//! `core_attn` for `attention`; `mla_up_proj` for `mla_up_proj` (Multi-Latent Attention's
+//! up-projections, a module of their own as in Megatron: large outputs, cheap GEMMs to rebuild);
+//! `moe_act` for `expert_act`; `shared_experts` for `shared_expert`). The router's probabilities and the expert inputs (dispatched rows, fc1's
 //! output), which Megatron can only drop with the whole `moe` block, use the engine's own
 //! formulas: their GEMM, its memory-bound kernels, and the dispatch exchange's exposed time.
 //! Dense layers' MLP activations stay with the layer (`other_saved_bytes`).
@@ -26,6 +27,7 @@ const ATTENTION: usize = 1;
 const ROUTER: usize = 2;
 const EXPERT_ACT: usize = 5;
 const SHARED: usize = 8;
+const MLA_UP_PROJ: usize = 9;
 const BF16: f64 = 2.0;
 
 /// The costs of one stage plus what a report needs around them.
@@ -96,11 +98,12 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
         ..Default::default()
     };
     out.modules[LAYERNORM] = flag_cost(eng, &lc, moe, |r| r.layernorm = true)?;
-    let mla = m.multi_latent_attention;
-    out.modules[ATTENTION] = flag_cost(eng, &lc, moe, |r| {
-        r.core_attn = true;
-        r.mla_up_proj = mla;
-    })?;
+    out.modules[ATTENTION] = flag_cost(eng, &lc, moe, |r| r.core_attn = true)?;
+    if m.multi_latent_attention {
+        // Megatron's `mla_up_proj`: the up-projected queries, keys and values (after RoPE) are
+        // dropped once core attention has saved them and rebuilt by the up-projection GEMMs.
+        out.modules[MLA_UP_PROJ] = flag_cost(eng, &lc, moe, |r| r.mla_up_proj = true)?;
+    }
     if moe {
         out.modules[EXPERT_ACT] = flag_cost(eng, &lc, moe, |r| r.moe_act = true)?;
         if m.shared_ffn() > 0 {
@@ -325,7 +328,7 @@ pub fn plan_evaluation_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{evaluate, Action};
+    use crate::memory::{evaluate, Action, N_MODULES};
 
     #[test]
     fn keep_all_matches_the_engine_activations() {
@@ -335,7 +338,7 @@ mod tests {
         let cfg = crate::sim::tests::mixtral_8x22b(2, 8, 8, 1);
         let smc = memory_costs(&cfg, None, 0.0).unwrap();
         let c = &smc.costs;
-        let keep = evaluate(c, &vec![[Action::Keep; 9]; c.layers.len()]).unwrap();
+        let keep = evaluate(c, &vec![[Action::Keep; N_MODULES]; c.layers.len()]).unwrap();
         let mut base = cfg.clone();
         base.training.recompute_granularity = Recompute::None;
         let ev = crate::sim::simulate(&base).unwrap();
@@ -353,7 +356,7 @@ mod tests {
         });
         let ev2 = crate::sim::simulate(&light).unwrap();
         let sc2 = &ev2.stages[smc.stage];
-        let mut acts = vec![[Action::Keep; 9]; c.layers.len()];
+        let mut acts = vec![[Action::Keep; N_MODULES]; c.layers.len()];
         for a in &mut acts {
             a[LAYERNORM] = Action::Recompute;
             a[EXPERT_ACT] = Action::Recompute;
