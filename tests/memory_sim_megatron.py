@@ -124,7 +124,7 @@ def measure(layout, m: Dict, dist_opt: bool) -> Dict:
     cfg.no_sync_func = ddp.no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
     counter = SavedTensorCounter()
-    seen, kinds = set(), {"attention_scores": 0, "logits": 0, "attention": 0, "mlp": 0, "embedding_and_logits": 0}
+    seen, kinds = {}, {"attention_scores": 0, "logits": 0, "attention": 0, "mlp": 0, "embedding_and_logits": 0}
     scope = ["embedding_and_logits"]
     parts = {"input_layernorm": "attention", "self_attention": "attention", "pre_mlp_layernorm": "mlp", "mlp": "mlp"}
     for name, mod in ddp.module.named_modules():
@@ -139,7 +139,7 @@ def measure(layout, m: Dict, dist_opt: bool) -> Dict:
         st = t.untyped_storage()
         if st._cdata in seen:
             return
-        seen.add(st._cdata)
+        seen[st._cdata] = st  # held for the step: a freed storage's identity is not reused
         if t.dim() >= 3 and t.shape[-1] == t.shape[-2] == m["seq"]:
             kinds["attention_scores"] += st.nbytes()
         elif t.dtype == torch.float32 and t.dim() >= 1 and t.shape[-1] == mm.VOCAB // tp:

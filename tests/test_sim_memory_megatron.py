@@ -1,12 +1,13 @@
 """The simulator's per-device memory against a real Megatron-Core GPTModel on CPU gloo ranks
 (tests/memory_sim_megatron.py): bf16 weights, fp32 gradient buffers and the mixed-precision Adam's
-state counted byte for byte on every rank, and the step's saved-tensor peak with 1F1B (PP 2)."""
+state counted byte for byte on every rank, and the step's saved-tensor peak with 1F1B (PP 2).
+
+Runs once, on the installed megatron-core (0.16), like tests/test_memory_exec.py's training-loop tests:
+0.19's DDP asks for CUDA streams in its gradient reduction."""
 
 from __future__ import annotations
 
 import pytest
-
-pytestmark = pytest.mark.megatron
 
 # TP1 PP2 EP2 (1F1B, 2 micro-batches) and TP1 PP1 EP4 with the distributed optimizer.
 JOB = {"runs": [{"layout": (1, 2, 2)}, {"layout": (1, 1, 4), "dist_opt": True}]}
