@@ -283,7 +283,73 @@ def run(quick: bool) -> str:
     out.append(table(["layout", "sizes", "pipeline layout (no-op slots padded)", "MFU", "memory GiB"],
                      [[c.replace("|", "\\|") for c in r] for r in rows_]))
     out.append("")
+    out.extend(_memory_section())
     return "\n".join(out)
+
+
+def _memory_section() -> list:
+    """Per-device memory predicted against a real Megatron-Core model on 4 CPU ranks (gloo)."""
+    import tempfile
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import memory_sim_megatron as h
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        rows = h.compare(h.run(h.JOB, d, timeout_s=600))
+    wall = time.perf_counter() - t0
+    out = ["### Memory against a real Megatron-Core model", ""]
+    out.append(
+        "The same model, layout and precision in `moerail.sim.simulate` and in Megatron-Core's own training "
+        "step on 4 CPU ranks: a `GPTModel` of 2 MoE layers (hidden 32, 8 experts of FFN 32, top-2, 4 heads, "
+        "vocab 256, seq 32, micro-batch 1, 2 micro-batches), bf16 weights (`Float16Module`), fp32 gradient "
+        "buffers, Megatron's mixed-precision Adam, the all-to-all dispatcher. Measured: the bytes of every "
+        "parameter, `main_grad` buffer, fp32 master copy and Adam moment on each rank (distinct storages), and "
+        "the step's peak of saved-tensor bytes (every tensor autograd holds, counted through "
+        "`saved_tensors_hooks` by storage identity; PP 2 runs 1F1B). Each row compares the device the "
+        "simulator reports (its binding pipeline stage) with the largest measured value on that stage's ranks. "
+        f"Run time {wall:.0f} s on this machine (load average {_load():.1f})."
+    )
+    out.append("")
+
+    def kib(x):
+        return f"{x / 1024:.1f}"
+
+    out.append(table(["layout", "component", "predicted KiB", "measured KiB", "error"],
+                     [[r["layout"], r["component"], kib(r["predicted"]), kib(r["measured"]),
+                       _pct((r["predicted"] - r["measured"]) / r["measured"]) if r["predicted"] else "not modeled"]
+                      for r in rows]))
+    out.append("")
+    out.append(
+        "Weights, gradients and optimizer state are exact for every layout without the distributed optimizer; "
+        "with it the simulator leaves out the padding Megatron adds so that every bucket divides by the "
+        "data-parallel size (under 1% here; a bounded number of elements per bucket, whatever the model size). Activations are not "
+        "predicted as well. Two parts of the measured peak are not in the simulator's activations by design: "
+        "the unfused attention's s x s scores and probabilities (Megatron's local layer spec; the simulator "
+        "models flash attention, which keeps none) and the loss's fp32 logits (the simulator counts them in "
+        "its dispatch-and-transient term, which at the last stage's peak holds them once). Without those, the "
+        "simulator still under-predicts the saved tensors by about a third on this tiny model (hidden 32), on "
+        "every layout and stage alike, so the micro-batches in flight under 1F1B are counted right (stage 0 "
+        "holds two, stage 1 one). What the residual is, from a trace of one MoE layer's saved tensors by "
+        "module (one rank, one micro-batch, same model): the router keeps 4,808 bytes of fp32 scores and "
+        "probabilities and int64 top-k indices where the simulator counts 2,048 (two fp32 values per token "
+        "and expert); the all-to-all dispatcher keeps 1,792 bytes of routing map, fp32 probabilities and int64 "
+        "sort indices that the simulator does not count; and Megatron's `SequentialMLP` (the local spec's "
+        "experts, the only ones that run without TransformerEngine) multiplies the activation's output by the "
+        "routing probabilities before fc2 and keeps both, 4,096 bytes (tokens x FFN in bf16) that the grouped "
+        "MLP with the probabilities fused into the activation does not keep. Together about 10.7 KB a layer "
+        "against the measured MoE-part shortfall of 9.5 KB a layer (stage 1). The attention part's shortfall "
+        "(5.6 KB a layer at stage 1) is the rotary embedding's cos / sin (2,048 bytes a layer) and two more "
+        "tokens x hidden tensors in the unfused attention's batched matmuls (4,096 bytes) than the query, key "
+        "and value a flash attention keeps. Those routing tensors grow with "
+        "tokens x experts and tokens x top-k, not with hidden size: at DeepSeek-V3's hidden 7168, 256 experts, "
+        "top-8 they are about 2.6 KB a token and layer of the some 450 KB the simulator predicts (under 1%), and the simulator's weights, gradients and optimizer bytes, "
+        "exact here, are the bulk of a device's memory. Not shown here: allocator caching and fragmentation, "
+        "CUDA workspaces and communication buffers, which a CPU run does not have (the simulator's `reserved` "
+        "term, set to 0 for this comparison)."
+    )
+    out.append("")
+    return out
 
 
 def _load() -> float:
