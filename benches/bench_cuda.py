@@ -1,7 +1,7 @@
 """GPU rows: moerail's CUDA kernels against the device's copy bandwidth and Megatron-Core's
 unfused ops, measured in the same run on CUDA tensors (CUDA events, median of repeats).
 
-Sizes of the issue: T=4096 tokens, H=7168, top-8 of 256 experts, bf16 (DeepSeek-V3's layer).
+Sizes: T=4096 tokens, H=7168, top-8 of 256 experts, bf16 (DeepSeek-V3's layer).
 Without a GPU the section says so and measures nothing.
 """
 

@@ -40,7 +40,7 @@ CAPACITY_FACTOR = 1.0
 AUX_COEFF = 1e-2
 Z_COEFF = 1e-3
 
-# The issue's targets: (label, op key, minimum speedup over Megatron-Core, configs it applies to).
+# Speed targets: (label, op key, minimum speedup over Megatron-Core, configs it applies to).
 SPEEDUP_TARGETS = [
     ("permute with probs", "permute", 5.0, ("a", "b", "c")),
     ("unpermute with probs", "unpermute_probs", 10.0, ("a", "b", "c")),
@@ -76,7 +76,7 @@ class Config(NamedTuple):
 
 
 def configs(quick: bool) -> List[Config]:
-    """The issue's three configurations (``quick``: the same shapes of routing, small sizes)."""
+    """The three benchmark configurations (``quick``: the same shapes of routing, small sizes)."""
     t_ab, t_c = (256, 1024) if quick else (4096, 16384)
     h_a, h_b, h_c = (256, 512, 128) if quick else (2048, 7168, 1024)
     return [
@@ -636,7 +636,7 @@ def run(quick: bool = False) -> str:
     else:
         parts += [f"The THP-allocator measurement failed: {thp_err}", ""]
     parts += [
-        "### The issue's targets",
+        "### Speed targets",
         "",
         "From the numbers above (router targets use the router forward rows; plain top-k is (a) and (c), "
         "group-limited is (b)).",
