@@ -651,6 +651,10 @@ class Executor:
         acts = self._actions.get((layer, vpp_stage))
         return acts.get(module, Action.KEEP) if acts else Action.KEEP
 
+    def recomputes_layer(self, layer: int, vpp_stage: int = 0) -> bool:
+        """Whether the plan recomputes ``layer`` whole."""
+        return (layer, vpp_stage) in self._whole
+
     @property
     def swapper(self) -> Swapper:
         if self._swapper is None:

@@ -7,6 +7,11 @@ Where each module of the plan is in a Megatron ``TransformerLayer``:
 =================  ==============================================================================
 ``layernorm``      ``input_layernorm`` (group ``attn``) and ``pre_mlp_layernorm`` (group ``mlp``)
 ``attention``      ``self_attention`` (QKV, core attention, output projection)
+``mla_up_proj``    Multi-Latent Attention's up-projections and RoPE: recompute only, through
+                   Megatron's own output-discarding checkpoint of that part
+                   (``MLASelfAttention.recompute_up_proj``) switched on in the planned layers; a
+                   swap of them is the attention's swap (it moves the queries, keys and values
+                   they make, as Megatron's ``core_attn`` offload does)
 ``router``         ``mlp.router``
 ``permute``        ``mlp.token_dispatcher.dispatch_preprocess`` (and the saved tensors of the
                    exchange and of ``dispatch_postprocess``)
@@ -98,8 +103,7 @@ def _has(layer, module: str) -> Optional[str]:
     if module == "mla_up_proj":
         if getattr(layer.self_attention, "linear_kv_up_proj", None) is None:
             return "it has no Multi-Latent Attention up-projections"
-        return ("apply_memory_plan does not act on Multi-Latent Attention's up-projections; Megatron's own "
-                "recompute_modules=['mla_up_proj'] does (MemoryPlan.to_megatron_flags)")
+        return None
     if not moe:
         return "it is a dense layer (no MoE block)"
     if module == "shared_expert":
@@ -111,6 +115,20 @@ def _has(layer, module: str) -> Optional[str]:
         for e in _local_experts(mlp):
             if e.config.gated_linear_unit or e.config.bias_activation_fusion or e.config.use_te_activation_func:
                 return "its experts fuse the activation (gated linear unit or bias-activation fusion)"
+    return None
+
+
+def _mla_conflict(actions, module: str, action: Action) -> Optional[str]:
+    """Why MLA's up-projections cannot take ``action`` next to the layer's other ``actions`` (None:
+    they can)."""
+    if module != "mla_up_proj":
+        return None
+    if action is not Action.RECOMPUTE:
+        return ("MLA's up-projections are recomputed or kept; to move the queries, keys and values they make "
+                "to host memory, swap 'attention' (as Megatron's core_attn offload does)")
+    if actions.get("attention") is Action.SWAP:
+        return ("the same layer swaps 'attention', which saves the queries, keys and values this recompute "
+                "discards; recompute 'attention' instead, or keep MLA's up-projections")
     return None
 
 
@@ -162,7 +180,7 @@ def validate_memory_plan(model, plan: MemoryPlan, *, num_layers: Optional[int] =
         for module, action in lp.actions.items():
             if action is Action.KEEP:
                 continue
-            why = _has(layer, module)
+            why = _has(layer, module) or _mla_conflict(lp.actions, module, action)
             if why:
                 raise ValueError(f"plan: layer {lp.layer} module {module!r} ({action.value}): {why}")
     acting = [(lp.layer, m) for lp in plan.layers for m, a in lp.actions.items() if a is not Action.KEEP]
@@ -273,6 +291,23 @@ def apply_memory_plan(model, plan: MemoryPlan, *, min_swap_bytes: int = 1 << 16,
     return ex
 
 
+def _plan_mla_up_proj(ex: Executor, attn, idx: int, vpp: int) -> None:
+    """MLA's up-projections and RoPE recomputed in this layer alone: Megatron's own output-discarding
+    checkpoint of that part (what ``recompute_modules=["mla_up_proj"]`` turns on in every layer),
+    switched on for each forward the plan recomputes them in and keeps the attention (a recomputed
+    attention or layer rebuilds them anyway)."""
+    built_with = bool(attn.recompute_up_proj)
+    forward = attn.forward
+
+    def planned_forward(*args, **kwargs):
+        attn.recompute_up_proj = built_with or (ex.action(idx, "mla_up_proj", vpp) is Action.RECOMPUTE
+                                                and ex.action(idx, "attention", vpp) is Action.KEEP
+                                                and not ex.recomputes_layer(idx, vpp))
+        return forward(*args, **kwargs)
+
+    attn.forward = planned_forward
+
+
 def _wrap_layer(ex: Executor, layer, idx: int, vpp: int) -> None:
     from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: PLC0415
 
@@ -288,6 +323,8 @@ def _wrap_layer(ex: Executor, layer, idx: int, vpp: int) -> None:
         m.forward = ex.region(m.forward, "layernorm", "mlp", buffers_of=m)
     if not _is_identity(layer.self_attention):
         m = layer.self_attention
+        if getattr(m, "linear_kv_up_proj", None) is not None and hasattr(m, "recompute_up_proj"):
+            _plan_mla_up_proj(ex, m, idx, vpp)
         m.forward = ex.region(m.forward, "attention", "attn", buffers_of=m)
         m.register_forward_hook(lambda mod, i, o: ex.group_output(o, "attn"))
     mlp = layer.mlp
