@@ -200,6 +200,14 @@ def test_folding_runs_fill_less_than_non_interleaved_1f1b():
     for e in bounds:
         same = e["devices"][0] == e["devices"][1]
         assert e["bound"] < (0.5 if same else 2 / 3) * e["one_f_one_b"], e
+    # The sweep rows' notes quote these bounds.
+    for e in bounds:
+        if e["devices"][0] != e["devices"][1]:
+            same = next(o for o in bounds if o["ids"][1] == e["ids"][1] and o["devices"][0] == o["devices"][1])
+            for r in ROWS:
+                if r["sweep"] == next(x for x in ROWS if x["id"] == e["ids"][0])["sweep"]:
+                    assert (f"at most {same['bound']:.1f} and {e['bound']:.1f} micro-batch times against "
+                            f"pp - 1 = {e['pp'] - 1}") in r["notes"], r["id"]
 
 
 def test_microbatches_per_pipeline_names_a_bad_row():
