@@ -314,8 +314,9 @@ def _strong_scaling_section(res, by_id, fitted) -> list:
     out.append(
         "The published numbers bound the pipeline fill and drain whatever a micro-batch or a step costs "
         "(`moerail.sim.validation.pipeline_fill_bound`): a step of m micro-batches takes (m + b) t + c, so for two runs "
-        "of one layout, the one with fewer micro-batches on at least as many devices (the same once-a-step work, or a "
-        "larger data-parallel group), the ratio r of their throughputs per device gives b <= m_s m_l (1 - r) / "
+        "of one layout, the one with fewer micro-batches on at least as many devices (the same once-a-step work on the "
+        "same devices; along a sweep, a larger data-parallel group, whose exchanges outgrow its smaller optimizer shard), "
+        "the ratio r of their throughputs per device gives b <= m_s m_l (1 - r) / "
         "(r m_l - m_s) micro-batch times. Pairs on the same GPUs (global batch 256 in the paper's Table 3, 1,024 in "
         "Table 4) compare runs whose data-parallel and optimizer work is identical:"
     )

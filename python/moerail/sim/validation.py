@@ -293,8 +293,9 @@ def pipeline_fill_bound(rows: Sequence[Mapping[str, str]]) -> List[Dict[str, Any
     ``pp - 1``; interleaved over ``v`` chunks: ``(pp - 1) / v``), ``c`` what a step costs once
     (exposed data-parallel communication, optimizer). At a fixed layout the throughput per device
     is proportional to ``m / step``. For two runs of one layout with ``m_s < m_l`` micro-batches,
-    on at least as many devices for ``m_s`` (so ``c_s >= c_l``: the same per-step work, or a larger
-    data-parallel group), the ratio ``r`` of their published numbers bounds ``b`` whatever ``t``
+    on at least as many devices for ``m_s`` (so ``c_s >= c_l``: the same per-step work on the same
+    devices; along a sweep, a larger data-parallel group, whose exchanges outgrow its smaller optimizer
+    shard), the ratio ``r`` of their published numbers bounds ``b`` whatever ``t``
     and ``c`` are: ``b <= m_s * m_l * (1 - r) / (r * m_l - m_s)`` (infinite when ``r <= m_s / m_l``).
 
     Returns one entry a pair: the pairs on the same device count (``c_s = c_l`` exactly) and, per
