@@ -214,3 +214,17 @@ def test_microbatches_per_pipeline_names_a_bad_row():
     row = dict(next(r for r in ROWS if r["id"] == "folding-ss-4"), devices="1000")
     with pytest.raises(ValueError, match="folding-ss-4: devices 1000"):
         val.microbatches_per_pipeline(row)
+
+
+def test_strong_scaling_mfu_counts_the_global_batch_over_all_gpus():
+    # At 1,024 GPUs the MFU is the global batch's tokens (1,024 x 4,096, over DP = 64 pipelines of
+    # 16 micro-batches) times Megatron's FLOPs a token, over the step and 1,024 x 989.5 TFLOPS.
+    row = next(r for r in ROWS if r["id"] == "folding-ss-4")
+    rep = sim.simulate(val.row_config(row))
+    t, m, lay = rep["time"], rep["model"], rep["layout"]
+    assert (lay["dp"], lay["num_microbatches"]) == (64, 16)
+    tokens = 1024 * 4096
+    assert t["tokens_per_s_per_device"] * 1024 * t["step_s"] == pytest.approx(tokens, rel=1e-12)
+    assert m["flops_per_step_noncausal"] == pytest.approx(tokens * m["flops_per_token_noncausal"], rel=1e-12)
+    assert t["mfu_noncausal"] == pytest.approx(
+        tokens * m["flops_per_token_noncausal"] / (t["step_s"] * 1024 * 989.5e12), rel=1e-9)
