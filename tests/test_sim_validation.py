@@ -114,3 +114,117 @@ def test_cuda_graph_scope_needs_a_graph_implementation_in_megatron_flags():
     cfg, ignored = sim.parse_megatron_args("--cuda-graph-scope attn")
     assert "cuda_graph_scope" not in cfg["training"]
     assert "--cuda-graph-scope" in ignored
+
+
+def _one_f_one_b_makespan(fwd, bwd, m):
+    """Megatron's non-interleaved 1F1B (warm-up forwards, steady one-forward-one-backward,
+    cool-down backwards) as an event simulation: each stage runs its passes in that order, a
+    forward waits for the previous stage's, a backward for the next stage's (free hand-offs)."""
+    p = len(fwd)
+    order = []
+    for s in range(p):
+        w = min(p - s - 1, m)
+        ops = [("F", i) for i in range(w)]
+        for i in range(m - w):
+            ops += [("F", w + i), ("B", i)]
+        ops += [("B", i) for i in range(m - w, m)]
+        order.append(ops)
+    done = {}
+    pos = [0] * p
+    clock = [0.0] * p
+    while any(pos[s] < len(order[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            while pos[s] < len(order[s]):
+                kind, i = order[s][pos[s]]
+                dep = (kind, s - 1, i) if kind == "F" and s > 0 else (kind, s + 1, i) if kind == "B" and s < p - 1 else None
+                if dep is not None and dep not in done:
+                    break
+                start = max(clock[s], done[dep] if dep else 0.0)
+                clock[s] = start + (fwd[s] if kind == "F" else bwd[s])
+                done[(kind, s, i)] = clock[s]
+                pos[s] += 1
+                progressed = True
+        assert progressed
+    return max(clock)
+
+
+def test_engine_bubble_is_megatrons_1f1b_fill_and_drain():
+    # The simulator's pipeline bubble against an event simulation of the schedule with the stage
+    # times it reports (the forward a third of each): Mixtral 8x22B, TP2 PP8 at 1024 and 128 GPUs.
+    row = next(r for r in ROWS if r["id"] == "folding-ss-4")
+    for devices in (1024, 128):
+        rep = sim.simulate(val.row_config(dict(row, devices=str(devices))))
+        b = rep["breakdown_s"]
+        times = [s["time_per_microbatch_s"] for s in b["per_stage"]]
+        m = rep["layout"]["num_microbatches"]
+        assert m == val.microbatches_per_pipeline(dict(row, devices=str(devices)))
+        span = _one_f_one_b_makespan([t / 3 for t in times], [2 * t / 3 for t in times], m)
+        assert b["pipeline_bubble"] == pytest.approx(span - m * max(times), rel=1e-6)
+        # One micro-batch (forward + backward) of each of the other pp - 1 stages, not more.
+        assert (len(times) - 1) * min(times) <= b["pipeline_bubble"] <= (len(times) - 1) * max(times)
+
+
+@pytest.mark.parametrize("pp,c", [(4, 0.0), (8, 0.0), (8, 3.0)])
+def test_pipeline_fill_bound_recovers_the_schedule(pp, c):
+    # Throughputs from the event simulation (uniform stages, a per-step cost c micro-batch times
+    # larger on the bigger device count) give back 1F1B's pp - 1 as the bound, or a looser one: it
+    # is never below the schedule's true fill and drain.
+    t = 1.0
+    rows = []
+    for i, devices in enumerate((64, 512)):
+        m = 128 * 64 // devices
+        step = _one_f_one_b_makespan([t / 3] * pp, [2 * t / 3] * pp, m) + (c if devices == 512 else 0.0)
+        rows.append({"id": f"r{i}", "source": "s", "model": "x", "cluster": "c", "precision": "bf16",
+                     "seq_length": "4096", "micro_batch_size": "1", "tp": "2", "cp": "1", "pp": str(pp), "vpp": "1",
+                     "ep": "4", "etp": "1", "pipeline_layout": "", "dispatcher": "alltoall", "balance": "capacity",
+                     "recompute": "none", "overlap": "", "settings": "", "metric": "mfu_noncausal", "status": "ok",
+                     "devices": str(devices), "global_batch_size": str(128 * 64 // (2 * pp)),
+                     "published": str(m / step)})
+    (e,) = val.pipeline_fill_bound(rows)
+    assert e["microbatches"] == (16, 128) and e["one_f_one_b"] == pp - 1
+    if c == 0.0:
+        assert e["bound"] == pytest.approx(pp - 1, rel=1e-9)
+    else:
+        assert e["bound"] > pp - 1
+
+
+def test_folding_runs_fill_less_than_non_interleaved_1f1b():
+    # The MoE Parallel Folding paper's runs of one layout at 32 and 128 micro-batches on the same
+    # GPUs (Table 3 at global batch 256, Table 4 at 1024), and its sweeps to 1,024 GPUs, lose less to
+    # fewer micro-batches than 1F1B without virtual stages can, whatever a micro-batch or a step
+    # costs: their fill and drain is under half of pp - 1 micro-batch times on the same GPUs, and
+    # under two thirds of it along the sweeps.
+    bounds = val.pipeline_fill_bound([r for r in ROWS if r["source"] == "folding"])
+    assert len(bounds) == 8
+    for e in bounds:
+        same = e["devices"][0] == e["devices"][1]
+        assert e["bound"] < (0.5 if same else 2 / 3) * e["one_f_one_b"], e
+    # The sweep rows' notes quote these bounds.
+    for e in bounds:
+        if e["devices"][0] != e["devices"][1]:
+            same = next(o for o in bounds if o["ids"][1] == e["ids"][1] and o["devices"][0] == o["devices"][1])
+            for r in ROWS:
+                if r["sweep"] == next(x for x in ROWS if x["id"] == e["ids"][0])["sweep"]:
+                    assert (f"at most {same['bound']:.1f} and {e['bound']:.1f} micro-batch times against "
+                            f"pp - 1 = {e['pp'] - 1}") in r["notes"], r["id"]
+
+
+def test_microbatches_per_pipeline_names_a_bad_row():
+    row = dict(next(r for r in ROWS if r["id"] == "folding-ss-4"), devices="1000")
+    with pytest.raises(ValueError, match="folding-ss-4: devices 1000"):
+        val.microbatches_per_pipeline(row)
+
+
+def test_strong_scaling_mfu_counts_the_global_batch_over_all_gpus():
+    # At 1,024 GPUs the MFU is the global batch's tokens (1,024 x 4,096, over DP = 64 pipelines of
+    # 16 micro-batches) times Megatron's FLOPs a token, over the step and 1,024 x 989.5 TFLOPS.
+    row = next(r for r in ROWS if r["id"] == "folding-ss-4")
+    rep = sim.simulate(val.row_config(row))
+    t, m, lay = rep["time"], rep["model"], rep["layout"]
+    assert (lay["dp"], lay["num_microbatches"]) == (64, 16)
+    tokens = 1024 * 4096
+    assert t["tokens_per_s_per_device"] * 1024 * t["step_s"] == pytest.approx(tokens, rel=1e-12)
+    assert m["flops_per_step_noncausal"] == pytest.approx(tokens * m["flops_per_token_noncausal"], rel=1e-12)
+    assert t["mfu_noncausal"] == pytest.approx(
+        tokens * m["flops_per_token_noncausal"] / (t["step_s"] * 1024 * 989.5e12), rel=1e-9)

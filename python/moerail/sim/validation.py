@@ -25,7 +25,8 @@ from .. import _native
 from .calibration import PRIORS, _nelder_mead
 from .config import _entries, _find_preset, resolve_config
 
-__all__ = ["fits_on", "FAMILIES", "FIT_PARAMETERS", "FIT_PRIORS", "PRIOR_WIDTH", "load_table", "row_config", "predict", "fit", "cross_validate"]
+__all__ = ["fits_on", "FAMILIES", "FIT_PARAMETERS", "FIT_PRIORS", "PRIOR_WIDTH", "load_table", "row_config", "predict", "fit", "cross_validate",
+           "microbatches_per_pipeline", "pipeline_fill_bound"]
 
 #: Device family of each cluster preset: the unit the efficiencies are fitted per.
 FAMILIES: Dict[str, str] = {
@@ -262,3 +263,68 @@ def cross_validate(rows: Sequence[Mapping[str, str]], *, iters: int = 300) -> Di
         out.append({"id": r.id, "source": r.row["source"], "family": r.family, "model": r.row["model"],
                     "published": r.published, "in_sample": ins, "loo": loo, "loso": loso})
     return {"fitted": fitted, "rows": out}
+
+
+#: Columns that fix a run's layout and per-micro-batch work (two rows equal in all of them differ
+#: only in the number of micro-batches each pipeline runs a step).
+_SAME_LAYOUT = ("source", "model", "cluster", "precision", "seq_length", "micro_batch_size", "tp", "cp", "pp", "vpp",
+                "ep", "etp", "pipeline_layout", "dispatcher", "balance", "recompute", "overlap", "settings", "metric")
+
+
+def microbatches_per_pipeline(row: Mapping[str, str]) -> int:
+    """Micro-batches each pipeline runs a step: global batch / (micro-batch x data-parallel size)."""
+    tp, cp, pp = int(row["tp"]), int(row["cp"]), int(row["pp"])
+    dp, rest = divmod(int(row["devices"]), tp * cp * pp)
+    if rest or dp < 1:
+        raise ValueError(f"row {row['id']}: devices {row['devices']} is not a multiple of tp*cp*pp = {tp * cp * pp}")
+    m, rest = divmod(int(row["global_batch_size"]), int(row["micro_batch_size"]) * dp)
+    if rest or m < 1:
+        raise ValueError(f"row {row['id']}: global_batch_size {row['global_batch_size']} is not a multiple of "
+                         f"micro_batch_size x data-parallel size ({row['micro_batch_size']} x {dp})")
+    return m
+
+
+def pipeline_fill_bound(rows: Sequence[Mapping[str, str]]) -> List[Dict[str, Any]]:
+    """The most pipeline fill and drain the published numbers allow, where the table runs one layout
+    at several micro-batch counts.
+
+    A step of ``m`` micro-batches takes ``(m + b) * t + c``: ``t`` the time of one micro-batch on the
+    binding stage, ``b`` the fill and drain in units of ``t`` (1F1B without virtual stages:
+    ``pp - 1``; interleaved over ``v`` chunks: ``(pp - 1) / v``), ``c`` what a step costs once
+    (exposed data-parallel communication, optimizer). At a fixed layout the throughput per device
+    is proportional to ``m / step``. For two runs of one layout with ``m_s < m_l`` micro-batches,
+    on at least as many devices for ``m_s`` (so ``c_s >= c_l``: the same per-step work on the same
+    devices; along a sweep, a larger data-parallel group, whose exchanges outgrow its smaller optimizer
+    shard), the ratio ``r`` of their published numbers bounds ``b`` whatever ``t``
+    and ``c`` are: ``b <= m_s * m_l * (1 - r) / (r * m_l - m_s)`` (infinite when ``r <= m_s / m_l``).
+
+    Returns one entry a pair: the pairs on the same device count (``c_s = c_l`` exactly) and, per
+    layout, the pair of its fewest and most micro-batches; each with ``ids``, ``devices``,
+    ``microbatches``, ``ratio``, ``bound`` and ``one_f_one_b`` (``(pp - 1) / vpp``)."""
+    groups: Dict[tuple, List[Mapping[str, str]]] = {}
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            continue
+        groups.setdefault(tuple(r[k] for k in _SAME_LAYOUT), []).append(r)
+    out: List[Dict[str, Any]] = []
+    for rs in groups.values():
+        ms = {r["id"]: microbatches_per_pipeline(r) for r in rs}
+        if len(set(ms.values())) < 2:
+            continue
+        fewest = min(rs, key=lambda r: (ms[r["id"]], -int(r["devices"])))
+        most = max(rs, key=lambda r: (ms[r["id"]], -int(r["devices"])))
+        pairs = [(a, b) for a in rs for b in rs if ms[a["id"]] < ms[b["id"]] and a["devices"] == b["devices"]]
+        if (fewest, most) not in pairs:
+            pairs.append((fewest, most))
+        for a, b in pairs:
+            if int(a["devices"]) < int(b["devices"]):
+                continue
+            m_s, m_l = ms[a["id"]], ms[b["id"]]
+            r = float(a["published"]) / float(b["published"])
+            den = r * m_l - m_s
+            bound = math.inf if den <= 0 else max(0.0, m_s * m_l * (1.0 - r) / den)
+            pp, vpp = int(a["pp"]), max(1, int(a["vpp"]))
+            out.append({"ids": (a["id"], b["id"]), "devices": (int(a["devices"]), int(b["devices"])),
+                        "microbatches": (m_s, m_l), "ratio": r, "bound": bound, "pp": pp, "vpp": vpp,
+                        "one_f_one_b": (pp - 1) / vpp})
+    return out
