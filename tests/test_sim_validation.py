@@ -114,3 +114,30 @@ def test_cuda_graph_scope_needs_a_graph_implementation_in_megatron_flags():
     cfg, ignored = sim.parse_megatron_args("--cuda-graph-scope attn")
     assert "cuda_graph_scope" not in cfg["training"]
     assert "--cuda-graph-scope" in ignored
+
+
+def test_fit_imbalance_recovers_the_load_imbalance_that_made_the_numbers():
+    # Published numbers made by the simulator itself at a known busiest-rank load (1.4x the mean):
+    # the fit on them, with a prior too loose to pull, returns that load; rows balanced by
+    # forced balance or token drop carry no information about it and do not move it.
+    eff = {"hopper": dict(val.FIT_PRIORS)}
+    drop = [dict(r) for r in ROWS if val.routed_unbalanced(r)]
+    assert len(drop) >= 2
+    for r in drop:
+        r["published"] = str(val.predict([r], eff, imbalance=1.4)[0]["predicted"])
+    forced = [r for r in ROWS if r["balance"] == "forced" and val.family(r) == "hopper"]
+    got = val.fit_imbalance(drop + forced, eff, prior_width=100.0)
+    assert got == pytest.approx(1.4, abs=2e-3)
+    # No dropless row on real routing (a fold that holds out its source): the prior.
+    assert val.fit_imbalance(forced, eff) == val.IMBALANCE_PRIOR
+
+
+def test_imbalance_only_weighs_on_dropless_rows_on_real_routing():
+    eff = {"hopper": dict(val.FIT_PRIORS)}
+    drop = next(r for r in ROWS if val.routed_unbalanced(r))
+    forced = next(r for r in ROWS if r["balance"] == "forced" and val.family(r) == "hopper")
+    at = lambda r, imb: val.predict([r], eff, imbalance=imb)[0]["predicted"]  # noqa: E731
+    assert at(drop, 1.5) < at(drop, 1.0)
+    assert at(forced, 1.5) == at(forced, 1.0)
+    with pytest.raises(ValueError, match="imbalance"):
+        val.predict([drop], eff, imbalance=0.5)
