@@ -126,7 +126,7 @@ def run(quick: bool) -> str:
         "not depend on the device), fitted by `moerail.sim.validation.fit_imbalance` with the same 3% noise and a "
         f"log-normal prior around {val.IMBALANCE_PRIOR:g} (balanced) of width {val.IMBALANCE_PRIOR_WIDTH}: no source "
         "this table cites measures a training run's per-rank load, so the prior is the balanced model and the value "
-        "comes from the runs. Forced-balance and token-drop rows run at 1. "
+        "comes from the runs. Every other row (forced balance, token drop, or balancing not stated) runs at 1. "
         "*In-sample*: fitted on all of them. *Leave-one-out*: each row predicted by efficiencies and an imbalance fitted "
         "without it. *Leave-one-source-out*: each row predicted by a fit on the rows of the other sources (a family with "
         "no other source falls back to the priors, and so does the imbalance where no other source has a dropless run). "
