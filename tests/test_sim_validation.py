@@ -228,3 +228,30 @@ def test_strong_scaling_mfu_counts_the_global_batch_over_all_gpus():
     assert m["flops_per_step_noncausal"] == pytest.approx(tokens * m["flops_per_token_noncausal"], rel=1e-12)
     assert t["mfu_noncausal"] == pytest.approx(
         tokens * m["flops_per_token_noncausal"] / (t["step_s"] * 1024 * 989.5e12), rel=1e-9)
+
+
+def test_fit_imbalance_recovers_the_load_imbalance_that_made_the_numbers():
+    # Published numbers made by the simulator itself at a known busiest-rank load (1.4x the mean):
+    # the fit on them, with a prior too loose to pull, returns that load; rows balanced by
+    # forced balance or token drop carry no information about it and do not move it.
+    eff = {"hopper": dict(val.FIT_PRIORS)}
+    drop = [dict(r) for r in ROWS if val.routed_unbalanced(r)]
+    assert len(drop) >= 2
+    for r in drop:
+        r["published"] = str(val.predict([r], eff, imbalance=1.4)[0]["predicted"])
+    forced = [r for r in ROWS if r["balance"] == "forced" and val.family(r) == "hopper"]
+    got = val.fit_imbalance(drop + forced, eff, prior_width=100.0)
+    assert got == pytest.approx(1.4, abs=2e-3)
+    # No dropless row on real routing (a fold that holds out its source): the prior.
+    assert val.fit_imbalance(forced, eff) == val.IMBALANCE_PRIOR
+
+
+def test_imbalance_only_weighs_on_dropless_rows_on_real_routing():
+    eff = {"hopper": dict(val.FIT_PRIORS)}
+    drop = next(r for r in ROWS if val.routed_unbalanced(r))
+    forced = next(r for r in ROWS if r["balance"] == "forced" and val.family(r) == "hopper")
+    at = lambda r, imb: val.predict([r], eff, imbalance=imb)[0]["predicted"]  # noqa: E731
+    assert at(drop, 1.5) < at(drop, 1.0)
+    assert at(forced, 1.5) == at(forced, 1.0)
+    with pytest.raises(ValueError, match="imbalance"):
+        val.predict([drop], eff, imbalance=0.5)

@@ -25,8 +25,24 @@ from .. import _native
 from .calibration import PRIORS, _nelder_mead
 from .config import _entries, _find_preset, resolve_config
 
-__all__ = ["fits_on", "FAMILIES", "FIT_PARAMETERS", "FIT_PRIORS", "PRIOR_WIDTH", "load_table", "row_config", "predict", "fit", "cross_validate",
-           "microbatches_per_pipeline", "pipeline_fill_bound"]
+__all__ = [
+    "fits_on",
+    "routed_unbalanced",
+    "FAMILIES",
+    "FIT_PARAMETERS",
+    "FIT_PRIORS",
+    "PRIOR_WIDTH",
+    "IMBALANCE_PRIOR",
+    "IMBALANCE_PRIOR_WIDTH",
+    "load_table",
+    "row_config",
+    "predict",
+    "fit",
+    "fit_imbalance",
+    "cross_validate",
+    "microbatches_per_pipeline",
+    "pipeline_fill_bound",
+]
 
 #: Device family of each cluster preset: the unit the efficiencies are fitted per.
 FAMILIES: Dict[str, str] = {
@@ -48,6 +64,14 @@ FIT_PRIORS = {**PRIORS, "fp8_gemm_efficiency": 0.55, "inter_node_comm_efficiency
 #: Width (log space) of the Gaussian prior per family: tight where the priors were measured on
 #: that silicon (Hopper), loose where they were not (Blackwell, Ascend).
 PRIOR_WIDTH = {"hopper": 0.15, "blackwell": 0.5, "ascend": 0.5}
+
+#: Prior of the one routing parameter, ``moe_expert_load_imbalance`` of dropless runs on real
+#: routing (the busiest expert-parallel rank's load over the mean): balanced, the value every
+#: other row runs at. It is global (routing statistics do not depend on the device) and fitted,
+#: like the efficiencies, on the rows a cross-validation fold keeps (:func:`fit_imbalance`).
+IMBALANCE_PRIOR = 1.0
+#: Width (log space) of its Gaussian prior: loose, as no source this table cites measures it.
+IMBALANCE_PRIOR_WIDTH = 0.5
 
 _METRICS = ("mfu_noncausal", "tflops_per_device", "tokens_per_s_per_device")
 
@@ -167,24 +191,33 @@ class _Row:
         self.published = float(row["published"])
         self.base = resolve_config(row_config(row))
 
-    def report(self, eff: Mapping[str, float]) -> dict:
+    def report(self, eff: Mapping[str, float], imbalance: float = IMBALANCE_PRIOR) -> dict:
         cfg = {s: dict(v) for s, v in self.base.items()}
         cfg["cluster"].update(eff)
+        if routed_unbalanced(self.row):
+            cfg["training"]["moe_expert_load_imbalance"] = imbalance
         return json.loads(_native.sim.sim_simulate(_entries(cfg)))
 
-    def predict(self, eff: Mapping[str, float]) -> float:
-        return self.report(eff)["time"][self.metric]
+    def predict(self, eff: Mapping[str, float], imbalance: float = IMBALANCE_PRIOR) -> float:
+        return self.report(eff, imbalance)["time"][self.metric]
 
 
 def _resolve(rows: Iterable[Union[Mapping[str, str], _Row]]) -> List[_Row]:
     return [r if isinstance(r, _Row) else _Row(r) for r in rows]
 
 
-def predict(rows: Sequence[Mapping[str, str]], efficiency: Mapping[str, Mapping[str, float]]) -> List[Dict[str, Any]]:
-    """Predicted metric of each row with ``efficiency[family]``; relative errors."""
+def predict(
+    rows: Sequence[Mapping[str, str]],
+    efficiency: Mapping[str, Mapping[str, float]],
+    imbalance: float = IMBALANCE_PRIOR,
+) -> List[Dict[str, Any]]:
+    """Predicted metric of each row with ``efficiency[family]`` (and ``imbalance`` as the expert load
+    imbalance of the dropless rows on real routing); relative errors."""
+    if not (isinstance(imbalance, (int, float)) and imbalance >= 1.0):
+        raise ValueError(f"imbalance: the busiest rank's load over the mean, >= 1 (got {imbalance!r})")
     out = []
     for r in _resolve(rows):
-        rep = r.report(efficiency.get(r.family, {}))
+        rep = r.report(efficiency.get(r.family, {}), imbalance)
         p = rep["time"][r.metric]
         out.append({"id": r.id, "family": r.family, "published": r.published, "predicted": p,
                     "error": p / r.published - 1.0, "report": rep})
@@ -232,37 +265,98 @@ def fit(
     return {k: round(v, 4) for k, v in decode(best).items()}
 
 
+def routed_unbalanced(row: Mapping[str, str]) -> bool:
+    """Whether a row ran dropless on real routing (neither token drop nor forced balance), so that
+    the busiest expert-parallel rank carries more than the mean load."""
+    return row["balance"] == "dropless"
+
+
 def fits_on(row: Mapping[str, str]) -> bool:
-    """Whether a row may be fitted on: not when it ran dropless on real routing, whose expert
-    load imbalance no source publishes (the model would be fitted to a setting it is not
-    told); such rows are predicted, and their errors reported, like every other row."""
-    return row["balance"] != "dropless"
+    """Whether the efficiencies may be fitted on a row: not when it ran dropless on real routing,
+    whose load imbalance no source publishes; such rows fit the one routing parameter instead
+    (:func:`fit_imbalance`)."""
+    return not routed_unbalanced(row)
+
+
+def fit_imbalance(
+    rows: Sequence[Union[Mapping[str, str], _Row]],
+    efficiency: Mapping[str, Mapping[str, float]],
+    *,
+    noise: float = 0.03,
+    prior: float = IMBALANCE_PRIOR,
+    prior_width: float = IMBALANCE_PRIOR_WIDTH,
+) -> float:
+    """Fits the expert load imbalance (busiest expert-parallel rank over the mean, >= 1) of dropless
+    training on real routing: maximum a posteriori over those of ``rows`` that ran so, each
+    predicted with its family's ``efficiency``, a log-normal prior around ``prior``; with no such
+    rows the prior comes back."""
+    res = [r for r in _resolve(rows) if routed_unbalanced(r.row)]
+    if not res:
+        return prior
+
+    def objective(x: float) -> float:
+        imb = prior * math.exp(x)
+        err = sum((math.log(r.predict(efficiency.get(r.family, {}), imb) / r.published) / noise) ** 2 for r in res)
+        return err + (x / prior_width) ** 2
+
+    # Golden-section search on log(imbalance / prior) over [0, log 3]: the objective is unimodal
+    # there (each predicted throughput falls monotonically with the imbalance).
+    lo, hi = math.log(1.0 / prior), math.log(3.0 / prior)
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = objective(a), objective(b)
+    while hi - lo > 1e-4:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = objective(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = objective(b)
+    best = min((objective(lo), lo), (fa, a), (fb, b), (objective(hi), hi))[1]
+    return round(prior * math.exp(best), 4)
 
 
 def cross_validate(rows: Sequence[Mapping[str, str]], *, iters: int = 300) -> Dict[str, Any]:
     """In-sample fit, leave-one-out and leave-one-source-out over the rows with status ``ok``.
 
-    Returns ``{"fitted": {family: eff}, "rows": [{id, source, family, published, in_sample,
-    loo, loso}]}`` (relative errors of the predicted metric)."""
+    The efficiencies are fitted per family on the rows :func:`fits_on` admits; the expert load
+    imbalance (:func:`fit_imbalance`) on the dropless rows on real routing, with the efficiencies of
+    the same fold. A held-out row is predicted from parameters fitted without it (leave-one-out) or
+    without its source (leave-one-source-out).
+
+    Returns ``{"fitted": {family: eff}, "imbalance": float, "rows": [{id, source, family,
+    published, in_sample, loo, loso, imbalance_loo, imbalance_loso}]}`` (relative errors of the
+    predicted metric; the imbalances are those the row was predicted with)."""
     res = [r for r in _resolve(rows) if r.row["status"] == "ok"]
     fams = sorted({r.family for r in res})
     fitting = [r for r in res if fits_on(r.row)]
+    unbalanced = [r for r in res if routed_unbalanced(r.row)]
     fitted = {f: fit([r for r in fitting if r.family == f], iters=iters) for f in fams}
+    imbalance = fit_imbalance(unbalanced, fitted)
     out = []
     loso_cache: Dict[tuple, Dict[str, float]] = {}
+    loso_imb: Dict[str, float] = {}
     for r in res:
         same = [o for o in fitting if o.family == r.family]
-        ins = r.predict(fitted[r.family]) / r.published - 1.0
+        ins = r.predict(fitted[r.family], imbalance) / r.published - 1.0
         loo_eff = fit([o for o in same if o is not r], iters=iters, start=fitted[r.family])
-        loo = r.predict(loo_eff) / r.published - 1.0
-        key = (r.family, r.row["source"])
-        if key not in loso_cache:
-            loso_cache[key] = fit([o for o in same if o.row["source"] != r.row["source"]], iters=iters,
-                                  start=fitted[r.family])
-        loso = r.predict(loso_cache[key]) / r.published - 1.0
-        out.append({"id": r.id, "source": r.row["source"], "family": r.family, "model": r.row["model"],
-                    "published": r.published, "in_sample": ins, "loo": loo, "loso": loso})
-    return {"fitted": fitted, "rows": out}
+        loo_imb = fit_imbalance([o for o in unbalanced if o is not r], {**fitted, r.family: loo_eff})
+        loo = r.predict(loo_eff, loo_imb) / r.published - 1.0
+        src = r.row["source"]
+        for f in {r.family} | {o.family for o in unbalanced}:
+            if (f, src) not in loso_cache:
+                loso_cache[(f, src)] = fit([o for o in fitting if o.family == f and o.row["source"] != src],
+                                           iters=iters, start=fitted[f])
+        if src not in loso_imb:
+            loso_imb[src] = fit_imbalance([o for o in unbalanced if o.row["source"] != src],
+                                          {o.family: loso_cache[(o.family, src)] for o in unbalanced})
+        loso = r.predict(loso_cache[(r.family, src)], loso_imb[src]) / r.published - 1.0
+        out.append({"id": r.id, "source": src, "family": r.family, "model": r.row["model"],
+                    "published": r.published, "in_sample": ins, "loo": loo, "loso": loso,
+                    "imbalance_loo": loo_imb, "imbalance_loso": loso_imb[src]})
+    return {"fitted": fitted, "imbalance": imbalance, "rows": out}
 
 
 #: Columns that fix a run's layout and per-micro-batch work (two rows equal in all of them differ
