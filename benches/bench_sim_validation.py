@@ -56,8 +56,10 @@ def _groups(row: dict, cfg_row: dict) -> list:
         out.append("TP >= 4")
     out.append(f"dispatcher {cfg_row['dispatcher']}")
     out.append(f"precision {cfg_row['precision']}")
-    if cfg_row["sweep"].startswith("qwen3-long-context"):
+    if cfg_row["sweep"].startswith(("qwen3-long-context", "strong-scaling")):
         out.append(f"sweep {cfg_row['sweep']}")
+    if cfg_row["sweep"].startswith("strong-scaling"):
+        out.append(f"strong scaling, {cfg_row['devices']} GPUs")
     return out
 
 
