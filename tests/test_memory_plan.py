@@ -321,6 +321,20 @@ def test_cli_memory_plan(capsys):
     assert cli.main(args + ["--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["predicted_peak_bytes"] <= 40 * G
+    # The executor-timed figure is the plan's recompute and exchange plus the swap-ins' waits on
+    # the timeline replay, recomputed here from the printed plan.
+    from moerail.memory.timeline import executor_swap_wait
+
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x22B", cluster="H100-SXM", devices=128,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=8, expert_model_parallel_size=8)  # fmt: skip
+    assert d["plan"]["evaluation"]["activation_bytes_keep_all"] == evaluate_plan(c, MemoryPlan(())).evaluation[
+        "activation_bytes_keep_all"]  # fmt: skip
+    plan = MemoryPlan(tuple(LayerPlan(lp["layer"], lp["actions"], lp["vpp_stage"]) for lp in d["plan"]["layers"]))
+    rows = [[plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES] for lc in c.layers]
+    ev = d["plan"]["evaluation"]
+    want = ev["recompute_seconds"] + ev["exchange_seconds"] + executor_swap_wait(c, rows, MODULES)["wait_seconds"]
+    assert d["executor_added_seconds"] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(
