@@ -321,6 +321,20 @@ def test_cli_memory_plan(capsys):
     assert cli.main(args + ["--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["predicted_peak_bytes"] <= 40 * G
+    # The executor-timed figure is the plan's recompute and exchange plus the swap-ins' waits on
+    # the timeline replay, recomputed here from the printed plan.
+    from moerail.memory.timeline import executor_swap_wait
+
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x22B", cluster="H100-SXM", devices=128,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=8, expert_model_parallel_size=8)  # fmt: skip
+    assert d["plan"]["evaluation"]["activation_bytes_keep_all"] == evaluate_plan(c, MemoryPlan(())).evaluation[
+        "activation_bytes_keep_all"]  # fmt: skip
+    plan = MemoryPlan(tuple(LayerPlan(lp["layer"], lp["actions"], lp["vpp_stage"]) for lp in d["plan"]["layers"]))
+    rows = [[plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES] for lc in c.layers]
+    ev = d["plan"]["evaluation"]
+    want = ev["recompute_seconds"] + ev["exchange_seconds"] + executor_swap_wait(c, rows, MODULES)["wait_seconds"]
+    assert d["executor_added_seconds"] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -531,3 +545,71 @@ def test_mla_up_proj_is_its_own_module():
     assert off and off[0].plan.action(c_host.layers[0].layer, "mla_up_proj", c_host.layers[0].vpp_stage) is Action.SWAP
     f = MemoryPlan.uniform(4, {"attention": "swap", "mla_up_proj": "swap"}).to_megatron_flags(multi_latent_attention=True)
     assert f.exact and f.config["offload_modules"] == ["core_attn"]
+
+
+# ----------------------------------------------------------------------------- ties
+
+
+def _tie_costs(seed: int, layers: int = 2):
+    """Swaps that cost nothing (a fast link, long windows), so many plans tie at zero added time
+    and only the tie-break decides which one comes out."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(layers):
+        rows = rng.uniform(150, 250)
+        out.append(
+            LayerCosts(
+                layer=i,
+                modules={
+                    "layernorm": ModuleCost(rng.uniform(30, 60), 1e-4),
+                    "attention": ModuleCost(rng.uniform(50, 80), 6e-4),
+                    "router": ModuleCost(rng.uniform(2, 6), 4e-5),
+                    "expert_fc1": ModuleCost(rows + rng.uniform(80, 150), 1e-3, 5e-3, rows),
+                    "expert_act": ModuleCost(rng.uniform(50, 80), 2e-4),
+                    "shared_expert": ModuleCost(rng.uniform(15, 30), 5e-4),
+                    "mla_up_proj": ModuleCost(rng.uniform(200, 300), 3e-4),
+                },
+                forward_seconds=0.016,
+                backward_seconds=0.021,
+                other_saved_bytes=rng.uniform(50, 80),
+                transient_bytes=rng.uniform(500, 900),
+            )
+        )
+    return MemoryCosts(tuple(out), static_bytes=1e4, device_bytes=1e9, host_bytes=1e9, host_link_bytes_per_second=1e12,
+                       pipeline_size=4, pipeline_rank=0, num_microbatches=16)  # fmt: skip
+
+
+def _inexpressible(plan: MemoryPlan) -> int:
+    """What Megatron's flags cannot say of each layer's actions (the plan's own to_megatron_flags,
+    layer by layer; a layer's plan differing from another's is not counted)."""
+    n = 0
+    for lp in plan.layers:
+        n += len(MemoryPlan((lp,)).to_megatron_flags(multi_latent_attention=True).notes)
+    return n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_prefer_what_megatron_can_express(seed):
+    # Reference: every keep / swap plan (swaps are free here, recomputes are not, so the optimum
+    # costs nothing and is among them) evaluated by the model; among those that fit at the least
+    # added time, the fewest actions Megatron's flags cannot express, then the fewest actions.
+    c = _tie_costs(seed)
+    keep = evaluate_plan(c, MemoryPlan(()))
+    act = keep.evaluation["activation_bytes_keep_all"]
+    budget = int(c.static_bytes + 0.45 * act + keep.evaluation["transient_bytes"])
+    names = list(c.layers[0].modules)
+    best = None
+    for combo in itertools.product(itertools.product((Action.KEEP, Action.SWAP), repeat=len(names)), repeat=len(c.layers)):
+        plan = MemoryPlan(tuple(LayerPlan(lc.layer, {m: a for m, a in zip(names, row) if a is not Action.KEEP})
+                                for lc, row in zip(c.layers, combo)))  # fmt: skip
+        ev = evaluate_plan(c, plan)
+        if ev.predicted_peak_bytes > budget:
+            continue
+        key = (round(ev.predicted_added_seconds, 9), _inexpressible(plan), sum(len(lp.actions) for lp in plan.layers))
+        best = key if best is None or key < best else best
+    got = plan_memory(c, budget)
+    assert got.predicted_peak_bytes <= budget
+    assert got.predicted_added_seconds == pytest.approx(best[0], abs=1e-9)
+    assert (_inexpressible(got), sum(len(lp.actions) for lp in got.layers)) == best[1:]
+    again = plan_memory(c, budget)
+    assert again.to_dict() == got.to_dict()

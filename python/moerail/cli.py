@@ -457,9 +457,11 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     keep = ev["activation_bytes_keep_all"]
     saved = 1 - ev["activation_bytes"] / keep if keep > 0 else 0.0
     step = costs.step_seconds
+    executor = memory.planner.executor_added_seconds(costs, plan)
     if args.json:
         out = {
             "plan": plan.to_dict(),
+            "executor_added_seconds": executor["added_seconds"],
             "stage": costs.meta.get("stage"),
             "megatron_flags": list(flags.args),
             "megatron_notes": list(flags.notes),
@@ -485,10 +487,14 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     pct = f" ({100 * ev['added_seconds'] / step:.2f}% of the {step:.2f} s step)" if step > 0 else ""
     print(f"added step time     {ev['added_seconds']:.3f} s{pct}: recompute {ev['recompute_seconds']:.3f} s, "
           f"exchange {ev['exchange_seconds']:.3f} s, unhidden swap {ev['swap_exposed_seconds']:.3f} s")  # fmt: skip
+    if ev["host_bytes"] > 0:
+        print(f"with the executor   {executor['added_seconds']:.3f} s added: its swap-ins wait "
+              f"{executor['swap_wait_seconds']:.3f} s (copies back start one group ahead, within a model chunk)")  # fmt: skip
     print(f"host memory used    {ev['host_bytes'] / G:.1f} GiB of {costs.host_bytes / G:.1f} GiB"
           + ("" if costs.host_bytes > 0 else " (no --host-memory: no swap)"))
     if best is not None:
-        print(f"best Megatron static setting that fits: {best.name}: +{best.plan.predicted_added_seconds:.3f} s")
+        print(f"best Megatron static setting that fits: {best.name}: +{best.plan.predicted_added_seconds:.3f} s"
+              + (" (its offload timed as Megatron issues the copies)" if best.offload else ""))  # fmt: skip
     else:
         print("no Megatron static setting (recompute_modules / offload_modules / full) fits this budget")
     print("Megatron flags: " + (" ".join(flags.args) or "(none: keep everything)"))

@@ -4,7 +4,9 @@
 integration share); `costs.py` what the planner reads (per-module bytes and times, the
 schedule, host memory and link), built from the simulator or from measurements; `executor.py`
 (with `swap.py`) carries a plan out exactly (`moerail.integrations.megatron.apply_memory_plan` on a
-Megatron-Core model); `profile.py` measures the costs on the running job.
+Megatron-Core model); `profile.py` measures the costs on the running job; `timeline.py` times the
+swap and offload copies on the stage's schedule as moerail's executor and Megatron-Core's
+fine-grained activation offloading issue them.
 """
 
 from .costs import LayerCosts, MemoryCosts, ModuleCost, tokens_per_expert_skew

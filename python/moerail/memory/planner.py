@@ -223,7 +223,7 @@ def evaluate_plan(
 # Megatron-Core 0.19's choices (TransformerConfig.recompute_modules / offload_modules) that
 # touch what a MoE transformer layer saves, and the moerail modules each one decides.
 MEGATRON_RECOMPUTE_MODULES: Tuple[str, ...] = ("core_attn", "mla_up_proj", "layernorm", "moe_act", "shared_experts", "moe")
-MEGATRON_OFFLOAD_MODULES: Tuple[str, ...] = ("attn_norm", "core_attn", "expert_fc1", "moe_act")
+MEGATRON_OFFLOAD_MODULES: Tuple[str, ...] = ("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act")
 _MEG_RECOMPUTE = {
     "layernorm": {"layernorm": Action.RECOMPUTE},
     "core_attn": {"attention": Action.RECOMPUTE},
@@ -242,6 +242,7 @@ _MEG_OFFLOAD = {
     # Megatron's core_attn offload moves every tensor core attention saves, with MLA the
     # up-projected queries, keys and values (its inputs, mla_up_proj's outputs) too.
     "core_attn": {"attention": Action.SWAP, "mla_up_proj": Action.SWAP},
+    "attn_proj": {"attention": Action.SWAP},
     "expert_fc1": {"expert_fc1": Action.SWAP},
     "moe_act": {"expert_act": Action.SWAP},
 }
@@ -255,6 +256,7 @@ class StaticSetting:
     recompute: Tuple[str, ...]
     offload: Tuple[str, ...]
     plan: MemoryPlan
+    fraction: float = 1.0
 
     @property
     def name(self) -> str:
@@ -265,17 +267,115 @@ class StaticSetting:
             parts.append("recompute_modules=" + ",".join(self.recompute))
         if self.offload:
             parts.append("offload_modules=" + ",".join(self.offload))
+            if self.fraction < 1.0:
+                parts.append(f"activation_offload_fraction={self.fraction:g}")
         return "; ".join(parts) or "keep all"
 
 
+# Spare module slots the Megatron offload evaluation uses for the bytes an offload frees (they
+# hold nothing in a MoE transformer layer's costs).
+_SPARE = "unpermute"
+
+
+def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tuple[str, ...],
+                              fraction: float, sim: Optional[dict] = None) -> Optional[MemoryPlan]:
+    """Megatron's ``recompute_modules=rec`` with fine-grained offloading of ``off`` as its
+    implementation runs it (:func:`.timeline.megatron_offload_wait`): the recompute part and the
+    bytes the offload frees go through the planner's peak model (the freed bytes as one swapped
+    part per layer), the margin / reload-ahead groups are added to the peak and the backward's
+    waits for reloads to the added time. ``None``: past the host memory."""
+    from dataclasses import replace
+
+    from .costs import ModuleCost
+    from .timeline import megatron_offload_groups
+
+    if sim is None:
+        from .timeline import megatron_offload_wait
+
+        sim = megatron_offload_wait(costs, off, fraction=fraction)
+    layers = []
+    rec_actions: Dict[str, Action] = {}
+    for n in rec:
+        rec_actions.update(_MEG_RECOMPUTE[n])
+    for li, lc in enumerate(costs.layers):
+        mods = dict(lc.modules)
+        other = lc.other_saved_bytes
+        freed_total = 0.0
+        # activation_offload_fraction keeps whole groups: take the freed bytes group by group.
+        budget = sim["freed_bytes_by_layer"][li]
+        for g in megatron_offload_groups(lc, off, li):
+            f = min(g.freed, budget)
+            budget -= f
+            if f <= 0:
+                continue
+            freed_total += f
+            if g.name == "attn_norm":
+                other -= f
+                continue
+            src = {"core_attn": "mla_up_proj" if "mla_up_proj" in mods else "attention", "attn_proj": "attention",
+                   "expert_fc1": "expert_fc1", "moe_act": "expert_fc1"}[g.name]  # fmt: skip
+            c = mods[src]
+            nb = max(0.0, c.saved_bytes - f)
+            ex = c.exchange_bytes - f if g.name == "expert_fc1" else c.exchange_bytes
+            mods[src] = replace(c, saved_bytes=nb, exchange_bytes=max(0.0, min(ex, nb)),
+                                recompute_saved_bytes=None if c.recompute_saved_bytes is None
+                                else max(0.0, c.recompute_saved_bytes - f))
+        if _SPARE in mods and mods[_SPARE].saved_bytes > 0:
+            raise ValueError(f"costs: layer {lc.layer} has a {_SPARE} part; Megatron's offload is not modelled for it")
+        if freed_total > 0:
+            mods[_SPARE] = ModuleCost(saved_bytes=freed_total, recompute_seconds=0.0)
+        layers.append(replace(lc, modules=mods, other_saved_bytes=max(0.0, other)))
+    shadow = replace(costs, layers=tuple(layers))
+    acts = {m: a for m, a in rec_actions.items()}
+    rows = []
+    for lc in shadow.layers:
+        row = [acts.get(m, Action.KEEP).value if (m in lc.modules) else "keep" for m in MODULES]
+        if _SPARE in lc.modules:
+            row[MODULES.index(_SPARE)] = "swap"
+        rows.append(row)
+    try:
+        ev = json.loads(_native.memory.evaluate(costs_to_core(shadow), rows, None))
+    except ValueError:
+        return None  # past the host memory
+    if ev["host_bytes"] > costs.host_bytes + 1e-9:
+        return None
+    ev["peak_bytes"] += max(sim["margin_bytes"], sim["ahead_bytes"])
+    ev["swap_exposed_seconds"] = sim["wait_seconds"]
+    ev["added_seconds"] = ev["recompute_seconds"] + ev["exchange_seconds"] + sim["wait_seconds"]
+    ev["offload_margin_bytes"] = sim["margin_bytes"]
+    ev["offload_ahead_bytes"] = sim["ahead_bytes"]
+    ev["model"] = "megatron_fine_grained_offload"
+    actions: Dict[str, Action] = {}
+    for o in off:
+        actions.update(_MEG_OFFLOAD[o])
+    actions.update(rec_actions)
+    has = {m for lc in costs.layers for m in lc.modules}
+    plan = MemoryPlan(tuple(LayerPlan(lc.layer, {m: a for m, a in actions.items() if m in has}, lc.vpp_stage)
+                            for lc in costs.layers))
+    return replace(plan, predicted_peak_bytes=float(ev["peak_bytes"]), predicted_added_seconds=float(ev["added_seconds"]),
+                   host_bytes=int(math.ceil(ev["host_bytes"])), evaluation=ev)
+
+
 def megatron_static_plans(
-    costs: MemoryCosts, *, multi_latent_attention: Optional[bool] = None, offload: bool = True
+    costs: MemoryCosts, *, multi_latent_attention: Optional[bool] = None, offload: bool = True,
+    offload_fractions: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
 ) -> List[StaticSetting]:
     """Every combination of Megatron's ``recompute_modules`` (and, with ``offload`` and host
-    memory, ``offload_modules``) that Megatron accepts for this model, plus full recompute, as
-    uniform plans evaluated by the same model. Combinations Megatron refuses (offloading inside a
-    recomputed ``moe``, ``mla_up_proj`` without MLA) or that decide the same modules the same
-    way are left out; those that swap past the host memory too."""
+    memory, ``offload_modules`` at each ``activation_offload_fraction`` of
+    ``offload_fractions``) that Megatron accepts for this model, plus full recompute.
+    Recompute-only settings are uniform plans evaluated by the planner's model. Offload settings
+    are evaluated as Megatron-Core's fine-grained activation offloading runs them
+    (:mod:`.timeline`: its groups, what each moves and frees, its offload margin, its reloads one
+    group ahead and ahead into the next chunk, and the backward's waits for them), on simulator
+    costs; on measured costs with saved-tensor sizes, as uniform plans of the planner's model.
+    Combinations Megatron refuses (offloading inside a recomputed ``moe``, ``mla_up_proj``
+    without MLA, ``attn_proj`` without ``core_attn``), offloading what a recompute already drops
+    (``core_attn`` / ``attn_proj`` with ``core_attn`` or ``mla_up_proj`` recomputed) and those
+    that decide the same modules the same way are left out; those that swap past the host memory
+    too."""
+    fractions = tuple(offload_fractions) if not isinstance(offload_fractions, (str, bytes)) else ()
+    if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"offload_fractions: expected fractions in (0, 1], got {offload_fractions!r}")
     has = set()
     for lc in costs.layers:
         has.update(m for m, c in lc.modules.items() if c.saved_bytes > 0 or c.recompute_saved_bytes > 0)
@@ -284,6 +384,7 @@ def megatron_static_plans(
     if "shared_expert" not in has:
         rec_names = [n for n in rec_names if n != "shared_experts"]
     off_names = list(MEGATRON_OFFLOAD_MODULES) if offload and costs.host_bytes > 0 else []
+    replays: Dict[Tuple[Tuple[str, ...], float], dict] = {}
     seen = set()
     out: List[StaticSetting] = []
 
@@ -308,6 +409,20 @@ def megatron_static_plans(
                 for off in itertools.combinations(off_names, k):
                     if "moe" in rec and {"expert_fc1", "moe_act"} & set(off):
                         continue
+                    if "attn_proj" in off and "core_attn" not in off:
+                        continue
+                    if {"core_attn", "attn_proj"} & set(off) and {"core_attn", "mla_up_proj"} & set(rec):
+                        continue
+                    if off and not costs.exact_model:
+                        from .timeline import megatron_offload_wait
+
+                        for f in fractions:
+                            if (off, f) not in replays:
+                                replays[(off, f)] = megatron_offload_wait(costs, off, fraction=float(f))
+                            plan = _megatron_offload_setting(costs, rec, off, float(f), replays[(off, f)])
+                            if plan is not None:
+                                out.append(StaticSetting(rec, off, plan, float(f)))
+                        continue
                     actions: Dict[str, Action] = {}
                     for o in off:
                         actions.update(_MEG_OFFLOAD[o])
@@ -330,3 +445,18 @@ def best_static(settings: Iterable[StaticSetting], budget_bytes: float) -> Optio
     """The Megatron setting with the least added time whose predicted peak fits the budget."""
     fits = [s for s in settings if s.plan.predicted_peak_bytes <= budget_bytes * (1 + 1e-9)]
     return min(fits, key=lambda s: s.plan.predicted_added_seconds, default=None)
+
+
+def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan) -> dict:
+    """``plan``'s added step time with its swaps timed as moerail's executor issues them
+    (:func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
+    starts, one group ahead within a model chunk) instead of the planner's bound:
+    ``added_seconds``, ``swap_wait_seconds``."""
+    from .timeline import executor_swap_wait
+
+    ev = plan.evaluation if plan.evaluation else evaluate_plan(costs, plan).evaluation
+    wait = executor_swap_wait(costs, _rows(costs, plan), MODULES)["wait_seconds"]
+    return {
+        "added_seconds": ev["recompute_seconds"] + ev["exchange_seconds"] + wait,
+        "swap_wait_seconds": wait,
+    }

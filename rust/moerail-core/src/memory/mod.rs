@@ -1296,6 +1296,9 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
             local_search(&ctx, &options, budget, host_cap, b)?;
         }
     }
+    if let Some(b) = best.as_mut() {
+        tie_break(&ctx, &options, budget, host_cap, b)?;
+    }
     match best {
         Some(s) => Ok(Plan {
             actions: s.actions,
@@ -1328,6 +1331,97 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
             ))
         }
     }
+}
+
+/// How many of a layer's module actions Megatron-Core's flags cannot express (and
+/// `apply_memory_plan` leaves to them): a swap of the router, the shared expert or the
+/// permute / fc2 / unpermute buffers, of MLA's up-projections without core attention (whose
+/// offload moves both), the router or the expert inputs recomputed outside the whole MoE block
+/// (`moe`), a recompute of the permute / fc2 / unpermute buffers.
+pub fn inexpressible(a: &[Action; N_MODULES]) -> u32 {
+    use Action::*;
+    if a.iter().all(|&x| x == RecomputeLayer) {
+        return 0;
+    }
+    let moe_block =
+        a[2] == Recompute && a[EXCHANGE_MODULE] == RecomputeExchange && a[5] == Recompute;
+    let mut n = 0;
+    for (j, &x) in a.iter().enumerate() {
+        let bad = match (MODULES[j], x) {
+            (_, Keep) => false,
+            ("layernorm" | "attention" | "expert_fc1" | "expert_act", Swap) => false,
+            ("mla_up_proj", Swap) => a[1] != Swap,
+            (_, Swap) => true,
+            (
+                "layernorm" | "attention" | "expert_act" | "shared_expert" | "mla_up_proj",
+                Recompute,
+            ) => false,
+            ("router", Recompute) | ("expert_fc1", RecomputeExchange) => !moe_block,
+            _ => true,
+        };
+        n += bad as u32;
+    }
+    n
+}
+
+fn non_keep(a: &[Action; N_MODULES]) -> u32 {
+    if a.iter().all(|&x| x == Action::RecomputeLayer) {
+        return 1;
+    }
+    a.iter().filter(|&&x| x != Action::Keep).count() as u32
+}
+
+/// Among the plans that fit and add no more time than `best` (within a relative 1e-10, at least
+/// 1e-12 s), moves one layer at a time to the plan with fewer actions Megatron cannot express,
+/// then fewer actions, then less host memory; deterministic (layers and options in order).
+fn tie_break(
+    ctx: &Ctx,
+    options: &[Vec<LayerOption>],
+    budget: f64,
+    host_cap: f64,
+    best: &mut Solved,
+) -> Result<()> {
+    let limit = best.evaluation.added_seconds + (best.evaluation.added_seconds * 1e-10).max(1e-12);
+    let score = |acts: &Actions| -> (u32, u32) {
+        acts.iter()
+            .fold((0, 0), |(p, n), a| (p + inexpressible(a), n + non_keep(a)))
+    };
+    let mut cur = score(&best.actions);
+    for _round in 0..16 {
+        let mut improved = false;
+        for (i, os) in options.iter().enumerate() {
+            let mine = (inexpressible(&best.actions[i]), non_keep(&best.actions[i]));
+            for o in os {
+                let theirs = (inexpressible(&o.actions), non_keep(&o.actions));
+                if theirs > mine || o.actions == best.actions[i] {
+                    continue;
+                }
+                let mut trial = best.actions.clone();
+                trial[i] = o.actions;
+                let sc = score(&trial);
+                if sc > cur {
+                    continue;
+                }
+                let e = ctx.evaluate(&trial)?;
+                let better = sc < cur || e.host_bytes < best.evaluation.host_bytes * (1.0 - 1e-9);
+                if better
+                    && e.peak_bytes <= budget * (1.0 + 1e-9)
+                    && e.host_bytes <= host_cap * (1.0 + 1e-9)
+                    && e.added_seconds <= limit
+                {
+                    best.actions = trial;
+                    best.evaluation = e;
+                    cur = sc;
+                    improved = true;
+                    break;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn local_search(

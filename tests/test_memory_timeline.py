@@ -1,0 +1,271 @@
+"""The copy timelines of `moerail.memory.timeline` against the implementations they model:
+Megatron-Core's own fine-grained activation offload manager, driven on the CPU through the
+schedule (its CUDA streams and events stand-ins that do nothing, everything else its code), and
+moerail's own executor on a small model, whose swap-in requests are recorded."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from moerail.memory import LayerCosts, MemoryCosts, ModuleCost
+from moerail.memory.timeline import (
+    MEGATRON_OFFLOAD_GROUPS,
+    SEGMENTS,
+    megatron_offload_groups,
+    megatron_offload_wait,
+    schedule_ops,
+)
+
+M = 2**20
+
+
+def moe_costs(layers_per_chunk=2, pp=4, rank=1, vpp=2, m=8, host=64 * 2**30, link=20e9):
+    layers = []
+    for c in range(vpp):
+        for j in range(layers_per_chunk):
+            layers.append(
+                LayerCosts(
+                    layer=c * 100 + j,
+                    vpp_stage=c,
+                    modules={
+                        "layernorm": ModuleCost(56 * M, 1e-4),
+                        "attention": ModuleCost(64 * M, 6e-4),
+                        "mla_up_proj": ModuleCost(256 * M, 3e-4),
+                        "router": ModuleCost(4 * M, 4e-5),
+                        "expert_fc1": ModuleCost(352 * M, 1.2e-3, exchange_seconds=6e-3, exchange_bytes=224 * M),
+                        "expert_act": ModuleCost(64 * M, 1.6e-4),
+                        "shared_expert": ModuleCost(24 * M, 5e-4),
+                    },
+                    forward_seconds=0.016,
+                    backward_seconds=0.021,
+                    other_saved_bytes=72 * M,
+                    transient_bytes=800 * M,
+                    input_bytes=28 * M,
+                )
+            )
+    return MemoryCosts(
+        layers=tuple(layers), static_bytes=20 * 2**30, device_bytes=80 * 2**30, host_bytes=host,
+        host_link_bytes_per_second=link, pipeline_size=pp, pipeline_rank=rank, virtual_pipeline_size=vpp,
+        num_microbatches=m,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- Megatron's manager
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        pass
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+def _megatron_trace(costs, offload, monkeypatch, iterations=2):
+    """The commit / reload events of Megatron-Core's offload manager in the last of
+    ``iterations`` steps over this stage's schedule."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = importlib.import_module("megatron.core.pipeline_parallel.fine_grained_activation_offload")
+    import inspect
+
+    if "activation_offload_fraction" not in inspect.signature(mod.PipelineOffloadManager.init_model_chunk_offload_handler).parameters:
+        pytest.skip("this megatron-core's offload manager predates the one modelled (0.19: offload fraction, "
+                    "group_offload); make test runs this again on 0.19")
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _Stream())
+    monkeypatch.setattr(mod, "print_offload_summary_table", lambda *a, **k: None)
+    log = []
+    info = {}  # id(group) -> (key, layer, name)
+    handler_key = {}
+    orig = mod.ChunkOffloadHandler.bulk_reload_group
+
+    def bulk_reload_group(self):
+        log.append(("reload",) + info[id(self._groups_to_reload[-1])])
+        return orig(self)
+
+    monkeypatch.setattr(mod.ChunkOffloadHandler, "bulk_reload_group", bulk_reload_group)
+
+    class Tag(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, event):
+            ctx.event = event
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            log.append(ctx.event)
+            return g, None
+
+    mod.PipelineOffloadManager.reset_instance()
+    mgr = mod.PipelineOffloadManager.get_instance()
+    chunks = {}
+    for lc in costs.layers:
+        chunks.setdefault(lc.vpp_stage, []).append(lc)
+    v = costs.virtual_pipeline_size
+    for it in range(iterations):
+        log.clear()
+        graphs = {}
+        for forward, c, mb in schedule_ops(costs):
+            key = (c, mb)
+            if not forward:
+                graphs.pop(key).sum().backward()
+                continue
+            mod.FineGrainedActivationOffloadingInterface.init_chunk_handler(
+                costs.pipeline_rank, v if v > 1 else None, c if v > 1 else None, 0, 0, 1.0)
+            x = torch.ones(1, requires_grad=True)
+            started = []
+            for lc in chunks[c]:
+                groups = megatron_offload_groups(lc, offload)
+                for s in range(len(SEGMENTS)):
+                    for g in sorted((g for g in groups if g.start == s), key=lambda g: g.commit, reverse=True):
+                        x = mod.fine_grained_offloading_group_start(x, g.name)
+                        started.append((lc.layer, g.name))
+                    x = x * 1.0
+                    for g in (g for g in groups if g.commit == s):
+                        x = mod.fine_grained_offloading_group_offload(x, g.name)
+                        x = Tag.apply(x, ("commit", key, lc.layer, g.name))
+            if it == 0:
+                h = mgr.cur_forward_chunk()
+                handler_key[id(h)] = key
+                for grp, (layer, name) in zip(h.offload_groups, started):
+                    assert grp._name == name
+                    info[id(grp)] = (key, layer, name)
+            graphs[key] = x
+        assert not graphs
+        mgr.reset()
+    return list(log)
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize(
+    "offload,pp,rank,vpp,m",
+    [
+        (("core_attn", "expert_fc1"), 4, 1, 2, 8),
+        (("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act"), 4, 0, 2, 8),
+        (("expert_fc1", "moe_act"), 2, 0, 3, 4),
+        (("core_attn",), 4, 2, 1, 6),
+        (("core_attn", "moe_act"), 4, 3, 2, 8),  # the last stage: a chunk's backward right after its forward
+    ],
+)
+def test_megatron_offload_events_match_megatron_manager(offload, pp, rank, vpp, m, monkeypatch):
+    costs = moe_costs(pp=pp, rank=rank, vpp=vpp, m=m)
+    ref = _megatron_trace(costs, offload, monkeypatch)
+    mine = []
+    megatron_offload_wait(costs, offload, trace=mine)
+    assert [e[0] for e in mine].count("reload") > 0
+    assert mine == ref, (mine, ref)
+
+
+def test_megatron_groups_follow_megatron_boundaries():
+    # Each group starts and commits where Megatron-Core's modules call group_start /
+    # group_offload: core attention alone; moe_act from the activation to after linear_fc2; the
+    # input norm's group until the attention's residual add.
+    assert MEGATRON_OFFLOAD_GROUPS["moe_act"] == (SEGMENTS.index("moe_act"), SEGMENTS.index("expert_fc2"))
+    assert MEGATRON_OFFLOAD_GROUPS["attn_norm"] == (SEGMENTS.index("input_norm"), SEGMENTS.index("attn_proj"))
+    lc = moe_costs().layers[0]
+    by = {g.name: g for g in megatron_offload_groups(lc, ("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act"))}
+    fc1 = lc.modules["expert_fc1"]
+    assert by["expert_fc1"].freed + by["moe_act"].freed == fc1.saved_bytes
+    assert by["core_attn"].freed == lc.modules["mla_up_proj"].saved_bytes
+    assert by["core_attn"].moved == lc.modules["mla_up_proj"].saved_bytes + lc.modules["attention"].saved_bytes
+
+
+def test_megatron_wait_against_hand_replay():
+    # One chunk, one micro-batch: the first backward chunk keeps the last group of each name
+    # (the margin), so with one layer nothing moves and nothing waits.
+    c1 = moe_costs(layers_per_chunk=1, pp=1, rank=0, vpp=1, m=1, link=1e9)
+    r1 = megatron_offload_wait(c1, ("expert_fc1", "moe_act"))
+    assert r1["wait_seconds"] == 0.0 and r1["moved_bytes"] == 0.0
+    assert r1["margin_bytes"] == c1.layers[0].modules["expert_fc1"].saved_bytes
+
+    # Two layers, two micro-batches, stage 0 of 2 (forward 0, forward 1, backward 0, backward 1):
+    # in backward 0 layer 1's groups stay (margin), layer 0's are reloaded at layer 1's two group
+    # starts, then micro-batch 1's layer-1 groups are reloaded ahead at layer 0's two group starts.
+    c3 = moe_costs(layers_per_chunk=2, pp=2, rank=0, vpp=1, m=2, link=1e9)
+    trace = []
+    r3 = megatron_offload_wait(c3, ("expert_fc1", "moe_act"), trace=trace)
+    reloads = [e for e in trace if e[0] == "reload"]
+    assert reloads[:4] == [
+        ("reload", (0, 0), 0, "moe_act"), ("reload", (0, 0), 0, "expert_fc1"),
+        ("reload", (0, 1), 1, "moe_act"), ("reload", (0, 1), 1, "expert_fc1"),
+    ]  # fmt: skip
+    # At 1 GB/s a 224 MiB group takes 0.23 s, far more than the milliseconds between a reload and
+    # its commit: the backward waits.
+    assert r3["wait_seconds"] > 0.2
+    assert r3["moved_bytes"] == 3 * sum(g.moved for g in megatron_offload_groups(c3.layers[0], ("expert_fc1", "moe_act")))
+
+
+# ----------------------------------------------------------------------------- moerail's executor
+
+
+def test_executor_prefetch_order_matches_executor(monkeypatch):
+    """The order in which moerail's executor starts copying groups back (recorded on the tiny
+    model, three layers, one micro-batch) is the one the timeline charges."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import memory_tiny as mt
+
+    from moerail.memory import LayerPlan, MemoryPlan
+    from moerail.memory.executor import Executor, LayerRun
+    from moerail.memory.timeline import executor_swap_wait
+
+    acts = [{"attention": "swap", "expert_fc1": "swap"}, {"expert_fc1": "swap"}, {"attention": "swap", "layernorm": "swap"}]
+    log = []
+    orig = LayerRun.backward_starts
+
+    def backward_starts(self, group):
+        if self.triggered[group]:
+            return orig(self, group)
+        runs = [r for r in (self, self.prev) if r is not None]
+        before = [(r.layer, g, [st for st in r.swapped[g] if st.in_done is None and st.dev is None])
+                  for r in runs for g in ("mlp", "attn")]  # fmt: skip
+        log.append(("start", self.layer, group))
+        orig(self, group)
+        # The groups whose copies back this start began, in the executor's order (own, then next).
+        began = [(layer, g) for layer, g, sts in before if any(st.in_done is not None for st in sts)]
+        began.sort(key=lambda lg: (lg != (self.layer, group), -lg[0], lg[1] != "mlp"))
+        log.extend(("issue", layer, g) for layer, g in began)
+
+    monkeypatch.setattr(LayerRun, "backward_starts", backward_starts)
+    model = mt.Model(layers=3)
+    plan = MemoryPlan(tuple(LayerPlan(i, a) for i, a in enumerate(acts)), host_bytes=1 << 24)
+    mt.attach(Executor(plan, min_swap_bytes=0), model)
+    mt.run(model, micro=1)
+    ref = [e for e in log]
+
+    layers = [LayerCosts(layer=i, modules={m: ModuleCost(M, 1e-4, exchange_bytes=M / 2 if m == "expert_fc1" else 0.0)
+                                            for m in ("layernorm", "attention", "expert_fc1")},
+                         forward_seconds=0.01, backward_seconds=0.02) for i in range(3)]  # fmt: skip
+    costs = MemoryCosts(layers=tuple(layers), static_bytes=1.0, device_bytes=2**40, host_bytes=2**30,
+                        host_link_bytes_per_second=1e9, num_microbatches=1)  # fmt: skip
+    modules = ("layernorm", "attention", "expert_fc1")
+    trace = []
+    executor_swap_wait(costs, [[a.get(m, "keep") for m in modules] for a in acts], modules, trace=trace)
+    mine = [(e[0], e[2], e[3]) for e in trace]
+    assert mine == ref, (mine, ref)
