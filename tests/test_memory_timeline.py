@@ -433,3 +433,125 @@ def test_plan_for_lookahead_2_counts_the_copies_ahead_in_its_peak():
             plan_memory(costs, budget, lookahead=bad)
         with pytest.raises(ValueError, match="lookahead"):
             executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=bad)
+
+
+def test_executor_learns_the_interleaved_order(monkeypatch):
+    """Two model chunks of two layers on stage 0 of two, four micro-batches, Megatron-Core's
+    interleaved order (:func:`schedule_ops`), ``lookahead=2``: in the first step the executor
+    copies nothing ahead across chunks (it does not know the order yet), from the second step on
+    its backward starts and copies back are the timeline's, keyed by (chunk, micro-batch), and
+    the results stay bit-identical to keeping everything."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import memory_tiny as mt
+
+    from moerail.memory import LayerPlan
+    from moerail.memory.executor import Executor, LayerRun
+    from moerail.memory.timeline import executor_swap_wait, schedule_ops
+
+    acts = {(0, 0): {"attention": "swap", "expert_fc1": "swap"}, (1, 0): {"expert_fc1": "swap"},
+            (2, 1): {"attention": "swap"}, (3, 1): {"attention": "swap", "expert_fc1": "swap"}}  # fmt: skip
+    layers = [LayerCosts(layer=i, vpp_stage=v, modules={m: ModuleCost(M, 1e-4, exchange_bytes=M / 2 if m == "expert_fc1"
+                                                                      else 0.0) for m in ("layernorm", "attention", "expert_fc1")},
+                         forward_seconds=0.01, backward_seconds=0.02) for (i, v) in acts]  # fmt: skip
+    costs = MemoryCosts(layers=tuple(layers), static_bytes=1.0, device_bytes=2**40, host_bytes=2**30,
+                        host_link_bytes_per_second=1e9, num_microbatches=4, pipeline_size=2, pipeline_rank=0,
+                        virtual_pipeline_size=2)  # fmt: skip
+    ops = schedule_ops(costs)
+
+    class Staged(Executor):
+        """The tiny model's glue with the virtual pipeline stage of the chunk being attached."""
+
+        stage = 0
+
+        def layer(self, fn, layer, vpp_stage=0, **kw):
+            return super().layer(fn, layer, self.stage, **kw)
+
+    def build(plan, lookahead):
+        ex = Staged(plan, min_swap_bytes=0, lookahead=lookahead)
+        chunks = []
+        for c in range(2):
+            ex.stage = c
+            model = mt.Model(layers=2, seed=c)
+            for j, layer in enumerate(model.layers):
+                layer.layer = j + 2 * c  # the tiny glue tags modules with it
+            mt.attach(ex, model)
+            chunks.append(model)
+        return ex, chunks
+
+    def step(models):
+        g = torch.Generator().manual_seed(7)
+        torch.manual_seed(7)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        data = {(c, i): (torch.randn(8, 2, 16, generator=g), torch.randn(8, 2, 16, generator=g))
+                for c in range(2) for i in range(4)}  # fmt: skip
+        losses, outs = {}, {}
+        for fwd, c, i in ops:
+            if fwd:
+                y = models[c](data[(c, i)][0])
+                outs[(c, i)] = y.detach().clone()
+                losses[(c, i)] = (y * data[(c, i)][1]).sum()
+            else:
+                losses.pop((c, i)).backward()
+        return outs, {(c, k): p.grad.clone() for c, m in enumerate(models) for k, p in m.named_parameters()
+                      if p.grad is not None}  # fmt: skip
+
+    keys: dict = {}
+    log: list = []
+    runs: list = []
+    orig_init, orig = LayerRun.__init__, LayerRun.backward_starts
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        runs.append(self)
+
+    def key(run):  # (chunk, micro-batch): the n-th chunk run of a stage in the step is micro-batch n
+        c = run.chunk
+        if id(c) not in keys:
+            keys[id(c)] = (c.vpp_stage, sum(1 for v in keys.values() if v[0] == c.vpp_stage))
+        return keys[id(c)]
+
+    def backward_starts(self, group):
+        if self.triggered[group]:
+            return orig(self, group)
+        before = [(r, g, [st for st in r.swapped[g] if st.in_done is None and st.dev is None]) for r in runs
+                  for g in ("mlp", "attn")]  # fmt: skip
+        log.append(("start", key(self), self.layer, group))
+        orig(self, group)
+        began = [(r, g) for r, g, sts in before if any(st.in_done is not None for st in sts)]
+        began.sort(key=lambda rg: ((rg[0], rg[1]) != (self, group), rg[0].chunk is not self.chunk, -rg[0].layer,
+                                   rg[1] != "mlp"))  # fmt: skip
+        log.extend(("issue", key(r), r.layer, g) for r, g in began)
+
+    plan = MemoryPlan(tuple(LayerPlan(i, a, v) for (i, v), a in acts.items()), host_bytes=1 << 24)
+    logs = []
+    with monkeypatch.context() as mp:
+        mp.setattr(LayerRun, "__init__", init)
+        mp.setattr(LayerRun, "backward_starts", backward_starts)
+        ex, models = build(plan, 2)
+        for _ in range(2):
+            log.clear()
+            runs.clear()
+            keys.clear()
+            got = step(models)
+            logs.append(list(log))
+        ex.close()
+    _, ref_models = build(None, 1)
+    ref = step(ref_models)
+    for k in ref[0]:
+        assert torch.equal(ref[0][k], got[0][k]), k
+    assert ref[1].keys() == got[1].keys()
+    for k in ref[1]:
+        assert torch.equal(ref[1][k], got[1][k]), k
+
+    modules = ("layernorm", "attention", "expert_fc1")
+    rows = [[a.get(m, "keep") for m in modules] for a in acts.values()]
+    trace2, trace1 = [], []
+    executor_swap_wait(costs, rows, modules, trace=trace2, lookahead=2)
+    executor_swap_wait(costs, rows, modules, trace=trace1, lookahead=1)
+    assert logs[1] == [(e[0], e[1], e[2], e[3]) for e in trace2]
+    assert logs[0] == [(e[0], e[1], e[2], e[3]) for e in trace1]  # first step: within chunks only
+    assert ex.stats["chunk_prefetches"] > 0
