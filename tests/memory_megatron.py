@@ -10,7 +10,7 @@ processes. An arm is a dict:
 
 * ``name``; ``dispatcher``: ``"moerail"`` (``use_moerail``) or ``"megatron"`` (its alltoall);
 * ``plan``: a ``MemoryPlan.to_dict()`` for ``apply_memory_plan`` (``None``: no plan);
-  ``throttle_s`` / ``prefetch_delay_s`` / ``min_swap_bytes`` for it;
+  ``throttle_s`` / ``prefetch_delay_s`` / ``min_swap_bytes`` / ``lookahead`` for it;
 * ``megatron``: ``TransformerConfig`` recompute settings (``recompute_granularity``, ...);
 * ``ref``: the arm it must match bit for bit (losses, every ``main_grad`` after the gradient
   reduction, the aux-loss tracker, the router token counts before the bias update, the expert bias).
@@ -141,7 +141,8 @@ class Arm:
             plan = spec["plan"] if isinstance(spec["plan"], MemoryPlan) else MemoryPlan.from_dict(spec["plan"])
             self.executor = mi.apply_memory_plan(model, plan, min_swap_bytes=spec.get("min_swap_bytes", 0),
                                                  throttle_s=spec.get("throttle_s", 0.0),
-                                                 prefetch_delay_s=spec.get("prefetch_delay_s", 0.0))
+                                                 prefetch_delay_s=spec.get("prefetch_delay_s", 0.0),
+                                                 lookahead=spec.get("lookahead", 1))
         self.counter = SavedTensorCounter()
         if self.executor is not None:
             self.executor.counter = self.counter
@@ -200,7 +201,8 @@ class Arm:
                 "peak": self.counter.peak, "step_s": dt,
                 "replays": self.executor.stats["replays"] if self.executor else 0,
                 "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
-                "waits": dict(self.executor._swapper.stats) if self.executor and self.executor._swapper else {}}
+                "waits": (dict(self.executor._swapper.stats) | {"chunk_prefetches": self.executor.stats["chunk_prefetches"]}
+                          if self.executor and self.executor._swapper else {})}
 
     def step(self, fb) -> Dict:
         from megatron.core.transformer.moe import moe_utils
@@ -228,7 +230,8 @@ class Arm:
                 "tracker": tracker, "counts": self.counts, "bias": bias, "peak": self.counter.peak,
                 "step_s": dt, "replays": self.executor.stats["replays"] if self.executor else 0,
                 "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
-                "waits": dict(self.executor._swapper.stats) if self.executor and self.executor._swapper else {}}
+                "waits": (dict(self.executor._swapper.stats) | {"chunk_prefetches": self.executor.stats["chunk_prefetches"]}
+                          if self.executor and self.executor._swapper else {})}
 
 
 def _diff(a, b) -> float:

@@ -287,6 +287,10 @@ def megatron_run(tmp_path_factory):
         {"name": "exchange", "dispatcher": "moerail", "plan": _plan(2, EXCHANGE), "ref": "keep"},
         {"name": "whole", "dispatcher": "moerail", "plan": WHOLE, "ref": "keep"},
         {"name": "whole_mixed", "dispatcher": "moerail", "plan": WHOLE_MIXED, "ref": "keep"},
+        # Prefetch across micro-batches (the next backward's first group at a backward's last), with
+        # slowed copies and late swap-ins.
+        {"name": "swap_ahead_throttled", "dispatcher": "moerail", "plan": _plan(2, ALL_SWAP), "ref": "keep",
+         "lookahead": 2, "throttle_s": 0.0005, "prefetch_delay_s": 0.001},
     ]
     job = {"steps": steps, "runs": [
         {"layout": (1, 1, 4), "arms": ep4},
@@ -327,6 +331,24 @@ def test_throttled_swap_waits_in_megatrons_loop(megatron_run):
     waits = [w for r in res for w in r["runs"][0]["arms"]["swap_all_throttled"]["waits"]]
     assert sum(w.get("in_waited_on_out", 0) for w in waits) > 0
     assert sum(w.get("backward_waited_on_in", 0) for w in waits) > 0
+
+
+def test_prefetch_across_micro_batches_in_megatrons_1f1b(megatron_run):
+    """With ``lookahead=2`` on PP2's first stage (two micro-batches in flight under 1F1B) each
+    backward but the step's last starts copying back the next backward's first group (the arm is
+    bit-identical to keep-all: ``test_plans_are_bit_identical_in_megatrons_loop``); on the last
+    stage (one in flight) there is never a next backward's forward done to prefetch from."""
+    import memory_megatron as mm
+
+    res, steps = megatron_run
+    # The executor's counts, cumulative over the steps.
+    ahead = [[w["chunk_prefetches"] for w in r["runs"][1]["arms"]["swap_ahead_throttled"]["waits"]] for r in res]
+    m = mm.SMALL["micro_batches"]
+    for rank in (0, 1):  # stage 0
+        assert ahead[rank][0] == m - 1, ahead[rank]
+        assert all(b - a == m - 1 for a, b in zip(ahead[rank], ahead[rank][1:])), ahead[rank]
+    for rank in (2, 3):  # stage 1
+        assert ahead[rank][-1] == 0, ahead[rank]
 
 
 @pytest.mark.parametrize("i", range(len(BAD_PLANS)), ids=[m for _, m in BAD_PLANS])

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from moerail.memory import LayerCosts, MemoryCosts, ModuleCost
+from moerail.memory import MODULES, LayerCosts, MemoryCosts, MemoryPlan, ModuleCost
 from moerail.memory.timeline import (
     MEGATRON_OFFLOAD_GROUPS,
     SEGMENTS,
@@ -231,7 +231,7 @@ def test_executor_prefetch_order_matches_executor(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import memory_tiny as mt
 
-    from moerail.memory import LayerPlan, MemoryPlan
+    from moerail.memory import LayerPlan
     from moerail.memory.executor import Executor, LayerRun
     from moerail.memory.timeline import executor_swap_wait
 
@@ -269,3 +269,289 @@ def test_executor_prefetch_order_matches_executor(monkeypatch):
     executor_swap_wait(costs, [[a.get(m, "keep") for m in modules] for a in acts], modules, trace=trace)
     mine = [(e[0], e[2], e[3]) for e in trace]
     assert mine == ref, (mine, ref)
+
+
+def _one_f_one_b(model, order, seed=5):
+    """Forwards and backwards of micro-batches in ``order`` (``("f", i)`` / ``("b", i)``), as a
+    pipeline stage runs them; the outputs and parameter gradients."""
+    import memory_tiny as mt
+
+    mt.TRACKER.clear()
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n = 1 + max(i for _, i in order)
+    xs = [torch.randn(8, 2, 16, generator=g) for _ in range(n)]
+    ws = [torch.randn(8, 2, 16, generator=g) for _ in range(n)]
+    losses, outs = {}, {}
+    for op, i in order:
+        if op == "f":
+            y = model(xs[i])
+            outs[i] = y.detach().clone()
+            losses[i] = (y * ws[i]).sum()
+        else:
+            losses.pop(i).backward()
+    return outs, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+# Stage 0 of two, three micro-batches: Megatron-Core's 1F1B order.
+_ORDER = [("f", 0), ("f", 1), ("b", 0), ("f", 2), ("b", 1), ("b", 2)]
+_ACTS = [{"attention": "swap", "expert_fc1": "swap"}, {"expert_fc1": "swap"}, {"attention": "swap", "expert_fc1": "swap"}]
+
+
+def _recorded(lookahead, monkeypatch, steps=2):
+    """Runs the tiny model (three layers) under a swap plan in ``_ORDER`` for ``steps`` steps and
+    records, in the last one, each group's backward start and the groups whose copies back it
+    began, keyed by micro-batch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import memory_tiny as mt
+
+    from moerail.memory import LayerPlan
+    from moerail.memory.executor import Executor, LayerRun
+
+    runs: list = []
+    orig_init, orig = LayerRun.__init__, LayerRun.backward_starts
+    chunks: dict = {}
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        runs.append(self)
+
+    def mb(run):
+        return chunks.setdefault(id(run.chunk), len(chunks) % 3)
+
+    log: list = []
+    ready_before: dict = {}
+
+    def backward_starts(self, group):
+        if self.triggered[group]:
+            return orig(self, group)
+        live = [r for r in runs if r.chunk is not None]
+        before = [(r, g, [st for st in r.swapped[g] if st.in_done is None and st.dev is None]) for r in live
+                  for g in ("mlp", "attn")]  # fmt: skip
+        ready_before[(mb(self), self.layer, group)] = [st.in_done is not None for st in self.swapped[group]]
+        log.append(("start", mb(self), self.layer, group))
+        orig(self, group)
+        began = [(r, g) for r, g, sts in before if any(st.in_done is not None for st in sts)]
+        began.sort(key=lambda rg: ((rg[0], rg[1]) != (self, group), rg[0].chunk is not self.chunk, -rg[0].layer,
+                                   rg[1] != "mlp"))  # fmt: skip
+        log.extend(("issue", mb(r), r.layer, g) for r, g in began)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(LayerRun, "__init__", init)
+        mp.setattr(LayerRun, "backward_starts", backward_starts)
+        model = mt.Model(layers=3)
+        plan = MemoryPlan(tuple(LayerPlan(i, a) for i, a in enumerate(_ACTS)), host_bytes=1 << 24)
+        ex = mt.attach(Executor(plan, min_swap_bytes=0, lookahead=lookahead), model)
+        for _ in range(steps):
+            log.clear()
+            ready_before.clear()
+            runs.clear()
+            chunks.clear()
+            res = _one_f_one_b(model, _ORDER)
+        ex.close()
+    return log, ready_before, ex, res
+
+
+def test_cross_chunk_prefetch_happens_and_stays_exact(monkeypatch):
+    """With ``lookahead=2`` the first group of each later micro-batch's backward (the last layer's
+    MLP) finds its copies back already started by the previous backward; results are bit-identical
+    to keeping everything, and to ``lookahead=1``, which starts none ahead."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import memory_tiny as mt
+
+    from moerail.memory.executor import Executor
+
+    _, ready2, ex2, (out2, g2) = _recorded(2, monkeypatch)
+    _, ready1, ex1, (out1, g1) = _recorded(1, monkeypatch)
+    model = mt.Model(layers=3)
+    mt.attach(Executor(None), model)
+    out0, g0 = _one_f_one_b(model, _ORDER)
+    for i in out0:
+        assert torch.equal(out0[i], out2[i]) and torch.equal(out0[i], out1[i])
+    assert g0.keys() == g2.keys() == g1.keys()
+    for k in g0:
+        assert torch.equal(g0[k], g2[k]) and torch.equal(g0[k], g1[k]), k
+    for m in (1, 2):  # the backwards that follow another one
+        assert ready2[(m, 2, "mlp")] and all(ready2[(m, 2, "mlp")]), ready2
+        assert not any(ready1[(m, 2, "mlp")])
+    assert not any(ready2[(0, 2, "mlp")])  # the first backward of the step: nothing before it
+    assert ex2.stats["chunk_prefetches"] == 4 and ex1.stats["chunk_prefetches"] == 0  # two per step
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_executor_cross_chunk_order_matches_timeline(lookahead, monkeypatch):
+    """The executor's recorded order of backward starts and copies back in a 1F1B stage (stage 0
+    of two, three micro-batches, second step) is the one the timeline charges, ``lookahead`` as
+    the executor's."""
+    from moerail.memory.timeline import executor_swap_wait
+
+    log, _, _, _ = _recorded(lookahead, monkeypatch)
+    layers = [LayerCosts(layer=i, modules={m: ModuleCost(M, 1e-4, exchange_bytes=M / 2 if m == "expert_fc1" else 0.0)
+                                            for m in ("layernorm", "attention", "expert_fc1")},
+                         forward_seconds=0.01, backward_seconds=0.02) for i in range(3)]  # fmt: skip
+    costs = MemoryCosts(layers=tuple(layers), static_bytes=1.0, device_bytes=2**40, host_bytes=2**30,
+                        host_link_bytes_per_second=1e9, num_microbatches=3, pipeline_size=2, pipeline_rank=0)  # fmt: skip
+    modules = ("layernorm", "attention", "expert_fc1")
+    trace = []
+    r = executor_swap_wait(costs, [[a.get(m, "keep") for m in modules] for a in _ACTS], modules, trace=trace,
+                           lookahead=lookahead)  # fmt: skip
+    mine = [(e[0], e[1][1], e[2], e[3]) for e in trace]
+    assert mine == log, (mine, log)
+    want_ahead = layers[2].modules["expert_fc1"].saved_bytes if lookahead == 2 else 0.0
+    assert r["ahead_bytes"] == want_ahead
+
+
+def test_plan_for_lookahead_2_counts_the_copies_ahead_in_its_peak():
+    """``plan_memory(..., lookahead=2)``: the peak is the model's peak plus what the executor copies
+    ahead of the next backward chunk (the timeline's ``ahead_bytes``, recomputed here), and fits
+    the budget; ``lookahead`` is checked."""
+    from moerail.memory import evaluate_plan, plan_memory
+    from moerail.memory.planner import _rows, executor_added_seconds
+    from moerail.memory.timeline import executor_swap_wait
+
+    costs = moe_costs(link=5e9)
+    keep = evaluate_plan(costs, MemoryPlan(())).evaluation
+    budget = int(costs.static_bytes + 0.2 * keep["activation_bytes_keep_all"] + keep["transient_bytes"])
+    p2 = plan_memory(costs, budget, lookahead=2)
+    base = evaluate_plan(costs, p2).evaluation["peak_bytes"]
+    ahead = executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=2)["ahead_bytes"]
+    assert ahead > 0  # the plan swaps the last layer's MLP group of a chunk: something is copied ahead
+    assert p2.evaluation["ahead_bytes"] == ahead
+    assert p2.predicted_peak_bytes == pytest.approx(base + ahead) and p2.predicted_peak_bytes <= budget
+    # Copying ahead never makes the executor wait longer for the same plan.
+    assert (executor_added_seconds(costs, p2, lookahead=2)["swap_wait_seconds"]
+            <= executor_added_seconds(costs, p2, lookahead=1)["swap_wait_seconds"])  # fmt: skip
+    for bad in (3, -1, True, 1.0):
+        with pytest.raises(ValueError, match="lookahead"):
+            plan_memory(costs, budget, lookahead=bad)
+        with pytest.raises(ValueError, match="lookahead"):
+            executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=bad)
+
+
+def test_executor_learns_the_interleaved_order(monkeypatch):
+    """Two model chunks of two layers on stage 0 of two, four micro-batches, Megatron-Core's
+    interleaved order (:func:`schedule_ops`), ``lookahead=2``: in the first step the executor
+    copies nothing ahead across chunks (it does not know the order yet), from the second step on
+    its backward starts and copies back are the timeline's, keyed by (chunk, micro-batch), and
+    the results stay bit-identical to keeping everything."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import memory_tiny as mt
+
+    from moerail.memory import LayerPlan
+    from moerail.memory.executor import Executor, LayerRun
+    from moerail.memory.timeline import executor_swap_wait, schedule_ops
+
+    acts = {(0, 0): {"attention": "swap", "expert_fc1": "swap"}, (1, 0): {"expert_fc1": "swap"},
+            (2, 1): {"attention": "swap"}, (3, 1): {"attention": "swap", "expert_fc1": "swap"}}  # fmt: skip
+    layers = [LayerCosts(layer=i, vpp_stage=v, modules={m: ModuleCost(M, 1e-4, exchange_bytes=M / 2 if m == "expert_fc1"
+                                                                      else 0.0) for m in ("layernorm", "attention", "expert_fc1")},
+                         forward_seconds=0.01, backward_seconds=0.02) for (i, v) in acts]  # fmt: skip
+    costs = MemoryCosts(layers=tuple(layers), static_bytes=1.0, device_bytes=2**40, host_bytes=2**30,
+                        host_link_bytes_per_second=1e9, num_microbatches=4, pipeline_size=2, pipeline_rank=0,
+                        virtual_pipeline_size=2)  # fmt: skip
+    ops = schedule_ops(costs)
+
+    class Staged(Executor):
+        """The tiny model's glue with the virtual pipeline stage of the chunk being attached."""
+
+        stage = 0
+
+        def layer(self, fn, layer, vpp_stage=0, **kw):
+            return super().layer(fn, layer, self.stage, **kw)
+
+    def build(plan, lookahead):
+        ex = Staged(plan, min_swap_bytes=0, lookahead=lookahead)
+        chunks = []
+        for c in range(2):
+            ex.stage = c
+            model = mt.Model(layers=2, seed=c)
+            for j, layer in enumerate(model.layers):
+                layer.layer = j + 2 * c  # the tiny glue tags modules with it
+            mt.attach(ex, model)
+            chunks.append(model)
+        return ex, chunks
+
+    def step(models):
+        g = torch.Generator().manual_seed(7)
+        torch.manual_seed(7)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        data = {(c, i): (torch.randn(8, 2, 16, generator=g), torch.randn(8, 2, 16, generator=g))
+                for c in range(2) for i in range(4)}  # fmt: skip
+        losses, outs = {}, {}
+        for fwd, c, i in ops:
+            if fwd:
+                y = models[c](data[(c, i)][0])
+                outs[(c, i)] = y.detach().clone()
+                losses[(c, i)] = (y * data[(c, i)][1]).sum()
+            else:
+                losses.pop((c, i)).backward()
+        return outs, {(c, k): p.grad.clone() for c, m in enumerate(models) for k, p in m.named_parameters()
+                      if p.grad is not None}  # fmt: skip
+
+    keys: dict = {}
+    log: list = []
+    runs: list = []
+    orig_init, orig = LayerRun.__init__, LayerRun.backward_starts
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        runs.append(self)
+
+    def key(run):  # (chunk, micro-batch): the n-th chunk run of a stage in the step is micro-batch n
+        c = run.chunk
+        if id(c) not in keys:
+            keys[id(c)] = (c.vpp_stage, sum(1 for v in keys.values() if v[0] == c.vpp_stage))
+        return keys[id(c)]
+
+    def backward_starts(self, group):
+        if self.triggered[group]:
+            return orig(self, group)
+        before = [(r, g, [st for st in r.swapped[g] if st.in_done is None and st.dev is None]) for r in runs
+                  for g in ("mlp", "attn")]  # fmt: skip
+        log.append(("start", key(self), self.layer, group))
+        orig(self, group)
+        began = [(r, g) for r, g, sts in before if any(st.in_done is not None for st in sts)]
+        began.sort(key=lambda rg: ((rg[0], rg[1]) != (self, group), rg[0].chunk is not self.chunk, -rg[0].layer,
+                                   rg[1] != "mlp"))  # fmt: skip
+        log.extend(("issue", key(r), r.layer, g) for r, g in began)
+
+    plan = MemoryPlan(tuple(LayerPlan(i, a, v) for (i, v), a in acts.items()), host_bytes=1 << 24)
+    logs = []
+    with monkeypatch.context() as mp:
+        mp.setattr(LayerRun, "__init__", init)
+        mp.setattr(LayerRun, "backward_starts", backward_starts)
+        ex, models = build(plan, 2)
+        for _ in range(2):
+            log.clear()
+            runs.clear()
+            keys.clear()
+            got = step(models)
+            logs.append(list(log))
+        ex.close()
+    _, ref_models = build(None, 1)
+    ref = step(ref_models)
+    for k in ref[0]:
+        assert torch.equal(ref[0][k], got[0][k]), k
+    assert ref[1].keys() == got[1].keys()
+    for k in ref[1]:
+        assert torch.equal(ref[1][k], got[1][k]), k
+
+    modules = ("layernorm", "attention", "expert_fc1")
+    rows = [[a.get(m, "keep") for m in modules] for a in acts.values()]
+    trace2, trace1 = [], []
+    executor_swap_wait(costs, rows, modules, trace=trace2, lookahead=2)
+    executor_swap_wait(costs, rows, modules, trace=trace1, lookahead=1)
+    assert logs[1] == [(e[0], e[1], e[2], e[3]) for e in trace2]
+    assert logs[0] == [(e[0], e[1], e[2], e[3]) for e in trace1]  # first step: within chunks only
+    assert ex.stats["chunk_prefetches"] > 0

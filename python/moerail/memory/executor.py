@@ -15,8 +15,10 @@ The actions:
 * **keep** — nothing happens (autograd keeps what it saved).
 * **swap** — a ``saved_tensors_hooks`` pack hook sends each saved tensor of the module (not
   parameters, not tensors under ``min_swap_bytes``, only dense ones) to the host pool
-  (:mod:`.swap`); the group's backward start prefetches it (and the next group's, ``lookahead``),
-  the unpack hook waits for that tensor's own swap-in, which waited for its own swap-out.
+  (:mod:`.swap`); the group's backward start prefetches it (and the next group's, ``lookahead``:
+  the next group of the same model chunk run, and with ``lookahead=2`` at a chunk run's last group
+  the first group of the next chunk run's backward), the unpack hook waits for that tensor's own
+  swap-in, which waited for its own swap-out.
 * **recompute** — an output-discarding checkpoint. The region runs once in the forward with grad
   enabled (so Megatron's aux-loss logging and the expert-bias token counts happen there, once, as
   without the plan) but with a pack hook that drops every saved tensor; its differentiable outputs
@@ -304,6 +306,9 @@ class _Region:
         if self.replay_outs is not None:
             return
         ex = self.executor
+        chunk = self.run.chunk
+        if chunk is not None and not chunk.backward_started:
+            ex._chunk_backward_starts(chunk)
         t0 = time.perf_counter()
         detached = {}
 
@@ -517,6 +522,26 @@ class SaveTrace:
 # ------------------------------------------------------------------------------------------------
 
 
+class ChunkRun:
+    """One forward call of one model chunk (one micro-batch): its layer runs, consecutive layers of
+    one virtual pipeline stage. ``first``: its first layer's run (whose attention backward is the
+    chunk's last group); ``last``: its last one (whose MLP backward is the chunk's first)."""
+
+    __slots__ = ("vpp_stage", "first", "last", "backward_started", "__weakref__")
+
+    def __init__(self, vpp_stage: int, first: Optional[LayerRun]) -> None:
+        # Weak references: the layer runs hold their chunk run, not the other way round (a chunk
+        # run whose graph was dropped without a backward goes with it).
+        self.vpp_stage = vpp_stage
+        self.first = weakref.ref(first) if first is not None else _none
+        self.last = self.first
+        self.backward_started = False
+
+
+def _none():
+    return None
+
+
 class LayerRun:
     """One forward call of one layer (one micro-batch): its regions and swapped tensors per group."""
 
@@ -528,6 +553,8 @@ class LayerRun:
         self.has_trigger: Dict[str, bool] = {g: False for g in GROUPS}
         self._dedup: Dict[tuple, tuple] = {}
         self.in_forward = True
+        self.chunk: Optional[ChunkRun] = None
+
 
     def action(self, module: str) -> Action:
         return self.executor.action(self.layer, module, self.vpp_stage)
@@ -541,11 +568,20 @@ class LayerRun:
         ex = self.executor
         if ex.trace is not None:
             ex.trace.state = "backward"
+        chunk = self.chunk
+        if chunk is not None and not chunk.backward_started:
+            ex._chunk_backward_starts(chunk)
         # Last saved, first used: the copies back go in reverse forward order.
         for st in reversed(self.swapped[group]):
             st.prefetch()
         if ex.lookahead:
             nxt = (self, "attn") if group == "mlp" else (self.prev, "mlp")
+            if nxt[0] is None and ex.lookahead >= 2 and chunk is not None and chunk.first() is self:
+                # The chunk run's last group: the first group of the next backward chunk run.
+                after = ex._next_backward_chunk(chunk)
+                nxt = (after.last() if after is not None else None, "mlp")
+                if nxt[0] is not None and nxt[0].swapped["mlp"]:
+                    ex.stats["chunk_prefetches"] += 1
             if nxt[0] is not None:
                 for st in reversed(nxt[0].swapped[nxt[1]]):
                     st.prefetch()
@@ -579,7 +615,11 @@ class Executor:
 
     ``device``: where the activations live (the swap engine's device); ``min_swap_bytes``: saved
     tensors smaller than this stay on the device; ``throttle_s`` / ``prefetch_delay_s``: slow every
-    copy / delay every swap-in (stress tests; also ``MOERAIL_SWAP_THROTTLE_S``); ``count``: keep a
+    copy / delay every swap-in (stress tests; also ``MOERAIL_SWAP_THROTTLE_S``); ``lookahead``: what
+    a group's backward start prefetches besides its own swapped tensors (0: nothing; 1: the next
+    group of the same model chunk run; 2: that, and at a chunk run's last group the first group of
+    the next chunk run's backward, which then stays on the device through the forward between
+    them); ``count``: keep a
     :class:`SavedTensorCounter` (``executor.counter``); ``params``: tensors never swapped (the
     model's parameters)."""
 
@@ -605,7 +645,19 @@ class Executor:
             self._whole = {(lp.layer, lp.vpp_stage) for lp in plan.layers if lp.recompute_layer}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.min_swap_bytes = min_swap_bytes
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+            raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
         self.lookahead = lookahead
+        # Model chunk runs (forward order) whose backward has not started, the one being run forward
+        # and the (layer, vpp stage) of the last layer forward; the virtual pipeline stages of the
+        # chunk runs' backward starts in this step and in the last whole step (the schedule's
+        # order, learned), and the stages seen.
+        self._pending_chunks: List[weakref.ref] = []
+        self._chunk: Optional[ChunkRun] = None
+        self._last_key: Optional[Tuple[int, int]] = None
+        self._order_now: List[int] = []
+        self._order_learned: Optional[List[int]] = None
+        self._stages: set = set()
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
         self._rng_devices = [self.device] if self.device.type != "cpu" else []
         self.counter: Optional[SavedTensorCounter] = SavedTensorCounter() if count else None
@@ -625,7 +677,7 @@ class Executor:
         # Megatron's model-parallel CUDA RNG tracker).
         self.rng_sources: List[Tuple[Callable[[], Any], Callable[[Any], None]]] = []
         self.stats = {"swapped_bytes": 0, "swapped_tensors": 0, "recompute_seconds": 0.0, "replays": 0,
-                      "regions": 0}
+                      "regions": 0, "chunk_prefetches": 0}
         self.timing: Optional[Dict[Tuple[int, str], float]] = None  # profile: forward seconds per tag
         # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls,
         # input bytes]
@@ -699,6 +751,56 @@ class Executor:
             return self.counter.hold(t, tag)
         return t
 
+    def _in_chunk(self, run: LayerRun, layer: int, vpp_stage: int, whole: bool = False) -> None:
+        """Puts a layer run into its model chunk run: the one being run forward when the previous
+        layer forward was the layer before in the same virtual pipeline stage, else a new one. A
+        whole-layer recompute is nobody's first / last run (it has no swapped tensors)."""
+        chunk = self._chunk
+        if chunk is None or chunk.backward_started or self._last_key != (layer - 1, vpp_stage):
+            chunk = ChunkRun(vpp_stage, None if whole else run)
+            self._chunk = chunk
+            self._pending_chunks.append(weakref.ref(chunk))
+            self._stages.add(vpp_stage)
+        else:
+            chunk.last = _none if whole else weakref.ref(run)
+        run.chunk = chunk
+        self._last_key = (layer, vpp_stage)
+
+    def _live_pending(self) -> List[ChunkRun]:
+        live = [c for c in (w() for w in self._pending_chunks) if c is not None and not c.backward_started]
+        self._pending_chunks = [weakref.ref(c) for c in live]
+        return live
+
+    def _chunk_backward_starts(self, chunk: ChunkRun) -> None:
+        """Notes the start of a chunk run's backward; when no chunk run is left waiting for its
+        backward, the step's order is learned."""
+        chunk.backward_started = True
+        if self._chunk is chunk:
+            self._chunk = None
+        self._order_now.append(chunk.vpp_stage)
+        if not self._live_pending():
+            self._order_learned, self._order_now = self._order_now, []
+
+    def _next_backward_chunk(self, chunk: ChunkRun) -> Optional[ChunkRun]:
+        """The chunk run whose backward follows ``chunk``'s, among those run forward already. Within
+        a virtual pipeline stage backwards follow the forwards' order (both of Megatron-Core's
+        schedules do so); which stage comes next is the last step's order at this point of the
+        step, or, with one stage only, the oldest. ``None`` when unknown (the first step of an
+        interleaved schedule): a guess that is wrong only prefetches earlier than needed, never
+        changes a result, but holds device memory longer."""
+        live = self._live_pending()
+        if not live:
+            return None
+        pos = len(self._order_now) - 1
+        learned = self._order_learned
+        if learned is not None and 0 <= pos < len(learned) - 1 and learned[pos] == chunk.vpp_stage:
+            want = learned[pos + 1]
+        elif len(self._stages) == 1:
+            want = live[0].vpp_stage
+        else:
+            return None
+        return next((c for c in live if c.vpp_stage == want), None)
+
     def _pending_swaps_of(self, t: torch.Tensor) -> List[SwappedTensor]:
         return self._pending_out.pop(t.untyped_storage().data_ptr(), [])
 
@@ -735,6 +837,7 @@ class Executor:
                 if prev is not None and (prev.layer != layer - 1 or prev.vpp_stage != vpp_stage):
                     prev = None
                 run = LayerRun(ex, layer, vpp_stage, prev)
+                ex._in_chunk(run, layer, vpp_stage)
                 if ex.trace is not None:
                     ex.trace.on_layer(layer, vpp_stage, args, kwargs)
                 outer = ex._run
@@ -780,6 +883,7 @@ class Executor:
         if not diff:
             return out
         run = LayerRun(ex, layer, vpp_stage, None)
+        ex._in_chunk(run, layer, vpp_stage, whole=True)
         region = _Region(ex, run, "layer", "mlp", fn, fn, args, kwargs, rng, owner, state, buffers_of)
         region.diff_outs = [t.detach() for t in diff]
         region.nondiff_outs = [t for t in outs if not t.requires_grad]

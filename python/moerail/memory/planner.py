@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _native
@@ -121,9 +121,16 @@ def plan_memory(
     allow_recompute_exchange: bool = True,
     allow_recompute: bool = True,
     frontier_limit: int = 512,
+    lookahead: int = 1,
 ) -> MemoryPlan:
     """The plan with the least exposed step time whose predicted peak fits ``budget_bytes``
     (an int, or a string such as ``"60GiB"``) on the device ``costs`` describes.
+
+    ``lookahead``: the executor's (:class:`~moerail.memory.executor.Executor`). With 2 the
+    executor copies the next backward chunk's first group back ahead, and those bytes stay on the
+    device through the forward before that backward: the plan's peak counts them in full
+    (``evaluation["ahead_bytes"]``, from :func:`.timeline.executor_swap_wait`), and the plan is
+    searched under the budget less them until it fits.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
     the model's numbers (``peak_bytes``, ``activation_bytes`` and ``activation_bytes_keep_all``
@@ -147,6 +154,39 @@ def plan_memory(
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if isinstance(frontier_limit, bool) or not isinstance(frontier_limit, int) or frontier_limit < 16:
         raise ValueError(f"frontier_limit: expected an int >= 16, got {frontier_limit!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit)
+    if lookahead < 2:
+        return _plan(costs, budget, *args)
+    from .timeline import executor_swap_wait
+
+    inner, ahead = budget, 0.0
+    for _ in range(8):
+        try:
+            plan = _plan(costs, inner, *args)
+        except ValueError:
+            if inner == budget:
+                raise
+            break
+        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
+        peak = plan.predicted_peak_bytes + ahead
+        if peak <= budget:
+            ev = dict(plan.evaluation)
+            ev["ahead_bytes"] = ahead
+            ev["peak_bytes"] = peak
+            return replace(plan, budget_bytes=budget, predicted_peak_bytes=peak, evaluation=ev)
+        inner -= int(math.ceil(peak - budget))
+        if inner <= costs.static_bytes:
+            break
+    raise ValueError(
+        f"budget_bytes: {_size(budget)} cannot be reached with lookahead=2: the copies ahead of the next "
+        f"backward chunk ({_size(ahead)}) do not fit beside the plan; lookahead=1 does not hold them"
+    )
+
+
+def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
+          allow_recompute: bool, frontier_limit: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
     out = json.loads(
@@ -284,8 +324,6 @@ def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tup
     bytes the offload frees go through the planner's peak model (the freed bytes as one swapped
     part per layer), the margin / reload-ahead groups are added to the peak and the backward's
     waits for reloads to the added time. ``None``: past the host memory."""
-    from dataclasses import replace
-
     from .costs import ModuleCost
     from .timeline import megatron_offload_groups
 
@@ -447,16 +485,20 @@ def best_static(settings: Iterable[StaticSetting], budget_bytes: float) -> Optio
     return min(fits, key=lambda s: s.plan.predicted_added_seconds, default=None)
 
 
-def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan) -> dict:
+def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan, lookahead: int = 1) -> dict:
     """``plan``'s added step time with its swaps timed as moerail's executor issues them
     (:func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
-    starts, one group ahead within a model chunk) instead of the planner's bound:
-    ``added_seconds``, ``swap_wait_seconds``."""
+    starts, one group ahead within a model chunk; with ``lookahead=2`` also the next backward
+    chunk's first group at a chunk's last) instead of the planner's bound: ``added_seconds``,
+    ``swap_wait_seconds`` and ``ahead_bytes`` (what the copies ahead of the next backward chunk
+    hold on the device through the forward before it; the planner's peak does not count them)."""
     from .timeline import executor_swap_wait
 
     ev = plan.evaluation if plan.evaluation else evaluate_plan(costs, plan).evaluation
-    wait = executor_swap_wait(costs, _rows(costs, plan), MODULES)["wait_seconds"]
+    sim = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead)
+    wait = sim["wait_seconds"]
     return {
         "added_seconds": ev["recompute_seconds"] + ev["exchange_seconds"] + wait,
         "swap_wait_seconds": wait,
+        "ahead_bytes": sim["ahead_bytes"],
     }

@@ -9,8 +9,12 @@ waits for them:
 
 * **moerail's executor** (:mod:`.executor`): a group (``attn``: input norm and attention; ``mlp``:
   pre-MLP norm and the MoE block) starts copying its own swapped tensors back when its backward
-  starts, last saved first, and those of the next group of the same model chunk (``lookahead``,
-  one group); nothing is copied ahead across model chunks.
+  starts, last saved first, and those of the next group of the same model chunk (``lookahead=1``,
+  its default); with ``lookahead=2`` the chunk's last group (its first layer's attention) also
+  starts copying back the first group (the last layer's MLP) of the next backward chunk, when
+  that chunk has run its forward, and those bytes stay on the device through the forward between
+  the two backwards (``ahead_bytes``). The executor learns the schedule's order of backward chunks
+  in its first step; this replays the steps after it.
 * **Megatron-Core's fine-grained activation offloading** (``PipelineOffloadManager`` and
   ``ChunkOffloadHandler`` in ``megatron.core.pipeline_parallel.fine_grained_activation_offload``):
   each offloaded module is a group per layer and micro-batch, committed at the module's output
@@ -153,19 +157,24 @@ def _executor_items(lc: LayerCosts, actions: Mapping[str, str]) -> Dict[int, flo
 
 
 def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], modules: Sequence[str],
-                       link_bytes_per_second: Optional[float] = None, trace: Optional[list] = None) -> dict:
-    """Seconds a step's backward waits for the swap-ins of moerail's executor (one group of
-    lookahead within a model chunk, nothing ahead across chunks) for the plan ``rows``
-    (per layer of ``costs``, an action name per module of ``modules``). ``trace``, when a list,
-    receives ``("start", key, layer, group)`` when a group's backward starts and ``("issue", key,
-    layer, group)`` when a group's copies back are started, ``key`` being ``(model chunk,
-    micro-batch)``."""
+                       link_bytes_per_second: Optional[float] = None, trace: Optional[list] = None,
+                       lookahead: int = 1) -> dict:
+    """Seconds a step's backward waits for the swap-ins of moerail's executor for the plan ``rows``
+    (per layer of ``costs``, an action name per module of ``modules``), its ``lookahead`` as the
+    executor's (1: one group ahead within a model chunk; 2: and the next backward chunk's first
+    group at a chunk's last): ``wait_seconds``, ``moved_bytes`` and ``ahead_bytes`` (the most that
+    copies ahead of the next backward chunk hold on the device through the forward before it).
+    ``trace``, when a list, receives ``("start", key, layer, group)`` when a group's backward starts
+    and ``("issue", key, layer, group)`` when a group's copies back are started, ``key`` being
+    ``(model chunk, micro-batch)`` of the group's chunk."""
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
     link = costs.host_link_bytes_per_second if link_bytes_per_second is None else link_bytes_per_second
     chunks = _chunks(costs)
     segs = [segment_seconds(lc) for lc in costs.layers]
     items = [_executor_items(lc, dict(zip(modules, row))) for lc, row in zip(costs.layers, rows)]
     fwd = _chunk_forward_seconds(costs, chunks)
-    st = {"t": 0.0, "link_free": 0.0, "wait": 0.0, "moved": 0.0}
+    st = {"t": 0.0, "link_free": 0.0, "wait": 0.0, "moved": 0.0, "ahead": 0.0}
 
     def issue(key, ready, li, group_segs):
         issued = False
@@ -179,12 +188,20 @@ def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], module
         if issued and trace is not None:
             trace.append(("issue", key, costs.layers[li].layer, "mlp" if group_segs is _MLP_SEGS else "attn"))
 
-    for forward, c, mb in schedule_ops(costs):
+    ops = schedule_ops(costs)
+    backward_ops = [(c, mb) for f, c, mb in ops if not f]
+    forward_done: set = set()
+    early: Dict[Tuple[int, int], Dict[Tuple[int, int], float]] = {}  # copies ahead, per chunk run
+    n_back = 0
+    for forward, c, mb in ops:
         if forward:
+            forward_done.add((c, mb))
             st["t"] += fwd[c]
             continue
         key = (c, mb)
-        ready: Dict[Tuple[int, int], float] = {}
+        n_back += 1
+        after = backward_ops[n_back] if n_back < len(backward_ops) else None
+        ready: Dict[Tuple[int, int], float] = early.pop(key, {})
         idx = chunks[c]
         for pos in range(len(idx) - 1, -1, -1):
             li = idx[pos]
@@ -193,17 +210,23 @@ def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], module
                     trace.append(("start", key, costs.layers[li].layer, "mlp" if s == _MLP_SEGS[-1] else "attn"))
                 if s == _MLP_SEGS[-1]:
                     issue(key, ready, li, _MLP_SEGS)
-                    issue(key, ready, li, _ATTN_SEGS)
+                    if lookahead:
+                        issue(key, ready, li, _ATTN_SEGS)
                 elif s == _ATTN_SEGS[-1]:
                     issue(key, ready, li, _ATTN_SEGS)
-                    if pos > 0:
+                    if lookahead and pos > 0:
                         issue(key, ready, idx[pos - 1], _MLP_SEGS)
+                    elif lookahead >= 2 and after is not None and after in forward_done:
+                        nxt = early.setdefault(after, {})
+                        before = st["moved"]
+                        issue(after, nxt, chunks[after[0]][-1], _MLP_SEGS)
+                        st["ahead"] = max(st["ahead"], st["moved"] - before)
                 done = ready.get((li, s))
                 if done is not None and done > st["t"]:
                     st["wait"] += done - st["t"]
                     st["t"] = done
                 st["t"] += segs[li][s]
-    return {"wait_seconds": st["wait"], "moved_bytes": st["moved"]}
+    return {"wait_seconds": st["wait"], "moved_bytes": st["moved"], "ahead_bytes": st["ahead"]}
 
 
 # ------------------------------------------------------------------------------ Megatron's offload
