@@ -203,7 +203,8 @@ class Arm:
                 "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
                 "waits": dict(self.executor._swapper.stats) if self.executor and self.executor._swapper else {}}
 
-    def step(self, fb) -> Dict:
+    def step(self, fb, train: bool = True) -> Dict:
+        """One step of every micro-batch; ``train=False``: no optimizer step (the weights stay)."""
         from megatron.core.transformer.moe import moe_utils
 
         if self.plain:
@@ -222,7 +223,8 @@ class Arm:
         grads = {n: p.main_grad.detach().clone() for n, p in self.model.module.named_parameters()}
         tracker = {k: v["values"].detach().clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()
                    if isinstance(v, dict) and isinstance(v.get("values"), torch.Tensor)}
-        self.optimizer.step()
+        if train:
+            self.optimizer.step()
         bias = [x.router.expert_bias.detach().clone() for x in self.moe]
         loss = sum(float(x["lm loss"]) for x in losses) / len(losses) if losses else None
         return {"loss": loss, "losses": [x["lm loss"].clone() for x in losses] if losses else [], "grads": grads,
@@ -266,8 +268,15 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
 
             kw = a.spec["profile"] if isinstance(a.spec["profile"], dict) else {}
 
-            def run_step(a=a):
-                r = a.step(fb)
+            # The profile's warm-up, keep-all and traced steps train as the arms' steps do (the trace
+            # follows the routing as it drifts); its timed trials, hundreds of steps, do not, so they
+            # time the model in the state the arms run in, not one trained far beyond it.
+            trained = 2 + kw.get("trace_steps", 1)
+            calls = [0]
+
+            def run_step(a=a, calls=calls, trained=trained):
+                calls[0] += 1
+                r = a.step(fb, train=calls[0] <= trained)
                 return r["step_s"], r["cpu_s"]  # the step proper: not the barrier before it
 
             costs = profile(a.executor, run_step, num_microbatches=m["micro_batches"],

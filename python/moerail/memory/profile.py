@@ -123,14 +123,14 @@ def _paired(ex: Executor, run_step: Callable[[], object], plan: MemoryPlan, roun
 
 
 def _trial_seconds(replay: Dict[Tuple[int, int], float], key: Tuple[int, int], added: float, calls: int) -> float:
-    """A recompute's seconds in one layer and micro-batch: what its trial step added over keep-all,
-    shared between the layers as their replays' times, and never less than the replay itself (the
-    step's time also holds the regions' hooks in the forward and the replays' separate backward
-    passes, which the replay's timer does not see)."""
+    """A recompute's seconds in one layer and micro-batch: what its trial step added over keep-all
+    (the median of the paired differences), shared between the layers as their replays' times. Not
+    raised to the replay's own time: a replay's clock also runs while the rank waits for a core or
+    another thread works, and the larger of a noisy median and a floor is biased upwards."""
     total = sum(replay.values())
     own = replay.get(key, 0.0)
     share = own / total if total > 0 else 1.0 / max(1, len(replay))
-    return max(own, max(0.0, added) * share) / calls
+    return max(0.0, added) * share / calls
 
 
 def _trace(ex: Executor, run_step: Callable[[], object], steps: int) -> dict:
@@ -175,7 +175,7 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     in turn (keep-all first in even rounds, last in odd ones), the median over rounds of what the
     action's step took more than its keep-all partner (on a shared machine a pair sees the same
     load; the quartiles are in ``meta["trial_added_quartiles"]``), shared between
-    the layers as their replays' times (a recompute, at least its replay as the executor timed it)
+    the layers as their replays' times (a recompute, as the executor timed them)
     or as the bytes they swap (a swap; on CPU ranks at least its memory copies, which run on the
     cores that compute). The planner's table is on wall-clock time; the same table on this
     process's CPU time (all its threads; what other work on the machine does not add to) is in
