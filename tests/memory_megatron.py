@@ -15,7 +15,8 @@ processes. An arm is a dict:
 * ``ref``: the arm it must match bit for bit (losses, every ``main_grad`` after the gradient
   reduction, the aux-loss tracker, the router token counts before the bias update, the expert bias).
 
-Per arm and step it reports the loss, the step time, the exact peak of saved-tensor bytes (one
+Per arm and step it reports the loss, the step time (wall-clock, and the rank's CPU time: all
+its threads, which other work on the machine does not add to), the exact peak of saved-tensor bytes (one
 counter through ``saved_tensors_hooks`` around the whole step, Megatron's own recomputation in the
 backward included), and the differences from its reference.
 
@@ -184,7 +185,7 @@ class Arm:
             x.router.local_tokens_per_expert.zero_()
         self.counter.reset_peak()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses = []
         with self.counter.hooks(self.params):
             for _ in range(self.m["micro_batches"]):
@@ -192,19 +193,20 @@ class Arm:
                 loss, _ = loss_func(out)
                 loss.backward()
                 losses.append(loss.detach().clone())
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         tracker = {k: v["values"].detach().clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()
                    if isinstance(v, dict) and isinstance(v.get("values"), torch.Tensor)}
         return {"loss": float(sum(losses)) / len(losses), "losses": losses, "grads": grads, "tracker": tracker,
                 "counts": [x.router.local_tokens_per_expert.detach().clone() for x in self.moe], "bias": [],
-                "peak": self.counter.peak, "step_s": dt,
+                "peak": self.counter.peak, "step_s": dt, "cpu_s": cpu,
                 "replays": self.executor.stats["replays"] if self.executor else 0,
                 "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
                 "waits": (dict(self.executor._swapper.stats) | {"chunk_prefetches": self.executor.stats["chunk_prefetches"]}
                           if self.executor and self.executor._swapper else {})}
 
-    def step(self, fb) -> Dict:
+    def step(self, fb, train: bool = True) -> Dict:
+        """One step of every micro-batch; ``train=False``: no optimizer step (the weights stay)."""
         from megatron.core.transformer.moe import moe_utils
 
         if self.plain:
@@ -214,21 +216,22 @@ class Arm:
         self.optimizer.zero_grad()
         self.counter.reset_peak()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with self.counter.hooks(self.params):
             losses = fb(forward_step_func=_forward_step, data_iterator=self.data, model=[self.model],
                         num_microbatches=self.m["micro_batches"], seq_length=self.m["seq"],
                         micro_batch_size=self.m["micro_batch"], forward_only=False)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         grads = {n: p.main_grad.detach().clone() for n, p in self.model.module.named_parameters()}
         tracker = {k: v["values"].detach().clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()
                    if isinstance(v, dict) and isinstance(v.get("values"), torch.Tensor)}
-        self.optimizer.step()
+        if train:
+            self.optimizer.step()
         bias = [x.router.expert_bias.detach().clone() for x in self.moe]
         loss = sum(float(x["lm loss"]) for x in losses) / len(losses) if losses else None
         return {"loss": loss, "losses": [x["lm loss"].clone() for x in losses] if losses else [], "grads": grads,
                 "tracker": tracker, "counts": self.counts, "bias": bias, "peak": self.counter.peak,
-                "step_s": dt, "replays": self.executor.stats["replays"] if self.executor else 0,
+                "step_s": dt, "cpu_s": cpu, "replays": self.executor.stats["replays"] if self.executor else 0,
                 "swapped": self.executor.stats["swapped_bytes"] if self.executor else 0,
                 "waits": (dict(self.executor._swapper.stats) | {"chunk_prefetches": self.executor.stats["chunk_prefetches"]}
                           if self.executor and self.executor._swapper else {})}
@@ -267,11 +270,23 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
             from moerail.memory import profile
 
             kw = a.spec["profile"] if isinstance(a.spec["profile"], dict) else {}
-            costs = profile(a.executor, lambda a=a: a.step(fb), num_microbatches=m["micro_batches"],
+
+            # The profile's warm-up, keep-all and traced steps train as the arms' steps do (the trace
+            # follows the routing as it drifts); its timed trials, hundreds of steps, do not, so they
+            # time the model in the state the arms run in, not one trained far beyond it.
+            trained = 2 + kw.get("trace_steps", 1)
+            calls = [0]
+
+            def run_step(a=a, calls=calls, trained=trained):
+                calls[0] += 1
+                r = a.step(fb, train=calls[0] <= trained)
+                return r["step_s"], r["cpu_s"]  # the step proper: not the barrier before it
+
+            costs = profile(a.executor, run_step, num_microbatches=m["micro_batches"],
                             pipeline_size=pp, pipeline_rank=ps.get_pipeline_model_parallel_rank(), static_bytes=0.0,
                             host_bytes=float(1 << 30), warmup=1, **kw)
             profiles[a.name] = costs.to_dict() | {"meta": dict(costs.meta)}
-    hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "peak", "diff", "replays",
+    hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "cpu_s", "peak", "diff", "replays",
                                                                   "swapped", "waits")} for a in built}
     for _ in range(steps):
         res = {}
@@ -280,6 +295,7 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
             h = hist[a.name]
             h["loss"].append(r["loss"])
             h["step_s"].append(r["step_s"])
+            h["cpu_s"].append(r["cpu_s"])
             h["peak"].append(r["peak"])
             h["replays"].append(r["replays"])
             h["swapped"].append(r["swapped"])

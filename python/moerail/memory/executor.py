@@ -309,7 +309,7 @@ class _Region:
         chunk = self.run.chunk
         if chunk is not None and not chunk.backward_started:
             ex._chunk_backward_starts(chunk)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         detached = {}
 
         def det(x):
@@ -385,6 +385,9 @@ class _Region:
         if ex.replay_seconds is not None:
             key = (self.run.layer, self.run.vpp_stage)
             ex.replay_seconds[key] = ex.replay_seconds.get(key, 0.0) + dt
+        if ex.replay_cpu_seconds is not None:
+            key = (self.run.layer, self.run.vpp_stage)
+            ex.replay_cpu_seconds[key] = ex.replay_cpu_seconds.get(key, 0.0) + time.process_time() - c0
         ex.stats["replays"] += 1
         if ex.counter is not None:
             ex.counter.sample()
@@ -682,9 +685,11 @@ class Executor:
         # profile: per (layer, vpp stage) [saved bytes its forwards left, forward seconds, calls,
         # input bytes]
         self.layer_stats: Optional[Dict[Tuple[int, int], list]] = None
-        # profile: the save trace of keep-all steps, and the seconds of the replays per (layer, vpp stage)
+        # profile: the save trace of keep-all steps, and the seconds of the replays per (layer, vpp
+        # stage), wall-clock and this process's CPU time
         self.trace: Optional[SaveTrace] = None
         self.replay_seconds: Optional[Dict[Tuple[int, int], float]] = None
+        self.replay_cpu_seconds: Optional[Dict[Tuple[int, int], float]] = None
         self._anchor = torch.empty(0, requires_grad=True)
 
     # -- plan ---------------------------------------------------------------------------------------

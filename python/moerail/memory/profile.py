@@ -34,49 +34,103 @@ from .plan import MODULES, Action, LayerPlan, MemoryPlan
 __all__ = ["profile", "measure_host_link"]
 
 
-def measure_host_link(device: torch.device, nbytes: int = 1 << 26) -> float:
-    """Bytes a second of one copy from ``device`` to pinned host memory (on the CPU: a memory copy)."""
+def measure_host_link(device: torch.device, nbytes: int = 1 << 26,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes a second of one copy from ``device`` to pinned host memory (on the CPU: a memory copy),
+    timed on ``clock`` (``time.process_time``: the CPU time of the copy on the CPU)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type != "cpu")
     dst.copy_(src, non_blocking=True)  # warm
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(3):
         dst.copy_(src, non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 3 * nbytes / max(time.perf_counter() - t0, 1e-9)
+    return 3 * nbytes / max(clock() - t0, 1e-9)
+
+
+def _timed(run_step: Callable[[], object]) -> Tuple[float, float]:
+    """Runs one step: its (wall-clock, this process's CPU) seconds, as ``run_step`` returns them when it
+    returns such a pair (the step proper, e.g. without a barrier before it), else of the call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    got = run_step()
+    took = time.perf_counter() - w0, time.process_time() - c0
+    if (isinstance(got, tuple) and len(got) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in got)):
+        return float(got[0]), float(got[1])
+    return took
 
 
 def _per_layer(ex: Executor, run_step: Callable[[], object], repeats: int = 1
-               ) -> Tuple[Dict[Tuple[int, int], list], float, Dict[Tuple[int, int], float]]:
-    """The layer stats of one step, the fastest step time of ``repeats`` steps (on a shared
-    machine other work only ever adds time) and the replay seconds per layer (per step)."""
-    times, replay = [], {}
+               ) -> Tuple[Dict[Tuple[int, int], list], float]:
+    """The layer stats of one keep-all step and the fastest step time of ``repeats`` steps (on a
+    shared machine other work only ever adds time)."""
+    times = []
     for i in range(repeats):
         ex.layer_stats = {} if i == 0 else None
-        ex.replay_seconds = {}
-        t0 = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - t0)
-        for k, v in ex.replay_seconds.items():
-            replay[k] = replay.get(k, 0.0) + v / repeats
+        times.append(_timed(run_step)[0])
         if i == 0:
             stats = ex.layer_stats
-    ex.layer_stats = ex.replay_seconds = None
-    return stats, min(times), replay
+    ex.layer_stats = None
+    return stats, min(times)
+
+
+def _quartiles(xs) -> Tuple[float, float, float]:
+    """(first quartile, median, third quartile), linear between order statistics."""
+    v = sorted(xs)
+
+    def q(f: float) -> float:
+        i = f * (len(v) - 1)
+        lo = int(i)
+        return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (i - lo)
+
+    return q(0.25), q(0.5), q(0.75)
+
+
+def _paired(ex: Executor, run_step: Callable[[], object], plan: MemoryPlan, rounds: int
+            ) -> Tuple[Dict[Tuple[int, int], list], Dict[str, list], Dict[str, Dict[Tuple[int, int], float]]]:
+    """``rounds`` pairs of steps, one keep-all step and one under ``plan``, the keep-all step first in
+    even rounds and last in odd ones (a steady drift of the machine's speed cancels). Returns the
+    layer stats of the first step under ``plan``; per round what the step under ``plan`` took more
+    than its keep-all partner, in wall-clock seconds (``"wall"``) and in this process's CPU seconds
+    (``"cpu"``, all its threads: what other work on the machine does not add to); and the replays'
+    seconds per layer (``"wall"``, ``"cpu"``), the mean of the steps under ``plan``."""
+    keep_plan = MemoryPlan(())
+    diffs: Dict[str, list] = {"wall": [], "cpu": [], "keep_wall": []}
+    replay: Dict[str, Dict[Tuple[int, int], float]] = {"wall": {}, "cpu": {}}
+    stats: Dict[Tuple[int, int], list] = {}
+    for i in range(rounds):
+        took = {}
+        for which in (("keep", "plan") if i % 2 == 0 else ("plan", "keep")):
+            ex.set_plan(keep_plan if which == "keep" else plan)
+            if which == "plan":
+                ex.layer_stats = {} if i == 0 else None
+                ex.replay_seconds, ex.replay_cpu_seconds = {}, {}
+            took[which] = _timed(run_step)
+            if which == "plan":
+                if i == 0:
+                    stats = ex.layer_stats
+                for clock, got in (("wall", ex.replay_seconds), ("cpu", ex.replay_cpu_seconds)):
+                    for k, v in got.items():
+                        replay[clock][k] = replay[clock].get(k, 0.0) + v / rounds
+                ex.layer_stats = ex.replay_seconds = ex.replay_cpu_seconds = None
+        diffs["wall"].append(took["plan"][0] - took["keep"][0])
+        diffs["cpu"].append(took["plan"][1] - took["keep"][1])
+        diffs["keep_wall"].append(took["keep"][0])
+    return stats, diffs, replay
 
 
 def _trial_seconds(replay: Dict[Tuple[int, int], float], key: Tuple[int, int], added: float, calls: int) -> float:
-    """A recompute's seconds in one layer and micro-batch: what its trial step added over keep-all,
-    shared between the layers as their replays' times, and never less than the replay itself (the
-    step's time also holds the regions' hooks in the forward and the replays' separate backward
-    passes, which the replay's timer does not see)."""
+    """A recompute's seconds in one layer and micro-batch: what its trial step added over keep-all
+    (the median of the paired differences), shared between the layers as their replays' times. Not
+    raised to the replay's own time: a replay's clock also runs while the rank waits for a core or
+    another thread works, and the larger of a noisy median and a floor is biased upwards."""
     total = sum(replay.values())
     own = replay.get(key, 0.0)
     share = own / total if total > 0 else 1.0 / max(1, len(replay))
-    return max(own, max(0.0, added) * share) / calls
+    return max(0.0, added) * share / calls
 
 
 def _trace(ex: Executor, run_step: Callable[[], object], steps: int) -> dict:
@@ -98,7 +152,9 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             modules: Optional[Tuple[str, ...]] = None, measure: str = "tags",
             saved_as: str = "each", repeats: int = 1, trace_steps: int = 1) -> MemoryCosts:
     """Measures ``MemoryCosts`` on the running model (see the module docstring). ``run_step()`` runs
-    one training step (all its micro-batches) on this rank. ``measure="tags"`` (default): one step
+    one training step (all its micro-batches) on this rank; it may return the ``(wall-clock, CPU)``
+    seconds of the step proper (e.g. leaving out a barrier before it, whose wait is another rank's
+    time), else the call is timed. ``measure="tags"`` (default): one step
     keeping everything after ``warmup``; a module's ``saved_bytes`` are the bytes its forward saved
     (attributed through the hooks, each storage to the first module that saved it), what swapping it
     moves. ``measure="actions"``: also one step per module and action (recompute, swap, and
@@ -115,10 +171,15 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
     ``trace_steps`` more keep-all steps record which storages each module saved (``saved_tensors``, the
     planner's held-bytes model; see ``moerail.memory.exact``) and, with ``measure="actions"``, one
     trial per action (and one recomputing every layer whole) measures each action's added seconds
-    per layer: what its fastest of ``repeats`` steps added over keep-all's fastest, shared between
-    the layers as their replays' times (a recompute, at least its replay as the executor timed it)
+    per layer: ``repeats`` rounds of one keep-all step and one step with the action in every layer,
+    in turn (keep-all first in even rounds, last in odd ones), the median over rounds of what the
+    action's step took more than its keep-all partner (on a shared machine a pair sees the same
+    load; the quartiles are in ``meta["trial_added_quartiles"]``), shared between
+    the layers as their replays' times (a recompute, as the executor timed them)
     or as the bytes they swap (a swap; on CPU ranks at least its memory copies, which run on the
-    cores that compute). The held bytes follow the routing
+    cores that compute). The planner's table is on wall-clock time; the same table on this
+    process's CPU time (all its threads; what other work on the machine does not add to) is in
+    ``meta["cpu_seconds"]``. The held bytes follow the routing
     (tokens per expert differ between micro-batches and steps): the planner plans for the largest
     of the recorded micro-batches, so more ``trace_steps`` cover more of the routing's spread."""
     for name, v in (("repeats", repeats), ("trace_steps", trace_steps)):
@@ -145,12 +206,12 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             run_step()
         ex.timing = {}
         ex.counter.reset_peak()
-        keep, step_s, _ = _per_layer(ex, run_step)
+        keep, step_s = _per_layer(ex, run_step)
         timing, ex.timing = ex.timing, None
         tagged = dict(ex.counter.by_tag)
         keep_peak = ex.counter.peak
         trace = _trace(ex, run_step, trace_steps)
-        if repeats > 1:
+        if repeats > 1 and measure != "actions":
             step_s = _per_layer(ex, run_step, repeats)[1]
         layers = sorted(keep)
         present: Dict[int, set] = {}
@@ -164,22 +225,33 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
                                     if module in present.get(layer, ())), host_bytes=big_host)
 
         saving: Dict[Tuple[str, str], Dict[Tuple[int, int], float]] = {}
-        trial_s: Dict[str, float] = {}
-        replay_s: Dict[str, Dict[Tuple[int, int], float]] = {}
+        # per trial: the median over rounds of what its step took more than its keep-all partner,
+        # and the quartiles, in wall-clock and CPU seconds
+        added: Dict[str, Dict[str, float]] = {}
+        spread: Dict[str, Dict[str, list]] = {}
+        replay_s: Dict[str, Dict[str, Dict[Tuple[int, int], float]]] = {}
+        keep_walls: list = []
         trials = []
         if measure == "actions":
             trials = [(m, Action.RECOMPUTE) for m in wanted] + [(m, Action.SWAP) for m in wanted]
             if "expert_fc1" in wanted:
                 trials.append(("expert_fc1", Action.RECOMPUTE_EXCHANGE))
+            trials.append(("layer", Action.RECOMPUTE))
         for module, action in trials:
-            ex.set_plan(uniform(module, action))
-            got, trial_s[f"{module}:{action.value}"], replay_s[f"{module}:{action.value}"] = _per_layer(
-                ex, run_step, repeats)
-            saving[(module, action.value)] = {
-                k: (keep[k][0] - got[k][0]) / max(1, keep[k][2]) for k in keep if k in got}
-        if measure == "actions":
-            ex.set_plan(MemoryPlan(tuple(LayerPlan(layer, {}, vpp, recompute_layer=True) for layer, vpp in layers)))
-            _, trial_s["layer:recompute"], replay_s["layer:recompute"] = _per_layer(ex, run_step, repeats)
+            name = f"{module}:{action.value}"
+            plan = (MemoryPlan(tuple(LayerPlan(layer, {}, vpp, recompute_layer=True) for layer, vpp in layers))
+                    if module == "layer" else uniform(module, action))
+            got, diffs, replay_s[name] = _paired(ex, run_step, plan, repeats)
+            keep_walls += diffs["keep_wall"]
+            added[name], spread[name] = {}, {}
+            for clock in ("wall", "cpu"):
+                q1, med, q3 = _quartiles(diffs[clock])
+                added[name][clock], spread[name][clock] = med, [q1, q3]
+            if module != "layer":
+                saving[(module, action.value)] = {
+                    k: (keep[k][0] - got[k][0]) / max(1, keep[k][2]) for k in keep if k in got}
+        if keep_walls:
+            step_s = _quartiles(keep_walls)[1]
     finally:
         ex.timing = ex.layer_stats = None
         ex.counter = saved_counter
@@ -228,41 +300,54 @@ def profile(executor: Executor, run_step: Callable[[], object], *, num_microbatc
             device_bytes = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if host_link_bytes_per_second is None:
         host_link_bytes_per_second = measure_host_link(ex.device)
-    # Seconds each action adds per layer and micro-batch (the planner's held-bytes model reads them).
-    seconds: Dict[str, Dict[str, float]] = {}
-    for key in layers:
-        layer, vpp = key
-        calls = max(1, keep[key][2])
-        sec = seconds.setdefault(f"{layer}:{vpp}", {})
-        for m in wanted:
-            if m not in present.get(layer, ()):
-                continue
-            fwd_m = max(0.0, timing.get((layer, m), 0.0) / calls)
-            for a in ("recompute", "recompute_exchange"):
-                if f"{m}:{a}" in replay_s:
-                    sec[f"{m}:{a}"] = _trial_seconds(replay_s[f"{m}:{a}"], key, trial_s[f"{m}:{a}"] - step_s, calls)
-                elif a == "recompute":
-                    sec[f"{m}:{a}"] = fwd_m
-            moved = tagged.get((layer, m), 0) / calls
-            if f"{m}:swap" in trial_s:
-                total = sum(tagged.get((lk, m), 0) for lk, _ in layers) or 1
-                share = tagged.get((layer, m), 0) / total
-                sec[f"{m}:swap"] = max(0.0, trial_s[f"{m}:swap"] - step_s) * share / num_microbatches
-                if ex.device.type == "cpu":
-                    # No copy engine: the copies out and back run on the cores that compute, at least
-                    # their memory-copy time.
-                    sec[f"{m}:swap"] = max(sec[f"{m}:swap"], 2 * moved / max(host_link_bytes_per_second, 1.0))
+    def seconds_table(clock: str) -> Dict[str, Dict[str, float]]:
+        """Seconds each action adds per layer and micro-batch (the planner's held-bytes model reads
+        them), on ``clock`` (``"wall"`` or ``"cpu"``)."""
+        link = host_link_bytes_per_second
+        if clock == "cpu" and ex.device.type == "cpu":
+            link = measure_host_link(ex.device, clock=time.process_time)
+        seconds: Dict[str, Dict[str, float]] = {}
+        for key in layers:
+            layer, vpp = key
+            calls = max(1, keep[key][2])
+            sec = seconds.setdefault(f"{layer}:{vpp}", {})
+            for m in wanted:
+                if m not in present.get(layer, ()):
+                    continue
+                fwd_m = max(0.0, timing.get((layer, m), 0.0) / calls)
+                for a in ("recompute", "recompute_exchange"):
+                    if f"{m}:{a}" in replay_s:
+                        sec[f"{m}:{a}"] = _trial_seconds(replay_s[f"{m}:{a}"][clock], key,
+                                                         added[f"{m}:{a}"][clock], calls)
+                    elif a == "recompute":
+                        sec[f"{m}:{a}"] = fwd_m
+                moved = tagged.get((layer, m), 0) / calls
+                if f"{m}:swap" in added:
+                    total = sum(tagged.get((lk, m), 0) for lk, _ in layers) or 1
+                    share = tagged.get((layer, m), 0) / total
+                    sec[f"{m}:swap"] = max(0.0, added[f"{m}:swap"][clock]) * share / num_microbatches
+                    if ex.device.type == "cpu":
+                        # No copy engine: the copies out and back run on the cores that compute, at
+                        # least their memory-copy time.
+                        sec[f"{m}:swap"] = max(sec[f"{m}:swap"], 2 * moved / max(link, 1.0))
+                else:
+                    sec[f"{m}:swap"] = 2 * moved / max(link, 1.0)
+            if "layer:recompute" in replay_s:
+                sec["layer:recompute"] = _trial_seconds(replay_s["layer:recompute"][clock], key,
+                                                        added["layer:recompute"][clock], calls)
             else:
-                sec[f"{m}:swap"] = 2 * moved / max(host_link_bytes_per_second, 1.0)
-        if "layer:recompute" in replay_s:
-            sec["layer:recompute"] = _trial_seconds(replay_s["layer:recompute"], key,
-                                                    trial_s["layer:recompute"] - step_s, calls)
-        else:
-            sec["layer:recompute"] = keep[key][1] / calls
+                sec["layer:recompute"] = keep[key][1] / calls
+        return seconds
+
+    seconds = seconds_table("wall")
     trace["seconds"] = seconds
     meta = {"keep_layer_bytes": {f"{k[0]}:{k[1]}": keep[k][0] / max(1, keep[k][2]) for k in layers},
             "savings": {f"{m}:{a}": {f"{k[0]}:{k[1]}": v for k, v in d.items()} for (m, a), d in saving.items()},
-            "min_swap_bytes": ex.min_swap_bytes, "trial_step_seconds": trial_s}
+            "min_swap_bytes": ex.min_swap_bytes, "trial_added_seconds": added, "trial_added_quartiles": spread,
+            "trial_rounds": repeats if measure == "actions" else 0}
+    if measure == "actions":
+        # The same table on this process's CPU time (what the planner would predict on that clock).
+        meta["cpu_seconds"] = seconds_table("cpu")
     kw = dict(layers=tuple(out), device_bytes=float(device_bytes), host_bytes=float(host_bytes),
               host_link_bytes_per_second=float(host_link_bytes_per_second), pipeline_size=pipeline_size,
               pipeline_rank=pipeline_rank, virtual_pipeline_size=virtual_pipeline_size,
