@@ -500,3 +500,55 @@ def test_the_held_bytes_model_predicts_the_measured_peak():
             got = measured(plan)
             assert got <= int(keep * frac), (frac, allow_swap, got, plan.to_dict())
             assert got >= 0.90 * plan.predicted_peak_bytes
+
+
+def test_a_save_the_forward_lets_go_is_not_predicted_held():
+    """Megatron's router takes the top-k of its scores for the aux loss and keeps only the indices:
+    autograd saves them for the top-k's backward and frees them as soon as the unused values go, in
+    the forward. The save trace records such storages (``dropped``) and the held-bytes model counts
+    them nowhere a plan does not hold them: on the tiny layers with that pattern in the router, the
+    predicted peak is the peak counted through the hooks, to the byte, for keep-all, recomputes
+    (the router's included: its replay saves them again), a swap and whole-layer recompute."""
+    import torch.nn.functional as F
+
+    from moerail.memory import LayerPlan, evaluate_plan, profile
+
+    model = mt.Model()
+    for layer in model.layers:
+        router = layer.mlp.router
+
+        def forward(x, router=router, inner=router.forward):
+            out = inner(x)
+            if torch.is_grad_enabled():
+                _, top = torch.topk(F.linear(x.reshape(-1, x.shape[-1]), router.weight), router.k, dim=1)
+            return out
+
+        router.forward = forward
+    ex = mt.attach(Executor(MemoryPlan(()), min_swap_bytes=0, count=True), model)
+
+    def step():
+        return mt.run(model, interleave=False)
+
+    costs = profile(ex, step, num_microbatches=2, host_link_bytes_per_second=1e9, host_bytes=1 << 24)
+    # Two layers, one top-k's indices (8 x 2 tokens, top-2, int64) each, in every micro-batch.
+    for mb in costs.saved_tensors["microbatches"]:
+        assert sorted(mb["bytes"][i] for i in mb["dropped"]) == [16 * 2 * 8] * 2
+
+    def measured(plan):
+        ex.set_plan(plan)
+        step()
+        ex.counter.reset_peak()
+        step()
+        return ex.counter.peak
+
+    plans = [
+        MemoryPlan(()),
+        MemoryPlan.uniform(2, {"layernorm": "recompute", "attention": "recompute"}),
+        MemoryPlan.uniform(2, {"router": "recompute"}),
+        MemoryPlan.uniform(2, {"attention": "swap", "expert_act": "swap", "layernorm": "recompute"},
+                           host_bytes=1 << 24),
+        MemoryPlan((LayerPlan(0, recompute_layer=True), LayerPlan(1))),
+        MemoryPlan(tuple(LayerPlan(i, recompute_layer=True) for i in range(2))),
+    ]
+    for plan in plans:
+        assert measured(plan) == evaluate_plan(costs, plan).predicted_peak_bytes, plan.to_dict()

@@ -13,7 +13,10 @@ inside; this module applies the executor's rules to them for any per-layer assig
   backward starts it saves the same storages again and refills its outputs;
 * a layer *recomputed whole* holds only its inputs, and rebuilds all it saved at its backward.
 
-Neighbouring modules interact through the union: a recompute's inputs that another recompute's
+A storage the forward let go again before it ended (every save of it in a part of the graph
+nothing used, e.g. a top-k's indices whose values went unused) is not held, except while the
+recompute region that saves it replays. Neighbouring
+modules interact through the union: a recompute's inputs that another recompute's
 outputs are count nothing, a storage two modules saved stays while either keeps it. The peak is
 the largest of: the end of the forward (everything held, the bytes saved outside the layers
 before and after them), each layer's forward before it frees its recomputed outputs, and each
@@ -53,7 +56,11 @@ class _Layer:
     def __init__(self, key: str, mb: Mapping[str, Any]) -> None:
         self.key = key
         self.inputs = set(mb["layers"][key]["inputs"])
-        self.saves = [s for s in mb["saves"] if f"{s['layer'][0]}:{s['layer'][1]}" == key]
+        # A storage the forward let go again (``dropped``) is not held at the end of the forward, nor
+        # when a whole layer's replay is over; a recompute region's replay saves it again (``inside``)
+        # while the group's other bytes are held, and the model counts it there.
+        dropped = set(mb.get("dropped", ()))
+        self.saves = [s for s in mb["saves"] if f"{s['layer'][0]}:{s['layer'][1]}" == key and s["sid"] not in dropped]
         self.regions = [r for r in mb["regions"] if f"{r['layer'][0]}:{r['layer'][1]}" == key]
         self.all_saved = {s["sid"] for s in self.saves}
 
@@ -111,8 +118,9 @@ class Model:
                 continue  # a partial micro-batch (a forward without grad, a trailing save)
             order = sorted(self.keys, key=lambda k: mb["layers"][k]["order"])
             nb = {int(k): v for k, v in mb["bytes"].items()}
+            dropped = set(mb.get("dropped", ()))
             self.mbs.append({"bytes": nb, "order": order, "layers": {k: _Layer(k, mb) for k in order},
-                             "pre": set(mb["pre"]), "post": set(mb["post"])})
+                             "pre": set(mb["pre"]) - dropped, "post": set(mb["post"]) - dropped})
         if not self.mbs:
             raise ValueError("costs: saved_tensors holds no complete micro-batch of this device's layers")
         self.seconds: Mapping[str, Mapping[str, float]] = st.get("seconds", {})

@@ -106,8 +106,9 @@ class SavedTensorCounter:
         self.peak = 0
         self.by_tag: Dict[Tuple[Any, str], int] = {}
         self._ident_key: Dict[int, int] = {}
-        # Called with (tensor, tag) for every tensor held (profiling: the executor's save trace).
-        self.observer: Optional[Callable[[torch.Tensor, Any], None]] = None
+        # Called with (tensor, tag) for every tensor held (profiling: the executor's save trace); a
+        # function it returns is called when autograd frees that saved tensor.
+        self.observer: Optional[Callable[[torch.Tensor, Any], Optional[Callable[[], None]]]] = None
 
     @property
     def current(self) -> int:
@@ -175,10 +176,14 @@ class SavedTensorCounter:
         return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
     def hold(self, t: torch.Tensor, tag) -> Any:
-        if self.observer is not None:
-            self.observer(t, tag)
+        on_free = self.observer(t, tag) if self.observer is not None else None
         key = self.add(t, tag)
-        return t if key is None else _Held(t, self, key)
+        if key is None:
+            return t
+        held = _Held(t, self, key)
+        if on_free is not None:
+            weakref.finalize(held, on_free).atexit = False
+        return held
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -415,8 +420,10 @@ class SaveTrace:
     forward saved it, the view's bytes and whether a swap would move it), every call of a region
     (the module and actions that make it recompute, its inputs, the outputs it would free and the
     storages saved inside it), every layer call's inputs, and the bytes saved outside the layers
-    before the first layer (``pre``) and after the last (``post``). Storages are named by small
-    ints, kept alive while the trace lives (so no address is reused)."""
+    before the first layer (``pre``) and after the last (``post``), and the storages autograd freed
+    again before the micro-batch's forward was over (``dropped``: every save of them was in a part of
+    the graph the forward let go, e.g. a top-k whose values nothing uses, for its indices). Storages
+    are named by small ints, kept alive while the trace lives (so no address is reused)."""
 
     def __init__(self, executor: Executor) -> None:
         self.ex = executor
@@ -429,8 +436,27 @@ class SaveTrace:
         self.calls = 0
 
     def _new_microbatch(self) -> None:
-        self.cur = {"bytes": {}, "saves": [], "regions": [], "layers": {}, "pre": [], "post": []}
+        self.cur = {"bytes": {}, "saves": [], "regions": [], "layers": {}, "pre": [], "post": [], "dropped": []}
         self.microbatches.append(self.cur)
+        self._saves_held: Dict[int, int] = {}
+
+    def _held(self, i: int):
+        """Counts a save of storage ``i`` in the current micro-batch; returns what to call when
+        autograd frees it: a storage whose saves were all freed before the forward ended (the
+        backward starts with the loss, after the saves of the last layer, ``post``) is dropped."""
+        mb, held = self.cur, self._saves_held
+        held[i] = held.get(i, 0) + 1
+        if i in mb["dropped"]:
+            mb["dropped"].remove(i)
+
+        def freed() -> None:
+            if self.cur is not mb or self.state not in ("pre", "layers"):
+                return
+            held[i] -= 1
+            if held[i] == 0:
+                mb["dropped"].append(i)
+
+        return freed
 
     def sid(self, t: torch.Tensor) -> Optional[int]:
         st = t.untyped_storage()
@@ -457,24 +483,25 @@ class SaveTrace:
                 out.append(i)
         return out
 
-    def on_save(self, t: torch.Tensor, tag) -> None:
+    def on_save(self, t: torch.Tensor, tag) -> Optional[Callable[[], None]]:
         ex = self.ex
         if ex._replaying:
-            return
+            return None
         run = ex._run
         if run is None:
             if self.cur is None or self.state == "backward":
                 self._new_microbatch()
                 self.state = "pre"
             i = self.sid(t)
-            if i is not None:
-                self.cur["pre" if self.state == "pre" else "post"].append(i)
-                if self.state != "pre":
-                    self.state = "post"
-            return
+            if i is None:
+                return None
+            self.cur["pre" if self.state == "pre" else "post"].append(i)
+            if self.state != "pre":
+                self.state = "post"
+            return self._held(i)
         i = self.sid(t)
         if i is None:
-            return
+            return None
         module = self.ex._tags[-1][1] if self.ex._tags and self.ex._tags[-1][0] is run else None
         group = ex._group_of(module) if module is not None else None
         nbytes = t.numel() * t.element_size()
@@ -485,6 +512,7 @@ class SaveTrace:
                                   "calls": [c for c, _ in self.open]})
         for _, inside in self.open:
             inside.append(i)
+        return self._held(i)
 
     def on_layer(self, layer: int, vpp_stage: int, args, kwargs) -> None:
         key = f"{layer}:{vpp_stage}"
