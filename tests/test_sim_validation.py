@@ -255,3 +255,17 @@ def test_imbalance_only_weighs_on_dropless_rows_on_real_routing():
     assert at(forced, 1.5) == at(forced, 1.0)
     with pytest.raises(ValueError, match="imbalance"):
         val.predict([drop], eff, imbalance=0.5)
+
+
+def test_fill_bound_helpers_refuse_malformed_rows():
+    good = dict(ROWS[0])
+    with pytest.raises(ValueError, match="column 'tp'"):
+        val.microbatches_per_pipeline({**good, "tp": "0"})
+    with pytest.raises(ValueError, match="column 'micro_batch_size'"):
+        val.microbatches_per_pipeline({k: v for k, v in good.items() if k != "micro_batch_size"})
+    with pytest.raises(TypeError, match="row: expected a mapping"):
+        val.microbatches_per_pipeline("folding-1")
+    with pytest.raises(ValueError, match="lacks the column"):
+        val.pipeline_fill_bound([{"id": "x"}])
+    with pytest.raises(TypeError, match="rows: expected mappings"):
+        val.pipeline_fill_bound(["x"])

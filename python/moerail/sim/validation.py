@@ -365,13 +365,26 @@ _SAME_LAYOUT = ("source", "model", "cluster", "precision", "seq_length", "micro_
                 "ep", "etp", "pipeline_layout", "dispatcher", "balance", "recompute", "overlap", "settings", "metric")
 
 
+def _positive_int(row: Mapping[str, str], column: str) -> int:
+    """``row[column]`` as an int >= 1, or a ValueError naming the row and the column."""
+    try:
+        v = int(row[column])
+    except (KeyError, TypeError, ValueError):
+        v = None
+    if v is None or v < 1:
+        raise ValueError(f"row {row.get('id')!r}: column {column!r}: expected an integer >= 1, got {row.get(column)!r}")
+    return v
+
+
 def microbatches_per_pipeline(row: Mapping[str, str]) -> int:
     """Micro-batches each pipeline runs a step: global batch / (micro-batch x data-parallel size)."""
-    tp, cp, pp = int(row["tp"]), int(row["cp"]), int(row["pp"])
-    dp, rest = divmod(int(row["devices"]), tp * cp * pp)
+    if not isinstance(row, Mapping):
+        raise TypeError(f"row: expected a mapping of the table's columns, got {type(row).__name__}")
+    tp, cp, pp = (_positive_int(row, k) for k in ("tp", "cp", "pp"))
+    dp, rest = divmod(_positive_int(row, "devices"), tp * cp * pp)
     if rest or dp < 1:
         raise ValueError(f"row {row['id']}: devices {row['devices']} is not a multiple of tp*cp*pp = {tp * cp * pp}")
-    m, rest = divmod(int(row["global_batch_size"]), int(row["micro_batch_size"]) * dp)
+    m, rest = divmod(_positive_int(row, "global_batch_size"), _positive_int(row, "micro_batch_size") * dp)
     if rest or m < 1:
         raise ValueError(f"row {row['id']}: global_batch_size {row['global_batch_size']} is not a multiple of "
                          f"micro_batch_size x data-parallel size ({row['micro_batch_size']} x {dp})")
@@ -397,8 +410,13 @@ def pipeline_fill_bound(rows: Sequence[Mapping[str, str]]) -> List[Dict[str, Any
     ``microbatches``, ``ratio``, ``bound`` and ``one_f_one_b`` (``(pp - 1) / vpp``)."""
     groups: Dict[tuple, List[Mapping[str, str]]] = {}
     for r in rows:
+        if not isinstance(r, Mapping):
+            raise TypeError(f"rows: expected mappings of the table's columns, got {type(r).__name__}")
         if r.get("status", "ok") != "ok":
             continue
+        missing = [k for k in _SAME_LAYOUT + ("published",) if k not in r]
+        if missing:
+            raise ValueError(f"rows: row {r.get('id')!r} lacks the column(s) {missing}")
         groups.setdefault(tuple(r[k] for k in _SAME_LAYOUT), []).append(r)
     out: List[Dict[str, Any]] = []
     for rs in groups.values():
