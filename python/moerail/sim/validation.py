@@ -407,7 +407,8 @@ def pipeline_fill_bound(rows: Sequence[Mapping[str, str]]) -> List[Dict[str, Any
 
     Returns one entry a pair: the pairs on the same device count (``c_s = c_l`` exactly) and, per
     layout, the pair of its fewest and most micro-batches; each with ``ids``, ``devices``,
-    ``microbatches``, ``ratio``, ``bound`` and ``one_f_one_b`` (``(pp - 1) / vpp``)."""
+    ``microbatches``, ``ratio``, ``bound``, ``one_f_one_b`` (the row's schedule: ``(pp - 1) / vpp``)
+    and ``non_interleaved`` (``pp - 1``)."""
     groups: Dict[tuple, List[Mapping[str, str]]] = {}
     for r in rows:
         if not isinstance(r, Mapping):
@@ -438,5 +439,5 @@ def pipeline_fill_bound(rows: Sequence[Mapping[str, str]]) -> List[Dict[str, Any
             pp, vpp = int(a["pp"]), max(1, int(a["vpp"]))
             out.append({"ids": (a["id"], b["id"]), "devices": (int(a["devices"]), int(b["devices"])),
                         "microbatches": (m_s, m_l), "ratio": r, "bound": bound, "pp": pp, "vpp": vpp,
-                        "one_f_one_b": (pp - 1) / vpp})
+                        "one_f_one_b": (pp - 1) / vpp, "non_interleaved": pp - 1})
     return out
