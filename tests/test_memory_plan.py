@@ -24,7 +24,7 @@ from moerail.memory import (
     parse_bytes,
     plan_memory,
 )
-from moerail.memory.planner import best_static
+from moerail.memory.planner import best_static, executor_added_seconds
 
 G = 2**30
 
@@ -337,6 +337,28 @@ def test_cli_memory_plan(capsys):
     assert d["executor_added_seconds"] == pytest.approx(want, rel=1e-12)
 
 
+def test_cli_memory_plan_lookahead_2(capsys):
+    # --lookahead 2 plans as plan_memory(..., lookahead=2) does (the copies ahead in the peak) and
+    # times the swaps as the executor with lookahead=2 issues them.
+    args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
+            "--tp", "2", "--pp", "8", "--vpp", "7", "--ep", "8", "--memory", "34GiB", "--host-memory", "64GiB",
+            "--lookahead", "2", "--json"]  # fmt: skip
+    assert cli.main(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x22B", cluster="H100-SXM", devices=128,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=7,
+                                   expert_model_parallel_size=8)  # fmt: skip
+    want = plan_memory(c, 34 * G, lookahead=2)
+    assert d["lookahead"] == 2
+    assert d["plan"]["predicted_peak_bytes"] == pytest.approx(want.predicted_peak_bytes, rel=1e-12)
+    assert d["plan"]["evaluation"]["ahead_bytes"] == want.evaluation["ahead_bytes"] > 0
+    assert d["executor_added_seconds"] == pytest.approx(
+        executor_added_seconds(c, want, lookahead=2)["added_seconds"], rel=1e-12)
+    assert cli.main(args[:-1]) == 0
+    assert "apply_memory_plan(model, plan, lookahead=2)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -345,6 +367,7 @@ def test_cli_memory_plan(capsys):
         (["--memory", "1GiB"], "--memory: "),
         (["--memory", "40GiB", "--host-memory", "lots"], "--host-memory"),
         (["--memory", "40GiB", "--stage", "-1"], "--stage"),
+        (["--memory", "40GiB", "--lookahead", "3"], "--lookahead: expected 1 or 2"),
     ],
 )
 def test_cli_memory_bad_input(capsys, extra, needle):
