@@ -89,6 +89,44 @@ def test_padded_rows_limit_is_the_device_memory():
     assert out[0].shape == (512, 8) and out[4].tolist() == [128] * 4
 
 
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cpu_memory_is_the_cgroup_limit_where_lower(tmp_path, monkeypatch):
+    # A container's memory limit, not the machine's RAM, is what a CPU process may use: v2 reads
+    # memory.max on the process's path (the smallest up to the root), v1 memory.limit_in_bytes;
+    # "max" and v1's 2**63-ish "unlimited" are no limit.
+    from moerail import _checks
+
+    v2 = tmp_path / "v2"
+    _write(v2 / "cgroup.controllers", "memory\n")
+    _write(v2 / "memory.max", "max\n")
+    _write(v2 / "job" / "memory.max", str(6 << 30) + "\n")
+    _write(v2 / "job" / "step" / "memory.max", "max\n")
+    _write(tmp_path / "cg2", "0::/job/step\n")
+    assert _checks.cgroup_memory_limit(str(tmp_path / "cg2"), str(v2)) == 6 << 30
+
+    v1 = tmp_path / "v1"
+    _write(v1 / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    _write(v1 / "memory" / "pod" / "memory.limit_in_bytes", str(3 << 30) + "\n")
+    _write(tmp_path / "cg1", "9:pids:/\n4:memory:/pod\n0::/\n")
+    assert _checks.cgroup_memory_limit(str(tmp_path / "cg1"), str(v1)) == 3 << 30
+
+    _write(tmp_path / "none", "4:memory:/\n")
+    assert _checks.cgroup_memory_limit(str(tmp_path / "none"), str(v1)) is None
+    assert _checks.cgroup_memory_limit(str(tmp_path / "missing"), str(v1)) is None
+
+    # device_memory takes the lower of RAM and the limit, and the align_size check follows it.
+    monkeypatch.setattr(_checks, "_MEMORY", {})
+    monkeypatch.setattr(_checks, "cgroup_memory_limit", lambda: 1 << 30)
+    cpu = torch.device("cpu")
+    assert _checks.device_memory(cpu) == 1 << 30
+    with pytest.raises(ValueError, match=r"^align_size: .* more than the 1073741824 bytes \(1\.0 GiB\) of memory of cpu"):
+        _checks.padded_rows_fit((1 << 30) // 40 + 1, 40, 16, cpu)
+
+
 def test_align_size_beyond_memory_on_the_npu_path():
     from moerail.backends import npu as _npu
 

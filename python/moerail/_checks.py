@@ -115,9 +115,43 @@ _ADDRESSABLE = 1 << 47  # what one process can map on 64-bit Linux (4-level page
 _MEMORY: dict = {}
 
 
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The memory limit of this process's control group (a container's ``--memory``), the smallest
+    on its path to the root (v2 ``memory.max``; v1 ``memory.limit_in_bytes``); ``None`` when there
+    is none or it cannot be read. A process there is killed past it, whatever RAM the machine has."""
+    import os
+
+    try:
+        with open(proc_cgroup) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None
+    found = []
+    for _, controllers, path in entries:
+        if controllers == "":  # v2: the unified hierarchy
+            base, name = root if os.path.exists(os.path.join(root, "cgroup.controllers")) else os.path.join(
+                root, "unified"), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(base, *parts[:depth], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            # v2 writes "max" and v1 a page-rounded 2**63 - 1 when there is no limit.
+            if text.isdigit() and 0 < int(text) < 1 << 62:
+                found.append(int(text))
+    return min(found) if found else None
+
+
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has (cached): the machine's RAM for the CPU, the card's for a
-    CUDA or NPU device; the 64-bit user address space when it cannot be read."""
+    """Bytes of memory ``device`` has (cached): for the CPU the machine's RAM, or its control
+    group's limit where that is lower (a container); the card's for a CUDA or NPU device; the
+    64-bit user address space when it cannot be read."""
     key = (device.type, device.index)
     mem = _MEMORY.get(key)
     if mem is None:
@@ -127,6 +161,9 @@ def device_memory(device: torch.device) -> int:
                 import os
 
                 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                limit = cgroup_memory_limit()
+                if limit is not None and (mem <= 0 or limit < mem):
+                    mem = limit
             elif device.type in ("cuda", "npu"):
                 mod = getattr(torch, device.type)
                 mem = int(mod.get_device_properties(device.index if device.index is not None
