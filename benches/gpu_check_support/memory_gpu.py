@@ -19,7 +19,8 @@ experts, sigmoid router with aux loss and z-loss), bf16 (``Float16Module``), det
    refuses it unless the experts are grouped GEMMs, TransformerEngine's or the ``grouped_gemm``
    package's: the bundle carries neither, and moerail's expert actions wrap ``SequentialMLP``
    experts; the refusal is recorded), ``["moe"]`` and full recompute;
-   ``moerail.memory.profile(measure="actions")`` on a keep-all copy, then ``plan_memory`` at each
+   ``moerail.memory.profile(measure="actions")`` on a keep-all copy (3 to 7 rounds a trial, as many
+   as fit in a third of the time limit), then ``plan_memory`` at each
    budget a Megatron arm reached (its saved-tensor peak on top of the weights and gradients), with
    and without swaps (pinned host memory, a side stream), run by ``apply_memory_plan``. Per arm and step: the
    exact saved-tensor peak (``SavedTensorCounter`` around the step), ``max_memory_allocated`` above
@@ -208,8 +209,8 @@ def measure_simulator(m: Dict, gpu: bool, batches) -> Dict:
     opt_cfg = OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=0.0, bf16=True,
                               params_dtype=torch.bfloat16, use_distributed_optimizer=False)
     # CPU tensors must answer with a CUDA type name to Megatron's mixed-precision optimizer (dry run).
-    types = contextlib.nullcontext if gpu else msm._cuda_type_names
-    with types():
+    cuda_names = contextlib.nullcontext if gpu else msm._cuda_type_names
+    with cuda_names():
         opt = get_megatron_optimizer(opt_cfg, [ddp], use_gloo_process_groups=False)
     cfg.no_sync_func = ddp.no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
@@ -243,7 +244,7 @@ def measure_simulator(m: Dict, gpu: bool, batches) -> Dict:
         with counter.hooks(params):
             fb(forward_step_func=_forward_step, data_iterator=it, model=[ddp], num_microbatches=len(batch),
                seq_length=m["seq"], micro_batch_size=m["micro_batch"], forward_only=False)
-        with types():
+        with cuda_names():
             opt.step()
         peak_saved = max(peak_saved, counter.peak)
     _sync(gpu)
@@ -304,9 +305,9 @@ def run(dry: bool, time_limit: float) -> Dict:
         model_parallel_cuda_manual_seed(1234)
     import megatron.core as mc
 
-    # At most this many rounds (fewer where the time limit comes first), profile trials of this many
-    # rounds; the same micro-batches every step (the routing the plans were profiled on).
-    rounds, repeats = (30, 7) if gpu else (1, 1)
+    # At most this many rounds (fewer where the time limit comes first); the same micro-batches every
+    # step (the routing the plans were profiled on).
+    rounds = 30 if gpu else 1
     batches = _batches(m, gpu, 2)
     res: Dict = {"megatron_core": mc.__version__, "torch": torch.__version__, "model": m, "measured": gpu,
                  "device": torch.cuda.get_device_name() if gpu else "cpu (dry run)", "refused": {}, "failed": {}}
@@ -339,6 +340,11 @@ def run(dry: bool, time_limit: float) -> Dict:
         r = arm.step(batches[0], gpu)
         return r["step_s"], r["cpu_s"]
 
+    # The profile's trials, about 18 (a recompute and a swap per module, the exchange, whole layers),
+    # take 2 steps a round: as many rounds (3 to 7) as fit in a third of the time limit.
+    warm = [prof.step(batches[0], gpu)["step_s"] for _ in range(2)][-1]
+    repeats = max(3, min(7, int(time_limit / 3 / (36 * 1.5 * warm)))) if gpu else 1
+    res["profile_repeats"] = repeats
     # The weights and their gradients (no optimizer here): what no plan changes, planned around.
     static = 2 * sum(p.numel() * p.element_size() for p in prof.params)
     res["static_bytes"] = static
@@ -450,7 +456,8 @@ def markdown(res: Dict) -> str:
               f"experts top-{m['topk']}, seq {m['seq']} x micro-batch {m['micro_batch']}, {m['micro_batches']} "
               f"micro-batches, vocab {m['vocab']}, bf16, local spec (SequentialMLP experts, unfused attention); "
               f"world size 1 (EP 1: expert parallelism needs more than one GPU). Rounds: {res['rounds']}; "
-              f"profile {res['profile_s']} s, stage script {res['seconds']} s.", ""]
+              f"profile {res['profile_s']} s (trial rounds: {res['profile_repeats']}), stage script "
+              f"{res['seconds']} s.", ""]
     keep = res["arms"]["keep"]
     rows = []
     for name, a in res["arms"].items():
