@@ -1,6 +1,6 @@
 """Checks and measures moerail's CUDA path on one GPU machine in one prepared run.
 
-    benches/gpu_check.sh OUTDIR [--bundle gpu-bundle] [--budget 480]
+    benches/gpu_check.sh OUTDIR [--bundle gpu-bundle] [--budget 550]
 
 Installs the offline bundle ``make gpu-bundle`` made (moerail's abi3 wheel, megatron-core 0.16
 and 0.19 wheels, Megatron-LM's MoE unit tests at those tags) into a temporary directory with
@@ -17,11 +17,18 @@ own time limit and the next stage starting whatever the last one did:
    they are and once with moerail switched on (``patch_moe_utils()`` + ``MoerailTopKRouter``),
    compared test by test (single-GPU world);
 4. ``bench``: the GPU rows of benches/bench_cuda.py -> OUTDIR/bench.md and OUTDIR/bench.json;
-5. the summary: OUTDIR/summary.md, OUTDIR/results.json and one ``GPU-CHECK SUMMARY:`` line.
+5. ``memory``: benches/gpu_check_support/memory_gpu.py on a Megatron-Core GPT-MoE (megatron-core
+   0.16, world size 1): keep-all, Megatron's recompute settings and moerail's memory plans at the
+   budgets those reach (profiled, planned, run with and without swaps), each arm's saved-tensor
+   peak, ``torch.cuda.max_memory_allocated``, added step time and bit-identity to keep-all; and the
+   simulator's per-device memory against a Megatron training run's -> a section of OUTDIR/bench.md
+   and the numbers in OUTDIR/results.json;
+6. the summary: OUTDIR/summary.md, OUTDIR/results.json and one ``GPU-CHECK SUMMARY:`` line.
 
 Without a GPU every GPU stage is reported ``skipped`` with the reason, after a dry run of what it
 can check without one (the tests are collected against the installed bundle, the sanitizer cases
-listed, the Megatron tests collected with moerail switched on): the rehearsal ``make test`` runs.
+listed, the Megatron tests collected with moerail switched on, every memory arm run once on the CPU
+at a tiny size): the rehearsal ``make test`` runs.
 OUTDIR receives at most 7 files: summary.md, results.json, doctor.json, bench.md, bench.json,
 log.txt (every command's output, each capped) and manifest.json (the bundle's).
 """
@@ -49,9 +56,9 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "benches" / "gpu_check_support"
-# Seconds per stage on an H100; they sum to under 8 minutes with the set-up, and no stage runs past
-# the run's overall budget (--budget).
-LIMITS = {"setup": 45, "moerail-tests": 150, "sanitizer": 80, "megatron-tests": 150, "bench": 50}
+# Seconds per stage on an H100; they sum to 530 s with the set-up (one 600 s window with room for the
+# start and the clean-up), and no stage runs past the run's overall budget (--budget).
+LIMITS = {"setup": 45, "moerail-tests": 135, "sanitizer": 70, "megatron-tests": 135, "bench": 45, "memory": 100}
 LOG_CAP = 1_500_000  # bytes of output kept per command in log.txt
 MOERAIL_TEST_FILES = ["tests/test_cuda_kernels.py", "tests/test_a2a_devices.py", "tests/test_gpu_check.py"]
 MOERAIL_TEST_FILTER = "not emulator and not rehearsal"
@@ -439,6 +446,46 @@ class Check:
                 "ratios": {row["op"]: row["speedup"] for row in data["rows"]},
                 "of_copy_pct": {row["op"]: row["of_copy_pct"] for row in data["rows"] if row["of_copy_pct"]}}
 
+    # -- stage 5 -------------------------------------------------------------------------------
+
+    def memory(self, limit: float) -> dict:
+        v = sorted(self.mcore, key=_vkey)[0]  # 0.16: the version moerail's memory integration is tested on
+        data_path = self.work / "memory.json"
+        data_path.unlink(missing_ok=True)
+        # The script stops its timed rounds early enough to write its results inside the limit.
+        cmd = [self.python, SUPPORT / "memory_gpu.py", data_path, "--time-limit", f"{max(10.0, limit - 20):.0f}",
+               *([] if self.has_gpu else ["--dry"])]
+        r = self.run("activation memory", cmd, limit, env=self.env(self.site, self.mcore[v]))
+        data = json.loads(data_path.read_text()) if data_path.is_file() else {}
+        md = data_path.with_suffix(".md")
+        if md.is_file():
+            with open(self.out / "bench.md", "a") as f:
+                f.write("\n" + md.read_text())
+        problems = []
+        if r["rc"] != 0 or "arms" not in data:
+            why = "timed out" if r["timed_out"] else f"rc {r['rc']}"
+            problems.append(f"memory_gpu.py {why}: {(data.get('error') or r['output'])[-800:]}")
+        arms = {k: {f: a[f] for f in ("peak_saved_bytes", "peak_alloc_above_start", "added_s", "max_diff",
+                                        "predicted_peak_bytes", "predicted_added_s")}
+                for k, a in data.get("arms", {}).items()}
+        failed = data.get("failed", {})
+        problems += [f"{k}: {tb.strip().splitlines()[-1]}" for k, tb in failed.items()]
+        res = {"megatron_core": v, "arms": arms, "refused": data.get("refused", {}), "failed": failed,
+               "simulator": data.get("simulator"), "rounds": data.get("rounds"), "profile_s": data.get("profile_s")}
+        if not self.has_gpu:
+            return dict(res, status="skipped", dry_run_problems=problems,
+                        reason=f"{self.no_gpu()}; dry run on the CPU at a tiny size: {len(arms)} arms ran "
+                        f"{data.get('rounds', 0)} round(s), {len(data.get('refused', {}))} refused; bench.md says so")
+        if problems and not arms:
+            return dict(res, status="failed", reason=problems[0][:300])
+        # moerail's plans must give keep-all's bits; Megatron's own settings are reported as measured.
+        differ = [k for k, a in arms.items() if k.startswith("moerail") and a["max_diff"] != 0.0]
+        res["status"] = "failed" if differ or problems else "passed"
+        if problems or differ:
+            res["reason"] = "; ".join(problems + (["not bit-identical to keep-all: " + ", ".join(differ)]
+                                                  if differ else []))[:600]
+        return res
+
     # -- summary -------------------------------------------------------------------------------
 
     def summary(self) -> str:
@@ -469,6 +516,18 @@ class Check:
             parts.append("bench speed-ups vs Megatron " + ", ".join(f"{k} {v:.2f}x" for k, v in b["ratios"].items()))
         else:
             parts.append(f"bench {b.get('status', 'not run')}")
+        mem = st.get("memory", {})
+        if mem.get("status") in ("passed", "failed") and mem.get("arms"):
+            keep = mem["arms"]["keep"]["peak_saved_bytes"]
+            parts.append("memory saved-tensor peak vs keep-all " + ", ".join(
+                f"{k} {a['peak_saved_bytes'] / keep:.2f} ({a['added_s'][1] * 1e3:+.1f} ms)"
+                for k, a in mem["arms"].items() if k != "keep"))
+            sim = mem.get("simulator") or {}
+            if sim.get("measured", {}).get("max_memory_allocated"):
+                meas, pred = sim["measured"]["max_memory_allocated"], sim["predicted"]["total"]
+                parts.append(f"simulator memory {(pred - meas) / meas * 100:+.0f}% vs max_memory_allocated")
+        else:
+            parts.append(f"memory {mem.get('status', 'not run')}")
         skipped = [k for k, v in st.items() if v.get("status") == "skipped"]
         failed = [k for k, v in st.items() if v.get("status") == "failed"]
         parts.append(f"stages failed: {', '.join(failed) or 'none'}; skipped: {', '.join(skipped) or 'none'}")
@@ -546,7 +605,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--bundle", type=Path, default=ROOT / "gpu-bundle", help="the folder `make gpu-bundle` wrote")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480: 8 minutes)")
+    ap.add_argument("--budget", type=float, default=550, help="seconds for the whole run (default 550)")
     ap.add_argument("--workdir", type=Path, help="where to install the bundle (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     a = ap.parse_args(argv)
@@ -555,7 +614,7 @@ def main(argv=None) -> int:
     try:
         setup = c.stage("setup", c.setup)
         for name, fn in (("moerail-tests", c.moerail_tests), ("sanitizer", c.sanitizer),
-                         ("megatron-tests", c.megatron_tests), ("bench", c.bench)):
+                         ("megatron-tests", c.megatron_tests), ("bench", c.bench), ("memory", c.memory)):
             if setup["status"] != "passed":
                 c.results["stages"][name] = {"status": "skipped", "reason": "set-up failed: " + setup["reason"]}
                 continue

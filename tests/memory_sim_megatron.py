@@ -165,14 +165,14 @@ def measure(layout, m: Dict, dist_opt: bool) -> Dict:
     return out
 
 
-def sim_config(layout, m: Dict, dist_opt: bool) -> Dict:
-    """The simulator's configuration of the same model, layout and precision as :func:`measure`."""
+def sim_config(layout, m: Dict, dist_opt: bool, world: int = 4, vocab: int = 256) -> Dict:
+    """The simulator's configuration of the same model, layout and precision as :func:`measure`
+    (``world`` ranks, a vocabulary of ``vocab``)."""
     tp, pp, ep = layout
-    world = 4
     return {
         "model": dict(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
                       ffn_hidden_size=4 * m["hidden"], num_moe_experts=m["experts"], moe_router_topk=m["topk"],
-                      moe_ffn_hidden_size=m["ffn"], vocab_size=256, make_vocab_size_divisible_by=1, swiglu=False,
+                      moe_ffn_hidden_size=m["ffn"], vocab_size=vocab, make_vocab_size_divisible_by=1, swiglu=False,
                       untie_embeddings_and_output_weights=True, add_bias_linear=False, hidden_dropout=0.0,
                       attention_dropout=0.0),
         "training": dict(seq_length=m["seq"], micro_batch_size=m["micro_batch"],

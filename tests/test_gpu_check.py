@@ -8,7 +8,8 @@
 * The rehearsal: the bundle ``make gpu-bundle`` made is installed with ``pip --no-index`` into a
   temporary directory and the check runs on this machine without a GPU, so a packaging mistake
   shows here and not in the first GPU window: every GPU stage must say ``skipped`` with a reason,
-  its dry run must find no problem, and the summary line must be printed.
+  its dry run must find no problem (the memory stage's runs every arm once on the CPU at a tiny
+  size), and the summary line must be printed.
 """
 
 from __future__ import annotations
@@ -207,6 +208,33 @@ def test_megatron_functions_on_the_same_cuda_tensors(mcore):
     torch.testing.assert_close(xo.grad.float(), xt.grad.float(), rtol=1.6e-2, atol=1e-2)
 
 
+def test_memory_stage_dry_run(tmp_path):
+    """The memory stage's script on the CPU at its tiny size, with this checkout's moerail and
+    megatron-core (the rehearsal below runs it from the bundle): every arm takes a step, moerail's
+    plans reproduce keep-all's bits and hold what the planner predicted, and the simulator's weights,
+    gradients and optimizer state are the model's bytes."""
+    pytest.importorskip("megatron.core")
+    out = tmp_path / "memory.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MOERAIL_QUIET="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benches" / "gpu_check_support" / "memory_gpu.py"), str(out),
+                        "--dry"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert not res["measured"] and not res["failed"], res["failed"]
+    arms = res["arms"]
+    assert {"keep", "megatron layernorm", "megatron moe", "megatron full"} <= set(arms)
+    ours = {k: a for k, a in arms.items() if k.startswith("moerail")}
+    assert len(ours) + sum(k.startswith("moerail") for k in res["refused"]) == 6, res["refused"]
+    for name, a in ours.items():
+        assert a["max_diff"] == 0.0, name
+        assert abs(a["peak_saved_bytes"] - a["predicted_peak_bytes"]) <= 0.1 * a["peak_saved_bytes"], (name, a)
+    sim = res["simulator"]
+    for part in ("weights", "gradients", "optimizer"):
+        assert sim["predicted"][part] == sim["measured"][part], (part, sim)
+    md = out.with_suffix(".md").read_text()
+    assert "| moerail @ full |" in md and "Not run: megatron moe_act+layernorm" in md
+
+
 # ------------------------------------------------------------------------------------------------
 # The rehearsal on this machine
 # ------------------------------------------------------------------------------------------------
@@ -257,8 +285,8 @@ def test_rehearsal_gpu_check_without_gpu(tmp_path):
     res = json.loads((out / "results.json").read_text())
     st = res["stages"]
     assert st["setup"]["status"] == "passed", st["setup"]
-    assert set(st) == {"setup", "moerail-tests", "sanitizer", "megatron-tests", "bench"}
-    for name in ("moerail-tests", "sanitizer", "megatron-tests", "bench"):
+    assert set(st) == {"setup", "moerail-tests", "sanitizer", "megatron-tests", "bench", "memory"}
+    for name in ("moerail-tests", "sanitizer", "megatron-tests", "bench", "memory"):
         assert st[name]["status"] == "skipped" and "no CUDA GPU" in st[name]["reason"], (name, st[name])
         assert not st[name].get("dry_run_problems"), (name, st[name]["dry_run_problems"])
     # The dry runs really looked: the GPU tests and Megatron's MoE tests were collected against the
@@ -270,7 +298,19 @@ def test_rehearsal_gpu_check_without_gpu(tmp_path):
     for v, d in st["megatron-tests"].get("versions", {}).items():
         assert d["runs"]["with moerail"]["collected"] >= 20, (v, d["runs"]["with moerail"])
     assert "12 kernel cases" in st["sanitizer"]["reason"]
-    assert "Not measured" in (out / "bench.md").read_text()
+    bench_md = (out / "bench.md").read_text()
+    assert "Not measured" in bench_md
+    # The memory stage's dry run took every arm through a round on the CPU: Megatron's settings (its
+    # refusal of moe_act on SequentialMLP experts recorded), moerail's profile, plans at the budgets
+    # those reached, run by the executor to keep-all's bits, and the simulator's comparison.
+    mem = st["memory"]
+    assert {"keep", "megatron layernorm", "megatron moe", "megatron full"} <= set(mem["arms"]), mem
+    ours = [k for k in mem["arms"] if k.startswith("moerail")]
+    assert len(ours) + sum(k.startswith("moerail") for k in mem["refused"]) == 6, mem
+    assert ours and all(mem["arms"][k]["max_diff"] == 0.0 for k in ours), mem["arms"]
+    assert "moe_act" in mem["refused"]["megatron moe_act+layernorm"]
+    assert mem["simulator"]["predicted"]["weights"] == mem["simulator"]["measured"]["weights"], mem["simulator"]
+    assert "Activation memory on one GPU" in bench_md and "dry run on the CPU" in bench_md
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"summary.md", "results.json", "log.txt", "bench.md", "bench.json"} <= set(files)
     print(f"\nrehearsal: {secs:.0f} s; {lines[0]}")
