@@ -154,44 +154,65 @@ def plan_memory(
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if isinstance(frontier_limit, bool) or not isinstance(frontier_limit, int) or frontier_limit < 16:
         raise ValueError(f"frontier_limit: expected an int >= 16, got {frontier_limit!r}")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
-        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
-    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit)
+    _check_lookahead(lookahead)
+    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit, lookahead)
     if lookahead < 2:
         return _plan(costs, budget, *args)
     from .timeline import executor_swap_wait
 
+    def with_ahead(plan: MemoryPlan) -> MemoryPlan:
+        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
+        ev = dict(plan.evaluation)
+        ev["ahead_bytes"] = ahead
+        ev["peak_bytes"] = plan.predicted_peak_bytes + ahead
+        return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev)
+
+    found: List[MemoryPlan] = []
     inner, ahead = budget, 0.0
     for _ in range(8):
         try:
-            plan = _plan(costs, inner, *args)
+            plan = with_ahead(_plan(costs, inner, *args))
         except ValueError:
             if inner == budget:
                 raise
             break
-        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
-        peak = plan.predicted_peak_bytes + ahead
-        if peak <= budget:
-            ev = dict(plan.evaluation)
-            ev["ahead_bytes"] = ahead
-            ev["peak_bytes"] = peak
-            return replace(plan, budget_bytes=budget, predicted_peak_bytes=peak, evaluation=ev)
-        inner -= int(math.ceil(peak - budget))
+        ahead = plan.evaluation["ahead_bytes"]
+        if plan.predicted_peak_bytes <= budget:
+            found.append(plan)
+            break
+        inner -= int(math.ceil(plan.predicted_peak_bytes - budget))
         if inner <= costs.static_bytes:
             break
+    # The plan for lookahead=1 keeps what that executor cannot hide (each chunk's first group),
+    # so it holds little ahead: run with lookahead=2 it may fit where the plans above do not, or
+    # cost less than one searched under a budget cut by the bytes ahead.
+    if allow_swap and not costs.exact_model:
+        one = evaluate_plan(costs, _plan(costs, budget, *args[:-1], 1), lookahead=2)
+        one.evaluation["exact"] = False
+        one = with_ahead(one)
+        if one.predicted_peak_bytes <= budget:
+            found.append(one)
+    if found:
+        return min(found, key=lambda p: p.predicted_added_seconds)
     raise ValueError(
         f"budget_bytes: {_size(budget)} cannot be reached with lookahead=2: the copies ahead of the next "
         f"backward chunk ({_size(ahead)}) do not fit beside the plan; lookahead=1 does not hold them"
     )
 
 
+def _check_lookahead(lookahead: Any) -> None:
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+
+
 def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
-          allow_recompute: bool, frontier_limit: int) -> MemoryPlan:
+          allow_recompute: bool, frontier_limit: int, lookahead: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
     out = json.loads(
         _native.memory.plan(
-            costs_to_core(costs), float(budget), allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit
+            costs_to_core(costs, lookahead), float(budget), allow_swap, allow_recompute_exchange, allow_recompute,
+            frontier_limit,
         )
     )
     ev = dict(out["evaluation"])
@@ -226,17 +247,20 @@ def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchang
 
 
 def evaluate_plan(
-    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None
+    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None, *, lookahead: int = 1
 ) -> MemoryPlan:
     """``plan`` with the model's prediction for ``costs`` filled in (peak, added seconds, host
-    bytes, ``evaluation``). Refuses (``ValueError``) a plan that names layers this device does
-    not hold, swaps without host memory or beyond it, or peaks over ``budget_bytes`` when given.
+    bytes, ``evaluation``), its swaps priced as moerail's executor with ``lookahead`` copies them
+    back (as :func:`plan_memory` does). Refuses (``ValueError``) a plan that names layers this
+    device does not hold, swaps without host memory or beyond it, or peaks over ``budget_bytes``
+    when given.
     """
     if not isinstance(costs, MemoryCosts):
         raise TypeError(f"costs: expected a MemoryCosts, got {type(costs).__name__}")
     if not isinstance(plan, MemoryPlan):
         raise TypeError(f"plan: expected a MemoryPlan, got {type(plan).__name__}")
     budget = None if budget_bytes is None else parse_bytes(budget_bytes, "budget_bytes")
+    _check_lookahead(lookahead)
     rows = _rows(costs, plan)
     if costs.exact_model:
         ev = exact.evaluate(costs, exact.assignment_of(plan, costs))
@@ -253,7 +277,7 @@ def evaluate_plan(
         ev["exact"] = True
         return _to_plan(costs, rows, ev, budget)
     ev = json.loads(
-        _native.memory.evaluate(costs_to_core(costs), rows, None if budget is None else float(budget))
+        _native.memory.evaluate(costs_to_core(costs, lookahead), rows, None if budget is None else float(budget))
     )
     return _to_plan(costs, rows, ev, budget)
 

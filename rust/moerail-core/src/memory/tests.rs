@@ -61,6 +61,7 @@ fn case(rng: &mut Rng, layers: usize, sched: Schedule, host: bool) -> MemoryCost
         host_bytes: if host { 60.0 + 400.0 * rng.unit() } else { 0.0 },
         host_link_bytes_per_second: if host { 5.0 + 60.0 * rng.unit() } else { 0.0 },
         schedule: sched,
+        executor: None,
     }
 }
 
