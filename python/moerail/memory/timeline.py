@@ -73,7 +73,8 @@ def schedule_ops(costs: MemoryCosts) -> List[Tuple[bool, int, int]]:
             ops += [(True, 0, w + i), (False, 0, i)]
         return ops + [(False, 0, m - w + i) for i in range(w)]
     total = m * v
-    w = min((p - r - 1) * 2 + (v - 1) * p, total)
+    # With as many micro-batches as stages Megatron runs every forward first.
+    w = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
 
     def fwd(k):
         return (True, (k % (p * v)) // p, (k // (p * v)) * p + k % p)
