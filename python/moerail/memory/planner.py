@@ -6,8 +6,11 @@ The model (the core crate's ``memory`` module documents it in full): the peak is
 bytes plus the kept activations of the micro-batches in flight on Megatron's 1F1B or interleaved
 schedule (replayed step by step for this stage: ``p - rank`` for 1F1B) plus one layer's
 transient (its buffers and what it rebuilds or swaps back in); the exposed time is the
-recomputation, the repeated exchanges, and the swap copies the compute between a layer's forward
-and its backward cannot hide, with all swaps sharing the host link.
+recomputation, the repeated exchanges, and the swap copies moerail's executor cannot hide as it
+issues them (a group's copies back start one group ahead within a model chunk: the chunk's first
+group waits for its own, :mod:`.timeline` replays it), never less than the planner's bound (the
+copy out and back in against the compute between a layer's forward and its backward), with all
+swaps sharing the host link.
 """
 
 from __future__ import annotations
@@ -126,17 +129,21 @@ def plan_memory(
     """The plan with the least exposed step time whose predicted peak fits ``budget_bytes``
     (an int, or a string such as ``"60GiB"``) on the device ``costs`` describes.
 
-    ``lookahead``: the executor's (:class:`~moerail.memory.executor.Executor`). With 2 the
-    executor copies the next backward chunk's first group back ahead, and those bytes stay on the
-    device through the forward before that backward: the plan's peak counts them in full
+    ``lookahead``: the executor's (:class:`~moerail.memory.executor.Executor`); swaps are priced
+    as that executor copies them back, so the plan keeps or recomputes what it cannot hide (with
+    1, the last layer's ``mlp`` group of each model chunk, first in the chunk's backward). With 2
+    the executor copies the next backward chunk's first group back ahead, and those bytes stay on
+    the device through the forward before that backward: the plan's peak counts them in full
     (``evaluation["ahead_bytes"]``, from :func:`.timeline.executor_swap_wait`), and the plan is
-    searched under the budget less them until it fits.
+    searched under the budget less them until it fits, or is the plan for 1 if that costs less.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
     the model's numbers (``peak_bytes``, ``activation_bytes`` and ``activation_bytes_keep_all``
     in flight, ``transient_bytes``, ``host_bytes``, ``added_seconds`` split into
-    ``recompute_seconds`` / ``exchange_seconds`` / ``swap_exposed_seconds``, and ``exact``: the
-    solve is optimal for the model unless a frontier passed ``frontier_limit``).
+    ``recompute_seconds`` / ``exchange_seconds`` / ``swap_exposed_seconds`` (of which
+    ``swap_wait_seconds`` are the executor's waits for its copies back; ``swap_bound_seconds`` is
+    the planner's bound alone), and ``exact``: the solve is optimal for the model unless a
+    frontier passed ``frontier_limit``).
 
     Raises ``ValueError`` naming the argument: a budget not above the weights, gradients and
     optimizer state (``budget_bytes``), more than the device, a budget no plan reaches (with the
@@ -513,7 +520,8 @@ def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan, lookahead: int 
     """``plan``'s added step time with its swaps timed as moerail's executor issues them
     (:func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
     starts, one group ahead within a model chunk; with ``lookahead=2`` also the next backward
-    chunk's first group at a chunk's last) instead of the planner's bound: ``added_seconds``,
+    chunk's first group at a chunk's last), replayed over the schedule with every copy sharing
+    the link (the planner's model takes each layer's copies alone): ``added_seconds``,
     ``swap_wait_seconds`` and ``ahead_bytes`` (what the copies ahead of the next backward chunk
     hold on the device through the forward before it; the planner's peak does not count them)."""
     from .timeline import executor_swap_wait

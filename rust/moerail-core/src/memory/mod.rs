@@ -15,8 +15,12 @@
 //!   constraint, not one sum.
 //! * **Exposed time** per step = `m` x (recompute seconds + exchange seconds of
 //!   `recompute_exchange`) + the swap time the schedule cannot hide: per layer and
-//!   micro-batch, `2 S / B` (out and back in over the host link) minus the compute between the
-//!   layer's forward and its backward on this stage's timeline, and never less than the
+//!   micro-batch, the larger of the planner's bound — `2 S / B` (out and back in over the host
+//!   link) minus the compute between the layer's forward and its backward on this stage's
+//!   timeline — and, given the [`Executor`], the backward's wait for its copies back as that
+//!   executor issues them (a group's copies start one group ahead within a model chunk, so a
+//!   chunk's first group waits for all of its own unless `lookahead` 2 started them in the
+//!   previous backward; each layer's copies taken alone on the link); never less than the
 //!   link's total busy time beyond the step's compute (`m sum S / B - compute`): all swaps in
 //!   flight share the link.
 //! * **Host memory** = the swapped bytes of the micro-batches in flight (same mixes).
