@@ -1155,7 +1155,7 @@ impl Options {
 pub struct Plan {
     pub actions: Actions,
     pub evaluation: Evaluation,
-    /// True when no frontier was thinned: the plan is optimal for the model.
+    /// True when no frontier was thinned or the plan adds no time: it is optimal for the model.
     pub exact: bool,
 }
 
@@ -1579,7 +1579,8 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
         Some(s) => Ok(Plan {
             actions: s.actions,
             evaluation: s.evaluation,
-            exact: !thinned,
+            // Nothing adds less than no time, thinned or not.
+            exact: !thinned || s.evaluation.added_seconds <= 0.0,
         }),
         None => {
             let mut t = false;
