@@ -74,6 +74,7 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
             rows.append([label, f"{b / G:.1f}", f"refused: {e}", "", "", "", "", "", ms])
             continue
         pe = p.evaluation
+        bound = pe["recompute_seconds"] + pe["exchange_seconds"] + pe["swap_bound_seconds"]
         ex = executor_added_seconds(costs, p)["added_seconds"]
         two = _ahead_plan(costs, b) if costs.host_bytes > 0 else None
         if costs.host_bytes > 0 and label.endswith("% of activations saved"):
@@ -93,7 +94,7 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
                 f"{b / G:.1f}",
                 f"{pe['peak_bytes'] / G:.1f}",
                 _pct(1 - pe["activation_bytes"] / act),
-                f"{pe['added_seconds']:.3f} ({_pct(pe['added_seconds'] / step)})",
+                f"{pe['added_seconds']:.3f} ({_pct(pe['added_seconds'] / step)}); bound {bound:.3f}",
                 f"{ex:.3f} ({_pct(ex / step)})",
                 cell2,
                 f"{pe['host_bytes'] / G:.1f}",
@@ -101,7 +102,7 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
             ]
         )
     return table(
-        ["budget", "GiB", "moerail peak GiB", "activations saved", "moerail added s, planner's bound (of step)",
+        ["budget", "GiB", "moerail peak GiB", "activations saved", "moerail added s, planner's model (of step); its bound",
          "moerail added s, executor's copies (of step)",
          "same, lookahead=2: added s (of step); copies ahead GiB, peak GiB", "host GiB",
          "best Megatron setting that fits, as its implementation runs: added s (of step)"],
@@ -146,7 +147,7 @@ def _shared_link_line(name: str, cfg: dict, costs, budget: int, step: float, act
     return (
         f"Host link shared with the NIC (this device's PCIe link also carries the exchange's inter-node traffic): "
         f"{link / 1e9:.0f} GB/s left to swaps on average. At the 70% budget moerail adds "
-        f"{added:.3f} s ({_pct(added / step)}) with its executor's copies (planner's bound "
+        f"{added:.3f} s ({_pct(added / step)}) with its executor's copies (planner's model "
         f"{p.predicted_added_seconds:.3f} s), "
         + ("with lookahead=2 no plan fits; " if two is None else
            f"with lookahead=2 {two[1]:.3f} s ({_pct(two[1] / step)}, "
@@ -237,8 +238,10 @@ def run(quick: bool) -> str:
         "schedule's order of backward chunks in its first step (these figures are the steps after it). Those bytes "
         "stay on the device through the forward between the two backwards: `plan_memory(..., lookahead=2)` adds them "
         "in full to the plan's peak and plans under the budget less them until the plan fits, so at a tight budget "
-        "it may recompute more. The planner's own bound (the copy back may start as early as the "
-        "layer's forward ends) is shown next to it; the executor's figures are the ones compared. Megatron's "
+        "it may recompute more. The planner prices each swap as its executor, with the lookahead it is "
+        "given, issues the copy back (each layer's copies taken alone on the link), so it keeps or recomputes what "
+        "a chunk's first groups would wait for; its prediction and its bound (the copy back may start as early as "
+        "the layer's forward ends) are shown next to the executor's figures, which are the ones compared. Megatron's "
         "`offload_modules` are modelled as its fine-grained activation offloading runs them: one group per offloaded "
         "module, layer and micro-batch, committed at the module's output; `core_attn` moves what core attention saved "
         "but frees only the queries, keys and values (the output projection still holds the attention output, which "
@@ -288,9 +291,9 @@ def run(quick: bool) -> str:
         notes.append(
             "Megatron's offload costs less than moerail's plan at the 70% budget for " + "; ".join(losses) + ": with "
             "its offload margin Megatron reloads several groups ahead and into the next chunk, while moerail's "
-            "executor, with lookahead=1, prefetches one group ahead within a chunk, and the planner picks its swaps by "
-            "its own bound, not by what its executor hides (lookahead=2: see the host-link line above and the table "
-            "below)."
+            "executor, with lookahead=1, prefetches one group ahead within a chunk: the planner keeps or recomputes "
+            "what that leaves exposed (each chunk's first group in the backward) in every micro-batch in flight, "
+            "where Megatron's margin holds one (lookahead=2: see the host-link line above and the table below)."
         )
     if ties:
         notes.append("Equal added time (each side's copies all hidden): " + "; ".join(ties) + ".")
@@ -336,7 +339,8 @@ def run(quick: bool) -> str:
         + "."
         + (" Where moerail adds more with lookahead=1, its executor waits at the start of each model chunk's backward "
            "(it copies nothing ahead across chunks) while Megatron's reloads, kept several groups ahead by its offload "
-           "margin, are hidden; the planner chooses swaps by its own bound and does not see its executor's waits."
+           "margin, are hidden; the planner keeps or recomputes the groups its executor would wait for, which costs "
+           "memory or time in every micro-batch in flight where Megatron's margin holds one group."
            if tally[1]["Megatron less"] else "")
         + (" Where it still adds more with lookahead=2, one group copied ahead (the next chunk's last-layer MLP "
            "group) does not cover what the chunk's first groups wait for, or the bytes held ahead push the plan to "

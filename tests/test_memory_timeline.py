@@ -435,6 +435,38 @@ def test_plan_for_lookahead_2_counts_the_copies_ahead_in_its_peak():
             executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=bad)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_planner_prices_swaps_as_the_executor_replay_waits(lookahead):
+    """The planner's model of its executor's waits (``swap_wait_seconds``) against the timeline's
+    replay of the executor, on random small cost sets (1F1B and interleaved, every rank, a few
+    links) and plans that swap random modules of one layer (the model takes each layer's copies
+    alone on the link): the same seconds; and what the planner charges (``swap_exposed_seconds``)
+    is at least those waits and its own bound (``swap_bound_seconds``)."""
+    import random
+
+    from moerail.memory import LayerPlan, evaluate_plan
+    from moerail.memory.planner import _rows
+    from moerail.memory.timeline import executor_swap_wait
+
+    rng = random.Random(17 + lookahead)
+    waited = 0
+    for _ in range(40):
+        pp = rng.choice((1, 2, 4))
+        vpp = rng.choice((1, 2)) if pp > 1 else 1
+        costs = moe_costs(layers_per_chunk=rng.choice((2, 3)), pp=pp, rank=rng.randrange(pp), vpp=vpp,
+                          m=pp * rng.choice((1, 2, 3)), link=rng.choice((5e9, 20e9, 60e9)))  # fmt: skip
+        pick = rng.randrange(len(costs.layers))
+        acts = {m: "swap" for m in costs.layers[pick].modules if rng.random() < 0.5} or {"expert_act": "swap"}
+        plan = MemoryPlan(tuple(LayerPlan(lc.layer, acts if i == pick else {}, lc.vpp_stage)
+                                for i, lc in enumerate(costs.layers)))  # fmt: skip
+        ev = evaluate_plan(costs, plan, lookahead=lookahead).evaluation
+        replay = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead)["wait_seconds"]
+        assert ev["swap_wait_seconds"] == pytest.approx(replay, rel=1e-9, abs=1e-12), (acts, pick)
+        assert ev["swap_exposed_seconds"] >= max(replay, ev["swap_bound_seconds"]) - 1e-12
+        waited += replay > 0
+    assert waited > 10  # the cases exercise the waits, not only hidden copies
+
+
 def test_executor_learns_the_interleaved_order(monkeypatch):
     """Two model chunks of two layers on stage 0 of two, four micro-batches, Megatron-Core's
     interleaved order (:func:`schedule_ops`), ``lookahead=2``: in the first step the executor

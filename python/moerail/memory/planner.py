@@ -6,8 +6,11 @@ The model (the core crate's ``memory`` module documents it in full): the peak is
 bytes plus the kept activations of the micro-batches in flight on Megatron's 1F1B or interleaved
 schedule (replayed step by step for this stage: ``p - rank`` for 1F1B) plus one layer's
 transient (its buffers and what it rebuilds or swaps back in); the exposed time is the
-recomputation, the repeated exchanges, and the swap copies the compute between a layer's forward
-and its backward cannot hide, with all swaps sharing the host link.
+recomputation, the repeated exchanges, and the swap copies moerail's executor cannot hide as it
+issues them (a group's copies back start one group ahead within a model chunk: the chunk's first
+group waits for its own, :mod:`.timeline` replays it), never less than the planner's bound (the
+copy out and back in against the compute between a layer's forward and its backward), with all
+swaps sharing the host link.
 """
 
 from __future__ import annotations
@@ -126,17 +129,21 @@ def plan_memory(
     """The plan with the least exposed step time whose predicted peak fits ``budget_bytes``
     (an int, or a string such as ``"60GiB"``) on the device ``costs`` describes.
 
-    ``lookahead``: the executor's (:class:`~moerail.memory.executor.Executor`). With 2 the
-    executor copies the next backward chunk's first group back ahead, and those bytes stay on the
-    device through the forward before that backward: the plan's peak counts them in full
+    ``lookahead``: the executor's (:class:`~moerail.memory.executor.Executor`); swaps are priced
+    as that executor copies them back, so the plan keeps or recomputes what it cannot hide (with
+    1, the last layer's ``mlp`` group of each model chunk, first in the chunk's backward). With 2
+    the executor copies the next backward chunk's first group back ahead, and those bytes stay on
+    the device through the forward before that backward: the plan's peak counts them in full
     (``evaluation["ahead_bytes"]``, from :func:`.timeline.executor_swap_wait`), and the plan is
-    searched under the budget less them until it fits.
+    searched under the budget less them until it fits, or is the plan for 1 if that costs less.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
     the model's numbers (``peak_bytes``, ``activation_bytes`` and ``activation_bytes_keep_all``
     in flight, ``transient_bytes``, ``host_bytes``, ``added_seconds`` split into
-    ``recompute_seconds`` / ``exchange_seconds`` / ``swap_exposed_seconds``, and ``exact``: the
-    solve is optimal for the model unless a frontier passed ``frontier_limit``).
+    ``recompute_seconds`` / ``exchange_seconds`` / ``swap_exposed_seconds`` (of which
+    ``swap_wait_seconds`` are the executor's waits for its copies back; ``swap_bound_seconds`` is
+    the planner's bound alone), and ``exact``: the solve is optimal for the model unless a
+    frontier passed ``frontier_limit``).
 
     Raises ``ValueError`` naming the argument: a budget not above the weights, gradients and
     optimizer state (``budget_bytes``), more than the device, a budget no plan reaches (with the
@@ -154,44 +161,65 @@ def plan_memory(
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if isinstance(frontier_limit, bool) or not isinstance(frontier_limit, int) or frontier_limit < 16:
         raise ValueError(f"frontier_limit: expected an int >= 16, got {frontier_limit!r}")
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
-        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
-    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit)
+    _check_lookahead(lookahead)
+    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit, lookahead)
     if lookahead < 2:
         return _plan(costs, budget, *args)
     from .timeline import executor_swap_wait
 
+    def with_ahead(plan: MemoryPlan) -> MemoryPlan:
+        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
+        ev = dict(plan.evaluation)
+        ev["ahead_bytes"] = ahead
+        ev["peak_bytes"] = plan.predicted_peak_bytes + ahead
+        return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev)
+
+    found: List[MemoryPlan] = []
     inner, ahead = budget, 0.0
     for _ in range(8):
         try:
-            plan = _plan(costs, inner, *args)
+            plan = with_ahead(_plan(costs, inner, *args))
         except ValueError:
             if inner == budget:
                 raise
             break
-        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
-        peak = plan.predicted_peak_bytes + ahead
-        if peak <= budget:
-            ev = dict(plan.evaluation)
-            ev["ahead_bytes"] = ahead
-            ev["peak_bytes"] = peak
-            return replace(plan, budget_bytes=budget, predicted_peak_bytes=peak, evaluation=ev)
-        inner -= int(math.ceil(peak - budget))
+        ahead = plan.evaluation["ahead_bytes"]
+        if plan.predicted_peak_bytes <= budget:
+            found.append(plan)
+            break
+        inner -= int(math.ceil(plan.predicted_peak_bytes - budget))
         if inner <= costs.static_bytes:
             break
+    # The plan for lookahead=1 keeps what that executor cannot hide (each chunk's first group),
+    # so it holds little ahead: run with lookahead=2 it may fit where the plans above do not, or
+    # cost less than one searched under a budget cut by the bytes ahead.
+    if allow_swap and not costs.exact_model:
+        one = evaluate_plan(costs, _plan(costs, budget, *args[:-1], 1), lookahead=2)
+        one.evaluation["exact"] = False
+        one = with_ahead(one)
+        if one.predicted_peak_bytes <= budget:
+            found.append(one)
+    if found:
+        return min(found, key=lambda p: p.predicted_added_seconds)
     raise ValueError(
         f"budget_bytes: {_size(budget)} cannot be reached with lookahead=2: the copies ahead of the next "
         f"backward chunk ({_size(ahead)}) do not fit beside the plan; lookahead=1 does not hold them"
     )
 
 
+def _check_lookahead(lookahead: Any) -> None:
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+
+
 def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
-          allow_recompute: bool, frontier_limit: int) -> MemoryPlan:
+          allow_recompute: bool, frontier_limit: int, lookahead: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
     out = json.loads(
         _native.memory.plan(
-            costs_to_core(costs), float(budget), allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit
+            costs_to_core(costs, lookahead), float(budget), allow_swap, allow_recompute_exchange, allow_recompute,
+            frontier_limit,
         )
     )
     ev = dict(out["evaluation"])
@@ -226,17 +254,20 @@ def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchang
 
 
 def evaluate_plan(
-    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None
+    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None, *, lookahead: int = 1
 ) -> MemoryPlan:
     """``plan`` with the model's prediction for ``costs`` filled in (peak, added seconds, host
-    bytes, ``evaluation``). Refuses (``ValueError``) a plan that names layers this device does
-    not hold, swaps without host memory or beyond it, or peaks over ``budget_bytes`` when given.
+    bytes, ``evaluation``), its swaps priced as moerail's executor with ``lookahead`` copies them
+    back (as :func:`plan_memory` does). Refuses (``ValueError``) a plan that names layers this
+    device does not hold, swaps without host memory or beyond it, or peaks over ``budget_bytes``
+    when given.
     """
     if not isinstance(costs, MemoryCosts):
         raise TypeError(f"costs: expected a MemoryCosts, got {type(costs).__name__}")
     if not isinstance(plan, MemoryPlan):
         raise TypeError(f"plan: expected a MemoryPlan, got {type(plan).__name__}")
     budget = None if budget_bytes is None else parse_bytes(budget_bytes, "budget_bytes")
+    _check_lookahead(lookahead)
     rows = _rows(costs, plan)
     if costs.exact_model:
         ev = exact.evaluate(costs, exact.assignment_of(plan, costs))
@@ -253,7 +284,7 @@ def evaluate_plan(
         ev["exact"] = True
         return _to_plan(costs, rows, ev, budget)
     ev = json.loads(
-        _native.memory.evaluate(costs_to_core(costs), rows, None if budget is None else float(budget))
+        _native.memory.evaluate(costs_to_core(costs, lookahead), rows, None if budget is None else float(budget))
     )
     return _to_plan(costs, rows, ev, budget)
 
@@ -489,7 +520,8 @@ def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan, lookahead: int 
     """``plan``'s added step time with its swaps timed as moerail's executor issues them
     (:func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
     starts, one group ahead within a model chunk; with ``lookahead=2`` also the next backward
-    chunk's first group at a chunk's last) instead of the planner's bound: ``added_seconds``,
+    chunk's first group at a chunk's last), replayed over the schedule with every copy sharing
+    the link (the planner's model takes each layer's copies alone): ``added_seconds``,
     ``swap_wait_seconds`` and ``ahead_bytes`` (what the copies ahead of the next backward chunk
     hold on the device through the forward before it; the planner's peak does not count them)."""
     from .timeline import executor_swap_wait

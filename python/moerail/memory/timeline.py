@@ -1,11 +1,13 @@
 """Swap and offload copies on this stage's step timeline, as each implementation issues them.
 
-The planner's own model (``moerail_core::memory``) charges a swap only what the compute between a
-layer's forward and its backward cannot hide: a bound that assumes the copy back starts as early
-as it may. Neither executor does that. This module replays the stage's schedule (Megatron-Core's
-1F1B or interleaved order of forward and backward chunks) and, in each backward, the host-to-device
+The planner's bound (``moerail_core::memory``) charges a swap only what the compute between a
+layer's forward and its backward cannot hide, as if the copy back started as early as it may.
+Neither executor does that. This module replays the stage's schedule (Megatron-Core's 1F1B or
+interleaved order of forward and backward chunks) and, in each backward, the host-to-device
 copies as the implementation issues them on one copy stream, and counts the time the backward
-waits for them:
+waits for them. The planner prices moerail's swaps by the same issue order, each layer's copies
+alone on the link (:func:`moerail.memory.simcosts.costs_to_core` passes it this module's
+segments); this replay, every copy on one link, is what it is checked against:
 
 * **moerail's executor** (:mod:`.executor`): a group (``attn``: input norm and attention; ``mlp``:
   pre-MLP norm and the MoE block) starts copying its own swapped tensors back when its backward
@@ -73,7 +75,8 @@ def schedule_ops(costs: MemoryCosts) -> List[Tuple[bool, int, int]]:
             ops += [(True, 0, w + i), (False, 0, i)]
         return ops + [(False, 0, m - w + i) for i in range(w)]
     total = m * v
-    w = min((p - r - 1) * 2 + (v - 1) * p, total)
+    # With as many micro-batches as stages Megatron runs every forward first.
+    w = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
 
     def fwd(k):
         return (True, (k % (p * v)) // p, (k // (p * v)) * p + k % p)

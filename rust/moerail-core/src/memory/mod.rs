@@ -15,8 +15,12 @@
 //!   constraint, not one sum.
 //! * **Exposed time** per step = `m` x (recompute seconds + exchange seconds of
 //!   `recompute_exchange`) + the swap time the schedule cannot hide: per layer and
-//!   micro-batch, `2 S / B` (out and back in over the host link) minus the compute between the
-//!   layer's forward and its backward on this stage's timeline, and never less than the
+//!   micro-batch, the larger of the planner's bound — `2 S / B` (out and back in over the host
+//!   link) minus the compute between the layer's forward and its backward on this stage's
+//!   timeline — and, given the [`Executor`], the backward's wait for its copies back as that
+//!   executor issues them (a group's copies start one group ahead within a model chunk, so a
+//!   chunk's first group waits for all of its own unless `lookahead` 2 started them in the
+//!   previous backward; each layer's copies taken alone on the link); never less than the
 //!   link's total busy time beyond the step's compute (`m sum S / B - compute`): all swaps in
 //!   flight share the link.
 //! * **Host memory** = the swapped bytes of the micro-batches in flight (same mixes).
@@ -340,6 +344,90 @@ pub struct MemoryCosts {
     #[serde(default)]
     pub host_link_bytes_per_second: f64,
     pub schedule: Schedule,
+    /// moerail's executor, to price each swap as it copies the bytes back; `None`: by the
+    /// planner's bound alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<Executor>,
+}
+
+/// Most segments an [`ExecutorLayer`] divides a layer's backward into.
+pub const MAX_SEGMENTS: usize = 32;
+
+/// How moerail's executor copies swapped tensors back (`moerail.memory.timeline`'s
+/// `executor_swap_wait` replays it): a layer's backward runs its segments last to first in two
+/// groups, `attn` (segments before `mlp_first_segment`) and `mlp` (the rest). A group's copies
+/// start when its backward starts, last saved first, on one copy stream; with `lookahead` 1 the
+/// next group's of the same model chunk start with them; with 2 the chunk's last group also
+/// starts those of the next backward chunk's first group, once that chunk has run its forward.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Executor {
+    pub lookahead: u32,
+    pub mlp_first_segment: usize,
+    /// One per layer of [`MemoryCosts::layers`].
+    pub layers: Vec<ExecutorLayer>,
+}
+
+/// One layer's backward as the executor sees it, per micro-batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorLayer {
+    /// Backward seconds of each segment, in forward order.
+    pub segment_seconds: Vec<f64>,
+    /// Per module ([`MODULES`] order): the bytes of its swap that each segment's backward reads
+    /// first (empty: the module swaps nothing).
+    pub reads: [Vec<f64>; N_MODULES],
+}
+
+impl Executor {
+    fn validate(&self, layers: usize) -> Result<()> {
+        if self.lookahead > 2 {
+            return Err(invalid(
+                "lookahead",
+                format!("expected 0, 1 or 2, got {}", self.lookahead),
+            ));
+        }
+        if self.layers.len() != layers {
+            return Err(invalid(
+                "executor.layers",
+                format!("has {} layers, the costs {layers}", self.layers.len()),
+            ));
+        }
+        for (i, el) in self.layers.iter().enumerate() {
+            let n = el.segment_seconds.len();
+            if !(2..=MAX_SEGMENTS).contains(&n) {
+                return Err(invalid(
+                    "executor.layers",
+                    format!("layer row {i}: expected 2 to {MAX_SEGMENTS} segments, got {n}"),
+                ));
+            }
+            if self.mlp_first_segment == 0 || self.mlp_first_segment >= n {
+                return Err(invalid(
+                    "executor.mlp_first_segment",
+                    format!("expected 1..{}, got {}", n - 1, self.mlp_first_segment),
+                ));
+            }
+            let bad = |x: &f64| !(x.is_finite() && *x >= 0.0);
+            if el.segment_seconds.iter().any(bad) {
+                return Err(invalid(
+                    "executor.layers",
+                    format!("layer row {i}: segment_seconds must be finite and >= 0"),
+                ));
+            }
+            for (j, r) in el.reads.iter().enumerate() {
+                if !(r.is_empty() || r.len() == n) || r.iter().any(bad) {
+                    return Err(invalid(
+                        "executor.layers",
+                        format!(
+                            "layer row {i}: reads[{}] must be empty or {n} finite numbers >= 0",
+                            MODULES[j]
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MemoryCosts {
@@ -347,6 +435,9 @@ impl MemoryCosts {
         self.schedule.validate()?;
         if self.layers.is_empty() {
             return Err(invalid("layers", "expected at least one layer"));
+        }
+        if let Some(ex) = &self.executor {
+            ex.validate(self.layers.len())?;
         }
         let finite = |x: f64, name: &str| -> Result<()> {
             if x.is_finite() && x >= 0.0 {
@@ -453,6 +544,65 @@ impl MemoryCosts {
         }
         out
     }
+
+    /// Per layer and micro-batch, the backward compute the executor runs between starting to
+    /// copy back the layer's `mlp` group and that group's backward (the link taken as free):
+    /// with `lookahead` 1 the `attn` group before it in the chunk's backward, none for the
+    /// chunk's last layer (its backward's first group) unless `lookahead` 2 started it in the
+    /// previous backward chunk (that chunk's first-layer `attn` group and the forwards between
+    /// the two backwards). Empty without an executor.
+    pub fn copy_in_windows(&self) -> Vec<Vec<f64>> {
+        let Some(ex) = &self.executor else {
+            return Vec::new();
+        };
+        let k = ex.mlp_first_segment;
+        let attn = |i: usize| -> f64 { ex.layers[i].segment_seconds[..k].iter().sum() };
+        let v = self.schedule.virtual_pipeline_size;
+        let m = self.schedule.num_microbatches;
+        let mut chunks: Vec<Vec<usize>> = vec![Vec::new(); v];
+        for (i, lc) in self.layers.iter().enumerate() {
+            chunks[lc.vpp_stage].push(i);
+        }
+        let mut out = vec![vec![0.0; m]; self.layers.len()];
+        if ex.lookahead == 0 {
+            return out;
+        }
+        for idx in &chunks {
+            for w in idx.windows(2) {
+                out[w[0]] = vec![attn(w[1]); m];
+            }
+        }
+        if ex.lookahead < 2 {
+            return out;
+        }
+        // The copies ahead start at the previous backward's first-layer `attn` group if this
+        // chunk-micro-batch ran its forward by then, and have the forwards between the two.
+        let mut fsum = vec![0.0; v];
+        for lc in &self.layers {
+            fsum[lc.vpp_stage] += lc.forward_seconds;
+        }
+        let ops = self.schedule.ops();
+        let mut fpos = vec![vec![usize::MAX; m]; v];
+        for (p, op) in ops.iter().enumerate() {
+            if op.forward {
+                fpos[op.chunk][op.microbatch] = p;
+            }
+        }
+        let backs: Vec<usize> = (0..ops.len()).filter(|&p| !ops[p].forward).collect();
+        for w in backs.windows(2) {
+            let (a, b) = (ops[w[0]], ops[w[1]]);
+            if fpos[b.chunk][b.microbatch] > w[0] {
+                continue;
+            }
+            let (Some(&first), Some(&last)) = (chunks[a.chunk].first(), chunks[b.chunk].last())
+            else {
+                continue;
+            };
+            let between: f64 = ops[w[0] + 1..w[1]].iter().map(|o| fsum[o.chunk]).sum();
+            out[last][b.microbatch] = attn(first) + between;
+        }
+        out
+    }
 }
 
 /// What a plan costs, by the model above.
@@ -473,6 +623,12 @@ pub struct Evaluation {
     pub recompute_seconds: f64,
     pub exchange_seconds: f64,
     pub swap_exposed_seconds: f64,
+    /// The planner's bound on it: every copy back may start as soon as the layer's forward
+    /// ends (what `swap_exposed_seconds` is without an executor).
+    pub swap_bound_seconds: f64,
+    /// Of `swap_exposed_seconds`, the backward's waits for the executor's copies back (each
+    /// layer's alone on the link; `None` without an executor).
+    pub swap_wait_seconds: Option<f64>,
     /// Bytes copied to the host per step (one direction).
     pub swapped_bytes_per_step: f64,
 }
@@ -595,12 +751,52 @@ fn whole_layer(lc: &LayerCosts) -> Option<Effect> {
     })
 }
 
-fn swap_latency(swapped: f64, link: f64, windows: &[f64]) -> f64 {
-    if swapped <= 0.0 {
-        return 0.0;
+/// The planner's bound on one micro-batch's unhidden swap time: the copy out and back in
+/// against all the compute between the layer's forward and its backward.
+fn bound_latency(swapped: f64, link: f64, window: f64) -> f64 {
+    (2.0 * swapped / link - window).max(0.0)
+}
+
+/// Seconds one layer's backward waits for its swapped bytes (`need`, by the segment that first
+/// reads them) as the executor copies them back: the `mlp` group's copies start `window` seconds
+/// before that group's backward on a free link, the `attn` group's queue behind them (`lookahead`
+/// 1 or 2) or start with their own group's backward (0).
+fn copy_in_wait(
+    segs: &[f64],
+    need: &[f64],
+    k: usize,
+    lookahead: u32,
+    link: f64,
+    window: f64,
+) -> f64 {
+    let n = segs.len();
+    let mut ready = [0.0f64; MAX_SEGMENTS];
+    let mut free = -window;
+    // Last saved, first read: a group's copies in reverse segment order.
+    let issue = |lo: usize, hi: usize, at: f64, free: &mut f64, ready: &mut [f64]| {
+        for s in (lo..hi).rev() {
+            if need[s] > 0.0 {
+                *free = free.max(at) + need[s] / link;
+                ready[s] = *free;
+            }
+        }
+    };
+    issue(k, n, -window, &mut free, &mut ready);
+    if lookahead > 0 {
+        issue(0, k, 0.0, &mut free, &mut ready);
     }
-    let copy = 2.0 * swapped / link;
-    windows.iter().map(|w| (copy - w).max(0.0)).sum()
+    let (mut t, mut wait) = (0.0f64, 0.0);
+    for s in (0..n).rev() {
+        if s + 1 == k && lookahead == 0 {
+            issue(0, k, t, &mut free, &mut ready);
+        }
+        if need[s] > 0.0 && ready[s] > t {
+            wait += ready[s] - t;
+            t = ready[s];
+        }
+        t += segs[s];
+    }
+    wait
 }
 
 fn weighted(mixes: &[Vec<u32>], per_chunk: &[f64]) -> f64 {
@@ -620,8 +816,18 @@ struct Ctx<'a> {
     costs: &'a MemoryCosts,
     mixes: Vec<Vec<u32>>,
     windows: Vec<Vec<f64>>,
+    /// [`MemoryCosts::copy_in_windows`] where swaps are priced as the executor copies.
+    copy_in: Vec<Vec<f64>>,
     compute: f64,
     keep_all: f64,
+}
+
+/// One layer's swap time per step: what the model exposes and, of it, the executor's waits.
+#[derive(Clone, Copy, Debug, Default)]
+struct SwapTime {
+    exposed: f64,
+    bound: f64,
+    wait: f64,
 }
 
 impl<'a> Ctx<'a> {
@@ -629,10 +835,16 @@ impl<'a> Ctx<'a> {
         costs.validate()?;
         let mixes = costs.schedule.inflight_mixes();
         // The swap windows need a timed replay; without a host link nothing swaps.
-        let windows = if costs.host_link_bytes_per_second > 0.0 && costs.host_bytes > 0.0 {
+        let swaps = costs.host_link_bytes_per_second > 0.0 && costs.host_bytes > 0.0;
+        let windows = if swaps {
             costs.swap_windows()
         } else {
             vec![Vec::new(); costs.layers.len()]
+        };
+        let copy_in = if swaps {
+            costs.copy_in_windows()
+        } else {
+            Vec::new()
         };
         let m = costs.schedule.num_microbatches as f64;
         let compute = m * costs
@@ -644,6 +856,7 @@ impl<'a> Ctx<'a> {
             costs,
             mixes,
             windows,
+            copy_in,
             compute,
             keep_all: 0.0,
         };
@@ -654,6 +867,61 @@ impl<'a> Ctx<'a> {
         }
         ctx.keep_all = weighted(&ctx.mixes, &per);
         Ok(ctx)
+    }
+
+    /// Layer `i`'s swap time per step for `actions`, which swap `swapped` bytes a micro-batch:
+    /// per micro-batch the larger of the planner's bound and the executor's wait for its
+    /// copies back (the copy out must end before the copy back can); without an executor, the
+    /// bound.
+    fn swap_time(&self, i: usize, actions: &[Action; N_MODULES], swapped: f64) -> SwapTime {
+        let c = self.costs;
+        let link = c.host_link_bytes_per_second;
+        if swapped <= 0.0 {
+            return SwapTime::default();
+        }
+        let windows = &self.windows[i];
+        let (Some(ex), Some(copy_in)) = (&c.executor, self.copy_in.get(i)) else {
+            let bound = windows
+                .iter()
+                .map(|&w| bound_latency(swapped, link, w))
+                .sum();
+            return SwapTime {
+                exposed: bound,
+                bound,
+                wait: 0.0,
+            };
+        };
+        let el = &ex.layers[i];
+        let n = el.segment_seconds.len();
+        let mut need = [0.0f64; MAX_SEGMENTS];
+        for (j, a) in actions.iter().enumerate() {
+            if *a == Action::Swap {
+                for (x, r) in need.iter_mut().zip(&el.reads[j]) {
+                    *x += r;
+                }
+            }
+        }
+        let mut out = SwapTime::default();
+        let mut last: Option<(f64, f64)> = None; // most micro-batches share a window
+        for (&w, &cw) in windows.iter().zip(copy_in) {
+            let wait = match last {
+                Some((x, y)) if x == cw => y,
+                _ => copy_in_wait(
+                    &el.segment_seconds,
+                    &need[..n],
+                    ex.mlp_first_segment,
+                    ex.lookahead,
+                    link,
+                    cw,
+                ),
+            };
+            last = Some((cw, wait));
+            let bound = bound_latency(swapped, link, w);
+            out.exposed += bound.max(wait);
+            out.bound += bound;
+            out.wait += wait;
+        }
+        out
     }
 
     fn evaluate(&self, actions: &Actions) -> Result<Evaluation> {
@@ -672,7 +940,7 @@ impl<'a> Ctx<'a> {
             activation_bytes_keep_all: self.keep_all,
             ..Default::default()
         };
-        let mut latency = 0.0;
+        let mut time = SwapTime::default();
         let mut swapped_total = 0.0;
         for (i, (lc, a)) in c.layers.iter().zip(actions).enumerate() {
             let e = layer_effect(lc, a)?;
@@ -691,12 +959,17 @@ impl<'a> Ctx<'a> {
                         ),
                     ));
                 }
-                latency += if self.windows[i].is_empty() {
+                if self.windows[i].is_empty() {
                     // No host memory, so no replay: count every copy as exposed.
-                    m * 2.0 * e.swapped / c.host_link_bytes_per_second
+                    let all = m * 2.0 * e.swapped / c.host_link_bytes_per_second;
+                    time.exposed += all;
+                    time.bound += all;
                 } else {
-                    swap_latency(e.swapped, c.host_link_bytes_per_second, &self.windows[i])
-                };
+                    let t = self.swap_time(i, a, e.swapped);
+                    time.exposed += t.exposed;
+                    time.bound += t.bound;
+                    time.wait += t.wait;
+                }
                 swapped_total += e.swapped;
             }
         }
@@ -709,7 +982,10 @@ impl<'a> Ctx<'a> {
         } else {
             0.0
         };
-        ev.swap_exposed_seconds = latency.max(busy - self.compute);
+        ev.swap_exposed_seconds = time.exposed.max(busy - self.compute);
+        ev.swap_bound_seconds = time.bound.max(busy - self.compute);
+        ev.swap_wait_seconds =
+            (c.executor.is_some() && !self.copy_in.is_empty()).then_some(time.wait);
         ev.added_seconds = ev.recompute_seconds + ev.exchange_seconds + ev.swap_exposed_seconds;
         Ok(ev)
     }
@@ -879,7 +1155,7 @@ impl Options {
 pub struct Plan {
     pub actions: Actions,
     pub evaluation: Evaluation,
-    /// True when no frontier was thinned: the plan is optimal for the model.
+    /// True when no frontier was thinned or the plan adds no time: it is optimal for the model.
     pub exact: bool,
 }
 
@@ -958,7 +1234,7 @@ fn layer_options(ctx: &Ctx, i: usize, opts: &Options) -> Vec<LayerOption> {
     for o in &mut out {
         o.kept = o.kept.max(0.0);
         if o.swapped > 0.0 {
-            o.latency = swap_latency(o.swapped, link, &ctx.windows[i]);
+            o.latency = ctx.swap_time(i, &o.actions, o.swapped).exposed;
         }
     }
     out
@@ -1303,7 +1579,8 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
         Some(s) => Ok(Plan {
             actions: s.actions,
             evaluation: s.evaluation,
-            exact: !thinned,
+            // Nothing adds less than no time, thinned or not.
+            exact: !thinned || s.evaluation.added_seconds <= 0.0,
         }),
         None => {
             let mut t = false;

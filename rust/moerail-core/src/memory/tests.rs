@@ -61,6 +61,7 @@ fn case(rng: &mut Rng, layers: usize, sched: Schedule, host: bool) -> MemoryCost
         host_bytes: if host { 60.0 + 400.0 * rng.unit() } else { 0.0 },
         host_link_bytes_per_second: if host { 5.0 + 60.0 * rng.unit() } else { 0.0 },
         schedule: sched,
+        executor: None,
     }
 }
 
@@ -71,6 +72,39 @@ fn sched(p: usize, r: usize, v: usize, m: usize) -> Schedule {
         virtual_pipeline_size: v,
         num_microbatches: m,
     }
+}
+
+/// moerail's executor for `c`: each layer's backward in six segments of random length (`attn`
+/// the first three), each module's swap read first by one random segment of its group (the norm
+/// and attention in `attn`, the others in `mlp`).
+fn with_executor(mut c: MemoryCosts, lookahead: u32, rng: &mut Rng) -> MemoryCosts {
+    const N: usize = 6;
+    let layers = c
+        .layers
+        .iter()
+        .map(|lc| {
+            let w: Vec<f64> = (0..N).map(|_| 0.2 + rng.unit()).collect();
+            let sum: f64 = w.iter().sum();
+            let mut reads: [Vec<f64>; N_MODULES] = Default::default();
+            for (j, mc) in lc.modules.iter().enumerate() {
+                if mc.saved_bytes > 0.0 {
+                    let seg = (rng.next() % 3) as usize + if j <= 1 { 0 } else { 3 };
+                    reads[j] = vec![0.0; N];
+                    reads[j][seg] = mc.saved_bytes;
+                }
+            }
+            ExecutorLayer {
+                segment_seconds: w.iter().map(|x| x / sum * lc.backward_seconds).collect(),
+                reads,
+            }
+        })
+        .collect();
+    c.executor = Some(Executor {
+        lookahead,
+        mlp_first_segment: 3,
+        layers,
+    });
+    c
 }
 
 /// A step-by-step replay of the schedule that counts live chunk-micro-batches.
@@ -164,11 +198,17 @@ fn check_against_exhaustive(
     s: Schedule,
     layers: usize,
     host: bool,
+    lookahead: Option<u32>,
 ) -> (usize, usize, f64) {
     let mut rng = Rng(seed);
+    // Its own draws, so that the cases without an executor stay as they were.
+    let mut ex_rng = Rng(seed ^ 0x5eed);
     let (mut exact_cases, mut cases, mut worst) = (0, 0, 0.0f64);
     for _ in 0..12 {
-        let c = case(&mut rng, layers, s, host);
+        let mut c = case(&mut rng, layers, s, host);
+        if let Some(k) = lookahead {
+            c = with_executor(c, k, &mut ex_rng);
+        }
         let keep = evaluate(&c, &vec![[Action::Keep; N_MODULES]; layers]).unwrap();
         let mut o = Options::new(0.0);
         o.frontier_limit = 1 << 16;
@@ -214,7 +254,7 @@ fn optimal_against_exhaustive_search_recompute_only() {
         (3, sched(4, 2, 1, 8), 2),
         (4, sched(8, 7, 1, 16), 3),
     ] {
-        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, false);
+        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, false, None);
         assert!(cases >= 6, "{cases}");
         assert_eq!(
             exact, cases,
@@ -235,7 +275,7 @@ fn optimal_against_exhaustive_search_with_swap_and_interleaving() {
         (13, sched(2, 0, 2, 4), 2, false),
         (14, sched(4, 0, 2, 8), 2, true),
     ] {
-        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, host);
+        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, host, None);
         assert!(cases >= 4, "{cases}");
         assert_eq!(exact, cases);
         assert!(worst < 1e-9, "seed {seed}: {worst}");
@@ -444,4 +484,125 @@ fn whole_layer_recompute_is_all_or_nothing_in_a_row() {
         Action::parse("recompute_layer").unwrap(),
         Action::RecomputeLayer
     );
+}
+
+#[test]
+fn optimal_against_exhaustive_search_with_the_executors_copies() {
+    // The executor's waits are a per-layer cost like the bound's: the solve stays exact.
+    for (seed, s, l, k) in [
+        (31, sched(2, 0, 1, 4), 2, 1),
+        (32, sched(4, 1, 1, 8), 2, 0),
+        (33, sched(4, 0, 2, 8), 2, 1),
+        (34, sched(4, 3, 2, 8), 2, 2),
+        (35, sched(4, 0, 1, 8), 3, 2),
+    ] {
+        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, true, Some(k));
+        assert!(cases >= 4, "{cases}");
+        assert_eq!(exact, cases);
+        assert!(worst < 1e-9, "seed {seed}: {worst}");
+    }
+}
+
+#[test]
+fn a_chunks_first_group_waits_for_its_whole_copy() {
+    // One chunk of two layers on stage 0 of 4; the expert inputs (an `mlp` module) read first by
+    // the group's first segment in the backward.
+    let mut rng = Rng(41);
+    let c = case(&mut rng, 2, sched(4, 0, 1, 8), true);
+    let mut c = with_executor(c, 1, &mut rng);
+    c.host_bytes = 1e9;
+    let ex = c.executor.as_mut().unwrap();
+    for (el, lc) in ex.layers.iter_mut().zip(&c.layers) {
+        el.reads[EXCHANGE_MODULE] = vec![
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            lc.modules[EXCHANGE_MODULE].saved_bytes,
+        ];
+    }
+    let (link, m) = (c.host_link_bytes_per_second, 8.0);
+    let copy = |i: usize| c.layers[i].modules[EXCHANGE_MODULE].saved_bytes / link;
+    let attn1: f64 = c.executor.as_ref().unwrap().layers[1].segment_seconds[..3]
+        .iter()
+        .sum();
+    let wait = |c: &MemoryCosts, i: usize| {
+        let mut acts = vec![[Action::Keep; N_MODULES]; 2];
+        acts[i][EXCHANGE_MODULE] = Action::Swap;
+        evaluate(c, &acts).unwrap().swap_wait_seconds.unwrap()
+    };
+    // The last layer's `mlp` group comes first in the chunk's backward: nothing started it.
+    assert!((wait(&c, 1) - m * copy(1)).abs() < 1e-9 * (1.0 + m * copy(1)));
+    // The first layer's started one group ahead, with the last layer's attention backward.
+    let want = m * (copy(0) - attn1).max(0.0);
+    assert!((wait(&c, 0) - want).abs() < 1e-9 * (1.0 + want));
+    // lookahead=2 starts it in the previous backward, whose forward ran long before on stage 0.
+    let mut c2 = c.clone();
+    c2.executor.as_mut().unwrap().lookahead = 2;
+    assert!(wait(&c2, 1) < wait(&c, 1));
+    // Without an executor the planner's bound alone, and no waits reported.
+    let mut c0 = c.clone();
+    c0.executor = None;
+    let mut acts = vec![[Action::Keep; N_MODULES]; 2];
+    acts[1][EXCHANGE_MODULE] = Action::Swap;
+    let (e, e0) = (evaluate(&c, &acts).unwrap(), evaluate(&c0, &acts).unwrap());
+    assert_eq!(e0.swap_wait_seconds, None);
+    assert_eq!(e0.swap_exposed_seconds, e0.swap_bound_seconds);
+    assert_eq!(e.swap_bound_seconds, e0.swap_bound_seconds);
+    assert!(e.swap_exposed_seconds >= e.swap_bound_seconds.max(e.swap_wait_seconds.unwrap()));
+}
+
+#[test]
+fn more_lookahead_never_waits_longer() {
+    let mut rng = Rng(51);
+    for s in [
+        sched(4, 0, 1, 8),
+        sched(4, 3, 1, 8),
+        sched(4, 1, 2, 8),
+        sched(2, 0, 2, 6),
+    ] {
+        let c = with_executor(case(&mut rng, 4, s, true), 0, &mut rng);
+        for _ in 0..20 {
+            let acts: Actions = (0..4)
+                .map(|_| {
+                    let mut r = [Action::Keep; N_MODULES];
+                    for j in [0, 1, EXCHANGE_MODULE] {
+                        if rng.unit() < 0.5 {
+                            r[j] = Action::Swap;
+                        }
+                    }
+                    r
+                })
+                .collect();
+            let mut last = f64::INFINITY;
+            for k in 0..=2 {
+                let mut ck = c.clone();
+                ck.executor.as_mut().unwrap().lookahead = k;
+                let w = evaluate(&ck, &acts).unwrap().swap_wait_seconds.unwrap();
+                assert!(w <= last + 1e-12, "lookahead {k}: {w} > {last}");
+                last = w;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bad_executor_is_refused_naming_the_field() {
+    let mut rng = Rng(61);
+    let good = with_executor(case(&mut rng, 2, sched(2, 0, 1, 4), true), 1, &mut rng);
+    let err = |f: &dyn Fn(&mut Executor)| {
+        let mut c = good.clone();
+        f(c.executor.as_mut().unwrap());
+        c.validate().unwrap_err().to_string()
+    };
+    assert!(err(&|e| e.lookahead = 3).starts_with("lookahead:"));
+    assert!(err(&|e| {
+        e.layers.pop();
+    })
+    .starts_with("executor.layers:"));
+    assert!(err(&|e| e.mlp_first_segment = 0).starts_with("executor.mlp_first_segment:"));
+    assert!(err(&|e| e.layers[0].reads[0] = vec![1.0]).contains("reads[layernorm]"));
+    assert!(err(&|e| e.layers[1].segment_seconds[2] = f64::NAN).contains("segment_seconds"));
+    assert!(good.validate().is_ok());
 }

@@ -268,6 +268,7 @@ fn costs_with(
             virtual_pipeline_size: v,
             num_microbatches: eng.nmb,
         },
+        executor: None,
     };
     costs.validate()?;
     Ok(StageMemoryCosts {
