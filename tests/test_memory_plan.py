@@ -396,6 +396,10 @@ def test_cli_memory_plan_lookahead_2(capsys):
     assert d["plan"]["evaluation"]["ahead_bytes"] == want.evaluation["ahead_bytes"] > 0
     assert d["executor_added_seconds"] == pytest.approx(
         executor_added_seconds(c, want, lookahead=2)["added_seconds"], rel=1e-12)
+    # Searched under the budget less the bytes held ahead, it beats the lookahead=1 plan run with
+    # lookahead=2 (its fallback), here by holding copies ahead.
+    one = evaluate_plan(c, plan_memory(c, 34 * G, lookahead=1), lookahead=2)
+    assert want.predicted_added_seconds < one.predicted_added_seconds
     assert cli.main(args[:-1]) == 0
     assert "apply_memory_plan(model, plan, lookahead=2)" in capsys.readouterr().out
 

@@ -187,7 +187,9 @@ def plan_memory(
         if plan.predicted_peak_bytes <= budget:
             found.append(plan)
             break
-        inner -= int(math.ceil(plan.predicted_peak_bytes - budget))
+        # Below this plan's own peak by what overflowed: the solver's plans are discrete, and a
+        # budget cut only by the overflow may give back the same plan.
+        inner = int(min(inner, math.floor(plan.predicted_peak_bytes - ahead))) - int(math.ceil(plan.predicted_peak_bytes - budget))
         if inner <= costs.static_bytes:
             break
     # The plan for lookahead=1 keeps what that executor cannot hide (each chunk's first group),
