@@ -348,7 +348,7 @@ def run(quick: bool) -> str:
            if tally[2]["Megatron less"] else "")
     )  # fmt: skip
     held = {}
-    for m, p, a, b, a2 in CURVE:
+    for m, p, a, b, _ in CURVE:
         if int(p) >= 70 and a <= 0.05 and (b is None or a < b):
             held.setdefault(m, []).append(f"{p}%")
     out.append("")
