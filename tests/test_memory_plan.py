@@ -671,6 +671,19 @@ def _routed_trace(expert_bytes):
     return {"microbatches": mbs, "seconds": seconds}
 
 
+def _exhaustive_best(c, budget):
+    per_layer = [{}, {"layernorm": "recompute"}, {"expert_act": "recompute"},
+                 {"layernorm": "recompute", "expert_act": "recompute"}, "whole"]
+    best = None
+    for combo in itertools.product(per_layer, repeat=len(c.layers)):
+        plan = MemoryPlan(tuple(LayerPlan(i, {}, recompute_layer=True) if a == "whole" else LayerPlan(i, a)
+                                for i, a in enumerate(combo)))  # fmt: skip
+        ev = evaluate_plan(c, plan)
+        if ev.predicted_peak_bytes <= budget:
+            best = min(best if best is not None else ev.predicted_added_seconds, ev.predicted_added_seconds)
+    return best
+
+
 def test_the_held_bytes_plan_fits_each_micro_batch_not_the_sum_of_each_layers_worst():
     # The routing fills layer 0's experts in one micro-batch and layer 1's in the other: no micro-batch
     # holds both layers' worst, so a norm recompute reaches the exact peak of recomputing the norms,
@@ -683,16 +696,34 @@ def test_the_held_bytes_plan_fits_each_micro_batch_not_the_sum_of_each_layers_wo
     norms = MemoryPlan.uniform(2, {"layernorm": "recompute"})
     budget = int(evaluate_plan(c, norms).predicted_peak_bytes)
     assert budget < evaluate_plan(c, MemoryPlan(())).predicted_peak_bytes
-    per_layer = [{}, {"layernorm": "recompute"}, {"expert_act": "recompute"},
-                 {"layernorm": "recompute", "expert_act": "recompute"}, "whole"]
-    best = None
-    for combo in itertools.product(per_layer, repeat=2):
-        plan = MemoryPlan(tuple(LayerPlan(i, {}, recompute_layer=True) if a == "whole" else LayerPlan(i, a)
-                                for i, a in enumerate(combo)))  # fmt: skip
-        ev = evaluate_plan(c, plan)
-        if ev.predicted_peak_bytes <= budget:
-            best = min(best if best is not None else ev.predicted_added_seconds, ev.predicted_added_seconds)
     got = plan_memory(c, budget)
     assert got.predicted_peak_bytes <= budget
-    assert got.predicted_added_seconds == pytest.approx(best, abs=1e-12)
+    assert got.predicted_added_seconds == pytest.approx(_exhaustive_best(c, budget), abs=1e-12)
     assert all(lp.actions.keys() <= {"layernorm"} and not lp.recompute_layer for lp in got.layers), got.to_dict()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_held_bytes_plan_with_many_micro_batches(seed):
+    # Sixteen micro-batches, each layer's expert bytes drawn apart (even: the routing moves them from
+    # one layer to the other, no micro-batch covering another), budgets from half the keep-all peak
+    # up: the cheapest plan that fits (or none where none does), to the exact evaluation's byte.
+    rng = random.Random(seed)
+    if seed % 2 == 0:
+        bytes_ = [[e, 1100 - e] for e in rng.sample(range(100, 1001, 25), 16)]
+    else:
+        bytes_ = [[rng.randrange(100, 1001, 25) for _ in range(2)] for _ in range(16)]
+    layers = tuple(LayerCosts(i, {"layernorm": ModuleCost(200, 0.001), "expert_act": ModuleCost(1000, 0.01)}, 0.0, 0.0)
+                   for i in range(2))  # fmt: skip
+    c = MemoryCosts(layers=layers, static_bytes=0, device_bytes=1e6, num_microbatches=1,
+                    saved_tensors=_routed_trace(bytes_))
+    keep = evaluate_plan(c, MemoryPlan(())).predicted_peak_bytes
+    for frac in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        budget = int(keep * frac)
+        best = _exhaustive_best(c, budget)
+        if best is None:
+            with pytest.raises(ValueError, match="budget_bytes"):
+                plan_memory(c, budget)
+            continue
+        got = plan_memory(c, budget)
+        assert evaluate_plan(c, got).predicted_peak_bytes == got.predicted_peak_bytes <= budget
+        assert got.predicted_added_seconds == pytest.approx(best, abs=1e-12), frac

@@ -403,10 +403,10 @@ def search(costs, budget: float, *, allow_swap: bool = True, allow_recompute: bo
     assignment of the actions the trace allows (and the whole-layer recompute), their frontier,
     then the layers combined in forward order (sum of held bytes, the largest candidate so far),
     the winner evaluated exactly. The combination runs twice: on each layer's largest bytes over
-    the micro-batches, and micro-batch by micro-batch (each layer's bytes in the same micro-batch:
-    the routing that fills one layer's experts need not fill the next one's in that micro-batch,
-    so the largest of each layer added up can be well above any micro-batch's peak); the cheaper
-    plan that the exact evaluation keeps under ``budget`` wins. Returns ``(assignment, evaluation,
+    the micro-batches, and micro-batch by micro-batch (``_per_microbatch``: the routing that fills
+    one layer's experts need not fill the next one's in the same micro-batch, so the largest of
+    each layer added up can be well above any micro-batch's peak); the cheaper plan that the exact
+    evaluation keeps under ``budget`` wins. Returns ``(assignment, evaluation,
     exact)``; ``None`` for the assignment when no plan fits (the evaluation is then the least peak
     reachable)."""
     model = Model(costs)
@@ -437,12 +437,7 @@ def search(costs, budget: float, *, allow_swap: bool = True, allow_recompute: bo
     found = [_combine(model, costs, budget, order, [o for o, _ in per_layer],
                       [v[None, :, :6] for _, v in per_layer], [v[:, 6] for _, v in per_layer],
                       pre_mb.max(keepdims=True), post_mb.max(keepdims=True), frontier_limit)]
-    # Micro-batch by micro-batch, those that another one's bytes do not cover in every layer.
-    mbs = _covering(tables, pre_mb, post_mb)
-    found.append(_combine(model, costs, budget, order, [o for o, _ in per_layer],
-                          [np.concatenate([t[mbs, :, :5], v[None, :, 5:6].repeat(len(mbs), 0)], axis=2)
-                           for t, (_, v) in zip(tables, per_layer)],
-                          [v[:, 6] for _, v in per_layer], pre_mb[mbs], post_mb[mbs], frontier_limit))
+    found.append(_per_microbatch(model, costs, budget, per_layer, tables, pre_mb, post_mb, frontier_limit))
     fits = []
     for assignment, exact in found:
         if assignment is None:
@@ -469,14 +464,55 @@ def _covering(tables: List[np.ndarray], pre: np.ndarray, post: np.ndarray) -> np
     return np.array(sorted(kept), dtype=int)
 
 
+def _per_microbatch(model: Model, costs, budget: float, per_layer, tables: List[np.ndarray], pre: np.ndarray,
+                    post: np.ndarray, frontier_limit: int, most: int = 16):
+    """The layers combined micro-batch by micro-batch, as constraints added when violated: the
+    combination runs on a few micro-batches (first the one with the most bytes), the plan it finds is
+    checked against every micro-batch no other covers, the ones it overflows join, until it fits them
+    all (then it is the cheapest plan for all of them: the few were a relaxation) or ``most`` have
+    joined (``None``). A state has three numbers a micro-batch: the frontier is kept smaller with more.
+    Returns ``(assignment, exact)``."""
+    mbs = _covering(tables, pre, post)
+    tabs, pre, post = [t[mbs] for t in tables], pre[mbs], post[mbs]
+    host = [v[:, 5] for _, v in per_layer]
+    index = [list(range(len(o))) for o, _ in per_layer]
+    layers = list(range(len(per_layer)))
+    limit = costs.static_bytes, model.k, budget * (1 + 1e-12)
+    active = [int(np.argmax(pre + post + sum(t[:, :, 0].max(axis=1) for t in tabs)))]
+    exact = True
+    while True:
+        a = np.array(active)
+        got, ex = _combine(model, costs, budget, layers, index,
+                           [np.concatenate([t[a, :, :5], np.broadcast_to(h[None, :, None], (len(a), len(h), 1))], axis=2)
+                            for t, h in zip(tabs, host)],
+                           [v[:, 6] for _, v in per_layer], pre[a], post[a], max(256, frontier_limit // len(a)))
+        exact = exact and ex
+        if got is None:
+            return None, exact
+        S, M, Sm0 = 0.0, pre, 0.0
+        for n, t in enumerate(tabs):
+            H, F, Bm, Ba, Sm = t[:, got[n], :5].T
+            M = np.maximum.reduce([M, pre + S + F, pre + S + Bm, pre + S + Ba + Sm0])
+            S, Sm0 = S + H, Sm
+        end = pre + S + post
+        peak = np.maximum(M, end)
+        if limit[0] + peak.max() + (limit[1] - 1) * end.max() <= limit[2]:
+            return {key: per_layer[n][0][got[n]] for n, key in enumerate(model.mbs[0]["order"])}, exact
+        new = [m for m in dict.fromkeys((int(np.argmax(peak)), int(np.argmax(end)))) if m not in active]
+        if not new or len(active) >= most:
+            return None, exact
+        active += new
+
+
 def _combine(model: Model, costs, budget: float, order, options, bytes_, seconds, pre: np.ndarray,
-             post: np.ndarray, frontier_limit: int):
+             post: np.ndarray, frontier_limit: int, chunk: int = 1 << 22):
     """The layers combined in forward order: ``bytes_[layer]`` is ``[micro-batch, option, (held,
     forward, mlp backward, attention backward, mlp swap-ins, host)]``, ``seconds[layer]`` per option,
     ``pre`` / ``post`` per micro-batch. A state holds per micro-batch the bytes held so far (S), the
     largest candidate so far (M) and the last layer's MLP swap-ins, then the host bytes and seconds;
-    the peak is the largest over the micro-batches. Returns ``(assignment, exact)``; ``None`` for
-    the assignment when no plan fits."""
+    the peak is the largest over the micro-batches. The states are combined with a layer's options
+    ``chunk`` numbers at a time. Returns ``(assignment, exact)``; ``None`` for the assignment when no
+    plan fits."""
     static = costs.static_bytes
     k = model.k
     r = len(pre)
@@ -490,27 +526,47 @@ def _combine(model: Model, costs, budget: float, order, options, bytes_, seconds
         # [state, option, micro-batch]
         H, F, Bm, Ba, Sm = (vals[:, :, c].T[None] for c in range(5))
         host = vals[0, :, 5]
-        S0, M0, Sm0 = (states[:, None, i * r:(i + 1) * r] for i in range(3))
-        h0, t0 = states[:, 3 * r:3 * r + 1], states[:, 3 * r + 1:]
-        S = S0 + H
-        M = np.maximum.reduce([M0 + 0 * H, pre + S0 + F, pre + S0 + Bm, pre + S0 + Ba + Sm0])
-        end = pre + S + post
-        hh = h0 + host
-        tt = t0 + t
-        ok = static + np.maximum(M, end).max(axis=2) + (k - 1) * end.max(axis=2) <= budget * (1 + 1e-12)
-        ok &= hh * k <= costs.host_bytes + 1e-9
-        idx = np.argwhere(ok)
-        if len(idx) == 0:
-            return None, exact
+        step = max(1, chunk // (len(opts) * r))
+        cands, idxs, found, best = [], [], 0, None
+        for s0 in range(0, len(states), step):
+            part = states[s0:s0 + step]
+            S0, M0, Sm0 = (part[:, None, i * r:(i + 1) * r] for i in range(3))
+            h0, t0 = part[:, 3 * r:3 * r + 1], part[:, 3 * r + 1:]
+            S = S0 + H
+            M = np.maximum.reduce([M0 + 0 * H, pre + S0 + F, pre + S0 + Bm, pre + S0 + Ba + Sm0])
+            end = pre + S + post
+            hh = h0 + host
+            tt = t0 + t
+            ok = static + np.maximum(M, end).max(axis=2) + (k - 1) * end.max(axis=2) <= budget * (1 + 1e-12)
+            ok &= hh * k <= costs.host_bytes + 1e-9
+            idx = np.argwhere(ok)
+            if len(idx) == 0:
+                continue
+            idx[:, 0] += s0
+            if last:
+                j = int(np.argmin(tt[ok]))
+                if best is None or tt[ok][j] < best[0]:
+                    best = (tt[ok][j], idx[j])
+                continue
+            cand = np.concatenate([S[ok], M[ok], np.broadcast_to(Sm, S.shape)[ok], hh[ok][:, None],
+                                   tt[ok][:, None]], axis=1)
+            found += len(cand)
+            if len(cand) > 8 * frontier_limit:
+                first = np.argsort(cand[:, -1], kind="stable")[: 8 * frontier_limit]
+                idx, cand = idx[first], cand[first]
+            cands.append(cand)
+            idxs.append(idx)
         if last:
-            best = int(np.argmin(tt[ok]))
-            i, j = idx[best]
+            if best is None:
+                return None, exact
+            i, j = best[1]
             return dict(zip(order, choice[i] + [opts[j]])), exact
-        cand = np.concatenate([S[ok], M[ok], np.broadcast_to(Sm, S.shape)[ok], hh[ok][:, None], tt[ok][:, None]],
-                              axis=1)
+        if not found:
+            return None, exact
+        cand, idx = np.concatenate(cands), np.concatenate(idxs)
         if not host_binds:
             cand[:, 3 * r] = 0.0
-        if len(cand) > 8 * frontier_limit:
+        if found > 8 * frontier_limit:
             first = np.argsort(cand[:, -1], kind="stable")[: 8 * frontier_limit]
             idx, cand = idx[first], cand[first]
             exact = False
