@@ -265,6 +265,9 @@ BAD_PLANS = [
 ]
 
 
+MEGATRON_LAYERNORM = {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}
+
+
 @pytest.fixture(scope="module")
 def megatron_run(tmp_path_factory):
     pytest.importorskip("megatron.core")
@@ -280,6 +283,10 @@ def megatron_run(tmp_path_factory):
         {"name": "mixed_mcore", "dispatcher": "megatron", "plan": _plan(2, MIXED), "ref": "keep_mcore"},
         {"name": "whole", "dispatcher": "moerail", "plan": WHOLE, "ref": "keep"},
         {"name": "whole_mixed_mcore", "dispatcher": "megatron", "plan": WHOLE_MIXED, "ref": "keep_mcore"},
+        # Megatron's own norm recompute against moerail's on the same stock model.
+        {"name": "layernorm_megatron", "dispatcher": "megatron", "megatron": MEGATRON_LAYERNORM},
+        {"name": "layernorm_mcore", "dispatcher": "megatron", "plan": _plan(2, {"layernorm": "recompute"}),
+         "ref": "keep_mcore"},
     ]
     pp2 = [
         {"name": "keep", "dispatcher": "moerail"},
@@ -299,7 +306,7 @@ def megatron_run(tmp_path_factory):
     ]}
     t0 = time.monotonic()
     res = mm.run(job, str(tmp_path_factory.mktemp("memory_megatron")), timeout_s=400)
-    print(f"megatron-core {res[0]['megatron_core']}: 2 layouts, 12 arms x {steps} steps in "
+    print(f"megatron-core {res[0]['megatron_core']}: 2 layouts, {len(ep4) + len(pp2)} arms x {steps} steps in "
           f"{time.monotonic() - t0:.0f} s")
     return res, steps
 
@@ -324,6 +331,21 @@ def test_plans_are_bit_identical_in_megatrons_loop(megatron_run, run):
                 assert sum(h["replays"]) > 0 or sum(h["swapped"]) > 0
     losses = res[-1]["runs"][run]["arms"]["keep"]["loss"]
     assert all(x is not None and x == x for x in losses), "the last stage reports a finite loss every step"
+
+
+def test_layernorm_recompute_frees_what_megatrons_does(megatron_run):
+    """``layernorm: recompute`` in every layer against Megatron's ``recompute_modules=["layernorm"]``
+    (its output-discarding checkpoints of both norms) on the same model, weights and data: at every
+    step and rank the saved-tensor peak is Megatron's or lower, and the arm stays bit-identical to
+    keep-all (``test_plans_are_bit_identical_in_megatrons_loop``)."""
+    res, steps = megatron_run
+    for rank, r in enumerate(res):
+        arms = r["runs"][0]["arms"]
+        ours, theirs, keep = (arms[n]["peak"] for n in ("layernorm_mcore", "layernorm_megatron", "keep_mcore"))
+        assert len(ours) == len(theirs) == steps
+        assert all(t < k for t, k in zip(theirs, keep)), f"rank {rank}: Megatron's norm recompute frees nothing here"
+        assert all(o <= t for o, t in zip(ours, theirs)), f"rank {rank}: moerail {ours} vs Megatron {theirs}"
+        assert all(v == 0.0 for d in arms["layernorm_mcore"]["diff"] for v in d.values())
 
 
 def test_throttled_swap_waits_in_megatrons_loop(megatron_run):

@@ -681,3 +681,94 @@ def test_ties_prefer_what_megatron_can_express(seed):
     assert (_inexpressible(got), sum(len(lp.actions) for lp in got.layers)) == best[1:]
     again = plan_memory(c, budget)
     assert again.to_dict() == got.to_dict()
+
+
+def _routed_trace(expert_bytes):
+    """A save trace as ``moerail.memory.profile`` records it (tests/test_memory_exec.py checks the
+    record against the executor), two layers a micro-batch: each layer's input (saved by its norm,
+    a recompute region), the norm's output (saved by the attention, freed by that recompute), the
+    attention mask every layer's input holds, and the expert activations (a recompute region),
+    whose bytes ``expert_bytes[mb][layer]`` follow the micro-batch's routing."""
+    mbs = []
+    for experts in expert_bytes:
+        nb, saves, regions, layers = {0: 10}, [], [], {}
+        sid = 1
+        for layer, e in enumerate(experts):
+            x, n, h, a = sid, sid + 1, sid + 2, sid + 3
+            sid += 4
+            nb.update({x: 100, n: 100, h: 8, a: e})
+            key = f"{layer}:0"
+            layers[key] = {"inputs": [x, 0], "order": layer}
+            norm, act = 2 * layer + 1, 2 * layer + 2
+            for s, module, group, calls in ((x, "layernorm", "attn", [norm]), (n, "attention", "attn", []),
+                                            (0, "attention", "attn", []), (h, "expert_fc1", "mlp", []),
+                                            (a, "expert_act", "mlp", [act])):
+                saves.append({"sid": s, "layer": [layer, 0], "module": module, "group": group,
+                              "view": repr((s,)), "view_bytes": nb[s], "swappable": False, "calls": calls})
+            regions.append({"layer": [layer, 0], "module": "layernorm", "group": "attn", "actions": ["recompute"],
+                            "also": [], "inputs": [x], "outputs": [n], "inside": [x], "call": norm})
+            regions.append({"layer": [layer, 0], "module": "expert_act", "group": "mlp", "actions": ["recompute"],
+                            "also": [], "inputs": [h], "outputs": [], "inside": [a], "call": act})
+        mbs.append({"bytes": nb, "saves": saves, "regions": regions, "layers": layers, "pre": [], "post": [],
+                    "dropped": []})
+    seconds = {f"{i}:0": {"layernorm:recompute": 0.001, "expert_act:recompute": 0.01, "layer:recompute": 0.05}
+               for i in range(2)}
+    return {"microbatches": mbs, "seconds": seconds}
+
+
+def _exhaustive_best(c, budget):
+    per_layer = [{}, {"layernorm": "recompute"}, {"expert_act": "recompute"},
+                 {"layernorm": "recompute", "expert_act": "recompute"}, "whole"]
+    best = None
+    for combo in itertools.product(per_layer, repeat=len(c.layers)):
+        plan = MemoryPlan(tuple(LayerPlan(i, {}, recompute_layer=True) if a == "whole" else LayerPlan(i, a)
+                                for i, a in enumerate(combo)))  # fmt: skip
+        ev = evaluate_plan(c, plan)
+        if ev.predicted_peak_bytes <= budget:
+            best = min(best if best is not None else ev.predicted_added_seconds, ev.predicted_added_seconds)
+    return best
+
+
+def test_the_held_bytes_plan_fits_each_micro_batch_not_the_sum_of_each_layers_worst():
+    # The routing fills layer 0's experts in one micro-batch and layer 1's in the other: no micro-batch
+    # holds both layers' worst, so a norm recompute reaches the exact peak of recomputing the norms,
+    # where adding up each layer's worst asks for an expert recompute too (reference: every plan of
+    # the two layers evaluated by the model, the cheapest that fits).
+    trace = _routed_trace([[1000, 100], [100, 1000]])
+    layers = tuple(LayerCosts(i, {"layernorm": ModuleCost(200, 0.001), "expert_act": ModuleCost(1000, 0.01)}, 0.0, 0.0)
+                   for i in range(2))  # fmt: skip
+    c = MemoryCosts(layers=layers, static_bytes=0, device_bytes=1e6, num_microbatches=1, saved_tensors=trace)
+    norms = MemoryPlan.uniform(2, {"layernorm": "recompute"})
+    budget = int(evaluate_plan(c, norms).predicted_peak_bytes)
+    assert budget < evaluate_plan(c, MemoryPlan(())).predicted_peak_bytes
+    got = plan_memory(c, budget)
+    assert got.predicted_peak_bytes <= budget
+    assert got.predicted_added_seconds == pytest.approx(_exhaustive_best(c, budget), abs=1e-12)
+    assert all(lp.actions.keys() <= {"layernorm"} and not lp.recompute_layer for lp in got.layers), got.to_dict()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_held_bytes_plan_with_many_micro_batches(seed):
+    # Sixteen micro-batches, each layer's expert bytes drawn apart (even: the routing moves them from
+    # one layer to the other, no micro-batch covering another), budgets from half the keep-all peak
+    # up: the cheapest plan that fits (or none where none does), to the exact evaluation's byte.
+    rng = random.Random(seed)
+    if seed % 2 == 0:
+        bytes_ = [[e, 1100 - e] for e in rng.sample(range(100, 1001, 25), 16)]
+    else:
+        bytes_ = [[rng.randrange(100, 1001, 25) for _ in range(2)] for _ in range(16)]
+    layers = tuple(LayerCosts(i, {"layernorm": ModuleCost(200, 0.001), "expert_act": ModuleCost(1000, 0.01)}, 0.0, 0.0)
+                   for i in range(2))  # fmt: skip
+    c = MemoryCosts(layers=layers, static_bytes=0, device_bytes=1e6, num_microbatches=1,
+                    saved_tensors=_routed_trace(bytes_))
+    keep = evaluate_plan(c, MemoryPlan(())).predicted_peak_bytes
+    for frac in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        budget = int(keep * frac)
+        best = _exhaustive_best(c, budget)
+        if best is None:
+            with pytest.raises(ValueError, match="budget_bytes"):
+                plan_memory(c, budget)
+            continue
+        got = plan_memory(c, budget)
+        assert evaluate_plan(c, got).predicted_peak_bytes == got.predicted_peak_bytes <= budget
+        assert got.predicted_added_seconds == pytest.approx(best, abs=1e-12), frac

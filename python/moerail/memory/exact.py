@@ -119,8 +119,19 @@ class Model:
             order = sorted(self.keys, key=lambda k: mb["layers"][k]["order"])
             nb = {int(k): v for k, v in mb["bytes"].items()}
             dropped = set(mb.get("dropped", ()))
-            self.mbs.append({"bytes": nb, "order": order, "layers": {k: _Layer(k, mb) for k in order},
-                             "pre": set(mb["pre"]) - dropped, "post": set(mb["post"]) - dropped})
+            layers = {k: _Layer(k, mb) for k in order}
+            pre, post = set(mb["pre"]) - dropped, set(mb["post"]) - dropped
+            # A storage more than one layer (or the bytes outside the layers) names, e.g. the attention
+            # mask every layer's input holds, is counted once in the search's sums: with the bytes
+            # outside the layers before them, held all along (never less than it is).
+            seen, shared = set(pre | post), set()
+            for lay in layers.values():
+                mine = lay.all_saved | lay.inputs | {i for r in lay.regions for f in ("inputs", "outputs", "inside")
+                                                     for i in r[f]}
+                shared |= mine & seen
+                seen |= mine
+            self.mbs.append({"bytes": nb, "order": order, "layers": layers, "pre": pre, "post": post,
+                             "shared": shared, "layer_bytes": {i: (0 if i in shared else v) for i, v in nb.items()}})
         if not self.mbs:
             raise ValueError("costs: saved_tensors holds no complete micro-batch of this device's layers")
         self.seconds: Mapping[str, Mapping[str, float]] = st.get("seconds", {})
@@ -152,24 +163,27 @@ class Model:
             return float(sec.get("layer:recompute", 0.0))
         return float(sum(sec.get(f"{m}:{a}", 0.0) for m, a in acts.items() if a != "keep"))
 
-    def option_table(self, key: str, options: _Options) -> np.ndarray:
-        """``layer_summary`` of every assignment in ``options`` (rows), as boolean matrices."""
-        vals = np.zeros((len(options), 6))
+    def option_tables(self, key: str, options: _Options) -> np.ndarray:
+        """``_vector_sizes`` of every assignment in ``options`` in every micro-batch:
+        ``[micro-batch, option, (held, forward, mlp backward, attention backward, mlp swap-ins, host)]``
+        (the storages other layers share left out: ``pre_post`` counts them)."""
+        return np.stack([_vector_sizes(mb["layers"][key], mb["layer_bytes"], options) for mb in self.mbs])
+
+    def layer_sizes(self, key: str, acts) -> np.ndarray:
+        """(held, forward, mlp backward, attention backward, mlp swap-ins, host): bytes of this layer
+        alone, per micro-batch (rows), the storages other layers share left out."""
+        rows = []
         for mb in self.mbs:
-            vals = np.maximum(vals, _vector_sizes(mb["layers"][key], mb["bytes"], options))
-        return np.concatenate([vals, options.seconds(self.seconds.get(key, {}))[:, None]], axis=1)
+            nb = mb["layer_bytes"]
+            s = mb["layers"][key].sets(acts)
+            rows.append((_size(nb, s["held"]), _size(nb, s["fwd"]), _size(nb, s["bm"]) + s["swap_m"],
+                         _size(nb, s["ba"]) + s["swap_a"], s.get("swap_mlp_only", 0), s["host"]))
+        return np.array(rows, dtype=np.float64)
 
     def layer_summary(self, key: str, acts) -> Tuple[float, ...]:
         """(held, forward, mlp backward, attention backward, mlp swap-ins, host, seconds): bytes of
         this layer alone, the largest over micro-batches."""
-        vals = np.zeros(6)
-        for mb in self.mbs:
-            nb = mb["bytes"]
-            s = mb["layers"][key].sets(acts)
-            v = (_size(nb, s["held"]), _size(nb, s["fwd"]), _size(nb, s["bm"]) + s["swap_m"],
-                 _size(nb, s["ba"]) + s["swap_a"],
-                 s.get("swap_mlp_only", 0), s["host"])
-            vals = np.maximum(vals, v)
+        vals = np.maximum(self.layer_sizes(key, acts).max(axis=0), 0.0)
         return (*vals, self.seconds_of(key, acts))
 
     # -- the exact evaluation -----------------------------------------------------------------------
@@ -231,10 +245,12 @@ class Model:
             out = max(out, sum(mb["bytes"].get(i, 0) for i in ids))
         return out
 
-    def pre_post(self) -> Tuple[float, float]:
-        pre = max(sum(mb["bytes"].get(i, 0) for i in mb["pre"]) for mb in self.mbs)
-        post = max(sum(mb["bytes"].get(i, 0) for i in mb["post"]) for mb in self.mbs)
-        return pre, post
+    def pre_post(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per micro-batch, the bytes saved outside the layers before them (with the storages
+        several layers share) and after them."""
+        pre = [sum(mb["bytes"].get(i, 0) for i in mb["pre"] | mb["shared"]) for mb in self.mbs]
+        post = [sum(mb["bytes"].get(i, 0) for i in mb["post"] - mb["shared"]) for mb in self.mbs]
+        return np.array(pre, dtype=np.float64), np.array(post, dtype=np.float64)
 
 
 class _Options:
@@ -386,20 +402,25 @@ def search(costs, budget: float, *, allow_swap: bool = True, allow_recompute: bo
     """The assignment with the least added seconds whose peak fits ``budget``: every per-layer
     assignment of the actions the trace allows (and the whole-layer recompute), their frontier,
     then the layers combined in forward order (sum of held bytes, the largest candidate so far),
-    the winner evaluated exactly. Returns ``(assignment, evaluation, exact)``; ``None`` for the
-    assignment when no plan fits (the evaluation is then the least peak reachable)."""
+    the winner evaluated exactly. The combination runs twice: on each layer's largest bytes over
+    the micro-batches, and micro-batch by micro-batch (``_per_microbatch``: the routing that fills
+    one layer's experts need not fill the next one's in the same micro-batch, so the largest of
+    each layer added up can be well above any micro-batch's peak); the cheaper plan that the exact
+    evaluation keeps under ``budget`` wins. Returns ``(assignment, evaluation,
+    exact)``; ``None`` for the assignment when no plan fits (the evaluation is then the least peak
+    reachable)."""
     model = Model(costs)
-    pre, post = model.pre_post()
-    k = model.k
-    static = costs.static_bytes
     order = model.mbs[0]["order"]
-    per_layer = []
+    per_layer, tables = [], []
     for key in order:
         options = _Options(model.choices(key, allow_swap and costs.host_bytes > 0, allow_recompute, allow_exchange))
-        vals = model.option_table(key, options)
+        tab = model.option_tables(key, options)
+        vals = np.concatenate([np.maximum(tab.max(axis=0), 0.0), options.seconds(model.seconds.get(key, {}))[:, None]],
+                              axis=1)
         opts: List[Any] = list(range(len(options)))
         if allow_recompute:
             vals = np.concatenate([vals, np.array([model.layer_summary(key, WHOLE)])])
+            tab = np.concatenate([tab, model.layer_sizes(key, WHOLE)[:, None, :]], axis=1)
             opts.append(WHOLE)
         # What the combination reads: held, max(forward, MLP backward), attention backward (it
         # meets the previous layer's MLP swap-ins), MLP swap-ins, host, seconds.
@@ -410,46 +431,152 @@ def search(costs, budget: float, *, allow_swap: bool = True, allow_recompute: bo
         cols = [c for c in range(6) if red[:, c].max() > red[:, c].min()]
         keep = _pareto(red[:, cols]) if cols else np.array([int(np.argmin(t))])
         per_layer.append(([opts[i] if opts[i] == WHOLE else options[opts[i]] for i in keep], vals[keep]))
-    # states: columns S (held so far), M (largest candidate so far), SIm (last layer's MLP swap-ins),
-    # host, seconds
-    states = np.zeros((1, 5))
-    states[0, 1] = pre
+        tables.append(tab[:, keep, :])
+    pre_mb, post_mb = model.pre_post()
+    # Each layer's largest bytes over the micro-batches, as one micro-batch.
+    found = [_combine(model, costs, budget, order, [o for o, _ in per_layer],
+                      [v[None, :, :6] for _, v in per_layer], [v[:, 6] for _, v in per_layer],
+                      pre_mb.max(keepdims=True), post_mb.max(keepdims=True), frontier_limit)]
+    found.append(_per_microbatch(model, costs, budget, per_layer, tables, pre_mb, post_mb, frontier_limit))
+    fits = []
+    for assignment, exact in found:
+        if assignment is None:
+            continue
+        ev = model.evaluate(assignment)
+        if ev["peak_bytes"] <= budget * (1 + 1e-12):
+            fits.append((ev["added_seconds"], ev["peak_bytes"], len(fits), assignment, ev, exact))
+    if not fits:
+        return None, _least(model, per_layer, order), all(exact for _, exact in found)
+    _, _, _, assignment, ev, exact = min(fits, key=lambda f: f[:3])
+    return assignment, ev, exact
+
+
+def _covering(tables: List[np.ndarray], pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """The micro-batches (indices) whose bytes no other micro-batch's are at least, for every
+    option of every layer and outside the layers: a plan that fits them fits the others."""
+    vec = np.concatenate([pre[:, None], post[:, None]] + [t[:, :, :5].reshape(len(pre), -1) for t in tables], axis=1)
+    order = np.lexsort(vec.T[::-1])[::-1]  # largest first: none is covered by a later one
+    kept: List[int] = []
+    for i in order:
+        if kept and (vec[kept] >= vec[i]).all(axis=1).any():
+            continue
+        kept.append(int(i))
+    return np.array(sorted(kept), dtype=int)
+
+
+def _per_microbatch(model: Model, costs, budget: float, per_layer, tables: List[np.ndarray], pre: np.ndarray,
+                    post: np.ndarray, frontier_limit: int, most: int = 16):
+    """The layers combined micro-batch by micro-batch, as constraints added when violated: the
+    combination runs on a few micro-batches (first the one with the most bytes), the plan it finds is
+    checked against every micro-batch no other covers, the ones it overflows join, until it fits them
+    all (then it is the cheapest plan for all of them: the few were a relaxation) or ``most`` have
+    joined (``None``). A state has three numbers a micro-batch: the frontier is kept smaller with more.
+    Returns ``(assignment, exact)``."""
+    mbs = _covering(tables, pre, post)
+    tabs, pre, post = [t[mbs] for t in tables], pre[mbs], post[mbs]
+    host = [v[:, 5] for _, v in per_layer]
+    index = [list(range(len(o))) for o, _ in per_layer]
+    layers = list(range(len(per_layer)))
+    limit = costs.static_bytes, model.k, budget * (1 + 1e-12)
+    active = [int(np.argmax(pre + post + sum(t[:, :, 0].max(axis=1) for t in tabs)))]
+    exact = True
+    while True:
+        a = np.array(active)
+        got, ex = _combine(model, costs, budget, layers, index,
+                           [np.concatenate([t[a, :, :5], np.broadcast_to(h[None, :, None], (len(a), len(h), 1))], axis=2)
+                            for t, h in zip(tabs, host)],
+                           [v[:, 6] for _, v in per_layer], pre[a], post[a], max(256, frontier_limit // len(a)))
+        exact = exact and ex
+        if got is None:
+            return None, exact
+        S, M, Sm0 = 0.0, pre, 0.0
+        for n, t in enumerate(tabs):
+            H, F, Bm, Ba, Sm = t[:, got[n], :5].T
+            M = np.maximum.reduce([M, pre + S + F, pre + S + Bm, pre + S + Ba + Sm0])
+            S, Sm0 = S + H, Sm
+        end = pre + S + post
+        peak = np.maximum(M, end)
+        if limit[0] + peak.max() + (limit[1] - 1) * end.max() <= limit[2]:
+            return {key: per_layer[n][0][got[n]] for n, key in enumerate(model.mbs[0]["order"])}, exact
+        new = [m for m in dict.fromkeys((int(np.argmax(peak)), int(np.argmax(end)))) if m not in active]
+        if not new or len(active) >= most:
+            return None, exact
+        active += new
+
+
+def _combine(model: Model, costs, budget: float, order, options, bytes_, seconds, pre: np.ndarray,
+             post: np.ndarray, frontier_limit: int, chunk: int = 1 << 22):
+    """The layers combined in forward order: ``bytes_[layer]`` is ``[micro-batch, option, (held,
+    forward, mlp backward, attention backward, mlp swap-ins, host)]``, ``seconds[layer]`` per option,
+    ``pre`` / ``post`` per micro-batch. A state holds per micro-batch the bytes held so far (S), the
+    largest candidate so far (M) and the last layer's MLP swap-ins, then the host bytes and seconds;
+    the peak is the largest over the micro-batches. The states are combined with a layer's options
+    ``chunk`` numbers at a time. Returns ``(assignment, exact)``; ``None`` for the assignment when no
+    plan fits."""
+    static = costs.static_bytes
+    k = model.k
+    r = len(pre)
+    states = np.zeros((1, 3 * r + 2))
+    states[0, r:2 * r] = pre
     choice: List[List[Any]] = [[]]
     exact = True
-    host_binds = sum(float(v[:, 5].max()) for _, v in per_layer) * k > costs.host_bytes
-    for n, (opts, vals) in enumerate(per_layer):
-        last = n == len(per_layer) - 1
-        H, F, Bm, Ba, Sm, host, t = vals.T
-        S0, M0, Sm0, h0, t0 = (states[:, i:i + 1] for i in range(5))
-        S = S0 + H
-        M = np.maximum.reduce([M0 + 0 * H, pre + S0 + F, pre + S0 + Bm, pre + S0 + Ba + Sm0])
-        hh = h0 + host
-        tt = t0 + t
-        ok = (static + np.maximum(M, pre + S + post) + (k - 1) * (pre + S + post) <= budget * (1 + 1e-12))
-        ok &= hh * k <= costs.host_bytes + 1e-9
-        idx = np.argwhere(ok)
-        if len(idx) == 0:
-            states = None
-            break
+    host_binds = sum(float(v[:, :, 5].max()) for v in bytes_) * k > costs.host_bytes
+    for n, (opts, vals, t) in enumerate(zip(options, bytes_, seconds)):
+        last = n == len(options) - 1
+        # [state, option, micro-batch]
+        H, F, Bm, Ba, Sm = (vals[:, :, c].T[None] for c in range(5))
+        host = vals[0, :, 5]
+        step = max(1, chunk // (len(opts) * r))
+        cands, idxs, found, best = [], [], 0, None
+        for s0 in range(0, len(states), step):
+            part = states[s0:s0 + step]
+            S0, M0, Sm0 = (part[:, None, i * r:(i + 1) * r] for i in range(3))
+            h0, t0 = part[:, 3 * r:3 * r + 1], part[:, 3 * r + 1:]
+            S = S0 + H
+            M = np.maximum.reduce([M0 + 0 * H, pre + S0 + F, pre + S0 + Bm, pre + S0 + Ba + Sm0])
+            end = pre + S + post
+            hh = h0 + host
+            tt = t0 + t
+            ok = static + np.maximum(M, end).max(axis=2) + (k - 1) * end.max(axis=2) <= budget * (1 + 1e-12)
+            ok &= hh * k <= costs.host_bytes + 1e-9
+            idx = np.argwhere(ok)
+            if len(idx) == 0:
+                continue
+            idx[:, 0] += s0
+            if last:
+                j = int(np.argmin(tt[ok]))
+                if best is None or tt[ok][j] < best[0]:
+                    best = (tt[ok][j], idx[j])
+                continue
+            cand = np.concatenate([S[ok], M[ok], np.broadcast_to(Sm, S.shape)[ok], hh[ok][:, None],
+                                   tt[ok][:, None]], axis=1)
+            found += len(cand)
+            if len(cand) > 8 * frontier_limit:
+                first = np.argsort(cand[:, -1], kind="stable")[: 8 * frontier_limit]
+                idx, cand = idx[first], cand[first]
+            cands.append(cand)
+            idxs.append(idx)
         if last:
-            best = int(np.argmin(tt[ok]))
-            i, j = idx[best]
-            assignment = dict(zip(order, choice[i] + [opts[j]]))
-            return assignment, model.evaluate(assignment), exact
-        cand = np.stack([S[ok], M[ok], np.broadcast_to(Sm, S.shape)[ok], hh[ok], tt[ok]], axis=1)
+            if best is None:
+                return None, exact
+            i, j = best[1]
+            return dict(zip(order, choice[i] + [opts[j]])), exact
+        if not found:
+            return None, exact
+        cand, idx = np.concatenate(cands), np.concatenate(idxs)
         if not host_binds:
-            cand[:, 3] = 0.0
-        if len(cand) > 8 * frontier_limit:
-            first = np.argsort(cand[:, 4], kind="stable")[: 8 * frontier_limit]
+            cand[:, 3 * r] = 0.0
+        if found > 8 * frontier_limit:
+            first = np.argsort(cand[:, -1], kind="stable")[: 8 * frontier_limit]
             idx, cand = idx[first], cand[first]
             exact = False
         keep = _pareto(cand)
         if len(keep) > frontier_limit:
-            keep = keep[np.argsort(cand[keep, 4], kind="stable")[:frontier_limit]]
+            keep = keep[np.argsort(cand[keep, -1], kind="stable")[:frontier_limit]]
             exact = False
         choice = [choice[idx[i][0]] + [opts[idx[i][1]]] for i in keep]
         states = cand[keep]
-    return None, _least(model, per_layer, order), exact
+    return None, exact
 
 
 def _least(model: Model, per_layer, order) -> dict:
