@@ -288,10 +288,16 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
             profiles[a.name] = costs.to_dict() | {"meta": dict(costs.meta)}
     hist: Dict[str, Dict[str, list]] = {a.name: {k: [] for k in ("loss", "step_s", "cpu_s", "peak", "diff", "replays",
                                                                   "swapped", "waits")} for a in built}
+    # Only the results other arms compare against stay alive through a round: every result held
+    # grows the process's heap, and the arms after it would pay for fresh pages (page faults, on
+    # CPU ranks tens of milliseconds a step) that the arms before it did not.
+    refs = {a.spec.get("ref") for a in built}
     for _ in range(steps):
         res = {}
         for a in built:
-            r = res[a.name] = a.step(fb)
+            r = a.step(fb)
+            if a.name in refs:
+                res[a.name] = r
             h = hist[a.name]
             h["loss"].append(r["loss"])
             h["step_s"].append(r["step_s"])
@@ -304,6 +310,7 @@ def run_layout(layout, arms: List[Dict], m: Dict, steps: int) -> Dict:
             if ref:
                 b = res[ref]
                 h["diff"].append({k: _diff(r[k], b[k]) for k in ("losses", "grads", "tracker", "counts", "bias")})
+            del r
     ps.destroy_model_parallel()
     return hist | ({"_profiles": profiles} if profiles else {})
 
