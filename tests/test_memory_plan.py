@@ -404,6 +404,41 @@ def test_cli_memory_plan_lookahead_2(capsys):
     assert "apply_memory_plan(model, plan, lookahead=2)" in capsys.readouterr().out
 
 
+def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
+    # Searching below the budget for room for the copies ahead, plan_memory(lookahead=2) stops at
+    # the first inner budget no plan reaches, and at nothing else: any other refusal of the solver
+    # there is a bug and must surface (a float inner budget once did, and was taken for "no plan").
+    from moerail.memory import planner
+
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x22B", cluster="H100-SXM", devices=128,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=7,
+                                   expert_model_parallel_size=8)  # fmt: skip
+    # The core's own refusals: "no plan fits" is told apart from the rest, with the same text.
+    floor = evaluate_plan(c, MemoryPlan(())).evaluation["static_bytes"]
+    with pytest.raises(planner._Unreachable, match=r"^budget_bytes: .* cannot be reached: "):
+        planner._plan(c, int(floor) + 1, True, True, True, 512, 2)
+    with pytest.raises(ValueError, match="not above") as e:
+        planner._plan(c, int(floor) - 1, True, True, True, 512, 2)
+    assert not isinstance(e.value, planner._Unreachable)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        plan_memory(c, int(floor) + 1, lookahead=2)
+
+    real = planner._plan
+    calls = []
+
+    def second_call_fails(costs, budget, *args):
+        calls.append(budget)
+        if len(calls) == 2:
+            raise ValueError(f"budget_bytes: expected an int, got {budget + 0.5!r}")
+        return real(costs, budget, *args)
+
+    monkeypatch.setattr(planner, "_plan", second_call_fails)
+    with pytest.raises(ValueError, match="expected an int"):
+        plan_memory(c, 34 * G, lookahead=2)
+    assert len(calls) == 2 and calls[1] < 34 * G
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [

@@ -179,10 +179,10 @@ def plan_memory(
     for _ in range(8):
         try:
             plan = with_ahead(_plan(costs, inner, *args))
-        except ValueError:
+        except _Unreachable:
             if inner == budget:
                 raise
-            break
+            break  # no plan at this inner budget; any other error is a bug and propagates
         ahead = plan.evaluation["ahead_bytes"]
         if plan.predicted_peak_bytes <= budget:
             found.append(plan)
@@ -214,16 +214,31 @@ def _check_lookahead(lookahead: Any) -> None:
         raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
 
 
+class _Unreachable(ValueError):
+    """No plan reaches the budget (with the host memory given): the one refusal that
+    ``plan_memory(lookahead=2)`` takes as "try no lower budget" while it searches below the budget."""
+
+
+# The solver's refusals that mean "no plan fits", as the core words them (the budget's other
+# refusals, out of range, cannot happen below a budget that passed them).
+_UNREACHABLE = re.compile(r"^(budget_bytes: .* cannot be reached: |host_bytes: the plans that reach )")
+
+
 def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
           allow_recompute: bool, frontier_limit: int, lookahead: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
-    out = json.loads(
-        _native.memory.plan(
-            costs_to_core(costs, lookahead), float(budget), allow_swap, allow_recompute_exchange, allow_recompute,
-            frontier_limit,
+    try:
+        out = json.loads(
+            _native.memory.plan(
+                costs_to_core(costs, lookahead), float(budget), allow_swap, allow_recompute_exchange,
+                allow_recompute, frontier_limit,
+            )
         )
-    )
+    except ValueError as e:
+        if _UNREACHABLE.match(str(e)):
+            raise _Unreachable(str(e)) from None
+        raise
     ev = dict(out["evaluation"])
     ev["exact"] = bool(out["exact"])
     return _to_plan(costs, out["actions"], ev, budget)
@@ -246,7 +261,7 @@ def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchang
                                             allow_recompute=allow_recompute, allow_exchange=allow_exchange)
     if assignment is None:
         what = "recomputed or swapped" if allow_swap and costs.host_bytes > 0 else "recomputed"
-        raise ValueError(
+        raise _Unreachable(
             f"budget_bytes: {_size(budget)} cannot be reached: the least this device needs is "
             f"{_size(ev['peak_bytes'])} ({_size(costs.static_bytes)} static + activations with the most {what})"
         )
