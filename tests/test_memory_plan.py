@@ -378,6 +378,42 @@ def test_cli_memory_plan(capsys):
     assert d["executor_added_seconds"] == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("host", [True, False])
+def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host):
+    # Where Megatron's best static setting that fits adds less time than the plan as moerail's
+    # executor runs it (non-interleaved 1F1B with offloading: Megatron keeps each offloaded
+    # module's first group of the backward and reloads further ahead), the CLI says so and gives
+    # its flags; where the plan adds less (recompute only here), it does not.
+    args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
+            "--tp", "2", "--pp", "8", "--ep", "8", "--memory", "40GiB"] + (["--host-memory", "64GiB"] if host else [])  # fmt: skip
+    assert cli.main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    c = MemoryCosts.from_simulator(host_bytes=64 * G if host else 0, model="Mixtral-8x22B", cluster="H100-SXM",
+                                   devices=128, global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=8, expert_model_parallel_size=8)  # fmt: skip
+    best = best_static(megatron_static_plans(c), 40 * G)
+    mine = executor_added_seconds(c, plan_memory(c, 40 * G))["added_seconds"]
+    got = d["best_megatron_setting"]
+    assert got["name"] == best.name
+    assert got["adds_less_than_plan"] == (best.plan.predicted_added_seconds < mine) == host
+    flags = best.megatron_flags
+    assert got["megatron_flags"] == list(flags.args)
+    cfg = _transformer_config(**flags.config)  # Megatron-Core accepts them
+    if best.offload:
+        assert cfg.fine_grained_activation_offloading and list(cfg.offload_modules) == list(best.offload)
+        assert flags.args[-len(best.offload) - 1:] == ("--offload-modules", *best.offload)
+    if best.recompute and best.recompute != ("full",):
+        assert cfg.recompute_granularity == "selective" and list(cfg.recompute_modules) == list(best.recompute)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("Megatron's setting adds less time")]
+    if host:
+        assert len(line) == 1 and line[0].endswith("Run Megatron's instead: " + " ".join(flags.args))
+        assert f"+{best.plan.predicted_added_seconds:.3f} s against this plan's +{mine:.3f} s" in line[0]
+    else:
+        assert line == []
+
+
 def test_cli_memory_plan_lookahead_2(capsys):
     # --lookahead 2 plans as plan_memory(..., lookahead=2) does (the copies ahead in the peak) and
     # times the swaps as the executor with lookahead=2 issues them.

@@ -460,6 +460,9 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     saved = 1 - ev["activation_bytes"] / keep if keep > 0 else 0.0
     step = costs.step_seconds
     executor = memory.planner.executor_added_seconds(costs, plan, lookahead=args.lookahead)
+    # Where Megatron's own setting costs less than this plan as moerail's executor runs it, the
+    # user is told so and given its flags, not left to compare two numbers.
+    megatron_wins = best is not None and best.plan.predicted_added_seconds < executor["added_seconds"] * (1 - 1e-9)
     if args.json:
         out = {
             "plan": plan.to_dict(),
@@ -471,7 +474,8 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
             "best_megatron_setting": None
             if best is None
             else {"name": best.name, "added_seconds": best.plan.predicted_added_seconds,
-                  "peak_bytes": best.plan.predicted_peak_bytes},
+                  "peak_bytes": best.plan.predicted_peak_bytes, "megatron_flags": list(best.megatron_flags.args),
+                  "adds_less_than_plan": megatron_wins},
         }  # fmt: skip
         print(json.dumps(out))
         return 0
@@ -508,6 +512,13 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     print("Megatron flags: " + (" ".join(flags.args) or "(none: keep everything)"))
     for n in flags.notes:
         print(f"  note: {n}")
+    if megatron_wins:
+        why = (" Its offloading keeps each offloaded module's first group of the backward on the device and "
+               "reloads further ahead than moerail's executor does, which this stage's host link needs."
+               if best.offload else "")
+        print(f"Megatron's setting adds less time: +{best.plan.predicted_added_seconds:.3f} s against this plan's "
+              f"+{executor['added_seconds']:.3f} s with moerail's executor.{why} Run Megatron's instead: "
+              + str(best.megatron_flags))  # fmt: skip
     return 0
 
 

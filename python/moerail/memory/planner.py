@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from .. import _native
 from . import exact
 from .costs import MemoryCosts
-from .plan import MODULES, Action, LayerPlan, MemoryPlan
+from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
 from .simcosts import costs_to_core
 
 __all__ = [
@@ -358,6 +358,25 @@ class StaticSetting:
             if self.fraction < 1.0:
                 parts.append(f"activation_offload_fraction={self.fraction:g}")
         return "; ".join(parts) or "keep all"
+
+    @property
+    def megatron_flags(self) -> MegatronFlags:
+        """This setting as Megatron-Core's command line and TransformerConfig fields."""
+        args: List[str] = []
+        config: Dict[str, Any] = {}
+        if self.recompute == ("full",):
+            args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+            config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        elif self.recompute:
+            args += ["--recompute-granularity", "selective", "--recompute-modules", *self.recompute]
+            config.update(recompute_granularity="selective", recompute_modules=list(self.recompute))
+        if self.offload:
+            args += ["--fine-grained-activation-offloading", "--offload-modules", *self.offload]
+            config.update(fine_grained_activation_offloading=True, offload_modules=list(self.offload))
+            if self.fraction < 1.0:
+                args += ["--activation-offload-fraction", f"{self.fraction:g}"]
+                config["activation_offload_fraction"] = self.fraction
+        return MegatronFlags(tuple(args), config)
 
 
 # Spare module slots the Megatron offload evaluation uses for the bytes an offload frees (they
