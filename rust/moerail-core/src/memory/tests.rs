@@ -246,6 +246,14 @@ fn check_against_exhaustive(
     (exact_cases, cases, worst)
 }
 
+/// Every solve of [`check_against_exhaustive`]'s cases (at least 4 that fit) is exact and optimal.
+fn assert_exact_solves(seed: u64, s: Schedule, layers: usize, host: bool, lookahead: Option<u32>) {
+    let (exact, cases, worst) = check_against_exhaustive(seed, s, layers, host, lookahead);
+    assert!(cases >= 4, "{cases}");
+    assert_eq!(exact, cases);
+    assert!(worst < 1e-9, "seed {seed}: {worst}");
+}
+
 #[test]
 fn optimal_against_exhaustive_search_recompute_only() {
     for (seed, s, l) in [
@@ -275,10 +283,7 @@ fn optimal_against_exhaustive_search_with_swap_and_interleaving() {
         (13, sched(2, 0, 2, 4), 2, false),
         (14, sched(4, 0, 2, 8), 2, true),
     ] {
-        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, host, None);
-        assert!(cases >= 4, "{cases}");
-        assert_eq!(exact, cases);
-        assert!(worst < 1e-9, "seed {seed}: {worst}");
+        assert_exact_solves(seed, s, l, host, None);
     }
 }
 
@@ -496,10 +501,7 @@ fn optimal_against_exhaustive_search_with_the_executors_copies() {
         (34, sched(4, 3, 2, 8), 2, 2),
         (35, sched(4, 0, 1, 8), 3, 2),
     ] {
-        let (exact, cases, worst) = check_against_exhaustive(seed, s, l, true, Some(k));
-        assert!(cases >= 4, "{cases}");
-        assert_eq!(exact, cases);
-        assert!(worst < 1e-9, "seed {seed}: {worst}");
+        assert_exact_solves(seed, s, l, true, Some(k));
     }
 }
 
