@@ -268,9 +268,12 @@ def test_plan_beats_every_megatron_static_setting_at_its_own_budget():
     )  # fmt: skip
     statics = megatron_static_plans(c)
     assert len(statics) > 20
+    ours_at: dict = {}  # many settings reach the same peak; the plan at a budget is one plan
     for s in statics:
         budget = int(s.plan.predicted_peak_bytes) + 1
-        ours = plan_memory(c, budget)
+        if budget not in ours_at:
+            ours_at[budget] = plan_memory(c, budget)
+        ours = ours_at[budget]
         assert best_static(statics, budget) is not None
         if not s.offload:  # moerail runs Megatron's recompute settings as they are
             assert ours.predicted_added_seconds <= s.plan.predicted_added_seconds + 1e-12, s.name
