@@ -514,7 +514,7 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
         print(f"  note: {n}")
     if megatron_wins:
         why = (" Its offloading keeps each offloaded module's first group of the backward on the device and "
-               "reloads further ahead than moerail's executor does, which this stage's host link needs."
+               "reloads further ahead than moerail's executor does."
                if best.offload else "")
         print(f"Megatron's setting adds less time: +{best.plan.predicted_added_seconds:.3f} s against this plan's "
               f"+{executor['added_seconds']:.3f} s with moerail's executor.{why} Run Megatron's instead: "

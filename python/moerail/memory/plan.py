@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
 class Action(str, enum.Enum):
@@ -262,6 +262,30 @@ class MegatronFlags:
         return " ".join(self.args)
 
 
+def _megatron_settings(recompute: Sequence[str] = (), offload: Sequence[str] = (), *,
+                       full: Optional[Tuple[str, int]] = None, offload_fraction: float = 1.0,
+                       notes: Sequence[str] = ()) -> MegatronFlags:
+    """Megatron-Core's command line and TransformerConfig fields for full recomputation
+    (``full``: its method and number of layers) or ``recompute_modules``, and fine-grained
+    offloading of ``offload_modules`` at ``activation_offload_fraction``."""
+    args: List[str] = []
+    config: Dict[str, Any] = {}
+    if full is not None:
+        method, n = full
+        args += ["--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", str(n)]
+        config.update(recompute_granularity="full", recompute_method=method, recompute_num_layers=n)
+    elif recompute:
+        args += ["--recompute-granularity", "selective", "--recompute-modules", *recompute]
+        config.update(recompute_granularity="selective", recompute_modules=list(recompute))
+    if offload:
+        args += ["--fine-grained-activation-offloading", "--offload-modules", *offload]
+        config.update(fine_grained_activation_offloading=True, offload_modules=list(offload))
+        if offload_fraction < 1.0:
+            args += ["--activation-offload-fraction", f"{offload_fraction:g}"]
+            config["activation_offload_fraction"] = offload_fraction
+    return MegatronFlags(tuple(args), config, tuple(notes))
+
+
 _RECOMPUTE_NAMES = {"layernorm": ("layernorm",), "expert_act": ("moe_act",), "shared_expert": ("shared_experts",)}
 _OFFLOAD_NAMES = {
     "layernorm": ("attn_norm", "mlp_norm"),
@@ -302,15 +326,13 @@ def _full_flags(plan: MemoryPlan, strict: bool) -> Optional[MegatronFlags]:
         )
     if strict and notes:
         raise ValueError("plan: Megatron's flags cannot express it: " + "; ".join(notes))
-    args = ("--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", str(n))
-    config = {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": n}
-    return MegatronFlags(args, config, tuple(notes))
+    return _megatron_settings(full=(method, n), notes=notes)
 
 
 def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
-    full = _full_flags(plan, strict)
-    if full is not None:
-        return full
+    whole = _full_flags(plan, strict)
+    if whole is not None:
+        return whole
     notes: List[str] = []
     rows = {tuple(sorted((m, a.value) for m, a in lp.actions.items() if a is not Action.KEEP)) for lp in plan.layers}
     if len(rows) > 1:
@@ -326,14 +348,13 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
                 union[m] = a
     rec = {m for m, a in union.items() if a in (Action.RECOMPUTE, Action.RECOMPUTE_EXCHANGE)}
     swp = {m for m, a in union.items() if a is Action.SWAP}
-    args: List[str] = []
-    config: Dict[str, Any] = {}
+    full: Optional[Tuple[str, int]] = None
+    names: List[str] = []
+    off: List[str] = []
     everything = set(MODULES) - {"permute", "expert_fc2", "unpermute"}
     if rec >= everything - {"shared_expert", "mla_up_proj"} and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE and not swp:
-        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-        config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        full = ("uniform", 1)
     else:
-        names: List[str] = []
         moe_block = {"router", "expert_fc1", "expert_act"}
         if moe_block <= rec and union.get("expert_fc1") is Action.RECOMPUTE_EXCHANGE:
             names.append("moe")
@@ -357,26 +378,18 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
                 names += list(_RECOMPUTE_NAMES[m])
             else:
                 notes.append(f"{m} is recomputed: Megatron has no recompute module for it; left out")
-        if names:
-            args += ["--recompute-granularity", "selective", "--recompute-modules", *names]
-            config.update(recompute_granularity="selective", recompute_modules=names)
     if {"attention", "mla_up_proj"} <= swp:
         swp = swp - {"mla_up_proj"}  # Megatron's core_attn offload moves MLA's queries, keys and values too
-    if swp:
-        off: List[str] = []
-        for m in sorted(swp, key=MODULES.index):
-            if m in _OFFLOAD_NAMES:
-                off += list(_OFFLOAD_NAMES[m])
-            else:
-                notes.append(f"{m} is swapped: Megatron has no offload module for it; left out")
-        if "moe" in config.get("recompute_modules", []):
-            dropped = [o for o in off if o in ("expert_fc1", "moe_act")]
-            if dropped:
-                notes.append(f"Megatron cannot offload {', '.join(dropped)} inside a recomputed 'moe' block; left out")
-                off = [o for o in off if o not in dropped]
-        if off:
-            args += ["--fine-grained-activation-offloading", "--offload-modules", *off]
-            config.update(fine_grained_activation_offloading=True, offload_modules=off)
+    for m in sorted(swp, key=MODULES.index):
+        if m in _OFFLOAD_NAMES:
+            off += list(_OFFLOAD_NAMES[m])
+        else:
+            notes.append(f"{m} is swapped: Megatron has no offload module for it; left out")
+    if "moe" in names:
+        dropped = [o for o in off if o in ("expert_fc1", "moe_act")]
+        if dropped:
+            notes.append(f"Megatron cannot offload {', '.join(dropped)} inside a recomputed 'moe' block; left out")
+            off = [o for o in off if o not in dropped]
     if strict and notes:
         raise ValueError("plan: Megatron's flags cannot express it: " + "; ".join(notes))
-    return MegatronFlags(tuple(args), config, tuple(notes))
+    return _megatron_settings(names, off, full=full, notes=notes)

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from .. import _native
 from . import exact
 from .costs import MemoryCosts
-from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
+from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan, _megatron_settings
 from .simcosts import costs_to_core
 
 __all__ = [
@@ -362,21 +362,9 @@ class StaticSetting:
     @property
     def megatron_flags(self) -> MegatronFlags:
         """This setting as Megatron-Core's command line and TransformerConfig fields."""
-        args: List[str] = []
-        config: Dict[str, Any] = {}
-        if self.recompute == ("full",):
-            args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-            config.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        elif self.recompute:
-            args += ["--recompute-granularity", "selective", "--recompute-modules", *self.recompute]
-            config.update(recompute_granularity="selective", recompute_modules=list(self.recompute))
-        if self.offload:
-            args += ["--fine-grained-activation-offloading", "--offload-modules", *self.offload]
-            config.update(fine_grained_activation_offloading=True, offload_modules=list(self.offload))
-            if self.fraction < 1.0:
-                args += ["--activation-offload-fraction", f"{self.fraction:g}"]
-                config["activation_offload_fraction"] = self.fraction
-        return MegatronFlags(tuple(args), config)
+        full = ("uniform", 1) if self.recompute == ("full",) else None
+        return _megatron_settings(() if full else self.recompute, self.offload, full=full,
+                                  offload_fraction=self.fraction)
 
 
 # Spare module slots the Megatron offload evaluation uses for the bytes an offload frees (they
