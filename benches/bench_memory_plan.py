@@ -1,5 +1,6 @@
 """Issue 17: the activation memory plan (keep / recompute / swap per module and layer) by
-simulation, for Pangu Ultra MoE 718B on its published layout and DeepSeek-V3 on 1024 H100,
+simulation, for Pangu Ultra MoE 718B on its published layout, DeepSeek-V3 on 1024 H100 and
+Mixtral-8x22B on 128 H100 (non-interleaved 1F1B),
 against every static Megatron-Core setting (recompute_modules x offload_modules x
 activation_offload_fraction, and full recompute) under the same budget, each side's copies timed
 as its implementation issues them."""
@@ -36,9 +37,17 @@ DSV3 = dict(
 # and its ConnectX-7 NIC sit on one PCIe Gen5 switch, so the exchange's GPUDirect RDMA traffic and
 # host copies share the GPU's x16 link. Atlas 800T A2: the Ascend 910's RoCE ports are on the NPU
 # itself, so the exchange does not cross the host link.
+# The MoE Parallel Folding paper's Mixtral-8x22B layout (arXiv 2504.14960) without virtual pipeline
+# stages: plain 1F1B, where Megatron's offload margin and reloads ahead matter most.
+MIXTRAL = dict(
+    model="Mixtral-8x22B", cluster="H100-SXM", devices=128, seq_length=4096, global_batch_size=256, micro_batch_size=1,
+    tensor_model_parallel_size=2, pipeline_model_parallel_size=8, expert_model_parallel_size=8,
+    expert_tensor_parallel_size=1,
+)  # fmt: skip
 CASES = [
     ("Pangu Ultra MoE 718B, 6144 x Ascend 800T A2 (64 GB), TP8 PP16 VPP2 EP32", PANGU, 64 * G, False),
     ("DeepSeek-V3, 1024 x H100 (80 GB), TP2 PP8 VPP4 EP64", DSV3, 128 * G, True),
+    ("Mixtral-8x22B, 128 x H100 (80 GB), TP2 PP8 EP8", MIXTRAL, 64 * G, False),
 ]
 
 
@@ -50,14 +59,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _ahead_plan(costs, b):
-    """The plan for the executor with ``lookahead=2`` (its copies ahead counted in the peak) and its
-    executor-timed added seconds, or ``None``."""
+def _chosen_plan(costs, b):
+    """The plan with the executor's setting chosen (``lookahead`` and ``prefetch_groups`` "auto",
+    as ``moerail plan --memory`` does; its copies ahead counted in the peak) and its executor-timed
+    added seconds, or ``None``."""
     try:
-        p2 = plan_memory(costs, b, lookahead=2)
+        p = plan_memory(costs, b, lookahead="auto", prefetch_groups="auto")
     except ValueError:
         return None
-    return p2, executor_added_seconds(costs, p2, lookahead=2)["added_seconds"]
+    return p, executor_added_seconds(costs, p)["added_seconds"]
 
 
 def _budget_rows(costs, statics, budgets, act, step, model=""):
@@ -76,7 +86,7 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
         pe = p.evaluation
         bound = pe["recompute_seconds"] + pe["exchange_seconds"] + pe["swap_bound_seconds"]
         ex = executor_added_seconds(costs, p)["added_seconds"]
-        two = _ahead_plan(costs, b) if costs.host_bytes > 0 else None
+        two = _chosen_plan(costs, b) if costs.host_bytes > 0 else None
         if costs.host_bytes > 0 and label.endswith("% of activations saved"):
             CURVE.append((model, label.split("%")[0], ex / step,
                           None if bs is None else bs.plan.predicted_added_seconds / step,
@@ -86,7 +96,8 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
         elif two is None:
             cell2 = "does not fit"
         else:
-            cell2 = (f"{two[1]:.3f} ({_pct(two[1] / step)}); ahead {two[0].evaluation['ahead_bytes'] / G:.2f} GiB, "
+            cell2 = (f"{two[1]:.3f} ({_pct(two[1] / step)}) with ({two[0].lookahead}, {two[0].prefetch_groups}); "
+                     f"ahead {two[0].evaluation.get('ahead_bytes', 0.0) / G:.2f} GiB, "
                      f"peak {two[0].predicted_peak_bytes / G:.1f}")  # fmt: skip
         rows.append(
             [
@@ -104,7 +115,8 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
     return table(
         ["budget", "GiB", "moerail peak GiB", "activations saved", "moerail added s, planner's model (of step); its bound",
          "moerail added s, executor's copies (of step)",
-         "same, lookahead=2: added s (of step); copies ahead GiB, peak GiB", "host GiB",
+         "same, executor's setting chosen: added s (of step) with (lookahead, prefetch groups); copies ahead GiB, "
+         "peak GiB", "host GiB",
          "best Megatron setting that fits, as its implementation runs: added s (of step)"],
         rows,
     )  # fmt: skip
@@ -139,19 +151,21 @@ def _shared_link_line(name: str, cfg: dict, costs, budget: int, step: float, act
     shared = dataclasses.replace(costs, host_link_bytes_per_second=link)
     p = plan_memory(shared, budget)
     added = executor_added_seconds(shared, p)["added_seconds"]
-    two = _ahead_plan(shared, budget)
+    two = _chosen_plan(shared, budget)
     bs = best_static(megatron_static_plans(shared, multi_latent_attention=True), budget)
     meg = None if bs is None else bs.plan.predicted_added_seconds / step
-    SUMMARY.append((name.split(",")[0], "swap and recompute, host link shared with the NIC",
-                    1 - p.evaluation["activation_bytes"] / act, added / step, meg))  # fmt: skip
+    if two is not None:
+        SUMMARY.append((name.split(",")[0], "swap and recompute, host link shared with the NIC",
+                        1 - two[0].evaluation["activation_bytes"] / act, two[1] / step, meg))  # fmt: skip
     return (
         f"Host link shared with the NIC (this device's PCIe link also carries the exchange's inter-node traffic): "
         f"{link / 1e9:.0f} GB/s left to swaps on average. At the 70% budget moerail adds "
-        f"{added:.3f} s ({_pct(added / step)}) with its executor's copies (planner's model "
+        f"{added:.3f} s ({_pct(added / step)}) with its executor's copies one group ahead (planner's model "
         f"{p.predicted_added_seconds:.3f} s), "
-        + ("with lookahead=2 no plan fits; " if two is None else
-           f"with lookahead=2 {two[1]:.3f} s ({_pct(two[1] / step)}, "
-           f"{two[0].evaluation['ahead_bytes'] / G:.2f} GiB copied ahead); ")
+        + ("with the executor's setting chosen no plan fits; " if two is None else
+           f"with the executor's setting chosen (lookahead={two[0].lookahead}, prefetch_groups="
+           f"{two[0].prefetch_groups}) {two[1]:.3f} s ({_pct(two[1] / step)}, "
+           f"{two[0].evaluation.get('ahead_bytes', 0.0) / G:.2f} GiB copied ahead); ")
         + "the best Megatron setting "
         + ("none fits." if bs is None else f"({bs.name}) {bs.plan.predicted_added_seconds:.3f} s ({_pct(meg)}).")
     )
@@ -193,8 +207,9 @@ def case(name: str, cfg: dict, host: float, nic_on_host_link: bool) -> str:
         out.append(_budget_rows(costs, statics, budgets, act, step, name.split(",")[0]))
         out.append("")
         try:
-            p70 = plan_memory(costs, budgets[0][1])
-            out.append("Plan at the 70% budget: " + _plan_line(p70))
+            p70 = plan_memory(costs, budgets[0][1], lookahead="auto", prefetch_groups="auto")
+            out.append(f"Plan at the 70% budget (lookahead={p70.lookahead}, prefetch_groups={p70.prefetch_groups}): "
+                       + _plan_line(p70))  # fmt: skip
             bs = best_static(statics, budgets[0][1])
             SUMMARY.append(
                 (
@@ -230,18 +245,24 @@ def run(quick: bool) -> str:
         "Swaps and offloads are timed as each implementation issues its copies, on a replay of this stage's schedule "
         "(`moerail.memory.timeline`; a layer's backward divided among its parts in proportion to their forward time; "
         "waits on other stages not counted, for either side). moerail's executor starts copying a group's swapped "
-        "tensors back (its `attn` or `mlp` half of a layer) when that group's backward starts, and the next group's of "
-        "the same model chunk one group ahead (`lookahead=1`, its default); then nothing is copied ahead across model "
-        "chunks, so the first group of each chunk's backward waits for its own copies. With `lookahead=2` the last "
-        "group of a chunk's backward (its first layer's attention) also starts copying back the first group (the last "
-        "layer's MLP) of the next backward chunk, when that chunk has run its forward; the executor learns the "
-        "schedule's order of backward chunks in its first step (these figures are the steps after it). Those bytes "
-        "stay on the device through the forward between the two backwards: `plan_memory(..., lookahead=2)` adds them "
-        "in full to the plan's peak and plans under the budget less them until the plan fits, so at a tight budget "
-        "it may recompute more. The planner prices each swap as its executor, with the lookahead it is "
-        "given, issues the copy back (each layer's copies taken alone on the link), so it keeps or recomputes what "
-        "a chunk's first groups would wait for; its prediction and its bound (the copy back may start as early as "
-        "the layer's forward ends) are shown next to the executor's figures, which are the ones compared. Megatron's "
+        "tensors back (its `attn` or `mlp` half of a layer) when that group's backward starts, and those of the next "
+        "`prefetch_groups` groups of the same model chunk in backward order (`lookahead=1`); with one group ahead "
+        "(`prefetch_groups=1`) a layer's MLP copies start with the attention backward of the layer after it. Nothing "
+        "is copied ahead across model chunks at `lookahead=1`, so the first group of each chunk's backward waits for "
+        "its own copies. With `lookahead=2` the last group of a chunk's backward (its first layer's attention) also "
+        "starts copying back the first group (the last layer's MLP) of the next backward chunk, when that chunk has "
+        "run its forward; the executor learns the schedule's order of backward chunks in its first step (these "
+        "figures are the steps after it). Those bytes stay on the device through the forward between the two "
+        "backwards, and with `prefetch_groups` >= 2 the copies of later layers are on the device beside the running "
+        "layer's: `plan_memory` adds what they hold beyond the running layer's own swapped bytes to the plan's peak "
+        "and plans under the budget less them until the plan fits, so at a tight budget it may recompute more. "
+        "`plan_memory(..., lookahead=\"auto\", prefetch_groups=\"auto\")`, as `moerail plan --memory` runs by "
+        "default, plans for lookahead 1 and 2 with 1 to 3 groups ahead and keeps the plan the executor's replay times "
+        "cheapest; the plan carries that setting and `apply_memory_plan` runs it so. The planner prices each swap as "
+        "its executor, with the setting it is given, issues the copy back (each layer's copies taken alone on the "
+        "link), so it keeps or recomputes what a chunk's first groups would wait for; its prediction and its bound "
+        "(the copy back may start as early as the layer's forward ends) are shown next to the executor's figures, "
+        "which are the ones compared. The targets below are the chosen setting's. Megatron's "
         "`offload_modules` are modelled as its fine-grained activation offloading runs them: one group per offloaded "
         "module, layer and micro-batch, committed at the module's output; `core_attn` moves what core attention saved "
         "but frees only the queries, keys and values (the output projection still holds the attention output, which "
@@ -290,10 +311,10 @@ def run(quick: bool) -> str:
     if losses:
         notes.append(
             "Megatron's offload costs less than moerail's plan at the 70% budget for " + "; ".join(losses) + ": with "
-            "its offload margin Megatron reloads several groups ahead and into the next chunk, while moerail's "
-            "executor, with lookahead=1, prefetches one group ahead within a chunk: the planner keeps or recomputes "
-            "what that leaves exposed (each chunk's first group in the backward) in every micro-batch in flight, "
-            "where Megatron's margin holds one (lookahead=2: see the host-link line above and the table below)."
+            "its offload margin Megatron keeps each offloaded module's first group of the backward on the device and "
+            "reloads several groups ahead, while moerail's planner keeps or recomputes what its executor's copies "
+            "would leave exposed (each chunk's first groups in the backward) in every micro-batch in flight, where "
+            "Megatron's margin holds one."
         )
     if ties:
         notes.append("Equal added time (each side's copies all hidden): " + "; ".join(ties) + ".")
@@ -301,8 +322,8 @@ def run(quick: bool) -> str:
         notes.append("Over the 5% target: " + "; ".join(misses) + ".")
     out.append(" ".join(notes) or "Every target met.")
     out.append("")
-    out.append("#### With swap, every budget: added step time, moerail (executor's copies, lookahead=1 / "
-               "lookahead=2) / Megatron's best setting")
+    out.append("#### With swap, every budget: added step time, moerail (executor's copies, one group ahead / "
+               "setting chosen) / Megatron's best setting")
     out.append("")
     pcts = sorted({c[1] for c in CURVE}, key=int)
     crow = []
@@ -323,7 +344,7 @@ def run(quick: bool) -> str:
             if m2 is not None:
                 tally[2][m2] += 1
             cells.append(f"{_pct(a)} / {'-' if a2 is None else _pct(a2)} / {'-' if b is None else _pct(b)} "
-                         f"({m1}; lookahead=2: {m2 or 'does not fit'})")  # fmt: skip
+                         f"({m1}; chosen: {m2 or 'does not fit'})")  # fmt: skip
         crow.append([model] + cells)
     out.append(table(["model"] + [f"{p}% saved" for p in pcts], crow))
     out.append("")
@@ -333,28 +354,28 @@ def run(quick: bool) -> str:
                 + (f"; no Megatron setting fits at {t['none fits']}" if t["none fits"] else ""))  # fmt: skip
 
     out.append(
-        f"Of these {len(CURVE)} budgets moerail's plan, with its executor's default lookahead=1, adds "
-        f"{said(tally[1])}; with lookahead=2 (its copies ahead counted in the peak) it adds {said(tally[2])}"
+        f"Of these {len(CURVE)} budgets moerail's plan, with its executor copying one group ahead within a chunk "
+        f"(lookahead=1, prefetch_groups=1), adds {said(tally[1])}; with the executor's setting chosen (its copies "
+        f"ahead counted in the peak) it adds {said(tally[2])}"
         + (f" (it does not fit at {len(CURVE) - sum(tally[2].values())})" if len(CURVE) > sum(tally[2].values()) else "")
         + "."
-        + (" Where moerail adds more with lookahead=1, its executor waits at the start of each model chunk's backward "
-           "(it copies nothing ahead across chunks) while Megatron's reloads, kept several groups ahead by its offload "
-           "margin, are hidden; the planner keeps or recomputes the groups its executor would wait for, which costs "
-           "memory or time in every micro-batch in flight where Megatron's margin holds one group."
+        + (" Where moerail adds more with one group ahead, a layer's copies back have only the next group's backward "
+           "to hide behind and a chunk's first group none, while Megatron's reloads, kept several groups ahead by its "
+           "offload margin, are hidden; the planner keeps or recomputes the groups its executor would wait for, which "
+           "costs memory or time in every micro-batch in flight where Megatron's margin holds one group."
            if tally[1]["Megatron less"] else "")
-        + (" Where it still adds more with lookahead=2, one group copied ahead (the next chunk's last-layer MLP "
-           "group) does not cover what the chunk's first groups wait for, or the bytes held ahead push the plan to "
-           "more recompute under the same budget."
+        + (" Where it still adds more with the setting chosen, the copies ahead do not cover what a chunk's first "
+           "groups wait for, or the bytes held ahead push the plan to more recompute under the same budget."
            if tally[2]["Megatron less"] else "")
     )  # fmt: skip
     held = {}
-    for m, p, a, b, _ in CURVE:
-        if int(p) >= 70 and a <= 0.05 and (b is None or a < b):
+    for m, p, _, b, a in CURVE:
+        if a is not None and int(p) >= 70 and a <= 0.05 and (b is None or a < b):
             held.setdefault(m, []).append(f"{p}%")
     out.append("")
     out.append(
         "The target at every one of these budgets (each saves at least 70% of the activations): at most 5% added "
-        "step time and less than Megatron's best setting at the same budget, moerail's executor at lookahead=1: "
+        "step time and less than Megatron's best setting at the same budget, moerail's executor's setting chosen: "
         + "; ".join(f"{m}: met at {len(held.get(m, []))} of {len(pcts)} budgets ({', '.join(held.get(m, [])) or 'none'} saved)"
                     for m in dict.fromkeys(c[0] for c in CURVE))
         + " (at the others both sides hide every copy, or Megatron adds less)."

@@ -10,7 +10,7 @@ processes. An arm is a dict:
 
 * ``name``; ``dispatcher``: ``"moerail"`` (``use_moerail``) or ``"megatron"`` (its alltoall);
 * ``plan``: a ``MemoryPlan.to_dict()`` for ``apply_memory_plan`` (``None``: no plan);
-  ``throttle_s`` / ``prefetch_delay_s`` / ``min_swap_bytes`` / ``lookahead`` for it;
+  ``throttle_s`` / ``prefetch_delay_s`` / ``min_swap_bytes`` / ``lookahead`` / ``prefetch_groups`` for it;
 * ``megatron``: ``TransformerConfig`` recompute settings (``recompute_granularity``, ...);
 * ``ref``: the arm it must match bit for bit (losses, every ``main_grad`` after the gradient
   reduction, the aux-loss tracker, the router token counts before the bias update, the expert bias).
@@ -143,7 +143,8 @@ class Arm:
             self.executor = mi.apply_memory_plan(model, plan, min_swap_bytes=spec.get("min_swap_bytes", 0),
                                                  throttle_s=spec.get("throttle_s", 0.0),
                                                  prefetch_delay_s=spec.get("prefetch_delay_s", 0.0),
-                                                 lookahead=spec.get("lookahead", 1))
+                                                 lookahead=spec.get("lookahead", 1),
+                                                 prefetch_groups=spec.get("prefetch_groups", 1))
         self.counter = SavedTensorCounter()
         if self.executor is not None:
             self.executor.counter = self.counter

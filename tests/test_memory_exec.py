@@ -294,10 +294,10 @@ def megatron_run(tmp_path_factory):
         {"name": "exchange", "dispatcher": "moerail", "plan": _plan(2, EXCHANGE), "ref": "keep"},
         {"name": "whole", "dispatcher": "moerail", "plan": WHOLE, "ref": "keep"},
         {"name": "whole_mixed", "dispatcher": "moerail", "plan": WHOLE_MIXED, "ref": "keep"},
-        # Prefetch across micro-batches (the next backward's first group at a backward's last), with
-        # slowed copies and late swap-ins.
+        # Prefetch across micro-batches (the next backward's first group at a backward's last) and
+        # two groups ahead within a backward, with slowed copies and late swap-ins.
         {"name": "swap_ahead_throttled", "dispatcher": "moerail", "plan": _plan(2, ALL_SWAP), "ref": "keep",
-         "lookahead": 2, "throttle_s": 0.0005, "prefetch_delay_s": 0.001},
+         "lookahead": 2, "prefetch_groups": 2, "throttle_s": 0.0005, "prefetch_delay_s": 0.001},
     ]
     job = {"steps": steps, "runs": [
         {"layout": (1, 1, 4), "arms": ep4},

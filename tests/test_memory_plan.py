@@ -377,28 +377,38 @@ def test_cli_memory_plan(capsys):
     plan = MemoryPlan(tuple(LayerPlan(lp["layer"], lp["actions"], lp["vpp_stage"]) for lp in d["plan"]["layers"]))
     rows = [[plan.action(lc.layer, m, lc.vpp_stage).value for m in MODULES] for lc in c.layers]
     ev = d["plan"]["evaluation"]
-    want = ev["recompute_seconds"] + ev["exchange_seconds"] + executor_swap_wait(c, rows, MODULES)["wait_seconds"]
+    wait = executor_swap_wait(c, rows, MODULES, lookahead=d["lookahead"], prefetch_groups=d["prefetch_groups"])
+    want = ev["recompute_seconds"] + ev["exchange_seconds"] + wait["wait_seconds"]
+    assert (d["plan"]["lookahead"], d["plan"]["prefetch_groups"]) == (d["lookahead"], d["prefetch_groups"])
     assert d["executor_added_seconds"] == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize("host", [True, False])
-def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host):
+@pytest.mark.parametrize("host,one_ahead", [(True, True), (True, False), (False, False)])
+def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host, one_ahead):
     # Where Megatron's best static setting that fits adds less time than the plan as moerail's
-    # executor runs it (non-interleaved 1F1B with offloading: Megatron keeps each offloaded
-    # module's first group of the backward and reloads further ahead), the CLI says so and gives
-    # its flags; where the plan adds less (recompute only here), it does not.
+    # executor runs it, the CLI says so and gives its flags: here non-interleaved 1F1B with
+    # offloading, where Megatron keeps each offloaded module's first group of the backward and
+    # reloads further ahead, against the executor held to one group ahead. Where the plan adds
+    # less, it does not: with the executor's setting chosen (two groups ahead wins here), and
+    # recompute only.
     args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
             "--tp", "2", "--pp", "8", "--ep", "8", "--memory", "40GiB"] + (["--host-memory", "64GiB"] if host else [])  # fmt: skip
+    if one_ahead:
+        args += ["--lookahead", "1", "--prefetch-groups", "1"]
     assert cli.main(args + ["--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     c = MemoryCosts.from_simulator(host_bytes=64 * G if host else 0, model="Mixtral-8x22B", cluster="H100-SXM",
                                    devices=128, global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
                                    pipeline_model_parallel_size=8, expert_model_parallel_size=8)  # fmt: skip
     best = best_static(megatron_static_plans(c), 40 * G)
-    mine = executor_added_seconds(c, plan_memory(c, 40 * G))["added_seconds"]
+    chosen = plan_memory(c, 40 * G, **({} if one_ahead else {"lookahead": "auto", "prefetch_groups": "auto"}))
+    mine = executor_added_seconds(c, chosen)["added_seconds"]
+    assert d["executor_added_seconds"] == pytest.approx(mine, rel=1e-12)
+    if host and not one_ahead:
+        assert chosen.prefetch_groups >= 2
     got = d["best_megatron_setting"]
     assert got["name"] == best.name
-    assert got["adds_less_than_plan"] == (best.plan.predicted_added_seconds < mine) == host
+    assert got["adds_less_than_plan"] == (best.plan.predicted_added_seconds < mine) == one_ahead
     flags = best.megatron_flags
     assert got["megatron_flags"] == list(flags.args)
     cfg = _transformer_config(**flags.config)  # Megatron-Core accepts them
@@ -410,7 +420,7 @@ def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     line = [x for x in out.splitlines() if x.startswith("Megatron's setting adds less time")]
-    if host:
+    if one_ahead:
         assert len(line) == 1 and line[0].endswith("Run Megatron's instead: " + " ".join(flags.args))
         assert f"+{best.plan.predicted_added_seconds:.3f} s against this plan's +{mine:.3f} s" in line[0]
     else:
@@ -429,18 +439,18 @@ def test_cli_memory_plan_lookahead_2(capsys):
                                    global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
                                    pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=7,
                                    expert_model_parallel_size=8)  # fmt: skip
-    want = plan_memory(c, 34 * G, lookahead=2)
-    assert d["lookahead"] == 2
+    want = plan_memory(c, 34 * G, lookahead=2, prefetch_groups="auto")
+    assert d["lookahead"] == 2 and d["prefetch_groups"] == want.prefetch_groups
     assert d["plan"]["predicted_peak_bytes"] == pytest.approx(want.predicted_peak_bytes, rel=1e-12)
     assert d["plan"]["evaluation"]["ahead_bytes"] == want.evaluation["ahead_bytes"] > 0
     assert d["executor_added_seconds"] == pytest.approx(
-        executor_added_seconds(c, want, lookahead=2)["added_seconds"], rel=1e-12)
+        executor_added_seconds(c, want)["added_seconds"], rel=1e-12)
     # Searched under the budget less the bytes held ahead, it beats the lookahead=1 plan run with
     # lookahead=2 (its fallback), here by holding copies ahead.
     one = evaluate_plan(c, plan_memory(c, 34 * G, lookahead=1), lookahead=2)
-    assert want.predicted_added_seconds < one.predicted_added_seconds
+    assert plan_memory(c, 34 * G, lookahead=2).predicted_added_seconds < one.predicted_added_seconds
     assert cli.main(args[:-1]) == 0
-    assert "apply_memory_plan(model, plan, lookahead=2)" in capsys.readouterr().out
+    assert f"lookahead=2, prefetch_groups={want.prefetch_groups}" in capsys.readouterr().out
 
 
 def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
@@ -456,9 +466,9 @@ def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
     # The core's own refusals: "no plan fits" is told apart from the rest, with the same text.
     floor = evaluate_plan(c, MemoryPlan(())).evaluation["static_bytes"]
     with pytest.raises(planner._Unreachable, match=r"^budget_bytes: .* cannot be reached: "):
-        planner._plan(c, int(floor) + 1, True, True, True, 512, 2)
+        planner._plan(c, int(floor) + 1, True, True, True, 512, 2, 1)
     with pytest.raises(ValueError, match="not above") as e:
-        planner._plan(c, int(floor) - 1, True, True, True, 512, 2)
+        planner._plan(c, int(floor) - 1, True, True, True, 512, 2, 1)
     assert not isinstance(e.value, planner._Unreachable)
     with pytest.raises(ValueError, match="cannot be reached"):
         plan_memory(c, int(floor) + 1, lookahead=2)
@@ -486,7 +496,9 @@ def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
         (["--memory", "1GiB"], "--memory: "),
         (["--memory", "40GiB", "--host-memory", "lots"], "--host-memory"),
         (["--memory", "40GiB", "--stage", "-1"], "--stage"),
-        (["--memory", "40GiB", "--lookahead", "3"], "--lookahead: expected 1 or 2"),
+        (["--memory", "40GiB", "--lookahead", "3"], "--lookahead: expected 1, 2 or auto"),
+        (["--memory", "40GiB", "--prefetch-groups", "0"], "--prefetch-groups: expected 1 to 8 or auto"),
+        (["--memory", "40GiB", "--prefetch-groups", "many"], "--prefetch-groups: expected 1 to 8 or auto"),
     ],
 )
 def test_cli_memory_bad_input(capsys, extra, needle):

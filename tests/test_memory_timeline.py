@@ -299,7 +299,7 @@ _ORDER = [("f", 0), ("f", 1), ("b", 0), ("f", 2), ("b", 1), ("b", 2)]
 _ACTS = [{"attention": "swap", "expert_fc1": "swap"}, {"expert_fc1": "swap"}, {"attention": "swap", "expert_fc1": "swap"}]
 
 
-def _recorded(lookahead, monkeypatch, steps=2):
+def _recorded(lookahead, monkeypatch, steps=2, prefetch_groups=1):
     """Runs the tiny model (three layers) under a swap plan in ``_ORDER`` for ``steps`` steps and
     records, in the last one, each group's backward start and the groups whose copies back it
     began, keyed by micro-batch."""
@@ -345,7 +345,7 @@ def _recorded(lookahead, monkeypatch, steps=2):
         mp.setattr(LayerRun, "backward_starts", backward_starts)
         model = mt.Model(layers=3)
         plan = MemoryPlan(tuple(LayerPlan(i, a) for i, a in enumerate(_ACTS)), host_bytes=1 << 24)
-        ex = mt.attach(Executor(plan, min_swap_bytes=0, lookahead=lookahead), model)
+        ex = mt.attach(Executor(plan, min_swap_bytes=0, lookahead=lookahead, prefetch_groups=prefetch_groups), model)
         for _ in range(steps):
             log.clear()
             ready_before.clear()
@@ -370,14 +370,15 @@ def test_cross_chunk_prefetch_happens_and_stays_exact(monkeypatch):
 
     _, ready2, ex2, (out2, g2) = _recorded(2, monkeypatch)
     _, ready1, ex1, (out1, g1) = _recorded(1, monkeypatch)
+    _, _, _, (out3, g3) = _recorded(2, monkeypatch, prefetch_groups=3)  # every group of a backward ahead
     model = mt.Model(layers=3)
     mt.attach(Executor(None), model)
     out0, g0 = _one_f_one_b(model, _ORDER)
     for i in out0:
-        assert torch.equal(out0[i], out2[i]) and torch.equal(out0[i], out1[i])
-    assert g0.keys() == g2.keys() == g1.keys()
+        assert torch.equal(out0[i], out2[i]) and torch.equal(out0[i], out1[i]) and torch.equal(out0[i], out3[i])
+    assert g0.keys() == g2.keys() == g1.keys() == g3.keys()
     for k in g0:
-        assert torch.equal(g0[k], g2[k]) and torch.equal(g0[k], g1[k]), k
+        assert torch.equal(g0[k], g2[k]) and torch.equal(g0[k], g1[k]) and torch.equal(g0[k], g3[k]), k
     for m in (1, 2):  # the backwards that follow another one
         assert ready2[(m, 2, "mlp")] and all(ready2[(m, 2, "mlp")]), ready2
         assert not any(ready1[(m, 2, "mlp")])
@@ -385,14 +386,15 @@ def test_cross_chunk_prefetch_happens_and_stays_exact(monkeypatch):
     assert ex2.stats["chunk_prefetches"] == 4 and ex1.stats["chunk_prefetches"] == 0  # two per step
 
 
-@pytest.mark.parametrize("lookahead", [0, 1, 2])
-def test_executor_cross_chunk_order_matches_timeline(lookahead, monkeypatch):
+@pytest.mark.parametrize("lookahead,prefetch_groups", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)])
+def test_executor_cross_chunk_order_matches_timeline(lookahead, prefetch_groups, monkeypatch):
     """The executor's recorded order of backward starts and copies back in a 1F1B stage (stage 0
-    of two, three micro-batches, second step) is the one the timeline charges, ``lookahead`` as
-    the executor's."""
+    of two, three micro-batches, second step) is the one the timeline charges, ``lookahead`` and
+    ``prefetch_groups`` as the executor's; and what the copies ahead hold beyond the running
+    layer's own swapped bytes, by hand."""
     from moerail.memory.timeline import executor_swap_wait
 
-    log, _, _, _ = _recorded(lookahead, monkeypatch)
+    log, _, _, _ = _recorded(lookahead, monkeypatch, prefetch_groups=prefetch_groups)
     layers = [LayerCosts(layer=i, modules={m: ModuleCost(M, 1e-4, exchange_bytes=M / 2 if m == "expert_fc1" else 0.0)
                                             for m in ("layernorm", "attention", "expert_fc1")},
                          forward_seconds=0.01, backward_seconds=0.02) for i in range(3)]  # fmt: skip
@@ -401,17 +403,21 @@ def test_executor_cross_chunk_order_matches_timeline(lookahead, monkeypatch):
     modules = ("layernorm", "attention", "expert_fc1")
     trace = []
     r = executor_swap_wait(costs, [[a.get(m, "keep") for m in modules] for a in _ACTS], modules, trace=trace,
-                           lookahead=lookahead)  # fmt: skip
+                           lookahead=lookahead, prefetch_groups=prefetch_groups)  # fmt: skip
     mine = [(e[0], e[1][1], e[2], e[3]) for e in trace]
     assert mine == log, (mine, log)
-    want_ahead = layers[2].modules["expert_fc1"].saved_bytes if lookahead == 2 else 0.0
+    # Swapped per group (M each): layer 2 attn + mlp, layer 1 mlp, layer 0 attn + mlp. lookahead=2:
+    # layer 2's mlp group held through the forward before its backward (M). Two groups ahead: at
+    # layer 2's mlp, layer 1's mlp is back beyond layer 2's own (M); at layer 1's attn, layer 0's
+    # two groups beyond layer 1's own M (M). Three: at layer 1's mlp, layer 0's two (2 M).
+    want_ahead = {1: M if lookahead == 2 else 0.0, 2: M, 3: 2 * M}[prefetch_groups]
     assert r["ahead_bytes"] == want_ahead
 
 
-def test_plan_for_lookahead_2_counts_the_copies_ahead_in_its_peak():
-    """``plan_memory(..., lookahead=2)``: the peak is the model's peak plus what the executor copies
-    ahead of the next backward chunk (the timeline's ``ahead_bytes``, recomputed here), and fits
-    the budget; ``lookahead`` is checked."""
+def test_plan_with_copies_ahead_counts_them_in_its_peak():
+    """``plan_memory(..., lookahead=2)`` or ``prefetch_groups`` >= 2: the peak is the model's peak
+    plus what the executor's copies ahead hold beyond it (the timeline's ``ahead_bytes``,
+    recomputed here), and fits the budget; ``lookahead`` and ``prefetch_groups`` are checked."""
     from moerail.memory import evaluate_plan, plan_memory
     from moerail.memory.planner import _rows, executor_added_seconds
     from moerail.memory.timeline import executor_swap_wait
@@ -419,24 +425,31 @@ def test_plan_for_lookahead_2_counts_the_copies_ahead_in_its_peak():
     costs = moe_costs(link=5e9)
     keep = evaluate_plan(costs, MemoryPlan(())).evaluation
     budget = int(costs.static_bytes + 0.2 * keep["activation_bytes_keep_all"] + keep["transient_bytes"])
-    p2 = plan_memory(costs, budget, lookahead=2)
-    base = evaluate_plan(costs, p2).evaluation["peak_bytes"]
-    ahead = executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=2)["ahead_bytes"]
-    assert ahead > 0  # the plan swaps the last layer's MLP group of a chunk: something is copied ahead
-    assert p2.evaluation["ahead_bytes"] == ahead
-    assert p2.predicted_peak_bytes == pytest.approx(base + ahead) and p2.predicted_peak_bytes <= budget
-    # Copying ahead never makes the executor wait longer for the same plan.
-    assert (executor_added_seconds(costs, p2, lookahead=2)["swap_wait_seconds"]
-            <= executor_added_seconds(costs, p2, lookahead=1)["swap_wait_seconds"])  # fmt: skip
+    for lookahead, groups in ((2, 1), (1, 2), (2, 3)):
+        p2 = plan_memory(costs, budget, lookahead=lookahead, prefetch_groups=groups)
+        base = evaluate_plan(costs, p2).evaluation["peak_bytes"]
+        ahead = executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=lookahead,
+                                   prefetch_groups=groups)["ahead_bytes"]  # fmt: skip
+        assert ahead > 0  # the plan swaps groups that are copied back ahead
+        assert p2.evaluation["ahead_bytes"] == ahead
+        assert p2.predicted_peak_bytes == pytest.approx(base + ahead) and p2.predicted_peak_bytes <= budget
+        # Copying ahead never makes the executor wait longer for the same plan.
+        assert (executor_added_seconds(costs, p2, lookahead=lookahead, prefetch_groups=groups)["swap_wait_seconds"]
+                <= executor_added_seconds(costs, p2, lookahead=1)["swap_wait_seconds"])  # fmt: skip
     for bad in (3, -1, True, 1.0):
         with pytest.raises(ValueError, match="lookahead"):
             plan_memory(costs, budget, lookahead=bad)
         with pytest.raises(ValueError, match="lookahead"):
             executor_swap_wait(costs, _rows(costs, p2), MODULES, lookahead=bad)
+    for bad in (0, 9, True, 2.0):
+        with pytest.raises(ValueError, match="prefetch_groups"):
+            plan_memory(costs, budget, prefetch_groups=bad)
+        with pytest.raises(ValueError, match="prefetch_groups"):
+            evaluate_plan(costs, p2, prefetch_groups=bad)
 
 
-@pytest.mark.parametrize("lookahead", [0, 1, 2])
-def test_planner_prices_swaps_as_the_executor_replay_waits(lookahead):
+@pytest.mark.parametrize("lookahead,prefetch_groups", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)])
+def test_planner_prices_swaps_as_the_executor_replay_waits(lookahead, prefetch_groups):
     """The planner's model of its executor's waits (``swap_wait_seconds``) against the timeline's
     replay of the executor, on random small cost sets (1F1B and interleaved, every rank, a few
     links) and plans that swap random modules of one layer (the model takes each layer's copies
@@ -448,7 +461,7 @@ def test_planner_prices_swaps_as_the_executor_replay_waits(lookahead):
     from moerail.memory.planner import _rows
     from moerail.memory.timeline import executor_swap_wait
 
-    rng = random.Random(17 + lookahead)
+    rng = random.Random(17 + lookahead + 3 * prefetch_groups)
     waited = 0
     for _ in range(40):
         pp = rng.choice((1, 2, 4))
@@ -459,8 +472,9 @@ def test_planner_prices_swaps_as_the_executor_replay_waits(lookahead):
         acts = {m: "swap" for m in costs.layers[pick].modules if rng.random() < 0.5} or {"expert_act": "swap"}
         plan = MemoryPlan(tuple(LayerPlan(lc.layer, acts if i == pick else {}, lc.vpp_stage)
                                 for i, lc in enumerate(costs.layers)))  # fmt: skip
-        ev = evaluate_plan(costs, plan, lookahead=lookahead).evaluation
-        replay = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead)["wait_seconds"]
+        ev = evaluate_plan(costs, plan, lookahead=lookahead, prefetch_groups=prefetch_groups).evaluation
+        replay = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead,
+                                    prefetch_groups=prefetch_groups)["wait_seconds"]  # fmt: skip
         assert ev["swap_wait_seconds"] == pytest.approx(replay, rel=1e-9, abs=1e-12), (acts, pick)
         assert ev["swap_exposed_seconds"] >= max(replay, ev["swap_bound_seconds"]) - 1e-12
         waited += replay > 0
@@ -587,3 +601,42 @@ def test_executor_learns_the_interleaved_order(monkeypatch):
     assert logs[1] == [(e[0], e[1], e[2], e[3]) for e in trace2]
     assert logs[0] == [(e[0], e[1], e[2], e[3]) for e in trace1]  # first step: within chunks only
     assert ex.stats["chunk_prefetches"] > 0
+
+
+def test_auto_prefetch_picks_the_cheapest_executor_setting_and_the_plan_carries_it():
+    """``plan_memory(..., lookahead="auto", prefetch_groups="auto")``: the plan of each setting is
+    searched; the one chosen costs no more, as the executor's replay times it, than any of them,
+    and here that is two groups ahead (its copies of the next layer's MLP start a whole layer's
+    backward earlier, room the budget has). The plan carries its setting through ``to_dict`` /
+    ``from_dict``, and the executor runs it with that unless told otherwise."""
+    from moerail.memory import evaluate_plan, plan_memory
+    from moerail.memory.executor import Executor
+    from moerail.memory.planner import executor_added_seconds
+
+    costs = moe_costs(layers_per_chunk=3, link=10e9, vpp=1, pp=4, rank=0, m=8)
+    keep = evaluate_plan(costs, MemoryPlan(())).evaluation
+    budget = int(costs.static_bytes + 0.5 * keep["activation_bytes_keep_all"] + keep["transient_bytes"])
+    auto = plan_memory(costs, budget, lookahead="auto", prefetch_groups="auto")
+    timed = {}
+    for la in (1, 2):
+        for g in (1, 2, 3):
+            p = plan_memory(costs, budget, lookahead=la, prefetch_groups=g)
+            assert (p.lookahead, p.prefetch_groups) == (la, g)
+            timed[(la, g)] = executor_added_seconds(costs, p)["added_seconds"]
+    got = executor_added_seconds(costs, auto)["added_seconds"]
+    assert got == min(timed.values()) and got < timed[(1, 1)], timed
+    assert (auto.lookahead, auto.prefetch_groups) == (1, 2) and auto.predicted_peak_bytes <= budget
+    # "auto" for one of them searches that one only.
+    assert plan_memory(costs, budget, prefetch_groups="auto").lookahead == 1
+    again = MemoryPlan.from_dict(auto.to_dict())
+    assert (again.lookahead, again.prefetch_groups) == (1, 2)
+    assert MemoryPlan.from_dict({"layers": []}).prefetch_groups == 1  # plans written before the field
+    ex = Executor(again)
+    assert (ex.lookahead, ex.prefetch_groups) == (1, 2)
+    ex.set_plan(MemoryPlan(()))
+    assert (ex.lookahead, ex.prefetch_groups) == (1, 1)
+    assert Executor(again, prefetch_groups=3).prefetch_groups == 3
+    with pytest.raises(ValueError, match="prefetch_groups"):
+        MemoryPlan((), prefetch_groups=0)
+    with pytest.raises(ValueError, match="lookahead"):
+        plan_memory(costs, budget, lookahead="fast")

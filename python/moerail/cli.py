@@ -413,8 +413,20 @@ def _check_memory_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--stage: expected a pipeline stage >= 0, got {args.stage}")
     if args.percentile is not None and not 0 < args.percentile <= 100:
         raise ValueError(f"--percentile: expected a number in (0, 100], got {args.percentile}")
-    if args.lookahead not in (1, 2):
-        raise ValueError(f"--lookahead: expected 1 or 2, got {args.lookahead}")
+    if args.lookahead != "auto":
+        if args.lookahead not in ("1", "2"):
+            raise ValueError(f"--lookahead: expected 1, 2 or auto, got {args.lookahead}")
+        args.lookahead = int(args.lookahead)
+    if args.prefetch_groups != "auto":
+        from .memory.plan import MAX_PREFETCH_GROUPS
+
+        try:
+            groups = int(args.prefetch_groups)
+        except ValueError:
+            groups = 0
+        if not 1 <= groups <= MAX_PREFETCH_GROUPS:
+            raise ValueError(f"--prefetch-groups: expected 1 to {MAX_PREFETCH_GROUPS} or auto, got {args.prefetch_groups}")
+        args.prefetch_groups = groups
 
 
 def _groups(plan) -> List[Tuple[List[int], str]]:
@@ -447,7 +459,8 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
         host_bytes=args.host_memory_bytes,
     )
     try:
-        plan = memory.plan_memory(costs, args.memory_bytes, lookahead=args.lookahead)
+        plan = memory.plan_memory(costs, args.memory_bytes, lookahead=args.lookahead,
+                                  prefetch_groups=args.prefetch_groups)
     except ValueError as e:
         text = str(e).replace("budget_bytes:", "--memory:", 1).replace("host_bytes:", "--host-memory:", 1)
         raise ValueError(text) from None
@@ -459,7 +472,7 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     keep = ev["activation_bytes_keep_all"]
     saved = 1 - ev["activation_bytes"] / keep if keep > 0 else 0.0
     step = costs.step_seconds
-    executor = memory.planner.executor_added_seconds(costs, plan, lookahead=args.lookahead)
+    executor = memory.planner.executor_added_seconds(costs, plan)
     # Where Megatron's own setting costs less than this plan as moerail's executor runs it, the
     # user is told so and given its flags, not left to compare two numbers.
     megatron_wins = best is not None and best.plan.predicted_added_seconds < executor["added_seconds"] * (1 - 1e-9)
@@ -467,7 +480,8 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
         out = {
             "plan": plan.to_dict(),
             "executor_added_seconds": executor["added_seconds"],
-            "lookahead": args.lookahead,
+            "lookahead": plan.lookahead,
+            "prefetch_groups": plan.prefetch_groups,
             "stage": costs.meta.get("stage"),
             "megatron_flags": list(flags.args),
             "megatron_notes": list(flags.notes),
@@ -495,13 +509,15 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     print(f"added step time     {ev['added_seconds']:.3f} s{pct}: recompute {ev['recompute_seconds']:.3f} s, "
           f"exchange {ev['exchange_seconds']:.3f} s, unhidden swap {ev['swap_exposed_seconds']:.3f} s")  # fmt: skip
     if ev["host_bytes"] > 0:
-        ahead = ("one group ahead, within a model chunk" if args.lookahead == 1 else
-                 "one group ahead, and the next backward chunk's first group at a chunk's last; its "
-                 f"{executor['ahead_bytes'] / G:.2f} GiB held ahead are in the peak")
+        n = plan.prefetch_groups
+        ahead = f"{n} group{'s' if n > 1 else ''} ahead within a model chunk"
+        if plan.lookahead == 2:
+            ahead += ", and the next backward chunk's first group at a chunk's last"
+        if executor["ahead_bytes"] > 0:
+            ahead += f"; the {executor['ahead_bytes'] / G:.2f} GiB they hold ahead are in the peak"
         print(f"with the executor   {executor['added_seconds']:.3f} s added: its swap-ins wait "
-              f"{executor['swap_wait_seconds']:.3f} s (copies back start {ahead})")  # fmt: skip
-        if args.lookahead == 2:
-            print("                    run it with apply_memory_plan(model, plan, lookahead=2)")
+              f"{executor['swap_wait_seconds']:.3f} s (copies back start {ahead}; lookahead={plan.lookahead}, "
+              f"prefetch_groups={n}, which apply_memory_plan takes from the plan)")  # fmt: skip
     print(f"host memory used    {ev['host_bytes'] / G:.1f} GiB of {costs.host_bytes / G:.1f} GiB"
           + ("" if costs.host_bytes > 0 else " (no --host-memory: no swap)"))
     if best is not None:
@@ -579,10 +595,15 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loads", metavar="FILE",
                    help="with --memory: tokens per expert (steps x experts, .npy/.pt/.csv) to plan for their skew")
     p.add_argument("--percentile", type=float, help="with --loads: the percentile of tokens per expert rank to plan for (99)")
-    p.add_argument("--lookahead", type=int, default=1,
-                   help="with --memory and --host-memory: the executor's prefetch of swapped activations (1: one group ahead "
-                        "within a model chunk; 2: also the next backward chunk's first group, held through the forward "
-                        "before it and counted in the peak)")
+    p.add_argument("--lookahead", default="auto",
+                   help="with --memory and --host-memory: the executor's prefetch of swapped activations (1: within a "
+                        "model chunk; 2: also the next backward chunk's first group, held through the forward before it "
+                        "and counted in the peak; auto (default): the one whose plan adds the least time)")
+    p.add_argument("--prefetch-groups", default="auto",
+                   help="with --memory and --host-memory: how many groups (a layer's attention or MLP half) ahead within "
+                        "a model chunk's backward the executor copies swapped activations back (1 to 8; more hides longer "
+                        "copies and holds more, counted in the peak; auto (default): 1 to 3, the one whose plan adds the "
+                        "least time)")
     p.set_defaults(func=cmd_plan)
 
 

@@ -15,8 +15,9 @@ The actions:
 * **keep** — nothing happens (autograd keeps what it saved).
 * **swap** — a ``saved_tensors_hooks`` pack hook sends each saved tensor of the module (not
   parameters, not tensors under ``min_swap_bytes``, only dense ones) to the host pool
-  (:mod:`.swap`); the group's backward start prefetches it (and the next group's, ``lookahead``:
-  the next group of the same model chunk run, and with ``lookahead=2`` at a chunk run's last group
+  (:mod:`.swap`); the group's backward start prefetches it (and the next groups', ``lookahead``:
+  the next ``prefetch_groups`` groups of the same model chunk run in backward order, and with
+  ``lookahead=2`` at a chunk run's last group
   the first group of the next chunk run's backward), the unpack hook waits for that tensor's own
   swap-in, which waited for its own swap-out.
 * **recompute** — an output-discarding checkpoint. The region runs once in the forward with grad
@@ -53,7 +54,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .plan import MODULES, Action, MemoryPlan
+from .plan import MODULES, Action, MemoryPlan, check_prefetch
 from .swap import HostPool, SwappedTensor, Swapper
 
 __all__ = ["Executor", "LayerRun", "SavedTensorCounter", "GROUPS"]
@@ -606,16 +607,21 @@ class LayerRun:
         for st in reversed(self.swapped[group]):
             st.prefetch()
         if ex.lookahead:
-            nxt = (self, "attn") if group == "mlp" else (self.prev, "mlp")
-            if nxt[0] is None and ex.lookahead >= 2 and chunk is not None and chunk.first() is self:
-                # The chunk run's last group: the first group of the next backward chunk run.
-                after = ex._next_backward_chunk(chunk)
-                nxt = (after.last() if after is not None else None, "mlp")
-                if nxt[0] is not None and nxt[0].swapped["mlp"]:
-                    ex.stats["chunk_prefetches"] += 1
-            if nxt[0] is not None:
+            nxt: Tuple[Optional[LayerRun], str] = (self, group)
+            for _ in range(ex.prefetch_groups):
+                nxt = (nxt[0], "attn") if nxt[1] == "mlp" else (nxt[0].prev, "mlp")
+                if nxt[0] is None:
+                    break
                 for st in reversed(nxt[0].swapped[nxt[1]]):
                     st.prefetch()
+            if ex.lookahead >= 2 and group == "attn" and chunk is not None and chunk.first() is self:
+                # The chunk run's last group: the first group of the next backward chunk run.
+                after = ex._next_backward_chunk(chunk)
+                run = after.last() if after is not None else None
+                if run is not None and run.swapped["mlp"]:
+                    ex.stats["chunk_prefetches"] += 1
+                    for st in reversed(run.swapped["mlp"]):
+                        st.prefetch()
         for r in self.regions[group]:
             r.ensure_replayed()
         self.swapped[group] = []
@@ -648,14 +654,16 @@ class Executor:
     tensors smaller than this stay on the device; ``throttle_s`` / ``prefetch_delay_s``: slow every
     copy / delay every swap-in (stress tests; also ``MOERAIL_SWAP_THROTTLE_S``); ``lookahead``: what
     a group's backward start prefetches besides its own swapped tensors (0: nothing; 1: the next
-    group of the same model chunk run; 2: that, and at a chunk run's last group the first group of
-    the next chunk run's backward, which then stays on the device through the forward between
-    them); ``count``: keep a
+    ``prefetch_groups`` groups of the same model chunk run in backward order; 2: that, and at a
+    chunk run's last group the first group of the next chunk run's backward, which then stays on
+    the device through the forward between them); both default to the plan's, those its
+    predictions assume; ``count``: keep a
     :class:`SavedTensorCounter` (``executor.counter``); ``params``: tensors never swapped (the
     model's parameters)."""
 
     def __init__(self, plan: Optional[MemoryPlan], *, device=None, min_swap_bytes: int = 1 << 16,
-                 throttle_s: Optional[float] = None, prefetch_delay_s: float = 0.0, lookahead: int = 1,
+                 throttle_s: Optional[float] = None, prefetch_delay_s: float = 0.0,
+                 lookahead: Optional[int] = None, prefetch_groups: Optional[int] = None,
                  count: bool = False, params: Iterable[torch.Tensor] = ()) -> None:
         import os
 
@@ -676,9 +684,14 @@ class Executor:
             self._whole = {(lp.layer, lp.vpp_stage) for lp in plan.layers if lp.recompute_layer}
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.min_swap_bytes = min_swap_bytes
-        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
-            raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
-        self.lookahead = lookahead
+        # Settings not given follow the plan (and set_plan's later plans).
+        self._from_plan = (lookahead is None, prefetch_groups is None)
+        if lookahead is None:
+            lookahead = plan.lookahead if plan is not None else 1
+        if prefetch_groups is None:
+            prefetch_groups = plan.prefetch_groups if plan is not None else 1
+        check_prefetch(lookahead, prefetch_groups)
+        self.lookahead, self.prefetch_groups = lookahead, prefetch_groups
         # Model chunk runs (forward order) whose backward has not started, the one being run forward
         # and the (layer, vpp stage) of the last layer forward; the virtual pipeline stages of the
         # chunk runs' backward starts in this step and in the last whole step (the schedule's
@@ -724,13 +737,18 @@ class Executor:
 
     def set_plan(self, plan: MemoryPlan) -> None:
         """Another plan for the same wrapped model (e.g. after profiling with keep-all), from the next
-        layer forward on. Micro-batches already in flight finish under the actions they started with."""
+        layer forward on. Micro-batches already in flight finish under the actions they started with.
+        The executor's ``lookahead`` / ``prefetch_groups``, where not given to it, become the plan's."""
         if not isinstance(plan, MemoryPlan):
             raise TypeError(f"plan: expected a moerail.memory.MemoryPlan, got {type(plan).__name__}")
         self.plan = plan
         self._actions = {(lp.layer, lp.vpp_stage): dict(lp.actions) for lp in plan.layers}
         self._whole = {(lp.layer, lp.vpp_stage) for lp in plan.layers if lp.recompute_layer}
         self.pool.capacity = plan.host_bytes
+        if self._from_plan[0]:
+            self.lookahead = plan.lookahead
+        if self._from_plan[1]:
+            self.prefetch_groups = plan.prefetch_groups
 
     def action(self, layer: int, module: str, vpp_stage: int = 0) -> Action:
         acts = self._actions.get((layer, vpp_stage))

@@ -123,7 +123,9 @@ class MemoryPlan:
     `predicted_peak_bytes` is the peak device memory on the pipeline schedule's timeline (weights,
     gradients, optimizer state and the activations of the micro-batches in flight);
     `predicted_added_seconds` the step time the plan exposes (recompute plus unhidden swap);
-    `host_bytes` the pinned host memory the swaps need per device."""
+    `host_bytes` the pinned host memory the swaps need per device; `lookahead` and
+    `prefetch_groups` how moerail's executor copies swapped tensors back for those predictions
+    (:class:`~moerail.memory.executor.Executor` runs the plan with them unless told otherwise)."""
 
     layers: Tuple[LayerPlan, ...]
     budget_bytes: Optional[int] = None
@@ -133,6 +135,8 @@ class MemoryPlan:
     # What the planner's model says about the plan (peak by part, seconds by kind, keep-all
     # activations, whether the solve was exact); empty for a plan built by hand.
     evaluation: Mapping[str, Any] = field(default_factory=dict)
+    lookahead: int = 1
+    prefetch_groups: int = 1
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -151,6 +155,7 @@ class MemoryPlan:
             raise ValueError(f"budget_bytes: expected a positive int, got {self.budget_bytes!r}")
         if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
             raise ValueError(f"host_bytes: expected an int >= 0, got {self.host_bytes!r}")
+        check_prefetch(self.lookahead, self.prefetch_groups)
 
     @classmethod
     def uniform(cls, num_layers: int, actions: Mapping[str, Action], **kw) -> MemoryPlan:
@@ -192,6 +197,8 @@ class MemoryPlan:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "predicted_added_seconds": self.predicted_added_seconds,
             "host_bytes": self.host_bytes,
+            "lookahead": self.lookahead,
+            "prefetch_groups": self.prefetch_groups,
             **({"evaluation": dict(self.evaluation)} if self.evaluation else {}),
         }
 
@@ -221,6 +228,8 @@ class MemoryPlan:
             predicted_added_seconds=d.get("predicted_added_seconds"),
             host_bytes=d.get("host_bytes", 0),
             evaluation=dict(d.get("evaluation") or {}),
+            lookahead=d.get("lookahead", 1),
+            prefetch_groups=d.get("prefetch_groups", 1),
         )
 
     def to_megatron_flags(self, *, multi_latent_attention: bool = False, strict: bool = False) -> MegatronFlags:
@@ -393,3 +402,17 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
     if strict and notes:
         raise ValueError("plan: Megatron's flags cannot express it: " + "; ".join(notes))
     return _megatron_settings(names, off, full=full, notes=notes)
+
+
+#: Most groups moerail's executor copies back ahead within a model chunk (``prefetch_groups``).
+MAX_PREFETCH_GROUPS = 8
+
+
+def check_prefetch(lookahead: Any, prefetch_groups: Any) -> None:
+    """Refuses (``ValueError`` naming the argument) what moerail's executor cannot run:
+    ``lookahead`` 0, 1 or 2 and ``prefetch_groups`` 1 to :data:`MAX_PREFETCH_GROUPS`."""
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
+        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+    if (isinstance(prefetch_groups, bool) or not isinstance(prefetch_groups, int)
+            or not 1 <= prefetch_groups <= MAX_PREFETCH_GROUPS):  # fmt: skip
+        raise ValueError(f"prefetch_groups: expected an int from 1 to {MAX_PREFETCH_GROUPS}, got {prefetch_groups!r}")

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from .. import _native
 from . import exact
 from .costs import MemoryCosts
-from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan, _megatron_settings
+from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan, _megatron_settings, check_prefetch
 from .simcosts import costs_to_core
 
 __all__ = [
@@ -96,7 +96,8 @@ def _rows(costs: MemoryCosts, plan: MemoryPlan) -> List[List[str]]:
     return rows
 
 
-def _to_plan(costs: MemoryCosts, rows: Sequence[Sequence[str]], ev: Mapping[str, Any], budget: Optional[int]) -> MemoryPlan:
+def _to_plan(costs: MemoryCosts, rows: Sequence[Sequence[str]], ev: Mapping[str, Any], budget: Optional[int],
+             lookahead: int = 1, prefetch_groups: int = 1) -> MemoryPlan:
     layers = tuple(
         LayerPlan(lc.layer, {}, lc.vpp_stage, recompute_layer=True)
         if all(a == _WHOLE for a in row)
@@ -113,6 +114,8 @@ def _to_plan(costs: MemoryCosts, rows: Sequence[Sequence[str]], ev: Mapping[str,
         predicted_added_seconds=float(ev["added_seconds"]),
         host_bytes=int(math.ceil(ev["host_bytes"])),
         evaluation=evaluation,
+        lookahead=lookahead,
+        prefetch_groups=prefetch_groups,
     )
 
 
@@ -124,7 +127,8 @@ def plan_memory(
     allow_recompute_exchange: bool = True,
     allow_recompute: bool = True,
     frontier_limit: int = 512,
-    lookahead: int = 1,
+    lookahead: Union[int, str] = 1,
+    prefetch_groups: Union[int, str] = 1,
 ) -> MemoryPlan:
     """The plan with the least exposed step time whose predicted peak fits ``budget_bytes``
     (an int, or a string such as ``"60GiB"``) on the device ``costs`` describes.
@@ -136,6 +140,13 @@ def plan_memory(
     the device through the forward before that backward: the plan's peak counts them in full
     (``evaluation["ahead_bytes"]``, from :func:`.timeline.executor_swap_wait`), and the plan is
     searched under the budget less them until it fits, or is the plan for 1 if that costs less.
+    ``prefetch_groups`` (the executor's, with ``lookahead`` >= 1): how many groups ahead within a
+    model chunk's backward a group's start copies back; from 2 the copies of a later layer are on
+    the device during the running layer's backward, and the peak counts them the same way.
+    ``"auto"`` for either (lookahead 1 or 2; 1 to 3 groups): the plan for each is searched and the
+    one whose swaps the executor's replay (:func:`executor_added_seconds`) times cheapest wins,
+    the fewer copies ahead on a tie. The plan carries the settings it was made for
+    (``plan.lookahead``, ``plan.prefetch_groups``), and the executor runs it with them.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
     the model's numbers (``peak_bytes``, ``activation_bytes`` and ``activation_bytes_keep_all``
@@ -161,18 +172,23 @@ def plan_memory(
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if isinstance(frontier_limit, bool) or not isinstance(frontier_limit, int) or frontier_limit < 16:
         raise ValueError(f"frontier_limit: expected an int >= 16, got {frontier_limit!r}")
-    _check_lookahead(lookahead)
-    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit, lookahead)
-    if lookahead < 2:
+    if lookahead == "auto" or prefetch_groups == "auto":
+        return _plan_choosing_prefetch(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute,
+                                       frontier_limit, lookahead, prefetch_groups)  # fmt: skip
+    check_prefetch(lookahead, prefetch_groups)
+    args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit, lookahead, prefetch_groups)
+    if lookahead < 2 and prefetch_groups < 2:
         return _plan(costs, budget, *args)
     from .timeline import executor_swap_wait
 
     def with_ahead(plan: MemoryPlan) -> MemoryPlan:
-        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=2)["ahead_bytes"]
+        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead,
+                                   prefetch_groups=prefetch_groups)["ahead_bytes"]  # fmt: skip
         ev = dict(plan.evaluation)
         ev["ahead_bytes"] = ahead
         ev["peak_bytes"] = plan.predicted_peak_bytes + ahead
-        return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev)
+        return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev,
+                       lookahead=lookahead, prefetch_groups=prefetch_groups)
 
     found: List[MemoryPlan] = []
     inner, ahead = budget, 0.0
@@ -193,10 +209,11 @@ def plan_memory(
         if inner <= costs.static_bytes:
             break
     # The plan for lookahead=1 keeps what that executor cannot hide (each chunk's first group),
-    # so it holds little ahead: run with lookahead=2 it may fit where the plans above do not, or
-    # cost less than one searched under a budget cut by the bytes ahead.
+    # so it holds little ahead: run with more copies ahead it may fit where the plans above do
+    # not, or cost less than one searched under a budget cut by the bytes ahead.
     if allow_swap and not costs.exact_model:
-        one = evaluate_plan(costs, _plan(costs, budget, *args[:-1], 1), lookahead=2)
+        one = evaluate_plan(costs, _plan(costs, budget, *args[:-2], 1, 1), lookahead=lookahead,
+                            prefetch_groups=prefetch_groups)  # fmt: skip
         one.evaluation["exact"] = False
         one = with_ahead(one)
         if one.predicted_peak_bytes <= budget:
@@ -204,19 +221,45 @@ def plan_memory(
     if found:
         return min(found, key=lambda p: p.predicted_added_seconds)
     raise ValueError(
-        f"budget_bytes: {_size(budget)} cannot be reached with lookahead=2: the copies ahead of the next "
-        f"backward chunk ({_size(ahead)}) do not fit beside the plan; lookahead=1 does not hold them"
+        f"budget_bytes: {_size(budget)} cannot be reached with lookahead={lookahead}, "
+        f"prefetch_groups={prefetch_groups}: the copies ahead ({_size(ahead)}) do not fit beside the plan; "
+        f"lookahead=1 with prefetch_groups=1 does not hold them"
     )
 
 
-def _check_lookahead(lookahead: Any) -> None:
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
-        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
+                            allow_recompute: bool, frontier_limit: int, lookahead: Union[int, str],
+                            prefetch_groups: Union[int, str]) -> MemoryPlan:
+    """``plan_memory`` with ``"auto"`` for the executor's ``lookahead`` and / or ``prefetch_groups``:
+    the plans for every candidate, the cheapest as the executor's replay times it."""
+    las = (1, 2) if lookahead == "auto" else (lookahead,)
+    gs = (1, 2, 3) if prefetch_groups == "auto" else (prefetch_groups,)
+    for la in las:
+        for g in gs:
+            check_prefetch(la, g)
+    if not (allow_swap and costs.host_bytes > 0):
+        las, gs = las[:1], gs[:1]  # nothing swaps: every setting gives the same plan
+    best, first_error = None, None
+    for la in las:
+        for g in gs:
+            try:
+                plan = plan_memory(costs, budget, allow_swap=allow_swap, allow_recompute_exchange=allow_recompute_exchange,
+                                   allow_recompute=allow_recompute, frontier_limit=frontier_limit, lookahead=la,
+                                   prefetch_groups=g)  # fmt: skip
+            except ValueError as e:
+                first_error = first_error or e
+                continue
+            added = executor_added_seconds(costs, plan)["added_seconds"]
+            if best is None or added < best[0]:
+                best = (added, plan)
+    if best is None:
+        raise first_error
+    return best[1]
 
 
 class _Unreachable(ValueError):
     """No plan reaches the budget (with the host memory given): the one refusal that
-    ``plan_memory(lookahead=2)`` takes as "try no lower budget" while it searches below the budget."""
+    ``plan_memory`` with copies ahead takes as "try no lower budget" while it searches below the budget."""
 
 
 # The solver's refusals that mean "no plan fits", as the core words them (the budget's other
@@ -225,13 +268,13 @@ _UNREACHABLE = re.compile(r"^(budget_bytes: .* cannot be reached: |host_bytes: t
 
 
 def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
-          allow_recompute: bool, frontier_limit: int, lookahead: int) -> MemoryPlan:
+          allow_recompute: bool, frontier_limit: int, lookahead: int, prefetch_groups: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
     try:
         out = json.loads(
             _native.memory.plan(
-                costs_to_core(costs, lookahead), float(budget), allow_swap, allow_recompute_exchange,
+                costs_to_core(costs, lookahead, prefetch_groups), float(budget), allow_swap, allow_recompute_exchange,
                 allow_recompute, frontier_limit,
             )
         )
@@ -241,7 +284,7 @@ def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exc
         raise
     ev = dict(out["evaluation"])
     ev["exact"] = bool(out["exact"])
-    return _to_plan(costs, out["actions"], ev, budget)
+    return _to_plan(costs, out["actions"], ev, budget, lookahead, prefetch_groups)
 
 
 def _size(b: float) -> str:
@@ -271,11 +314,12 @@ def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchang
 
 
 def evaluate_plan(
-    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None, *, lookahead: int = 1
+    costs: MemoryCosts, plan: MemoryPlan, budget_bytes: Union[int, float, str, None] = None, *,
+    lookahead: Optional[int] = None, prefetch_groups: Optional[int] = None,
 ) -> MemoryPlan:
     """``plan`` with the model's prediction for ``costs`` filled in (peak, added seconds, host
-    bytes, ``evaluation``), its swaps priced as moerail's executor with ``lookahead`` copies them
-    back (as :func:`plan_memory` does). Refuses (``ValueError``) a plan that names layers this
+    bytes, ``evaluation``), its swaps priced as moerail's executor with ``lookahead`` and
+    ``prefetch_groups`` (by default the plan's) copies them back (as :func:`plan_memory` does). Refuses (``ValueError``) a plan that names layers this
     device does not hold, swaps without host memory or beyond it, or peaks over ``budget_bytes``
     when given.
     """
@@ -284,7 +328,9 @@ def evaluate_plan(
     if not isinstance(plan, MemoryPlan):
         raise TypeError(f"plan: expected a MemoryPlan, got {type(plan).__name__}")
     budget = None if budget_bytes is None else parse_bytes(budget_bytes, "budget_bytes")
-    _check_lookahead(lookahead)
+    lookahead = plan.lookahead if lookahead is None else lookahead
+    prefetch_groups = plan.prefetch_groups if prefetch_groups is None else prefetch_groups
+    check_prefetch(lookahead, prefetch_groups)
     rows = _rows(costs, plan)
     if costs.exact_model:
         ev = exact.evaluate(costs, exact.assignment_of(plan, costs))
@@ -299,11 +345,12 @@ def evaluate_plan(
                 f"{costs.host_bytes / 2**30:.2f} GiB"
             )
         ev["exact"] = True
-        return _to_plan(costs, rows, ev, budget)
+        return _to_plan(costs, rows, ev, budget, lookahead, prefetch_groups)
     ev = json.loads(
-        _native.memory.evaluate(costs_to_core(costs, lookahead), rows, None if budget is None else float(budget))
+        _native.memory.evaluate(costs_to_core(costs, lookahead, prefetch_groups), rows,
+                                None if budget is None else float(budget))
     )
-    return _to_plan(costs, rows, ev, budget)
+    return _to_plan(costs, rows, ev, budget, lookahead, prefetch_groups)
 
 
 # ----------------------------------------------------------------------------- Megatron's settings
@@ -540,18 +587,22 @@ def best_static(settings: Iterable[StaticSetting], budget_bytes: float) -> Optio
     return min(fits, key=lambda s: s.plan.predicted_added_seconds, default=None)
 
 
-def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan, lookahead: int = 1) -> dict:
+def executor_added_seconds(costs: MemoryCosts, plan: MemoryPlan, lookahead: Optional[int] = None,
+                           prefetch_groups: Optional[int] = None) -> dict:
     """``plan``'s added step time with its swaps timed as moerail's executor issues them
-    (:func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
-    starts, one group ahead within a model chunk; with ``lookahead=2`` also the next backward
-    chunk's first group at a chunk's last), replayed over the schedule with every copy sharing
-    the link (the planner's model takes each layer's copies alone): ``added_seconds``,
-    ``swap_wait_seconds`` and ``ahead_bytes`` (what the copies ahead of the next backward chunk
-    hold on the device through the forward before it; the planner's peak does not count them)."""
+    (by default as the plan's ``lookahead`` and ``prefetch_groups`` have it copy them back;
+    :func:`.timeline.executor_swap_wait`: each group's copies back start when its backward
+    starts, ``prefetch_groups`` groups ahead within a model chunk; with ``lookahead=2`` also the
+    next backward chunk's first group at a chunk's last), replayed over the schedule with every
+    copy sharing the link (the planner's model takes each layer's copies alone):
+    ``added_seconds``, ``swap_wait_seconds`` and ``ahead_bytes`` (what the copies ahead hold on
+    the device beyond the model's peak, :func:`.timeline.executor_swap_wait`'s)."""
     from .timeline import executor_swap_wait
 
     ev = plan.evaluation if plan.evaluation else evaluate_plan(costs, plan).evaluation
-    sim = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead)
+    sim = executor_swap_wait(costs, _rows(costs, plan), MODULES,
+                             lookahead=plan.lookahead if lookahead is None else lookahead,
+                             prefetch_groups=plan.prefetch_groups if prefetch_groups is None else prefetch_groups)
     wait = sim["wait_seconds"]
     return {
         "added_seconds": ev["recompute_seconds"] + ev["exchange_seconds"] + wait,

@@ -48,7 +48,7 @@ def core_to_costs(d: dict, **extra: Any) -> MemoryCosts:
     )
 
 
-def _executor(costs: MemoryCosts, lookahead: int) -> dict:
+def _executor(costs: MemoryCosts, lookahead: int, prefetch_groups: int) -> dict:
     """moerail's executor in the core's shape: per layer its backward by segment and, per module,
     the bytes of its swap each segment reads first (:mod:`.timeline`'s own model of it)."""
     from .timeline import _MLP_SEGS, SEGMENTS, _executor_items, segment_seconds
@@ -60,12 +60,14 @@ def _executor(costs: MemoryCosts, lookahead: int) -> dict:
             items = _executor_items(lc, {name: "swap"})
             reads.append([items.get(s, 0.0) for s in range(len(SEGMENTS))] if items else [])
         layers.append({"segment_seconds": segment_seconds(lc), "reads": reads})
-    return {"lookahead": lookahead, "mlp_first_segment": _MLP_SEGS[0], "layers": layers}
+    return {"lookahead": lookahead, "prefetch_groups": prefetch_groups, "mlp_first_segment": _MLP_SEGS[0],
+            "layers": layers}
 
 
-def costs_to_core(costs: MemoryCosts, lookahead: Optional[int] = None) -> str:
-    """The costs as the core's JSON text; with ``lookahead`` (moerail's executor's), the core
-    prices swaps as that executor copies them back, else by the planner's bound alone."""
+def costs_to_core(costs: MemoryCosts, lookahead: Optional[int] = None, prefetch_groups: int = 1) -> str:
+    """The costs as the core's JSON text; with ``lookahead`` (moerail's executor's, and its
+    ``prefetch_groups``), the core prices swaps as that executor copies them back, else by the
+    planner's bound alone."""
     zero = {"saved_bytes": 0.0, "recompute_seconds": 0.0, "exchange_seconds": 0.0, "exchange_bytes": 0.0}
     layers = []
     for lc in costs.layers:
@@ -108,7 +110,7 @@ def costs_to_core(costs: MemoryCosts, lookahead: Optional[int] = None) -> str:
                 "virtual_pipeline_size": costs.virtual_pipeline_size,
                 "num_microbatches": costs.num_microbatches,
             },
-            **({"executor": _executor(costs, lookahead)} if lookahead is not None else {}),
+            **({"executor": _executor(costs, lookahead, prefetch_groups)} if lookahead is not None else {}),
         }
     )
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .costs import LayerCosts, MemoryCosts
+from .plan import check_prefetch
 
 __all__ = ["SEGMENTS", "MEGATRON_OFFLOAD_GROUPS", "schedule_ops", "segment_seconds", "executor_swap_wait",
            "megatron_offload_groups", "megatron_offload_wait"]
@@ -161,23 +162,29 @@ def _executor_items(lc: LayerCosts, actions: Mapping[str, str]) -> Dict[int, flo
 
 def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], modules: Sequence[str],
                        link_bytes_per_second: Optional[float] = None, trace: Optional[list] = None,
-                       lookahead: int = 1) -> dict:
+                       lookahead: int = 1, prefetch_groups: int = 1) -> dict:
     """Seconds a step's backward waits for the swap-ins of moerail's executor for the plan ``rows``
-    (per layer of ``costs``, an action name per module of ``modules``), its ``lookahead`` as the
-    executor's (1: one group ahead within a model chunk; 2: and the next backward chunk's first
-    group at a chunk's last): ``wait_seconds``, ``moved_bytes`` and ``ahead_bytes`` (the most that
-    copies ahead of the next backward chunk hold on the device through the forward before it).
+    (per layer of ``costs``, an action name per module of ``modules``), its ``lookahead`` and
+    ``prefetch_groups`` as the executor's (lookahead 1: the next ``prefetch_groups`` groups of the
+    same model chunk in backward order; 2: and the next backward chunk's first group at a chunk's
+    last): ``wait_seconds``, ``moved_bytes`` and ``ahead_bytes``, the most that copies ahead hold
+    on the device beyond what the planner's peak counts: those ahead of the next backward chunk,
+    through the forward before it, and with ``prefetch_groups`` >= 2, at a group's backward start,
+    the bytes copied back for groups of later layers beyond the running layer's own (the
+    planner's transient counts a layer's own swapped bytes in full).
     ``trace``, when a list, receives ``("start", key, layer, group)`` when a group's backward starts
     and ``("issue", key, layer, group)`` when a group's copies back are started, ``key`` being
     ``(model chunk, micro-batch)`` of the group's chunk."""
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead not in (0, 1, 2):
-        raise ValueError(f"lookahead: expected 0, 1 or 2, got {lookahead!r}")
+    check_prefetch(lookahead, prefetch_groups)
     link = costs.host_link_bytes_per_second if link_bytes_per_second is None else link_bytes_per_second
     chunks = _chunks(costs)
     segs = [segment_seconds(lc) for lc in costs.layers]
     items = [_executor_items(lc, dict(zip(modules, row))) for lc, row in zip(costs.layers, rows)]
     fwd = _chunk_forward_seconds(costs, chunks)
     st = {"t": 0.0, "link_free": 0.0, "wait": 0.0, "moved": 0.0, "ahead": 0.0}
+
+    def group_bytes(li, group_segs):
+        return sum(items[li].get(s, 0.0) for s in group_segs)
 
     def issue(key, ready, li, group_segs):
         issued = False
@@ -205,25 +212,28 @@ def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], module
         n_back += 1
         after = backward_ops[n_back] if n_back < len(backward_ops) else None
         ready: Dict[Tuple[int, int], float] = early.pop(key, {})
-        idx = chunks[c]
-        for pos in range(len(idx) - 1, -1, -1):
-            li = idx[pos]
-            for s in range(len(SEGMENTS) - 1, -1, -1):
-                if trace is not None and s in (_MLP_SEGS[-1], _ATTN_SEGS[-1]):
-                    trace.append(("start", key, costs.layers[li].layer, "mlp" if s == _MLP_SEGS[-1] else "attn"))
-                if s == _MLP_SEGS[-1]:
-                    issue(key, ready, li, _MLP_SEGS)
-                    if lookahead:
-                        issue(key, ready, li, _ATTN_SEGS)
-                elif s == _ATTN_SEGS[-1]:
-                    issue(key, ready, li, _ATTN_SEGS)
-                    if lookahead and pos > 0:
-                        issue(key, ready, idx[pos - 1], _MLP_SEGS)
-                    elif lookahead >= 2 and after is not None and after in forward_done:
-                        nxt = early.setdefault(after, {})
-                        before = st["moved"]
-                        issue(after, nxt, chunks[after[0]][-1], _MLP_SEGS)
-                        st["ahead"] = max(st["ahead"], st["moved"] - before)
+        # The chunk's groups in backward order: the last layer's mlp, its attn, the layer before's...
+        groups = [(li, g) for li in reversed(chunks[c]) for g in (_MLP_SEGS, _ATTN_SEGS)]
+        for j, (li, group_segs) in enumerate(groups):
+            if trace is not None:
+                trace.append(("start", key, costs.layers[li].layer, "mlp" if group_segs is _MLP_SEGS else "attn"))
+            issue(key, ready, li, group_segs)
+            if lookahead:
+                for h in range(j + 1, min(j + 1 + prefetch_groups, len(groups))):
+                    issue(key, ready, *groups[h])
+            if lookahead >= 2 and j == len(groups) - 1 and after is not None and after in forward_done:
+                nxt = early.setdefault(after, {})
+                before = st["moved"]
+                issue(after, nxt, chunks[after[0]][-1], _MLP_SEGS)
+                st["ahead"] = max(st["ahead"], st["moved"] - before)
+            if prefetch_groups >= 2:
+                # On the device now: this group and those after it whose copies back started.
+                held = sum(group_bytes(*groups[h]) for h in range(j, len(groups))
+                           if any((groups[h][0], s) in ready for s in groups[h][1]))  # fmt: skip
+                held += sum(items[i].get(s, 0.0) for e in early.values() for i, s in e)
+                own = group_bytes(li, _MLP_SEGS) + group_bytes(li, _ATTN_SEGS)
+                st["ahead"] = max(st["ahead"], held - own)
+            for s in reversed(group_segs):
                 done = ready.get((li, s))
                 if done is not None and done > st["t"]:
                     st["wait"] += done - st["t"]

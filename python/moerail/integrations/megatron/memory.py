@@ -262,7 +262,7 @@ def _moerail_exchange_replay(td):
 
 def apply_memory_plan(model, plan: MemoryPlan, *, min_swap_bytes: int = 1 << 16, throttle_s: Optional[float] = None,
                       prefetch_delay_s: float = 0.0, count: bool = False, check_ranks: bool = True,
-                      lookahead: int = 1) -> Executor:
+                      lookahead: Optional[int] = None, prefetch_groups: Optional[int] = None) -> Executor:
     """Carries out ``plan`` on a built Megatron-Core model (``GPTModel``, a DDP-wrapped one, or the
     list of virtual-pipeline chunks): the plan is checked against the model first
     (:func:`validate_memory_plan`; with ``torch.distributed`` up, every rank must hold the same
@@ -270,9 +270,10 @@ def apply_memory_plan(model, plan: MemoryPlan, *, min_swap_bytes: int = 1 << 16,
     (``executor.counter`` with ``count=True``: the exact saved-tensor bytes; ``executor.stats``).
 
     ``min_swap_bytes``: smaller saved tensors stay on the device; ``throttle_s`` /
-    ``prefetch_delay_s``: slow every copy / delay every swap-in (stress tests); ``lookahead``: the
-    executor's prefetch ahead (2: also the next backward chunk's first group; plan it with
-    ``plan_memory(..., lookahead=2)``, whose peak counts what that holds)."""
+    ``prefetch_delay_s``: slow every copy / delay every swap-in (stress tests); ``lookahead`` and
+    ``prefetch_groups``: the executor's copies back ahead (``prefetch_groups`` groups ahead within
+    a model chunk; ``lookahead=2``: also the next backward chunk's first group), by default the
+    plan's (those ``plan_memory`` planned it for: its peak counts what they hold)."""
     validate_memory_plan(model, plan)
     chunks = _chunks(model)
     params = [p for c in chunks for p in c.parameters()]
@@ -280,7 +281,8 @@ def apply_memory_plan(model, plan: MemoryPlan, *, min_swap_bytes: int = 1 << 16,
     if check_ranks:
         _check_same_plan_everywhere(plan, device)
     ex = Executor(plan, device=device, min_swap_bytes=min_swap_bytes, throttle_s=throttle_s,
-                  prefetch_delay_s=prefetch_delay_s, count=count, params=params, lookahead=lookahead)
+                  prefetch_delay_s=prefetch_delay_s, count=count, params=params, lookahead=lookahead,
+                  prefetch_groups=prefetch_groups)
     ex.state_guards.append(_tracker_guard)
     try:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415

@@ -18,8 +18,8 @@
 //!   micro-batch, the larger of the planner's bound — `2 S / B` (out and back in over the host
 //!   link) minus the compute between the layer's forward and its backward on this stage's
 //!   timeline — and, given the [`Executor`], the backward's wait for its copies back as that
-//!   executor issues them (a group's copies start one group ahead within a model chunk, so a
-//!   chunk's first group waits for all of its own unless `lookahead` 2 started them in the
+//!   executor issues them (a group's copies start `prefetch_groups` groups ahead within a model
+//!   chunk, so a chunk's first group waits for all of its own unless `lookahead` 2 started them in the
 //!   previous backward; each layer's copies taken alone on the link); never less than the
 //!   link's total busy time beyond the step's compute (`m sum S / B - compute`): all swaps in
 //!   flight share the link.
@@ -357,12 +357,16 @@ pub const MAX_SEGMENTS: usize = 32;
 /// `executor_swap_wait` replays it): a layer's backward runs its segments last to first in two
 /// groups, `attn` (segments before `mlp_first_segment`) and `mlp` (the rest). A group's copies
 /// start when its backward starts, last saved first, on one copy stream; with `lookahead` 1 the
-/// next group's of the same model chunk start with them; with 2 the chunk's last group also
-/// starts those of the next backward chunk's first group, once that chunk has run its forward.
+/// next `prefetch_groups` groups' of the same model chunk (in backward order) start with them;
+/// with 2 the chunk's last group also starts those of the next backward chunk's first group,
+/// once that chunk has run its forward.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Executor {
     pub lookahead: u32,
+    /// Groups copied back ahead within a model chunk's backward (with `lookahead` 1 or 2).
+    #[serde(default = "one_group")]
+    pub prefetch_groups: u32,
     pub mlp_first_segment: usize,
     /// One per layer of [`MemoryCosts::layers`].
     pub layers: Vec<ExecutorLayer>,
@@ -379,12 +383,28 @@ pub struct ExecutorLayer {
     pub reads: [Vec<f64>; N_MODULES],
 }
 
+/// Most groups [`Executor::prefetch_groups`] copies back ahead.
+pub const MAX_PREFETCH_GROUPS: u32 = 8;
+
+fn one_group() -> u32 {
+    1
+}
+
 impl Executor {
     fn validate(&self, layers: usize) -> Result<()> {
         if self.lookahead > 2 {
             return Err(invalid(
                 "lookahead",
                 format!("expected 0, 1 or 2, got {}", self.lookahead),
+            ));
+        }
+        if !(1..=MAX_PREFETCH_GROUPS).contains(&self.prefetch_groups) {
+            return Err(invalid(
+                "prefetch_groups",
+                format!(
+                    "expected 1 to {MAX_PREFETCH_GROUPS}, got {}",
+                    self.prefetch_groups
+                ),
             ));
         }
         if self.layers.len() != layers {
@@ -545,31 +565,45 @@ impl MemoryCosts {
         out
     }
 
-    /// Per layer and micro-batch, the backward compute the executor runs between starting to
-    /// copy back the layer's `mlp` group and that group's backward (the link taken as free):
-    /// with `lookahead` 1 the `attn` group before it in the chunk's backward, none for the
-    /// chunk's last layer (its backward's first group) unless `lookahead` 2 started it in the
+    /// Per layer and micro-batch, how far ahead of the layer's backward the executor starts its
+    /// copies back, as the backward compute between (the link taken as free): `[0]` for the
+    /// `mlp` group (the layer's backward starts with it), `[1]` for the `attn` group, both up to
+    /// the start of the `mlp` group. With `lookahead` 1 a group's copies start with the backward
+    /// of the group `prefetch_groups` before it in the chunk's backward, or with the chunk's
+    /// first; with `lookahead` 2 those of the chunk's last layer's `mlp` group start in the
     /// previous backward chunk (that chunk's first-layer `attn` group and the forwards between
     /// the two backwards). Empty without an executor.
-    pub fn copy_in_windows(&self) -> Vec<Vec<f64>> {
+    pub fn copy_in_windows(&self) -> Vec<Vec<[f64; 2]>> {
         let Some(ex) = &self.executor else {
             return Vec::new();
         };
         let k = ex.mlp_first_segment;
         let attn = |i: usize| -> f64 { ex.layers[i].segment_seconds[..k].iter().sum() };
+        let mlp = |i: usize| -> f64 { ex.layers[i].segment_seconds[k..].iter().sum() };
         let v = self.schedule.virtual_pipeline_size;
         let m = self.schedule.num_microbatches;
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new(); v];
         for (i, lc) in self.layers.iter().enumerate() {
             chunks[lc.vpp_stage].push(i);
         }
-        let mut out = vec![vec![0.0; m]; self.layers.len()];
+        let mut out = vec![vec![[0.0; 2]; m]; self.layers.len()];
         if ex.lookahead == 0 {
             return out;
         }
+        let d = ex.prefetch_groups as usize;
         for idx in &chunks {
-            for w in idx.windows(2) {
-                out[w[0]] = vec![attn(w[1]); m];
+            // Start of each group in the chunk's backward (mlp, attn of the last layer first).
+            let mut start = Vec::with_capacity(2 * idx.len() + 1);
+            start.push(0.0);
+            for &i in idx.iter().rev() {
+                let t = start[start.len() - 1];
+                start.push(t + mlp(i));
+                start.push(t + mlp(i) + attn(i));
+            }
+            for (pos, &i) in idx.iter().enumerate() {
+                let g = 2 * (idx.len() - 1 - pos);
+                let ahead = |h: usize| start[g] - start[h.saturating_sub(d)];
+                out[i] = vec![[ahead(g), ahead(g + 1)]; m];
             }
         }
         if ex.lookahead < 2 {
@@ -599,7 +633,7 @@ impl MemoryCosts {
                 continue;
             };
             let between: f64 = ops[w[0] + 1..w[1]].iter().map(|o| fsum[o.chunk]).sum();
-            out[last][b.microbatch] = attn(first) + between;
+            out[last][b.microbatch][0] = attn(first) + between;
         }
         out
     }
@@ -758,20 +792,20 @@ fn bound_latency(swapped: f64, link: f64, window: f64) -> f64 {
 }
 
 /// Seconds one layer's backward waits for its swapped bytes (`need`, by the segment that first
-/// reads them) as the executor copies them back: the `mlp` group's copies start `window` seconds
-/// before that group's backward on a free link, the `attn` group's queue behind them (`lookahead`
-/// 1 or 2) or start with their own group's backward (0).
+/// reads them) as the executor copies them back: the `mlp` group's copies start `window[0]`
+/// seconds before that group's backward on a free link, the `attn` group's `window[1]` seconds
+/// before it, behind them (`lookahead` 1 or 2), or with their own group's backward (0).
 fn copy_in_wait(
     segs: &[f64],
     need: &[f64],
     k: usize,
     lookahead: u32,
     link: f64,
-    window: f64,
+    window: [f64; 2],
 ) -> f64 {
     let n = segs.len();
     let mut ready = [0.0f64; MAX_SEGMENTS];
-    let mut free = -window;
+    let mut free = -window[0];
     // Last saved, first read: a group's copies in reverse segment order.
     let issue = |lo: usize, hi: usize, at: f64, free: &mut f64, ready: &mut [f64]| {
         for s in (lo..hi).rev() {
@@ -781,9 +815,9 @@ fn copy_in_wait(
             }
         }
     };
-    issue(k, n, -window, &mut free, &mut ready);
+    issue(k, n, -window[0], &mut free, &mut ready);
     if lookahead > 0 {
-        issue(0, k, 0.0, &mut free, &mut ready);
+        issue(0, k, -window[1], &mut free, &mut ready);
     }
     let (mut t, mut wait) = (0.0f64, 0.0);
     for s in (0..n).rev() {
@@ -817,7 +851,7 @@ struct Ctx<'a> {
     mixes: Vec<Vec<u32>>,
     windows: Vec<Vec<f64>>,
     /// [`MemoryCosts::copy_in_windows`] where swaps are priced as the executor copies.
-    copy_in: Vec<Vec<f64>>,
+    copy_in: Vec<Vec<[f64; 2]>>,
     compute: f64,
     keep_all: f64,
 }
@@ -902,7 +936,7 @@ impl<'a> Ctx<'a> {
             }
         }
         let mut out = SwapTime::default();
-        let mut last: Option<(f64, f64)> = None; // most micro-batches share a window
+        let mut last: Option<([f64; 2], f64)> = None; // most micro-batches share a window
         for (&w, &cw) in windows.iter().zip(copy_in) {
             let wait = match last {
                 Some((x, y)) if x == cw => y,

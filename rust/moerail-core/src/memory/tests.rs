@@ -101,6 +101,7 @@ fn with_executor(mut c: MemoryCosts, lookahead: u32, rng: &mut Rng) -> MemoryCos
         .collect();
     c.executor = Some(Executor {
         lookahead,
+        prefetch_groups: 1,
         mlp_first_segment: 3,
         layers,
     });
@@ -543,7 +544,17 @@ fn a_chunks_first_group_waits_for_its_whole_copy() {
     let mut c2 = c.clone();
     c2.executor.as_mut().unwrap().lookahead = 2;
     assert!(wait(&c2, 1) < wait(&c, 1));
-    // Without an executor the planner's bound alone, and no waits reported.
+    // Two groups ahead: the first layer's start with the last layer's whole backward.
+    let mut cd = c.clone();
+    cd.executor.as_mut().unwrap().prefetch_groups = 2;
+    let back1: f64 = cd.executor.as_ref().unwrap().layers[1]
+        .segment_seconds
+        .iter()
+        .sum();
+    let want = m * (copy(0) - back1).max(0.0);
+    assert!((wait(&cd, 0) - want).abs() < 1e-9 * (1.0 + want));
+    assert_eq!(wait(&cd, 1), wait(&c, 1)); // the chunk's first group: nothing before it
+                                           // Without an executor the planner's bound alone, and no waits reported.
     let mut c0 = c.clone();
     c0.executor = None;
     let mut acts = vec![[Action::Keep; N_MODULES]; 2];
@@ -578,11 +589,12 @@ fn more_lookahead_never_waits_longer() {
                 })
                 .collect();
             let mut last = f64::INFINITY;
-            for k in 0..=2 {
+            for (k, d) in [(0, 1), (1, 1), (2, 1), (2, 2), (2, 3)] {
                 let mut ck = c.clone();
-                ck.executor.as_mut().unwrap().lookahead = k;
+                let ex = ck.executor.as_mut().unwrap();
+                (ex.lookahead, ex.prefetch_groups) = (k, d);
                 let w = evaluate(&ck, &acts).unwrap().swap_wait_seconds.unwrap();
-                assert!(w <= last + 1e-12, "lookahead {k}: {w} > {last}");
+                assert!(w <= last + 1e-12, "lookahead {k}, groups {d}: {w} > {last}");
                 last = w;
             }
         }
@@ -599,6 +611,8 @@ fn a_bad_executor_is_refused_naming_the_field() {
         c.validate().unwrap_err().to_string()
     };
     assert!(err(&|e| e.lookahead = 3).starts_with("lookahead:"));
+    assert!(err(&|e| e.prefetch_groups = 0).starts_with("prefetch_groups:"));
+    assert!(err(&|e| e.prefetch_groups = MAX_PREFETCH_GROUPS + 1).starts_with("prefetch_groups:"));
     assert!(err(&|e| {
         e.layers.pop();
     })
