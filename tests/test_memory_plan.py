@@ -14,6 +14,7 @@ from moerail import _native, cli
 from moerail.memory import (
     MODULES,
     Action,
+    BudgetUnreachableError,
     LayerCosts,
     LayerPlan,
     MemoryCosts,
@@ -193,9 +194,10 @@ def test_a_larger_budget_never_costs_more():
 
 def test_bad_budgets_and_plans_are_refused():
     c = small_costs(3)
-    with pytest.raises(ValueError, match=r"^budget_bytes: .*weights, gradients and optimizer state"):
+    with pytest.raises(ValueError, match=r"^budget_bytes: .*weights, gradients and optimizer state") as e:
         plan_memory(c, 50)
-    with pytest.raises(ValueError, match=r"^budget_bytes: .*cannot be reached: the least this device needs is"):
+    assert not isinstance(e.value, BudgetUnreachableError)  # a bad budget, not one no plan reaches
+    with pytest.raises(BudgetUnreachableError, match=r"^budget_bytes: .*cannot be reached: the least this device needs is"):
         plan_memory(c, 101)
     with pytest.raises(ValueError, match="budget_bytes: expected a size"):
         plan_memory(c, "sixty")
@@ -465,11 +467,11 @@ def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
                                    expert_model_parallel_size=8)  # fmt: skip
     # The core's own refusals: "no plan fits" is told apart from the rest, with the same text.
     floor = evaluate_plan(c, MemoryPlan(())).evaluation["static_bytes"]
-    with pytest.raises(planner._Unreachable, match=r"^budget_bytes: .* cannot be reached: "):
+    with pytest.raises(BudgetUnreachableError, match=r"^budget_bytes: .* cannot be reached: "):
         planner._plan(c, int(floor) + 1, True, True, True, 512, 2, 1)
     with pytest.raises(ValueError, match="not above") as e:
         planner._plan(c, int(floor) - 1, True, True, True, 512, 2, 1)
-    assert not isinstance(e.value, planner._Unreachable)
+    assert not isinstance(e.value, BudgetUnreachableError)
     with pytest.raises(ValueError, match="cannot be reached"):
         plan_memory(c, int(floor) + 1, lookahead=2)
 
@@ -635,7 +637,7 @@ def test_a_budget_only_whole_layer_recompute_reaches():
     for s in statics:
         b = int(s.plan.predicted_peak_bytes) + 1
         assert plan_memory(c, b).predicted_added_seconds <= s.plan.predicted_added_seconds + 1e-12, s.name
-    with pytest.raises(ValueError, match="cannot be reached"):
+    with pytest.raises(BudgetUnreachableError, match="cannot be reached"):
         plan_memory(c, budget, allow_recompute=False)
 
 

@@ -57,6 +57,9 @@ DOCS = {
 
 # Classes: their stub text (the methods are checked against the built class).
 CLASSES = {
+    "BudgetUnreachableError": '''class BudgetUnreachableError(ValueError):
+    """No plan reaches the memory budget (with the host memory given): the arguments are valid, the answer is none."""
+''',
     "RouterConfig": """class RouterConfig:
     def __init__(
         self,

@@ -27,3 +27,6 @@ def inflight_mixes(
     num_microbatches: int,
 ) -> List[List[int]]:
     """The distinct mixes of in-flight micro-batches per model chunk on one stage of Megatron's schedule (1F1B, or interleaved with `virtual_pipeline_size` > 1)."""
+
+class BudgetUnreachableError(ValueError):
+    """No plan reaches the memory budget (with the host memory given): the arguments are valid, the answer is none."""

@@ -12,12 +12,20 @@ fine-grained activation offloading issue them.
 from .costs import LayerCosts, MemoryCosts, ModuleCost, tokens_per_expert_skew
 from .executor import Executor, SavedTensorCounter
 from .plan import MODULES, Action, LayerPlan, MegatronFlags, MemoryPlan
-from .planner import StaticSetting, evaluate_plan, megatron_static_plans, parse_bytes, plan_memory
+from .planner import (
+    BudgetUnreachableError,
+    StaticSetting,
+    evaluate_plan,
+    megatron_static_plans,
+    parse_bytes,
+    plan_memory,
+)
 from .profile import measure_host_link, profile
 
 __all__ = [
     "MODULES",
     "Action",
+    "BudgetUnreachableError",
     "Executor",
     "SavedTensorCounter",
     "measure_host_link",

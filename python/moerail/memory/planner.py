@@ -157,8 +157,9 @@ def plan_memory(
     frontier passed ``frontier_limit``).
 
     Raises ``ValueError`` naming the argument: a budget not above the weights, gradients and
-    optimizer state (``budget_bytes``), more than the device, a budget no plan reaches (with the
-    least that is reachable), plans that would need more host memory than given (``host_bytes``).
+    optimizer state (``budget_bytes``), more than the device; :class:`BudgetUnreachableError` (a
+    ``ValueError``) where no plan reaches the budget (with the least that is reachable), or the
+    plans that do need more host memory than given (``host_bytes``).
     """
     if not isinstance(costs, MemoryCosts):
         raise TypeError(f"costs: expected a MemoryCosts, got {type(costs).__name__}")
@@ -195,7 +196,7 @@ def plan_memory(
     for _ in range(8):
         try:
             plan = with_ahead(_plan(costs, inner, *args))
-        except _Unreachable:
+        except BudgetUnreachableError:
             if inner == budget:
                 raise
             break  # no plan at this inner budget; any other error is a bug and propagates
@@ -257,31 +258,21 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
     return best[1]
 
 
-class _Unreachable(ValueError):
-    """No plan reaches the budget (with the host memory given): the one refusal that
-    ``plan_memory`` with copies ahead takes as "try no lower budget" while it searches below the budget."""
-
-
-# The solver's refusals that mean "no plan fits", as the core words them (the budget's other
-# refusals, out of range, cannot happen below a budget that passed them).
-_UNREACHABLE = re.compile(r"^(budget_bytes: .* cannot be reached: |host_bytes: the plans that reach )")
+# No plan reaches the budget (with the host memory given): the core raises it, the exact model's
+# search too; plan_memory with copies ahead takes it as "try no lower budget".
+BudgetUnreachableError = _native.memory.BudgetUnreachableError
 
 
 def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
           allow_recompute: bool, frontier_limit: int, lookahead: int, prefetch_groups: int) -> MemoryPlan:
     if costs.exact_model:
         return _plan_exact(costs, budget, allow_swap, allow_recompute_exchange, allow_recompute)
-    try:
-        out = json.loads(
-            _native.memory.plan(
-                costs_to_core(costs, lookahead, prefetch_groups), float(budget), allow_swap, allow_recompute_exchange,
-                allow_recompute, frontier_limit,
-            )
+    out = json.loads(
+        _native.memory.plan(
+            costs_to_core(costs, lookahead, prefetch_groups), float(budget), allow_swap, allow_recompute_exchange,
+            allow_recompute, frontier_limit,
         )
-    except ValueError as e:
-        if _UNREACHABLE.match(str(e)):
-            raise _Unreachable(str(e)) from None
-        raise
+    )
     ev = dict(out["evaluation"])
     ev["exact"] = bool(out["exact"])
     return _to_plan(costs, out["actions"], ev, budget, lookahead, prefetch_groups)
@@ -304,7 +295,7 @@ def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchang
                                             allow_recompute=allow_recompute, allow_exchange=allow_exchange)
     if assignment is None:
         what = "recomputed or swapped" if allow_swap and costs.host_bytes > 0 else "recomputed"
-        raise _Unreachable(
+        raise BudgetUnreachableError(
             f"budget_bytes: {_size(budget)} cannot be reached: the least this device needs is "
             f"{_size(ev['peak_bytes'])} ({_size(costs.static_bytes)} static + activations with the most {what})"
         )

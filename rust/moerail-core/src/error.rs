@@ -1,5 +1,6 @@
 //! One error type for the whole core. Bindings map `InvalidArgument` to `ValueError`
-//! (naming the argument) and `Internal` to `RuntimeError`.
+//! (naming the argument), `Unreachable` to `moerail.memory.BudgetUnreachableError` (a
+//! `ValueError`) and `Internal` to `RuntimeError`.
 
 use std::fmt;
 
@@ -8,6 +9,10 @@ pub enum Error {
     /// An argument has the wrong shape or value; `arg` is its public name.
     #[error("{arg}: {msg}")]
     InvalidArgument { arg: String, msg: String },
+    /// A valid target that nothing reaches (a memory budget no plan fits, with the host memory
+    /// given); `arg` names the limit that decided it. Callers may search on at another target.
+    #[error("{arg}: {msg}")]
+    Unreachable { arg: String, msg: String },
     /// A broken invariant inside moerail (a bug): never the caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -18,6 +23,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// `Error::InvalidArgument` for argument `arg`.
 pub fn invalid(arg: impl Into<String>, msg: impl fmt::Display) -> Error {
     Error::InvalidArgument {
+        arg: arg.into(),
+        msg: msg.to_string(),
+    }
+}
+
+/// `Error::Unreachable` for the limit `arg`.
+pub fn unreachable(arg: impl Into<String>, msg: impl fmt::Display) -> Error {
+    Error::Unreachable {
         arg: arg.into(),
         msg: msg.to_string(),
     }

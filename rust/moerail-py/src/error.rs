@@ -4,6 +4,7 @@
 //! | error | Python |
 //! |---|---|
 //! | core `Error::InvalidArgument`, device `DeviceError::Invalid` | `ValueError` (`"arg: message"`) |
+//! | core `Error::Unreachable` | `moerail.memory.BudgetUnreachableError`, a `ValueError` (`"arg: message"`) |
 //! | core `Error::Internal`, device `Unavailable` / `Backend`, a panic | `RuntimeError` |
 //! | a wrong dtype or a non-tensor argument (raised in [`crate::args`]) | `TypeError` |
 //!
@@ -17,10 +18,18 @@ use moerail_device::DeviceError;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::PyErr;
 
+pyo3::create_exception!(
+    moerail.memory,
+    BudgetUnreachableError,
+    PyValueError,
+    "No plan reaches the memory budget (with the host memory given): the arguments are valid, the answer is none."
+);
+
 /// A core error as a Python exception.
 pub fn to_py_err(e: Error) -> PyErr {
     match e {
         Error::InvalidArgument { .. } => PyValueError::new_err(e.to_string()),
+        Error::Unreachable { .. } => BudgetUnreachableError::new_err(e.to_string()),
         Error::Internal(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }

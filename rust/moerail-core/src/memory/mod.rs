@@ -44,7 +44,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{invalid, Result};
+use crate::error::{invalid, unreachable, Result};
 
 /// The modules of one transformer layer (`moerail.memory.MODULES`): in forward order, except
 /// `mla_up_proj` (Multi-Latent Attention's up-projections, which run before core attention),
@@ -1620,7 +1620,7 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
             let mut t = false;
             let no_host_limit = knapsack(&ctx, &options, budget, f64::INFINITY, limit, &mut t)?;
             if no_host_limit.is_some() {
-                return Err(invalid(
+                return Err(unreachable(
                     "host_bytes",
                     format!(
                         "the plans that reach {:.2} GiB swap more than the {:.2} GiB of host memory given",
@@ -1630,7 +1630,7 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
                 ));
             }
             let least = min_peak(&ctx, &options)?;
-            Err(invalid(
+            Err(unreachable(
                 "budget_bytes",
                 format!(
                     "{:.2} GiB cannot be reached: the least this device needs is {:.2} GiB ({:.2} GiB static + activations with everything recomputed{})",
