@@ -522,6 +522,11 @@ def test_the_held_bytes_model_predicts_the_measured_peak():
             got = measured(plan)
             assert got <= int(keep * frac), (frac, allow_swap, got, plan.to_dict())
             assert got >= 0.90 * plan.predicted_peak_bytes
+    # The profiled model times swaps alike for every executor setting: "auto" takes the fewest
+    # copies ahead, the same plan.
+    auto = plan_memory(costs, int(keep * 0.6), lookahead="auto", prefetch_groups="auto")
+    assert (auto.lookahead, auto.prefetch_groups) == (1, 1)
+    assert auto.layers == plan_memory(costs, int(keep * 0.6)).layers
 
 
 def test_a_save_the_forward_lets_go_is_not_predicted_held():

@@ -238,8 +238,10 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
     for la in las:
         for g in gs:
             check_prefetch(la, g)
-    if not (allow_swap and costs.host_bytes > 0):
-        las, gs = las[:1], gs[:1]  # nothing swaps: every setting gives the same plan
+    if not (allow_swap and costs.host_bytes > 0) or costs.exact_model:
+        # Nothing swaps, or the profiled model times swaps alike for every setting: the fewest
+        # copies ahead (the least held) plan at least as well.
+        las, gs = las[:1], gs[:1]
     best, first_error = None, None
     for la in las:
         for g in gs:
