@@ -9,6 +9,7 @@ slot, then source rank, then token), and the MoE output of its own tokens with i
 from __future__ import annotations
 
 import os
+import random
 import socket
 import traceback
 import warnings
@@ -23,7 +24,24 @@ HIDDEN = 8
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for a gloo rendezvous, below the kernel's ephemeral range: a port the OS
+    hands out (``bind(("", 0))``) can be handed out again to another socket's connect between
+    this call and rank 0 binding it; one below that range is only ever taken by an explicit bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not the tests' seeded generators
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken: an ephemeral one after all
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

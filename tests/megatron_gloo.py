@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 import traceback
 import warnings
@@ -27,6 +26,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from a2a_gloo import free_port
 
 HIDDEN = 16
 FFN = 32
@@ -314,12 +314,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: List[Dict
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(worker, world: int, payload, out_dir: str, timeout_s: float) -> List[Dict]:
     """Runs ``worker(rank, world, port, out_dir, payload)`` on ``world`` spawned gloo ranks and
     loads each rank's ``rank{r}.pt``; a rank that hangs is killed after ``timeout_s`` and fails
@@ -328,7 +322,7 @@ def spawn_ranks(worker, world: int, payload, out_dir: str, timeout_s: float) -> 
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=worker, args=(r, world, port, out_dir, payload), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

@@ -24,7 +24,6 @@ and the dispatchers switch to the new placement after the move.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -32,6 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from a2a_gloo import free_port
 
 import moerail
 
@@ -189,12 +189,6 @@ def worker(rank, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
