@@ -472,8 +472,10 @@ def test_plan_memory_lookahead_2_stops_only_where_no_plan_fits(monkeypatch):
     with pytest.raises(ValueError, match="not above") as e:
         planner._plan(c, int(floor) - 1, True, True, True, 512, 2, 1)
     assert not isinstance(e.value, BudgetUnreachableError)
-    with pytest.raises(ValueError, match="cannot be reached"):
+    with pytest.raises(BudgetUnreachableError, match="cannot be reached"):
         plan_memory(c, int(floor) + 1, lookahead=2)
+    with pytest.raises(BudgetUnreachableError, match="cannot be reached"):  # no setting's plan fits
+        plan_memory(c, int(floor) + 1, lookahead="auto", prefetch_groups="auto")
 
     real = planner._plan
     calls = []

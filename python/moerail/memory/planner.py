@@ -221,7 +221,7 @@ def plan_memory(
             found.append(one)
     if found:
         return min(found, key=lambda p: p.predicted_added_seconds)
-    raise ValueError(
+    raise BudgetUnreachableError(
         f"budget_bytes: {_size(budget)} cannot be reached with lookahead={lookahead}, "
         f"prefetch_groups={prefetch_groups}: the copies ahead ({_size(ahead)}) do not fit beside the plan; "
         f"lookahead=1 with prefetch_groups=1 does not hold them"
@@ -234,7 +234,9 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
     """``plan_memory`` with ``"auto"`` for the executor's ``lookahead`` and / or ``prefetch_groups``:
     the plans for every candidate, the cheapest as the executor's replay times it."""
     las = (1, 2) if lookahead == "auto" else (lookahead,)
-    gs = (1, 2, 3) if prefetch_groups == "auto" else (prefetch_groups,)
+    gs = (1, 2, 3) if prefetch_groups == "auto" and lookahead != 0 else (prefetch_groups,)
+    if gs == ("auto",):
+        gs = (1,)  # lookahead 0 copies nothing ahead
     for la in las:
         for g in gs:
             check_prefetch(la, g)
@@ -249,7 +251,7 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
                 plan = plan_memory(costs, budget, allow_swap=allow_swap, allow_recompute_exchange=allow_recompute_exchange,
                                    allow_recompute=allow_recompute, frontier_limit=frontier_limit, lookahead=la,
                                    prefetch_groups=g)  # fmt: skip
-            except ValueError as e:
+            except BudgetUnreachableError as e:
                 first_error = first_error or e
                 continue
             added = executor_added_seconds(costs, plan)["added_seconds"]
