@@ -424,9 +424,33 @@ def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host, one_ahead):
     line = [x for x in out.splitlines() if x.startswith("Megatron's setting adds less time")]
     if one_ahead:
         assert len(line) == 1 and line[0].endswith("Run Megatron's instead: " + " ".join(flags.args))
+        # A setting without the norms' offload adds less than the plan too: no reason is claimed.
+        assert "residual inputs" not in line[0]
         assert f"+{best.plan.predicted_added_seconds:.3f} s against this plan's +{mine:.3f} s" in line[0]
     else:
         assert line == []
+
+
+def test_cli_memory_plan_names_the_norm_offload_where_it_decides(capsys):
+    # Mixtral-8x7B TP2 PP4 EP8 at 24 GiB: Megatron's best setting offloads attn_norm (the layers'
+    # residual inputs, which no moerail action frees while the norms are recomputed) and adds less
+    # than the plan; every setting without that offload adds more than the plan, so the CLI says why.
+    args = ["plan", "--model", "Mixtral-8x7B", "--cluster", "H100-SXM", "--devices", "64", "--gbs", "256",
+            "--tp", "2", "--pp", "4", "--ep", "8", "--etp", "1", "--memory", "24GiB", "--host-memory", "64GiB"]  # fmt: skip
+    assert cli.main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x7B", cluster="H100-SXM", devices=64,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=4, expert_model_parallel_size=8,
+                                   expert_tensor_parallel_size=1)  # fmt: skip
+    statics = megatron_static_plans(c)
+    best = best_static(statics, 24 * G)
+    rest = best_static([s for s in statics if not {"attn_norm", "mlp_norm"} & set(s.offload)], 24 * G)
+    assert "attn_norm" in best.offload and d["best_megatron_setting"]["adds_less_than_plan"]
+    assert rest.plan.predicted_added_seconds >= d["executor_added_seconds"] > best.plan.predicted_added_seconds
+    assert cli.main(args) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Megatron's setting adds less time")]
+    assert len(line) == 1 and "Its offload of attn_norm moves the layers' residual inputs" in line[0]
 
 
 def test_cli_memory_plan_lookahead_2(capsys):

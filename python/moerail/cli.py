@@ -529,9 +529,14 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     for n in flags.notes:
         print(f"  note: {n}")
     if megatron_wins:
-        why = (" Its offloading keeps each offloaded module's first group of the backward on the device and "
-               "reloads further ahead than moerail's executor does."
-               if best.offload else "")
+        # Said only where it decides: without the norms' offload no Megatron setting beats the plan.
+        norms = [m for m in best.offload if m in ("attn_norm", "mlp_norm")]
+        rest = [s for s in statics if not {"attn_norm", "mlp_norm"} & set(s.offload)]
+        other = memory.planner.best_static(rest, args.memory_bytes)
+        why = ""
+        if norms and (other is None or other.plan.predicted_added_seconds >= executor["added_seconds"]):
+            why = (f" Its offload of {' / '.join(norms)} moves the layers' residual inputs, which no moerail action "
+                   "frees while the norms are recomputed; without it no Megatron setting adds less.")
         print(f"Megatron's setting adds less time: +{best.plan.predicted_added_seconds:.3f} s against this plan's "
               f"+{executor['added_seconds']:.3f} s with moerail's executor.{why} Run Megatron's instead: "
               + str(best.megatron_flags))  # fmt: skip
