@@ -120,3 +120,29 @@ def test_simulation_prints_megatron_flags(capsys):
     flags = out.split("Megatron-LM flags: ")[1].split()
     assert flags[:4] == ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4"]
     assert "--sequence-parallel" in flags and flags[flags.index("--expert-model-parallel-size") + 1] == "8"
+
+
+@pytest.mark.parametrize("recompute,config", [
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"],
+     {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2}),
+    (["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "moe_act"],
+     {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "moe_act"]}),
+])  # fmt: skip
+def test_simulated_recompute_comes_back_as_the_same_megatron_flags(capsys, recompute, config):
+    # The report carries the recomputation as Megatron's TransformerConfig fields (its label for
+    # tables beside them); the printed flags are built from those fields, and say what was given.
+    import json
+
+    args = [*BASE, "--devices", "64", "--gbs", "512", "--tp", "2", "--pp", "4", "--ep", "8",
+            "--megatron-args", " ".join(["--sequence-parallel", *recompute])]  # fmt: skip
+    rc, out, err = run(capsys, *args, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    got = rep["layout"]["recompute_config"]
+    assert {**got, **({"recompute_modules": sorted(got["recompute_modules"])} if "recompute_modules" in got else {})} == config
+    label = {"full": "full/block/2", "selective": "selective/" + ",".join(got.get("recompute_modules", []))}
+    assert rep["layout"]["recompute"] == label[config["recompute_granularity"]]
+    flags = rep["megatron_flags"]
+    i = flags.index("--recompute-granularity")
+    given = recompute if config["recompute_granularity"] == "full" else [*recompute[:3], *got["recompute_modules"]]
+    assert flags[i:i + len(given)] == given

@@ -199,6 +199,12 @@ def test_bad_budgets_and_plans_are_refused():
     assert not isinstance(e.value, BudgetUnreachableError)  # a bad budget, not one no plan reaches
     with pytest.raises(BudgetUnreachableError, match=r"^budget_bytes: .*cannot be reached: the least this device needs is"):
         plan_memory(c, 101)
+    # Small sizes in bytes, not "0.00 GiB"; the least peak named with the actions allowed.
+    with pytest.raises(BudgetUnreachableError, match=r"^budget_bytes: 101 B cannot be reached: .* \(100 B static "
+                       r"\+ activations with everything recomputed\)$"):
+        plan_memory(c, 101, allow_swap=False)
+    with pytest.raises(BudgetUnreachableError, match=r"with everything kept \(recompute and swap not allowed\)"):
+        plan_memory(c, 101, allow_swap=False, allow_recompute=False, allow_recompute_exchange=False)
     with pytest.raises(ValueError, match="budget_bytes: expected a size"):
         plan_memory(c, "sixty")
     with pytest.raises(ValueError, match="unknown module 'moe_fc'"):

@@ -205,12 +205,14 @@ def megatron_flags(layout: Dict[str, Any], training: Dict[str, Any], num_layers:
         flags += ["--global-batch-size", str(t["global_batch_size"])]
     if t.get("seq_length"):
         flags += ["--seq-length", str(t["seq_length"])]
-    rc = layout.get("recompute") or ""
-    if rc.startswith("full/"):
-        _, method, n = rc.split("/")
-        flags += ["--recompute-granularity", "full", "--recompute-method", method, "--recompute-num-layers", n]
-    elif rc.startswith("selective/"):
-        flags += ["--recompute-granularity", "selective", "--recompute-modules", *rc.split("/", 1)[1].split(",")]
+    rc = layout.get("recompute_config")
+    if rc is not None:
+        from .memory.plan import _megatron_settings
+
+        if rc["recompute_granularity"] == "full":
+            flags += _megatron_settings(full=(rc["recompute_method"], rc["recompute_num_layers"])).args
+        else:
+            flags += _megatron_settings(rc["recompute_modules"]).args
     flags += ["--moe-token-dispatcher-type", str(t["moe_token_dispatcher_type"])]
     if t["moe_grouped_gemm"]:
         flags.append("--moe-grouped-gemm")

@@ -283,7 +283,10 @@ def _plan(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exc
 
 
 def _size(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB ({b:.0f} B)" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+    """A size in a message, as the core writes them (GiB; MiB or bytes for small ones)."""
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b:.0f} B"
 
 
 def _plan_exact(costs: MemoryCosts, budget: int, allow_swap: bool, allow_exchange: bool,

@@ -67,6 +67,19 @@ pub const N_MODULES: usize = 10;
 pub const EXCHANGE_MODULE: usize = 4;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
+/// A size in an error message: GiB, or MiB / bytes for small ones (as the Python layer writes
+/// them), so a small device's figures do not all read "0.00 GiB".
+fn size(bytes: f64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if bytes >= GIB {
+        format!("{:.2} GiB", bytes / GIB)
+    } else if bytes >= MIB {
+        format!("{:.1} MiB", bytes / MIB)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
 /// What happens to one module's saved tensors between its forward and its backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -1048,9 +1061,9 @@ pub fn check(
         return Err(invalid(
             "plan",
             format!(
-                "swaps {:.2} GiB of activations to host memory, more than the {:.2} GiB given (host_bytes)",
-                e.host_bytes / GIB,
-                costs.host_bytes / GIB
+                "swaps {} of activations to host memory, more than the {} given (host_bytes)",
+                size(e.host_bytes),
+                size(costs.host_bytes)
             ),
         ));
     }
@@ -1059,9 +1072,9 @@ pub fn check(
             return Err(invalid(
                 "plan",
                 format!(
-                    "its peak {:.2} GiB is over the budget of {:.2} GiB",
-                    e.peak_bytes / GIB,
-                    b / GIB
+                    "its peak {} is over the budget of {}",
+                    size(e.peak_bytes),
+                    size(b)
                 ),
             ));
         }
@@ -1564,9 +1577,9 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
         return Err(invalid(
             "budget_bytes",
             format!(
-                "{:.2} GiB is more than the device's {:.2} GiB",
-                budget / GIB,
-                costs.device_bytes / GIB
+                "{} is more than the device's {}",
+                size(budget),
+                size(costs.device_bytes)
             ),
         ));
     }
@@ -1574,9 +1587,9 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
         return Err(invalid(
             "budget_bytes",
             format!(
-                "{:.2} GiB is not above what the weights, gradients and optimizer state take on this device ({:.2} GiB)",
-                budget / GIB,
-                costs.static_bytes / GIB
+                "{} is not above what the weights, gradients and optimizer state take on this device ({})",
+                size(budget),
+                size(costs.static_bytes)
             ),
         ));
     }
@@ -1623,21 +1636,28 @@ pub fn solve(costs: &MemoryCosts, opts: &Options) -> Result<Plan> {
                 return Err(unreachable(
                     "host_bytes",
                     format!(
-                        "the plans that reach {:.2} GiB swap more than the {:.2} GiB of host memory given",
-                        budget / GIB,
-                        host_cap / GIB
+                        "the plans that reach {} swap more than the {} of host memory given",
+                        size(budget),
+                        size(host_cap)
                     ),
                 ));
             }
             let least = min_peak(&ctx, &options)?;
+            let recompute = opts.allow_recompute || opts.allow_recompute_exchange;
+            let swap = opts.allow_swap && costs.host_bytes > 0.0;
+            let most = match (recompute, swap) {
+                (true, true) => "everything recomputed or swapped",
+                (true, false) => "everything recomputed",
+                (false, true) => "everything swapped",
+                (false, false) => "everything kept (recompute and swap not allowed)",
+            };
             Err(unreachable(
                 "budget_bytes",
                 format!(
-                    "{:.2} GiB cannot be reached: the least this device needs is {:.2} GiB ({:.2} GiB static + activations with everything recomputed{})",
-                    budget / GIB,
-                    least / GIB,
-                    costs.static_bytes / GIB,
-                    if opts.allow_swap && costs.host_bytes > 0.0 { " or swapped" } else { "" }
+                    "{} cannot be reached: the least this device needs is {} ({} static + activations with {most})",
+                    size(budget),
+                    size(least),
+                    size(costs.static_bytes),
                 ),
             ))
         }

@@ -67,12 +67,44 @@ pub struct LayoutReport {
     pub folded: bool,
     pub micro_batch_size: usize,
     pub num_microbatches: usize,
-    /// `"full/<method>/<layers>"`, `"selective/<modules>"` or none.
+    /// `"full/<method>/<layers>"`, `"selective/<modules>"` or none: [`Self::recompute_config`]
+    /// as a label.
     pub recompute: Option<String>,
+    /// The recomputation as Megatron-Core's TransformerConfig fields, or none.
+    pub recompute_config: Option<RecomputeConfig>,
     /// Transformer layers per pipeline stage.
     pub stage_layers: Vec<usize>,
     /// Megatron's `pipeline_model_parallel_layout` when one places the layers.
     pub pipeline_model_parallel_layout: Option<String>,
+}
+
+/// Megatron-Core's recomputation as its TransformerConfig fields (`recompute_granularity` and
+/// the fields that go with it).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "recompute_granularity", rename_all = "lowercase")]
+pub enum RecomputeConfig {
+    Full {
+        recompute_method: &'static str,
+        recompute_num_layers: usize,
+    },
+    Selective {
+        recompute_modules: Vec<&'static str>,
+    },
+}
+
+impl RecomputeConfig {
+    /// The report's short label: `"full/<method>/<layers>"` or `"selective/<modules>"`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Full {
+                recompute_method,
+                recompute_num_layers,
+            } => format!("full/{recompute_method}/{recompute_num_layers}"),
+            Self::Selective { recompute_modules } => {
+                format!("selective/{}", recompute_modules.join(","))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -310,21 +342,20 @@ impl Evaluation {
         // Coupled layouts take ETP = TP and EP inside DP; anything else folds the experts
         // over other dimensions.
         let folded = self.etp != p.tp || (p.ep > 1 && p.cp > 1);
-        let recompute = match t.recompute_granularity {
+        let recompute_config = match t.recompute_granularity {
             Recompute::None => None,
-            Recompute::Full => Some(format!(
-                "full/{}/{}",
-                match t.recompute_method {
+            Recompute::Full => Some(RecomputeConfig::Full {
+                recompute_method: match t.recompute_method {
                     RecomputeMethod::Uniform => "uniform",
                     RecomputeMethod::Block => "block",
                 },
-                t.recompute_num_layers.unwrap_or(1)
-            )),
-            Recompute::Selective => Some(format!(
-                "selective/{}",
-                t.recompute_modules.names().join(",")
-            )),
+                recompute_num_layers: t.recompute_num_layers.unwrap_or(1),
+            }),
+            Recompute::Selective => Some(RecomputeConfig::Selective {
+                recompute_modules: t.recompute_modules.names(),
+            }),
         };
+        let recompute = recompute_config.as_ref().map(RecomputeConfig::label);
         let world = self.world as f64;
         let ms = &self.stages[mem_stage];
         Report {
@@ -351,6 +382,7 @@ impl Evaluation {
                 micro_batch_size: t.micro_batch_size,
                 num_microbatches: self.num_microbatches,
                 recompute,
+                recompute_config,
                 stage_layers: self.stage_layers.iter().map(|&(d, m)| d + m).collect(),
                 pipeline_model_parallel_layout: p.pipeline_model_parallel_layout.clone(),
             },
