@@ -11,12 +11,13 @@ segments); this replay, every copy on one link, is what it is checked against:
 
 * **moerail's executor** (:mod:`.executor`): a group (``attn``: input norm and attention; ``mlp``:
   pre-MLP norm and the MoE block) starts copying its own swapped tensors back when its backward
-  starts, last saved first, and those of the next group of the same model chunk (``lookahead=1``,
-  its default); with ``lookahead=2`` the chunk's last group (its first layer's attention) also
-  starts copying back the first group (the last layer's MLP) of the next backward chunk, when
-  that chunk has run its forward, and those bytes stay on the device through the forward between
-  the two backwards (``ahead_bytes``). The executor learns the schedule's order of backward chunks
-  in its first step; this replays the steps after it.
+  starts, last saved first, and those of the next ``prefetch_groups`` groups of the same model
+  chunk in backward order (``lookahead=1``; one group by default); with ``lookahead=2`` the
+  chunk's last group (its first layer's attention) also starts copying back the first group (the
+  last layer's MLP) of the next backward chunk, when that chunk has run its forward, and those
+  bytes stay on the device through the forward between the two backwards (``ahead_bytes``, with
+  what copies of later layers hold beside the running layer's own). The executor learns the
+  schedule's order of backward chunks in its first step; this replays the steps after it.
 * **Megatron-Core's fine-grained activation offloading** (``PipelineOffloadManager`` and
   ``ChunkOffloadHandler`` in ``megatron.core.pipeline_parallel.fine_grained_activation_offload``):
   each offloaded module is a group per layer and micro-batch, committed at the module's output
