@@ -1,10 +1,11 @@
 //! Timing of the all-to-all planning metadata (T=4096 tokens, top-8, EP=64 as 8 nodes x 8):
 //! `cargo run --release --example a2a_plan_speed`. Prints the median of many runs of the
 //! dispatch layout of one rank, the plans of all four strategies with the `auto` choice, and
-//! both together.
+//! both together; with `PARTS=1` also each strategy's plan and this rank's route alone.
 use moerail_core::ep::cost::Links;
 use moerail_core::ep::dispatch_layout::{layout, DispatchLayout};
 use moerail_core::ep::plan::{plan_best, Counts, RowFormat};
+use moerail_core::ep::route::Route;
 use moerail_core::ep::{EpGroup, Strategy};
 use std::time::Instant;
 
@@ -109,6 +110,19 @@ fn main() {
                 2000,
             );
             println!("  copies {:.1} us", tc * 1e6);
+            // What a dispatch builds after choosing: this rank's route (every hop's index).
+            let (plans, _, _) = plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap();
+            for p in &plans {
+                let tr = median(
+                    || {
+                        std::hint::black_box(
+                            Route::new(p.clone(), &counts, 0, &all[0], k).unwrap(),
+                        );
+                    },
+                    500,
+                );
+                println!("  Route::new({}) {:.1} us", p.strategy.name(), tr * 1e6);
+            }
         }
         let (_, secs, best) = plan_best(&Strategy::ALL, &topo, &counts, &fmt, &links).unwrap();
         println!(

@@ -453,7 +453,11 @@ pub fn node_send_index(
         )
     })?;
     let (rank_node, slot_rank) = topo.tables();
-    let r_n = topo.slots() as i64;
+    // One lookup an entry: each slot's node.
+    let slot_node: Vec<usize> = slot_rank
+        .iter()
+        .map(|&r| rank_node[r as usize] as usize)
+        .collect();
     let mut cursor = vec![0usize; n_n];
     let mut acc = 0usize;
     for n in 0..n_n {
@@ -469,10 +473,12 @@ pub fn node_send_index(
             if s < 0 {
                 continue;
             }
-            ensure(s < r_n, "slots", || {
-                format!("slot id {s} is outside [0, {r_n})")
-            })?;
-            let n = rank_node[slot_rank[s as usize] as usize] as usize;
+            let Some(&n) = slot_node.get(s as usize) else {
+                return Err(invalid(
+                    "slots",
+                    format!("slot id {s} is outside [0, {})", slot_node.len()),
+                ));
+            };
             if seen[n] != t as u32 {
                 seen[n] = t as u32;
                 ensure(cursor[n] < ends[n], "node_tokens", || {

@@ -8,7 +8,6 @@
 
 use super::EpGroup;
 use crate::error::{ensure, invalid, Result};
-use crate::ops::permute::{permute_layout, ExpertIndices};
 
 fn rows_of(buf: &[u8], stride: usize, name: &str) -> Result<usize> {
     ensure(stride > 0 && buf.len() % stride == 0, name, || {
@@ -229,6 +228,10 @@ pub fn expand_index(
 /// `order[s]` is slot `s`'s position in the send order (`None`: slot order). Writes the token
 /// (`rows_token`) and the entry `t * width + j` (`rows_entry`) of each row and the rows per
 /// slot in slot order (`counts [R]`).
+///
+/// A counting sort on the calling thread: every dispatch builds it, for one rank's tokens (tens
+/// of thousands of entries), where handing the work to the thread pool and materialising an
+/// entry-index array cost more than the sort (the tests check it against `permute_layout`).
 #[allow(clippy::too_many_arguments)]
 pub fn copy_layout(
     slots: &[i64],
@@ -240,69 +243,89 @@ pub fn copy_layout(
     rows_entry: &mut [i64],
     counts: &mut [i64],
 ) -> Result<()> {
-    ensure(num_tokens * width == slots.len(), "slots", || {
-        format!(
-            "expected [{num_tokens}, {width}], got {} values",
-            slots.len()
-        )
-    })?;
+    ensure(
+        num_tokens.checked_mul(width) == Some(slots.len()),
+        "slots",
+        || {
+            format!(
+                "expected [{num_tokens}, {width}], got {} values",
+                slots.len()
+            )
+        },
+    )?;
     ensure(
         counts.len() == num_slots && rows_entry.len() == rows_token.len(),
         "counts",
         || format!("expected {num_slots} counts and one entry a row"),
     )?;
-    let remapped;
-    let ids: &[i64] = match order {
-        Some(o) => {
-            ensure(o.len() == num_slots, "order", || {
-                format!("expected a position for each of the {num_slots} slots")
-            })?;
-            let mut seen = vec![false; num_slots];
-            for &p in o {
-                ensure(
-                    p >= 0 && (p as usize) < num_slots && !seen[p as usize],
-                    "order",
-                    || "must be a permutation of the slots".into(),
-                )?;
-                seen[p as usize] = true;
-            }
-            remapped = slots
-                .iter()
-                .map(|&s| {
-                    if s >= 0 && (s as usize) < num_slots {
-                        o[s as usize]
-                    } else {
-                        s
-                    }
-                })
-                .collect::<Vec<i64>>();
-            &remapped
+    if let Some(o) = order {
+        ensure(o.len() == num_slots, "order", || {
+            format!("expected a position for each of the {num_slots} slots")
+        })?;
+        let mut seen = vec![false; num_slots];
+        for &p in o {
+            ensure(
+                p >= 0 && (p as usize) < num_slots && !seen[p as usize],
+                "order",
+                || "must be a permutation of the slots".into(),
+            )?;
+            seen[p as usize] = true;
         }
-        None => slots,
+    }
+    // Each slot's position in the send order (one load instead of a branch per entry).
+    let pos_of: Vec<usize> = match order {
+        Some(o) => o.iter().map(|&p| p as usize).collect(),
+        None => (0..num_slots).collect(),
     };
-    let entry: Vec<i64> = (0..slots.len() as i64).collect();
-    let a = ExpertIndices {
-        indices: ids,
-        num_tokens,
-        topk: width,
-        num_experts: num_slots,
-    };
-    let mut in_order = vec![0i64; num_slots];
-    permute_layout(
-        &a,
-        1,
-        Some(&entry),
-        rows_token,
-        Some(rows_entry),
-        &mut in_order,
-    )?;
-    match order {
-        Some(o) => {
-            for s in 0..num_slots {
-                counts[s] = in_order[o[s] as usize];
+    // Rows per slot position in the send order, every id checked before anything is written.
+    // (`width` 0 has no slots: `max(1)` only keeps `chunks_exact` valid.)
+    let mut start = vec![0usize; num_slots + 1];
+    // The last token that listed each slot (1-based; 0: none): a repeat within a row is found
+    // in one comparison.
+    let mut last = vec![0usize; num_slots];
+    for (t, row) in slots.chunks_exact(width.max(1)).enumerate() {
+        for (j, &s) in row.iter().enumerate() {
+            if s == -1 {
+                continue;
+            }
+            let Some(l) = usize::try_from(s).ok().and_then(|i| last.get_mut(i)) else {
+                return Err(invalid(
+                    "slots",
+                    format!("token {t}, entry {j}: slot {s} is outside [0, {num_slots}) (-1 marks an empty entry)"),
+                ));
+            };
+            if *l == t + 1 {
+                return Err(invalid("slots", format!("token {t} lists slot {s} twice")));
+            }
+            *l = t + 1;
+            start[pos_of[s as usize] + 1] += 1;
+        }
+    }
+    for p in 0..num_slots {
+        start[p + 1] += start[p];
+    }
+    ensure(start[num_slots] == rows_token.len(), "slots", || {
+        format!(
+            "select {} rows, but {} were planned for them",
+            start[num_slots],
+            rows_token.len()
+        )
+    })?;
+    for (c, &p) in counts.iter_mut().zip(&pos_of) {
+        *c = (start[p + 1] - start[p]) as i64;
+    }
+    // Tokens ascending, so each slot's rows come out ascending by token. Every row index is
+    // below `start[p + 1] <= rows_token.len()`: the slots counted above are the ones placed.
+    let mut next = start;
+    for (t, row) in slots.chunks_exact(width.max(1)).enumerate() {
+        for (j, &s) in row.iter().enumerate() {
+            if s >= 0 {
+                let c = &mut next[pos_of[s as usize]];
+                rows_token[*c] = t as i64;
+                rows_entry[*c] = (t * width + j) as i64;
+                *c += 1;
             }
         }
-        None => counts.copy_from_slice(&in_order),
     }
     Ok(())
 }
@@ -361,6 +384,117 @@ mod tests {
         .unwrap();
         assert_eq!(r, vec![1, 0, 1]);
         assert_eq!(e, vec![0, 0, 1]);
+    }
+
+    /// The reference: Megatron's permute layout (`permute_layout`, checked against Megatron's
+    /// own `permute` in the ops tests) of the slots remapped to send positions, with each row's
+    /// entry index carried as its "probability".
+    fn copy_layout_by_permute(
+        slots: &[i64],
+        width: usize,
+        num_slots: usize,
+        order: Option<&[i64]>,
+    ) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+        use crate::ops::permute::{permute_layout, ExpertIndices};
+        let ids: Vec<i64> = slots
+            .iter()
+            .map(|&s| {
+                if s >= 0 {
+                    order.map_or(s, |o| o[s as usize])
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let n = slots.iter().filter(|&&s| s >= 0).count();
+        let entry: Vec<i64> = (0..slots.len() as i64).collect();
+        let a = ExpertIndices {
+            indices: &ids,
+            num_tokens: slots.len() / width,
+            topk: width,
+            num_experts: num_slots,
+        };
+        let (mut t, mut e, mut by_pos) = (vec![0; n], vec![0; n], vec![0; num_slots]);
+        permute_layout(&a, 1, Some(&entry), &mut t, Some(&mut e), &mut by_pos).unwrap();
+        let counts = (0..num_slots)
+            .map(|s| by_pos[order.map_or(s, |o| o[s] as usize)])
+            .collect();
+        (t, e, counts)
+    }
+
+    #[test]
+    fn copy_layout_matches_megatrons_permute() {
+        let mut x = 12345u64;
+        let mut next = |n: usize| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((x >> 33) % n as u64) as usize
+        };
+        for case in 0..40 {
+            let (t_n, k, r_n) = (1 + next(300), 1 + next(8), 8 + next(60));
+            let k = k.min(r_n);
+            let mut slots = Vec::with_capacity(t_n * k);
+            for _ in 0..t_n {
+                let mut row: Vec<i64> = Vec::new();
+                while row.len() < k {
+                    let s = next(r_n) as i64;
+                    if !row.contains(&s) {
+                        row.push(s);
+                    }
+                }
+                if next(4) == 0 {
+                    row[next(k)] = -1;
+                }
+                slots.extend(row);
+            }
+            let perm: Vec<i64> = {
+                let mut p: Vec<i64> = (0..r_n as i64).collect();
+                for i in (1..r_n).rev() {
+                    p.swap(i, next(i + 1));
+                }
+                p
+            };
+            for order in [None, Some(&perm[..])] {
+                let (want_t, want_e, want_c) = copy_layout_by_permute(&slots, k, r_n, order);
+                let n = want_t.len();
+                let (mut t, mut e, mut c) = (vec![-7; n], vec![-7; n], vec![-7; r_n]);
+                copy_layout(&slots, t_n, k, r_n, order, &mut t, &mut e, &mut c).unwrap();
+                assert_eq!(
+                    (t, e, c),
+                    (want_t, want_e, want_c),
+                    "case {case}, order {order:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn copy_layout_refuses_bad_slots_and_sizes() {
+        let (mut t, mut e, mut c) = (vec![0; 3], vec![0; 3], vec![0; 4]);
+        let err = |slots: &[i64], t: &mut [i64], e: &mut [i64], c: &mut [i64]| {
+            copy_layout(slots, 2, 2, 4, None, t, e, c)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[0, 4, 1, 2], &mut t, &mut e, &mut c).contains("slot 4 is outside [0, 4)"));
+        assert!(err(&[0, -2, 1, 2], &mut t, &mut e, &mut c).contains("slot -2"));
+        assert!(err(&[1, 1, 0, 2], &mut t, &mut e, &mut c).contains("token 0 lists slot 1 twice"));
+        // Four rows selected, three given: nothing written past the end.
+        assert!(err(&[0, 1, 2, 3], &mut t, &mut e, &mut c)
+            .contains("select 4 rows, but 3 were planned"));
+        assert_eq!(t, vec![0; 3]);
+        let bad_order = copy_layout(
+            &[0, 1, 2, -1],
+            2,
+            2,
+            4,
+            Some(&[0, 0, 1, 2]),
+            &mut t,
+            &mut e,
+            &mut c,
+        );
+        assert!(bad_order.unwrap_err().to_string().contains("permutation"));
     }
 
     #[test]
