@@ -54,7 +54,7 @@ def run(quick: bool) -> str:
         "strategies from the gathered counts, with their traffic of all four passes as Python dicts, and the `auto` "
         "choice; the last column is what `AllToAllDispatcher.dispatch` calls: the same plans and choice plus this "
         "rank's route (every hop's gather index and row counts, the output order), built in Rust in one call "
-        "(`_native.ep.a2a_route`).",
+        "(`_native.ep.a2a_route`), which keeps the plans in Rust (a pass reads only the chosen plan's row layout).",
         "",
         _planning(quick),
         "",

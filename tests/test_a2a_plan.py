@@ -227,3 +227,31 @@ def test_bad_counts():
     with pytest.raises(ValueError, match="num_tokens"):
         moerail.plan_all_to_all(ranks_per_node=2, hidden_size=8, tokens_per_expert=torch.ones(2, 2, dtype=torch.int64),
                                 num_tokens=[5])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "flat", "2dh", "dedup", "allgather"])
+def test_route_pass_layout_is_the_chosen_plans(strategy):
+    """A dispatch reads only the chosen plan's row layout of each pass (``Route.pass_layout``);
+    every candidate's plan (``Route.plans``) is built only when asked for. Both say the same."""
+    from moerail.ep.plan import _links, _strategies
+
+    w, rpn, e, t, k = 8, 4, 32, 64, 4
+    maps = _maps(w, t, e, k, seed=3)
+    slots = _dest_slots(maps)
+    vecs = []
+    for s in slots:
+        v = torch.zeros(4 + e + w + w // rpn, dtype=torch.int64)
+        moerail._native.ep.a2a_counts(s, w, rpn, e // w, 0, 0, v, False)
+        vecs.append(v)
+    gathered = torch.stack(vecs)
+    route = moerail._native.ep.a2a_route(gathered, slots[1], 1, rpn, e // w, _strategies(strategy), 64, 2, True,
+                                         _links(None))
+    plans = route.plans
+    chosen = plans["plans"][plans["best"]]
+    assert chosen["strategy"] == route.strategy.name
+    if strategy != "auto":
+        assert route.strategy.name == strategy
+    for pass_ in ("dispatch", "dispatch_backward", "combine", "combine_backward"):
+        assert route.pass_layout(pass_) == chosen["passes"][pass_]
+    with pytest.raises(ValueError, match="pass_: expected dispatch"):
+        route.pass_layout("forward")

@@ -8,7 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,10 +93,13 @@ class DispatchHandle:
     and what the passes measured. :meth:`AllToAllDispatcher.combine` takes it, so nothing lives
     in the dispatcher between the two (DeepEP's ``handle``); the backward passes use it too."""
 
-    def __init__(self, native: _native.ep.Route, plan: AllToAllPlan, slots: torch.Tensor, hidden: int,
+    def __init__(self, native: _native.ep.Route, plan: Callable[[], AllToAllPlan], slots: torch.Tensor, hidden: int,
                  dtype: torch.dtype, device: torch.device):
         self.native = native
-        self.plan = plan
+        self._make_plan: Optional[Callable[[], AllToAllPlan]] = plan
+        self._plan: Optional[AllToAllPlan] = None
+        self._layouts: Dict[str, dict] = {}
+        self.entries: int = native.entries  # slots a token row of the token strategies carries
         self.strategy: str = native.strategy.name
         self.copy_rows: bool = native.strategy.copy_rows
         self.num_tokens: int = native.num_tokens
@@ -115,6 +118,21 @@ class DispatchHandle:
         self.tokens_per_local_expert = torch.tensor(native.tokens_per_local_expert, dtype=torch.int64)
         self.etp: Optional[tuple] = None  # expert TP: (rows per ETP rank, order, this ETP rank)
         self.stats: Dict[str, object] = {}
+
+    @property
+    def plan(self) -> AllToAllPlan:
+        """Every candidate's plan and the choice (:class:`AllToAllPlan`), built on first use: the
+        passes need only :meth:`layout`."""
+        if self._plan is None:
+            self._plan, self._make_plan = self._make_plan(), None
+        return self._plan
+
+    def layout(self, pass_: str) -> dict:
+        """The chosen plan's row layout and traffic of ``pass_`` (``plan.traffic[strategy][pass_]``)."""
+        lay = self._layouts.get(pass_)
+        if lay is None:
+            lay = self._layouts[pass_] = self.native.pass_layout(pass_)
+        return lay
 
     def arrive(self, hop: int, buf: torch.Tensor, layout: dict) -> None:
         """``dedup`` / ``allgather``: reads the slot ids of the rows hop ``hop`` delivered;
@@ -416,7 +434,9 @@ class AllToAllDispatcher:
             # The plan of every candidate, the cheapest, and this rank's route: one call.
             native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
                                        weights.requires_grad if probs_grad is None else probs_grad, self._links)
-            plan = _plan_from(native.plans, gathered, w, rpn, loc)
+            def plan(native=native, gathered=gathered):
+                return _plan_from(native.plans, gathered, w, rpn, loc)
+
             routes.append(DispatchHandle(native, plan, slots, h, dtype, hidden.device))
         return routes
 
@@ -525,7 +545,7 @@ class AllToAllDispatcher:
         if r is None:
             return {}
         out: Dict[str, object] = dict(r.plan.summary())
-        out["planned"] = {p: {k: r.plan.traffic[r.strategy][p][k]
+        out["planned"] = {p: {k: r.layout(p)[k]
                               for k in ("inter_node_bytes", "intra_node_bytes", "inter_node_rows", "seconds")}
                           for p in _PASSES}
         out["measured"] = {p: dict(v) for p, v in r.stats.items()}
@@ -594,7 +614,7 @@ class AllToAllDispatcher:
 
     def _forward_pass(self, route: DispatchHandle, hidden: torch.Tensor, weights: Optional[torch.Tensor], pass_: str):
         """Token rows -> expert rows: the dispatch (with weights), or the combine's backward."""
-        lay = route.plan.traffic[route.strategy][pass_]
+        lay = route.layout(pass_)
         log: list = []
         h, dtype = route.hidden, route.dtype
         hop0 = route.hops[0]
@@ -605,7 +625,7 @@ class AllToAllDispatcher:
                 p = weights.reshape(-1)[route.rows_entry].to(torch.float32).unsqueeze(1)
             buf = _pack(lay, hidden.index_select(0, sel), p)
         else:
-            ent = route.plan.entries
+            ent = route.entries
             k = route.slots.shape[1]
             ids = probs = None
             if lay["num_ids"]:
@@ -634,7 +654,7 @@ class AllToAllDispatcher:
     def _reverse_pass(self, route: DispatchHandle, rows: torch.Tensor, probs_grad: Optional[torch.Tensor], pass_: str):
         """Expert rows -> token rows, summed: the combine, or the dispatch's backward (then also
         the gradient of the weights, ``[T, K]``)."""
-        lay = route.plan.traffic[route.strategy][pass_]
+        lay = route.layout(pass_)
         log: list = []
         h, dtype = route.hidden, route.dtype
         hops = route.hops
@@ -642,7 +662,7 @@ class AllToAllDispatcher:
         acc = _sum_rows(rows, route.out_rows, n_last)
         p = None
         if lay["num_probs"]:
-            width = 1 if route.copy_rows else route.plan.entries
+            width = 1 if route.copy_rows else route.entries
             p = torch.zeros(n_last, width, dtype=torch.float32, device=route.device)
             col = torch.zeros_like(route.out_rows) if route.copy_rows else route.out_entries
             p[route.out_rows, col] = probs_grad.to(torch.float32)

@@ -235,10 +235,18 @@ fn int64_bytes<'py>(py: Python<'py>, v: &[i64]) -> Bound<'py, PyBytes> {
 
 /// One rank's route of one exchange (see `route`). Index arrays come as native-endian int64
 /// bytes (`torch.frombuffer(bytearray(b), dtype=torch.int64)`).
+///
+/// Every candidate's plan is kept in Rust: a dispatch needs only the chosen plan's row layout
+/// of each pass it runs (`pass_layout`), and building every candidate's traffic as Python
+/// objects on each dispatch cost more than planning them.
 #[pyclass(module = "moerail._native", name = "Route")]
 pub struct PyRoute {
     route: Route,
-    plans: Py<PyDict>,
+    plans: Vec<plan::Plan>,
+    secs: Vec<f64>,
+    best: usize,
+    fmt: RowFormat,
+    links: Links,
 }
 
 #[pymethods]
@@ -249,10 +257,26 @@ impl PyRoute {
         PyStrategy(self.route.plan.strategy)
     }
 
-    /// Every candidate's plan (stages and traffic per pass) and the index of the chosen one.
+    /// Every candidate's plan (stages and traffic per pass) and the index of the chosen one,
+    /// built on each call.
     #[getter]
-    fn plans(&self, py: Python<'_>) -> Py<PyDict> {
-        self.plans.clone_ref(py)
+    fn plans<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        plans_dict(py, &self.plans, &self.secs, self.best, &self.fmt, &self.links)
+    }
+
+    /// The chosen plan's row layout and traffic of one pass (`dispatch`, `dispatch_backward`,
+    /// `combine`, `combine_backward`): `plans["plans"][best]["passes"][pass]`.
+    fn pass_layout<'py>(&self, py: Python<'py>, pass_: &str) -> PyResult<Bound<'py, PyDict>> {
+        let p = Pass::ALL
+            .into_iter()
+            .find(|p| p.name() == pass_)
+            .ok_or_else(|| {
+                to_py_err(invalid(
+                    "pass_",
+                    format!("expected dispatch, dispatch_backward, combine or combine_backward, got {pass_:?}"),
+                ))
+            })?;
+        pass_dict(py, &self.route.plan, &self.fmt, p, &self.links)
     }
 
     #[getter]
@@ -378,8 +402,7 @@ pub fn a2a_route(
         let route = Route::new(plans[best].clone(), &counts, rank, ss, k)?;
         Ok((route, plans, secs, best, fmt))
     })?;
-    let plans = plans_dict(py, &plans, &secs, best, &fmt, &lk)?.unbind();
-    Ok(PyRoute { route, plans })
+    Ok(PyRoute { route, plans, secs, best, fmt, links: lk })
 }
 
 fn routing_map_arg(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, usize, usize)> {
