@@ -892,3 +892,20 @@ def test_the_held_bytes_plan_with_many_micro_batches(seed):
         got = plan_memory(c, budget)
         assert evaluate_plan(c, got).predicted_peak_bytes == got.predicted_peak_bytes <= budget
         assert got.predicted_added_seconds == pytest.approx(best, abs=1e-12), frac
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("predicted_added_seconds", float("nan"), "predicted_added_seconds: expected a finite number >= 0"),
+    ("predicted_added_seconds", -0.5, "predicted_added_seconds: expected a finite number >= 0"),
+    ("predicted_peak_bytes", float("inf"), "predicted_peak_bytes: expected a finite number >= 0"),
+    ("predicted_peak_bytes", "1GiB", "predicted_peak_bytes: expected a finite number >= 0"),
+    ("evaluation", [1, 2], "evaluation: expected a dict"),
+])
+def test_a_plan_read_back_checks_its_predictions(field, value, match):
+    """A plan file is user input: what it claims about itself is checked when it is read."""
+    d = MemoryPlan((LayerPlan(0, {"router": "swap"}),), host_bytes=1 << 20).to_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=match):
+        MemoryPlan.from_dict(d)
+    d[field] = None if field != "evaluation" else {}
+    assert MemoryPlan.from_dict(d).host_bytes == 1 << 20

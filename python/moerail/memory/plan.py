@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -155,6 +156,14 @@ class MemoryPlan:
             raise ValueError(f"budget_bytes: expected a positive int, got {self.budget_bytes!r}")
         if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
             raise ValueError(f"host_bytes: expected an int >= 0, got {self.host_bytes!r}")
+        for name in ("predicted_peak_bytes", "predicted_added_seconds"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0):
+                raise ValueError(f"{name}: expected a finite number >= 0 or None, got {v!r}")
+        if not isinstance(self.evaluation, Mapping):
+            raise ValueError(f"evaluation: expected a dict, got {type(self.evaluation).__name__}")
+        object.__setattr__(self, "evaluation", dict(self.evaluation))
         check_prefetch(self.lookahead, self.prefetch_groups)
 
     @classmethod
@@ -227,7 +236,7 @@ class MemoryPlan:
             predicted_peak_bytes=d.get("predicted_peak_bytes"),
             predicted_added_seconds=d.get("predicted_added_seconds"),
             host_bytes=d.get("host_bytes", 0),
-            evaluation=dict(d.get("evaluation") or {}),
+            evaluation=d.get("evaluation") or {},
             lookahead=d.get("lookahead", 1),
             prefetch_groups=d.get("prefetch_groups", 1),
         )
