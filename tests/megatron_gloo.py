@@ -345,6 +345,40 @@ def spawn_ranks(worker, world: int, payload, out_dir: str, timeout_s: float) -> 
     return out
 
 
+def _job_worker(rank: int, world: int, port: int, out_dir: str, payload) -> None:
+    body, job, deterministic = payload
+    result: Dict = {}
+    try:
+        import logging
+
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        torch.set_num_threads(1)
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+        import moerail
+
+        moerail.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        result = body(rank, world, job)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_job(body, world: int, job, out_dir: str, timeout_s: float, *, deterministic: bool = True) -> List[Dict]:
+    """Runs ``body(rank, world, job) -> dict`` (a module-level function) on ``world`` spawned gloo
+    ranks, one thread each, warnings and logging quiet (and deterministic algorithms, unless told
+    otherwise); returns each rank's dict, or raises with a failing rank's traceback."""
+    out = spawn_ranks(_job_worker, world, (body, job, deterministic), out_dir, timeout_s)
+    for r, res in enumerate(out):
+        if "error" in res:
+            raise RuntimeError(f"rank {r}:\n{res['error']}")
+    return out
+
+
 def run_scenarios(world: int, scenarios: List[Dict], out_dir: str, timeout_s: float = 50.0) -> List[Dict]:
     """Runs the scenarios on ``world`` spawned gloo ranks; returns each rank's results."""
     out = spawn_ranks(_worker, world, scenarios, out_dir, timeout_s)

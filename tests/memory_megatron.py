@@ -27,13 +27,9 @@ TransformerEngine, the FP8 state its ``CheckpointWithoutOutput`` asks for (FP8 o
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import time
-import traceback
-import warnings
-from datetime import timedelta
 from typing import Dict, List
 
 import torch
@@ -344,44 +340,23 @@ def refusals(layout, bad_plans: List[Dict], m: Dict, rank: int) -> List[str]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
-    result: Dict = {}
-    try:
-        warnings.simplefilter("ignore")
-        import logging
+def _ranks_body(rank: int, world: int, job: Dict) -> Dict:
+    _stand_ins()
+    import megatron.core as mc
 
-        logging.disable(logging.WARNING)
-        torch.set_num_threads(1)
-        torch.use_deterministic_algorithms(True)
-        import moerail
-
-        moerail.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        _stand_ins()
-        import megatron.core as mc
-
-        result["megatron_core"] = mc.__version__
-        result["runs"] = []
-        for r in job["runs"]:
-            m = {**SMALL, **r.get("model", {})}
-            result["runs"].append({"layout": list(r["layout"]),
-                                   "arms": run_layout(tuple(r["layout"]), r["arms"], m, job["steps"]),
-                                   "refused": refusals(tuple(r["layout"]), r.get("bad_plans", []), m, rank)})
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        result["error"] = traceback.format_exc()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    result: Dict = {"megatron_core": mc.__version__, "runs": []}
+    for r in job["runs"]:
+        m = {**SMALL, **r.get("model", {})}
+        result["runs"].append({"layout": list(r["layout"]),
+                               "arms": run_layout(tuple(r["layout"]), r["arms"], m, job["steps"]),
+                               "refused": refusals(tuple(r["layout"]), r.get("bad_plans", []), m, rank)})
+    return result
 
 
 def run(job: Dict, out_dir: str, world: int = 4, timeout_s: float = 300.0) -> List[Dict]:
     """Runs ``job`` (``runs``: [{``layout``: (tp, pp, ep), ``arms``, ``model`` overrides,
     ``bad_plans``}], ``steps``) on ``world`` gloo ranks; returns each rank's result (a rank that hangs is killed after
     ``timeout_s``)."""
-    from megatron_gloo import spawn_ranks
+    from megatron_gloo import run_job
 
-    out = spawn_ranks(_worker, world, job, out_dir, timeout_s)
-    for r, res in enumerate(out):
-        if "error" in res:
-            raise RuntimeError(f"rank {r}:\n{res['error']}")
-    return out
+    return run_job(_ranks_body, world, job, out_dir, timeout_s)

@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-import warnings
-from datetime import timedelta
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,28 +146,13 @@ def run_arms(arms: List[Dict], bad_plans: List[Dict], m: Dict, steps: int, world
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
-    result: Dict = {}
-    try:
-        warnings.simplefilter("ignore")
-        torch.set_num_threads(1)
-        torch.use_deterministic_algorithms(True)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        _stand_ins()
-        result = run_arms(job["arms"], job.get("bad_plans", []), {**MODEL, **job.get("model", {})}, job["steps"], world)
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        result["error"] = traceback.format_exc()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+def _ranks_body(rank: int, world: int, job: Dict) -> Dict:
+    _stand_ins()
+    return run_arms(job["arms"], job.get("bad_plans", []), {**MODEL, **job.get("model", {})}, job["steps"], world)
 
 
 def run(job: Dict, out_dir: str, world: int = 2, timeout_s: float = 240.0) -> List[Dict]:
     """Runs ``job`` (``arms``, ``bad_plans``, ``steps``, ``model`` overrides) on ``world`` gloo ranks."""
-    from megatron_gloo import spawn_ranks
+    from megatron_gloo import run_job
 
-    out = spawn_ranks(_worker, world, job, out_dir, timeout_s)
-    for r, res in enumerate(out):
-        if "error" in res:
-            raise RuntimeError(f"rank {r}:\n{res['error']}")
-    return out
+    return run_job(_ranks_body, world, job, out_dir, timeout_s)

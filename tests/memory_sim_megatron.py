@@ -19,14 +19,9 @@ optimizer on zero gradients) without running a training step.
 from __future__ import annotations
 
 import contextlib
-import os
-import traceback
-import warnings
-from datetime import timedelta
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 
 @contextlib.contextmanager
@@ -203,40 +198,23 @@ def predicted(layout, m: Dict, dist_opt: bool) -> List[Dict]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, job: Dict) -> None:
-    result: Dict = {}
-    try:
-        import sys
+def _ranks_body(rank: int, world: int, job: Dict) -> Dict:
+    import sys
 
-        warnings.simplefilter("ignore")
-        import logging
+    import memory_megatron as mm
 
-        logging.disable(logging.WARNING)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        import memory_megatron as mm
-
-        sys.path.insert(0, str(mm.ROOT / "examples"))
-        mm._stand_ins()
-        result["runs"] = [measure(tuple(r["layout"]), {**mm.SMALL, **job.get("model", {})}, r.get("dist_opt", False))
-                          for r in job["runs"]]
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        result["error"] = traceback.format_exc()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    sys.path.insert(0, str(mm.ROOT / "examples"))
+    mm._stand_ins()
+    return {"runs": [measure(tuple(r["layout"]), {**mm.SMALL, **job.get("model", {})}, r.get("dist_opt", False))
+                     for r in job["runs"]]}
 
 
 def run(job: Dict, out_dir: str, world: int = 4, timeout_s: float = 300.0) -> List[Dict]:
     """``job``: ``runs`` [{``layout``: (tp, pp, ep), ``dist_opt``}], ``model`` overrides of
     memory_megatron.SMALL; returns each rank's ``runs``."""
-    from megatron_gloo import spawn_ranks
+    from megatron_gloo import run_job
 
-    out = spawn_ranks(_worker, world, job, out_dir, timeout_s)
-    for r, res in enumerate(out):
-        if "error" in res:
-            raise RuntimeError(f"rank {r}:\n{res['error']}")
-    return [res["runs"] for res in out]
+    return [res["runs"] for res in run_job(_ranks_body, world, job, out_dir, timeout_s, deterministic=False)]
 
 
 # The layouts compared (TP, PP, EP), on 4 ranks; PP 2 runs 1F1B over 2 micro-batches.
