@@ -9,7 +9,7 @@ import torch
 
 import _common
 import moerail
-from moerail.ep.plan import _links, _make_plan, _strategies
+from moerail.ep.plan import _compact, _links, _make_plan, _strategies
 
 TITLE = "Expert-parallel exchange: flat vs 2dh vs dedup on two emulated nodes, planning time"
 
@@ -20,6 +20,12 @@ def _planning(quick: bool) -> str:
         t, k = 4096, 8
         g = torch.Generator().manual_seed(0)
         idx = torch.rand(t, e, generator=g).topk(k, dim=1).indices.sort(dim=1).values.contiguous()
+        # What a dispatch first does on the host: the routing map to each entry's slot.
+        rmap = torch.zeros(t, e, dtype=torch.bool).scatter_(1, idx, True)
+        log2phy, logcnt = moerail.log2phy_from_phy2log(torch.arange(e).view(1, -1), e)
+        sargs = (rmap, log2phy[0], logcnt[0], e)
+        to_slots = _common.timeit(lambda a=sargs: moerail.select_replicas(_compact(a[0]), *a[1:], offset=1), warmup=10,
+                                  repeat=51)
         vec = torch.zeros(4 + e + w + w // rpn, dtype=torch.int64)
         args = (idx, w, rpn, e // w, 0, 0, vec, False)
         threads = moerail.get_num_threads()
@@ -30,15 +36,16 @@ def _planning(quick: bool) -> str:
         moerail.set_num_threads(threads)
         gathered = vec.repeat(w, 1)
         pargs = (gathered, w, rpn, e // w, "auto", 7168, 2, True, None)
-        plan = _common.timeit(lambda a=pargs: _make_plan(*a), repeat=7)
+        plan = _common.timeit(lambda a=pargs: _make_plan(*a), warmup=10, repeat=51)
         # What a dispatch runs: the same plans and choice, plus rank 0's route (every hop's index
         # and row counts), in one call (the identity placement: slot = expert).
         rargs = (gathered, idx, 0, rpn, e // w, _strategies("auto"), 7168, 2, True, _links(None))
-        route = _common.timeit(lambda a=rargs: moerail._native.ep.a2a_route(*a), repeat=7)
-        rows.append([f"T={t}, k={k}, EP={w} ({w // rpn} nodes x {rpn}), {e} experts",
+        route = _common.timeit(lambda a=rargs: moerail._native.ep.a2a_route(*a), warmup=10, repeat=51)
+        rows.append([f"T={t}, k={k}, EP={w} ({w // rpn} nodes x {rpn}), {e} experts", f"{to_slots * 1e6:.0f}",
                      " / ".join(f"{layout[n] * 1e6:.0f}" for n in sorted(layout)), f"{plan * 1e6:.0f}",
                      f"{route * 1e6:.0f}"])
-    return _common.table(["size", "dispatch layout of one rank, 1 / all threads (us)",
+    return _common.table(["size", "routing map to slots, all threads (us)",
+                          "dispatch layout of one rank, 1 / all threads (us)",
                           "4 plans + auto, Python objects incl. (us)",
                           "4 plans + auto + this rank's route, one call (us)"], rows)
 
@@ -47,6 +54,8 @@ def run(quick: bool) -> str:
     parts = [
         "### Planning time",
         "",
+        "First the routing map `[T, E]` (on the host) becomes each entry's slot (`_compact`: the experts of each "
+        "row in ascending order; `select_replicas`: the replica each goes to, here one per expert). "
         "The dispatch layout is what every rank computes from its routed tokens before the exchange (DeepEP's "
         "`get_dispatch_layout`: copies per slot, tokens per rank and per node; the counts the ranks all-gather), "
         "through the Python binding as the dispatcher calls it (slot ids range-checked, no repeat check: they come "
