@@ -277,6 +277,8 @@ class AllToAllDispatcher:
         self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
         self.num_slots = phy2log.numel()
         self.num_local_experts = self.num_slots // self.world
+        # Expert e in slot e, one replica each: a token's slots are its experts (no replica choice).
+        self._slot_is_expert = bool(torch.equal(phy2log, torch.arange(self.num_experts, dtype=phy2log.dtype)))
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -501,7 +503,10 @@ class AllToAllDispatcher:
         # The plan is made on the host: the routing map comes over (T x E bytes); the token
         # rows and their weights stay where they are.
         idx = _compact(routing_map.cpu())
-        slots = select_replicas(idx, self.log2phy, self.logcnt, self.num_slots, offset=self.rank)
+        if self._slot_is_expert:
+            slots = idx
+        else:
+            slots = select_replicas(idx, self.log2phy, self.logcnt, self.num_slots, offset=self.rank)
         idx_here = idx.to(probs.device)
         weights = probs.gather(1, idx_here.clamp(min=0)).masked_fill(idx_here < 0, 0.0)
         return hidden, weights, slots
