@@ -8,6 +8,8 @@
 
 use super::EpGroup;
 use crate::error::{ensure, invalid, Result};
+use crate::ops::permute::{permute_layout, ExpertIndices};
+use crate::util::pool;
 
 fn rows_of(buf: &[u8], stride: usize, name: &str) -> Result<usize> {
     ensure(stride > 0 && buf.len() % stride == 0, name, || {
@@ -229,9 +231,12 @@ pub fn expand_index(
 /// (`rows_token`) and the entry `t * width + j` (`rows_entry`) of each row and the rows per
 /// slot in slot order (`counts [R]`).
 ///
-/// A counting sort on the calling thread: every dispatch builds it, for one rank's tokens (tens
-/// of thousands of entries), where handing the work to the thread pool and materialising an
-/// entry-index array cost more than the sort (the tests check it against `permute_layout`).
+/// Every dispatch builds it. With a small pool (fewer than `POOL_THREADS` threads) a counting
+/// sort on the calling thread: there, handing one rank's tokens (tens of thousands of entries)
+/// to the pool and materialising an entry-index array cost more than the sort (2x at T=4096,
+/// top-8 on one thread; even on two). With more threads, Megatron's permute layout on the pool
+/// (`permute_layout`, the entry index as its probabilities), as before. The tests check the two
+/// against each other.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_layout(
     slots: &[i64],
@@ -271,6 +276,11 @@ pub fn copy_layout(
             )?;
             seen[p as usize] = true;
         }
+    }
+    if pool::num_threads() >= POOL_THREADS && slots.len() >= POOL_ENTRIES {
+        return permuted_copy_layout(
+            slots, num_tokens, width, num_slots, order, rows_token, rows_entry, counts,
+        );
     }
     // Each slot's position in the send order (one load instead of a branch per entry).
     let pos_of: Vec<usize> = match order {
@@ -326,6 +336,63 @@ pub fn copy_layout(
                 *c += 1;
             }
         }
+    }
+    Ok(())
+}
+
+/// From this many pool threads (and `POOL_ENTRIES` entries) `copy_layout` runs on the pool.
+const POOL_THREADS: usize = 4;
+const POOL_ENTRIES: usize = 1 << 14;
+
+/// `copy_layout` on the pool: `permute_layout` of the slots at their send positions, each row's
+/// entry index carried as its probability. Slot ids are checked by `permute_layout` (range,
+/// repeats within a row) before it writes.
+#[allow(clippy::too_many_arguments)]
+fn permuted_copy_layout(
+    slots: &[i64],
+    num_tokens: usize,
+    width: usize,
+    num_slots: usize,
+    order: Option<&[i64]>,
+    rows_token: &mut [i64],
+    rows_entry: &mut [i64],
+    counts: &mut [i64],
+) -> Result<()> {
+    let remapped;
+    let ids: &[i64] = match order {
+        Some(o) => {
+            remapped = slots
+                .iter()
+                .map(|&s| {
+                    if s >= 0 && (s as usize) < num_slots {
+                        o[s as usize]
+                    } else {
+                        s
+                    }
+                })
+                .collect::<Vec<i64>>();
+            &remapped
+        }
+        None => slots,
+    };
+    let entry: Vec<i64> = (0..slots.len() as i64).collect();
+    let a = ExpertIndices {
+        indices: ids,
+        num_tokens,
+        topk: width,
+        num_experts: num_slots,
+    };
+    let mut by_pos = vec![0i64; num_slots];
+    permute_layout(
+        &a,
+        1,
+        Some(&entry),
+        rows_token,
+        Some(rows_entry),
+        &mut by_pos,
+    )?;
+    for (s, c) in counts.iter_mut().enumerate() {
+        *c = by_pos[order.map_or(s, |o| o[s] as usize)];
     }
     Ok(())
 }
@@ -467,6 +534,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn copy_layout_on_a_large_pool_is_the_same() {
+        // Above POOL_ENTRIES: 9000 tokens x 8, some entries empty, with and without a send order.
+        let (t_n, k, r_n) = (9000usize, 8usize, 64usize);
+        let mut x = 99u64;
+        let mut slots = Vec::with_capacity(t_n * k);
+        for t in 0..t_n {
+            let mut row: Vec<i64> = Vec::new();
+            while row.len() < k {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let s = ((x >> 33) % r_n as u64) as i64;
+                if !row.contains(&s) {
+                    row.push(s);
+                }
+            }
+            if t % 7 == 0 {
+                row[t % k] = -1;
+            }
+            slots.extend(row);
+        }
+        let order: Vec<i64> = (0..r_n as i64).map(|s| (s * 5) % r_n as i64).collect();
+        let n = slots.iter().filter(|&&s| s >= 0).count();
+        for o in [None, Some(&order[..])] {
+            let mut got = Vec::new();
+            for threads in [POOL_THREADS, 1] {
+                crate::util::pool::set_num_threads(threads).unwrap();
+                let (mut t, mut e, mut c) = (vec![-7; n], vec![-7; n], vec![-7; r_n]);
+                copy_layout(&slots, t_n, k, r_n, o, &mut t, &mut e, &mut c).unwrap();
+                got.push((t, e, c));
+            }
+            assert_eq!(got[0], got[1], "order {o:?}");
+            assert_eq!(got[1], copy_layout_by_permute(&slots, k, r_n, o));
+        }
+        // The pool path refuses a bad id before writing, too.
+        crate::util::pool::set_num_threads(POOL_THREADS).unwrap();
+        slots[8000 * k + 2] = r_n as i64;
+        let (mut t, mut e, mut c) = (vec![-7; n], vec![-7; n], vec![-7; r_n]);
+        assert!(copy_layout(&slots, t_n, k, r_n, None, &mut t, &mut e, &mut c).is_err());
+        assert!(t.iter().chain(&e).chain(&c).all(|&v| v == -7));
+        crate::util::pool::set_num_threads(1).unwrap();
     }
 
     #[test]
