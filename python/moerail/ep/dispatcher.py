@@ -93,10 +93,10 @@ class DispatchHandle:
     and what the passes measured. :meth:`AllToAllDispatcher.combine` takes it, so nothing lives
     in the dispatcher between the two (DeepEP's ``handle``); the backward passes use it too."""
 
-    def __init__(self, native: _native.ep.Route, plan: Callable[[], AllToAllPlan], slots: torch.Tensor, hidden: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, native: _native.ep.Route, make_plan: Callable[[], AllToAllPlan], slots: torch.Tensor,
+                 hidden: int, dtype: torch.dtype, device: torch.device):
         self.native = native
-        self._make_plan: Optional[Callable[[], AllToAllPlan]] = plan
+        self._make_plan: Optional[Callable[[], AllToAllPlan]] = make_plan
         self._plan: Optional[AllToAllPlan] = None
         self._layouts: Dict[str, dict] = {}
         self.entries: int = native.entries  # slots a token row of the token strategies carries
@@ -436,10 +436,10 @@ class AllToAllDispatcher:
             # The plan of every candidate, the cheapest, and this rank's route: one call.
             native = _native.ep.a2a_route(gathered, slots, rank, rpn, loc, self._candidates, h, hidden.element_size(),
                                        weights.requires_grad if probs_grad is None else probs_grad, self._links)
-            def plan(native=native, gathered=gathered):
+            def make_plan(native=native, gathered=gathered):
                 return _plan_from(native.plans, gathered, w, rpn, loc)
 
-            routes.append(DispatchHandle(native, plan, slots, h, dtype, hidden.device))
+            routes.append(DispatchHandle(native, make_plan, slots, h, dtype, hidden.device))
         return routes
 
     def forward(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts) -> torch.Tensor:

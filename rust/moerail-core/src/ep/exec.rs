@@ -400,6 +400,7 @@ fn permuted_copy_layout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ep::dispatch_layout::tests::{random_slots, Lcg};
 
     #[test]
     fn block_order_transposes() {
@@ -454,71 +455,32 @@ mod tests {
     }
 
     /// The reference: Megatron's permute layout (`permute_layout`, checked against Megatron's
-    /// own `permute` in the ops tests) of the slots remapped to send positions, with each row's
-    /// entry index carried as its "probability".
+    /// own `permute` in the ops tests) of the slots at their send positions, each row's entry
+    /// index carried as its "probability" (what `copy_layout` runs on a large pool).
     fn copy_layout_by_permute(
         slots: &[i64],
         width: usize,
         num_slots: usize,
         order: Option<&[i64]>,
     ) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
-        use crate::ops::permute::{permute_layout, ExpertIndices};
-        let ids: Vec<i64> = slots
-            .iter()
-            .map(|&s| {
-                if s >= 0 {
-                    order.map_or(s, |o| o[s as usize])
-                } else {
-                    s
-                }
-            })
-            .collect();
         let n = slots.iter().filter(|&&s| s >= 0).count();
-        let entry: Vec<i64> = (0..slots.len() as i64).collect();
-        let a = ExpertIndices {
-            indices: &ids,
-            num_tokens: slots.len() / width,
-            topk: width,
-            num_experts: num_slots,
-        };
-        let (mut t, mut e, mut by_pos) = (vec![0; n], vec![0; n], vec![0; num_slots]);
-        permute_layout(&a, 1, Some(&entry), &mut t, Some(&mut e), &mut by_pos).unwrap();
-        let counts = (0..num_slots)
-            .map(|s| by_pos[order.map_or(s, |o| o[s] as usize)])
-            .collect();
-        (t, e, counts)
+        let (mut t, mut e, mut c) = (vec![0; n], vec![0; n], vec![0; num_slots]);
+        let t_n = slots.len() / width;
+        permuted_copy_layout(slots, t_n, width, num_slots, order, &mut t, &mut e, &mut c).unwrap();
+        (t, e, c)
     }
 
     #[test]
     fn copy_layout_matches_megatrons_permute() {
-        let mut x = 12345u64;
-        let mut next = |n: usize| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((x >> 33) % n as u64) as usize
-        };
+        let mut g = Lcg(12345);
         for case in 0..40 {
-            let (t_n, k, r_n) = (1 + next(300), 1 + next(8), 8 + next(60));
+            let (t_n, k, r_n) = (1 + g.below(300), 1 + g.below(8), 8 + g.below(60));
             let k = k.min(r_n);
-            let mut slots = Vec::with_capacity(t_n * k);
-            for _ in 0..t_n {
-                let mut row: Vec<i64> = Vec::new();
-                while row.len() < k {
-                    let s = next(r_n) as i64;
-                    if !row.contains(&s) {
-                        row.push(s);
-                    }
-                }
-                if next(4) == 0 {
-                    row[next(k)] = -1;
-                }
-                slots.extend(row);
-            }
+            let slots = random_slots(t_n, k, r_n, case as u64);
             let perm: Vec<i64> = {
                 let mut p: Vec<i64> = (0..r_n as i64).collect();
                 for i in (1..r_n).rev() {
-                    p.swap(i, next(i + 1));
+                    p.swap(i, g.below(i + 1));
                 }
                 p
             };
@@ -540,24 +502,7 @@ mod tests {
     fn copy_layout_on_a_large_pool_is_the_same() {
         // Above POOL_ENTRIES: 9000 tokens x 8, some entries empty, with and without a send order.
         let (t_n, k, r_n) = (9000usize, 8usize, 64usize);
-        let mut x = 99u64;
-        let mut slots = Vec::with_capacity(t_n * k);
-        for t in 0..t_n {
-            let mut row: Vec<i64> = Vec::new();
-            while row.len() < k {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                let s = ((x >> 33) % r_n as u64) as i64;
-                if !row.contains(&s) {
-                    row.push(s);
-                }
-            }
-            if t % 7 == 0 {
-                row[t % k] = -1;
-            }
-            slots.extend(row);
-        }
+        let mut slots = random_slots(t_n, k, r_n, 99);
         let order: Vec<i64> = (0..r_n as i64).map(|s| (s * 5) % r_n as i64).collect();
         let n = slots.iter().filter(|&&s| s >= 0).count();
         for o in [None, Some(&order[..])] {
