@@ -128,6 +128,39 @@ def test_whole_layer_recompute_is_exact_on_a_tiny_moe_layer(name, keep_all):
     assert ex.stats["replays"] == ex.stats["regions"] > 0
 
 
+@pytest.mark.parametrize("name", [*TINY_PLANS, "whole_all"])
+def test_a_step_leaves_nothing_behind(name):
+    """Once a step's backward has run, its regions (their inputs, RNG states and outputs) are gone:
+    a region holding its own outputs would be a reference cycle through autograd's graph (the
+    outputs' grad_fn holds the region) that Python's collector cannot free, and every step would
+    keep its activations until the job runs out of memory."""
+    import gc
+
+    from moerail.memory import LayerPlan
+    from moerail.memory.executor import _Region
+
+    if name == "whole_all":
+        plan = MemoryPlan(tuple(LayerPlan(i, recompute_layer=True) for i in range(2)))
+    else:
+        plan = MemoryPlan.uniform(2, TINY_PLANS[name], host_bytes=1 << 24)
+    model = mt.Model()
+    ex = mt.attach(Executor(plan, min_swap_bytes=0), model)
+
+    def live():
+        gc.collect()
+        objs = gc.get_objects()
+        tensors = [o for o in objs if isinstance(o, torch.Tensor)]
+        return (sum(type(o) is _Region for o in objs), len(tensors),
+                sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values()))
+
+    mt.run(model)
+    after_one = live()
+    for _ in range(3):
+        mt.run(model)
+    assert live() == after_one, f"{name}: (regions, tensors, bytes) alive after 1 step / after 4"
+    assert ex.stats["regions"] > 0 or ex.stats["swapped_tensors"] > 0
+
+
 def test_throttled_copies_and_late_prefetch_stay_exact(keep_all):
     ref, _ = keep_all
     model = mt.Model()

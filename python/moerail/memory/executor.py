@@ -298,6 +298,10 @@ class _Region:
     owner: Any
     owner_state: Optional[dict]
     buffers_of: Optional[torch.nn.Module]
+    # Aliases of the outputs' storages without their autograd history: the outputs' grad_fn (the
+    # _Replay node) holds this region, so holding the outputs themselves would make a reference cycle
+    # through autograd's C++ graph that Python's collector cannot free (every step's regions, their
+    # inputs and RNG states would stay).
     diff_outs: List[torch.Tensor] = field(default_factory=list)
     nondiff_outs: List[torch.Tensor] = field(default_factory=list)
     discard: List[torch.Tensor] = field(default_factory=list)
@@ -403,6 +407,7 @@ class _Region:
         self.args = self.kwargs = None
         self.replay_outs = self.replay_inputs = None
         self.owner_state = None
+        self.diff_outs, self.nondiff_outs, self.discard, self.grad_inputs = [], [], [], []
         if self.executor.counter is not None:
             for k in self.input_tokens:
                 if k is not None:
@@ -952,7 +957,7 @@ class Executor:
                 region.grad_inputs.append(x)
         res = _Replay.apply(region, ex._anchor, *region.grad_inputs)
         res = list(res) if isinstance(res, tuple) else [res]
-        region.diff_outs = res
+        region.diff_outs = [t.detach() for t in res]
         ex.stats["regions"] += 1
         ex._last_run = None
         ex._pending_out = {}
@@ -1079,10 +1084,10 @@ class Executor:
             # inside the region get theirs from the replay).
             res = _Replay.apply(region, ex._anchor, *region.grad_inputs)
             res = list(res) if isinstance(res, tuple) else [res]
-            region.diff_outs = res
+            region.diff_outs = [t.detach() for t in res]
             for i, d in enumerate(region.discard):
                 if d is not None:
-                    region.discard[i] = res[i]
+                    region.discard[i] = region.diff_outs[i]
             run.regions[group].append(region)
             ex.stats["regions"] += 1
             it = iter(res)
