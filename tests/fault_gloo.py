@@ -17,7 +17,8 @@ import moerail
 
 HIDDEN = 8
 
-MISMATCHES = ["num_experts", "slots", "ranks_per_node", "strategy", "dtype", "hidden", "tracker", "migration"]
+MISMATCHES = ["num_experts", "slots", "ranks_per_node", "strategy", "dtype", "hidden", "placement_switched",
+              "hidden_reused", "tracker", "migration"]
 
 
 def _inputs(rank: int, experts: int, hidden: int = HIDDEN, dtype=torch.float32):
@@ -50,6 +51,17 @@ def _mismatch(name: str, rank: int) -> None:
         _dispatch(rank, dtype=torch.float64 if odd else torch.float32)
     elif name == "hidden":
         _dispatch(rank, hidden=16 if odd else HIDDEN)
+    elif name in ("placement_switched", "hidden_reused"):
+        # One dispatcher, agreed once (its configuration hash cached), then configured otherwise on
+        # rank 1: a new placement of the same slots, or other rows.
+        disp = moerail.AllToAllDispatcher(4, None, ranks_per_node=1, timeout=timedelta(seconds=20))
+        h, p, m = _inputs(rank, 4)
+        disp.dispatch(h, p, m)
+        if odd and name == "placement_switched":
+            disp.set_placement(torch.tensor([1, 0, 3, 2]))
+        if odd and name == "hidden_reused":
+            h, p, m = _inputs(rank, 4, hidden=16)
+        disp.dispatch(h, p, m)
     elif name == "tracker":
         tr = moerail.LoadTracker(1, 8 if odd else 4, group=dist.group.WORLD)
         tr.record(0, torch.ones(8 if odd else 4))

@@ -55,6 +55,8 @@ EXPECTED = {
     "strategy": "disagree on the dispatcher configuration",
     "dtype": "disagree on the dispatcher configuration",
     "hidden": "disagree on the dispatcher configuration",
+    "placement_switched": "disagree on the dispatcher configuration",
+    "hidden_reused": "disagree on the dispatcher configuration",
     "tracker": "LoadTracker.group: the ranks disagree",
     "migration": "migrate_experts: the ranks disagree",
 }

@@ -437,10 +437,11 @@ def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host, one_ahead):
         assert line == []
 
 
-def test_cli_memory_plan_names_the_norm_offload_where_it_decides(capsys):
-    # Mixtral-8x7B TP2 PP4 EP8 at 24 GiB: Megatron's best setting offloads attn_norm (the layers'
-    # residual inputs, which no moerail action frees while the norms are recomputed) and adds less
-    # than the plan; every setting without that offload adds more than the plan, so the CLI says why.
+def test_cli_memory_plan_names_recompute_with_offloaded_inputs_where_it_decides(capsys):
+    # Mixtral-8x7B TP2 PP4 EP8 at 24 GiB: Megatron's best setting recomputes layernorm and moe_act and
+    # offloads the inputs those recomputes hold (attn_norm: the layers' residual inputs; moe_act: fc1's
+    # output), two actions on one module, which a moerail plan does not have, and adds less than the
+    # plan; every setting without such a pair adds more than the plan, so the CLI says why.
     args = ["plan", "--model", "Mixtral-8x7B", "--cluster", "H100-SXM", "--devices", "64", "--gbs", "256",
             "--tp", "2", "--pp", "4", "--ep", "8", "--etp", "1", "--memory", "24GiB", "--host-memory", "64GiB"]  # fmt: skip
     assert cli.main(args + ["--json"]) == 0
@@ -451,12 +452,13 @@ def test_cli_memory_plan_names_the_norm_offload_where_it_decides(capsys):
                                    expert_tensor_parallel_size=1)  # fmt: skip
     statics = megatron_static_plans(c)
     best = best_static(statics, 24 * G)
-    rest = best_static([s for s in statics if not {"attn_norm", "mlp_norm"} & set(s.offload)], 24 * G)
-    assert "attn_norm" in best.offload and d["best_megatron_setting"]["adds_less_than_plan"]
+    rest = best_static([s for s in statics if not s.offloaded_recompute_inputs], 24 * G)
+    assert best.offloaded_recompute_inputs == ("attn_norm", "moe_act") and d["best_megatron_setting"]["adds_less_than_plan"]
     assert rest.plan.predicted_added_seconds >= d["executor_added_seconds"] > best.plan.predicted_added_seconds
     assert cli.main(args) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Megatron's setting adds less time")]
-    assert len(line) == 1 and "Its offload of attn_norm moves the layers' residual inputs" in line[0]
+    assert len(line) == 1
+    assert "It recomputes layernorm and moe_act and offloads the inputs those recomputes hold (attn_norm / moe_act)" in line[0]
 
 
 def test_cli_memory_plan_lookahead_2(capsys):

@@ -15,6 +15,7 @@ from moerail.memory import MODULES, LayerCosts, MemoryCosts, MemoryPlan, ModuleC
 from moerail.memory.timeline import (
     MEGATRON_OFFLOAD_GROUPS,
     SEGMENTS,
+    attention_parts,
     megatron_offload_groups,
     megatron_offload_wait,
     schedule_ops,
@@ -169,6 +170,9 @@ def _megatron_trace(costs, offload, monkeypatch, iterations=2):
         (("expert_fc1", "moe_act"), 2, 0, 3, 4),
         (("core_attn",), 4, 2, 1, 6),
         (("core_attn", "moe_act"), 4, 3, 2, 8),  # the last stage: a chunk's backward right after its forward
+        (("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act"), 4, 0, 2, 8),
+        (("qkv_linear", "mlp_norm"), 4, 1, 2, 8),
+        (("attn_norm", "mlp_norm", "moe_act"), 2, 1, 1, 4),
     ],
 )
 def test_megatron_offload_events_match_megatron_manager(offload, pp, rank, vpp, m, monkeypatch):
@@ -186,12 +190,64 @@ def test_megatron_groups_follow_megatron_boundaries():
     # input norm's group until the attention's residual add.
     assert MEGATRON_OFFLOAD_GROUPS["moe_act"] == (SEGMENTS.index("moe_act"), SEGMENTS.index("expert_fc2"))
     assert MEGATRON_OFFLOAD_GROUPS["attn_norm"] == (SEGMENTS.index("input_norm"), SEGMENTS.index("attn_proj"))
+    # The pre-MLP norm's group until the MLP's residual add (the layer's end); the QKV projections'
+    # (with MLA the down and up projections) until the queries, keys and values.
+    assert MEGATRON_OFFLOAD_GROUPS["mlp_norm"] == (SEGMENTS.index("pre_mlp_norm"), len(SEGMENTS) - 1)
+    assert MEGATRON_OFFLOAD_GROUPS["qkv_linear"] == (SEGMENTS.index("qkv_down"), SEGMENTS.index("mla_up_proj"))
     lc = moe_costs().layers[0]
     by = {g.name: g for g in megatron_offload_groups(lc, ("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act"))}
     fc1 = lc.modules["expert_fc1"]
     assert by["expert_fc1"].freed + by["moe_act"].freed == fc1.saved_bytes
     assert by["core_attn"].freed == lc.modules["mla_up_proj"].saved_bytes
     assert by["core_attn"].moved == lc.modules["mla_up_proj"].saved_bytes + lc.modules["attention"].saved_bytes
+
+
+_DSV3 = dict(model="DeepSeek-V3", devices=1024, pipeline_model_parallel_size=8, virtual_pipeline_model_parallel_size=4,
+             expert_model_parallel_size=64, pipeline_model_parallel_layout="Et|(tt|)*30mL")  # fmt: skip
+_MIXTRAL = dict(model="Mixtral-8x7B", devices=64, pipeline_model_parallel_size=4, expert_model_parallel_size=8)
+
+
+@pytest.mark.parametrize("cfg,mla", [(_DSV3, True), (_MIXTRAL, False)])
+def test_megatron_norm_and_attention_offloads_free_what_the_simulator_counts(cfg, mla):
+    # The simulator counts, per layer and local token (bf16): the layer's input and the residual
+    # stream entering the pre-MLP norm (each hidden wide: what attn_norm and mlp_norm move, all of
+    # the MoE layer's saved bytes that no module action frees, with no dropout); the input norm's
+    # output (what qkv_linear moves; half of what layernorm's recompute drops); with MLA the
+    # compressed latents (2 q_lora_rank + 2 kv_lora_rank + the keys' RoPE dims; qkv_linear moves
+    # them too), without MLA the queries, keys and values of every sequence position (heads + 2
+    # query groups, kv_channels wide, split over TP; core_attn frees them): the attention's swap
+    # moves these besides core attention's output and statistics, which its recompute frees.
+    from moerail.memory import MemoryCosts
+
+    costs = MemoryCosts.from_simulator(cluster="H100-SXM", seq_length=4096, global_batch_size=1024, micro_batch_size=1,
+                                       tensor_model_parallel_size=2, host_bytes=64 * 2**30, **cfg)  # fmt: skip
+    m = costs.meta["config"]["model"]
+    lc = next(lc for lc in costs.layers if "expert_fc1" in lc.modules)
+    local = lc.input_bytes / (m["hidden_size"] * 2)  # tokens on this rank (sequence parallel)
+    if mla:
+        want = (local * 2 * (2 * m["q_lora_rank"] + 2 * m["kv_lora_rank"] + m["qk_pos_emb_head_dim"]), 0.0)
+    else:
+        heads, groups = m["num_attention_heads"], m["num_query_groups"]
+        d = m["hidden_size"] / heads
+        want = (0.0, 4096 * (heads + 2 * groups) * d / 2 * 2)
+    parts = attention_parts(costs)
+    assert parts == pytest.approx(want, rel=1e-12)
+    attn = lc.modules["attention"]
+    heads_tp = m["num_attention_heads"] / 2
+    core = 4096 * heads_tp * (m["v_head_dim"] if mla else m["hidden_size"] / m["num_attention_heads"]) * 2 + 4 * 4096 * heads_tp
+    assert attn.recompute_saved_bytes == pytest.approx(core, rel=1e-12)
+    assert attn.saved_bytes == pytest.approx(core + sum(want), rel=1e-12)
+    assert lc.other_saved_bytes == pytest.approx(2 * lc.input_bytes, rel=1e-12)
+    names = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm")
+    by = {g.name: g for g in megatron_offload_groups(lc, names, 0, parts)}
+    assert by["attn_norm"].freed == by["mlp_norm"].freed == lc.input_bytes
+    assert by["qkv_linear"].freed == pytest.approx(lc.input_bytes + want[0], rel=1e-12)
+    assert dict((s, x) for s, x, _ in by["qkv_linear"].sources)["layernorm"] == pytest.approx(
+        lc.modules["layernorm"].saved_bytes / 2)
+    assert by["attn_proj"].freed == pytest.approx(core, rel=1e-12)
+    qkv = lc.modules["mla_up_proj"].saved_bytes if mla else want[1]
+    assert by["core_attn"].freed == pytest.approx(qkv, rel=1e-12)
+    assert by["core_attn"].moved == pytest.approx(qkv + core, rel=1e-12)
 
 
 def test_megatron_wait_against_hand_replay():

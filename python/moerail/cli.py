@@ -531,14 +531,17 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     for n in flags.notes:
         print(f"  note: {n}")
     if megatron_wins:
-        # Said only where it decides: without the norms' offload no Megatron setting beats the plan.
-        norms = [m for m in best.offload if m in ("attn_norm", "mlp_norm")]
-        rest = [s for s in statics if not {"attn_norm", "mlp_norm"} & set(s.offload)]
+        # Said only where it decides: without recomputing a module and offloading the input its
+        # recompute holds, which a moerail plan cannot, no Megatron setting beats the plan.
+        both = best.offloaded_recompute_inputs
+        rest = [s for s in statics if not s.offloaded_recompute_inputs]
         other = memory.planner.best_static(rest, args.memory_bytes)
         why = ""
-        if norms and (other is None or other.plan.predicted_added_seconds >= executor["added_seconds"]):
-            why = (f" Its offload of {' / '.join(norms)} moves the layers' residual inputs, which no moerail action "
-                   "frees while the norms are recomputed; without it no Megatron setting adds less.")
+        if both and (other is None or other.plan.predicted_added_seconds >= executor["added_seconds"]):
+            held = [r for r in best.recompute if set(memory.planner._RECOMPUTE_AND_OFFLOAD.get(r, ())) & set(both)]
+            why = (f" It recomputes {' and '.join(held)} and offloads the inputs those recomputes hold "
+                   f"({' / '.join(both)}), which a moerail plan, one action per module, does not combine; "
+                   "without that no Megatron setting adds less.")
         print(f"Megatron's setting adds less time: +{best.plan.predicted_added_seconds:.3f} s against this plan's "
               f"+{executor['added_seconds']:.3f} s with moerail's executor.{why} Run Megatron's instead: "
               + str(best.megatron_flags))  # fmt: skip

@@ -275,6 +275,7 @@ class AllToAllDispatcher:
         if getattr(self, "num_slots", phy2log.numel()) != phy2log.numel():
             raise ValueError(f"placement: expected {self.num_slots} slots (as before), got {phy2log.numel()}")
         self.phy2log, self.log2phy, self.logcnt = phy2log, log2phy, logcnt
+        self._config_hash_cache = None
         self.num_slots = phy2log.numel()
         self.num_local_experts = self.num_slots // self.world
         # Expert e in slot e, one replica each: a token's slots are its experts (no replica choice).
@@ -294,9 +295,17 @@ class AllToAllDispatcher:
             raise RuntimeError(f"ep_group: collective did not finish within {self.timeout}")
 
     def _config_hash(self, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-        return _agree.config_hash(self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
-                                  self.num_chunks, hidden, str(dtype), device.type, self._executor_name(device),
-                                  self.phy2log.tolist())
+        # Hashing the placement costs tens of microseconds a dispatch; it changes only through
+        # set_placement, which drops the cache (or an in-place write, which bumps the tensor's version).
+        key = (hidden, dtype, device.type, self.strategy, self.num_chunks, id(self.exchange), self.phy2log._version)
+        cached = self._config_hash_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        h = _agree.config_hash(self.num_experts, self.world, self.ranks_per_node, self.num_slots, self.strategy,
+                               self.num_chunks, hidden, str(dtype), device.type, self._executor_name(device),
+                               self.phy2log.tolist())
+        self._config_hash_cache = (key, h)
+        return h
 
     def _count_device(self, hidden, group=None) -> torch.device:
         """Where the small count vectors go for ``ep_group``'s collectives: the host for a group

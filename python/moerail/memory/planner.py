@@ -356,7 +356,11 @@ def evaluate_plan(
 # Megatron-Core 0.19's choices (TransformerConfig.recompute_modules / offload_modules) that
 # touch what a MoE transformer layer saves, and the moerail modules each one decides.
 MEGATRON_RECOMPUTE_MODULES: Tuple[str, ...] = ("core_attn", "mla_up_proj", "layernorm", "moe_act", "shared_experts", "moe")
-MEGATRON_OFFLOAD_MODULES: Tuple[str, ...] = ("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act")
+# Not compared: ``fused_group_mlp``, which needs TransformerEngine's op fuser (one group for the
+# whole grouped expert MLP, in place of ``expert_fc1`` and ``moe_act``).
+MEGATRON_OFFLOAD_MODULES: Tuple[str, ...] = (
+    "attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act",
+)  # fmt: skip
 _MEG_RECOMPUTE = {
     "layernorm": {"layernorm": Action.RECOMPUTE},
     "core_attn": {"attention": Action.RECOMPUTE},
@@ -370,8 +374,13 @@ _MEG_RECOMPUTE = {
         "shared_expert": Action.RECOMPUTE,
     },
 }
+# On measured costs, as uniform plans: the module whose saved tensors each offload moves. The
+# two norms are one module (``layernorm``); ``qkv_linear`` (the input norm's output, saved by the
+# QKV projection inside ``attention``) has no module of its own there and is evaluated on
+# simulator costs only.
 _MEG_OFFLOAD = {
     "attn_norm": {"layernorm": Action.SWAP},
+    "mlp_norm": {"layernorm": Action.SWAP},
     # Megatron's core_attn offload moves every tensor core attention saves, with MLA the
     # up-projected queries, keys and values (its inputs, mla_up_proj's outputs) too.
     "core_attn": {"attention": Action.SWAP, "mla_up_proj": Action.SWAP},
@@ -379,6 +388,12 @@ _MEG_OFFLOAD = {
     "expert_fc1": {"expert_fc1": Action.SWAP},
     "moe_act": {"expert_act": Action.SWAP},
 }
+
+
+# Megatron settings that recompute a module and offload the input its recompute holds (the norms'
+# inputs, the residual stream; fc1's output): one module, two actions, which a moerail plan (one
+# action per module) does not have.
+_RECOMPUTE_AND_OFFLOAD = {"layernorm": ("attn_norm", "mlp_norm"), "moe_act": ("moe_act",)}
 
 
 @dataclass(frozen=True)
@@ -405,6 +420,12 @@ class StaticSetting:
         return "; ".join(parts) or "keep all"
 
     @property
+    def offloaded_recompute_inputs(self) -> Tuple[str, ...]:
+        """The ``offload_modules`` that move the inputs of a module this setting also recomputes
+        (``attn_norm`` / ``mlp_norm`` with ``layernorm``, ``moe_act`` with ``moe_act``)."""
+        return tuple(o for r in self.recompute for o in _RECOMPUTE_AND_OFFLOAD.get(r, ()) if o in self.offload)
+
+    @property
     def megatron_flags(self) -> MegatronFlags:
         """This setting as Megatron-Core's command line and TransformerConfig fields."""
         full = ("uniform", 1) if self.recompute == ("full",) else None
@@ -417,62 +438,72 @@ class StaticSetting:
 _SPARE = "unpermute"
 
 
-def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tuple[str, ...],
-                              fraction: float, sim: Optional[dict] = None) -> Optional[MemoryPlan]:
-    """Megatron's ``recompute_modules=rec`` with fine-grained offloading of ``off`` as its
-    implementation runs it (:func:`.timeline.megatron_offload_wait`): the recompute part and the
-    bytes the offload frees go through the planner's peak model (the freed bytes as one swapped
-    part per layer), the margin / reload-ahead groups are added to the peak and the backward's
-    waits for reloads to the added time. ``None``: past the host memory."""
+def _megatron_offload_shadow(costs: MemoryCosts, off: Tuple[str, ...], sim: dict) -> Tuple[MemoryCosts, str]:
+    """The costs with what Megatron's offload of ``off`` frees (``sim``: its replay) moved to one
+    swapped part per layer, and their core JSON: the same for every ``recompute_modules``."""
     from .costs import ModuleCost
-    from .timeline import megatron_offload_groups
+    from .timeline import attention_parts, megatron_offload_groups
 
-    if sim is None:
-        from .timeline import megatron_offload_wait
-
-        sim = megatron_offload_wait(costs, off, fraction=fraction)
+    parts = attention_parts(costs)
     layers = []
-    rec_actions: Dict[str, Action] = {}
-    for n in rec:
-        rec_actions.update(_MEG_RECOMPUTE[n])
     for li, lc in enumerate(costs.layers):
         mods = dict(lc.modules)
         other = lc.other_saved_bytes
         freed_total = 0.0
         # activation_offload_fraction keeps whole groups: take the freed bytes group by group.
         budget = sim["freed_bytes_by_layer"][li]
-        for g in megatron_offload_groups(lc, off, li):
+        for g in megatron_offload_groups(lc, off, li, parts):
             f = min(g.freed, budget)
             budget -= f
             if f <= 0:
                 continue
             freed_total += f
-            if g.name == "attn_norm":
-                other -= f
-                continue
-            src = {"core_attn": "mla_up_proj" if "mla_up_proj" in mods else "attention", "attn_proj": "attention",
-                   "expert_fc1": "expert_fc1", "moe_act": "expert_fc1"}[g.name]  # fmt: skip
-            c = mods[src]
-            nb = max(0.0, c.saved_bytes - f)
-            ex = c.exchange_bytes - f if g.name == "expert_fc1" else c.exchange_bytes
-            mods[src] = replace(c, saved_bytes=nb, exchange_bytes=max(0.0, min(ex, nb)),
-                                recompute_saved_bytes=None if c.recompute_saved_bytes is None
-                                else max(0.0, c.recompute_saved_bytes - f))
+            for src, part, by_recompute in g.sources:
+                x = part * f / g.freed
+                if not src:
+                    other -= x
+                    continue
+                c = mods[src]
+                nb = max(0.0, c.saved_bytes - x)
+                ex = c.exchange_bytes - x if g.name == "expert_fc1" else c.exchange_bytes
+                rb = max(0.0, c.recompute_saved_bytes - (x if by_recompute else 0.0))
+                mods[src] = replace(c, saved_bytes=nb, exchange_bytes=max(0.0, min(ex, nb, rb)),
+                                    recompute_saved_bytes=rb)
         if _SPARE in mods and mods[_SPARE].saved_bytes > 0:
             raise ValueError(f"costs: layer {lc.layer} has a {_SPARE} part; Megatron's offload is not modelled for it")
         if freed_total > 0:
             mods[_SPARE] = ModuleCost(saved_bytes=freed_total, recompute_seconds=0.0)
         layers.append(replace(lc, modules=mods, other_saved_bytes=max(0.0, other)))
     shadow = replace(costs, layers=tuple(layers))
+    return shadow, costs_to_core(shadow)
+
+
+def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tuple[str, ...],
+                              fraction: float, sim: Optional[dict] = None,
+                              shadow: Optional[Tuple[MemoryCosts, str]] = None) -> Optional[MemoryPlan]:
+    """Megatron's ``recompute_modules=rec`` with fine-grained offloading of ``off`` as its
+    implementation runs it (:func:`.timeline.megatron_offload_wait`): the recompute part and the
+    bytes the offload frees go through the planner's peak model (the freed bytes as one swapped
+    part per layer), the margin / reload-ahead groups are added to the peak and the backward's
+    waits for reloads to the added time. ``None``: past the host memory. ``sim`` / ``shadow``:
+    the offload's replay and :func:`_megatron_offload_shadow`, when already computed."""
+    if sim is None:
+        from .timeline import megatron_offload_wait
+
+        sim = megatron_offload_wait(costs, off, fraction=fraction)
+    shadow_costs, core = shadow if shadow is not None else _megatron_offload_shadow(costs, off, sim)
+    rec_actions: Dict[str, Action] = {}
+    for n in rec:
+        rec_actions.update(_MEG_RECOMPUTE[n])
     acts = {m: a for m, a in rec_actions.items()}
     rows = []
-    for lc in shadow.layers:
+    for lc in shadow_costs.layers:
         row = [acts.get(m, Action.KEEP).value if (m in lc.modules) else "keep" for m in MODULES]
         if _SPARE in lc.modules:
             row[MODULES.index(_SPARE)] = "swap"
         rows.append(row)
     try:
-        ev = json.loads(_native.memory.evaluate(costs_to_core(shadow), rows, None))
+        ev = json.loads(_native.memory.evaluate(core, rows, None))
     except ValueError:
         return None  # past the host memory
     if ev["host_bytes"] > costs.host_bytes + 1e-9:
@@ -485,7 +516,8 @@ def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tup
     ev["model"] = "megatron_fine_grained_offload"
     actions: Dict[str, Action] = {}
     for o in off:
-        actions.update(_MEG_OFFLOAD[o])
+        # qkv_linear moves part of two modules' bytes and decides neither: the plan shows no action for it.
+        actions.update(_MEG_OFFLOAD.get(o, {}))
     actions.update(rec_actions)
     has = {m for lc in costs.layers for m in lc.modules}
     plan = MemoryPlan(tuple(LayerPlan(lc.layer, {m: a for m, a in actions.items() if m in has}, lc.vpp_stage)
@@ -522,6 +554,8 @@ def megatron_static_plans(
     if "shared_expert" not in has:
         rec_names = [n for n in rec_names if n != "shared_experts"]
     off_names = list(MEGATRON_OFFLOAD_MODULES) if offload and costs.host_bytes > 0 else []
+    if costs.exact_model:
+        off_names = [n for n in off_names if n in _MEG_OFFLOAD]
     replays: Dict[Tuple[Tuple[str, ...], float], dict] = {}
     seen = set()
     out: List[StaticSetting] = []
@@ -556,8 +590,10 @@ def megatron_static_plans(
 
                         for f in fractions:
                             if (off, f) not in replays:
-                                replays[(off, f)] = megatron_offload_wait(costs, off, fraction=float(f))
-                            plan = _megatron_offload_setting(costs, rec, off, float(f), replays[(off, f)])
+                                sim = megatron_offload_wait(costs, off, fraction=float(f))
+                                replays[(off, f)] = (sim, _megatron_offload_shadow(costs, off, sim))
+                            sim, shadow = replays[(off, f)]
+                            plan = _megatron_offload_setting(costs, rec, off, float(f), sim, shadow)
                             if plan is not None:
                                 out.append(StaticSetting(rec, off, plan, float(f)))
                         continue

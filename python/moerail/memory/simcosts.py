@@ -142,5 +142,6 @@ def costs_from_simulator(
         step_seconds=out["step_seconds"],
         routing_skew=skew,
         source="simulator",
-        meta={"stage": out["stage"], "head_bytes": out["head_bytes"], "config": cfg},
+        meta={"stage": out["stage"], "head_bytes": out["head_bytes"], "config": cfg,
+              "qkv_internal_bytes": out["qkv_internal_bytes"], "qkv_output_bytes": out["qkv_output_bytes"]},
     )

@@ -42,7 +42,7 @@ from .costs import LayerCosts, MemoryCosts
 from .plan import check_prefetch
 
 __all__ = ["SEGMENTS", "MEGATRON_OFFLOAD_GROUPS", "schedule_ops", "segment_seconds", "executor_swap_wait",
-           "megatron_offload_groups", "megatron_offload_wait"]
+           "megatron_offload_groups", "megatron_offload_wait", "attention_parts"]
 
 # The parts of a transformer layer in forward order.
 SEGMENTS: Tuple[str, ...] = (
@@ -58,8 +58,13 @@ _MLP_SEGS = range(_S["pre_mlp_norm"], _S["shared_expert"] + 1)
 MEGATRON_OFFLOAD_GROUPS: Dict[str, Tuple[int, int]] = {
     # The input norm's group closes after the attention's residual add (``self_attn_bda``).
     "attn_norm": (_S["input_norm"], _S["attn_proj"]),
+    # The QKV projections (with MLA its down projections, their norms and the up projections),
+    # committed at the queries, keys and values.
+    "qkv_linear": (_S["qkv_down"], _S["mla_up_proj"]),
     "core_attn": (_S["core_attn"], _S["core_attn"]),
     "attn_proj": (_S["attn_proj"], _S["attn_proj"]),
+    # The pre-MLP norm's group closes after the MLP's residual add (``mlp_bda``), the layer's end.
+    "mlp_norm": (_S["pre_mlp_norm"], _S["shared_expert"]),
     "expert_fc1": (_S["expert_fc1"], _S["expert_fc1"]),
     # moe_act's group closes after linear_fc2 (its commit is on fc2's output).
     "moe_act": (_S["moe_act"], _S["expert_fc2"]),
@@ -245,6 +250,9 @@ def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], module
 
 # ------------------------------------------------------------------------------ Megatron's offload
 
+_RUN, _COMMIT, _START = 0, 1, 2
+
+
 @dataclass
 class _Group:
     name: str
@@ -253,16 +261,41 @@ class _Group:
     commit: int
     moved: float  # bytes copied out and back
     freed: float  # device bytes the offload frees
+    # Where the freed bytes are in the layer's costs: (module, bytes, whether the module's recompute
+    # frees them too), "" for the layer's other saved bytes.
+    sources: Tuple[Tuple[str, float, bool], ...] = ()
     offload: bool = True
 
 
-def megatron_offload_groups(lc: LayerCosts, offload: Sequence[str], li: int = 0) -> List[_Group]:
+def attention_parts(costs: MemoryCosts) -> Tuple[float, float]:
+    """Per layer and micro-batch, two parts of the ``attention`` module's saved bytes as the
+    simulator counts them: ``(qkv_internal, qkv_output)``, the bytes saved inside the QKV
+    projections besides the input norm's output (MLA's compressed latents and their norms'
+    outputs, the q / k norms) and, without MLA, the queries, keys and values core attention saves
+    (with MLA they are ``mla_up_proj``'s: 0 here). Megatron's ``qkv_linear`` offload moves the
+    first, its ``core_attn`` offload frees the second; ``(0, 0)`` for costs that do not come from
+    the simulator (the attention's bytes are then core attention's)."""
+    meta = costs.meta if isinstance(costs.meta, Mapping) else {}
+    internal = float(meta.get("qkv_internal_bytes") or 0.0)
+    output = float(meta.get("qkv_output_bytes") or 0.0)
+    if any("mla_up_proj" in lc.modules for lc in costs.layers):
+        output = 0.0
+    return internal, output
+
+
+def megatron_offload_groups(lc: LayerCosts, offload: Sequence[str], li: int = 0,
+                            parts: Tuple[float, float] = (0.0, 0.0)) -> List[_Group]:
     """The offload groups Megatron-Core forms in one layer for ``offload`` (its
     ``offload_modules``), in the order their forwards commit them, with the bytes each moves and
-    frees. ``core_attn`` copies what core attention saved (the queries, keys and values and its
-    output) but frees only the queries, keys and values (it releases those; the output projection
-    still holds the output, which ``attn_proj`` offloads); ``expert_fc1`` moves the dispatched rows,
-    ``moe_act`` fc1's output (what the activation saved); ``attn_norm`` the layer's input."""
+    frees. ``attn_norm`` and ``mlp_norm`` move the two norms' inputs (the layer's input and the
+    residual stream after attention, each the size of ``input_bytes``, among the layer's other
+    saved bytes); ``qkv_linear`` the input norm's output (half of what ``layernorm``'s recompute
+    drops) and what else the QKV projections save; ``core_attn`` copies what core attention saved
+    (the queries, keys and values and its output) but frees only the queries, keys and values (it
+    releases those; the output projection still holds the output, which ``attn_proj`` offloads);
+    ``expert_fc1`` moves the dispatched rows, ``moe_act`` fc1's output (what the activation saved).
+    ``parts``: :func:`attention_parts`, the bytes of the QKV projections and of the queries, keys
+    and values among the ``attention`` module's."""
     mod = lc.modules
     out = []
 
@@ -270,26 +303,46 @@ def megatron_offload_groups(lc: LayerCosts, offload: Sequence[str], li: int = 0)
         c = mod.get(name)
         return 0.0 if c is None else c.saved_bytes
 
-    for name in ("attn_norm", "core_attn", "attn_proj", "expert_fc1", "moe_act"):
+    other = lc.other_saved_bytes
+    # The attention's bytes: what its QKV projections save inside, the queries, keys and values
+    # (without MLA), and core attention's output and statistics.
+    inside = min(parts[0], b("attention"))
+    qkv_out = min(parts[1], b("attention") - inside)
+    core = b("attention") - inside - qkv_out
+    for name in ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act"):
         if name not in offload:
             continue
-        if name == "attn_norm":
-            moved = freed = min(lc.input_bytes or 0.0, lc.other_saved_bytes)
+        if name in ("attn_norm", "mlp_norm"):
+            moved = freed = min(lc.input_bytes or 0.0, other)
+            other -= freed
+            sources = (("", freed, False),)
+        elif name == "qkv_linear":
+            norm_out = min(lc.input_bytes or 0.0, 0.5 * b("layernorm"))
+            moved = freed = norm_out + inside
+            sources = (("layernorm", norm_out, True), ("attention", inside, False))
         elif name == "core_attn":
-            qkv = b("mla_up_proj")
-            moved, freed = qkv + b("attention"), (qkv if "mla_up_proj" in mod else 0.0)
+            if "mla_up_proj" in mod:
+                qkv = b("mla_up_proj")
+                sources = (("mla_up_proj", qkv, True),)
+            else:
+                qkv = qkv_out
+                sources = (("attention", qkv, False),)
+            moved, freed = qkv + core, qkv
         elif name == "attn_proj":
-            moved = freed = b("attention")
+            moved = freed = core
+            sources = (("attention", freed, True),)
         elif name == "expert_fc1":
             c = mod.get("expert_fc1")
             moved = freed = 0.0 if c is None else c.exchange_bytes
+            sources = (("expert_fc1", freed, True),)
         else:
             c = mod.get("expert_fc1")
             moved = freed = 0.0 if c is None else c.saved_bytes - c.exchange_bytes
+            sources = (("expert_fc1", freed, True),)
         if moved <= 0:
             continue
         s, e = MEGATRON_OFFLOAD_GROUPS[name]
-        out.append(_Group(name, li, s, e, moved, freed))
+        out.append(_Group(name, li, s, e, moved, freed, tuple(x for x in sources if x[1] > 0)))
     out.sort(key=lambda g: (g.commit, g.start))
     return out
 
@@ -313,6 +366,7 @@ def megatron_offload_wait(costs: MemoryCosts, offload: Sequence[str], *, fractio
     segs = [segment_seconds(lc) for lc in costs.layers]
     fwd = _chunk_forward_seconds(costs, chunks)
     ops = schedule_ops(costs)
+    parts = attention_parts(costs)
     # One chunk's groups in forward commit order (every micro-batch of a model chunk alike); the
     # manager's own list (offload_groups) is in start order.
     per_chunk: Dict[int, List[_Group]] = {}
@@ -320,7 +374,7 @@ def megatron_offload_wait(costs: MemoryCosts, offload: Sequence[str], *, fractio
     for c, idx in chunks.items():
         gs = []
         for li in idx:
-            gs += megatron_offload_groups(costs.layers[li], offload, li)
+            gs += megatron_offload_groups(costs.layers[li], offload, li, parts)
         per_chunk[c] = gs
         started[c] = sorted(range(len(gs)), key=lambda k: (costs.layers[gs[k].layer].layer, gs[k].start, gs[k].commit))
         # activation_offload_fraction: the groups started last in the chunk stay.
@@ -336,6 +390,25 @@ def megatron_offload_wait(costs: MemoryCosts, offload: Sequence[str], *, fractio
         for g in gs:
             if g.offload:
                 freed_by_layer[g.layer] += g.freed
+    # A chunk's backward as events at segment boundaries, in backward order: a commit waits for its
+    # group, a segment's backward runs (consecutive ones merged), a group's start reloads.
+    events: Dict[int, List[Tuple[int, float]]] = {}
+    for c, gs in per_chunk.items():
+        starts: Dict[Tuple[int, int], int] = {}
+        commits: Dict[Tuple[int, int], List[int]] = {}
+        for k, g in enumerate(gs):
+            starts[(g.layer, g.start)] = starts.get((g.layer, g.start), 0) + 1
+            commits.setdefault((g.layer, g.commit), []).append(k)
+        ev: List[Tuple[int, float]] = []
+        for li in reversed(chunks[c]):
+            for s in range(len(SEGMENTS) - 1, -1, -1):
+                ev += [(_COMMIT, k) for k in reversed(commits.get((li, s), ()))]
+                if ev and ev[-1][0] == _RUN:
+                    ev[-1] = (_RUN, ev[-1][1] + segs[li][s])
+                else:
+                    ev.append((_RUN, segs[li][s]))
+                ev += [(_START, 0)] * starts.get((li, s), 0)
+        events[c] = ev
     backward_ops = [(c, mb) for f, c, mb in ops if not f]
     # The offload margin: in the first backward chunk, the group of each name started last (the
     # first of its name in backward order) is never offloaded.
@@ -399,35 +472,30 @@ def megatron_offload_wait(costs: MemoryCosts, offload: Sequence[str], *, fractio
             continue
         n_back += 1
         after = backward_ops[n_back] if n_back < len(backward_ops) else None
-        # Events at segment boundaries, in backward order: a commit waits, a start reloads.
-        starts: Dict[Tuple[int, int], List[int]] = {}
-        commits: Dict[Tuple[int, int], List[int]] = {}
-        for k, g in enumerate(gs):
-            starts.setdefault((g.layer, g.start), []).append(k)
-            commits.setdefault((g.layer, g.commit), []).append(k)
-        for li in reversed(chunks[c]):
-            for s in range(len(SEGMENTS) - 1, -1, -1):
-                for k in reversed(commits.get((li, s), ())):  # before the segment's backward
-                    note("commit", key, costs.layers[li].layer, gs[k].name)
-                    if k in reloaded[key]:
-                        done = reloaded[key].pop(k)
-                        if done > t:
-                            wait += done - t
-                            t = done
-                    elif k in stacks[key]:  # nothing reloaded it ahead: the compute stream copies
-                        end = max(t, link_free) + gs[k].moved / link
-                        wait += end - t
-                        t = link_free = end
-                        moved += gs[k].moved
-                        copied.add((key, k))  # it stays on the stack (Megatron pops it later)
-                t += segs[li][s]
-                for _k in sorted(starts.get((li, s), ()), reverse=True):  # after the segment's backward
-                    st = stacks[key]
-                    if st:
-                        reload(key, st.pop())
-                    elif after is not None and after in forward_done and stacks.get(after):
-                        reload(after, stacks[after].pop())
-                        ahead = max(ahead, sum(per_chunk[after[0]][k2].freed for k2 in reloaded[after]))
+        for kind, x in events[c]:
+            if kind == _RUN:
+                t += x
+            elif kind == _COMMIT:  # before its segment's backward
+                k = x
+                note("commit", key, costs.layers[gs[k].layer].layer, gs[k].name)
+                if k in reloaded[key]:
+                    done = reloaded[key].pop(k)
+                    if done > t:
+                        wait += done - t
+                        t = done
+                elif k in stacks[key]:  # nothing reloaded it ahead: the compute stream copies
+                    end = max(t, link_free) + gs[k].moved / link
+                    wait += end - t
+                    t = link_free = end
+                    moved += gs[k].moved
+                    copied.add((key, k))  # it stays on the stack (Megatron pops it later)
+            else:  # a group starts: after its segment's backward
+                st = stacks[key]
+                if st:
+                    reload(key, st.pop())
+                elif after is not None and after in forward_done and stacks.get(after):
+                    reload(after, stacks[after].pop())
+                    ahead = max(ahead, sum(per_chunk[after[0]][k2].freed for k2 in reloaded[after]))
     return {
         "wait_seconds": wait,
         "moved_bytes": moved,

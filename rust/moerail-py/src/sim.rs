@@ -231,6 +231,8 @@ pub fn sim_memory_costs(
             "step_seconds": s.step_seconds,
             "stage": s.stage,
             "head_bytes": s.head_bytes,
+            "qkv_internal_bytes": s.qkv_internal_bytes,
+            "qkv_output_bytes": s.qkv_output_bytes,
         }))
     })
 }

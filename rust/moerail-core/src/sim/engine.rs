@@ -87,6 +87,12 @@ pub struct LayerCost {
     pub transient: f64,
     /// Extra forward of the whole layer (for full recomputation).
     pub full_fwd: Pass,
+    /// Of the attention's kept bytes: those saved inside the QKV projections besides the input
+    /// norm's output (MLA's compressed latents and their norms' outputs, GQA's q / k norms),
+    /// and the queries, keys and values core attention saves (with MLA, what `mla_up_proj`
+    /// drops). What Megatron's `qkv_linear` and `core_attn` offloads move.
+    pub qkv_internal_bytes: f64,
+    pub qkv_output_bytes: f64,
 }
 
 /// Everything derived once per configuration.
@@ -536,8 +542,10 @@ impl<'a> Engine<'a> {
             bw.c(ATTN, 2.0 * (q_down + kv_down + norms));
             up_gemms = q_up + kv_up;
             entry_width = q_width.max(if m.q_lora_rank.is_none() { h } else { 0.0 }) + kvl + rope;
-            act += nl * (2.0 * q_width + 2.0 * kvl + rope) * BF16;
+            lc.qkv_internal_bytes = nl * (2.0 * q_width + 2.0 * kvl + rope) * BF16;
+            act += lc.qkv_internal_bytes;
             let qkv = nf * heads * (d_qk + d_qk + d_v) / tp * BF16;
+            lc.qkv_output_bytes = qkv;
             if selective && rm.mla_up_proj {
                 act_dropped += qkv;
                 rc.c(ATTN, up_gemms);
@@ -559,12 +567,14 @@ impl<'a> Engine<'a> {
             entry_width = h;
             let qkv_bytes = nf * (heads + 2.0 * g) * d / tp * BF16;
             act += qkv_bytes;
+            lc.qkv_output_bytes = qkv_bytes;
             // RoPE (fused) and q/k norms.
             let rope = self.mem(2.0 * nf * (heads + g) * d / tp * BF16);
             f.c(ATTN, rope);
             bw.c(ATTN, 2.0 * rope);
             if m.qk_layernorm {
-                act += nf * (heads + g) * d / tp * BF16;
+                lc.qkv_internal_bytes = nf * (heads + g) * d / tp * BF16;
+                act += lc.qkv_internal_bytes;
             }
         }
         self.tp_enter(&mut f, &mut bw, entry_width, up_gemms);

@@ -3,8 +3,9 @@
 //!
 //! Every module's saved bytes and rebuild time come from the engine itself where Megatron has a
 //! recompute flag for it: the engine is run with that one flag and the difference in kept
-//! activations and the recompute pass it adds are the module's (`layernorm`; `core_attn` and
-//! `core_attn` for `attention`; `mla_up_proj` for `mla_up_proj` (Multi-Latent Attention's
+//! activations and the recompute pass it adds are the module's (`layernorm`; `core_attn` for
+//! `attention`, whose swap also moves what the QKV projections save and, without MLA, the
+//! queries, keys and values; `mla_up_proj` for `mla_up_proj` (Multi-Latent Attention's
 //! up-projections, a module of their own as in Megatron: large outputs, cheap GEMMs to rebuild);
 //! `moe_act` for `expert_act`; `shared_experts` for `shared_expert`). The router's probabilities and the expert inputs (dispatched rows, fc1's
 //! output), which Megatron can only drop with the whole `moe` block, use the engine's own
@@ -41,6 +42,12 @@ pub struct StageMemoryCosts {
     /// Activations (kept, per micro-batch) of the embedding and output head, counted in
     /// `static_bytes` times the micro-batches in flight.
     pub head_bytes: f64,
+    /// Per layer and micro-batch, the attention's bytes saved inside the QKV projections besides
+    /// the input norm's output, and the queries, keys and values core attention saves
+    /// ([`LayerCost::qkv_internal_bytes`], [`LayerCost::qkv_output_bytes`]): what Megatron's
+    /// `qkv_linear` and `core_attn` offloads move.
+    pub qkv_internal_bytes: f64,
+    pub qkv_output_bytes: f64,
 }
 
 fn kept(lc: &LayerCost) -> f64 {
@@ -99,6 +106,16 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
     };
     out.modules[LAYERNORM] = flag_cost(eng, &lc, moe, |r| r.layernorm = true)?;
     out.modules[ATTENTION] = flag_cost(eng, &lc, moe, |r| r.core_attn = true)?;
+    // A swap of the attention moves every tensor it saved: besides core attention's output and
+    // statistics (what Megatron's core_attn recompute drops, and what its recompute here frees),
+    // what the QKV projections save inside (MLA's compressed latents, q / k norms) and, without
+    // MLA, the queries, keys and values (with MLA they are mla_up_proj's).
+    out.modules[ATTENTION].saved_bytes += lc.qkv_internal_bytes
+        + if m.multi_latent_attention {
+            0.0
+        } else {
+            lc.qkv_output_bytes
+        };
     if m.multi_latent_attention {
         // Megatron's `mla_up_proj`: the up-projected queries, keys and values (after RoPE) are
         // dropped once core attention has saved them and rebuilt by the up-projection GEMMs.
@@ -227,6 +244,7 @@ fn costs_with(
     };
     let sc = &ev.stages[stage];
     let (dense, moe) = ev.stage_layers[stage];
+    let attn = eng.layer(false);
     let dense_c = layer_costs(&eng, false)?;
     let moe_c = if moe > 0 {
         Some(layer_costs(&eng, true)?)
@@ -276,6 +294,8 @@ fn costs_with(
         step_seconds: ev.step_time,
         stage,
         head_bytes,
+        qkv_internal_bytes: attn.qkv_internal_bytes,
+        qkv_output_bytes: attn.qkv_output_bytes,
     })
 }
 
