@@ -216,7 +216,7 @@ def test_megatron_norm_and_attention_offloads_free_what_the_simulator_counts(cfg
     # compressed latents (2 q_lora_rank + 2 kv_lora_rank + the keys' RoPE dims; qkv_linear moves
     # them too), without MLA the queries, keys and values of every sequence position (heads + 2
     # query groups, kv_channels wide, split over TP; core_attn frees them): the attention's swap
-    # moves these besides core attention's output and statistics, which its recompute frees.
+    # moves these besides core attention's output and statistics.
     from moerail.memory import MemoryCosts
 
     costs = MemoryCosts.from_simulator(cluster="H100-SXM", seq_length=4096, global_batch_size=1024, micro_batch_size=1,
@@ -235,8 +235,12 @@ def test_megatron_norm_and_attention_offloads_free_what_the_simulator_counts(cfg
     attn = lc.modules["attention"]
     heads_tp = m["num_attention_heads"] / 2
     core = 4096 * heads_tp * (m["v_head_dim"] if mla else m["hidden_size"] / m["num_attention_heads"]) * 2 + 4 * 4096 * heads_tp
-    assert attn.recompute_saved_bytes == pytest.approx(core, rel=1e-12)
-    assert attn.saved_bytes == pytest.approx(core + sum(want), rel=1e-12)
+    # moerail's attention is the whole module: its recompute (a replay of it) frees what its swap
+    # moves; Megatron's core_attn recompute frees core attention's bytes and takes its time alone.
+    assert attn.saved_bytes == attn.recompute_saved_bytes == pytest.approx(core + sum(want), rel=1e-12)
+    core_bytes, core_seconds = costs.meta["core_attn_recompute"]
+    assert core_bytes == pytest.approx(core, rel=1e-12)
+    assert 0 < core_seconds < attn.recompute_seconds < lc.forward_seconds
     assert lc.other_saved_bytes == pytest.approx(2 * lc.input_bytes, rel=1e-12)
     names = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm")
     by = {g.name: g for g in megatron_offload_groups(lc, names, 0, parts)}
@@ -696,3 +700,25 @@ def test_auto_prefetch_picks_the_cheapest_executor_setting_and_the_plan_carries_
         MemoryPlan((), prefetch_groups=0)
     with pytest.raises(ValueError, match="lookahead"):
         plan_memory(costs, budget, lookahead="fast")
+
+
+def test_megatron_core_attn_recompute_is_core_attention_alone():
+    # On simulator costs moerail's attention recompute replays the whole module; Megatron's core_attn
+    # recompute, as megatron_static_plans prices it, rebuilds core attention alone: the same uniform
+    # plan adds the module's forward per layer and micro-batch on moerail's side, core attention's on
+    # Megatron's.
+    from moerail.memory import LayerPlan, evaluate_plan, megatron_static_plans
+
+    costs = MemoryCosts.from_simulator(cluster="H100-SXM", seq_length=4096, global_batch_size=1024, micro_batch_size=1,
+                                       tensor_model_parallel_size=2, **_MIXTRAL)  # fmt: skip
+    core_bytes, core_seconds = costs.meta["core_attn_recompute"]
+    n = costs.num_microbatches * len(costs.layers)
+    mine = evaluate_plan(costs, MemoryPlan(tuple(LayerPlan(lc.layer, {"attention": "recompute"}) for lc in costs.layers)))
+    attn = costs.layers[0].modules["attention"]
+    assert mine.predicted_added_seconds == pytest.approx(n * attn.recompute_seconds, rel=1e-9)
+    meg = next(s for s in megatron_static_plans(costs) if s.recompute == ("core_attn",) and not s.offload)
+    assert meg.plan.predicted_added_seconds == pytest.approx(n * core_seconds, rel=1e-9)
+    keep = evaluate_plan(costs, MemoryPlan(()))
+    saved_meg = keep.evaluation["activation_bytes"] - meg.plan.evaluation["activation_bytes"]
+    saved_mine = keep.evaluation["activation_bytes"] - mine.evaluation["activation_bytes"]
+    assert saved_meg < saved_mine

@@ -44,7 +44,7 @@ class Action(str, enum.Enum):
 # their positions in the core's JSON rows.
 MODULES: Tuple[str, ...] = (
     "layernorm",  # the pre-attention and pre-MLP norms
-    "attention",  # core attention (QKV projections stay with it)
+    "attention",  # the attention module: QKV projections, core attention, output projection
     "router",  # gate logits, top-k, aux losses
     "permute",  # the local permute before the exchange
     "expert_fc1",  # the expert inputs (dispatched rows) and fc1's output
@@ -387,6 +387,8 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
         for m in sorted(rec, key=MODULES.index):
             if m == "attention":
                 names.append("core_attn")
+                notes.append("attention is recomputed: moerail replays the whole attention module; Megatron's "
+                             "core_attn recomputes core attention alone (less memory saved, less time)")
             elif m == "mla_up_proj":
                 if mla:
                     names.append("mla_up_proj")

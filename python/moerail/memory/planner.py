@@ -526,6 +526,24 @@ def _megatron_offload_setting(costs: MemoryCosts, rec: Tuple[str, ...], off: Tup
                    host_bytes=int(math.ceil(ev["host_bytes"])), evaluation=ev)
 
 
+def _megatron_view(costs: MemoryCosts) -> MemoryCosts:
+    """The costs as Megatron's settings see them: on simulator costs, whose ``attention`` module is
+    the whole attention (its recompute a replay of the module, as moerail's executor runs it),
+    ``core_attn``'s recompute is core attention alone (what it frees and adds)."""
+    core = (costs.meta or {}).get("core_attn_recompute") if isinstance(costs.meta, Mapping) else None
+    if core is None:
+        return costs
+    freed, seconds = float(core[0]), float(core[1])
+    layers = []
+    for lc in costs.layers:
+        a = lc.modules.get("attention")
+        if a is not None:
+            a = replace(a, recompute_saved_bytes=min(freed, a.saved_bytes), recompute_seconds=seconds)
+            lc = replace(lc, modules={**lc.modules, "attention": a})
+        layers.append(lc)
+    return replace(costs, layers=tuple(layers))
+
+
 def megatron_static_plans(
     costs: MemoryCosts, *, multi_latent_attention: Optional[bool] = None, offload: bool = True,
     offload_fractions: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
@@ -543,6 +561,7 @@ def megatron_static_plans(
     (``core_attn`` / ``attn_proj`` with ``core_attn`` or ``mla_up_proj`` recomputed) and those
     that decide the same modules the same way are left out; those that swap past the host memory
     too."""
+    costs = _megatron_view(costs)
     fractions = tuple(offload_fractions) if not isinstance(offload_fractions, (str, bytes)) else ()
     if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions):
         raise ValueError(f"offload_fractions: expected fractions in (0, 1], got {offload_fractions!r}")

@@ -51,7 +51,9 @@ def core_to_costs(d: dict, **extra: Any) -> MemoryCosts:
 def _executor(costs: MemoryCosts, lookahead: int, prefetch_groups: int) -> dict:
     """moerail's executor in the core's shape: per layer its backward by segment and, per module,
     the bytes of its swap each segment reads first (:mod:`.timeline`'s own model of it)."""
-    from .timeline import _MLP_SEGS, SEGMENTS, _executor_items, segment_seconds
+    from .timeline import _MLP_SEGS, SEGMENTS, _executor_items, core_attention_seconds, segment_seconds
+
+    core = core_attention_seconds(costs)
 
     layers = []
     for lc in costs.layers:
@@ -59,7 +61,7 @@ def _executor(costs: MemoryCosts, lookahead: int, prefetch_groups: int) -> dict:
         for name in MODULES:
             items = _executor_items(lc, {name: "swap"})
             reads.append([items.get(s, 0.0) for s in range(len(SEGMENTS))] if items else [])
-        layers.append({"segment_seconds": segment_seconds(lc), "reads": reads})
+        layers.append({"segment_seconds": segment_seconds(lc, core), "reads": reads})
     return {"lookahead": lookahead, "prefetch_groups": prefetch_groups, "mlp_first_segment": _MLP_SEGS[0],
             "layers": layers}
 
@@ -143,5 +145,6 @@ def costs_from_simulator(
         routing_skew=skew,
         source="simulator",
         meta={"stage": out["stage"], "head_bytes": out["head_bytes"], "config": cfg,
-              "qkv_internal_bytes": out["qkv_internal_bytes"], "qkv_output_bytes": out["qkv_output_bytes"]},
+              "qkv_internal_bytes": out["qkv_internal_bytes"], "qkv_output_bytes": out["qkv_output_bytes"],
+              "core_attn_recompute": tuple(out["core_attn_recompute"])},
     )

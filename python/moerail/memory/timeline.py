@@ -42,7 +42,8 @@ from .costs import LayerCosts, MemoryCosts
 from .plan import check_prefetch
 
 __all__ = ["SEGMENTS", "MEGATRON_OFFLOAD_GROUPS", "schedule_ops", "segment_seconds", "executor_swap_wait",
-           "megatron_offload_groups", "megatron_offload_wait", "attention_parts"]
+           "megatron_offload_groups", "megatron_offload_wait", "attention_parts",
+           "core_attention_seconds"]
 
 # The parts of a transformer layer in forward order.
 SEGMENTS: Tuple[str, ...] = (
@@ -97,8 +98,19 @@ def schedule_ops(costs: MemoryCosts) -> List[Tuple[bool, int, int]]:
     return ops + [bwd(k) for k in range(total - w, total)]
 
 
-def segment_seconds(lc: LayerCosts) -> List[float]:
-    """The backward seconds of each of :data:`SEGMENTS` for one layer and micro-batch."""
+def core_attention_seconds(costs: MemoryCosts) -> Optional[float]:
+    """Core attention's forward seconds per layer and micro-batch where the costs come from the
+    simulator (whose ``attention`` module is the whole attention, its recompute a replay of it);
+    ``None`` otherwise."""
+    meta = costs.meta if isinstance(costs.meta, Mapping) else {}
+    core = meta.get("core_attn_recompute")
+    return None if core is None else float(core[1])
+
+
+def segment_seconds(lc: LayerCosts, core_attention: Optional[float] = None) -> List[float]:
+    """The backward seconds of each of :data:`SEGMENTS` for one layer and micro-batch;
+    ``core_attention``: core attention's forward seconds (:func:`core_attention_seconds`), where the
+    ``attention`` module's recompute time is the whole module's (by default that time)."""
     mod = lc.modules
     t = {n: 0.0 for n in SEGMENTS}
 
@@ -108,7 +120,7 @@ def segment_seconds(lc: LayerCosts) -> List[float]:
 
     t["input_norm"] = t["pre_mlp_norm"] = 0.5 * rc("layernorm")
     t["mla_up_proj"] = rc("mla_up_proj")
-    t["core_attn"] = rc("attention")
+    t["core_attn"] = rc("attention") if core_attention is None or "attention" not in mod else core_attention
     t["router"] = rc("router")
     fc1 = mod.get("expert_fc1")
     if fc1 is not None:
@@ -184,7 +196,8 @@ def executor_swap_wait(costs: MemoryCosts, rows: Sequence[Sequence[str]], module
     check_prefetch(lookahead, prefetch_groups)
     link = costs.host_link_bytes_per_second if link_bytes_per_second is None else link_bytes_per_second
     chunks = _chunks(costs)
-    segs = [segment_seconds(lc) for lc in costs.layers]
+    core = core_attention_seconds(costs)
+    segs = [segment_seconds(lc, core) for lc in costs.layers]
     items = [_executor_items(lc, dict(zip(modules, row))) for lc, row in zip(costs.layers, rows)]
     fwd = _chunk_forward_seconds(costs, chunks)
     st = {"t": 0.0, "link_free": 0.0, "wait": 0.0, "moved": 0.0, "ahead": 0.0}
@@ -363,7 +376,8 @@ def megatron_offload_wait(costs: MemoryCosts, offload: Sequence[str], *, fractio
         raise ValueError(f"fraction: expected a value in [0, 1], got {fraction!r}")
     link = costs.host_link_bytes_per_second if link_bytes_per_second is None else link_bytes_per_second
     chunks = _chunks(costs)
-    segs = [segment_seconds(lc) for lc in costs.layers]
+    core = core_attention_seconds(costs)
+    segs = [segment_seconds(lc, core) for lc in costs.layers]
     fwd = _chunk_forward_seconds(costs, chunks)
     ops = schedule_ops(costs)
     parts = attention_parts(costs)

@@ -233,6 +233,7 @@ pub fn sim_memory_costs(
             "head_bytes": s.head_bytes,
             "qkv_internal_bytes": s.qkv_internal_bytes,
             "qkv_output_bytes": s.qkv_output_bytes,
+            "core_attn_recompute": s.core_attn_recompute,
         }))
     })
 }

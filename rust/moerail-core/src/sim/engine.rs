@@ -93,6 +93,10 @@ pub struct LayerCost {
     /// drops). What Megatron's `qkv_linear` and `core_attn` offloads move.
     pub qkv_internal_bytes: f64,
     pub qkv_output_bytes: f64,
+    /// Forward seconds of the attention module alone (QKV projections, core attention, output
+    /// projection and their tensor-parallel communication; not the norm or the residual add): what
+    /// replaying the module takes.
+    pub attention_forward: f64,
 }
 
 /// Everything derived once per configuration.
@@ -641,6 +645,7 @@ impl<'a> Engine<'a> {
         let ko = self.cfg.cluster.efficiency.kernel_overhead_us * 1e-6;
         f.c(OVERHEAD, kernels * ko);
         bw.c(OVERHEAD, 2.0 * kernels * ko);
+        lc.attention_forward = f.time() - ln - resid;
         lc.fwd.add(&f, 1.0);
         lc.bwd.add(&bw, 1.0);
         lc.recompute.add(&rc, 1.0);

@@ -3,11 +3,15 @@
 //!
 //! Every module's saved bytes and rebuild time come from the engine itself where Megatron has a
 //! recompute flag for it: the engine is run with that one flag and the difference in kept
-//! activations and the recompute pass it adds are the module's (`layernorm`; `core_attn` for
-//! `attention`, whose swap also moves what the QKV projections save and, without MLA, the
-//! queries, keys and values; `mla_up_proj` for `mla_up_proj` (Multi-Latent Attention's
-//! up-projections, a module of their own as in Megatron: large outputs, cheap GEMMs to rebuild);
-//! `moe_act` for `expert_act`; `shared_experts` for `shared_expert`). The router's probabilities and the expert inputs (dispatched rows, fc1's
+//! activations and the recompute pass it adds are the module's (`layernorm`; `mla_up_proj` for
+//! `mla_up_proj` (Multi-Latent Attention's up-projections, a module of their own as in Megatron:
+//! large outputs, cheap GEMMs to rebuild); `moe_act` for `expert_act`; `shared_experts` for
+//! `shared_expert`). moerail's `attention` is the whole attention module: its recompute replays
+//! the module (the engine's forward of it) and frees, as its swap moves, everything it saved:
+//! core attention's output and statistics (what Megatron's `core_attn` drops), what the QKV
+//! projections save inside and, without MLA, the queries, keys and values; Megatron's `core_attn`
+//! recompute, core attention alone, is reported apart ([`StageMemoryCosts::core_attn_recompute`]).
+//! The router's probabilities and the expert inputs (dispatched rows, fc1's
 //! output), which Megatron can only drop with the whole `moe` block, use the engine's own
 //! formulas: their GEMM, its memory-bound kernels, and the dispatch exchange's exposed time.
 //! Dense layers' MLP activations stay with the layer (`other_saved_bytes`).
@@ -48,6 +52,9 @@ pub struct StageMemoryCosts {
     /// `qkv_linear` and `core_attn` offloads move.
     pub qkv_internal_bytes: f64,
     pub qkv_output_bytes: f64,
+    /// Megatron's `core_attn` recompute per layer and micro-batch: (bytes it frees, seconds it
+    /// adds), core attention alone, where moerail's attention recompute replays the module.
+    pub core_attn_recompute: (f64, f64),
 }
 
 fn kept(lc: &LayerCost) -> f64 {
@@ -105,17 +112,25 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
         ..Default::default()
     };
     out.modules[LAYERNORM] = flag_cost(eng, &lc, moe, |r| r.layernorm = true)?;
-    out.modules[ATTENTION] = flag_cost(eng, &lc, moe, |r| r.core_attn = true)?;
-    // A swap of the attention moves every tensor it saved: besides core attention's output and
-    // statistics (what Megatron's core_attn recompute drops, and what its recompute here frees),
-    // what the QKV projections save inside (MLA's compressed latents, q / k norms) and, without
-    // MLA, the queries, keys and values (with MLA they are mla_up_proj's).
-    out.modules[ATTENTION].saved_bytes += lc.qkv_internal_bytes
+    // moerail's attention is the whole module (QKV projections, core attention, output
+    // projection): its swap moves, and its recompute (a replay of the module) frees, every tensor
+    // it saved: core attention's output and statistics (what Megatron's core_attn recompute
+    // drops), what the QKV projections save inside (MLA's compressed latents, q / k norms) and,
+    // without MLA, the queries, keys and values (with MLA they are mla_up_proj's).
+    let core_attn = flag_cost(eng, &lc, moe, |r| r.core_attn = true)?;
+    let attention = core_attn.saved_bytes
+        + lc.qkv_internal_bytes
         + if m.multi_latent_attention {
             0.0
         } else {
             lc.qkv_output_bytes
         };
+    out.modules[ATTENTION] = ModuleCost {
+        saved_bytes: attention,
+        recompute_seconds: lc.attention_forward,
+        recompute_saved_bytes: Some(attention),
+        ..Default::default()
+    };
     if m.multi_latent_attention {
         // Megatron's `mla_up_proj`: the up-projected queries, keys and values (after RoPE) are
         // dropped once core attention has saved them and rebuilt by the up-projection GEMMs.
@@ -245,6 +260,7 @@ fn costs_with(
     let sc = &ev.stages[stage];
     let (dense, moe) = ev.stage_layers[stage];
     let attn = eng.layer(false);
+    let core_attn = flag_cost(&eng, &attn, false, |r| r.core_attn = true)?;
     let dense_c = layer_costs(&eng, false)?;
     let moe_c = if moe > 0 {
         Some(layer_costs(&eng, true)?)
@@ -296,6 +312,7 @@ fn costs_with(
         head_bytes,
         qkv_internal_bytes: attn.qkv_internal_bytes,
         qkv_output_bytes: attn.qkv_output_bytes,
+        core_attn_recompute: (core_attn.saved_bytes, core_attn.recompute_seconds),
     })
 }
 
