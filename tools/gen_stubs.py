@@ -700,7 +700,11 @@ def render(native: types.ModuleType) -> Dict[str, str]:
     files: Dict[str, str] = {}
     homes = _class_homes(native)
     for sub, mod in submodules(native).items():
-        parts = []
+        # Constants the core exports (limits the Python layer checks against).
+        parts = [f"{name}: int\n" for name, v in sorted(vars(mod).items())
+                 if name.isupper() and isinstance(v, int) and not isinstance(v, bool)]
+        if parts:
+            parts.append("\n")
         for name, fn in functions(mod):
             # ruff's stub style: a blank line after a function with a body (its docstring).
             if parts and not parts[-1].endswith(": ...\n"):

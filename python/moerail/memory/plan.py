@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .. import _native
+
 
 class Action(str, enum.Enum):
     KEEP = "keep"
@@ -415,8 +417,9 @@ def _megatron_flags(plan: MemoryPlan, mla: bool, strict: bool) -> MegatronFlags:
     return _megatron_settings(names, off, full=full, notes=notes)
 
 
-#: Most groups moerail's executor copies back ahead within a model chunk (``prefetch_groups``).
-MAX_PREFETCH_GROUPS = 8
+#: Most groups moerail's executor copies back ahead within a model chunk (``prefetch_groups``; the
+#: core's limit).
+MAX_PREFETCH_GROUPS: int = _native.memory.MAX_PREFETCH_GROUPS
 
 
 def check_prefetch(lookahead: Any, prefetch_groups: Any) -> None:

@@ -111,6 +111,7 @@ pub fn inflight_mixes(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BudgetUnreachableError", m.py().get_type::<crate::error::BudgetUnreachableError>())?;
+    m.add("MAX_PREFETCH_GROUPS", moerail_core::memory::MAX_PREFETCH_GROUPS)?;
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(inflight_mixes, m)?)?;
