@@ -90,7 +90,8 @@ def _budget_rows(costs, statics, budgets, act, step, model=""):
         if costs.host_bytes > 0 and label.endswith("% of activations saved"):
             CURVE.append((model, label.split("%")[0], ex / step,
                           None if bs is None else bs.plan.predicted_added_seconds / step,
-                          None if two is None else two[1] / step))  # fmt: skip
+                          None if two is None else two[1] / step,
+                          bs))  # fmt: skip
         if costs.host_bytes == 0:
             cell2 = "(no swaps)"
         elif two is None:
@@ -346,7 +347,7 @@ def run(quick: bool) -> str:
     for model in dict.fromkeys(c[0] for c in CURVE):
         cells = []
         for pct in pcts:
-            a, b, a2 = next((a, b, a2) for m, p, a, b, a2 in CURVE if m == model and p == pct)
+            a, b, a2 = next((a, b, a2) for m, p, a, b, a2, _ in CURVE if m == model and p == pct)
             m1, m2 = mark(a, b), mark(a2, b)
             tally[1][m1] += 1
             if m2 is not None:
@@ -372,12 +373,18 @@ def run(quick: bool) -> str:
            "offload margin, are hidden; the planner keeps or recomputes the groups its executor would wait for, which "
            "costs memory or time in every micro-batch in flight where Megatron's margin holds one group."
            if tally[1]["Megatron less"] else "")
-        + (" Where it still adds more with the setting chosen, the copies ahead do not cover what a chunk's first "
-           "groups wait for, or the bytes held ahead push the plan to more recompute under the same budget."
+        + (" Where it still adds more with the setting chosen: " + "; ".join(
+            f"{m} at {p}% saved, where Megatron's best setting ({st.name}) "
+            + (f"recomputes {' and '.join(r for r in st.recompute if r in ('layernorm', 'moe_act'))} and offloads "
+               f"the inputs those recomputes hold ({' / '.join(st.offloaded_recompute_inputs)}), two actions on one "
+               "module, which a moerail plan (one action per module) does not have"
+               if st.offloaded_recompute_inputs else
+               "hides copies that moerail's executor, with its copies ahead, does not")
+            for m, p, _, b, a2, st in CURVE if a2 is not None and b is not None and a2 > b) + "."
            if tally[2]["Megatron less"] else "")
     )  # fmt: skip
     held = {}
-    for m, p, _, b, a in CURVE:
+    for m, p, _, b, a, _ in CURVE:
         if a is not None and int(p) >= 70 and a <= 0.05 and (b is None or a < b):
             held.setdefault(m, []).append(f"{p}%")
     out.append("")

@@ -438,27 +438,50 @@ def test_cli_memory_plan_says_when_megatron_adds_less(capsys, host, one_ahead):
 
 
 def test_cli_memory_plan_names_recompute_with_offloaded_inputs_where_it_decides(capsys):
-    # Mixtral-8x7B TP2 PP4 EP8 at 24 GiB: Megatron's best setting recomputes layernorm and moe_act and
+    # Mixtral-8x22B TP2 PP8 EP8 at 34.2 GiB: Megatron's best setting recomputes layernorm and moe_act and
     # offloads the inputs those recomputes hold (attn_norm: the layers' residual inputs; moe_act: fc1's
     # output), two actions on one module, which a moerail plan does not have, and adds less than the
     # plan; every setting without such a pair adds more than the plan, so the CLI says why.
-    args = ["plan", "--model", "Mixtral-8x7B", "--cluster", "H100-SXM", "--devices", "64", "--gbs", "256",
-            "--tp", "2", "--pp", "4", "--ep", "8", "--etp", "1", "--memory", "24GiB", "--host-memory", "64GiB"]  # fmt: skip
+    args = ["plan", "--model", "Mixtral-8x22B", "--cluster", "H100-SXM", "--devices", "128", "--gbs", "256",
+            "--tp", "2", "--pp", "8", "--ep", "8", "--etp", "1", "--memory", "34.2GiB", "--host-memory", "64GiB"]  # fmt: skip
     assert cli.main(args + ["--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x7B", cluster="H100-SXM", devices=64,
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x22B", cluster="H100-SXM", devices=128,
                                    global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
-                                   pipeline_model_parallel_size=4, expert_model_parallel_size=8,
+                                   pipeline_model_parallel_size=8, expert_model_parallel_size=8,
                                    expert_tensor_parallel_size=1)  # fmt: skip
     statics = megatron_static_plans(c)
-    best = best_static(statics, 24 * G)
-    rest = best_static([s for s in statics if not s.offloaded_recompute_inputs], 24 * G)
+    budget = parse_bytes("34.2GiB")
+    best = best_static(statics, budget)
+    rest = best_static([s for s in statics if not s.offloaded_recompute_inputs], budget)
     assert best.offloaded_recompute_inputs == ("attn_norm", "moe_act") and d["best_megatron_setting"]["adds_less_than_plan"]
     assert rest.plan.predicted_added_seconds >= d["executor_added_seconds"] > best.plan.predicted_added_seconds
     assert cli.main(args) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Megatron's setting adds less time")]
     assert len(line) == 1
     assert "It recomputes layernorm and moe_act and offloads the inputs those recomputes hold (attn_norm / moe_act)" in line[0]
+
+
+def test_auto_replans_for_a_slower_link_where_the_copies_queue():
+    # Mixtral-8x7B TP2 PP4 EP8 at 26 GiB: the planner prices each layer's copies back alone on the host
+    # link; the plans it makes at the real link wait in the executor's replay, where the copies queue
+    # behind each other (0.2 s and more a step). "auto" also replays the plans made for a slower link:
+    # its plan costs less than every setting's plan at the real link, and less than Megatron's best.
+    c = MemoryCosts.from_simulator(host_bytes=64 * G, model="Mixtral-8x7B", cluster="H100-SXM", devices=64,
+                                   global_batch_size=256, seq_length=4096, tensor_model_parallel_size=2,
+                                   pipeline_model_parallel_size=4, expert_model_parallel_size=8,
+                                   expert_tensor_parallel_size=1)  # fmt: skip
+    budget = 26 * G
+    auto = plan_memory(c, budget, lookahead="auto", prefetch_groups="auto")
+    mine = executor_added_seconds(c, auto)["added_seconds"]
+    assert auto.predicted_peak_bytes <= budget
+    fixed = [executor_added_seconds(c, plan_memory(c, budget, lookahead=la, prefetch_groups=g))["added_seconds"]
+             for la in (1, 2) for g in (1, 2, 3)]  # fmt: skip
+    assert mine < 0.5 * min(fixed)
+    assert mine < best_static(megatron_static_plans(c), budget).plan.predicted_added_seconds
+    # The plan as evaluated on the real link: its own model's numbers, and its replay is the one compared.
+    again = evaluate_plan(c, auto)
+    assert again.predicted_peak_bytes + again.evaluation.get("ahead_bytes", 0.0) <= budget + 1
 
 
 def test_cli_memory_plan_lookahead_2(capsys):

@@ -145,7 +145,10 @@ def plan_memory(
     the device during the running layer's backward, and the peak counts them the same way.
     ``"auto"`` for either (lookahead 1 or 2; 1 to 3 groups): the plan for each is searched and the
     one whose swaps the executor's replay (:func:`executor_added_seconds`) times cheapest wins,
-    the fewer copies ahead on a tie. The plan carries the settings it was made for
+    the fewer copies ahead on a tie; for a setting whose replayed copies wait longer than the
+    planner priced them, the plans for a host link 0.8 and 0.6 times as fast are replayed too (the
+    planner prices each layer's copies alone on the link, where the executor's queue behind each
+    other: a plan made for a slower link leaves them slack), and the cheapest replay wins. The plan carries the settings it was made for
     (``plan.lookahead``, ``plan.prefetch_groups``), and the executor runs it with them.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
@@ -180,16 +183,9 @@ def plan_memory(
     args = (allow_swap, allow_recompute_exchange, allow_recompute, frontier_limit, lookahead, prefetch_groups)
     if lookahead < 2 and prefetch_groups < 2:
         return _plan(costs, budget, *args)
-    from .timeline import executor_swap_wait
 
     def with_ahead(plan: MemoryPlan) -> MemoryPlan:
-        ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead,
-                                   prefetch_groups=prefetch_groups)["ahead_bytes"]  # fmt: skip
-        ev = dict(plan.evaluation)
-        ev["ahead_bytes"] = ahead
-        ev["peak_bytes"] = plan.predicted_peak_bytes + ahead
-        return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev,
-                       lookahead=lookahead, prefetch_groups=prefetch_groups)
+        return _with_ahead(costs, plan, budget, lookahead, prefetch_groups)
 
     found: List[MemoryPlan] = []
     inner, ahead = budget, 0.0
@@ -228,6 +224,29 @@ def plan_memory(
     )
 
 
+def _with_ahead(costs: MemoryCosts, plan: MemoryPlan, budget: int, lookahead: int, prefetch_groups: int) -> MemoryPlan:
+    """``plan`` with what its executor's copies ahead hold on the device added to its peak."""
+    from .timeline import executor_swap_wait
+
+    ahead = executor_swap_wait(costs, _rows(costs, plan), MODULES, lookahead=lookahead,
+                               prefetch_groups=prefetch_groups)["ahead_bytes"]  # fmt: skip
+    ev = dict(plan.evaluation)
+    ev["ahead_bytes"] = ahead
+    ev["peak_bytes"] = plan.predicted_peak_bytes + ahead
+    return replace(plan, budget_bytes=budget, predicted_peak_bytes=ev["peak_bytes"], evaluation=ev,
+                   lookahead=lookahead, prefetch_groups=prefetch_groups)
+
+
+# Host links the plans are also searched for, as fractions of the real one, under "auto": the
+# planner prices each layer's copies back alone on the link, and the executor's copies queue behind
+# each other's; a plan made for a slower link leaves them slack, and the replay decides.
+_LINK_SLACK = (0.8, 0.6)
+# Replayed waits beyond the planner's price that count as queueing (seconds a step).
+_QUEUE_TOL_S = 1e-3
+# The slack plans are candidates for the replay to judge: a smaller frontier keeps their solves short.
+_SLACK_FRONTIER = 32
+
+
 def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, allow_recompute_exchange: bool,
                             allow_recompute: bool, frontier_limit: int, lookahead: Union[int, str],
                             prefetch_groups: Union[int, str]) -> MemoryPlan:
@@ -244,7 +263,8 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
         # Nothing swaps, or the profiled model times swaps alike for every setting: the fewest
         # copies ahead (the least held) plan at least as well.
         las, gs = las[:1], gs[:1]
-    best, first_error = None, None
+    found: List[Tuple[float, MemoryPlan]] = []
+    first_error = None
     for la in las:
         for g in gs:
             try:
@@ -254,12 +274,33 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
             except BudgetUnreachableError as e:
                 first_error = first_error or e
                 continue
-            added = executor_added_seconds(costs, plan)["added_seconds"]
-            if best is None or added < best[0]:
-                best = (added, plan)
-    if best is None:
+            found.append((executor_added_seconds(costs, plan)["added_seconds"], plan))
+    if not found:
         raise first_error
-    return best[1]
+    if allow_swap and costs.host_bytes > 0 and not costs.exact_model:
+        # Where the replay's copies wait longer than the planner priced them, they queued behind each
+        # other on the link: the plans made for a slower link leave them slack.
+        for added, made in list(found):
+            for f in _LINK_SLACK:
+                if added <= made.predicted_added_seconds + _QUEUE_TOL_S:
+                    break
+                la, g = made.lookahead, made.prefetch_groups
+                slow = replace(costs, host_link_bytes_per_second=costs.host_link_bytes_per_second * f)
+                try:
+                    made = plan_memory(slow, budget, allow_swap=True, allow_recompute_exchange=allow_recompute_exchange,
+                                       allow_recompute=allow_recompute, frontier_limit=min(frontier_limit, _SLACK_FRONTIER),
+                                       lookahead=la, prefetch_groups=g)  # fmt: skip
+                except BudgetUnreachableError:
+                    break
+                plan = evaluate_plan(costs, MemoryPlan(made.layers, lookahead=la, prefetch_groups=g))
+                plan = _with_ahead(costs, replace(plan, evaluation={**plan.evaluation, "exact": False}), budget, la, g)
+                if plan.predicted_peak_bytes > budget or plan.host_bytes > costs.host_bytes:
+                    break
+                added = executor_added_seconds(costs, plan)["added_seconds"]
+                found.append((added, plan))
+                made = replace(made, predicted_added_seconds=plan.predicted_added_seconds)
+    # The cheapest replay; on a tie the first found (the fewest copies ahead, the real link).
+    return min(found, key=lambda x: x[0])[1]
 
 
 # No plan reaches the budget (with the host memory given): the core raises it, the exact model's
