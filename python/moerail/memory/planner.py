@@ -148,8 +148,9 @@ def plan_memory(
     the fewer copies ahead on a tie; for a setting whose replayed copies wait longer than the
     planner priced them, the plans for a host link 0.8 and 0.6 times as fast are replayed too (the
     planner prices each layer's copies alone on the link, where the executor's queue behind each
-    other: a plan made for a slower link leaves them slack), and the cheapest replay wins. The plan carries the settings it was made for
-    (``plan.lookahead``, ``plan.prefetch_groups``), and the executor runs it with them.
+    other: a plan made for a slower link leaves them slack), and the cheapest replay wins. The
+    plan carries the settings it was made for (``plan.lookahead``, ``plan.prefetch_groups``), and
+    the executor runs it with them.
 
     ``allow_swap`` needs ``costs.host_bytes`` and a host link. The plan's ``evaluation`` holds
     the model's numbers (``peak_bytes``, ``activation_bytes`` and ``activation_bytes_keep_all``
@@ -280,11 +281,11 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
     if allow_swap and costs.host_bytes > 0 and not costs.exact_model:
         # Where the replay's copies wait longer than the planner priced them, they queued behind each
         # other on the link: the plans made for a slower link leave them slack.
-        for added, made in list(found):
+        for added, plan in list(found):
+            la, g, priced = plan.lookahead, plan.prefetch_groups, plan.predicted_added_seconds
             for f in _LINK_SLACK:
-                if added <= made.predicted_added_seconds + _QUEUE_TOL_S:
+                if added <= priced + _QUEUE_TOL_S:
                     break
-                la, g = made.lookahead, made.prefetch_groups
                 slow = replace(costs, host_link_bytes_per_second=costs.host_link_bytes_per_second * f)
                 try:
                     made = plan_memory(slow, budget, allow_swap=True, allow_recompute_exchange=allow_recompute_exchange,
@@ -292,13 +293,13 @@ def _plan_choosing_prefetch(costs: MemoryCosts, budget: int, allow_swap: bool, a
                                        lookahead=la, prefetch_groups=g)  # fmt: skip
                 except BudgetUnreachableError:
                     break
+                # Priced again on the real link, with its copies ahead in the peak.
                 plan = evaluate_plan(costs, MemoryPlan(made.layers, lookahead=la, prefetch_groups=g))
                 plan = _with_ahead(costs, replace(plan, evaluation={**plan.evaluation, "exact": False}), budget, la, g)
                 if plan.predicted_peak_bytes > budget or plan.host_bytes > costs.host_bytes:
                     break
-                added = executor_added_seconds(costs, plan)["added_seconds"]
+                added, priced = executor_added_seconds(costs, plan)["added_seconds"], plan.predicted_added_seconds
                 found.append((added, plan))
-                made = replace(made, predicted_added_seconds=plan.predicted_added_seconds)
     # The cheapest replay; on a tie the first found (the fewest copies ahead, the real link).
     return min(found, key=lambda x: x[0])[1]
 
