@@ -476,8 +476,9 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
     step = costs.step_seconds
     executor = memory.planner.executor_added_seconds(costs, plan)
     # Where Megatron's own setting costs less than this plan as moerail's executor runs it, the
-    # user is told so and given its flags, not left to compare two numbers.
-    megatron_wins = best is not None and best.plan.predicted_added_seconds < executor["added_seconds"] * (1 - 1e-9)
+    # user is told so and given its flags, not left to compare two numbers; less at the precision
+    # printed (milliseconds), so that it never reads "+0.000 s against +0.000 s".
+    megatron_wins = best is not None and round(best.plan.predicted_added_seconds, 3) < round(executor["added_seconds"], 3)
     if args.json:
         out = {
             "plan": plan.to_dict(),
