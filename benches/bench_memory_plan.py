@@ -375,7 +375,7 @@ def run(quick: bool) -> str:
            if tally[1]["Megatron less"] else "")
         + (" Where it still adds more with the setting chosen: " + "; ".join(
             f"{m} at {p}% saved, where Megatron's best setting ({st.name}) "
-            + (f"recomputes {' and '.join(r for r in st.recompute if r in ('layernorm', 'moe_act'))} and offloads "
+            + (f"recomputes {' and '.join(st.recomputed_with_offloaded_inputs)} and offloads "
                f"the inputs those recomputes hold ({' / '.join(st.offloaded_recompute_inputs)}), two actions on one "
                "module, which a moerail plan (one action per module) does not have"
                if st.offloaded_recompute_inputs else

@@ -232,6 +232,8 @@ def test_megatron_norm_and_attention_offloads_free_what_the_simulator_counts(cfg
         want = (0.0, 4096 * (heads + 2 * groups) * d / 2 * 2)
     parts = attention_parts(costs)
     assert parts == pytest.approx(want, rel=1e-12)
+    with pytest.raises(TypeError, match="costs: expected a MemoryCosts"):
+        attention_parts(costs.layers)
     attn = lc.modules["attention"]
     heads_tp = m["num_attention_heads"] / 2
     core = 4096 * heads_tp * (m["v_head_dim"] if mla else m["hidden_size"] / m["num_attention_heads"]) * 2 + 4 * 4096 * heads_tp

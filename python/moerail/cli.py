@@ -539,8 +539,7 @@ def _cmd_memory(args: argparse.Namespace, cfg: Dict[str, Any]) -> int:
         other = memory.planner.best_static(rest, args.memory_bytes)
         why = ""
         if both and (other is None or other.plan.predicted_added_seconds >= executor["added_seconds"]):
-            held = [r for r in best.recompute if set(memory.planner._RECOMPUTE_AND_OFFLOAD.get(r, ())) & set(both)]
-            why = (f" It recomputes {' and '.join(held)} and offloads the inputs those recomputes hold "
+            why = (f" It recomputes {' and '.join(best.recomputed_with_offloaded_inputs)} and offloads the inputs those recomputes hold "
                    f"({' / '.join(both)}), which a moerail plan, one action per module, does not combine; "
                    "without that no Megatron setting adds less.")
         print(f"Megatron's setting adds less time: +{best.plan.predicted_added_seconds:.3f} s against this plan's "

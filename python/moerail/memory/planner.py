@@ -468,6 +468,12 @@ class StaticSetting:
         return tuple(o for r in self.recompute for o in _RECOMPUTE_AND_OFFLOAD.get(r, ()) if o in self.offload)
 
     @property
+    def recomputed_with_offloaded_inputs(self) -> Tuple[str, ...]:
+        """The ``recompute_modules`` whose held inputs this setting offloads (see
+        :attr:`offloaded_recompute_inputs`)."""
+        return tuple(r for r in self.recompute if set(_RECOMPUTE_AND_OFFLOAD.get(r, ())) & set(self.offload))
+
+    @property
     def megatron_flags(self) -> MegatronFlags:
         """This setting as Megatron-Core's command line and TransformerConfig fields."""
         full = ("uniform", 1) if self.recompute == ("full",) else None

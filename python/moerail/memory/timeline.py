@@ -102,6 +102,8 @@ def core_attention_seconds(costs: MemoryCosts) -> Optional[float]:
     """Core attention's forward seconds per layer and micro-batch where the costs come from the
     simulator (whose ``attention`` module is the whole attention, its recompute a replay of it);
     ``None`` otherwise."""
+    if not isinstance(costs, MemoryCosts):
+        raise TypeError(f"costs: expected a MemoryCosts, got {type(costs).__name__}")
     meta = costs.meta if isinstance(costs.meta, Mapping) else {}
     core = meta.get("core_attn_recompute")
     return None if core is None else float(core[1])
@@ -288,6 +290,8 @@ def attention_parts(costs: MemoryCosts) -> Tuple[float, float]:
     (with MLA they are ``mla_up_proj``'s: 0 here). Megatron's ``qkv_linear`` offload moves the
     first, its ``core_attn`` offload frees the second; ``(0, 0)`` for costs that do not come from
     the simulator (the attention's bytes are then core attention's)."""
+    if not isinstance(costs, MemoryCosts):
+        raise TypeError(f"costs: expected a MemoryCosts, got {type(costs).__name__}")
     meta = costs.meta if isinstance(costs.meta, Mapping) else {}
     internal = float(meta.get("qkv_internal_bytes") or 0.0)
     output = float(meta.get("qkv_output_bytes") or 0.0)

@@ -98,8 +98,17 @@ fn flag_cost(
     })
 }
 
-/// Per-layer costs of one layer kind (dense or MoE) for one micro-batch.
-fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
+/// What a stage's costs report of the attention apart from its module (the same in dense and
+/// MoE layers): [`StageMemoryCosts::qkv_internal_bytes`], `qkv_output_bytes` and
+/// `core_attn_recompute`.
+struct AttentionParts {
+    qkv_internal_bytes: f64,
+    qkv_output_bytes: f64,
+    core_attn: ModuleCost,
+}
+
+/// Per-layer costs of one layer kind (dense or MoE) for one micro-batch, and its attention's parts.
+fn layer_costs(eng: &Engine, moe: bool) -> Result<(LayerCosts, AttentionParts)> {
     let base = eng.cfg;
     let lc = eng.layer(moe);
     let m = &base.model;
@@ -130,6 +139,11 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
         recompute_seconds: lc.attention_forward,
         recompute_saved_bytes: Some(attention),
         ..Default::default()
+    };
+    let parts = AttentionParts {
+        qkv_internal_bytes: lc.qkv_internal_bytes,
+        qkv_output_bytes: lc.qkv_output_bytes,
+        core_attn,
     };
     if m.multi_latent_attention {
         // Megatron's `mla_up_proj`: the up-projected queries, keys and values (after RoPE) are
@@ -192,7 +206,7 @@ fn layer_costs(eng: &Engine, moe: bool) -> Result<LayerCosts> {
     let all = lc.act_attn_no_recompute + lc.act_mlp_no_recompute;
     let modules: f64 = out.modules.iter().map(|c| c.saved_bytes).sum();
     out.other_saved_bytes = (all - modules).max(0.0);
-    Ok(out)
+    Ok((out, parts))
 }
 
 /// The planner's costs for `stage` (default: the stage with the most memory) of `cfg`, with
@@ -259,11 +273,9 @@ fn costs_with(
     };
     let sc = &ev.stages[stage];
     let (dense, moe) = ev.stage_layers[stage];
-    let attn = eng.layer(false);
-    let core_attn = flag_cost(&eng, &attn, false, |r| r.core_attn = true)?;
-    let dense_c = layer_costs(&eng, false)?;
+    let (dense_c, attn) = layer_costs(&eng, false)?;
     let moe_c = if moe > 0 {
-        Some(layer_costs(&eng, true)?)
+        Some(layer_costs(&eng, true)?.0)
     } else {
         None
     };
@@ -312,7 +324,7 @@ fn costs_with(
         head_bytes,
         qkv_internal_bytes: attn.qkv_internal_bytes,
         qkv_output_bytes: attn.qkv_output_bytes,
-        core_attn_recompute: (core_attn.saved_bytes, core_attn.recompute_seconds),
+        core_attn_recompute: (attn.core_attn.saved_bytes, attn.core_attn.recompute_seconds),
     })
 }
 
